@@ -1,0 +1,240 @@
+"""Command line: serve, migrate, submit, report, replay, failed export, demo.
+
+Every option of serve/demo is a setting: ``--window-seconds`` is
+BATCHD_WINDOW_SECONDS, and ``--help`` names the variable beside each option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from batchd import logs
+from batchd.config import Settings, env_name, load_settings
+from batchd.errors import BatchdError, ConfigError
+
+_SETTING_OPTIONS = [name for name in Settings.model_fields if name != "openai_api_key"]
+
+
+def _add_setting_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    for name in names:
+        field = Settings.model_fields[name]
+        default = field.default if field.default is not None else "unset"
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None, metavar="V",
+            help=f"{field.description or name} [env {env_name(name)}, default {default}]")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k[len("setting_"):]: v for k, v in vars(args).items()
+                 if k.startswith("setting_") and v is not None}
+    return load_settings(**overrides)
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+# ---------------------------------------------------------------- commands
+
+async def _serve(settings: Settings) -> int:
+    from batchd.service import Service, build_provider, migrate, open_engine
+
+    logs.configure(settings.log_level, settings.log_format)
+    provider = build_provider(settings)
+    engine, url = await open_engine(settings)
+    if settings.database_url is None:
+        await migrate(url)  # the embedded database is ours to keep at head
+    service = Service(settings, engine, provider)
+    stop = asyncio.Event()
+    _install_stop(stop)
+    try:
+        await service.run(stop)
+    finally:
+        await engine.dispose()
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    from batchd.service import migrate
+    from batchd.store.engine import resolve_url
+
+    url = await resolve_url(settings.database_url, settings.data_dir)
+    await migrate(url)
+    print("schema is at head")
+    return 0
+
+
+async def _with_engine(settings: Settings) -> Any:
+    from batchd.service import open_engine
+
+    engine, _url = await open_engine(settings)
+    return engine
+
+
+async def _report(settings: Settings, day: date | None, days: int, fmt: str) -> int:
+    from batchd.report import Reporter, render_csv, render_table
+
+    engine = await _with_engine(settings)
+    try:
+        rows = await Reporter(engine, settings.failure_alert_ratio).daily(day, days)
+    finally:
+        await engine.dispose()
+    if fmt == "json":
+        print(orjson.dumps(rows[0] if days == 1 else rows, option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "csv":
+        print(render_csv(rows), end="")
+    else:
+        print(render_table(rows))
+    return 0
+
+
+async def _failed_export(settings: Settings, out: Path) -> int:
+    from batchd.replay import Replayer
+
+    engine = await _with_engine(settings)
+    try:
+        n = await Replayer(engine).export_failed(out)
+    finally:
+        await engine.dispose()
+    print(f"wrote {n} failed task(s) to {out}")
+    return 0
+
+
+async def _replay(settings: Settings, failed: Path, out: Path | None, submit: bool) -> int:
+    from batchd.replay import Replayer, read_failed_export, write_input_file
+
+    try:
+        rows = list(read_failed_export(failed))
+    except (OSError, ValueError) as exc:
+        raise BatchdError(str(exc)) from None
+    if out is not None:
+        n = write_input_file(rows, out)
+        print(f"wrote {n} request line(s) to {out}; inspect it, then replay with --submit")
+    if submit:
+        engine = await _with_engine(settings)
+        try:
+            outcome = await Replayer(engine).replay([r["custom_id"] for r in rows])
+        finally:
+            await engine.dispose()
+        print(f"re-queued {len(outcome.replayed)} task(s)")
+        for cid, why in outcome.skipped.items():
+            print(f"  skipped {cid}: {why}")
+    return 0
+
+
+async def _submit(path: Path, url: str, token: str | None, chunk: int) -> int:
+    from batchd.client import submit_file
+
+    totals = await submit_file(path, url, token=token, chunk=chunk,
+                               progress=lambda done: print(f"\rsent {done}", end="", flush=True))
+    print(f"\naccepted {totals['accepted']}, duplicates {totals['duplicates']}")
+    return 0
+
+
+async def _demo(settings: Settings, tasks: int, seconds: float) -> int:
+    from batchd.demo import run_demo
+
+    logs.configure(settings.log_level, settings.log_format)
+    return await run_demo(settings, tasks=tasks, timeout=seconds)
+
+
+# ------------------------------------------------------------------ parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchd", description="Windowed batching daemon for the OpenAI Batch API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run API, scheduler, poller and router")
+    _add_setting_options(serve, _SETTING_OPTIONS)
+
+    migrate = sub.add_parser("migrate", help="bring the schema to head (alembic upgrade head)")
+    _add_setting_options(migrate, ["database_url", "data_dir"])
+
+    submit = sub.add_parser("submit", help="bulk-ingest a JSONL file of tasks through the API")
+    submit.add_argument("file", type=Path)
+    submit.add_argument("--url", default=None,
+                        help="API base URL [env BATCHD_URL, default http://127.0.0.1:8080]")
+    submit.add_argument("--token", default=None, help="bearer token [env BATCHD_TOKEN]")
+    submit.add_argument("--chunk", type=int, default=1000, help="tasks per request")
+
+    report = sub.add_parser("report", help="the daily report")
+    report.add_argument("--date", type=date.fromisoformat, default=None,
+                        help="last UTC day shown (YYYY-MM-DD, default today)")
+    report.add_argument("--days", type=int, default=1, help="how many days up to --date")
+    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _add_setting_options(report, ["database_url", "data_dir", "failure_alert_ratio"])
+
+    replay = sub.add_parser("replay", help="turn a failed export into a new input file or queue")
+    replay.add_argument("--failed", type=Path, required=True, help="a `failed export` file")
+    replay.add_argument("--out", type=Path, default=None, help="write a provider input file")
+    replay.add_argument("--submit", action="store_true", help="re-queue the tasks instead")
+    _add_setting_options(replay, ["database_url", "data_dir"])
+
+    failed = sub.add_parser("failed", help="the manual queue")
+    failed_sub = failed.add_subparsers(dest="failed_command", required=True)
+    export = failed_sub.add_parser("export", help="write failed tasks as JSONL")
+    export.add_argument("--out", type=Path, required=True)
+    _add_setting_options(export, ["database_url", "data_dir"])
+
+    demo = sub.add_parser("demo", help="serve + bundled emulator + generated load, then report")
+    demo.add_argument("--tasks", type=int, default=2000, help="tasks to generate")
+    demo.add_argument("--timeout", type=float, default=300, help="give up after this many s")
+    _add_setting_options(demo, _SETTING_OPTIONS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "submit":
+            if args.chunk < 1:
+                raise ConfigError("--chunk must be at least 1")
+            url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")
+            return _run(_submit(args.file, url, args.token or os.environ.get("BATCHD_TOKEN"),
+                                args.chunk))
+        settings = _settings(args)
+        if args.command == "serve":
+            return _run(_serve(settings))
+        if args.command == "migrate":
+            return _run(_migrate(settings))
+        if args.command == "report":
+            if args.days < 1:
+                raise ConfigError("--days must be at least 1")
+            return _run(_report(settings, args.date, args.days, args.format))
+        if args.command == "replay":
+            if args.out is None and not args.submit:
+                raise ConfigError("replay needs --out FILE, --submit, or both")
+            return _run(_replay(settings, args.failed, args.out, args.submit))
+        if args.command == "failed":
+            return _run(_failed_export(settings, args.out))
+        if args.command == "demo":
+            return _run(_demo(settings, args.tasks, args.timeout))
+    except BatchdError as exc:
+        print(f"batchd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2

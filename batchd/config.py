@@ -1,0 +1,97 @@
+"""Settings from the environment (DESIGN section 7), validated once at start."""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from batchd.errors import ConfigError
+
+# Provider limits (openai-batch-protocol.md section 6).
+PROVIDER_MAX_LINES = 50_000
+PROVIDER_MAX_FILE_BYTES = 200 * 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATCHD_", extra="ignore", frozen=True)
+
+    database_url: str | None = Field(None, description="PostgreSQL URL; embedded when unset")
+    data_dir: Path = Field(Path("data"), description="embedded database, spool and archive")
+    window_seconds: float = Field(900, gt=0, description="flush when the oldest task is this old")
+    max_batch_items: int = Field(
+        500, ge=1, le=PROVIDER_MAX_LINES, description="flush when a window holds this many"
+    )
+    max_file_bytes: int = Field(
+        PROVIDER_MAX_FILE_BYTES, ge=1024, le=PROVIDER_MAX_FILE_BYTES,
+        description="split a window before its input file passes this size",
+    )
+    max_attempts: int = Field(3, ge=1, le=20, description="submissions before the manual queue")
+    poll_interval_seconds: float = Field(60, gt=0, description="how often live batches are checked")
+    retry_backoff_seconds: float = Field(60, ge=0, description="base retry delay, doubled per try")
+    completion_window: Literal["24h"] = Field("24h", description="sent to the provider")
+    daily_budget_usd: Decimal | None = Field(None, ge=0, description="hard daily spend cap")
+    prices_file: Path | None = Field(None, description="per-model prices JSON")
+    archive_dir: Path | None = Field(None, description="JSONL audit archive")
+    archive_retention_days: int | None = Field(None, ge=1, description="prune archive days")
+    failure_alert_ratio: float = Field(0.03, ge=0, le=1, description="daily ALERT threshold")
+    http_host: str = Field("127.0.0.1", description="ingest API address")
+    http_port: int = Field(8080, ge=0, le=65535, description="ingest API port")
+    ingest_tokens: str | None = Field(None, description="comma-separated bearer tokens")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+    openai_api_key: str | None = Field(
+        None, validation_alias=AliasChoices("OPENAI_API_KEY", "BATCHD_OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(None, description="provider base URL ending in /v1")
+    shutdown_grace_seconds: float = Field(30, gt=0, description="SIGTERM drain limit")
+    max_queued_tasks: int | None = Field(None, ge=1, description="ingest answers 429 past this")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="ingest body limit")
+    sync_concurrency: int = Field(8, ge=1, description="synchronous lane concurrency")
+    batch_share: int = Field(100, ge=0, le=100, description="canary share sent to batches")
+    scheduler_interval_seconds: float = Field(1.0, gt=0, description="scheduler tick")
+    lease_seconds: float = Field(300, gt=0, description="how long a replica's claim lasts")
+
+    @field_validator("http_host")
+    @classmethod
+    def _host_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @property
+    def tokens(self) -> frozenset[str]:
+        if not self.ingest_tokens:
+            return frozenset()
+        return frozenset(t.strip() for t in self.ingest_tokens.split(",") if t.strip())
+
+    @property
+    def archive_path(self) -> Path:
+        return self.archive_dir or self.data_dir / "archive"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.data_dir / "spool"
+
+
+def env_name(field: str) -> str:
+    if field == "openai_api_key":
+        return "OPENAI_API_KEY"
+    return f"BATCHD_{field.upper()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; a bad value raises ConfigError naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        name = env_name(field) if field in Settings.model_fields else field
+        value = os.environ.get(name)
+        shown = f" (got {value!r})" if value is not None and "KEY" not in name else ""
+        raise ConfigError(f"{name}: {first['msg']}{shown}") from None

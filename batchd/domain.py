@@ -1,0 +1,260 @@
+"""Pure decisions: task validation, when a window is due, what a line's outcome
+means, how long to back off. No I/O here, so each rule has a table-driven test."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+DEFAULT_ENDPOINT = "/v1/chat/completions"
+# Endpoint -> the body key the provider requires besides `model`.
+ENDPOINTS: dict[str, str] = {
+    "/v1/chat/completions": "messages",
+    "/v1/responses": "input",
+    "/v1/embeddings": "input",
+    "/v1/completions": "prompt",
+    "/v1/moderations": "input",
+}
+MAX_CUSTOM_ID = 512
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+# Output tokens assumed for the budget when a task sets no max_tokens: on the
+# high side on purpose, the reservation is settled to the real cost later.
+DEFAULT_OUTPUT_ESTIMATE = 4096
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    SUBMITTED = "submitted"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class BatchState(StrEnum):
+    BUILDING = "building"
+    UPLOADING = "uploading"
+    SUBMITTED = "submitted"
+    ROUTED = "routed"
+
+
+class FlushReason(StrEnum):
+    TIMEOUT = "timeout"
+    CAP = "cap"
+    LIMIT = "limit"
+    DRAIN = "drain"
+
+
+class InvalidTask(ValueError):
+    """A task in the request is invalid; the message names it and the field."""
+
+    def __init__(self, index: int, custom_id: str | None, field: str, reason: str) -> None:
+        who = f"task {index}" + (f" ({custom_id!r})" if custom_id else "")
+        super().__init__(f"{who}: {field} {reason}")
+        self.index = index
+        self.custom_id = custom_id
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class TaskIn:
+    custom_id: str
+    endpoint: str
+    model: str
+    body: dict[str, Any]
+    metadata: dict[str, str] | None
+    digest: str
+    line_bytes: int
+    est_input_tokens: int
+    est_output_tokens: int
+
+
+def input_line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
+    """One line of a provider input file, newline included."""
+    line = {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
+    return orjson.dumps(line) + b"\n"
+
+
+def body_digest(endpoint: str, body: dict[str, Any]) -> str:
+    canonical = orjson.dumps({"endpoint": endpoint, "body": body}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def estimate_tokens(endpoint: str, body: dict[str, Any], body_bytes: int) -> tuple[int, int]:
+    """High-side (input, output) token estimate for the daily budget.
+
+    Tokenizers average about four bytes of English per token; two bytes per
+    token keeps the estimate above the truth for almost any text.
+    """
+    est_in = math.ceil(body_bytes / 2)
+    if endpoint in ("/v1/embeddings", "/v1/moderations"):
+        return est_in, 0
+    out = body.get("max_completion_tokens") or body.get("max_output_tokens") or body.get(
+        "max_tokens"
+    )
+    est_out = out if isinstance(out, int) and out > 0 else DEFAULT_OUTPUT_ESTIMATE
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
+        est_out *= n
+    return est_in, est_out
+
+
+def parse_task(obj: Any, index: int) -> TaskIn:
+    """Validate one submitted task; raise InvalidTask naming the field."""
+    if not isinstance(obj, dict):
+        raise InvalidTask(index, None, "task", "must be a JSON object")
+    cid = obj.get("custom_id")
+    if not isinstance(cid, str) or not cid:
+        raise InvalidTask(index, None, "custom_id", "is required and must be a non-empty string")
+    if len(cid) > MAX_CUSTOM_ID:
+        raise InvalidTask(index, cid[:40], "custom_id", f"must be at most {MAX_CUSTOM_ID} chars")
+    unknown = set(obj) - {"custom_id", "body", "endpoint", "metadata", "method", "url"}
+    if unknown:
+        raise InvalidTask(index, cid, sorted(unknown)[0], "is not a known task field")
+    endpoint = obj.get("endpoint", obj.get("url", DEFAULT_ENDPOINT))
+    if endpoint not in ENDPOINTS:
+        raise InvalidTask(index, cid, "endpoint", f"must be one of {', '.join(ENDPOINTS)}")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise InvalidTask(index, cid, "body", "is required and must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidTask(index, cid, "body.model", "is required and must be a non-empty string")
+    required = ENDPOINTS[endpoint]
+    if required not in body:
+        raise InvalidTask(index, cid, f"body.{required}", f"is required for {endpoint}")
+    if body.get("stream") is True:
+        raise InvalidTask(index, cid, "body.stream", "must not be true: batches cannot stream")
+    metadata = obj.get("metadata")
+    if metadata is not None:
+        _check_metadata(metadata, index, cid)
+    line = input_line(cid, endpoint, body)
+    body_bytes = len(line) - len(cid) - len(endpoint) - 40
+    est_in, est_out = estimate_tokens(endpoint, body, body_bytes)
+    return TaskIn(
+        custom_id=cid,
+        endpoint=endpoint,
+        model=model,
+        body=body,
+        metadata=metadata,
+        digest=body_digest(endpoint, body),
+        line_bytes=len(line),
+        est_input_tokens=est_in,
+        est_output_tokens=est_out,
+    )
+
+
+def _check_metadata(metadata: Any, index: int, cid: str) -> None:
+    if not isinstance(metadata, dict):
+        raise InvalidTask(index, cid, "metadata", "must be an object of strings")
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidTask(index, cid, "metadata", f"must hold at most {MAX_METADATA_PAIRS} pairs")
+    for k, v in metadata.items():
+        if len(k) > MAX_METADATA_KEY:
+            raise InvalidTask(index, cid, f"metadata.{k[:20]}", "key is longer than 64 chars")
+        if not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
+            raise InvalidTask(index, cid, f"metadata.{k}", "must be a string of at most 512 chars")
+
+
+def flush_reason(
+    count: int, oldest_age_seconds: float, window_seconds: float, max_items: int
+) -> FlushReason | None:
+    """Why a window should be flushed now, or None to keep waiting."""
+    if count <= 0:
+        return None
+    if count >= max_items:
+        return FlushReason.CAP
+    if oldest_age_seconds >= window_seconds:
+        return FlushReason.TIMEOUT
+    return None
+
+
+def backoff_seconds(attempts: int, base: float, jitter: float, cap: float = 86_400.0) -> float:
+    """Delay before a retried task may join a window again.
+
+    Doubles per attempt already made; "equal jitter" (half fixed, half random,
+    ``jitter`` in [0, 1)) spreads retries of one failed batch over time.
+    """
+    full = min(cap, base * 2 ** max(0, attempts - 1))
+    return full / 2 + full / 2 * jitter
+
+
+class Outcome(StrEnum):
+    SUCCESS = "success"
+    RETRYABLE = "retryable"
+    FINAL = "final"
+
+
+@dataclass(frozen=True, slots=True)
+class LineOutcome:
+    outcome: Outcome
+    status_code: int | None
+    error: dict[str, Any] | None
+
+
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+RETRYABLE_LINE_CODES = frozenset({"batch_expired", "batch_cancelled", "request_timeout"})
+FINAL_LINE_CODES = frozenset({"insufficient_quota", "invalid_request", "invalid_request_error"})
+MISSING_ERROR = {"code": "missing_from_output", "message": "line absent from output and error"}
+
+
+def classify_status(status: int, code: str | None) -> Outcome:
+    if 200 <= status < 300:
+        return Outcome.SUCCESS
+    if code == "insufficient_quota":
+        return Outcome.FINAL  # a human must add credit; retrying only burns attempts
+    if status in RETRYABLE_STATUS or status >= 500:
+        return Outcome.RETRYABLE
+    return Outcome.FINAL
+
+
+def classify_line(line: dict[str, Any]) -> LineOutcome:
+    """Outcome of one output- or error-file line (DESIGN section 2)."""
+    response = line.get("response")
+    if isinstance(response, dict) and isinstance(response.get("status_code"), int):
+        status: int = response["status_code"]
+        body = response.get("body")
+        err = body.get("error") if isinstance(body, dict) else None
+        error = None
+        if not 200 <= status < 300:
+            error = dict(err) if isinstance(err, dict) else {"message": str(body)[:500]}
+            error["status"] = status
+        code = error.get("code") if error else None
+        return LineOutcome(classify_status(status, code), status, error)
+    err = line.get("error")
+    error = dict(err) if isinstance(err, dict) else {"code": "unknown", "message": str(err)}
+    code = error.get("code")
+    if code in FINAL_LINE_CODES:
+        return LineOutcome(Outcome.FINAL, None, error)
+    # Never-ran lines cost nothing and are bounded by max attempts: retry
+    # them, whether the code is known (expired, cancelled) or new to us.
+    return LineOutcome(Outcome.RETRYABLE, None, error)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchFailure:
+    """How to treat the tasks of a batch the provider failed as a whole."""
+
+    token_limited: bool
+    final_lines: dict[int, dict[str, Any]]  # 1-based line -> error
+    other_error: dict[str, Any]
+
+
+def classify_batch_failure(errors: list[dict[str, Any]]) -> BatchFailure:
+    if any(e.get("code") == "token_limit_exceeded" for e in errors):
+        err = next(e for e in errors if e.get("code") == "token_limit_exceeded")
+        return BatchFailure(True, {}, dict(err))
+    final: dict[int, dict[str, Any]] = {}
+    for e in errors:
+        line = e.get("line")
+        if isinstance(line, int) and line >= 1:
+            final.setdefault(line, dict(e))
+    unnamed = [e for e in errors if not isinstance(e.get("line"), int)]
+    other = dict(unnamed[0]) if unnamed else {"code": "batch_failed", "message": "another line"}
+    other.setdefault("code", "batch_failed")
+    return BatchFailure(False, final, other)

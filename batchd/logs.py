@@ -1,0 +1,62 @@
+"""structlog setup: JSON by default, console for people; secrets never logged."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+# Keys whose values are never written, whatever their content.
+_REDACTED_KEYS = frozenset(
+    {"body", "api_key", "authorization", "token", "tokens", "password", "secret", "messages",
+     "input", "prompt", "response", "openai_api_key", "ingest_tokens"}
+)
+# Values that look like credentials anywhere in a string.
+_SECRET_PATTERNS = re.compile(r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+|postgres(?:ql)?://[^@\s]*@)")
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SECRET_PATTERNS.sub("[redacted]", value)
+    return value
+
+
+def redact(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Drop task bodies and credentials from every event."""
+    for key in list(event_dict):
+        if key.lower() in _REDACTED_KEYS:
+            event_dict[key] = "[redacted]"
+        else:
+            event_dict[key] = _scrub(event_dict[key])
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str = "json") -> None:
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get(name: str) -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,114 @@
+"""Provider status → outcomes.
+
+Each tick leases the submitted batches that are due for a look (SKIP LOCKED,
+so replicas share them), asks the provider for each one's status and, once
+it is terminal, downloads the output and error files to the spool and hands
+them to the router. A batch whose check fails is released with a delay and
+looked at again; nothing about it changes until the router commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchd import logs, metrics
+from batchd.archive import Archive
+from batchd.config import Settings
+from batchd.errors import ProviderError
+from batchd.provider.base import Provider, RemoteBatch
+from batchd.router import Router
+from batchd.store import repo
+from batchd.store.repo import NOW
+
+log = logs.get("batchd.poller")
+
+_CHECK_CONCURRENCY = 4
+
+
+class Poller:
+    def __init__(self, engine: AsyncEngine, provider: Provider, router: Router,
+                 settings: Settings, archive: Archive, owner: str) -> None:
+        self.engine = engine
+        self.provider = provider
+        self.router = router
+        self.settings = settings
+        self.archive = archive
+        self.owner = owner
+        self._slots = asyncio.Semaphore(_CHECK_CONCURRENCY)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        # Tick faster than the poll interval: each batch carries its own
+        # next_poll_at, and a quick tick picks up newly submitted ones soon.
+        interval = min(self.settings.poll_interval_seconds, 5.0)
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("poller.tick_failed")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+    async def tick(self) -> int:
+        """Check every due batch once; returns how many were routed."""
+        async with self.engine.begin() as conn:
+            due = await repo.claim_due_batches(conn, self.owner, self.settings.lease_seconds)
+        results = await asyncio.gather(*(self._check_guarded(b) for b in due))
+        metrics.POLLER_LAST_SUCCESS.set(time.time())
+        return sum(results)
+
+    async def _check_guarded(self, batch: dict[str, Any]) -> bool:
+        async with self._slots:
+            try:
+                return await self.check(batch)
+            except ProviderError as exc:
+                metrics.PROVIDER_REQUESTS.labels(operation=exc.operation,
+                                                 code=str(exc.status or "error")).inc()
+                delay = exc.retry_after or self.settings.poll_interval_seconds
+                log.warning("batch.check_failed", batch_id=batch["id"], operation=exc.operation,
+                            status=exc.status, code=exc.code, retry_in=delay)
+            except Exception:
+                delay = self.settings.poll_interval_seconds
+                log.exception("batch.check_crashed", batch_id=batch["id"])
+            async with self.engine.begin() as conn:
+                await repo.release_batch(conn, batch["id"], delay * (1 + random.random() * 0.2))
+                await repo.set_batch(conn, batch["id"], next_poll_at=NOW)
+            return False
+
+    async def check(self, batch: dict[str, Any]) -> bool:
+        remote = await self.provider.get_batch(batch["provider_batch_id"])
+        metrics.PROVIDER_REQUESTS.labels(operation="retrieve", code="200").inc()
+        if not remote.terminal:
+            async with self.engine.begin() as conn:
+                await repo.set_batch(
+                    conn, batch["id"], provider_status=remote.status,
+                    request_counts=remote.request_counts, lease_owner=None, lease_until=None)
+                await repo.schedule_poll(conn, batch["id"], self.settings.poll_interval_seconds)
+            return False
+        files = await self._download(batch["id"], remote)
+        await self.router.route(batch["id"], batch["model"], remote, [p for _, p in files])
+        if batch["submitted_at"] is not None:
+            metrics.BATCH_TURNAROUND.observe(time.time() - batch["submitted_at"].timestamp())
+        for kind, path in files:
+            await self.archive.keep(path, batch["spend_day"], batch["id"], kind,
+                                    {"provider_batch_id": remote.id})
+            path.unlink(missing_ok=True)
+        return True
+
+    async def _download(self, batch_id: str, remote: RemoteBatch) -> list[tuple[str, Path]]:
+        files = []
+        for kind, file_id in (("output", remote.output_file_id), ("error", remote.error_file_id)):
+            if not file_id:
+                continue
+            path = self.archive.spool_path(batch_id, kind)
+            await self.provider.download_file(file_id, path)
+            metrics.PROVIDER_REQUESTS.labels(operation="download", code="200").inc()
+            files.append((kind, path))
+        return files

@@ -1,0 +1,193 @@
+"""Provider outcomes → the store.
+
+A terminal batch is routed in one transaction: every line of its output and
+error files is classified (domain.classify_line) and written in chunks;
+tasks no line mentioned are treated as retryable; the batch is settled with
+its cost. A crash mid-way rolls everything back and the next poll routes the
+batch again from the files, so a success is stored exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from batchd import logs, metrics
+from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
+from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
+from batchd.provider.base import RemoteBatch
+from batchd.store import repo
+from batchd.store.repo import NOW, Backoff
+
+log = logs.get("batchd.router")
+
+CHUNK_LINES = 2000
+
+
+@dataclass(slots=True)
+class RouteSummary:
+    succeeded: int = 0
+    retried: int = 0
+    failed: int = 0
+    requeued: int = 0
+    malformed: int = 0
+    token_limited: bool = False
+    tokens: Tokens = field(default_factory=Tokens)
+    spend: Decimal = Decimal(0)
+    sync_spend: Decimal = Decimal(0)
+
+    def add(self, counts: dict[str, int]) -> None:
+        self.retried += counts.get("retried", 0)
+        self.failed += counts.get("failed", 0)
+
+
+def iter_lines(path: Path) -> Iterator[dict[str, Any] | None]:
+    """Parsed lines of a JSONL file, read as a stream; None for a bad line."""
+    with path.open("rb") as f:
+        for raw in f:
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                yield None
+                continue
+            yield obj if isinstance(obj, dict) else None
+
+
+class Router:
+    def __init__(self, engine: AsyncEngine, prices: PriceTable, backoff: Backoff) -> None:
+        self.engine = engine
+        self.prices = prices
+        self.backoff = backoff
+
+    async def route(self, batch_id: str, model: str, remote: RemoteBatch,
+                    files: list[Path]) -> RouteSummary:
+        summary = RouteSummary()
+        async with self.engine.begin() as conn:
+            if remote.status == "failed":
+                await self._route_failed(conn, batch_id, remote, summary)
+            else:
+                for path in files:
+                    await self._route_file(conn, batch_id, model, path, summary)
+                missing = {**MISSING_ERROR, "batch_status": remote.status}
+                await self._fail_remaining(conn, batch_id, missing, summary)
+            await repo.settle_batch(
+                conn, batch_id, provider_status=remote.status,
+                output_file_id=remote.output_file_id, error_file_id=remote.error_file_id,
+                request_counts=remote.request_counts, usage=remote.usage,
+                errors=remote.errors or None, finished_at=NOW,
+                token_limited=summary.token_limited)
+            latencies = await conn.execute(text("""
+                SELECT extract(epoch FROM now() - created_at) FROM tasks
+                WHERE batch_id = :bid AND state = 'succeeded'"""), {"bid": batch_id})
+            for (seconds,) in latencies:
+                metrics.TASK_LATENCY.observe(float(seconds))
+        self._record_metrics(model, remote.status, summary)
+        log.info("batch.routed", batch_id=batch_id, provider_batch_id=remote.id,
+                 status=remote.status, succeeded=summary.succeeded, retried=summary.retried,
+                 failed=summary.failed, requeued=summary.requeued, malformed=summary.malformed,
+                 cost_usd=str(summary.spend))
+        return summary
+
+    async def _route_file(self, conn: AsyncConnection, batch_id: str, model: str, path: Path,
+                          summary: RouteSummary) -> None:
+        price = self.prices.lookup(model)
+        ok = repo.SuccessRows.empty()
+        ok_tokens: list[Tokens] = []
+        bad_ids: list[str] = []
+        bad_final: list[bool] = []
+        bad_errors: list[dict[str, Any]] = []
+        for line in iter_lines(path):
+            cid = line.get("custom_id") if line else None
+            if line is None or not isinstance(cid, str):
+                summary.malformed += 1  # its task stays unsettled and is retried as missing
+                continue
+            result = classify_line(line)
+            if result.outcome is Outcome.SUCCESS:
+                body = line["response"].get("body") or {}
+                usage = body.get("usage") if isinstance(body, dict) else None
+                tokens = tokens_from_usage(usage)
+                ok.custom_ids.append(cid)
+                ok.status.append(result.status_code or 200)
+                ok.responses.append(orjson.dumps(body).decode())
+                ok.usages.append(orjson.dumps(usage).decode() if usage is not None else None)
+                ok.costs.append(cost(tokens, price.batch))
+                ok.sync_costs.append(cost(tokens, price.sync))
+                ok_tokens.append(tokens)
+            else:
+                bad_ids.append(cid)
+                bad_final.append(result.outcome is Outcome.FINAL)
+                bad_errors.append(result.error or {})
+            if len(ok.custom_ids) >= CHUNK_LINES:
+                await self._flush_ok(conn, batch_id, ok, ok_tokens, summary)
+                ok, ok_tokens = repo.SuccessRows.empty(), []
+            if len(bad_ids) >= CHUNK_LINES:
+                await self._flush_bad(conn, batch_id, bad_ids, bad_final, bad_errors, summary)
+                bad_ids, bad_final, bad_errors = [], [], []
+        await self._flush_ok(conn, batch_id, ok, ok_tokens, summary)
+        await self._flush_bad(conn, batch_id, bad_ids, bad_final, bad_errors, summary)
+
+    async def _flush_ok(self, conn: AsyncConnection, batch_id: str, ok: repo.SuccessRows,
+                        tokens: list[Tokens], summary: RouteSummary) -> None:
+        if not ok.custom_ids:
+            return
+        stored = await repo.store_successes(conn, batch_id, ok)
+        for i, cid in enumerate(ok.custom_ids):
+            if cid in stored:
+                stored.discard(cid)  # a duplicate line in the same chunk counts once
+                summary.succeeded += 1
+                summary.spend += ok.costs[i]
+                summary.sync_spend += ok.sync_costs[i]
+                summary.tokens += tokens[i]
+
+    async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[str],
+                         finals: list[bool], errors: list[dict[str, Any]],
+                         summary: RouteSummary) -> None:
+        jitters = [random.random() for _ in ids]
+        summary.add(await repo.store_failures(conn, batch_id, ids, finals, errors, jitters,
+                                              self.backoff))
+
+    async def _fail_remaining(self, conn: AsyncConnection, batch_id: str,
+                              error: dict[str, Any], summary: RouteSummary) -> None:
+        """Tasks of the batch no line settled: retryable (they never ran)."""
+        while ids := await repo.unsettled_in_batch(conn, batch_id, CHUNK_LINES):
+            await self._flush_bad(conn, batch_id, ids, [False] * len(ids),
+                                  [error] * len(ids), summary)
+
+    async def _route_failed(self, conn: AsyncConnection, batch_id: str, remote: RemoteBatch,
+                            summary: RouteSummary) -> None:
+        verdict = classify_batch_failure(remote.errors)
+        if verdict.token_limited:
+            # Not the tasks' fault: back to the queue, attempt taken back.
+            summary.token_limited = True
+            summary.requeued = await repo.requeue_remaining(
+                conn, batch_id, verdict.other_error, count_attempt=False)
+            return
+        if verdict.final_lines:
+            by_line = await repo.custom_ids_at_lines(conn, batch_id, list(verdict.final_lines))
+            ids = list(by_line.values())
+            errors = [verdict.final_lines[line] for line in by_line]
+            summary.add(await repo.store_failures(
+                conn, batch_id, ids, [True] * len(ids), errors, [0.0] * len(ids), self.backoff))
+        await self._fail_remaining(conn, batch_id, verdict.other_error, summary)
+
+    def _record_metrics(self, model: str, status: str, s: RouteSummary) -> None:
+        metrics.BATCHES_FINISHED.labels(status=status).inc()
+        metrics.TASKS_COMPLETED.labels(outcome="succeeded").inc(s.succeeded)
+        metrics.TASKS_COMPLETED.labels(outcome="failed").inc(s.failed)
+        metrics.TASKS_COMPLETED.labels(outcome="retried").inc(s.retried + s.requeued)
+        metrics.SPEND.labels(model=model).inc(float(s.spend))
+        metrics.SAVINGS.labels(model=model).inc(float(s.sync_spend - s.spend))
+        for kind, n in (("input", s.tokens.input), ("cached_input", s.tokens.cached),
+                        ("output", s.tokens.output)):
+            metrics.TOKENS.labels(model=model, kind=kind).inc(n)

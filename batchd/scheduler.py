@@ -1,0 +1,307 @@
+"""Windows → batches.
+
+Each tick: pick up batches a crashed or failed submission left behind, then
+flush every window that is due. A flush is two steps with a commit between:
+
+1. one transaction claims the tasks (SKIP LOCKED), counts their attempt,
+   reserves the budget and inserts the batch row in ``building``;
+2. outside it, the input file is streamed from the database to the spool,
+   uploaded, and the provider batch created with our id in its metadata.
+
+A crash between or inside step 2 leaves a batch in building/uploading whose
+lease lapses; the next tick of any replica finds it, looks for it at the
+provider (our id is in the metadata) and adopts it, or sends it again. So a
+set of tasks is never paid for twice and never forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchd import logs, metrics
+from batchd.archive import Archive
+from batchd.config import Settings
+from batchd.domain import FlushReason, flush_reason, input_line
+from batchd.errors import ProviderError
+from batchd.prices import PriceTable, Tokens, cost
+from batchd.provider.base import Provider, RemoteBatch
+from batchd.store import repo
+from batchd.store.repo import NOW
+
+log = logs.get("batchd.scheduler")
+
+Clock = Callable[[], datetime]
+# How far back to page the provider's batch list when looking for one of ours.
+_ADOPT_LOOKBACK = timedelta(hours=2)
+_SEND_CONCURRENCY = 4
+_MAX_FLUSHES_PER_TICK = 50
+# Provider statuses that mean a create call never produced a batch.
+_UNRECOVERABLE_CREATE = frozenset({400, 404, 409, 422})
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_batch_id() -> str:
+    return f"bd_{secrets.token_hex(12)}"
+
+
+class BudgetHold(Exception):
+    """The daily budget would be passed; the window waits."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    batch_id: str
+    endpoint: str
+    model: str
+    spend_day: date
+    created_at: datetime
+    submit_attempts: int
+
+
+class Scheduler:
+    def __init__(
+        self, engine: AsyncEngine, provider: Provider, settings: Settings, prices: PriceTable,
+        archive: Archive, owner: str, clock: Clock = utc_now,
+    ) -> None:
+        self.engine = engine
+        self.provider = provider
+        self.settings = settings
+        self.prices = prices
+        self.archive = archive
+        self.owner = owner
+        self.clock = clock
+        self._held: dict[tuple[str, str], datetime] = {}
+        self._sends: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(_SEND_CONCURRENCY)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self.settings.scheduler_interval_seconds
+        while not stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("scheduler.tick_failed")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+        await self.wait_sends()
+
+    async def wait_sends(self) -> None:
+        if self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
+
+    async def tick(self, *, drain: bool = False) -> int:
+        """One pass; returns how many batches it started sending."""
+        started = 0
+        async with self.engine.begin() as conn:
+            leftovers = await repo.claim_unsent_batches(
+                conn, self.owner, self.settings.lease_seconds)
+        for row in leftovers:
+            self._spawn(self._pending(row))
+            started += 1
+        for _ in range(_MAX_FLUSHES_PER_TICK):
+            pending = await self._flush_one(drain)
+            if pending is None:
+                break
+            self._spawn(pending)
+            started += 1
+        return started
+
+    # ------------------------------------------------------------- flushing
+
+    async def _flush_one(self, drain: bool) -> Pending | None:
+        s = self.settings
+        async with self.engine.connect() as conn:
+            windows = await repo.queued_windows(conn, s.max_batch_items)
+            held_models = await repo.token_held_models(conn) if windows else set()
+        for w in windows:
+            age = (w.now - w.oldest).total_seconds()
+            reason = FlushReason.DRAIN if drain else flush_reason(
+                w.count, age, s.window_seconds, s.max_batch_items)
+            if reason is None or w.model in held_models:
+                continue
+            if self._held.get((w.endpoint, w.model), datetime.min.replace(tzinfo=UTC)) > w.now:
+                continue
+            pending = await self._claim(w.endpoint, w.model, reason)
+            if pending is not None:
+                return pending
+        return None
+
+    async def _claim(self, endpoint: str, model: str, reason: FlushReason) -> Pending | None:
+        s = self.settings
+        batch_id = new_batch_id()
+        today = self.clock().date()
+        # Keep a little room: the serialised line can differ by a few bytes
+        # from the estimate taken at ingest (number formatting).
+        max_bytes = int(s.max_file_bytes * 0.995)
+        try:
+            async with self.engine.begin() as conn:
+                if s.daily_budget_usd is not None:
+                    await repo.lock_budget(conn)
+                claim = await repo.claim_window(
+                    conn, batch_id=batch_id, endpoint=endpoint, model=model,
+                    limit=s.max_batch_items, max_bytes=max_bytes)
+                if claim.count == 0:
+                    return None
+                if claim.count < claim.picked:
+                    reason = FlushReason.LIMIT
+                reserved = self.estimate(model, claim.est_input_tokens, claim.est_output_tokens)
+                if s.daily_budget_usd is not None:
+                    spent = await repo.day_spend(conn, today)
+                    if spent + reserved > s.daily_budget_usd:
+                        raise BudgetHold(f"{spent} + {reserved} > {s.daily_budget_usd}")
+                await repo.insert_batch(
+                    conn, batch_id=batch_id, endpoint=endpoint, model=model, reason=reason,
+                    claim=claim, spend_day=today, reserved_usd=reserved, owner=self.owner,
+                    lease_seconds=s.lease_seconds)
+        except BudgetHold as hold:
+            # Look again in a minute: the day may turn or the cap be raised.
+            self._held[(endpoint, model)] = self.clock() + timedelta(seconds=60)
+            log.warning("budget.hold", endpoint=endpoint, model=model, detail=str(hold),
+                        budget_usd=str(s.daily_budget_usd))
+            return None
+        metrics.FLUSHES.labels(reason=reason.value).inc()
+        metrics.BATCH_TASKS.observe(claim.count)
+        metrics.BATCH_INPUT_BYTES.observe(claim.input_bytes)
+        log.info("batch.flushed", batch_id=batch_id, endpoint=endpoint, model=model,
+                 reason=reason.value, tasks=claim.count, input_bytes=claim.input_bytes,
+                 reserved_usd=str(reserved))
+        return Pending(batch_id, endpoint, model, today, self.clock(), 0)
+
+    def estimate(self, model: str, est_in: int, est_out: int) -> Decimal:
+        """High-side cost of a batch, reserved against the daily budget."""
+        return cost(Tokens(est_in, 0, est_out), self.prices.lookup(model).batch)
+
+    # -------------------------------------------------------------- sending
+
+    def _spawn(self, pending: Pending) -> None:
+        task = asyncio.create_task(self._send_guarded(pending))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send_guarded(self, pending: Pending) -> None:
+        async with self._slots:
+            try:
+                await self.send(pending)
+            except Exception:
+                log.exception("batch.send_crashed", batch_id=pending.batch_id)
+                await self._retry_later(pending, 30.0)
+
+    async def send(self, p: Pending) -> None:
+        """Upload and create the provider batch for a claimed batch row."""
+        async with self.engine.begin() as conn:
+            await repo.set_batch(conn, p.batch_id, state="uploading",
+                                 submit_attempts=p.submit_attempts + 1)
+        try:
+            if p.submit_attempts > 0:
+                found = await self._find_remote(p)
+                if found is not None:
+                    await self._record_submitted(p, found, adopted=True)
+                    return
+            path = await self._write_input(p)
+            remote_file = await self.provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
+            self._count("upload", "200")
+            async with self.engine.begin() as conn:
+                await repo.set_batch(conn, p.batch_id, input_file_id=remote_file.id)
+            remote = await self.provider.create_batch(
+                remote_file.id, p.endpoint, self.settings.completion_window,
+                {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
+            self._count("create", "200")
+        except ProviderError as exc:
+            await self._send_failed(p, exc)
+            return
+        await self._record_submitted(p, remote, adopted=False)
+        await self.archive.keep(path, p.spend_day, p.batch_id, "input",
+                                {"provider_file_id": remote_file.id,
+                                 "provider_batch_id": remote.id})
+        path.unlink(missing_ok=True)
+
+    async def _write_input(self, p: Pending) -> Path:
+        path = self.archive.spool_path(p.batch_id, "input")
+        tmp = path.with_suffix(".tmp")
+        async with self.engine.connect() as conn:
+            with tmp.open("wb") as out:
+                async for rows in repo.stream_batch_lines(conn, p.batch_id):
+                    out.write(b"".join(input_line(cid, ep, body) for cid, ep, body in rows))
+        tmp.replace(path)
+        return path
+
+    async def _find_remote(self, p: Pending) -> RemoteBatch | None:
+        """A batch of ours the provider may have created before we heard back."""
+        horizon = int((p.created_at - _ADOPT_LOOKBACK).timestamp())
+        matches: list[RemoteBatch] = []
+        async for remote in self.provider.list_batches():
+            if remote.created_at < horizon:
+                break
+            if (remote.metadata or {}).get("batchd_batch_id") == p.batch_id:
+                matches.append(remote)
+        self._count("list_batches", "200")
+        if not matches:
+            return None
+        # Duplicates can only come from retried creates: keep the oldest,
+        # cancel the rest before they run and cost money twice.
+        keep, *extra = sorted(matches, key=lambda b: (b.created_at, b.id))
+        for dup in extra:
+            log.warning("batch.duplicate_cancelled", batch_id=p.batch_id, provider_batch_id=dup.id)
+            await self.provider.cancel_batch(dup.id)
+        return keep
+
+    async def _record_submitted(self, p: Pending, remote: RemoteBatch, *, adopted: bool) -> None:
+        async with self.engine.begin() as conn:
+            await repo.set_batch(
+                conn, p.batch_id, state="submitted", provider_batch_id=remote.id,
+                provider_status=remote.status, input_file_id=remote.input_file_id,
+                submitted_at=NOW, next_poll_at=NOW, lease_owner=None, lease_until=None)
+        log.info("batch.submitted", batch_id=p.batch_id, provider_batch_id=remote.id,
+                 adopted=adopted, endpoint=p.endpoint, model=p.model)
+
+    async def _send_failed(self, p: Pending, exc: ProviderError) -> None:
+        self._count(exc.operation, str(exc.status or "error"))
+        unrecoverable = (
+            not exc.retryable and exc.status in _UNRECOVERABLE_CREATE
+            and exc.code != "insufficient_quota"
+        )
+        if unrecoverable:
+            # The provider refused: no batch exists, so the tasks go back to
+            # the queue and the attempt that never happened is taken back.
+            error = {"code": exc.code or "submit_rejected", "message": str(exc),
+                     "status": exc.status, "operation": exc.operation}
+            async with self.engine.begin() as conn:
+                requeued = await repo.release_unsent_tasks(conn, p.batch_id, error)
+                await repo.settle_batch(conn, p.batch_id, provider_status="not_submitted",
+                                        errors=[error], finished_at=NOW)
+            log.error("batch.rejected", batch_id=p.batch_id, operation=exc.operation,
+                      status=exc.status, code=exc.code, requeued=requeued)
+            return
+        delay = exc.retry_after or min(300.0, 5.0 * 2 ** p.submit_attempts)
+        delay *= 1 + random.random() * 0.2
+        log.warning("batch.send_failed", batch_id=p.batch_id, operation=exc.operation,
+                    status=exc.status, code=exc.code, retry_in=round(delay, 1),
+                    submit_attempts=p.submit_attempts + 1)
+        await self._retry_later(p, delay)
+
+    async def _retry_later(self, p: Pending, delay: float) -> None:
+        async with self.engine.begin() as conn:
+            await repo.release_batch(conn, p.batch_id, delay)
+
+    def _count(self, operation: str, code: str) -> None:
+        metrics.PROVIDER_REQUESTS.labels(operation=operation, code=code).inc()
+
+    @staticmethod
+    def _pending(row: dict[str, Any]) -> Pending:
+        return Pending(row["id"], row["endpoint"], row["model"], row["spend_day"],
+                       row["created_at"], row["submit_attempts"])

@@ -1,0 +1,223 @@
+"""Composition root: builds every part from settings and runs the loops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from aiohttp import web
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchd import __version__, logs, metrics
+from batchd.archive import Archive
+from batchd.config import Settings
+from batchd.errors import ConfigError
+from batchd.ingest import Ingest
+from batchd.poller import Poller
+from batchd.prices import PriceTable
+from batchd.provider.base import Provider
+from batchd.replay import Replayer
+from batchd.report import Reporter
+from batchd.router import Router
+from batchd.scheduler import Clock, Scheduler, utc_now
+from batchd.store.engine import make_engine, resolve_url
+from batchd.store.repo import Backoff
+from batchd.web import ApiState, build_app
+
+log = logs.get("batchd.service")
+
+_ROOT = Path(__file__).resolve().parent.parent
+_SNAPSHOT_SECONDS = 5.0
+
+
+def alembic_config(url: str | None = None) -> Config:
+    ini = _ROOT / "alembic.ini"
+    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg.set_main_option("script_location", str(_ROOT / "migrations"))
+    if url:
+        cfg.attributes["url"] = url
+    return cfg
+
+
+def schema_head() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+async def migrate(url: str) -> None:
+    """alembic upgrade head; env.py runs its own event loop, hence the thread."""
+    await asyncio.to_thread(command.upgrade, alembic_config(url), "head")
+
+
+async def open_engine(settings: Settings) -> tuple[AsyncEngine, str]:
+    url = await resolve_url(settings.database_url, settings.data_dir)
+    return make_engine(url), url
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_provider(settings: Settings) -> Provider:
+    """The SDK adapter; refuses to start without a key unless aimed at an emulator."""
+    from batchd.provider.openai import OpenAIProvider
+
+    key = settings.openai_api_key
+    if not key:
+        base = settings.openai_base_url
+        if not base:
+            raise ConfigError("OPENAI_API_KEY is unset: set it, or point BATCHD_OPENAI_BASE_URL "
+                              "at an emulator, or run `batchd demo`")
+        key = "emulator"
+    return OpenAIProvider(api_key=key, base_url=settings.openai_base_url)
+
+
+class Service:
+    """Everything one replica runs: API, scheduler, poller (with router), snapshots."""
+
+    def __init__(self, settings: Settings, engine: AsyncEngine, provider: Provider,
+                 clock: Clock = utc_now) -> None:
+        if not settings.tokens and not is_loopback(settings.http_host):
+            raise ConfigError("BATCHD_INGEST_TOKENS is unset, so the API listens on loopback "
+                              "only: set tokens or BATCHD_HTTP_HOST=127.0.0.1")
+        self.settings = settings
+        self.engine = engine
+        self.provider = provider
+        self.clock = clock
+        self.owner = owner_id()
+        self.prices = PriceTable.load(settings.prices_file)
+        self.archive = Archive(settings.archive_path, settings.spool_path)
+        backoff = Backoff(settings.retry_backoff_seconds, settings.max_attempts)
+        self.router = Router(engine, self.prices, backoff)
+        self.scheduler = Scheduler(engine, provider, settings, self.prices, self.archive,
+                                   self.owner, clock)
+        self.poller = Poller(engine, provider, self.router, settings, self.archive, self.owner)
+        self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
+        self.api = ApiState(
+            engine=engine,
+            ingest=Ingest(engine, max_line_bytes=settings.max_file_bytes),
+            replayer=Replayer(engine), reporter=self.reporter, tokens=settings.tokens,
+            schema_head=schema_head(), max_queued=settings.max_queued_tasks)
+        self.app = build_app(self.api, settings.max_request_bytes)
+        self.port: int | None = None
+        metrics.CONFIG_WINDOW.set(settings.window_seconds)
+        metrics.CONFIG_MAX_TASKS.set(settings.max_batch_items)
+        metrics.BUDGET_LIMIT.set(float(settings.daily_budget_usd or 0))
+        metrics.BUILD_INFO.info({"version": __version__})
+
+    async def start_api(self) -> web.AppRunner:
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port,
+                           reuse_address=True)
+        await site.start()
+        self.port = runner.addresses[0][1] if runner.addresses else self.settings.http_port
+        return runner
+
+    async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+        runner = await self.start_api()
+        log.info("service.started", host=self.settings.http_host, port=self.port,
+                 owner=self.owner, window_seconds=self.settings.window_seconds,
+                 max_batch_items=self.settings.max_batch_items)
+        loops_stop = asyncio.Event()
+        loops = [asyncio.create_task(body(loops_stop), name=name) for name, body in (
+            ("scheduler", self.scheduler.run), ("poller", self.poller.run),
+            ("snapshot", self._snapshots), ("daily", self._daily_report))]
+        if started is not None:
+            started.set()
+        await stop.wait()
+        await self._drain(runner, loops_stop, loops)
+
+    async def _drain(self, runner: web.AppRunner, loops_stop: asyncio.Event,
+                     loops: list[asyncio.Task[None]]) -> None:
+        """Stop taking tasks, let the write in hand finish, exit within the grace."""
+        grace = self.settings.shutdown_grace_seconds
+        deadline = time.monotonic() + grace
+        self.api.draining = True
+        log.info("service.draining", grace_seconds=grace)
+        loops_stop.set()
+        _done, pending = await asyncio.wait(loops, timeout=max(0.1, grace * 0.8))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await runner.shutdown()
+        await runner.cleanup()
+        await asyncio.wait_for(self.provider.close(), max(0.1, deadline - time.monotonic()))
+        log.info("service.stopped", cancelled_loops=[t.get_name() for t in pending])
+
+    async def _snapshots(self, stop: asyncio.Event) -> None:
+        """Queue and budget gauges from one cheap query every few seconds,
+        so scrapes never touch the database."""
+        while not stop.is_set():
+            try:
+                await self.snapshot()
+            except Exception as exc:
+                log.warning("snapshot.failed", error=type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _SNAPSHOT_SECONDS)
+
+    async def snapshot(self) -> None:
+        today = self.clock().date()
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(text("""
+                SELECT
+                  (SELECT count(*) FROM tasks WHERE state = 'queued') AS queued,
+                  (SELECT count(*) FROM tasks WHERE state = 'submitted') AS submitted,
+                  (SELECT count(*) FROM tasks WHERE state = 'failed') AS failed,
+                  (SELECT extract(epoch FROM min(created_at)) FROM tasks
+                     WHERE state = 'queued') AS oldest,
+                  (SELECT count(*) FROM batches WHERE state <> 'routed') AS in_flight,
+                  (SELECT extract(epoch FROM min(submitted_at)) FROM batches
+                     WHERE state = 'submitted') AS oldest_batch,
+                  (SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM batches
+                     WHERE spend_day = :day) AS spent
+            """), {"day": today})).mappings().one()
+        for state in ("queued", "submitted", "failed"):
+            metrics.QUEUE_TASKS.labels(state=state).set(row[state])
+        metrics.QUEUE_OLDEST.set(float(row["oldest"] or 0))
+        metrics.BATCHES_IN_FLIGHT.set(row["in_flight"])
+        metrics.BATCH_OLDEST_IN_FLIGHT.set(float(row["oldest_batch"] or 0))
+        metrics.BUDGET_SPENT.set(float(row["spent"]))
+        self.api.queued_estimate = int(row["queued"])
+
+    async def _daily_report(self, stop: asyncio.Event) -> None:
+        """After each UTC midnight, log the day before as one event."""
+        while not stop.is_set():
+            now = self.clock()
+            tomorrow = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+            wait = max(1.0, (tomorrow - now).total_seconds() + 5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            if stop.is_set():
+                return
+            try:
+                day = self.clock().date() - timedelta(days=1)
+                report = await self.reporter.day(day)
+                log.info("report.daily", **report)
+                if self.settings.archive_retention_days:
+                    removed = await asyncio.to_thread(
+                        self.archive.prune, self.settings.archive_retention_days,
+                        self.clock().date())
+                    log.info("archive.pruned", days_removed=len(removed))
+            except Exception:
+                log.exception("report.daily_failed")

@@ -1,0 +1,62 @@
+"""Database engine: the configured PostgreSQL, or an embedded one (pgserver)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from batchd.errors import ConfigError
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def async_url(url: str) -> str:
+    """Accept postgres://, postgresql:// or postgresql+asyncpg:// URLs."""
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy raises ArgumentError with a vague text
+        raise ConfigError(f"BATCHD_DATABASE_URL: not a database URL ({exc})") from None
+    if parsed.drivername in ("postgres", "postgresql", "postgresql+psycopg2", "postgresql+asyncpg"):
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise ConfigError("BATCHD_DATABASE_URL: must be a postgresql:// URL")
+
+
+def embedded_url(data_dir: Path) -> str:
+    """Start (or join) a PostgreSQL server living in ``data_dir/pg``.
+
+    pgserver keeps the server running across our restarts and shares it
+    between processes using the same directory.
+    """
+    import pgserver
+
+    pgdir = (data_dir / "pg").resolve()
+    pgdir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(pgdir), cleanup_mode=None)
+    uri: str = server.get_uri()
+    return async_url(uri)
+
+
+async def resolve_url(database_url: str | None, data_dir: Path) -> str:
+    if database_url:
+        return async_url(database_url)
+    return await asyncio.to_thread(embedded_url, data_dir)
+
+
+def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        json_serializer=_json_dumps,
+        json_deserializer=orjson.loads,
+        connect_args={"server_settings": {"application_name": "batchd"}, "timeout": 10},
+    )

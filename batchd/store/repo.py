@@ -1,0 +1,495 @@
+"""Every SQL statement batchd runs, one function per question.
+
+Functions take an open connection; the caller owns the transaction, so a
+step that must be atomic (claim tasks + create the batch row) is one
+``async with engine.begin()`` in the flow module. Bulk writes go through
+``unnest`` of parallel arrays: one statement per chunk, never a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from batchd.domain import TaskIn
+
+
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+# --------------------------------------------------------------------- ingest
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    inserted: list[str]
+    duplicates: dict[str, str]  # custom_id -> its current state
+    conflicts: list[str]
+
+
+_INSERT_TASKS = text("""
+INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, metadata, line_bytes,
+                   est_input_tokens, est_output_tokens)
+SELECT cid, ep, mdl, bdy::jsonb, dg, md::jsonb, lb, ei, eo
+FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
+            CAST(:bdy AS text[]), CAST(:dg AS text[]), CAST(:md AS text[]),
+            CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]))
+     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo)
+ON CONFLICT (custom_id) DO NOTHING
+RETURNING custom_id
+""")
+
+_EXISTING_DIGESTS = text(
+    "SELECT custom_id, body_digest, state FROM tasks WHERE custom_id = ANY(CAST(:ids AS text[]))"
+)
+
+
+async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> IngestResult:
+    """Insert new tasks; report the ones already stored (same or other body)."""
+    if not tasks:
+        return IngestResult([], {}, [])
+    rows = await conn.execute(_INSERT_TASKS, {
+        "cid": [t.custom_id for t in tasks],
+        "ep": [t.endpoint for t in tasks],
+        "mdl": [t.model for t in tasks],
+        "bdy": [orjson.dumps(t.body).decode() for t in tasks],
+        "dg": [t.digest for t in tasks],
+        "md": [_json(t.metadata) for t in tasks],
+        "lb": [t.line_bytes for t in tasks],
+        "ei": [t.est_input_tokens for t in tasks],
+        "eo": [t.est_output_tokens for t in tasks],
+    })
+    inserted = [r[0] for r in rows]
+    if len(inserted) == len(tasks):
+        return IngestResult(inserted, {}, [])
+    fresh = set(inserted)
+    others = [t for t in tasks if t.custom_id not in fresh]
+    found = await conn.execute(_EXISTING_DIGESTS, {"ids": [t.custom_id for t in others]})
+    stored = {cid: (digest, state) for cid, digest, state in found.tuples()}
+    duplicates = {t.custom_id: stored[t.custom_id][1] for t in others
+                  if t.custom_id in stored and stored[t.custom_id][0] == t.digest}
+    conflicts = [t.custom_id for t in others if t.custom_id not in duplicates]
+    return IngestResult(inserted, duplicates, conflicts)
+
+
+async def count_queued(conn: AsyncConnection) -> int:
+    row = await conn.execute(text("SELECT count(*) FROM tasks WHERE state = 'queued'"))
+    return int(row.scalar_one())
+
+
+async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | None:
+    row = await conn.execute(text("""
+        SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
+               t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
+               t.submitted_at, t.finished_at, t.not_before,
+               r.status_code, r.response, r.cost_usd
+        FROM tasks t LEFT JOIN results r ON r.custom_id = t.custom_id AND t.state = 'succeeded'
+        WHERE t.custom_id = :cid"""), {"cid": custom_id})
+    found = row.mappings().first()
+    return dict(found) if found else None
+
+
+async def page_results(conn: AsyncConnection, after: int, limit: int) -> list[dict[str, Any]]:
+    rows = await conn.execute(text("""
+        SELECT seq, custom_id, batch_id, status_code, response, cost_usd, created_at
+        FROM results WHERE seq > :after ORDER BY seq LIMIT :limit"""),
+        {"after": after, "limit": limit})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def page_failed(
+    conn: AsyncConnection, after: int, limit: int, *, reason: str | None = None,
+    day: date | None = None, endpoint: str | None = None,
+) -> list[dict[str, Any]]:
+    rows = await conn.execute(text("""
+        SELECT id, custom_id, endpoint, model, attempts, replay_count, batch_id, last_error,
+               created_at, finished_at
+        FROM tasks
+        WHERE state = 'failed' AND id > :after
+          AND (CAST(:reason AS text) IS NULL OR last_error->>'code' = :reason)
+          AND (CAST(:day AS date) IS NULL OR (finished_at AT TIME ZONE 'UTC')::date = :day)
+          AND (CAST(:endpoint AS text) IS NULL OR endpoint = :endpoint)
+        ORDER BY id LIMIT :limit"""),
+        {"after": after, "limit": limit, "reason": reason, "day": day, "endpoint": endpoint})
+    return [dict(r) for r in rows.mappings()]
+
+
+# ------------------------------------------------------------------ scheduler
+
+@dataclass(frozen=True, slots=True)
+class WindowStat:
+    endpoint: str
+    model: str
+    count: int
+    oldest: datetime
+    now: datetime
+
+
+async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
+    """Each window key with eligible tasks: how many (counted up to ``cap``)
+    and the oldest one's ``not_before``.
+
+    The distinct keys come from a skip scan over the partial index, and each
+    window is counted only up to the cap, so a deep queue stays cheap.
+    """
+    rows = await conn.execute(text("""
+        WITH RECURSIVE keys AS (
+            (SELECT endpoint, model FROM tasks WHERE state = 'queued'
+             ORDER BY endpoint, model LIMIT 1)
+            UNION ALL
+            SELECT nxt.endpoint, nxt.model FROM keys k, LATERAL (
+                SELECT endpoint, model FROM tasks
+                WHERE state = 'queued' AND (endpoint, model) > (k.endpoint, k.model)
+                ORDER BY endpoint, model LIMIT 1) nxt
+        )
+        SELECT k.endpoint, k.model, w.n, w.oldest, now() AS now FROM keys k, LATERAL (
+            SELECT count(*) AS n, min(not_before) AS oldest FROM (
+                SELECT not_before FROM tasks
+                WHERE state = 'queued' AND endpoint = k.endpoint AND model = k.model
+                  AND not_before <= now()
+                ORDER BY not_before LIMIT :cap) s
+        ) w
+        WHERE w.n > 0"""), {"cap": cap})
+    return [WindowStat(*r) for r in rows.tuples()]
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    picked: int
+    count: int
+    input_bytes: int
+    est_input_tokens: int
+    est_output_tokens: int
+
+
+async def claim_window(
+    conn: AsyncConnection, *, batch_id: str, endpoint: str, model: str, limit: int,
+    max_bytes: int,
+) -> Claim:
+    """Assign up to ``limit`` eligible tasks of a window to ``batch_id``,
+    stopping before the input file would pass ``max_bytes``; counts the attempt."""
+    row = await conn.execute(text("""
+        WITH picked AS (
+            SELECT id, line_bytes, not_before FROM tasks
+            WHERE state = 'queued' AND endpoint = :ep AND model = :mdl AND not_before <= now()
+            ORDER BY not_before, id LIMIT :lim
+            FOR UPDATE SKIP LOCKED
+        ), sized AS (
+            SELECT id, sum(line_bytes) OVER (ORDER BY not_before, id) AS running FROM picked
+        ), upd AS (
+            UPDATE tasks t SET state = 'submitted', batch_id = :bid, attempts = t.attempts + 1,
+                   submitted_at = now(), updated_at = now()
+            FROM sized s WHERE t.id = s.id AND s.running <= :maxb
+            RETURNING t.line_bytes, t.est_input_tokens, t.est_output_tokens
+        )
+        SELECT (SELECT count(*) FROM picked), count(*), coalesce(sum(line_bytes), 0),
+               coalesce(sum(est_input_tokens), 0), coalesce(sum(est_output_tokens), 0)
+        FROM upd"""),
+        {"ep": endpoint, "mdl": model, "lim": limit, "bid": batch_id, "maxb": max_bytes})
+    picked, count, nbytes, est_in, est_out = row.one()
+    return Claim(int(picked), int(count), int(nbytes), int(est_in), int(est_out))
+
+
+async def insert_batch(
+    conn: AsyncConnection, *, batch_id: str, endpoint: str, model: str, reason: str,
+    claim: Claim, spend_day: date, reserved_usd: Decimal, owner: str, lease_seconds: float,
+) -> None:
+    await conn.execute(text("""
+        INSERT INTO batches (id, endpoint, model, state, flush_reason, item_count, input_bytes,
+                             spend_day, reserved_usd, lease_owner, lease_until)
+        VALUES (:id, :ep, :mdl, 'building', :reason, :n, :nb, :day, :res, :owner,
+                now() + make_interval(secs => :lease))"""),
+        {"id": batch_id, "ep": endpoint, "mdl": model, "reason": reason, "n": claim.count,
+         "nb": claim.input_bytes, "day": spend_day, "res": reserved_usd, "owner": owner,
+         "lease": lease_seconds})
+
+
+async def day_spend(conn: AsyncConnection, day: date) -> Decimal:
+    """Settled cost plus open reservations of batches submitted on ``day``."""
+    row = await conn.execute(text("""
+        SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM batches
+        WHERE spend_day = :day"""), {"day": day})
+    return Decimal(row.scalar_one())
+
+
+async def lock_budget(conn: AsyncConnection) -> None:
+    """Serialise budget checks across replicas until the transaction ends."""
+    await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('batchd.budget'))"))
+
+
+async def token_held_models(conn: AsyncConnection) -> set[str]:
+    """Models whose last batch hit the provider's enqueued-token cap and that
+    still have a live batch: their windows wait for one to finish."""
+    rows = await conn.execute(text("""
+        SELECT DISTINCT b.model FROM batches b
+        WHERE b.token_limited AND b.routed_at > now() - interval '1 day'
+          AND NOT EXISTS (SELECT 1 FROM batches o WHERE o.model = b.model
+                          AND o.finished_at > b.routed_at AND NOT o.token_limited)
+          AND EXISTS (SELECT 1 FROM batches l WHERE l.model = b.model AND l.state = 'submitted')
+    """))
+    return {r[0] for r in rows}
+
+
+async def stream_batch_lines(
+    conn: AsyncConnection, batch_id: str, chunk: int = 2000
+) -> AsyncIterator[Sequence[Any]]:
+    """The tasks of a batch in file order, in chunks (server-side cursor)."""
+    result = await conn.stream(text("""
+        SELECT custom_id, endpoint, body FROM tasks
+        WHERE batch_id = :bid AND state = 'submitted' ORDER BY id"""), {"bid": batch_id})
+    async for part in result.partitions(chunk):
+        yield part
+
+
+# ---------------------------------------------------------- batch bookkeeping
+
+BATCH_COLUMNS = """id, provider_batch_id, endpoint, model, state, provider_status, flush_reason,
+    item_count, input_bytes, input_file_id, submit_attempts, created_at, submitted_at,
+    spend_day, reserved_usd"""
+
+
+NOW = object()  # a set_batch value meaning "the database's now()"
+_JSONB_COLUMNS = frozenset({"request_counts", "usage", "errors"})
+
+
+async def set_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:
+    """Update named columns of a batch; ``updated_at`` always moves."""
+    assigns, params = [], {"_id": batch_id}
+    for key, value in values.items():
+        if value is NOW:
+            assigns.append(f"{key} = now()")
+        elif key in _JSONB_COLUMNS:
+            assigns.append(f"{key} = CAST(:{key} AS jsonb)")
+            params[key] = _json(value)
+        else:
+            assigns.append(f"{key} = :{key}")
+            params[key] = value
+    sql = f"UPDATE batches SET {', '.join(assigns)}, updated_at = now() WHERE id = :_id"
+    await conn.execute(text(sql), params)
+
+
+async def extend_lease(conn: AsyncConnection, batch_id: str, owner: str, seconds: float) -> None:
+    await conn.execute(text("""
+        UPDATE batches SET lease_until = now() + make_interval(secs => :s)
+        WHERE id = :id AND lease_owner = :owner"""), {"id": batch_id, "owner": owner, "s": seconds})
+
+
+async def release_batch(conn: AsyncConnection, batch_id: str, retry_in: float) -> None:
+    """Give up our claim; anyone may pick the batch up after ``retry_in``."""
+    await conn.execute(text("""
+        UPDATE batches SET lease_owner = NULL,
+               lease_until = now() + make_interval(secs => :s), updated_at = now()
+        WHERE id = :id"""), {"id": batch_id, "s": retry_in})
+
+
+async def claim_unsent_batches(
+    conn: AsyncConnection, owner: str, lease_seconds: float, limit: int = 10
+) -> list[dict[str, Any]]:
+    """Batches left in building/uploading whose lease lapsed (a crash, or a
+    failed upload waiting out its backoff)."""
+    rows = await conn.execute(text(f"""
+        UPDATE batches SET lease_owner = :owner,
+               lease_until = now() + make_interval(secs => :lease), updated_at = now()
+        WHERE id IN (SELECT id FROM batches
+                     WHERE state IN ('building', 'uploading')
+                       AND (lease_until IS NULL OR lease_until < now())
+                     ORDER BY created_at LIMIT :lim FOR UPDATE SKIP LOCKED)
+        RETURNING {BATCH_COLUMNS}"""), {"owner": owner, "lease": lease_seconds, "lim": limit})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def claim_due_batches(
+    conn: AsyncConnection, owner: str, lease_seconds: float, limit: int = 20
+) -> list[dict[str, Any]]:
+    """Submitted batches due for a status check, leased to ``owner``."""
+    rows = await conn.execute(text(f"""
+        UPDATE batches SET lease_owner = :owner,
+               lease_until = now() + make_interval(secs => :lease), updated_at = now()
+        WHERE id IN (SELECT id FROM batches
+                     WHERE state = 'submitted' AND next_poll_at <= now()
+                       AND (lease_until IS NULL OR lease_until < now())
+                     ORDER BY next_poll_at LIMIT :lim FOR UPDATE SKIP LOCKED)
+        RETURNING {BATCH_COLUMNS}"""), {"owner": owner, "lease": lease_seconds, "lim": limit})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict[str, Any]) -> int:
+    """A batch the provider never created: its tasks go back to the queue and
+    the attempt that did not happen is taken back."""
+    return await requeue_remaining(conn, batch_id, error, count_attempt=False)
+
+
+# --------------------------------------------------------------------- router
+
+_UPSERT_SUCCESSES = text("""
+WITH input AS (
+    SELECT DISTINCT ON (cid) * FROM unnest(
+        CAST(:cid AS text[]), CAST(:status AS int[]), CAST(:resp AS text[]),
+        CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]))
+        AS t(cid, status, resp, usage, cost, sync)
+), done AS (
+    UPDATE tasks t SET state = 'succeeded', finished_at = now(), updated_at = now(),
+           last_error = NULL
+    FROM input i
+    WHERE t.custom_id = i.cid AND t.batch_id = :bid AND t.state = 'submitted'
+    RETURNING t.custom_id, t.attempts, t.replay_count
+), ev AS (
+    INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
+    SELECT custom_id, :bid, attempts, 'succeeded' FROM done
+)
+INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
+                          sync_cost_usd, replay_count)
+SELECT i.cid, :bid, i.status, i.resp::jsonb, i.usage::jsonb, i.cost, i.sync, d.replay_count
+FROM input i JOIN done d ON d.custom_id = i.cid
+ON CONFLICT (custom_id) DO UPDATE SET
+    batch_id = excluded.batch_id, status_code = excluded.status_code,
+    response = excluded.response, usage = excluded.usage, cost_usd = excluded.cost_usd,
+    sync_cost_usd = excluded.sync_cost_usd, replay_count = excluded.replay_count,
+    updated_at = now()
+RETURNING custom_id
+""")
+
+
+@dataclass(slots=True)
+class SuccessRows:
+    custom_ids: list[str]
+    status: list[int]
+    responses: list[str]
+    usages: list[str | None]
+    costs: list[Decimal]
+    sync_costs: list[Decimal]
+
+    @classmethod
+    def empty(cls) -> SuccessRows:
+        return cls([], [], [], [], [], [])
+
+
+async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRows) -> set[str]:
+    """Mark tasks succeeded and upsert their results: a line routed twice
+    changes nothing the second time (the task is no longer submitted).
+    Returns the custom_ids this call settled."""
+    if not rows.custom_ids:
+        return set()
+    stored = await conn.execute(_UPSERT_SUCCESSES, {
+        "bid": batch_id, "cid": rows.custom_ids, "status": rows.status,
+        "resp": rows.responses, "usage": rows.usages, "cost": rows.costs,
+        "sync": rows.sync_costs})
+    return {r[0] for r in stored}
+
+
+# Backoff in SQL mirrors domain.backoff_seconds: the attempt count lives in the
+# row, the jitter comes from the caller so tests can pin it.
+_FAIL_LINES = text("""
+WITH input AS (
+    SELECT DISTINCT ON (cid) * FROM unnest(
+        CAST(:cid AS text[]), CAST(:final AS bool[]), CAST(:err AS text[]),
+        CAST(:jitter AS float8[])) AS t(cid, final, err, jitter)
+), upd AS (
+    UPDATE tasks t SET
+        state = CASE WHEN i.final OR t.attempts >= :max_attempts THEN 'failed' ELSE 'queued' END,
+        batch_id = CASE WHEN i.final OR t.attempts >= :max_attempts THEN t.batch_id END,
+        not_before = CASE WHEN i.final OR t.attempts >= :max_attempts THEN t.not_before
+            ELSE now() + make_interval(secs =>
+                 least(:cap, :base * power(2, greatest(t.attempts - 1, 0)))
+                 * (0.5 + 0.5 * i.jitter)) END,
+        finished_at = CASE WHEN i.final OR t.attempts >= :max_attempts THEN now() END,
+        last_error = i.err::jsonb, updated_at = now()
+    FROM input i
+    WHERE t.custom_id = i.cid AND t.batch_id = :bid AND t.state = 'submitted'
+    RETURNING t.custom_id, t.attempts, t.state
+)
+INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
+SELECT u.custom_id, :bid, u.attempts,
+       CASE WHEN u.state = 'failed' THEN 'failed' ELSE 'retried' END, i.err::jsonb
+FROM upd u JOIN input i ON i.cid = u.custom_id
+RETURNING outcome
+""")
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float
+    max_attempts: int
+    cap: float = 86_400.0
+
+
+async def store_failures(
+    conn: AsyncConnection, batch_id: str, custom_ids: Sequence[str], finals: Sequence[bool],
+    errors: Sequence[dict[str, Any]], jitters: Sequence[float], backoff: Backoff,
+) -> dict[str, int]:
+    """Retry or fail lines; returns counts by outcome (retried, failed)."""
+    if not custom_ids:
+        return {}
+    rows = await conn.execute(_FAIL_LINES, {
+        "bid": batch_id, "cid": list(custom_ids), "final": list(finals),
+        "err": [orjson.dumps(e).decode() for e in errors], "jitter": list(jitters),
+        "max_attempts": backoff.max_attempts, "base": backoff.base, "cap": backoff.cap})
+    counts: dict[str, int] = {}
+    for (outcome,) in rows:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+async def unsettled_in_batch(conn: AsyncConnection, batch_id: str, limit: int) -> list[str]:
+    """custom_ids of a batch's tasks that no line has settled yet (up to ``limit``)."""
+    rows = await conn.execute(text("""
+        SELECT custom_id FROM tasks WHERE batch_id = :bid AND state = 'submitted'
+        ORDER BY id LIMIT :lim"""), {"bid": batch_id, "lim": limit})
+    return [r[0] for r in rows]
+
+
+async def custom_ids_at_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[int]
+                              ) -> dict[int, str]:
+    """Map 1-based input-file line numbers back to custom_ids (file order is id order)."""
+    rows = await conn.execute(text("""
+        SELECT rn, custom_id FROM (
+            SELECT custom_id, row_number() OVER (ORDER BY id) AS rn FROM tasks
+            WHERE batch_id = :bid AND state = 'submitted') s
+        WHERE rn = ANY(CAST(:lines AS bigint[]))"""), {"bid": batch_id, "lines": list(lines)})
+    return {int(rn): cid for rn, cid in rows.tuples()}
+
+
+async def requeue_remaining(
+    conn: AsyncConnection, batch_id: str, error: dict[str, Any], *, count_attempt: bool
+) -> int:
+    """Put every still-submitted task of a batch back in the queue at once.
+
+    With ``count_attempt=False`` the submission is taken back (the provider
+    never ran it through no fault of the task: never created, token cap)."""
+    rows = await conn.execute(text("""
+        WITH upd AS (
+            UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
+                   attempts = CASE WHEN :count THEN attempts ELSE greatest(attempts - 1, 0) END,
+                   last_error = CAST(:err AS jsonb), updated_at = now()
+            WHERE batch_id = :bid AND state = 'submitted'
+            RETURNING custom_id, attempts
+        )
+        INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
+        SELECT custom_id, :bid, attempts, 'requeued', CAST(:err AS jsonb) FROM upd
+        RETURNING 1"""), {"bid": batch_id, "err": orjson.dumps(error).decode(),
+                          "count": count_attempt})
+    return len(rows.all())
+
+
+async def settle_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:
+    """Close a routed batch: its cost is the sum of its results' costs."""
+    await set_batch(conn, batch_id, state="routed", routed_at=NOW, **values)
+    await conn.execute(text("""
+        UPDATE batches b SET cost_usd = s.cost, sync_cost_usd = s.sync,
+               lease_owner = NULL, lease_until = NULL
+        FROM (SELECT coalesce(sum(cost_usd), 0) AS cost, coalesce(sum(sync_cost_usd), 0) AS sync
+              FROM results WHERE batch_id = :bid) s
+        WHERE b.id = :bid"""), {"bid": batch_id})
+
+
+async def schedule_poll(conn: AsyncConnection, batch_id: str, seconds: float) -> None:
+    await conn.execute(text("""
+        UPDATE batches SET next_poll_at = now() + make_interval(secs => :s) WHERE id = :id"""),
+        {"id": batch_id, "s": seconds})

@@ -1,0 +1,133 @@
+"""Table definitions (SQLAlchemy Core). Alembic migrations build the same schema."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Date,
+    DateTime,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData()
+
+NOW = text("now()")
+MONEY = Numeric(24, 12)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("custom_id", Text, nullable=False, unique=True),
+    Column("endpoint", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("body", JSONB, nullable=False),
+    Column("body_digest", Text, nullable=False),
+    Column("metadata", JSONB),
+    Column("line_bytes", Integer, nullable=False),
+    Column("est_input_tokens", Integer, nullable=False, server_default="0"),
+    Column("est_output_tokens", Integer, nullable=False, server_default="0"),
+    Column("state", Text, nullable=False, server_default="queued"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    # When the task may join a window; a window's age is measured from the
+    # oldest not_before in it, so a retried task waits out its backoff first.
+    Column("not_before", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("batch_id", Text),
+    Column("last_error", JSONB),
+    Column("replay_count", Integer, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("submitted_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name="task_state"),
+    Index("tasks_queued_window", "endpoint", "model", "not_before", "id",
+          postgresql_where=text("state = 'queued'")),
+    Index("tasks_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
+    Index("tasks_failed", "finished_at", postgresql_where=text("state = 'failed'")),
+    Index("tasks_created", "created_at"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Text, primary_key=True),  # ours: goes into file name and metadata
+    Column("provider_batch_id", Text, unique=True),
+    Column("endpoint", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default="building"),
+    Column("provider_status", Text),
+    Column("flush_reason", Text, nullable=False),
+    Column("item_count", Integer, nullable=False),
+    Column("input_bytes", BigInteger, nullable=False),
+    Column("input_file_id", Text),
+    Column("output_file_id", Text),
+    Column("error_file_id", Text),
+    Column("request_counts", JSONB),
+    Column("usage", JSONB),
+    Column("errors", JSONB),
+    Column("token_limited", Boolean, nullable=False, server_default="false"),
+    # Spend ledger: reserved at submit from a high estimate, settled at routing.
+    Column("spend_day", Date, nullable=False),
+    Column("reserved_usd", MONEY, nullable=False, server_default="0"),
+    Column("cost_usd", MONEY),
+    Column("sync_cost_usd", MONEY),
+    Column("submit_attempts", Integer, nullable=False, server_default="0"),
+    Column("lease_owner", Text),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("next_poll_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("submitted_at", DateTime(timezone=True)),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("routed_at", DateTime(timezone=True)),
+    CheckConstraint(
+        "state IN ('building','uploading','submitted','completed','failed','expired',"
+        "'cancelled','routed')",
+        name="batch_state",
+    ),
+    Index("batches_live", "next_poll_at", postgresql_where=text("state <> 'routed'")),
+    Index("batches_spend_day", "spend_day"),
+)
+
+results = Table(
+    "results",
+    metadata,
+    # Completion order for GET /v1/results cursors.
+    Column("seq", BigInteger, Identity(), primary_key=True),
+    Column("custom_id", Text, nullable=False, unique=True),
+    Column("batch_id", Text, nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("response", JSONB, nullable=False),
+    Column("usage", JSONB),
+    Column("cost_usd", MONEY, nullable=False, server_default="0"),
+    Column("sync_cost_usd", MONEY, nullable=False, server_default="0"),
+    Column("replay_count", Integer, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
+
+task_events = Table(
+    "task_events",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("custom_id", Text, nullable=False),
+    Column("batch_id", Text),
+    Column("attempt", Integer, nullable=False),
+    # accepted | succeeded | retried | failed | requeued | replayed
+    Column("outcome", Text, nullable=False),
+    Column("error", JSONB),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("task_events_custom_id", "custom_id"),
+    Index("task_events_day", "created_at", "outcome"),
+)

@@ -1,0 +1,237 @@
+"""The HTTP API (DESIGN section 5). Handlers translate HTTP to domain calls."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchd import logs, metrics
+from batchd.ingest import Ingest, IngestError, decode_payload
+from batchd.replay import Replayer
+from batchd.report import Reporter
+from batchd.store import repo
+
+log = logs.get("batchd.web")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+@dataclass(slots=True)
+class ApiState:
+    engine: AsyncEngine
+    ingest: Ingest
+    replayer: Replayer
+    reporter: Reporter
+    tokens: frozenset[str]
+    schema_head: str
+    max_queued: int | None = None
+    queued_estimate: int = 0  # refreshed by the service's snapshot loop
+    draining: bool = False
+
+
+STATE = web.AppKey("state", ApiState)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, date | datetime):
+        return value.isoformat()
+    raise TypeError
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=orjson.dumps(data, default=_default), status=status,
+                        content_type="application/json", headers=headers)
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    headers = {"Retry-After": str(extra.pop("retry_after"))} if "retry_after" in extra else None
+    return json_response({"error": {"code": code, "message": message, **extra}}, status, headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except IngestError as exc:
+        return error_response(exc.status, exc.code, str(exc), **exc.details)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
+        if exc.status == 413:
+            message = "the request body is too large; send fewer tasks per request"
+        return error_response(exc.status, code, message or code)
+    except (OSError, OperationalError, InterfaceError, DBAPIError) as exc:
+        log.warning("api.database_unavailable", path=request.path, error=type(exc).__name__)
+        return error_response(503, "unavailable",
+                              "the task store is unavailable; retry later", retry_after=5)
+    except Exception:
+        log.exception("api.unhandled", path=request.path)
+        return error_response(500, "internal", "internal error; see the server log")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    tokens = request.app[STATE].tokens
+    if tokens and request.path not in _OPEN_PATHS:
+        header = request.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not any(hmac.compare_digest(given, t) for t in tokens):
+            return error_response(401, "unauthorized",
+                                  "send Authorization: Bearer <token> with a valid ingest token")
+    return await handler(request)
+
+
+async def post_tasks(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.draining:
+        return error_response(503, "draining", "batchd is shutting down; retry on another "
+                              "replica", retry_after=5)
+    raw = await request.read()
+    items = decode_payload(raw, request.content_type)
+    if state.max_queued is not None and state.queued_estimate + len(items) > state.max_queued:
+        return error_response(429, "queue_full",
+                              f"more than {state.max_queued} tasks are queued; retry later",
+                              retry_after=30)
+    accepted = await state.ingest.submit(items)
+    state.queued_estimate += accepted.accepted
+    return json_response(accepted.as_json(), status=202)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    async with state.engine.connect() as conn:
+        task = await repo.get_task(conn, request.match_info["custom_id"])
+    if task is None:
+        return error_response(404, "not_found", "no task with that custom_id")
+    return json_response(task)
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise IngestError(400, "invalid_parameter", f"{name} must be an integer") from None
+    if not lo <= value <= hi:
+        raise IngestError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}")
+    return value
+
+
+async def get_results(request: web.Request) -> web.Response:
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    async with request.app[STATE].engine.connect() as conn:
+        rows = await repo.page_results(conn, after, limit)
+    nxt = rows[-1]["seq"] if rows else after
+    return json_response({"results": rows, "next": str(nxt), "has_more": len(rows) == limit})
+
+
+async def get_failed(request: web.Request) -> web.Response:
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    day = None
+    if request.query.get("day"):
+        try:
+            day = date.fromisoformat(request.query["day"])
+        except ValueError:
+            raise IngestError(400, "invalid_parameter", "day must be YYYY-MM-DD") from None
+    async with request.app[STATE].engine.connect() as conn:
+        rows = await repo.page_failed(conn, after, limit, reason=request.query.get("reason"),
+                                      day=day, endpoint=request.query.get("endpoint"))
+    nxt = rows[-1]["id"] if rows else after
+    return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
+
+
+async def post_replay(request: web.Request) -> web.Response:
+    raw = await request.read()
+    try:
+        doc = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError:
+        raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
+    ids = doc.get("custom_ids") if isinstance(doc, dict) else None
+    replay_all = bool(doc.get("all")) if isinstance(doc, dict) else False
+    if ids is None and not replay_all:
+        raise IngestError(400, "invalid_request",
+                          'name tasks with {"custom_ids": [...]} or replay all with {"all": true}')
+    if ids is not None and (not isinstance(ids, list) or
+                            not all(isinstance(i, str) for i in ids)):
+        raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
+    outcome = await request.app[STATE].replayer.replay(ids)
+    return json_response(outcome.as_json())
+
+
+async def get_daily_report(request: web.Request) -> web.Response:
+    reporter = request.app[STATE].reporter
+    days = _int_param(request, "days", 1, 1, 366)
+    try:
+        end = date.fromisoformat(request.query["date"]) if request.query.get("date") else None
+    except ValueError:
+        raise IngestError(400, "invalid_parameter", "date must be YYYY-MM-DD") from None
+    rows = await reporter.daily(end, days)
+    return json_response(rows[0] if days == 1 else rows)
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    try:
+        async with state.engine.connect() as conn:
+            row = await conn.execute(text("SELECT version_num FROM alembic_version"))
+            version = row.scalar_one_or_none()
+    except Exception as exc:
+        return error_response(503, "database_unavailable", f"database unreachable: "
+                              f"{type(exc).__name__}", retry_after=5)
+    if version != state.schema_head:
+        return error_response(503, "schema_outdated",
+                              f"schema at {version}, code expects {state.schema_head}; "
+                              "run `batchd migrate`")
+    if state.draining:
+        return error_response(503, "draining", "shutting down")
+    return json_response({"status": "ready", "schema": version})
+
+
+async def metrics_handler(_request: web.Request) -> web.Response:
+    body = generate_latest(metrics.REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+                          client_max_size=max_request_bytes)
+    app[STATE] = state
+    app.router.add_post("/v1/tasks", post_tasks)
+    app.router.add_get("/v1/tasks/{custom_id}", get_task)
+    app.router.add_get("/v1/results", get_results)
+    app.router.add_get("/v1/failed", get_failed)
+    app.router.add_post("/v1/failed/replay", post_replay)
+    app.router.add_get("/v1/report/daily", get_daily_report)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    return app

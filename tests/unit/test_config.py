@@ -1,0 +1,43 @@
+"""Settings: defaults, environment, and one clear line for a bad value."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchd.config import load_settings
+from batchd.errors import ConfigError
+
+
+def test_defaults_match_the_design() -> None:
+    s = load_settings()
+    assert (s.window_seconds, s.max_batch_items, s.max_attempts) == (900, 500, 3)
+    assert (s.poll_interval_seconds, s.retry_backoff_seconds) == (60, 60)
+    assert (s.http_host, s.http_port, s.failure_alert_ratio) == ("127.0.0.1", 8080, 0.03)
+    assert s.daily_budget_usd is None and s.tokens == frozenset()
+
+
+def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHD_WINDOW_SECONDS", "60")
+    monkeypatch.setenv("BATCHD_INGEST_TOKENS", "a, b,,")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    s = load_settings()
+    assert s.window_seconds == 60 and s.tokens == {"a", "b"} and s.openai_api_key == "sk-test"
+
+
+@pytest.mark.parametrize(("var", "value"), [
+    ("BATCHD_WINDOW_SECONDS", "0"),
+    ("BATCHD_WINDOW_SECONDS", "soon"),
+    ("BATCHD_MAX_BATCH_ITEMS", "50001"),
+    ("BATCHD_MAX_ATTEMPTS", "0"),
+    ("BATCHD_COMPLETION_WINDOW", "48h"),
+    ("BATCHD_DAILY_BUDGET_USD", "-1"),
+    ("BATCHD_LOG_FORMAT", "xml"),
+    ("BATCHD_HTTP_PORT", "70000"),
+])
+def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
+                                      value: str) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(var + ":") and "\n" not in message

@@ -1,0 +1,140 @@
+"""Pure decisions, table-driven."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batchd.domain import (
+    FlushReason,
+    InvalidTask,
+    Outcome,
+    backoff_seconds,
+    body_digest,
+    classify_batch_failure,
+    classify_line,
+    flush_reason,
+    input_line,
+    parse_task,
+)
+
+
+@pytest.mark.parametrize(("count", "age", "window", "cap", "expected"), [
+    (0, 10_000, 900, 500, None),
+    (1, 899.9, 900, 500, None),
+    (1, 900, 900, 500, FlushReason.TIMEOUT),
+    (499, 10, 900, 500, None),
+    (500, 10, 900, 500, FlushReason.CAP),
+    (500, 10_000, 900, 500, FlushReason.CAP),
+    (3, 0, 900, 3, FlushReason.CAP),
+])
+def test_flush_reason(count: int, age: float, window: float, cap: int,
+                      expected: FlushReason | None) -> None:
+    assert flush_reason(count, age, window, cap) == expected
+
+
+def _http_line(status: int, code: str | None = None) -> dict[str, Any]:
+    body = {"id": "x"} if status == 200 else {"error": {"code": code, "message": "m"}}
+    return {"custom_id": "c", "response": {"status_code": status, "body": body}, "error": None}
+
+
+def _never_ran(code: str) -> dict[str, Any]:
+    return {"custom_id": "c", "response": None, "error": {"code": code, "message": "m"}}
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (_http_line(200), Outcome.SUCCESS),
+    (_http_line(400, "context_length_exceeded"), Outcome.FINAL),
+    (_http_line(401, "invalid_api_key"), Outcome.FINAL),
+    (_http_line(403), Outcome.FINAL),
+    (_http_line(404, "model_not_found"), Outcome.FINAL),
+    (_http_line(422), Outcome.FINAL),
+    (_http_line(408), Outcome.RETRYABLE),
+    (_http_line(409), Outcome.RETRYABLE),
+    (_http_line(429, "rate_limit_exceeded"), Outcome.RETRYABLE),
+    (_http_line(429, "insufficient_quota"), Outcome.FINAL),
+    (_http_line(500), Outcome.RETRYABLE),
+    (_http_line(503), Outcome.RETRYABLE),
+    (_never_ran("batch_expired"), Outcome.RETRYABLE),
+    (_never_ran("batch_cancelled"), Outcome.RETRYABLE),
+    (_never_ran("request_timeout"), Outcome.RETRYABLE),
+    (_never_ran("insufficient_quota"), Outcome.FINAL),
+    (_never_ran("something_new"), Outcome.RETRYABLE),
+])
+def test_classify_line(line: dict[str, Any], expected: Outcome) -> None:
+    assert classify_line(line).outcome is expected
+
+
+def test_classify_line_keeps_http_error_details() -> None:
+    result = classify_line(_http_line(400, "context_length_exceeded"))
+    assert result.status_code == 400
+    assert result.error == {"code": "context_length_exceeded", "message": "m", "status": 400}
+
+
+@pytest.mark.parametrize(("attempts", "jitter", "expected"), [
+    (1, 0.0, 30.0), (1, 0.999999, 59.99997), (2, 0.0, 60.0), (3, 0.0, 120.0),
+    (3, 0.5, 180.0), (0, 0.0, 30.0), (30, 0.0, 43_200.0),
+])
+def test_backoff_doubles_per_attempt_with_equal_jitter(attempts: int, jitter: float,
+                                                       expected: float) -> None:
+    assert backoff_seconds(attempts, 60.0, jitter) == pytest.approx(expected)
+
+
+def test_batch_failure_token_limit_requeues_everything() -> None:
+    verdict = classify_batch_failure([{"code": "token_limit_exceeded", "line": None}])
+    assert verdict.token_limited and not verdict.final_lines
+
+
+def test_batch_failure_names_final_lines() -> None:
+    verdict = classify_batch_failure([
+        {"code": "invalid_url", "line": 2, "param": "url"},
+        {"code": "streaming_unsupported", "line": 5, "param": "body.stream"},
+    ])
+    assert not verdict.token_limited
+    assert sorted(verdict.final_lines) == [2, 5]
+    assert verdict.final_lines[5]["code"] == "streaming_unsupported"
+
+
+def _task(**over: Any) -> dict[str, Any]:
+    task: dict[str, Any] = {"custom_id": "a", "body": {"model": "gpt-4o-mini",
+                                                       "messages": [{"role": "user"}]}}
+    task.update(over)
+    return task
+
+
+@pytest.mark.parametrize(("task", "field"), [
+    ("not an object", "task"),
+    (_task(custom_id=""), "custom_id"),
+    (_task(custom_id=7), "custom_id"),
+    (_task(custom_id="x" * 513), "custom_id"),
+    (_task(body=None), "body"),
+    (_task(body={"messages": []}), "body.model"),
+    (_task(body={"model": "", "messages": []}), "body.model"),
+    (_task(body={"model": "m"}), "body.messages"),
+    (_task(body={"model": "m", "messages": [], "stream": True}), "body.stream"),
+    (_task(endpoint="/v1/images/generations"), "endpoint"),
+    (_task(endpoint="/v1/embeddings"), "body.input"),
+    (_task(metadata={"k": 1}), "metadata.k"),
+    (_task(metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
+    (_task(lane="sync", extra=1), "extra"),
+])
+def test_parse_task_names_the_bad_field(task: Any, field: str) -> None:
+    with pytest.raises(InvalidTask) as caught:
+        parse_task(task, 3)
+    assert caught.value.field == field
+    assert str(caught.value).startswith("task 3")
+
+
+def test_parse_task_measures_the_exact_input_line() -> None:
+    task = parse_task(_task(), 0)
+    assert task.line_bytes == len(input_line("a", "/v1/chat/completions", task.body))
+    assert task.endpoint == "/v1/chat/completions"
+    assert task.est_output_tokens == 4096
+
+
+def test_digest_ignores_key_order_but_not_content() -> None:
+    a = body_digest("/v1/chat/completions", {"model": "m", "x": 1})
+    b = body_digest("/v1/chat/completions", {"x": 1, "model": "m"})
+    c = body_digest("/v1/chat/completions", {"x": 2, "model": "m"})
+    assert a == b != c

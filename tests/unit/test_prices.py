@@ -1,0 +1,75 @@
+"""Prices, cost and rounding, table-driven."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from batchd.errors import ConfigError
+from batchd.prices import PriceTable, Rate, Tokens, cost, round_usd, tokens_from_usage
+
+
+def test_protocol_example_cost() -> None:
+    rate = Rate(Decimal("1.25"), Decimal("0.625"), Decimal("5.00"))
+    assert cost(Tokens(1000, 200, 300), rate) == Decimal("0.002625")
+
+
+@pytest.mark.parametrize(("model", "entry", "known"), [
+    ("gpt-4o-mini", "gpt-4o-mini", True),
+    ("gpt-4o-mini-2024-07-18", "gpt-4o-mini", True),
+    ("gpt-4o-2024-08-06", "gpt-4o", True),
+    ("gpt-5-mini-2025-08-07", "gpt-5-mini", True),
+    ("gpt-4omega", "unknown", False),
+    ("brand-new-model", "unknown", False),
+])
+def test_snapshot_takes_longest_prefix(model: str, entry: str, known: bool) -> None:
+    price = PriceTable.load().lookup(model)
+    assert (price.name, price.known) == (entry, known)
+
+
+def test_unknown_model_is_priced_high_not_zero() -> None:
+    table = PriceTable.load()
+    unknown = table.lookup("brand-new-model")
+    assert unknown.batch.input >= max(p.batch.input for p in table.models.values()) > 0
+
+
+@pytest.mark.parametrize(("usage", "tokens"), [
+    ({"prompt_tokens": 20, "completion_tokens": 9,
+      "prompt_tokens_details": {"cached_tokens": 4}}, Tokens(20, 4, 9)),
+    ({"input_tokens": 7, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 1}},
+     Tokens(7, 1, 3)),
+    ({"prompt_tokens": 11, "total_tokens": 11}, Tokens(11, 0, 0)),
+    (None, Tokens()),
+])
+def test_tokens_from_usage(usage: object, tokens: Tokens) -> None:
+    assert tokens_from_usage(usage) == tokens
+
+
+def test_batch_is_half_of_sync_in_the_bundled_table() -> None:
+    for price in PriceTable.load().models.values():
+        assert price.batch.input * 2 == price.sync.input
+        assert price.batch.output * 2 == price.sync.output
+
+
+def test_per_result_costs_add_up_to_the_total_before_rounding() -> None:
+    rate = PriceTable.load().lookup("gpt-4o-mini").batch
+    parts = [cost(Tokens(37 + i, 0, 11 + i), rate) for i in range(1000)]
+    total = cost(Tokens(sum(37 + i for i in range(1000)), 0, sum(11 + i for i in range(1000))),
+                 rate)
+    assert sum(parts) == total
+    assert round_usd(Decimal("0.0000015")) == Decimal("0.000002")
+
+
+def test_prices_file_override_and_errors(tmp_path: Path) -> None:
+    good = tmp_path / "p.json"
+    good.write_text(json.dumps({"as_of": "2026-01-01", "models": {"m": {
+        "sync": {"input": 2, "cached_input": 1, "output": 4},
+        "batch": {"input": 1, "cached_input": 0.5, "output": 2}}}}))
+    assert PriceTable.load(good).lookup("m-2026").batch.output == Decimal(2)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"models": {"m": {"sync": {}}}}')
+    with pytest.raises(ConfigError, match="BATCHD_PRICES_FILE"):
+        PriceTable.load(bad)
