@@ -79,7 +79,7 @@ class Archive:
     def prune(self, keep_days: int, today: date) -> list[Path]:
         """Remove archive days older than ``keep_days``; returns what went."""
         cutoff = today - timedelta(days=keep_days)
-        removed = []
+        removed: list[Path] = []
         if not self.root.exists():
             return removed
         for day_dir in self.root.iterdir():

@@ -155,7 +155,7 @@ async def _demo(settings: Settings, tasks: int, seconds: float) -> int:
     from batchd.demo import run_demo
 
     logs.configure(settings.log_level, settings.log_format)
-    return await run_demo(settings, tasks=tasks, timeout=seconds)
+    return await run_demo(settings, tasks=tasks, give_up_after=seconds)
 
 
 # ------------------------------------------------------------------ parser

@@ -180,7 +180,7 @@ def backoff_seconds(attempts: int, base: float, jitter: float, cap: float = 86_4
     Doubles per attempt already made; "equal jitter" (half fixed, half random,
     ``jitter`` in [0, 1)) spreads retries of one failed batch over time.
     """
-    full = min(cap, base * 2 ** max(0, attempts - 1))
+    full: float = min(cap, base * 2.0 ** max(0, attempts - 1))
     return full / 2 + full / 2 * jitter
 
 

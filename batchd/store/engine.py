@@ -38,7 +38,7 @@ def embedded_url(data_dir: Path) -> str:
 
     pgdir = (data_dir / "pg").resolve()
     pgdir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(pgdir), cleanup_mode=None)
+    server = pgserver.get_server(str(pgdir), cleanup_mode=None)  # type: ignore[attr-defined]
     uri: str = server.get_uri()
     return async_url(uri)
 

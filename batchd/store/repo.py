@@ -261,7 +261,8 @@ _JSONB_COLUMNS = frozenset({"request_counts", "usage", "errors"})
 
 async def set_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:
     """Update named columns of a batch; ``updated_at`` always moves."""
-    assigns, params = [], {"_id": batch_id}
+    assigns: list[str] = []
+    params: dict[str, Any] = {"_id": batch_id}
     for key, value in values.items():
         if value is NOW:
             assigns.append(f"{key} = now()")
