@@ -2,6 +2,7 @@
 #
 # batchd image: `docker build -t batchd .` from the repository root.
 # Runs `batchd serve` by default; `batchd migrate` for the schema job.
+# With BATCHD_HTTP_HOST=0.0.0.0 (set here) serve needs BATCHD_INGEST_TOKENS.
 # The base can be pinned to a digest at build time:
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -21,9 +22,11 @@ WORKDIR /src
 COPY requirements.lock ./
 RUN pip install -r requirements.lock
 
-# pyproject.toml names README.md as the package readme, so it is needed to build.
+# pyproject.toml names README.md as the package readme, so it is needed to
+# build; migrations/ is packaged beside batchd/ so `batchd migrate` finds it.
 COPY pyproject.toml README.md ./
 COPY batchd ./batchd
+COPY migrations ./migrations
 RUN pip install --no-deps . \
     && python -m compileall -q /opt/venv/lib
 
@@ -44,10 +47,7 @@ RUN groupadd --system --gid 10001 batchd \
 
 COPY --from=builder /opt/venv /opt/venv
 
-# `batchd migrate` reads alembic.ini and migrations/ from the working directory.
-WORKDIR /app
-COPY alembic.ini ./
-COPY migrations ./migrations
+WORKDIR /var/lib/batchd
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

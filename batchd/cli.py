@@ -42,10 +42,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
-
-        return uvloop.run(coro)
     except ImportError:
         return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def _install_stop(stop: asyncio.Event) -> None:

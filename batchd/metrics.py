@@ -19,7 +19,10 @@ TASKS_COMPLETED = Counter(
 QUEUE_TASKS = Gauge("batchd_queue_tasks", "Tasks by state", ["state"], registry=REGISTRY)
 QUEUE_OLDEST = Gauge(
     "batchd_queue_oldest_task_created_timestamp_seconds",
-    "Creation time of the oldest queued task (0 when none)", registry=REGISTRY,
+    # A retried task counts from when its backoff ended, as the scheduler
+    # ages windows, so one retry does not look like a stuck queue.
+    "When the oldest queued task became eligible for a window (0 when none)",
+    registry=REGISTRY,
 )
 FLUSHES = Counter("batchd_flushes", "Windows flushed into batches", ["reason"], registry=REGISTRY)
 BATCH_TASKS = Histogram(

@@ -30,6 +30,7 @@ from batchd.replay import Replayer
 from batchd.report import Reporter
 from batchd.router import Router
 from batchd.scheduler import Clock, Scheduler, utc_now
+from batchd.store import repo
 from batchd.store.engine import make_engine, resolve_url
 from batchd.store.repo import Backoff
 from batchd.web import ApiState, build_app
@@ -41,9 +42,9 @@ _SNAPSHOT_SECONDS = 5.0
 
 
 def alembic_config(url: str | None = None) -> Config:
-    ini = _ROOT / "alembic.ini"
-    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg = Config()
     cfg.set_main_option("script_location", str(_ROOT / "migrations"))
+    cfg.set_main_option("path_separator", "os")
     if url:
         cfg.attributes["url"] = url
     return cfg
@@ -53,6 +54,11 @@ def schema_head() -> str:
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     return head
+
+
+def known_revisions() -> frozenset[str]:
+    return frozenset(s.revision for s in ScriptDirectory.from_config(alembic_config())
+                     .walk_revisions())
 
 
 async def migrate(url: str) -> None:
@@ -117,7 +123,8 @@ class Service:
             engine=engine,
             ingest=Ingest(engine, max_line_bytes=settings.max_file_bytes),
             replayer=Replayer(engine), reporter=self.reporter, tokens=settings.tokens,
-            schema_head=schema_head(), max_queued=settings.max_queued_tasks)
+            schema_head=schema_head(), known_revisions=known_revisions(),
+            max_queued=settings.max_queued_tasks)
         self.app = build_app(self.api, settings.max_request_bytes)
         self.port: int | None = None
         metrics.CONFIG_WINDOW.set(settings.window_seconds)
@@ -160,10 +167,21 @@ class Service:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        await self._release_claims()
         await runner.shutdown()
         await runner.cleanup()
+        await self.api.ingest.close()
         await asyncio.wait_for(self.provider.close(), max(0.1, deadline - time.monotonic()))
         log.info("service.stopped", cancelled_loops=[t.get_name() for t in pending])
+
+    async def _release_claims(self) -> None:
+        """Hand our leases back so another replica need not wait them out."""
+        try:
+            async with self.engine.begin() as conn:
+                released = await repo.release_owner(conn, self.owner)
+            log.info("service.claims_released", batches=released)
+        except Exception as exc:
+            log.warning("service.release_failed", error=type(exc).__name__)
 
     async def _snapshots(self, stop: asyncio.Event) -> None:
         """Queue and budget gauges from one cheap query every few seconds,
@@ -184,7 +202,7 @@ class Service:
                   (SELECT count(*) FROM tasks WHERE state = 'queued') AS queued,
                   (SELECT count(*) FROM tasks WHERE state = 'submitted') AS submitted,
                   (SELECT count(*) FROM tasks WHERE state = 'failed') AS failed,
-                  (SELECT extract(epoch FROM min(created_at)) FROM tasks
+                  (SELECT extract(epoch FROM min(not_before)) FROM tasks
                      WHERE state = 'queued') AS oldest,
                   (SELECT count(*) FROM batches WHERE state <> 'routed') AS in_flight,
                   (SELECT extract(epoch FROM min(submitted_at)) FROM batches

@@ -36,6 +36,7 @@ class ApiState:
     reporter: Reporter
     tokens: frozenset[str]
     schema_head: str
+    known_revisions: frozenset[str]
     max_queued: int | None = None
     queued_estimate: int = 0  # refreshed by the service's snapshot loop
     draining: bool = False
@@ -207,7 +208,9 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         return error_response(503, "database_unavailable", f"database unreachable: "
                               f"{type(exc).__name__}", retry_after=5)
-    if version != state.schema_head:
+    # A schema newer than this build (a rolling upgrade ran its migration
+    # first) is fine; one this build knows to be older is not.
+    if version != state.schema_head and (version is None or version in state.known_revisions):
         return error_response(503, "schema_outdated",
                               f"schema at {version}, code expects {state.schema_head}; "
                               "run `batchd migrate`")

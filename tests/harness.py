@@ -162,6 +162,7 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
         await http.close()
         await service.scheduler.wait_sends()
         await runner.cleanup()
+        await service.api.ingest.close()
         await provider.close()
         await engine.dispose()
         await emu.stop()

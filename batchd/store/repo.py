@@ -494,3 +494,10 @@ async def schedule_poll(conn: AsyncConnection, batch_id: str, seconds: float) ->
     await conn.execute(text("""
         UPDATE batches SET next_poll_at = now() + make_interval(secs => :s) WHERE id = :id"""),
         {"id": batch_id, "s": seconds})
+
+
+async def release_owner(conn: AsyncConnection, owner: str) -> int:
+    rows = await conn.execute(text("""
+        UPDATE batches SET lease_owner = NULL, lease_until = NULL, updated_at = now()
+        WHERE lease_owner = :owner RETURNING 1"""), {"owner": owner})
+    return len(rows.all())
