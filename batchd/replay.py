@@ -62,7 +62,7 @@ class Replayer:
                 found = await conn.execute(text(
                     "SELECT custom_id, state FROM tasks WHERE custom_id = ANY(CAST(:ids AS text[]))"
                 ), {"ids": rest})
-                states: dict[str, str] = dict(found.tuples().all())
+                states: dict[str, str] = dict(found.all())
                 outcome.skipped = {cid: _WHY_NOT.get(states.get(cid, ""), "unknown custom_id")
                                    for cid in rest}
         log.info("tasks.replayed", replayed=len(outcome.replayed), skipped=len(outcome.skipped))

@@ -72,7 +72,7 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
     fresh = set(inserted)
     others = [t for t in tasks if t.custom_id not in fresh]
     found = await conn.execute(_EXISTING_DIGESTS, {"ids": [t.custom_id for t in others]})
-    stored = {cid: (digest, state) for cid, digest, state in found.tuples()}
+    stored = {cid: (digest, state) for cid, digest, state in found}
     duplicates = {t.custom_id: stored[t.custom_id][1] for t in others
                   if t.custom_id in stored and stored[t.custom_id][0] == t.digest}
     conflicts = [t.custom_id for t in others if t.custom_id not in duplicates]
@@ -157,7 +157,7 @@ async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
                 ORDER BY not_before LIMIT :cap) s
         ) w
         WHERE w.n > 0"""), {"cap": cap})
-    return [WindowStat(*r) for r in rows.tuples()]
+    return [WindowStat(*r) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,7 +454,7 @@ async def custom_ids_at_lines(conn: AsyncConnection, batch_id: str, lines: Seque
             SELECT custom_id, row_number() OVER (ORDER BY id) AS rn FROM tasks
             WHERE batch_id = :bid AND state = 'submitted') s
         WHERE rn = ANY(CAST(:lines AS bigint[]))"""), {"bid": batch_id, "lines": list(lines)})
-    return {int(rn): cid for rn, cid in rows.tuples()}
+    return {int(rn): cid for rn, cid in rows}
 
 
 async def requeue_remaining(

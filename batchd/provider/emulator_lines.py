@@ -1,0 +1,253 @@
+"""The emulator's per-line engine: outcome names, the usage function, and the
+bytes of output/error lines and synchronous responses.
+
+Everything here is pure (no clock except ``created`` stamps, no server state)
+so the batch path and the synchronous endpoints answer a request alike, and
+tests can recompute tokens and cost from the bodies they sent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+# Outcomes that executed and answered 200 (usage is billed for each).
+SUCCESS_OUTCOMES = frozenset({"ok", "duplicate", "malformed"})
+# Outcomes of lines that never ran: a top-level ``error`` and ``response: null``.
+NEVER_RAN_MESSAGES = {
+    "batch_expired": "This request could not be executed before the completion window expired.",
+    "batch_cancelled": "This request was not executed because the batch was cancelled.",
+    "request_timeout": "This request timed out before it could be executed.",
+}
+# status, type, param, code, message ({model} is filled in).
+HTTP_ERRORS: dict[str, tuple[int, str, str | None, str | None, str]] = {
+    "http_400": (400, "invalid_request_error", "messages", "context_length_exceeded",
+                 "This model's maximum context length is 128000 tokens. However, your messages "
+                 "resulted in 1000024 tokens. Please reduce the length of the messages."),
+    "http_401": (401, "invalid_request_error", None, "invalid_api_key",
+                 "Incorrect API key provided."),
+    "http_404": (404, "invalid_request_error", "model", "model_not_found",
+                 "The model `{model}` does not exist or you do not have access to it."),
+    "http_408": (408, "timeout", None, "timeout", "Request timed out."),
+    "http_409": (409, "invalid_request_error", None, "conflict",
+                 "The request conflicts with another in flight; try again."),
+    "http_429": (429, "requests", None, "rate_limit_exceeded",
+                 "Rate limit reached for {model} on requests per min (RPM). "
+                 "Please try again in 1s."),
+    "insufficient_quota": (429, "insufficient_quota", None, "insufficient_quota",
+                           "You exceeded your current quota, please check your plan and "
+                           "billing details."),
+    "http_500": (500, "server_error", None, None,
+                 "The server had an error while processing your request. Sorry about that!"),
+    "http_503": (503, "server_error", None, None, "The server is overloaded or not ready yet."),
+}
+OUTCOMES = frozenset({*SUCCESS_OUTCOMES, *NEVER_RAN_MESSAGES, *HTTP_ERRORS, "missing"})
+
+CHAT = "/v1/chat/completions"
+EMBEDDINGS = "/v1/embeddings"
+RESPONSES = "/v1/responses"
+COMPLETIONS = "/v1/completions"
+MODERATIONS = "/v1/moderations"
+ENDPOINTS = frozenset({RESPONSES, CHAT, EMBEDDINGS, COMPLETIONS, MODERATIONS,
+                       "/v1/images/generations", "/v1/images/edits", "/v1/videos"})
+_DEFAULT_OUTPUT_TOKENS = 16
+_EMBEDDING_DIMS = 8  # real models return 256-3072 floats; 8 keeps benchmark files small
+
+
+@dataclass(slots=True)
+class LinePlan:
+    """What one input line will do when (if) it runs."""
+
+    custom_id: str
+    outcome: str
+    model: str
+    tokens: tuple[int, int, int] = (0, 0, 0)  # input, cached input, output
+    n_inputs: int = 1  # embedding vectors to return
+
+
+def _json_tokens(value: Any) -> int:
+    return max(1, len(orjson.dumps(value)) // 4)
+
+
+def _int_or(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+        else default
+
+
+def tokens_for(endpoint: str, body: dict[str, Any]) -> tuple[int, int, int]:
+    """(input, cached input, output) tokens a 200 answer to ``body`` reports.
+
+    input  = max(1, len(orjson.dumps(<prompt field>)) // 4), the prompt field being
+             ``messages`` (chat), ``input`` (embeddings, responses, moderations) or
+             ``prompt`` (completions); orjson's encoding is compact (no spaces).
+    cached = int(body["metadata"]["cached_tokens"]) when given, capped at input
+             (chat and responses only), else 0.
+    output = chat: max_tokens or max_completion_tokens or 16; responses:
+             max_output_tokens or 16; completions: max_tokens or 16; else 0.
+    """
+    output = 0
+    cached_ok = False
+    if endpoint == CHAT:
+        prompt = body.get("messages", [])
+        output = _int_or(body.get("max_tokens"),
+                         _int_or(body.get("max_completion_tokens"), _DEFAULT_OUTPUT_TOKENS))
+        cached_ok = True
+    elif endpoint == RESPONSES:
+        prompt = body.get("input", "")
+        output = _int_or(body.get("max_output_tokens"), _DEFAULT_OUTPUT_TOKENS)
+        cached_ok = True
+    elif endpoint == COMPLETIONS:
+        prompt = body.get("prompt", "")
+        output = _int_or(body.get("max_tokens"), _DEFAULT_OUTPUT_TOKENS)
+    else:
+        prompt = body.get("input", "")
+    inp = _json_tokens(prompt)
+    cached = 0
+    meta = body.get("metadata")
+    if cached_ok and isinstance(meta, dict) and "cached_tokens" in meta:
+        try:
+            cached = min(inp, max(0, int(meta["cached_tokens"])))
+        except (TypeError, ValueError):
+            cached = 0
+    return inp, cached, output
+
+
+def usage_shape(endpoint: str, tokens: tuple[int, int, int]) -> dict[str, Any]:
+    """The endpoint's own ``usage`` object for these tokens ({} for endpoints without one)."""
+    inp, cached, out = tokens
+    if endpoint == CHAT:
+        return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
+                "prompt_tokens_details": {"cached_tokens": cached},
+                "completion_tokens_details": {"reasoning_tokens": 0}}
+    if endpoint == RESPONSES:
+        return batch_usage(tokens)
+    if endpoint == COMPLETIONS:
+        return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
+    if endpoint == EMBEDDINGS:
+        return {"prompt_tokens": inp, "total_tokens": inp}
+    return {}
+
+
+def batch_usage(tokens: tuple[int, int, int]) -> dict[str, Any]:
+    """Usage in the responses / Batch ``usage`` shape."""
+    inp, cached, out = tokens
+    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": inp + out}
+
+
+def usage_for(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The ``usage`` a 200 answer to ``body`` carries; see ``tokens_for`` for the rules."""
+    return usage_shape(endpoint, tokens_for(endpoint, body))
+
+
+def count_inputs(endpoint: str, body: dict[str, Any]) -> int:
+    if endpoint not in (EMBEDDINGS, MODERATIONS):
+        return 1
+    value = body.get("input")
+    # A list of ints is one tokenised input; a list of strings/lists is many.
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        return len(value)
+    return 1
+
+
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count()
+
+
+def _hex(n: int = 12) -> str:
+    """An opaque id suffix, unique in this process (a counter: urandom per line is slow)."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):0{2 * n - 12}x}"
+
+
+def success_body(endpoint: str, plan: LinePlan) -> dict[str, Any]:
+    """A realistic 200 body for the endpoint."""
+    now = int(time.time())
+    usage = usage_shape(endpoint, plan.tokens)
+    text = f"Emulated reply to {plan.custom_id}."
+    if endpoint == CHAT:
+        return {"id": f"chatcmpl-{_hex()}", "object": "chat.completion", "created": now,
+                "model": plan.model,
+                "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": text,
+                                         "refusal": None}}],
+                "usage": usage, "system_fingerprint": "fp_emulator"}
+    if endpoint == EMBEDDINGS:
+        vector = [round(0.1 * (i + 1), 3) for i in range(_EMBEDDING_DIMS)]
+        return {"object": "list", "model": plan.model, "usage": usage,
+                "data": [{"object": "embedding", "index": i, "embedding": vector}
+                         for i in range(plan.n_inputs)]}
+    if endpoint == RESPONSES:
+        return {"id": f"resp_{_hex()}", "object": "response", "created_at": now,
+                "status": "completed", "model": plan.model, "error": None,
+                "incomplete_details": None,
+                "output": [{"type": "message", "id": f"msg_{_hex()}", "status": "completed",
+                            "role": "assistant",
+                            "content": [{"type": "output_text", "text": text,
+                                         "annotations": []}]}],
+                "usage": usage}
+    if endpoint == COMPLETIONS:
+        return {"id": f"cmpl-{_hex()}", "object": "text_completion", "created": now,
+                "model": plan.model, "usage": usage,
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": "stop"}]}
+    if endpoint == MODERATIONS:
+        return {"id": f"modr-{_hex()}", "model": plan.model,
+                "results": [{"flagged": False, "categories": {"violence": False},
+                             "category_scores": {"violence": 0.0001}}
+                            for _ in range(plan.n_inputs)]}
+    return {"created": now, "data": []}
+
+
+def error_body(outcome: str, model: str) -> tuple[int, dict[str, Any]]:
+    """(status, ``{"error": {...}}``) for an http_* / insufficient_quota outcome."""
+    status, type_, param, code, message = HTTP_ERRORS[outcome]
+    return status, {"error": {"message": message.format(model=model), "type": type_,
+                              "param": param, "code": code}}
+
+
+def _line(custom_id: str, response: dict[str, Any] | None,
+          error: dict[str, Any] | None) -> bytes:
+    return orjson.dumps({"id": f"batch_req_{_hex(16)}", "custom_id": custom_id,
+                         "response": response, "error": error})
+
+
+def ran_lines(endpoint: str, plan: LinePlan) -> tuple[list[bytes], list[bytes]]:
+    """(output lines, error lines) for a line that ran."""
+    outcome = plan.outcome
+    if outcome == "missing":
+        return [], []
+    if outcome == "malformed":
+        return [b'{"id": "batch_req_' + _hex().encode() + b'", "custom_id": "'
+                + plan.custom_id.encode() + b'", "response": {"status_co'], []
+    if outcome in NEVER_RAN_MESSAGES:
+        return [], [never_ran_line(plan.custom_id, outcome)]
+    if outcome in HTTP_ERRORS:
+        status, body = error_body(outcome, plan.model)
+        return [], [_line(plan.custom_id, {"status_code": status, "request_id": _hex(16),
+                                           "body": body}, None)]
+    line = _line(plan.custom_id, {"status_code": 200, "request_id": _hex(16),
+                                  "body": success_body(endpoint, plan)}, None)
+    return ([line, line] if outcome == "duplicate" else [line]), []
+
+
+def never_ran_line(custom_id: str, code: str) -> bytes:
+    return _line(custom_id, None, {"code": code, "message": NEVER_RAN_MESSAGES[code]})
+
+
+def parse_marker(marker: Any) -> tuple[str, int | None] | None:
+    """``"http_500"`` → ("http_500", None); ``"http_500*2"`` → ("http_500", 2)."""
+    if not isinstance(marker, str):
+        return None
+    name, star, count = marker.partition("*")
+    if star:
+        try:
+            return name, int(count)
+        except ValueError:
+            return name, None
+    return name, None

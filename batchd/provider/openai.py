@@ -1,0 +1,216 @@
+"""The provider port on the official ``openai`` SDK (``AsyncOpenAI``).
+
+The SDK does the HTTP and its own bounded retries; this adapter only shapes
+calls (streamed downloads, no-retry cancel) and turns every failure into a
+``ProviderError`` that says whether trying again makes sense.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import openai
+import orjson
+from openai.types import Batch, FileObject
+
+from batchd.errors import ProviderError, TruncatedFileError
+from batchd.provider.base import RemoteBatch, RemoteFile
+
+_Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings",
+                    "/v1/completions", "/v1/moderations", "/v1/images/generations",
+                    "/v1/images/edits", "/v1/videos"]
+_RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+
+class OpenAIProvider:
+    def __init__(self, api_key: str, base_url: str | None = None, *, timeout: float = 120.0,
+                 max_retries: int = 2) -> None:
+        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout,
+                                          max_retries=max_retries)
+        # A 409 on cancel means "already terminal"; the SDK would retry it twice.
+        self._no_retry = self._client.with_options(max_retries=0)
+
+    async def upload_file(self, path: Path, filename: str) -> RemoteFile:
+        # A (name, open file) tuple reaches the multipart encoder as is, which reads
+        # it in 64 KiB chunks and seeks back to 0 on a retry; a Path would be read
+        # into memory whole.
+        handle = await asyncio.to_thread(path.open, "rb")
+        try:
+            with _translated("upload_file"):
+                obj = await self._client.files.create(file=(filename, handle), purpose="batch")
+        finally:
+            handle.close()
+        return _file(obj)
+
+    async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
+                           metadata: dict[str, str]) -> RemoteBatch:
+        with _translated("create_batch"):
+            obj = await self._client.batches.create(
+                input_file_id=input_file_id, endpoint=cast(_Endpoint, endpoint),
+                completion_window=cast(Literal["24h"], completion_window), metadata=metadata)
+        return _batch(obj, "create_batch")
+
+    async def get_batch(self, batch_id: str) -> RemoteBatch:
+        with _translated("get_batch"):
+            obj = await self._client.batches.retrieve(batch_id)
+        return _batch(obj, "get_batch")
+
+    async def cancel_batch(self, batch_id: str) -> RemoteBatch:
+        try:
+            with _translated("cancel_batch"):
+                obj = await self._no_retry.batches.cancel(batch_id)
+        except ProviderError as exc:
+            if exc.status == 409:
+                return await self.get_batch(batch_id)
+            raise
+        return _batch(obj, "cancel_batch")
+
+    async def list_batches(self, page_size: int = 100) -> AsyncIterator[RemoteBatch]:
+        with _translated("list_batches"):
+            async for obj in self._client.batches.list(limit=page_size):
+                yield _batch(obj, "list_batches")
+
+    async def list_files(self, purpose: str = "batch") -> AsyncIterator[RemoteFile]:
+        with _translated("list_files"):
+            async for obj in self._client.files.list(purpose=purpose, order="desc"):
+                yield _file(obj)
+
+    async def download_file(self, file_id: str, dest: Path) -> int:
+        written = 0
+        tail = bytearray()  # the bytes after the last newline seen so far
+        with _translated("download_file"):
+            async with self._client.files.with_streaming_response.content(file_id) as resp:
+                encoding = resp.headers.get("content-encoding", "identity").lower()
+                length = resp.headers.get("content-length")
+                expected = int(length) if length and encoding == "identity" else None
+                chunks = resp.iter_bytes().__aiter__()
+                out = await asyncio.to_thread(dest.open, "wb")
+                try:
+                    while True:
+                        try:
+                            chunk = await chunks.__anext__()
+                        except StopAsyncIteration:
+                            break
+                        except Exception as exc:
+                            # A cut stream surfaces as the transport's own exception
+                            # (httpx2), which the SDK neither wraps nor retries.
+                            raise TruncatedFileError(
+                                f"The download of {file_id} broke off after {written} bytes "
+                                f"({type(exc).__name__}); download it again.",
+                                operation="download_file", retryable=True) from exc
+                        out.write(chunk)
+                        written += len(chunk)
+                        cut = chunk.rfind(b"\n")
+                        if cut < 0:
+                            tail += chunk
+                        else:
+                            tail[:] = chunk[cut + 1:]
+                finally:
+                    out.close()
+        if expected is not None and written != expected:
+            raise TruncatedFileError(
+                f"The download of {file_id} gave {written} of {expected} bytes; "
+                "download it again.", operation="download_file", retryable=True)
+        if tail.strip() and not _parses(bytes(tail)):
+            raise TruncatedFileError(
+                f"The download of {file_id} ends in the middle of a line; download it again.",
+                operation="download_file", retryable=True)
+        return written
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+@contextmanager
+def _translated(operation: str) -> Iterator[None]:
+    """Re-raise SDK and decoding failures as ``ProviderError``."""
+    try:
+        yield
+    except openai.APIStatusError as exc:
+        raise _status_error(operation, exc) from exc
+    except openai.APITimeoutError as exc:
+        raise ProviderError(f"{operation}: the provider did not answer in time; retry later.",
+                            operation=operation) from exc
+    except openai.APIConnectionError as exc:
+        raise ProviderError(f"{operation}: could not reach the provider ({exc.message}); "
+                            "retry later.", operation=operation) from exc
+    except (json.JSONDecodeError, orjson.JSONDecodeError) as exc:
+        raise ProviderError(f"{operation}: the provider answered with invalid JSON; "
+                            "retry later.", operation=operation) from exc
+
+
+def _status_error(operation: str, exc: openai.APIStatusError) -> ProviderError:
+    status = exc.status_code
+    code = exc.code if isinstance(exc.code, str) else None
+    headers = exc.response.headers
+    retryable = status in _RETRYABLE_STATUS or status >= 500
+    # The provider's explicit verdict wins over the status class, as in the SDK.
+    verdict = headers.get("x-should-retry", "").lower()
+    if verdict in ("true", "false"):
+        retryable = verdict == "true"
+    if code == "insufficient_quota":
+        retryable = False  # retrying spends nothing but time until someone pays
+    advice = "retry later" if retryable else "fix the request or the account; do not retry"
+    message = str(exc.body.get("message")) if isinstance(exc.body, dict) else exc.message
+    return ProviderError(
+        f"{operation}: the provider answered HTTP {status}"
+        f"{f' ({code})' if code else ''}: {message[:300]}; {advice}.",
+        operation=operation, status=status, code=code, retryable=retryable,
+        retry_after=_retry_after(headers))
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or HTTP-date)."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _file(obj: FileObject) -> RemoteFile:
+    return RemoteFile(id=obj.id, filename=obj.filename, bytes=obj.bytes, purpose=obj.purpose,
+                      created_at=obj.created_at)
+
+
+def _batch(obj: Batch, operation: str) -> RemoteBatch:
+    # The SDK parses leniently: a missing id or status arrives as None, not an error.
+    if not isinstance(obj.id, str) or not isinstance(obj.status, str):
+        raise ProviderError(f"{operation}: the provider returned a batch without an id or "
+                            "status; retry later.", operation=operation)
+    errors = [e.model_dump() for e in obj.errors.data] if obj.errors and obj.errors.data else []
+    return RemoteBatch(
+        id=obj.id, status=obj.status, endpoint=obj.endpoint,
+        input_file_id=obj.input_file_id, created_at=obj.created_at,
+        output_file_id=obj.output_file_id, error_file_id=obj.error_file_id, errors=errors,
+        request_counts=obj.request_counts.model_dump() if obj.request_counts else None,
+        usage=obj.usage.model_dump() if obj.usage else None,
+        metadata=dict(obj.metadata) if obj.metadata else None, model=obj.model)
