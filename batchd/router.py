@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics
 from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
+from batchd.faults import crash_point
 from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
 from batchd.provider.base import RemoteBatch
 from batchd.store import repo
@@ -92,6 +93,7 @@ class Router:
                 WHERE batch_id = :bid AND state = 'succeeded'"""), {"bid": batch_id})
             for (seconds,) in latencies:
                 metrics.TASK_LATENCY.observe(float(seconds))
+        crash_point("after_route")
         self._record_metrics(model, remote.status, summary)
         log.info("batch.routed", batch_id=batch_id, provider_batch_id=remote.id,
                  status=remote.status, succeeded=summary.succeeded, retried=summary.retried,
@@ -142,6 +144,7 @@ class Router:
         if not ok.custom_ids:
             return
         stored = await repo.store_successes(conn, batch_id, ok)
+        crash_point("mid_route")
         for i, cid in enumerate(ok.custom_ids):
             if cid in stored:
                 stored.discard(cid)  # a duplicate line in the same chunk counts once

@@ -33,6 +33,7 @@ from batchd.archive import Archive
 from batchd.config import Settings
 from batchd.domain import FlushReason, flush_reason, input_line
 from batchd.errors import ProviderError
+from batchd.faults import crash_point
 from batchd.prices import PriceTable, Tokens, cost
 from batchd.provider.base import Provider, RemoteBatch
 from batchd.store import repo
@@ -206,6 +207,7 @@ class Scheduler:
         async with self.engine.begin() as conn:
             await repo.set_batch(conn, p.batch_id, state="uploading",
                                  submit_attempts=p.submit_attempts + 1)
+        crash_point("after_claim")
         try:
             if p.submit_attempts > 0:
                 found = await self._find_remote(p)
@@ -217,10 +219,12 @@ class Scheduler:
             self._count("upload", "200")
             async with self.engine.begin() as conn:
                 await repo.set_batch(conn, p.batch_id, input_file_id=remote_file.id)
+            crash_point("after_upload")
             remote = await self.provider.create_batch(
                 remote_file.id, p.endpoint, self.settings.completion_window,
                 {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
             self._count("create", "200")
+            crash_point("after_create")
         except ProviderError as exc:
             await self._send_failed(p, exc)
             return
