@@ -135,7 +135,8 @@ class Scheduler:
                 w.count, age, s.window_seconds, s.max_batch_items)
             if reason is None or w.model in held_models:
                 continue
-            if self._held.get((w.endpoint, w.model), datetime.min.replace(tzinfo=UTC)) > w.now:
+            held_until = self._held.get((w.endpoint, w.model))
+            if held_until is not None and held_until > self.clock():
                 continue
             pending = await self._claim(w.endpoint, w.model, reason)
             if pending is not None:

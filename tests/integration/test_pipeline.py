@@ -125,6 +125,7 @@ async def test_always_retryable_task_fails_after_exactly_three_attempts(
         assert task["last_error"]["status"] == 503
         assert h.emulator.submissions["doomed"] == 3
         status, page = await h.get("/v1/failed")
+        assert status == 200
         assert [r["custom_id"] for r in page["failed"]] == ["doomed"]
 
 
