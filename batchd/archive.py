@@ -66,6 +66,17 @@ class Archive:
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
         os.replace(tmp, manifest)
 
+    def leftovers(self) -> list[tuple[str, str, Path]]:
+        """Spool files a crash left behind: (batch_id, kind, path)."""
+        if not self.spool.exists():
+            return []
+        found = []
+        for path in self.spool.glob("*.jsonl"):
+            batch_id, _, kind = path.stem.partition(".")
+            if kind in ("input", "output", "error"):
+                found.append((batch_id, kind, path))
+        return found
+
     def find(self, batch_id: str, kind: str) -> Path | None:
         """The archived file of a batch, whatever its day."""
         if not self.root.exists():

@@ -70,6 +70,7 @@ class Router:
         self.engine = engine
         self.prices = prices
         self.backoff = backoff
+        self._flagged: set[str] = set()
 
     async def route(self, batch_id: str, model: str, remote: RemoteBatch,
                     files: list[Path]) -> RouteSummary:
@@ -104,6 +105,11 @@ class Router:
     async def _route_file(self, conn: AsyncConnection, batch_id: str, model: str, path: Path,
                           summary: RouteSummary) -> None:
         price = self.prices.lookup(model)
+        if not price.known and model not in self._flagged:
+            self._flagged.add(model)
+            log.warning("prices.unknown_model", model=model,
+                        rule="priced as the table's most expensive model",
+                        prices_as_of=self.prices.as_of)
         ok = repo.SuccessRows.empty()
         ok_tokens: list[Tokens] = []
         bad_ids: list[str] = []

@@ -142,6 +142,7 @@ class Service:
         return runner
 
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
+        await self.sweep_spool()
         runner = await self.start_api()
         log.info("service.started", host=self.settings.http_host, port=self.port,
                  owner=self.owner, window_seconds=self.settings.window_seconds,
@@ -173,6 +174,27 @@ class Service:
         await self.api.ingest.close()
         await asyncio.wait_for(self.provider.close(), max(0.1, deadline - time.monotonic()))
         log.info("service.stopped", cancelled_loops=[t.get_name() for t in pending])
+
+    async def sweep_spool(self) -> None:
+        """Archive files a crash left in the spool once their batch is past
+        the step that wrote them; the rest are rebuilt by the normal flow."""
+        for batch_id, kind, path in self.archive.leftovers():
+            try:
+                async with self.engine.connect() as conn:
+                    row = (await conn.execute(text(
+                        "SELECT state, spend_day, provider_batch_id FROM batches WHERE id = :id"),
+                        {"id": batch_id})).first()
+                done = row is not None and (
+                    row.state == "routed" or (kind == "input" and row.state == "submitted"))
+                if done and row is not None:
+                    await self.archive.keep(path, row.spend_day, batch_id, kind,
+                                            {"provider_batch_id": row.provider_batch_id,
+                                             "recovered": True})
+                    path.unlink(missing_ok=True)
+                    log.info("archive.recovered", batch_id=batch_id, kind=kind)
+            except Exception as exc:
+                log.warning("archive.recover_failed", batch_id=batch_id, kind=kind,
+                            error=type(exc).__name__)
 
     async def _release_claims(self) -> None:
         """Hand our leases back so another replica need not wait them out."""

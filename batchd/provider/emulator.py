@@ -176,6 +176,10 @@ class _Fault:
     remaining: int
 
 
+_REQUEST_ID = web.RequestKey("request_id", str)
+_DOWNLOAD_FAULT = web.RequestKey("download_fault", _Fault)
+
+
 class Emulator:
     def __init__(self, api_key: str = "test-key", *, validating_seconds: float = 0,
                  in_progress_seconds: float = 0, finalizing_seconds: float = 0,
@@ -277,7 +281,7 @@ class Emulator:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         request_id = f"req_{uuid.uuid4().hex}"
-        request["request_id"] = request_id
+        request[_REQUEST_ID] = request_id
         name = request.match_info.route.name
         route = "sync" if name and name.startswith("sync_") else name
         if route:
@@ -356,7 +360,7 @@ class Emulator:
             return await handler(request)
         if kind in ("truncate", "slow"):
             if request.match_info.route.name == "download":
-                request["download_fault"] = fault
+                request[_DOWNLOAD_FAULT] = fault
                 return await handler(request)
             return await _truncated(request, await handler(request))
         # The remaining faults do the work first: the server committed, the client
@@ -440,9 +444,9 @@ class Emulator:
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
         data = self._file(request.match_info["id"]).data
-        fault: _Fault | None = request.get("download_fault")
+        fault = request.get(_DOWNLOAD_FAULT)
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                           "x-request-id": request["request_id"]})
+                                           "x-request-id": request[_REQUEST_ID]})
         if fault is not None and fault.kind == "truncate":
             mode = fault.params.get("mode", "content_length")
             cut = int(len(data) * float(fault.params.get("fraction", 0.5)))
@@ -813,7 +817,7 @@ async def _truncated(request: web.Request, resp: web.StreamResponse) -> web.Stre
         return resp
     body = resp.body
     out = web.StreamResponse(status=resp.status, headers={
-        "Content-Type": resp.content_type, "x-request-id": request["request_id"]})
+        "Content-Type": resp.content_type, "x-request-id": request[_REQUEST_ID]})
     out.content_length = len(body)
     await out.prepare(request)
     await out.write(body[: len(body) // 2])
