@@ -69,8 +69,6 @@ class Poller:
             try:
                 return await self.check(batch)
             except ProviderError as exc:
-                metrics.PROVIDER_REQUESTS.labels(operation=exc.operation,
-                                                 code=str(exc.status or "error")).inc()
                 delay = exc.retry_after or self.settings.poll_interval_seconds
                 log.warning("batch.check_failed", batch_id=batch["id"], operation=exc.operation,
                             status=exc.status, code=exc.code, retry_in=delay)
@@ -84,7 +82,6 @@ class Poller:
 
     async def check(self, batch: dict[str, Any]) -> bool:
         remote = await self.provider.get_batch(batch["provider_batch_id"])
-        metrics.PROVIDER_REQUESTS.labels(operation="retrieve", code="200").inc()
         if not remote.terminal:
             async with self.engine.begin() as conn:
                 await repo.set_batch(
@@ -109,6 +106,5 @@ class Poller:
                 continue
             path = self.archive.spool_path(batch_id, kind)
             await self.provider.download_file(file_id, path)
-            metrics.PROVIDER_REQUESTS.labels(operation="download", code="200").inc()
             files.append((kind, path))
         return files

@@ -217,14 +217,12 @@ class Scheduler:
                     return
             path = await self._write_input(p)
             remote_file = await self.provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
-            self._count("upload", "200")
             async with self.engine.begin() as conn:
                 await repo.set_batch(conn, p.batch_id, input_file_id=remote_file.id)
             crash_point("after_upload")
             remote = await self.provider.create_batch(
                 remote_file.id, p.endpoint, self.settings.completion_window,
                 {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
-            self._count("create", "200")
             crash_point("after_create")
         except ProviderError as exc:
             await self._send_failed(p, exc)
@@ -254,7 +252,6 @@ class Scheduler:
                 break
             if (remote.metadata or {}).get("batchd_batch_id") == p.batch_id:
                 matches.append(remote)
-        self._count("list_batches", "200")
         if not matches:
             return None
         # Duplicates can only come from retried creates: keep the oldest,
@@ -275,7 +272,6 @@ class Scheduler:
                  adopted=adopted, endpoint=p.endpoint, model=p.model)
 
     async def _send_failed(self, p: Pending, exc: ProviderError) -> None:
-        self._count(exc.operation, str(exc.status or "error"))
         unrecoverable = (
             not exc.retryable and exc.status in _UNRECOVERABLE_CREATE
             and exc.code != "insufficient_quota"
@@ -302,9 +298,6 @@ class Scheduler:
     async def _retry_later(self, p: Pending, delay: float) -> None:
         async with self.engine.begin() as conn:
             await repo.release_batch(conn, p.batch_id, delay)
-
-    def _count(self, operation: str, code: str) -> None:
-        metrics.PROVIDER_REQUESTS.labels(operation=operation, code=code).inc()
 
     @staticmethod
     def _pending(row: dict[str, Any]) -> Pending:

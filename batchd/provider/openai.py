@@ -20,6 +20,7 @@ import openai
 import orjson
 from openai.types import Batch, FileObject
 
+from batchd import metrics
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.provider.base import RemoteBatch, RemoteFile
 
@@ -34,7 +35,8 @@ class OpenAIProvider:
                  max_retries: int = 2) -> None:
         self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout,
                                           max_retries=max_retries)
-        # A 409 on cancel means "already terminal"; the SDK would retry it twice.
+        # For cancel (a 409 means "already terminal"; the SDK would retry it
+        # twice) and create (see create_batch).
         self._no_retry = self._client.with_options(max_retries=0)
 
     async def upload_file(self, path: Path, filename: str) -> RemoteFile:
@@ -51,8 +53,11 @@ class OpenAIProvider:
 
     async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
                            metadata: dict[str, str]) -> RemoteBatch:
+        # No SDK retries here: the SDK would resend POST /batches with no
+        # idempotency key after a timeout or 5xx and could create a second,
+        # paid batch. The scheduler decides, after looking for our metadata.
         with _translated("create_batch"):
-            obj = await self._client.batches.create(
+            obj = await self._no_retry.batches.create(
                 input_file_id=input_file_id, endpoint=cast(_Endpoint, endpoint),
                 completion_window=cast(Literal["24h"], completion_window), metadata=metadata)
         return _batch(obj, "create_batch")
@@ -114,14 +119,14 @@ class OpenAIProvider:
                             tail[:] = chunk[cut + 1:]
                 finally:
                     out.close()
-        if expected is not None and written != expected:
-            raise TruncatedFileError(
-                f"The download of {file_id} gave {written} of {expected} bytes; "
-                "download it again.", operation="download_file", retryable=True)
-        if tail.strip() and not _parses(bytes(tail)):
-            raise TruncatedFileError(
-                f"The download of {file_id} ends in the middle of a line; download it again.",
-                operation="download_file", retryable=True)
+            if expected is not None and written != expected:
+                raise TruncatedFileError(
+                    f"The download of {file_id} gave {written} of {expected} bytes; "
+                    "download it again.", operation="download_file", retryable=True)
+            if tail.strip() and not _parses(bytes(tail)):
+                raise TruncatedFileError(
+                    f"The download of {file_id} ends in the middle of a line; download it again.",
+                    operation="download_file", retryable=True)
         return written
 
     async def close(self) -> None:
@@ -138,20 +143,33 @@ def _parses(line: bytes) -> bool:
 
 @contextmanager
 def _translated(operation: str) -> Iterator[None]:
-    """Re-raise SDK and decoding failures as ``ProviderError``."""
+    """Re-raise SDK and decoding failures as ``ProviderError``, counting each call
+    in ``batchd_provider_requests_total`` (code ``error`` when nothing answered)."""
     try:
         yield
     except openai.APIStatusError as exc:
+        _count(operation, str(exc.status_code))
         raise _status_error(operation, exc) from exc
     except openai.APITimeoutError as exc:
+        _count(operation, "error")
         raise ProviderError(f"{operation}: the provider did not answer in time; retry later.",
                             operation=operation) from exc
     except openai.APIConnectionError as exc:
+        _count(operation, "error")
         raise ProviderError(f"{operation}: could not reach the provider ({exc.message}); "
                             "retry later.", operation=operation) from exc
     except (json.JSONDecodeError, orjson.JSONDecodeError) as exc:
+        _count(operation, "error")
         raise ProviderError(f"{operation}: the provider answered with invalid JSON; "
                             "retry later.", operation=operation) from exc
+    except TruncatedFileError:
+        _count(operation, "error")
+        raise
+    _count(operation, "200")
+
+
+def _count(operation: str, code: str) -> None:
+    metrics.PROVIDER_REQUESTS.labels(operation=operation, code=code).inc()
 
 
 def _status_error(operation: str, exc: openai.APIStatusError) -> ProviderError:
