@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -72,6 +73,14 @@ class TaskIn:
     line_bytes: int
     est_input_tokens: int
     est_output_tokens: int
+    # Routing asked for by the caller (lane, deadline, latency profile) and
+    # decided at ingest by ``place`` (lane, not_before, fallback_at).
+    requested_lane: str | None = None
+    deadline: datetime | None = None
+    profile: str | None = None
+    lane: str = "batch"
+    backdate_seconds: float = 0.0
+    fallback_at: datetime | None = None
 
 
 def input_line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
@@ -113,7 +122,8 @@ def parse_task(obj: Any, index: int) -> TaskIn:
         raise InvalidTask(index, None, "custom_id", "is required and must be a non-empty string")
     if len(cid) > MAX_CUSTOM_ID:
         raise InvalidTask(index, cid[:40], "custom_id", f"must be at most {MAX_CUSTOM_ID} chars")
-    unknown = set(obj) - {"custom_id", "body", "endpoint", "metadata", "method", "url"}
+    unknown = set(obj) - {"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
+                          "deadline"}
     if unknown:
         raise InvalidTask(index, cid, sorted(unknown)[0], "is not a known task field")
     endpoint = obj.get("endpoint", obj.get("url", DEFAULT_ENDPOINT))
@@ -133,6 +143,14 @@ def parse_task(obj: Any, index: int) -> TaskIn:
     metadata = obj.get("metadata")
     if metadata is not None:
         _check_metadata(metadata, index, cid)
+    lane = obj.get("lane")
+    if lane is not None and lane not in LANES:
+        raise InvalidTask(index, cid, "lane", 'must be "batch" or "sync"')
+    deadline = _parse_deadline(obj.get("deadline"), index, cid)
+    profile = (metadata or {}).get(PROFILE_KEY)
+    if profile is not None and profile not in PROFILES:
+        raise InvalidTask(index, cid, f"metadata.{PROFILE_KEY}",
+                          f"must be one of {', '.join(PROFILES)}")
     line = input_line(cid, endpoint, body)
     body_bytes = len(line) - len(cid) - len(endpoint) - 40
     est_in, est_out = estimate_tokens(endpoint, body, body_bytes)
@@ -146,7 +164,91 @@ def parse_task(obj: Any, index: int) -> TaskIn:
         line_bytes=len(line),
         est_input_tokens=est_in,
         est_output_tokens=est_out,
+        requested_lane=lane,
+        deadline=deadline,
+        profile=profile,
     )
+
+
+def _parse_deadline(raw: Any, index: int, cid: str) -> datetime | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp string")
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp "
+                          "such as 2026-11-23T18:00:00Z") from None
+    if when.tzinfo is None:
+        raise InvalidTask(index, cid, "deadline", "must carry a time zone (Z or +hh:mm)")
+    return when
+
+
+# ---------------------------------------------------------------- lanes
+
+LANES = ("batch", "sync")
+PROVIDER_COMPLETION = timedelta(hours=24)
+PROFILE_KEY = "latency_profile"
+# How long before a tolerance (or deadline) runs out a task still waiting on a
+# batch is moved to the synchronous lane, so the synchronous call can finish.
+SYNC_MARGIN = timedelta(minutes=10)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A workload's latency tolerance: its window, and what happens when a
+    batch has not answered by ``tolerance - SYNC_MARGIN``."""
+
+    window_seconds: float | None  # None: BATCHD_WINDOW_SECONDS
+    tolerance: timedelta
+    fallback: str  # "sync": call synchronously; "resubmit": let expiry retry it
+
+
+PROFILES: dict[str, Profile] = {
+    "1h": Profile(300, timedelta(hours=1), "sync"),
+    "6h": Profile(900, timedelta(hours=6), "sync"),
+    "24h": Profile(None, timedelta(hours=24), "resubmit"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    lane: str
+    reason: str  # requested | deadline | canary | batch
+    # not_before = the database's now() minus this: a short-window profile
+    # makes its task look older, so its window flushes sooner.
+    backdate_seconds: float
+    fallback_at: datetime | None  # when to give up on the batch and call it sync
+
+
+def canary_bucket(custom_id: str) -> int:
+    """A stable 0-99 bucket per custom_id (same task, same lane, any replica)."""
+    return int.from_bytes(hashlib.sha256(custom_id.encode()).digest()[:8], "big") % 100
+
+
+def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) -> Placement:
+    """Which lane a task takes, and when it may join a window.
+
+    A window's age is measured from its oldest ``not_before``; a profile with a
+    shorter window than the global one back-dates ``not_before`` by the
+    difference, so its tasks flush on their own schedule without a window key
+    of their own.
+    """
+    if task.requested_lane == "sync":
+        return Placement("sync", "requested", 0.0, None)
+    profile = PROFILES.get(task.profile or "")
+    window = profile.window_seconds if profile and profile.window_seconds else window_seconds
+    if task.deadline is not None and task.deadline < now + timedelta(
+            seconds=window) + PROVIDER_COMPLETION:
+        return Placement("sync", "deadline", 0.0, None)
+    if task.requested_lane != "batch" and canary_bucket(task.custom_id) >= batch_share:
+        return Placement("sync", "canary", 0.0, None)
+    limits = [task.deadline] if task.deadline else []
+    if profile and profile.fallback == "sync":
+        limits.append(now + profile.tolerance)
+    fallback_at = min(limits) - SYNC_MARGIN if limits else None
+    return Placement("batch", "batch", max(0.0, window_seconds - window), fallback_at)
 
 
 def _check_metadata(metadata: Any, index: int, cid: str) -> None:

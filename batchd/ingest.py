@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
-from batchd.domain import InvalidTask, TaskIn, parse_task
+from batchd.domain import InvalidTask, TaskIn, parse_task, place
 from batchd.store import repo
 
 log = logs.get("batchd.ingest")
@@ -109,8 +111,12 @@ class Ingest:
 
     def __init__(self, engine: AsyncEngine, *, max_tasks: int = 10_000,
                  max_line_bytes: int = 200 * 1024 * 1024, group_tasks: int = 2000,
-                 writers: int = 2) -> None:
+                 writers: int = 2, window_seconds: float = 900, batch_share: int = 100,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.engine = engine
+        self.window_seconds = window_seconds
+        self.batch_share = batch_share
+        self.clock = clock
         self.max_tasks = max_tasks
         self.max_line_bytes = max_line_bytes
         self.group_tasks = group_tasks
@@ -119,7 +125,7 @@ class Ingest:
         self._writer_tasks: list[asyncio.Task[None]] = []
 
     async def submit(self, items: list[Any]) -> Accepted:
-        tasks = validate(items, self.max_tasks, self.max_line_bytes)
+        tasks = self._placed(validate(items, self.max_tasks, self.max_line_bytes))
         if len(tasks) >= self.group_tasks:
             result = await self._store_alone(tasks)
         else:
@@ -135,6 +141,16 @@ class Ingest:
         states += [{"custom_id": cid, "state": st} for cid, st in result.duplicates.items()]
         n_dupes = len(result.duplicates) + (len(items) - len(tasks))
         return Accepted(len(result.inserted), n_dupes, states)
+
+    def _placed(self, tasks: list[TaskIn]) -> list[TaskIn]:
+        """Decide each task's lane (domain.place) before it is stored."""
+        now = self.clock()
+        placed = []
+        for t in tasks:
+            p = place(t, now, self.window_seconds, self.batch_share)
+            placed.append(replace(t, lane=p.lane, backdate_seconds=p.backdate_seconds,
+                                  fallback_at=p.fallback_at))
+        return placed
 
     async def close(self) -> None:
         for task in self._writer_tasks:

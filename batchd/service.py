@@ -33,6 +33,7 @@ from batchd.scheduler import Clock, Scheduler, utc_now
 from batchd.store import repo
 from batchd.store.engine import make_engine, resolve_url
 from batchd.store.repo import Backoff
+from batchd.sync_lane import SyncLane
 from batchd.web import ApiState, build_app
 
 log = logs.get("batchd.service")
@@ -118,10 +119,13 @@ class Service:
         self.scheduler = Scheduler(engine, provider, settings, self.prices, self.archive,
                                    self.owner, clock)
         self.poller = Poller(engine, provider, self.router, settings, self.archive, self.owner)
+        self.sync_lane = SyncLane(engine, provider, settings, self.prices)
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.api = ApiState(
             engine=engine,
-            ingest=Ingest(engine, max_line_bytes=settings.max_file_bytes),
+            ingest=Ingest(engine, max_line_bytes=settings.max_file_bytes,
+                          window_seconds=settings.window_seconds,
+                          batch_share=settings.batch_share, clock=clock),
             replayer=Replayer(engine), reporter=self.reporter, tokens=settings.tokens,
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks)
@@ -150,6 +154,7 @@ class Service:
         loops_stop = asyncio.Event()
         loops = [asyncio.create_task(body(loops_stop), name=name) for name, body in (
             ("scheduler", self.scheduler.run), ("poller", self.poller.run),
+            ("sync_lane", self.sync_lane.run),
             ("snapshot", self._snapshots), ("daily", self._daily_report))]
         if started is not None:
             started.set()

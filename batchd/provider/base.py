@@ -71,6 +71,12 @@ class Provider(Protocol):
     def list_files(self, purpose: str = "batch") -> AsyncIterator[RemoteFile]:
         """Files of a purpose, newest first."""
 
+    async def call_sync(self, endpoint: str, body: dict[str, Any], custom_id: str
+                        ) -> tuple[int, Any]:
+        """One synchronous API call: (HTTP status, parsed body). An HTTP error is
+        returned, not raised, so it is classified like a batch line; only a
+        call that got no answer raises ``ProviderError``."""
+
     async def download_file(self, file_id: str, dest: Path) -> int:
         """Stream a file's content to ``dest``; return the bytes written."""
 

@@ -34,7 +34,6 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -58,6 +57,28 @@ from batchd.provider.emulator_lines import (
     tokens_for,
     usage_for,
 )
+from batchd.provider.emulator_wire import (
+    CHUNK,
+    DOWNLOAD_FAULT,
+    FILE_TTL,
+    REQUEST_ID,
+    ApiError,
+    EmulatedBatch,
+    Fault,
+    StoredFile,
+    UploadedFile,
+    abort_connection,
+    check_metadata,
+    envelope,
+    expiry_seconds,
+    fault_response,
+    ids_after,
+    json_body,
+    json_response,
+    list_page,
+    page_limit,
+    send_truncated,
+)
 
 __all__ = ["OUTCOMES", "EmulatedBatch", "Emulator", "StoredFile", "UploadedFile", "main",
            "usage_for"]
@@ -69,115 +90,10 @@ FAULTS = frozenset({"http_500", "http_502_html", "http_503", "http_429", "insuff
                     "invalid_json", "truncate", "slow"})
 BATCH_SCRIPTS = frozenset({"validation_failed", "token_limit_exceeded", "expire", "cancel",
                            "stuck_finalizing"})
-_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
-_FILE_TTL = 30 * 86400
-_CHUNK = 256 * 1024
 _MAX_REPORTED_ERRORS = 1000  # a 50k-line bad file would otherwise make every GET huge
 _HANG_DEFAULT = 3600.0
-_FAULT_STATUS = {"http_500": "http_500", "http_503": "http_503", "http_429": "http_429",
-                 "insufficient_quota": "insufficient_quota"}
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class UploadedFile(bytes):
-    """The exact bytes of an upload, with the multipart filename beside them."""
-
-    filename: str
-
-    def __new__(cls, data: bytes, filename: str) -> UploadedFile:
-        obj = super().__new__(cls, data)
-        obj.filename = filename
-        return obj
-
-
-class _ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)
-
-
-def _envelope(status: int, message: str, *, type_: str = "invalid_request_error",
-              param: str | None = None, code: str | None = None,
-              headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.Response(status=status, body=orjson.dumps(body), headers=headers,
-                        content_type="application/json")
-
-
-def _json(data: Any) -> web.Response:
-    return web.Response(body=orjson.dumps(data), content_type="application/json")
-
-
-@dataclass
-class StoredFile:
-    id: str
-    filename: str
-    purpose: str
-    data: bytes
-    created_at: int
-    expires_at: int | None
-    deleted: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": len(self.data),
-                "created_at": self.created_at, "filename": self.filename,
-                "purpose": self.purpose, "status": "processed", "expires_at": self.expires_at,
-                "status_details": None}
-
-
-@dataclass
-class EmulatedBatch:
-    """One batch as the emulator sees it; the public fields mirror the wire object."""
-
-    id: str
-    endpoint: str
-    input_file_id: str
-    completion_window: str
-    metadata: dict[str, str] | None
-    created_at: int
-    status: str = "validating"
-    stamps: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(
-        ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-         "cancelling_at", "cancelled_at")))
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    errors: list[dict[str, Any]] | None = None
-    request_counts: dict[str, int] = field(
-        default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
-    model: str | None = None
-    usage: dict[str, Any] | None = None
-    lines: list[LinePlan] = field(default_factory=list)
-    # Decided at create, revealed when validation ends.
-    validation_errors: list[dict[str, Any]] = field(default_factory=list)
-    script: tuple[str, dict[str, Any]] | None = None
-    file_model: str | None = None
-    output_ttl: int = _FILE_TTL
-    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
-    deadline: float = 0.0  # loop time at which the completion window closes
-
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "batch", "endpoint": self.endpoint,
-                "errors": {"object": "list", "data": self.errors} if self.errors else None,
-                "input_file_id": self.input_file_id,
-                "completion_window": self.completion_window, "status": self.status,
-                "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
-                "created_at": self.created_at, "expires_at": self.created_at + 86400,
-                **self.stamps, "request_counts": dict(self.request_counts),
-                "metadata": self.metadata, "model": self.model, "usage": self.usage}
-
-
-@dataclass
-class _Fault:
-    kind: str
-    params: dict[str, Any]
-    remaining: int
-
-
-_REQUEST_ID = web.RequestKey("request_id", str)
-_DOWNLOAD_FAULT = web.RequestKey("download_fault", _Fault)
 
 
 class Emulator:
@@ -208,7 +124,7 @@ class Emulator:
         self.calls: collections.Counter[str] = collections.Counter()
         self._line_scripts: dict[str, collections.deque[str]] = {}
         self._batch_scripts: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
-        self._faults: dict[str, collections.deque[_Fault]] = {}
+        self._faults: dict[str, collections.deque[Fault]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -235,7 +151,7 @@ class Emulator:
             raise ValueError(f"unknown route {route!r}; known: {sorted(ROUTES)}")
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULTS)}")
-        self._faults.setdefault(route, collections.deque()).append(_Fault(fault, params, times))
+        self._faults.setdefault(route, collections.deque()).append(Fault(fault, params, times))
 
     def created_batches_by_metadata(self, key: str, value: str) -> list[EmulatedBatch]:
         return [b for b in self.batches.values() if (b.metadata or {}).get(key) == value]
@@ -281,30 +197,30 @@ class Emulator:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         request_id = f"req_{uuid.uuid4().hex}"
-        request[_REQUEST_ID] = request_id
+        request[REQUEST_ID] = request_id
         name = request.match_info.route.name
         route = "sync" if name and name.startswith("sync_") else name
         if route:
             self.calls[route] += 1
         try:
             if not self._authorized(request):
-                resp: web.StreamResponse = _envelope(
+                resp: web.StreamResponse = envelope(
                     401, "Incorrect API key provided. You can find your API key at "
                     "https://platform.openai.com/account/api-keys.", code="invalid_api_key")
             else:
                 fault = self._take_fault(route)
                 resp = await (self._apply_fault(fault, request, handler) if fault
                               else handler(request))
-        except _ApiError as exc:
-            resp = _envelope(exc.status, exc.message, type_=exc.type, param=exc.param,
-                             code=exc.code)
+        except ApiError as exc:
+            resp = envelope(exc.status, exc.message, type_=exc.type, param=exc.param,
+                            code=exc.code)
         except web.HTTPException as exc:
-            resp = _envelope(exc.status, exc.reason)
+            resp = envelope(exc.status, exc.reason)
         except ConnectionError:
             raise  # the client is gone (or a fault closed the socket): nothing to answer
         except Exception as exc:
-            resp = _envelope(500, f"Emulator error: {type(exc).__name__}: {exc}",
-                             type_="server_error")
+            resp = envelope(500, f"Emulator error: {type(exc).__name__}: {exc}",
+                            type_="server_error")
         if not resp.prepared:
             resp.headers["x-request-id"] = request_id
         return resp
@@ -314,7 +230,7 @@ class Emulator:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode(), self.api_key.encode())
 
-    def _take_fault(self, route: str | None) -> _Fault | None:
+    def _take_fault(self, route: str | None) -> Fault | None:
         queue = self._faults.get(route or "")
         if not queue:
             return None
@@ -328,48 +244,33 @@ class Emulator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), seconds)
 
-    async def _apply_fault(self, fault: _Fault, request: web.Request,
+    async def _apply_fault(self, fault: Fault, request: web.Request,
                            handler: _Handler) -> web.StreamResponse:
         kind, params = fault.kind, fault.params
-        if kind in _FAULT_STATUS or kind == "http_404":
-            headers: dict[str, str] = {}
-            if "retry_after" in params:
-                headers["retry-after"] = str(params["retry_after"])
-            if "retry_after_ms" in params:
-                headers["retry-after-ms"] = str(params["retry_after_ms"])
-            if "should_retry" in params:
-                headers["x-should-retry"] = "true" if params["should_retry"] else "false"
-            if kind == "http_404":
-                return _envelope(404, "No such object (emulated).", headers=headers)
-            status, body = error_body(_FAULT_STATUS[kind], "the model")
-            return web.Response(status=status, body=orjson.dumps(body), headers=headers,
-                                content_type="application/json")
-        if kind == "http_502_html":
-            return web.Response(status=502, content_type="text/html",
-                                text="<html><head><title>502 Bad Gateway</title></head>"
-                                     "<body><center><h1>502 Bad Gateway</h1></center>"
-                                     "</body></html>")
+        canned = fault_response(fault)
+        if canned is not None:
+            return canned
         if kind == "hang":
             await self._hang(float(params.get("seconds", _HANG_DEFAULT)))
-            return _envelope(504, "Gateway timeout (emulated hang).", type_="server_error")
+            return envelope(504, "Gateway timeout (emulated hang).", type_="server_error")
         if kind == "reset_before":
-            _abort(request)
+            abort_connection(request)
             return web.Response()
         if kind == "slow" and request.match_info.route.name != "download":
             await self._hang(float(params.get("seconds", 1.0)))
             return await handler(request)
         if kind in ("truncate", "slow"):
             if request.match_info.route.name == "download":
-                request[_DOWNLOAD_FAULT] = fault
+                request[DOWNLOAD_FAULT] = fault
                 return await handler(request)
-            return await _truncated(request, await handler(request))
+            return await send_truncated(request, await handler(request))
         # The remaining faults do the work first: the server committed, the client
         # cannot know it.
         resp = await handler(request)
         if kind == "timeout_after_commit":
             await self._hang(float(params.get("seconds", _HANG_DEFAULT)))
         elif kind == "reset_after":
-            _abort(request)
+            abort_connection(request)
         elif kind == "invalid_json":
             return web.Response(status=200, body=b'{"id": "batch_', content_type="application/json")
         return resp
@@ -387,12 +288,12 @@ class Emulator:
     def _file(self, file_id: str) -> StoredFile:
         f = self.files.get(file_id)
         if f is None or f.deleted:
-            raise _ApiError(404, f"No such File object: {file_id}", param="id")
+            raise ApiError(404, f"No such File object: {file_id}", param="id")
         return f
 
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         if not request.content_type.startswith("multipart/"):
-            raise _ApiError(400, "Uploads must be multipart/form-data.", code="invalid_value")
+            raise ApiError(400, "Uploads must be multipart/form-data.", code="invalid_value")
         fields: dict[str, str] = {}
         data: bytearray | None = None
         filename = "upload"
@@ -403,56 +304,57 @@ class Emulator:
             if part.name == "file":
                 filename = part.filename or "upload"
                 data = bytearray()
-                while chunk := await part.read_chunk(_CHUNK):
+                while chunk := await part.read_chunk(CHUNK):
                     data += chunk
             elif part.name:
                 fields[part.name] = await part.text()
         if data is None:
-            raise _ApiError(400, "Missing required parameter: 'file'.",
-                            param="file", code="missing_required_parameter")
+            raise ApiError(400, "Missing required parameter: 'file'.",
+                           param="file", code="missing_required_parameter")
         purpose = fields.get("purpose")
         if purpose not in _UPLOAD_PURPOSES:
-            raise _ApiError(400, f"Invalid value for 'purpose': {purpose!r}.",
-                            param="purpose", code="invalid_value")
-        ttl: int | None = _FILE_TTL if purpose == "batch" else None
+            raise ApiError(400, f"Invalid value for 'purpose': {purpose!r}.",
+                           param="purpose", code="invalid_value")
+        ttl: int | None = FILE_TTL if purpose == "batch" else None
         if "expires_after[seconds]" in fields:
-            ttl = _expiry_seconds(fields.get("expires_after[anchor]"),
-                                  fields["expires_after[seconds]"], "expires_after")
+            ttl = expiry_seconds(fields.get("expires_after[anchor]"),
+                                 fields["expires_after[seconds]"], "expires_after")
         f = self._new_file(filename, purpose, bytes(data), ttl)
         self.received_files[f.id] = UploadedFile(f.data, filename)
-        return _json(f.to_json())
+        return json_response(f.to_json())
 
     async def _retrieve_file(self, request: web.Request) -> web.StreamResponse:
-        return _json(self._file(request.match_info["id"]).to_json())
+        return json_response(self._file(request.match_info["id"]).to_json())
 
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         f = self._file(request.match_info["id"])
         f.deleted = True
         f.data = b""  # free memory; received_files keeps the audit copy of uploads
-        return _json({"id": f.id, "object": "file", "deleted": True})
+        return json_response({"id": f.id, "object": "file", "deleted": True})
 
     async def _list_files(self, request: web.Request) -> web.StreamResponse:
         q = request.query
-        limit = _limit(q.get("limit"), default=10_000, most=10_000)
+        limit = page_limit(q.get("limit"), default=10_000, most=10_000)
         purpose = q.get("purpose")
         ids = [f.id for f in self.files.values()
                if not f.deleted and (purpose is None or f.purpose == purpose)]
         if q.get("order", "desc") != "asc":
             ids.reverse()
-        return _json(_page([self.files[i].to_json() for i in _after(ids, q.get("after"),
-                                                                    limit + 1)], limit))
+        page = ids_after(ids, q.get("after"), limit + 1)
+        return json_response(list_page([self.files[i].to_json() for i in page], limit))
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
         data = self._file(request.match_info["id"]).data
-        fault = request.get(_DOWNLOAD_FAULT)
+        fault = request.get(DOWNLOAD_FAULT)
         resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                           "x-request-id": request[_REQUEST_ID]})
+                                           "x-request-id": request[REQUEST_ID]})
         if fault is not None and fault.kind == "truncate":
             mode = fault.params.get("mode", "content_length")
             cut = int(len(data) * float(fault.params.get("fraction", 0.5)))
             if mode == "clean":
-                # A complete HTTP response whose body ends mid-line.
-                while cut > 1 and data[cut - 1:cut] == b"\n":
+                # A complete HTTP response whose body ends mid-line: not just
+                # before or after a newline, where it would read as a whole file.
+                while cut > 1 and b"\n" in data[cut - 1:cut + 1]:
                     cut -= 1
                 resp.content_length = cut
                 await resp.prepare(request)
@@ -478,37 +380,37 @@ class Emulator:
                 await resp.write(view[i:i + step])
                 await self._hang(delay)
         else:
-            for i in range(0, len(data), _CHUNK):
-                await resp.write(view[i:i + _CHUNK])
+            for i in range(0, len(data), CHUNK):
+                await resp.write(view[i:i + CHUNK])
         await resp.write_eof()
         return resp
 
     # ---- batches ---------------------------------------------------------------------
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
-        body = await _json_body(request)
+        body = await json_body(request)
         for key in ("input_file_id", "endpoint", "completion_window"):
             if key not in body:
-                raise _ApiError(400, f"Missing required parameter: '{key}'.", param=key,
-                                code="missing_required_parameter")
+                raise ApiError(400, f"Missing required parameter: '{key}'.", param=key,
+                               code="missing_required_parameter")
         endpoint = body["endpoint"]
         if endpoint not in ENDPOINTS:
-            raise _ApiError(400, f"Invalid value for 'endpoint': {endpoint!r}. Supported "
-                            f"values are: {', '.join(sorted(ENDPOINTS))}.",
-                            param="endpoint", code="invalid_value")
+            raise ApiError(400, f"Invalid value for 'endpoint': {endpoint!r}. Supported "
+                           f"values are: {', '.join(sorted(ENDPOINTS))}.",
+                           param="endpoint", code="invalid_value")
         if body["completion_window"] != "24h":
-            raise _ApiError(400, "Invalid value for 'completion_window': only '24h' is "
-                            "supported.", param="completion_window", code="invalid_value")
-        metadata = _check_metadata(body.get("metadata"))
-        ttl = _FILE_TTL
+            raise ApiError(400, "Invalid value for 'completion_window': only '24h' is "
+                           "supported.", param="completion_window", code="invalid_value")
+        metadata = check_metadata(body.get("metadata"))
+        ttl = FILE_TTL
         if isinstance(body.get("output_expires_after"), dict):
             oea = body["output_expires_after"]
-            ttl = _expiry_seconds(oea.get("anchor"), oea.get("seconds"),
-                                  "output_expires_after")
+            ttl = expiry_seconds(oea.get("anchor"), oea.get("seconds"),
+                                 "output_expires_after")
         file_id = body["input_file_id"]
         source = self.files.get(file_id) if isinstance(file_id, str) else None
         if source is None or source.deleted or source.purpose != "batch":
-            raise _ApiError(400, f"Cannot find file {file_id}.", param="file_id")
+            raise ApiError(400, f"Cannot find file {file_id}.", param="file_id")
 
         b = EmulatedBatch(id=f"batch_{uuid.uuid4().hex}", endpoint=endpoint,
                           input_file_id=file_id, completion_window="24h", metadata=metadata,
@@ -521,30 +423,30 @@ class Emulator:
         task = asyncio.create_task(self._lifecycle(b), name=f"emulator-{b.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return _json(b.to_json())
+        return json_response(b.to_json())
 
     async def _retrieve(self, request: web.Request) -> web.StreamResponse:
-        return _json(self._batch(request.match_info["id"]).to_json())
+        return json_response(self._batch(request.match_info["id"]).to_json())
 
     def _batch(self, batch_id: str) -> EmulatedBatch:
         b = self.batches.get(batch_id)
         if b is None:
-            raise _ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
+            raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
         return b
 
     async def _list_batches(self, request: web.Request) -> web.StreamResponse:
-        limit = _limit(request.query.get("limit"), default=20, most=100)
+        limit = page_limit(request.query.get("limit"), default=20, most=100)
         ids = list(reversed(self.batches))  # insertion order is creation order
-        return _json(_page([self.batches[i].to_json()
-                            for i in _after(ids, request.query.get("after"), limit + 1)], limit))
+        page = ids_after(ids, request.query.get("after"), limit + 1)
+        return json_response(list_page([self.batches[i].to_json() for i in page], limit))
 
     async def _cancel(self, request: web.Request) -> web.StreamResponse:
         b = self._batch(request.match_info["id"])
         if b.status in ("completed", "failed", "expired"):
-            raise _ApiError(409, f"Cannot cancel a batch with status '{b.status}'.")
+            raise ApiError(409, f"Cannot cancel a batch with status '{b.status}'.")
         if b.status not in ("cancelling", "cancelled"):
             self._request_cancel(b)
-        return _json(b.to_json())
+        return json_response(b.to_json())
 
     def _request_cancel(self, b: EmulatedBatch) -> None:
         b.status = "cancelling"
@@ -774,10 +676,10 @@ class Emulator:
         nothing is counted.
         """
         endpoint = request.path
-        body = await _json_body(request)
+        body = await json_body(request)
         if body.get("stream") is True:
-            raise _ApiError(400, "The emulator does not stream; send stream=false.",
-                            param="stream", code="unsupported_value")
+            raise ApiError(400, "The emulator does not stream; send stream=false.",
+                           param="stream", code="unsupported_value")
         model = body.get("model") if isinstance(body.get("model"), str) else ""
         assert isinstance(model, str)
         if self.known_models is not None and model not in self.known_models:
@@ -795,109 +697,12 @@ class Emulator:
             return web.Response(status=status, body=orjson.dumps(err),
                                 content_type="application/json")
         if outcome in NEVER_RAN_MESSAGES or outcome == "missing":
-            return _envelope(408, "Request timed out.", type_="timeout", code="timeout")
+            return envelope(408, "Request timed out.", type_="timeout", code="timeout")
         if outcome == "malformed":
             return web.Response(body=b'{"id": "chatcmpl-', content_type="application/json")
         plan = LinePlan(str(custom_id or ""), outcome, model, tokens_for(endpoint, body),
                         count_inputs(endpoint, body))
-        return _json(success_body(endpoint, plan))
-
-
-# ---- helpers -------------------------------------------------------------------------
-
-
-def _abort(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
-
-
-async def _truncated(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
-    """Send half of a buffered response's body under its full Content-Length."""
-    if not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
-        return resp
-    body = resp.body
-    out = web.StreamResponse(status=resp.status, headers={
-        "Content-Type": resp.content_type, "x-request-id": request[_REQUEST_ID]})
-    out.content_length = len(body)
-    await out.prepare(request)
-    await out.write(body[: len(body) // 2])
-    assert request.transport is not None
-    request.transport.close()
-    return out
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as exc:
-        raise _ApiError(400, "We could not parse the JSON body of your request.") from exc
-    if not isinstance(body, dict):
-        raise _ApiError(400, "The request body must be a JSON object.")
-    return body
-
-
-def _check_metadata(metadata: Any) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise _ApiError(400, "Invalid type for 'metadata': expected an object.",
-                        param="metadata", code="invalid_type")
-    if len(metadata) > 16:
-        raise _ApiError(400, "Invalid 'metadata': at most 16 key-value pairs are allowed.",
-                        param="metadata", code="invalid_value")
-    for key, value in metadata.items():
-        if len(key) > 64:
-            raise _ApiError(400, "Invalid 'metadata': keys are at most 64 characters.",
-                            param=f"metadata.{key}", code="invalid_value")
-        if not isinstance(value, str):
-            raise _ApiError(400, f"Invalid type for 'metadata.{key}': expected a string.",
-                            param=f"metadata.{key}", code="invalid_type")
-        if len(value) > 512:
-            raise _ApiError(400, "Invalid 'metadata': values are at most 512 characters.",
-                            param=f"metadata.{key}", code="invalid_value")
-    return dict(metadata)
-
-
-def _expiry_seconds(anchor: Any, seconds: Any, param: str) -> int:
-    try:
-        value = int(seconds)
-    except (TypeError, ValueError):
-        value = -1
-    if anchor != "created_at" or not 3600 <= value <= 2_592_000:
-        raise _ApiError(400, f"Invalid '{param}': anchor must be 'created_at' and seconds "
-                        "between 3600 and 2592000.", param=param, code="invalid_value")
-    return value
-
-
-def _limit(raw: str | None, *, default: int, most: int) -> int:
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= most:
-        raise _ApiError(400, f"Invalid 'limit': must be between 1 and {most}.", param="limit",
-                        code="invalid_value")
-    return value
-
-
-def _after(ids: list[str], after: str | None, count: int) -> list[str]:
-    """The ``count`` ids following ``after`` (an unknown cursor gives an empty page)."""
-    if after is None:
-        return ids[:count]
-    try:
-        start = ids.index(after) + 1
-    except ValueError:
-        return []
-    return ids[start:start + count]
-
-
-def _page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """A list envelope; ``items`` holds one extra element when there is a next page."""
-    data = items[:limit]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}
+        return json_response(success_body(endpoint, plan))
 
 
 def _parse_rates(pairs: list[str]) -> dict[str, float]:

@@ -87,6 +87,23 @@ class OpenAIProvider:
             async for obj in self._client.files.list(purpose=purpose, order="desc"):
                 yield _file(obj)
 
+    async def call_sync(self, endpoint: str, body: dict[str, Any], custom_id: str
+                        ) -> tuple[int, Any]:
+        # No SDK retries: a resent POST may be billed twice; the sync lane
+        # retries through the queue, with backoff, by the batch rules.
+        path = endpoint.removeprefix("/v1")
+        try:
+            with _translated("sync_call"):
+                data = await self._no_retry.post(
+                    path, body=body, cast_to=object,
+                    options={"headers": {"x-custom-id": custom_id}})
+        except ProviderError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, openai.APIStatusError):
+                return cause.status_code, _error_body(cause)
+            raise
+        return 200, data
+
     async def download_file(self, file_id: str, dest: Path) -> int:
         written = 0
         tail = bytearray()  # the bytes after the last newline seen so far
@@ -190,6 +207,12 @@ def _status_error(operation: str, exc: openai.APIStatusError) -> ProviderError:
         f"{f' ({code})' if code else ''}: {message[:300]}; {advice}.",
         operation=operation, status=status, code=code, retryable=retryable,
         retry_after=_retry_after(headers))
+
+
+def _error_body(exc: openai.APIStatusError) -> dict[str, Any]:
+    if isinstance(exc.body, dict):
+        return {"error": exc.body}
+    return {"error": {"message": str(exc.message)[:500], "code": None}}
 
 
 def _retry_after(headers: Any) -> float | None:

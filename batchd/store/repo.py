@@ -36,12 +36,15 @@ class IngestResult:
 
 _INSERT_TASKS = text("""
 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, metadata, line_bytes,
-                   est_input_tokens, est_output_tokens)
-SELECT cid, ep, mdl, bdy::jsonb, dg, md::jsonb, lb, ei, eo
+                   est_input_tokens, est_output_tokens, lane, not_before, deadline, fallback_at)
+SELECT cid, ep, mdl, bdy::jsonb, dg, md::jsonb, lb, ei, eo, ln,
+       now() - make_interval(secs => bd), dl, fb
 FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
             CAST(:bdy AS text[]), CAST(:dg AS text[]), CAST(:md AS text[]),
-            CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]))
-     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo)
+            CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]),
+            CAST(:ln AS text[]), CAST(:bd AS float8[]), CAST(:dl AS timestamptz[]),
+            CAST(:fb AS timestamptz[]))
+     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb)
 ON CONFLICT (custom_id) DO NOTHING
 RETURNING custom_id
 """)
@@ -65,6 +68,10 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
         "lb": [t.line_bytes for t in tasks],
         "ei": [t.est_input_tokens for t in tasks],
         "eo": [t.est_output_tokens for t in tasks],
+        "ln": [t.lane for t in tasks],
+        "bd": [t.backdate_seconds for t in tasks],
+        "dl": [t.deadline for t in tasks],
+        "fb": [t.fallback_at for t in tasks],
     })
     inserted = [r[0] for r in rows]
     if len(inserted) == len(tasks):
@@ -152,7 +159,8 @@ async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
         SELECT k.endpoint, k.model, w.n, w.oldest, now() AS now FROM keys k, LATERAL (
             SELECT count(*) AS n, min(not_before) AS oldest FROM (
                 SELECT not_before FROM tasks
-                WHERE state = 'queued' AND endpoint = k.endpoint AND model = k.model
+                WHERE state = 'queued' AND lane = 'batch'
+                  AND endpoint = k.endpoint AND model = k.model
                   AND not_before <= now()
                 ORDER BY not_before LIMIT :cap) s
         ) w
@@ -178,7 +186,8 @@ async def claim_window(
     row = await conn.execute(text("""
         WITH picked AS (
             SELECT id, line_bytes, not_before FROM tasks
-            WHERE state = 'queued' AND endpoint = :ep AND model = :mdl AND not_before <= now()
+            WHERE state = 'queued' AND lane = 'batch' AND endpoint = :ep AND model = :mdl
+              AND not_before <= now()
             ORDER BY not_before, id LIMIT :lim
             FOR UPDATE SKIP LOCKED
         ), sized AS (
@@ -501,3 +510,53 @@ async def release_owner(conn: AsyncConnection, owner: str) -> int:
         UPDATE batches SET lease_owner = NULL, lease_until = NULL, updated_at = now()
         WHERE lease_owner = :owner RETURNING 1"""), {"owner": owner})
     return len(rows.all())
+
+
+# ----------------------------------------------------------------- sync lane
+
+async def claim_sync(conn: AsyncConnection, claim_id: str, limit: int) -> list[dict[str, Any]]:
+    """Take up to ``limit`` due sync-lane tasks for one synchronous call each;
+    the attempt is counted now, as for a batch."""
+    rows = await conn.execute(text("""
+        UPDATE tasks t SET state = 'submitted', batch_id = :claim, attempts = t.attempts + 1,
+               submitted_at = now(), updated_at = now()
+        WHERE t.id IN (SELECT id FROM tasks
+                       WHERE state = 'queued' AND lane = 'sync' AND not_before <= now()
+                       ORDER BY not_before, id LIMIT :lim FOR UPDATE SKIP LOCKED)
+        RETURNING t.custom_id, t.endpoint, t.model, t.body"""), {"claim": claim_id, "lim": limit})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def requeue_stale_sync(conn: AsyncConnection, older_than: float) -> int:
+    """Sync calls whose replica died mid-call go back to the queue. The call
+    may have reached the provider, so the attempt stays counted."""
+    rows = await conn.execute(text("""
+        UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
+               updated_at = now()
+        WHERE lane = 'sync' AND state = 'submitted' AND batch_id LIKE 'sync\\_%'
+          AND submitted_at < now() - make_interval(secs => :s)
+        RETURNING 1"""), {"s": older_than})
+    return len(rows.all())
+
+
+async def fall_back_to_sync(conn: AsyncConnection, limit: int = 1000) -> list[str]:
+    """Tasks past their fallback time that no batch has answered: call them
+    synchronously. One still in a live batch leaves it (its line will be
+    ignored when the batch is routed), which may pay for it twice; that is the
+    price a short latency profile or a deadline asks for."""
+    rows = await conn.execute(text("""
+        WITH due AS (
+            SELECT id FROM tasks
+            WHERE fallback_at <= now() AND lane = 'batch' AND state IN ('queued', 'submitted')
+            ORDER BY fallback_at LIMIT :lim FOR UPDATE SKIP LOCKED
+        ), upd AS (
+            UPDATE tasks t SET lane = 'sync', state = 'queued', batch_id = NULL,
+                   not_before = now(), updated_at = now()
+            FROM due WHERE t.id = due.id
+            RETURNING t.custom_id, t.attempts, t.batch_id
+        )
+        INSERT INTO task_events (custom_id, attempt, outcome, error)
+        SELECT custom_id, attempts, 'fallback',
+               '{"code": "latency_fallback", "message": "moved to the sync lane"}'::jsonb
+        FROM upd RETURNING custom_id"""), {"lim": limit})
+    return [r[0] for r in rows]

@@ -50,11 +50,21 @@ tasks = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("submitted_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
+    # The lane decided at ingest (domain.place); fallback_at is when a batch
+    # task still unanswered moves to the sync lane (profile or deadline).
+    Column("lane", Text, nullable=False, server_default="batch"),
+    Column("deadline", DateTime(timezone=True)),
+    Column("fallback_at", DateTime(timezone=True)),
     CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name="task_state"),
+    CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
     Index("tasks_queued_window", "endpoint", "model", "not_before", "id",
           postgresql_where=text("state = 'queued'")),
     Index("tasks_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
     Index("tasks_failed", "finished_at", postgresql_where=text("state = 'failed'")),
+    Index("tasks_sync_queue", "not_before", "id",
+          postgresql_where=text("state = 'queued' AND lane = 'sync'")),
+    Index("tasks_fallback", "fallback_at",
+          postgresql_where=text("fallback_at IS NOT NULL AND state IN ('queued', 'submitted')")),
     Index("tasks_created", "created_at"),
 )
 

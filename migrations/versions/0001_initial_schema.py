@@ -104,18 +104,26 @@ def upgrade() -> None:
     sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('submitted_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('lane', sa.Text(), server_default='batch', nullable=False),
+    sa.Column('deadline', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('fallback_at', sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name='task_state'),
+    sa.CheckConstraint("lane IN ('batch','sync')", name='task_lane'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('custom_id')
     )
     op.create_index('tasks_batch', 'tasks', ['batch_id', 'id'], unique=False, postgresql_where=sa.text('batch_id IS NOT NULL'))
     op.create_index('tasks_created', 'tasks', ['created_at'], unique=False)
     op.create_index('tasks_failed', 'tasks', ['finished_at'], unique=False, postgresql_where=sa.text("state = 'failed'"))
+    op.create_index('tasks_sync_queue', 'tasks', ['not_before', 'id'], unique=False, postgresql_where=sa.text("state = 'queued' AND lane = 'sync'"))
+    op.create_index('tasks_fallback', 'tasks', ['fallback_at'], unique=False, postgresql_where=sa.text("fallback_at IS NOT NULL AND state IN ('queued', 'submitted')"))
     op.create_index('tasks_queued_window', 'tasks', ['endpoint', 'model', 'not_before', 'id'], unique=False, postgresql_where=sa.text("state = 'queued'"))
 
 
 def downgrade() -> None:
     op.drop_index('tasks_queued_window', table_name='tasks', postgresql_where=sa.text("state = 'queued'"))
+    op.drop_index('tasks_fallback', table_name='tasks')
+    op.drop_index('tasks_sync_queue', table_name='tasks')
     op.drop_index('tasks_failed', table_name='tasks', postgresql_where=sa.text("state = 'failed'"))
     op.drop_index('tasks_created', table_name='tasks')
     op.drop_index('tasks_batch', table_name='tasks', postgresql_where=sa.text('batch_id IS NOT NULL'))
