@@ -40,6 +40,24 @@ SELECT
 """)
 
 
+# The two lanes side by side, for tasks that finished in the day: what a task
+# cost, how often it failed, how long it took from ingest to its result.
+_LANES = text("""
+SELECT t.lane,
+       count(*) FILTER (WHERE t.state = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE t.state = 'failed') AS failed,
+       coalesce(sum(r.cost_usd), 0) AS spend,
+       percentile_cont(0.5) WITHIN GROUP (
+           ORDER BY extract(epoch FROM t.finished_at - t.created_at)) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (
+           ORDER BY extract(epoch FROM t.finished_at - t.created_at)) AS p95
+FROM tasks t LEFT JOIN results r ON r.custom_id = t.custom_id
+WHERE t.finished_at >= CAST(:start AS timestamptz) AND t.finished_at < CAST(:end AS timestamptz)
+  AND t.state IN ('succeeded', 'failed')
+GROUP BY t.lane
+""")
+
+
 def _ratio(num: int, den: int) -> float:
     return round(num / den, 6) if den else 0.0
 
@@ -53,9 +71,10 @@ class Reporter:
 
     async def day(self, day: date) -> dict[str, Any]:
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        bounds = {"start": start, "end": start + timedelta(days=1)}
         async with self.engine.connect() as conn:
-            row = (await conn.execute(_DAY, {"start": start, "end": start + timedelta(days=1)})
-                   ).mappings().one()
+            row = (await conn.execute(_DAY, bounds)).mappings().one()
+            lanes = {r["lane"]: _lane(r) for r in (await conn.execute(_LANES, bounds)).mappings()}
         succeeded, failed = int(row["succeeded"]), int(row["failed"])
         still_failed = int(row["manual_queue"])
         spend, sync = Decimal(row["spend"]), Decimal(row["sync"])
@@ -78,11 +97,34 @@ class Reporter:
             "sync_equivalent_usd": str(round_usd(sync)),
             "savings_usd": str(round_usd(sync - spend)),
             "alert": failure_ratio > self.alert_ratio,
+            "lanes": lanes,
         }
 
     async def daily(self, end: date | None = None, days: int = 1) -> list[dict[str, Any]]:
         last = end or self.clock().date()
         return [await self.day(last - timedelta(days=i)) for i in range(days - 1, -1, -1)]
+
+
+def _lane(r: Any) -> dict[str, Any]:
+    done = int(r["succeeded"]) + int(r["failed"])
+    spend = Decimal(r["spend"])
+    return {
+        "finished": done, "succeeded": int(r["succeeded"]), "failed": int(r["failed"]),
+        "failure_ratio": _ratio(int(r["failed"]), done),
+        "spend_usd": str(round_usd(spend)),
+        "cost_per_task_usd": str(round_usd(spend / done)) if done else "0.000000",
+        "latency_p50_seconds": round(float(r["p50"]), 3) if r["p50"] is not None else None,
+        "latency_p95_seconds": round(float(r["p95"]), 3) if r["p95"] is not None else None,
+    }
+
+
+def render_lanes(rows: list[dict[str, Any]]) -> str:
+    """Batch against sync, per day: the numbers a switch-over is decided on."""
+    heads = ["date", "lane", "finished", "fail%", "$/task", "p50 s", "p95 s"]
+    body = [[r["date"], lane, v["finished"], f"{v['failure_ratio'] * 100:.2f}",
+             v["cost_per_task_usd"], v["latency_p50_seconds"], v["latency_p95_seconds"]]
+            for r in rows for lane, v in sorted(r.get("lanes", {}).items())]
+    return _grid(heads, body)
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
@@ -92,6 +134,13 @@ def render_table(rows: list[dict[str, Any]]) -> str:
              f"{r['failure_ratio'] * 100:.2f}", f"{r['post_replay_success_ratio'] * 100:.2f}",
              r["manual_queue"], r["spend_usd"], r["sync_equivalent_usd"], r["savings_usd"],
              "ALERT" if r["alert"] else ""] for r in rows]
+    table = _grid(heads, body)
+    if any(len(r.get("lanes", {})) > 1 or "sync" in r.get("lanes", {}) for r in rows):
+        table += "\n\n" + render_lanes(rows)
+    return table
+
+
+def _grid(heads: list[str], body: list[list[Any]]) -> str:
     cells = [heads] + [[str(c) for c in line] for line in body]
     widths = [max(len(line[i]) for line in cells) for i in range(len(heads))]
     out = []
@@ -105,7 +154,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 
 def render_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()

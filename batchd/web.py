@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -115,9 +116,53 @@ async def post_tasks(request: web.Request) -> web.Response:
         return error_response(429, "queue_full",
                               f"more than {state.max_queued} tasks are queued; retry later",
                               retry_after=30)
+    wait = _wait_param(request)
     accepted = await state.ingest.submit(items)
     state.queued_estimate += accepted.accepted
+    if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
+        done = await _wait_terminal(state.engine, [t["custom_id"] for t in accepted.tasks], wait)
+        if done is not None:
+            return json_response({**accepted.as_json(), "tasks": done}, status=200)
     return json_response(accepted.as_json(), status=202)
+
+
+_MAX_WAIT_SECONDS = 300.0
+_MAX_WAITED_TASKS = 100
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+
+def _wait_param(request: web.Request) -> float:
+    """``?wait=30s`` (also ``500ms``, ``2m`` or plain seconds), capped at 5 minutes."""
+    raw = request.query.get("wait", "").strip()
+    if not raw:
+        return 0.0
+    unit = next((u for u in ("ms", "s", "m") if raw.endswith(u)), "")
+    try:
+        seconds = float(raw[: len(raw) - len(unit)]) * _UNITS.get(unit, 1.0)
+    except ValueError:
+        raise IngestError(400, "invalid_parameter", "wait must look like 30s, 500ms or 2m") \
+            from None
+    if not 0 <= seconds <= _MAX_WAIT_SECONDS:
+        raise IngestError(400, "invalid_parameter", "wait must be between 0 and 5m")
+    return seconds
+
+
+async def _wait_terminal(engine: AsyncEngine, custom_ids: list[str], wait: float
+                         ) -> list[dict[str, Any]] | None:
+    """Each task's view once all reached a terminal state, or None on timeout.
+    Polls the database, so the answer may come from any replica's work."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    delay = 0.05
+    while True:
+        async with engine.connect() as conn:
+            views = [await repo.get_task(conn, cid) for cid in custom_ids]
+        if all(v is not None and v["state"] in ("succeeded", "failed") for v in views):
+            return [v for v in views if v is not None]
+        if loop.time() + delay > deadline:
+            return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
 
 
 async def get_task(request: web.Request) -> web.Response:

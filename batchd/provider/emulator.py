@@ -101,7 +101,8 @@ class Emulator:
                  in_progress_seconds: float = 0, finalizing_seconds: float = 0,
                  cancelling_seconds: float = 0, completion_window_seconds: float = 86400,
                  write_cancelled_lines: bool = True, known_models: set[str] | None = None,
-                 failure_rates: dict[str, float] | None = None, seed: int = 0) -> None:
+                 failure_rates: dict[str, float] | None = None, seed: int = 0,
+                 sync_latency_seconds: float | tuple[float, float] = 0.0) -> None:
         unknown = set(failure_rates or {}) - OUTCOMES
         if unknown:
             raise ValueError(f"unknown outcomes in failure_rates: {sorted(unknown)}")
@@ -116,6 +117,8 @@ class Emulator:
         self.failure_rates = dict(failure_rates or {})
         self.seed = seed
         self._rng = random.Random(seed)
+        # A synchronous call takes this long: a constant, or uniform in (low, high).
+        self.sync_latency_seconds = sync_latency_seconds
 
         self.files: dict[str, StoredFile] = {}
         self.received_files: dict[str, UploadedFile] = {}
@@ -692,6 +695,10 @@ class Emulator:
         if isinstance(custom_id, str):
             self.submissions[custom_id] += 1
         outcome = self._resolve(custom_id if isinstance(custom_id, str) else "", body)
+        latency = self.sync_latency_seconds
+        delay = self._rng.uniform(*latency) if isinstance(latency, tuple) else latency
+        if delay > 0:
+            await asyncio.sleep(delay)
         if outcome in HTTP_ERRORS:
             status, err = error_body(outcome, model)
             return web.Response(status=status, body=orjson.dumps(err),
