@@ -32,12 +32,15 @@ def _task(i: int, rng: random.Random) -> dict[str, Any]:
         body = {"model": model, "max_tokens": rng.choice([32, 64, 128]),
                 "messages": [{"role": "user", "content": f"classify ticket {i}: " +
                               "the printer is on fire " * rng.randint(1, 20)}]}
-    return {"custom_id": f"demo-{i:06d}", "endpoint": endpoint, "body": body}
+    task: dict[str, Any] = {"custom_id": f"demo-{i:06d}", "endpoint": endpoint, "body": body}
+    if rng.random() < 0.05:
+        task["lane"] = "sync"  # someone is waiting on these
+    return task
 
 
 async def run_demo(base: Settings, *, tasks: int, give_up_after: float) -> int:
     emulator = Emulator(api_key="demo-key", failure_rates=_FAILURE_RATES, seed=7,
-                        in_progress_seconds=1.0)
+                        in_progress_seconds=1.0, sync_latency_seconds=(0.2, 1.5))
     emu_url = await emulator.start()
     settings = base.model_copy(update={
         "openai_base_url": emu_url, "openai_api_key": "demo-key",

@@ -129,7 +129,7 @@ def render_lanes(rows: list[dict[str, Any]]) -> str:
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     heads = ["date", "in", "ok", "failed", "retried", "replayed", "fail%", "post-replay%",
-             "manual", "spend $", "sync $", "saved $", ""]
+             "manual", "spend $", "sync $", "saved $", "alert"]
     body = [[r["date"], r["tasks_in"], r["succeeded"], r["failed"], r["retried"], r["replayed"],
              f"{r['failure_ratio'] * 100:.2f}", f"{r['post_replay_success_ratio'] * 100:.2f}",
              r["manual_queue"], r["spend_usd"], r["sync_equivalent_usd"], r["savings_usd"],
