@@ -105,6 +105,15 @@ class Poller:
             if not file_id:
                 continue
             path = self.archive.spool_path(batch_id, kind)
-            await self.provider.download_file(file_id, path)
+            try:
+                await self.provider.download_file(file_id, path)
+            except ProviderError as exc:
+                if exc.status != 404:
+                    raise
+                # The provider deleted the file (expiry): its lines can never be
+                # read, so its tasks are settled as missing and retried.
+                log.error("batch.file_gone", batch_id=batch_id, kind=kind, file_id=file_id)
+                path.unlink(missing_ok=True)
+                continue
             files.append((kind, path))
         return files

@@ -294,3 +294,17 @@ def _bytes(data: object) -> bytes:
     if isinstance(data, bytes):
         return data
     return bytes(getattr(data, "data", b"")) or bytes(getattr(data, "content", b""))
+
+
+async def test_output_file_gone_at_the_provider_retries_its_tasks(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        h.emulator.inject("download", "http_404")
+        await h.post({"tasks": [chat_task("lost1"), chat_task("lost2")]})
+        await h.age_queue(901)
+        await h.cycle()
+        assert await h.count("state = 'queued' AND attempts = 1") == 2
+        assert await h.scalar("SELECT last_error->>'code' FROM tasks LIMIT 1") == \
+            "missing_from_output"
+        await h.run_until_settled()
+        assert await h.count("state = 'succeeded' AND attempts = 2") == 2
