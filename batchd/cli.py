@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "failed":
             return _run(_failed_export(settings, args.out))
         if args.command == "demo":
+            if args.setting_log_level is None and "BATCHD_LOG_LEVEL" not in os.environ:
+                # The demo prints its own progress and report; keep logs to problems.
+                settings = settings.model_copy(update={"log_level": "warning",
+                                                       "log_format": "console"})
             return _run(_demo(settings, args.tasks, args.timeout))
     except BatchdError as exc:
         print(f"batchd: {exc}", file=sys.stderr)
