@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+
+from batchd.signing import (
+    DEFAULT_TOLERANCE_SECONDS,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    SignatureError,
+    verify,
+)
+
+__all__ = ["BatchdClient", "BatchdClientError", "SignatureError", "verify_callback"]
+
+
+def verify_callback(secret: str, headers: Mapping[str, str], body: bytes, *,
+                    tolerance: float = DEFAULT_TOLERANCE_SECONDS) -> dict[str, Any]:
+    """The payload of a batchd callback, once its signature checks out.
+
+    ``headers`` are the request's headers (any case-insensitive mapping, such
+    as aiohttp's or Flask's ``request.headers``) and ``body`` the raw bytes
+    received. Raises SignatureError when the signature is missing, wrong, or
+    more than ``tolerance`` seconds old.
+    """
+    verify(secret, body, headers.get(TIMESTAMP_HEADER), headers.get(SIGNATURE_HEADER),
+           tolerance=tolerance)
+    doc: dict[str, Any] = orjson.loads(body)
+    return doc
 
 
 class BatchdClientError(Exception):

@@ -41,7 +41,20 @@ class Settings(BaseSettings):
     failure_alert_ratio: float = Field(0.03, ge=0, le=1, description="daily ALERT threshold")
     http_host: str = Field("127.0.0.1", description="ingest API address")
     http_port: int = Field(8080, ge=0, le=65535, description="ingest API port")
-    ingest_tokens: str | None = Field(None, description="comma-separated bearer tokens")
+    ingest_tokens: str | None = Field(
+        None, description="comma-separated bearer tokens; `client=token` names the client")
+    ingest_tokens_file: Path | None = Field(
+        None, description="TOML file of clients: tokens, callback secret, default callback_url")
+    callback_allowed_hosts: str | None = Field(
+        None, description="comma-separated hosts callbacks may go to (*.domain, CIDR, *); "
+        "unset refuses callbacks")
+    callback_secret: str | None = Field(
+        None, description="signing secret for callbacks of clients that have none of their own")
+    callback_max_attempts: int = Field(10, ge=1, le=50, description="callback delivery attempts")
+    callback_backoff_seconds: float = Field(
+        5, ge=0, description="base delay between callback attempts; doubles, with jitter")
+    callback_timeout_seconds: float = Field(10, gt=0, description="one callback POST's limit")
+    callback_concurrency: int = Field(16, ge=1, description="callback POSTs in flight per replica")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
     openai_api_key: str | None = Field(
@@ -64,10 +77,11 @@ class Settings(BaseSettings):
         return v
 
     @property
-    def tokens(self) -> frozenset[str]:
-        if not self.ingest_tokens:
-            return frozenset()
-        return frozenset(t.strip() for t in self.ingest_tokens.split(",") if t.strip())
+    def callback_hosts(self) -> tuple[str, ...]:
+        if not self.callback_allowed_hosts:
+            return ()
+        return tuple(h.strip().lower() for h in self.callback_allowed_hosts.split(",")
+                     if h.strip())
 
     @property
     def archive_path(self) -> Path:
@@ -93,5 +107,6 @@ def load_settings(**overrides: object) -> Settings:
         field = str(first["loc"][0]) if first["loc"] else "?"
         name = env_name(field) if field in Settings.model_fields else field
         value = os.environ.get(name)
-        shown = f" (got {value!r})" if value is not None and "KEY" not in name else ""
+        secret = any(word in name for word in ("KEY", "SECRET", "TOKEN"))
+        shown = f" (got {value!r})" if value is not None and not secret else ""
         raise ConfigError(f"{name}: {first['msg']}{shown}") from None

@@ -4,11 +4,13 @@ means, how long to back off. No I/O here, so each rule has a table-driven test."
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -81,6 +83,10 @@ class TaskIn:
     lane: str = "batch"
     backdate_seconds: float = 0.0
     fallback_at: datetime | None = None
+    # Where the result is POSTed when the task finishes (the task's own, or
+    # its token's default), and the configured client its token names.
+    callback_url: str | None = None
+    client: str | None = None
 
 
 def input_line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
@@ -123,7 +129,7 @@ def parse_task(obj: Any, index: int) -> TaskIn:
     if len(cid) > MAX_CUSTOM_ID:
         raise InvalidTask(index, cid[:40], "custom_id", f"must be at most {MAX_CUSTOM_ID} chars")
     unknown = set(obj) - {"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
-                          "deadline"}
+                          "deadline", "callback_url"}
     if unknown:
         raise InvalidTask(index, cid, sorted(unknown)[0], "is not a known task field")
     endpoint = obj.get("endpoint", obj.get("url", DEFAULT_ENDPOINT))
@@ -151,6 +157,9 @@ def parse_task(obj: Any, index: int) -> TaskIn:
     if profile is not None and profile not in PROFILES:
         raise InvalidTask(index, cid, f"metadata.{PROFILE_KEY}",
                           f"must be one of {', '.join(PROFILES)}")
+    callback_url = obj.get("callback_url")
+    if callback_url is not None and not isinstance(callback_url, str):
+        raise InvalidTask(index, cid, "callback_url", "must be an http(s) URL string")
     line = input_line(cid, endpoint, body)
     body_bytes = len(line) - len(cid) - len(endpoint) - 40
     est_in, est_out = estimate_tokens(endpoint, body, body_bytes)
@@ -167,6 +176,7 @@ def parse_task(obj: Any, index: int) -> TaskIn:
         requested_lane=lane,
         deadline=deadline,
         profile=profile,
+        callback_url=callback_url,
     )
 
 
@@ -183,6 +193,58 @@ def _parse_deadline(raw: Any, index: int, cid: str) -> datetime | None:
     if when.tzinfo is None:
         raise InvalidTask(index, cid, "deadline", "must carry a time zone (Z or +hh:mm)")
     return when
+
+
+# ------------------------------------------------------------- callbacks
+
+MAX_CALLBACK_URL = 2048
+
+
+def callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None:
+    """Why batchd must not POST results to ``url``, or None when it may.
+
+    ``allowed_hosts`` (BATCHD_CALLBACK_ALLOWED_HOSTS) holds exact host names,
+    ``host:port``, ``*.domain`` (any subdomain, not the domain itself), IP
+    networks in CIDR form, or ``*`` for any host; empty refuses every URL, so a
+    caller can never point batchd at an address ops did not choose.
+    """
+    if len(url) > MAX_CALLBACK_URL:
+        return f"must be at most {MAX_CALLBACK_URL} chars"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    host = (parts.hostname or "").lower()
+    if not host:
+        return "must name a host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials; callbacks are signed with the client's secret"
+    if not allowed_hosts:
+        return "cannot be used: callbacks are off (ops set BATCHD_CALLBACK_ALLOWED_HOSTS)"
+    if not any(_host_matches(host, port, pattern) for pattern in allowed_hosts):
+        return f"host {host!r} is not in BATCHD_CALLBACK_ALLOWED_HOSTS"
+    return None
+
+
+def _host_matches(host: str, port: int | None, pattern: str) -> bool:
+    if pattern == "*":
+        return True
+    if "/" in pattern:
+        try:
+            return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network(
+                pattern, strict=False)
+        except ValueError:
+            return False
+    want_host, _, want_port = pattern.rpartition(":") if pattern.count(":") == 1 else (
+        pattern, "", "")
+    if want_port and (not want_port.isdigit() or port != int(want_port)):
+        return False
+    if want_host.startswith("*."):
+        return host.endswith(want_host[1:])
+    return host == want_host
 
 
 # ---------------------------------------------------------------- lanes

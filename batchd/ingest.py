@@ -12,7 +12,8 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
-from batchd.domain import InvalidTask, TaskIn, parse_task, place
+from batchd.clients import ANONYMOUS, Client, Clients
+from batchd.domain import InvalidTask, TaskIn, callback_url_problem, parse_task, place
 from batchd.store import repo
 
 log = logs.get("batchd.ingest")
@@ -112,8 +113,11 @@ class Ingest:
     def __init__(self, engine: AsyncEngine, *, max_tasks: int = 10_000,
                  max_line_bytes: int = 200 * 1024 * 1024, group_tasks: int = 2000,
                  writers: int = 2, window_seconds: float = 900, batch_share: int = 100,
+                 clients: Clients | None = None, callback_hosts: tuple[str, ...] = (),
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.engine = engine
+        self.clients = clients or Clients([])
+        self.callback_hosts = callback_hosts
         self.window_seconds = window_seconds
         self.batch_share = batch_share
         self.clock = clock
@@ -124,8 +128,10 @@ class Ingest:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._writer_tasks: list[asyncio.Task[None]] = []
 
-    async def submit(self, items: list[Any]) -> Accepted:
-        tasks = self._placed(validate(items, self.max_tasks, self.max_line_bytes))
+    async def submit(self, items: list[Any], client: Client | None = None) -> Accepted:
+        """Store a request's tasks for ``client`` (None: an anonymous token)."""
+        tasks = self._placed(self._with_callbacks(
+            validate(items, self.max_tasks, self.max_line_bytes), items, client))
         if len(tasks) >= self.group_tasks:
             result = await self._store_alone(tasks)
         else:
@@ -136,11 +142,37 @@ class Ingest:
                 f"{len(result.conflicts)} custom_id(s) already exist with a different body: "
                 f"{', '.join(result.conflicts[:5])}",
                 {"custom_ids": result.conflicts[:100]})
-        metrics.TASKS_RECEIVED.inc(len(result.inserted))
+        metrics.TASKS_RECEIVED.labels(client=client.name if client else ANONYMOUS).inc(
+            len(result.inserted))
         states = [{"custom_id": cid, "state": "queued"} for cid in result.inserted]
         states += [{"custom_id": cid, "state": st} for cid, st in result.duplicates.items()]
         n_dupes = len(result.duplicates) + (len(items) - len(tasks))
         return Accepted(len(result.inserted), n_dupes, states)
+
+    def _with_callbacks(self, tasks: list[TaskIn], items: list[Any], client: Client | None
+                        ) -> list[TaskIn]:
+        """Stamp the client on each task and give it its token's default
+        callback_url; refuse a URL the allow-list or missing secret rules out."""
+        name = client.name if client else None
+        default = client.callback_url if client else None
+        out = []
+        for t in tasks:
+            url = t.callback_url or default
+            if url is not None:
+                problem = callback_url_problem(url, self.callback_hosts)
+                if problem is None and self.clients.secret_for(name) is None:
+                    problem = (f"cannot be used: no callback secret for client "
+                               f"{name or ANONYMOUS!r} (callback_secret in "
+                               "BATCHD_INGEST_TOKENS_FILE, or BATCHD_CALLBACK_SECRET)")
+                if problem:
+                    index = next((i for i, item in enumerate(items) if isinstance(item, dict)
+                                  and item.get("custom_id") == t.custom_id), 0)
+                    raise IngestError(400, "invalid_task",
+                                      f"task {index} ({t.custom_id!r}): callback_url {problem}",
+                                      {"index": index, "custom_id": t.custom_id,
+                                       "field": "callback_url"})
+            out.append(replace(t, callback_url=url, client=name))
+        return out
 
     def _placed(self, tasks: list[TaskIn]) -> list[TaskIn]:
         """Decide each task's lane (domain.place) before it is stored."""

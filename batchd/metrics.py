@@ -12,9 +12,13 @@ _BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 29, 2))  # 1 KiB .. 256 Mi
 # Provider turnaround and task latency reach the 24 h completion window.
 _TIME_BUCKETS = (1, 10, 60, 300, 900, 1800, 3600, 7200, 14_400, 28_800, 43_200, 86_400, 172_800)
 
-TASKS_RECEIVED = Counter("batchd_tasks_received", "Tasks accepted by ingest", registry=REGISTRY)
+# ``client`` takes configured client names, "anonymous" and "other" only
+# (batchd.clients), so its cardinality is bounded by the configuration.
+TASKS_RECEIVED = Counter(
+    "batchd_tasks_received", "Tasks accepted by ingest", ["client"], registry=REGISTRY
+)
 TASKS_COMPLETED = Counter(
-    "batchd_tasks_completed", "Task attempt outcomes", ["outcome"], registry=REGISTRY
+    "batchd_tasks_completed", "Task attempt outcomes", ["outcome", "client"], registry=REGISTRY
 )
 QUEUE_TASKS = Gauge("batchd_queue_tasks", "Tasks by state", ["state"], registry=REGISTRY)
 QUEUE_OLDEST = Gauge(
@@ -74,5 +78,20 @@ CONFIG_WINDOW = Gauge(
 )
 CONFIG_MAX_TASKS = Gauge(
     "batchd_config_max_batch_tasks", "BATCHD_MAX_BATCH_ITEMS", registry=REGISTRY
+)
+CALLBACK_DELIVERIES = Counter(
+    "batchd_callback_deliveries", "Callback POST attempts: delivered, retried later, failed for "
+    "good", ["outcome", "client"], registry=REGISTRY,
+)
+CALLBACK_SECONDS = Histogram(
+    "batchd_callback_delivery_seconds", "Duration of one callback POST attempt",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+)
+CALLBACKS_PENDING = Gauge(
+    "batchd_callbacks_pending", "Callback deliveries waiting for a (re)try", registry=REGISTRY
+)
+CALLBACKS_FAILED = Gauge(
+    "batchd_callbacks_failed", "Callback deliveries that used up their attempts (replayable)",
+    registry=REGISTRY,
 )
 BUILD_INFO = Info("batchd_build", "batchd version", registry=REGISTRY)

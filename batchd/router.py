@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics
+from batchd.clients import Clients
 from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
 from batchd.faults import crash_point
 from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
@@ -44,10 +45,19 @@ class RouteSummary:
     tokens: Tokens = field(default_factory=Tokens)
     spend: Decimal = Decimal(0)
     sync_spend: Decimal = Decimal(0)
+    # (outcome, client) -> tasks, for the client-labelled completion metric.
+    by_client: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
-    def add(self, counts: dict[str, int]) -> None:
-        self.retried += counts.get("retried", 0)
-        self.failed += counts.get("failed", 0)
+    def add(self, counts: dict[tuple[str, str | None], int]) -> None:
+        for (outcome, client), n in counts.items():
+            if outcome == "retried":
+                self.retried += n
+            elif outcome == "failed":
+                self.failed += n
+            self.count(outcome, client, n)
+
+    def count(self, outcome: str, client: str | None, n: int = 1) -> None:
+        self.by_client[outcome, client] = self.by_client.get((outcome, client), 0) + n
 
 
 def iter_lines(path: Path) -> Iterator[dict[str, Any] | None]:
@@ -66,8 +76,10 @@ def iter_lines(path: Path) -> Iterator[dict[str, Any] | None]:
 
 
 class Router:
-    def __init__(self, engine: AsyncEngine, prices: PriceTable, backoff: Backoff) -> None:
+    def __init__(self, engine: AsyncEngine, prices: PriceTable, backoff: Backoff,
+                 clients: Clients) -> None:
         self.engine = engine
+        self.clients = clients
         self.prices = prices
         self.backoff = backoff
         self._flagged: set[str] = set()
@@ -153,7 +165,8 @@ class Router:
         crash_point("mid_route")
         for i, cid in enumerate(ok.custom_ids):
             if cid in stored:
-                stored.discard(cid)  # a duplicate line in the same chunk counts once
+                # A duplicate line in the same chunk counts once.
+                summary.count("succeeded", stored.pop(cid))
                 summary.succeeded += 1
                 summary.spend += ok.costs[i]
                 summary.sync_spend += ok.sync_costs[i]
@@ -179,8 +192,11 @@ class Router:
         if verdict.token_limited:
             # Not the tasks' fault: back to the queue, attempt taken back.
             summary.token_limited = True
-            summary.requeued = await repo.requeue_remaining(
+            requeued = await repo.requeue_remaining(
                 conn, batch_id, verdict.other_error, count_attempt=False)
+            summary.requeued = sum(requeued.values())
+            for client, n in requeued.items():
+                summary.count("retried", client, n)
             return
         if verdict.final_lines:
             by_line = await repo.custom_ids_at_lines(conn, batch_id, list(verdict.final_lines))
@@ -192,9 +208,9 @@ class Router:
 
     def _record_metrics(self, model: str, status: str, s: RouteSummary) -> None:
         metrics.BATCHES_FINISHED.labels(status=status).inc()
-        metrics.TASKS_COMPLETED.labels(outcome="succeeded").inc(s.succeeded)
-        metrics.TASKS_COMPLETED.labels(outcome="failed").inc(s.failed)
-        metrics.TASKS_COMPLETED.labels(outcome="retried").inc(s.retried + s.requeued)
+        for (outcome, client), n in s.by_client.items():
+            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client)
+                                           ).inc(n)
         metrics.SPEND.labels(model=model).inc(float(s.spend))
         metrics.SAVINGS.labels(model=model).inc(float(s.sync_spend - s.spend))
         for kind, n in (("input", s.tokens.input), ("cached_input", s.tokens.cached),

@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import __version__, logs, metrics
 from batchd.archive import Archive
+from batchd.callbacks import CallbackSender
+from batchd.clients import Clients
 from batchd.config import Settings
 from batchd.errors import ConfigError
 from batchd.ingest import Ingest
@@ -104,7 +106,8 @@ class Service:
 
     def __init__(self, settings: Settings, engine: AsyncEngine, provider: Provider,
                  clock: Clock = utc_now) -> None:
-        if not settings.tokens and not is_loopback(settings.http_host):
+        self.clients = Clients.from_settings(settings)
+        if not self.clients.required and not is_loopback(settings.http_host):
             raise ConfigError("BATCHD_INGEST_TOKENS is unset, so the API listens on loopback "
                               "only: set tokens or BATCHD_HTTP_HOST=127.0.0.1")
         self.settings = settings
@@ -115,18 +118,20 @@ class Service:
         self.prices = PriceTable.load(settings.prices_file)
         self.archive = Archive(settings.archive_path, settings.spool_path)
         backoff = Backoff(settings.retry_backoff_seconds, settings.max_attempts)
-        self.router = Router(engine, self.prices, backoff)
+        self.router = Router(engine, self.prices, backoff, self.clients)
         self.scheduler = Scheduler(engine, provider, settings, self.prices, self.archive,
                                    self.owner, clock)
         self.poller = Poller(engine, provider, self.router, settings, self.archive, self.owner)
-        self.sync_lane = SyncLane(engine, provider, settings, self.prices)
+        self.sync_lane = SyncLane(engine, provider, settings, self.prices, self.clients)
+        self.callbacks = CallbackSender(engine, self.clients, settings)
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.api = ApiState(
             engine=engine,
             ingest=Ingest(engine, max_line_bytes=settings.max_file_bytes,
                           window_seconds=settings.window_seconds,
-                          batch_share=settings.batch_share, clock=clock),
-            replayer=Replayer(engine), reporter=self.reporter, tokens=settings.tokens,
+                          batch_share=settings.batch_share, clients=self.clients,
+                          callback_hosts=settings.callback_hosts, clock=clock),
+            replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks)
         self.app = build_app(self.api, settings.max_request_bytes)
@@ -154,7 +159,7 @@ class Service:
         loops_stop = asyncio.Event()
         loops = [asyncio.create_task(body(loops_stop), name=name) for name, body in (
             ("scheduler", self.scheduler.run), ("poller", self.poller.run),
-            ("sync_lane", self.sync_lane.run),
+            ("sync_lane", self.sync_lane.run), ("callbacks", self.callbacks.run),
             ("snapshot", self._snapshots), ("daily", self._daily_report))]
         if started is not None:
             started.set()
@@ -244,6 +249,10 @@ class Service:
         metrics.BATCH_OLDEST_IN_FLIGHT.set(float(row["oldest_batch"] or 0))
         metrics.BUDGET_SPENT.set(float(row["spent"]))
         self.api.queued_estimate = int(row["queued"])
+        async with self.engine.connect() as conn:
+            backlog = await repo.callback_backlog(conn)
+        metrics.CALLBACKS_PENDING.set(backlog["pending"])
+        metrics.CALLBACKS_FAILED.set(backlog["failed"])
 
     async def _daily_report(self, stop: asyncio.Event) -> None:
         """After each UTC midnight, log the day before as one event."""

@@ -20,6 +20,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
+from batchd.clients import Clients
 from batchd.config import Settings
 from batchd.domain import Outcome, classify_line
 from batchd.errors import ProviderError
@@ -37,8 +38,9 @@ _STALE_AFTER_SECONDS = 900.0
 
 class SyncLane:
     def __init__(self, engine: AsyncEngine, provider: Provider, settings: Settings,
-                 prices: PriceTable) -> None:
+                 prices: PriceTable, clients: Clients) -> None:
         self.engine = engine
+        self.clients = clients
         self.provider = provider
         self.prices = prices
         self.concurrency = settings.sync_concurrency
@@ -99,22 +101,25 @@ class SyncLane:
                     usage = body.get("usage") if isinstance(body, dict) else None
                     price = self.prices.lookup(row["model"]).sync
                     paid = cost(tokens_from_usage(usage), price)
-                    await repo.store_successes(conn, claim_id, repo.SuccessRows(
+                    stored = await repo.store_successes(conn, claim_id, repo.SuccessRows(
                         [cid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
                         [paid], [paid]))
-                    outcome = "succeeded"
+                    settled = [("succeeded", client) for client in stored.values()]
                 else:
                     counts = await repo.store_failures(
                         conn, claim_id, [cid], [result.outcome is Outcome.FINAL],
                         [result.error or {}], [random.random()], self.backoff)
-                    outcome = next(iter(counts), "failed")
+                    settled = list(counts)
         except Exception:
             # The call happened but its outcome is not stored: the stale sweep
             # re-queues the task; log loudly, as it may be paid twice.
             log.exception("sync_lane.store_failed", custom_id=cid)
             return
-        metrics.TASKS_COMPLETED.labels(outcome=outcome).inc()
-        log.debug("sync_lane.called", custom_id=cid, status=result.status_code, outcome=outcome)
+        for outcome, client in settled:  # empty: a fallback moved the task meanwhile
+            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client)
+                                           ).inc()
+        log.debug("sync_lane.called", custom_id=cid, status=result.status_code,
+                  outcome=settled[0][0] if settled else None)
 
 
 def _dumps(value: Any) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -19,6 +18,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
+from batchd.clients import Client, Clients
 from batchd.ingest import Ingest, IngestError, decode_payload
 from batchd.replay import Replayer
 from batchd.report import Reporter
@@ -36,7 +36,7 @@ class ApiState:
     ingest: Ingest
     replayer: Replayer
     reporter: Reporter
-    tokens: frozenset[str]
+    clients: Clients
     schema_head: str
     known_revisions: frozenset[str]
     max_queued: int | None = None
@@ -45,6 +45,8 @@ class ApiState:
 
 
 STATE = web.AppKey("state", ApiState)
+# The Client the request's bearer token names; absent for an anonymous token.
+CLIENT = web.RequestKey("client", Client)
 
 
 def _default(value: Any) -> Any:
@@ -95,14 +97,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    tokens = request.app[STATE].tokens
-    if tokens and request.path not in _OPEN_PATHS:
+    clients = request.app[STATE].clients
+    if clients.required and request.path not in _OPEN_PATHS:
         header = request.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else ""
-        if not any(hmac.compare_digest(given, t) for t in tokens):
+        valid, client = clients.authenticate(given)
+        if not valid:
             return error_response(401, "unauthorized",
                                   "send Authorization: Bearer <token> with a valid ingest token")
+        if client is not None:
+            request[CLIENT] = client
     return await handler(request)
+
+
+def _client(request: web.Request) -> Client | None:
+    return request.get(CLIENT)
 
 
 async def post_tasks(request: web.Request) -> web.Response:
@@ -117,7 +126,7 @@ async def post_tasks(request: web.Request) -> web.Response:
                               f"more than {state.max_queued} tasks are queued; retry later",
                               retry_after=30)
     wait = _wait_param(request)
-    accepted = await state.ingest.submit(items)
+    accepted = await state.ingest.submit(items, _client(request))
     state.queued_estimate += accepted.accepted
     if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
         done = await _wait_terminal(state.engine, [t["custom_id"] for t in accepted.tasks], wait)
@@ -230,6 +239,50 @@ async def post_replay(request: web.Request) -> web.Response:
     return json_response(outcome.as_json())
 
 
+async def get_failed_callbacks(request: web.Request) -> web.Response:
+    after = _int_param(request, "after", 0, 0, 2**62)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    async with request.app[STATE].engine.connect() as conn:
+        rows = await repo.page_failed_callbacks(conn, after, limit,
+                                                client=request.query.get("client") or None)
+    nxt = rows[-1]["id"] if rows else after
+    return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
+
+
+async def get_task_callbacks(request: web.Request) -> web.Response:
+    custom_id = request.match_info["custom_id"]
+    async with request.app[STATE].engine.connect() as conn:
+        if await repo.get_task(conn, custom_id) is None:
+            return error_response(404, "not_found", "no task with that custom_id")
+        rows = await repo.callbacks_of_task(conn, custom_id)
+    return json_response({"custom_id": custom_id, "callbacks": rows})
+
+
+async def post_callbacks_replay(request: web.Request) -> web.Response:
+    raw = await request.read()
+    try:
+        doc = orjson.loads(raw) if raw.strip() else {}
+    except orjson.JSONDecodeError:
+        raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        doc = {}
+    ids, cids = doc.get("ids"), doc.get("custom_ids")
+    if ids is None and cids is None and doc.get("all") is not True:
+        raise IngestError(400, "invalid_request", 'name deliveries with {"ids": [...]} or '
+                          '{"custom_ids": [...]}, or replay all with {"all": true}')
+    if ids is not None and (not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids)):
+        raise IngestError(400, "invalid_request", "ids must be a list of delivery ids")
+    if cids is not None and (not isinstance(cids, list) or
+                             not all(isinstance(i, str) for i in cids)):
+        raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
+    async with request.app[STATE].engine.begin() as conn:
+        replayed = await repo.replay_callbacks(conn, ids or [], cids or [],
+                                               everything=ids is None and cids is None)
+    log.info("callbacks.replayed", count=len(replayed))
+    return json_response({"replayed": len(replayed), "ids": replayed})
+
+
 async def get_daily_report(request: web.Request) -> web.Response:
     reporter = request.app[STATE].reporter
     days = _int_param(request, "days", 1, 1, 366)
@@ -277,6 +330,9 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app[STATE] = state
     app.router.add_post("/v1/tasks", post_tasks)
     app.router.add_get("/v1/tasks/{custom_id}", get_task)
+    app.router.add_get("/v1/tasks/{custom_id}/callbacks", get_task_callbacks)
+    app.router.add_get("/v1/callbacks/failed", get_failed_callbacks)
+    app.router.add_post("/v1/callbacks/replay", post_callbacks_replay)
     app.router.add_get("/v1/results", get_results)
     app.router.add_get("/v1/failed", get_failed)
     app.router.add_post("/v1/failed/replay", post_replay)

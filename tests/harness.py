@@ -61,8 +61,9 @@ class Harness:
         async with self.http.post(f"{self.base_url}/v1/tasks", data=data, headers=hdrs) as r:
             return r.status, await r.json()
 
-    async def get(self, path: str, **params: str) -> tuple[int, Any]:
-        async with self.http.get(f"{self.base_url}{path}", params=params) as r:
+    async def get(self, path: str, headers: dict[str, str] | None = None,
+                  **params: str) -> tuple[int, Any]:
+        async with self.http.get(f"{self.base_url}{path}", params=params, headers=headers) as r:
             return r.status, await r.json(content_type=None)
 
     async def flush(self, *, drain: bool = False) -> int:
@@ -161,6 +162,8 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
     finally:
         await http.close()
         await service.scheduler.wait_sends()
+        await service.callbacks.wait_deliveries()
+        await service.callbacks.close()
         await runner.cleanup()
         await service.api.ingest.close()
         await provider.close()

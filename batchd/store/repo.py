@@ -36,15 +36,16 @@ class IngestResult:
 
 _INSERT_TASKS = text("""
 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, metadata, line_bytes,
-                   est_input_tokens, est_output_tokens, lane, not_before, deadline, fallback_at)
+                   est_input_tokens, est_output_tokens, lane, not_before, deadline, fallback_at,
+                   client, callback_url)
 SELECT cid, ep, mdl, bdy::jsonb, dg, md::jsonb, lb, ei, eo, ln,
-       now() - make_interval(secs => bd), dl, fb
+       now() - make_interval(secs => bd), dl, fb, cl, cb
 FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
             CAST(:bdy AS text[]), CAST(:dg AS text[]), CAST(:md AS text[]),
             CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]),
             CAST(:ln AS text[]), CAST(:bd AS float8[]), CAST(:dl AS timestamptz[]),
-            CAST(:fb AS timestamptz[]))
-     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb)
+            CAST(:fb AS timestamptz[]), CAST(:cl AS text[]), CAST(:cb AS text[]))
+     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb)
 ON CONFLICT (custom_id) DO NOTHING
 RETURNING custom_id
 """)
@@ -72,6 +73,8 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
         "bd": [t.backdate_seconds for t in tasks],
         "dl": [t.deadline for t in tasks],
         "fb": [t.fallback_at for t in tasks],
+        "cl": [t.client for t in tasks],
+        "cb": [t.callback_url for t in tasks],
     })
     inserted = [r[0] for r in rows]
     if len(inserted) == len(tasks):
@@ -95,7 +98,7 @@ async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | No
     row = await conn.execute(text("""
         SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
                t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
-               t.submitted_at, t.finished_at, t.not_before,
+               t.submitted_at, t.finished_at, t.not_before, t.client, t.callback_url,
                r.status_code, r.response, r.cost_usd
         FROM tasks t LEFT JOIN results r ON r.custom_id = t.custom_id AND t.state = 'succeeded'
         WHERE t.custom_id = :cid"""), {"cid": custom_id})
@@ -333,7 +336,7 @@ async def claim_due_batches(
 async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict[str, Any]) -> int:
     """A batch the provider never created: its tasks go back to the queue and
     the attempt that did not happen is taken back."""
-    return await requeue_remaining(conn, batch_id, error, count_attempt=False)
+    return sum((await requeue_remaining(conn, batch_id, error, count_attempt=False)).values())
 
 
 # --------------------------------------------------------------------- router
@@ -349,21 +352,27 @@ WITH input AS (
            last_error = NULL
     FROM input i
     WHERE t.custom_id = i.cid AND t.batch_id = :bid AND t.state = 'submitted'
-    RETURNING t.custom_id, t.attempts, t.replay_count
+    RETURNING t.custom_id, t.attempts, t.replay_count, t.client, t.callback_url
 ), ev AS (
     INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
     SELECT custom_id, :bid, attempts, 'succeeded' FROM done
+), cb AS (
+    INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts)
+    SELECT custom_id, client, callback_url, 'succeeded', attempts FROM done
+    WHERE callback_url IS NOT NULL
+), res AS (
+    INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
+                              sync_cost_usd, replay_count)
+    SELECT i.cid, :bid, i.status, i.resp::jsonb, i.usage::jsonb, i.cost, i.sync, d.replay_count
+    FROM input i JOIN done d ON d.custom_id = i.cid
+    ON CONFLICT (custom_id) DO UPDATE SET
+        batch_id = excluded.batch_id, status_code = excluded.status_code,
+        response = excluded.response, usage = excluded.usage, cost_usd = excluded.cost_usd,
+        sync_cost_usd = excluded.sync_cost_usd, replay_count = excluded.replay_count,
+        updated_at = now()
+    RETURNING custom_id
 )
-INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
-                          sync_cost_usd, replay_count)
-SELECT i.cid, :bid, i.status, i.resp::jsonb, i.usage::jsonb, i.cost, i.sync, d.replay_count
-FROM input i JOIN done d ON d.custom_id = i.cid
-ON CONFLICT (custom_id) DO UPDATE SET
-    batch_id = excluded.batch_id, status_code = excluded.status_code,
-    response = excluded.response, usage = excluded.usage, cost_usd = excluded.cost_usd,
-    sync_cost_usd = excluded.sync_cost_usd, replay_count = excluded.replay_count,
-    updated_at = now()
-RETURNING custom_id
+SELECT d.custom_id, d.client FROM done d JOIN res USING (custom_id)
 """)
 
 
@@ -381,17 +390,19 @@ class SuccessRows:
         return cls([], [], [], [], [], [])
 
 
-async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRows) -> set[str]:
+async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRows
+                          ) -> dict[str, str | None]:
     """Mark tasks succeeded and upsert their results: a line routed twice
-    changes nothing the second time (the task is no longer submitted).
-    Returns the custom_ids this call settled."""
+    changes nothing the second time (the task is no longer submitted). A task
+    with a callback_url gets its outbox row in the same statement.
+    Returns the custom_ids this call settled, with their client."""
     if not rows.custom_ids:
-        return set()
+        return {}
     stored = await conn.execute(_UPSERT_SUCCESSES, {
         "bid": batch_id, "cid": rows.custom_ids, "status": rows.status,
         "resp": rows.responses, "usage": rows.usages, "cost": rows.costs,
         "sync": rows.sync_costs})
-    return {r[0] for r in stored}
+    return {cid: client for cid, client in stored}
 
 
 # Backoff in SQL mirrors domain.backoff_seconds: the attempt count lives in the
@@ -413,13 +424,19 @@ WITH input AS (
         last_error = i.err::jsonb, updated_at = now()
     FROM input i
     WHERE t.custom_id = i.cid AND t.batch_id = :bid AND t.state = 'submitted'
-    RETURNING t.custom_id, t.attempts, t.state
+    RETURNING t.custom_id, t.attempts, t.state, t.client, t.callback_url
+), ev AS (
+    INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
+    SELECT u.custom_id, :bid, u.attempts,
+           CASE WHEN u.state = 'failed' THEN 'failed' ELSE 'retried' END, i.err::jsonb
+    FROM upd u JOIN input i ON i.cid = u.custom_id
+), cb AS (
+    INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts, task_error)
+    SELECT u.custom_id, u.client, u.callback_url, 'failed', u.attempts, i.err::jsonb
+    FROM upd u JOIN input i ON i.cid = u.custom_id
+    WHERE u.state = 'failed' AND u.callback_url IS NOT NULL
 )
-INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
-SELECT u.custom_id, :bid, u.attempts,
-       CASE WHEN u.state = 'failed' THEN 'failed' ELSE 'retried' END, i.err::jsonb
-FROM upd u JOIN input i ON i.cid = u.custom_id
-RETURNING outcome
+SELECT CASE WHEN state = 'failed' THEN 'failed' ELSE 'retried' END, client FROM upd
 """)
 
 
@@ -433,17 +450,18 @@ class Backoff:
 async def store_failures(
     conn: AsyncConnection, batch_id: str, custom_ids: Sequence[str], finals: Sequence[bool],
     errors: Sequence[dict[str, Any]], jitters: Sequence[float], backoff: Backoff,
-) -> dict[str, int]:
-    """Retry or fail lines; returns counts by outcome (retried, failed)."""
+) -> dict[tuple[str, str | None], int]:
+    """Retry or fail lines (a failed task with a callback_url gets its outbox
+    row in the same statement); returns counts by (outcome, client)."""
     if not custom_ids:
         return {}
     rows = await conn.execute(_FAIL_LINES, {
         "bid": batch_id, "cid": list(custom_ids), "final": list(finals),
         "err": [orjson.dumps(e).decode() for e in errors], "jitter": list(jitters),
         "max_attempts": backoff.max_attempts, "base": backoff.base, "cap": backoff.cap})
-    counts: dict[str, int] = {}
-    for (outcome,) in rows:
-        counts[outcome] = counts.get(outcome, 0) + 1
+    counts: dict[tuple[str, str | None], int] = {}
+    for outcome, client in rows:
+        counts[outcome, client] = counts.get((outcome, client), 0) + 1
     return counts
 
 
@@ -468,24 +486,26 @@ async def custom_ids_at_lines(conn: AsyncConnection, batch_id: str, lines: Seque
 
 async def requeue_remaining(
     conn: AsyncConnection, batch_id: str, error: dict[str, Any], *, count_attempt: bool
-) -> int:
+) -> dict[str | None, int]:
     """Put every still-submitted task of a batch back in the queue at once.
 
     With ``count_attempt=False`` the submission is taken back (the provider
-    never ran it through no fault of the task: never created, token cap)."""
+    never ran it through no fault of the task: never created, token cap).
+    Returns how many went back, by client."""
     rows = await conn.execute(text("""
         WITH upd AS (
             UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
                    attempts = CASE WHEN :count THEN attempts ELSE greatest(attempts - 1, 0) END,
                    last_error = CAST(:err AS jsonb), updated_at = now()
             WHERE batch_id = :bid AND state = 'submitted'
-            RETURNING custom_id, attempts
+            RETURNING custom_id, attempts, client
+        ), ev AS (
+            INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
+            SELECT custom_id, :bid, attempts, 'requeued', CAST(:err AS jsonb) FROM upd
         )
-        INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
-        SELECT custom_id, :bid, attempts, 'requeued', CAST(:err AS jsonb) FROM upd
-        RETURNING 1"""), {"bid": batch_id, "err": orjson.dumps(error).decode(),
-                          "count": count_attempt})
-    return len(rows.all())
+        SELECT client, count(*) FROM upd GROUP BY client"""),
+        {"bid": batch_id, "err": orjson.dumps(error).decode(), "count": count_attempt})
+    return {client: int(n) for client, n in rows}
 
 
 async def settle_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:
@@ -560,3 +580,112 @@ async def fall_back_to_sync(conn: AsyncConnection, limit: int = 1000) -> list[st
                '{"code": "latency_fallback", "message": "moved to the sync lane"}'::jsonb
         FROM upd RETURNING custom_id"""), {"lim": limit})
     return [r[0] for r in rows]
+
+
+# ------------------------------------------------------------------ callbacks
+
+_CLAIM_CALLBACKS = text("""
+WITH claimed AS (
+    UPDATE callbacks c SET attempts = c.attempts + 1, updated_at = now(),
+           next_attempt_at = now() + make_interval(secs => :lease)
+    WHERE c.id IN (SELECT id FROM callbacks
+                   WHERE state = 'pending' AND next_attempt_at <= now()
+                   ORDER BY next_attempt_at, id LIMIT :lim FOR UPDATE SKIP LOCKED)
+    RETURNING c.id, c.custom_id, c.client, c.url, c.task_state, c.task_attempts, c.task_error,
+              c.finished_at, c.attempts
+)
+SELECT c.*, t.endpoint, t.model, t.metadata, r.status_code, r.response
+FROM claimed c
+LEFT JOIN tasks t ON t.custom_id = c.custom_id
+LEFT JOIN results r ON r.custom_id = c.custom_id AND c.task_state = 'succeeded'
+ORDER BY c.id
+""")
+
+
+async def claim_callbacks(conn: AsyncConnection, limit: int, lease_seconds: float
+                          ) -> list[dict[str, Any]]:
+    """Due deliveries with what their payload needs. The claim counts the
+    attempt and pushes the row out by the lease, so no other replica POSTs it
+    meanwhile, and a replica that dies mid-POST leaves it due again."""
+    rows = await conn.execute(_CLAIM_CALLBACKS, {"lim": limit, "lease": lease_seconds})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def record_callback_attempt(
+    conn: AsyncConnection, callback_id: int, attempt: int, *, status: int | None,
+    error: str | None, duration: float, delivered: bool, retry_in: float | None,
+) -> str | None:
+    """Record one POST and what follows from it: delivered, due again after
+    ``retry_in``, or (``retry_in`` None) failed for good. Returns the new
+    state, or None when another replica re-claimed the row meanwhile (the
+    attempt is still recorded: it happened)."""
+    row = await conn.execute(text("""
+        WITH att AS (
+            INSERT INTO callback_attempts (callback_id, attempt, status_code, error,
+                                           duration_seconds)
+            VALUES (:id, :attempt, :status, :error, :duration)
+        )
+        UPDATE callbacks SET
+            state = CASE WHEN :ok THEN 'delivered'
+                         WHEN CAST(:delay AS float8) IS NULL THEN 'failed' ELSE 'pending' END,
+            delivered_at = CASE WHEN :ok THEN now() END,
+            next_attempt_at = CASE WHEN :ok OR CAST(:delay AS float8) IS NULL
+                THEN next_attempt_at ELSE now() + make_interval(secs => :delay) END,
+            last_status = :status, last_error = :error, updated_at = now()
+        WHERE id = :id AND state = 'pending' AND attempts = :attempt
+        RETURNING state"""),
+        {"id": callback_id, "attempt": attempt, "status": status, "error": error,
+         "duration": duration, "ok": delivered, "delay": retry_in})
+    return row.scalar_one_or_none()
+
+
+_CALLBACK_COLUMNS = """id, custom_id, client, url, task_state, state, attempts, last_status,
+    last_error, replay_count, created_at, updated_at, delivered_at"""
+
+
+async def page_failed_callbacks(conn: AsyncConnection, after: int, limit: int,
+                                client: str | None = None) -> list[dict[str, Any]]:
+    """Deliveries that used up their attempts, oldest first."""
+    rows = await conn.execute(text(f"""
+        SELECT {_CALLBACK_COLUMNS} FROM callbacks
+        WHERE state = 'failed' AND id > :after
+          AND (CAST(:client AS text) IS NULL OR client = :client)
+        ORDER BY id LIMIT :limit"""), {"after": after, "limit": limit, "client": client})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def callbacks_of_task(conn: AsyncConnection, custom_id: str) -> list[dict[str, Any]]:
+    """Every delivery of a task with each of its attempts."""
+    rows = await conn.execute(text(f"""
+        SELECT {", ".join("c." + c.strip() for c in _CALLBACK_COLUMNS.split(","))},
+               coalesce((SELECT jsonb_agg(jsonb_build_object(
+                            'attempt', a.attempt, 'status_code', a.status_code,
+                            'error', a.error, 'duration_seconds', a.duration_seconds,
+                            'at', a.created_at) ORDER BY a.id)
+                         FROM callback_attempts a WHERE a.callback_id = c.id), '[]'::jsonb)
+                 AS attempt_log
+        FROM callbacks c WHERE c.custom_id = :cid ORDER BY c.id"""), {"cid": custom_id})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def replay_callbacks(conn: AsyncConnection, ids: Sequence[int], custom_ids: Sequence[str],
+                           *, everything: bool = False) -> list[int]:
+    """Failed deliveries (by id or task, or all) due again now, with a fresh
+    set of attempts; the attempt log is kept."""
+    rows = await conn.execute(text("""
+        UPDATE callbacks SET state = 'pending', attempts = 0, next_attempt_at = now(),
+               replay_count = replay_count + 1, updated_at = now()
+        WHERE state = 'failed'
+          AND (:all OR id = ANY(CAST(:ids AS bigint[]))
+               OR custom_id = ANY(CAST(:cids AS text[])))
+        RETURNING id"""), {"ids": list(ids), "cids": list(custom_ids), "all": everything})
+    return sorted(r[0] for r in rows)
+
+
+async def callback_backlog(conn: AsyncConnection) -> dict[str, int]:
+    """Deliveries waiting (pending) and given up on (failed), for the gauges."""
+    row = await conn.execute(text("""
+        SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+               count(*) FILTER (WHERE state = 'failed') AS failed
+        FROM callbacks WHERE state <> 'delivered'"""))
+    return {k: int(v) for k, v in row.mappings().one().items()}

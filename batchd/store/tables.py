@@ -9,6 +9,8 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Float,
+    ForeignKey,
     Identity,
     Index,
     Integer,
@@ -55,6 +57,10 @@ tasks = Table(
     Column("lane", Text, nullable=False, server_default="batch"),
     Column("deadline", DateTime(timezone=True)),
     Column("fallback_at", DateTime(timezone=True)),
+    # The configured client whose token sent the task (NULL: anonymous), and
+    # where its result is POSTed when it reaches a terminal state.
+    Column("client", Text),
+    Column("callback_url", Text),
     CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name="task_state"),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
     Index("tasks_queued_window", "endpoint", "model", "not_before", "id",
@@ -140,4 +146,50 @@ task_events = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("task_events_custom_id", "custom_id"),
     Index("task_events_day", "created_at", "outcome"),
+)
+
+# The callback outbox: one row per terminal state reached by a task with a
+# callback_url, written in the transaction that makes the state terminal, so a
+# crash between the two can never lose a delivery.
+callbacks = Table(
+    "callbacks",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("custom_id", Text, nullable=False),
+    Column("client", Text),
+    Column("url", Text, nullable=False),
+    # The terminal state as it was reached (the task may be replayed later).
+    Column("task_state", Text, nullable=False),
+    Column("task_attempts", Integer, nullable=False),
+    Column("task_error", JSONB),
+    Column("finished_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("state", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    # Due time while pending; a claim pushes it out by the delivery lease, so
+    # a replica that dies mid-POST leaves the row due again, not lost.
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_status", Integer),
+    Column("last_error", Text),
+    Column("replay_count", Integer, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("delivered_at", DateTime(timezone=True)),
+    CheckConstraint("state IN ('pending','delivered','failed')", name="callback_state"),
+    Index("callbacks_due", "next_attempt_at", postgresql_where=text("state = 'pending'")),
+    Index("callbacks_failed", "id", postgresql_where=text("state = 'failed'")),
+    Index("callbacks_custom_id", "custom_id"),
+)
+
+callback_attempts = Table(
+    "callback_attempts",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("callback_id", BigInteger, ForeignKey("callbacks.id", ondelete="CASCADE"),
+           nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("status_code", Integer),  # NULL: no HTTP answer (refused, timeout, ...)
+    Column("error", Text),
+    Column("duration_seconds", Float, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("callback_attempts_callback", "callback_id", "id"),
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from batchd.clients import parse_inline
 from batchd.config import load_settings
 from batchd.errors import ConfigError
 
@@ -13,7 +14,7 @@ def test_defaults_match_the_design() -> None:
     assert (s.window_seconds, s.max_batch_items, s.max_attempts) == (900, 500, 3)
     assert (s.poll_interval_seconds, s.retry_backoff_seconds) == (60, 60)
     assert (s.http_host, s.http_port, s.failure_alert_ratio) == ("127.0.0.1", 8080, 0.03)
-    assert s.daily_budget_usd is None and s.tokens == frozenset()
+    assert s.daily_budget_usd is None and s.ingest_tokens is None
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -21,7 +22,8 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCHD_INGEST_TOKENS", "a, b,,")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     s = load_settings()
-    assert s.window_seconds == 60 and s.tokens == {"a", "b"} and s.openai_api_key == "sk-test"
+    assert s.window_seconds == 60 and s.openai_api_key == "sk-test"
+    assert parse_inline(s.ingest_tokens) == [(None, "a"), (None, "b")]
 
 
 @pytest.mark.parametrize(("var", "value"), [

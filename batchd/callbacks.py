@@ -1,0 +1,197 @@
+"""Result callbacks: the outbox → signed POSTs to each task's callback_url.
+
+The router and the sync lane write an outbox row in the transaction that
+makes a task terminal (repo.store_successes / store_failures), so a crash
+never loses a delivery. Every replica runs this loop: it claims due rows with
+``FOR UPDATE SKIP LOCKED`` under a lease, POSTs each one, and records every
+attempt. Delivery is at least once: a receiver that answered 2xx but whose
+answer was lost, or a replica that died mid-POST, means the same delivery
+(same ``Batchd-Delivery`` id) comes again, so receivers deduplicate on it.
+A non-2xx answer, a timeout or a refused connection is retried with
+exponential backoff and jitter up to BATCHD_CALLBACK_MAX_ATTEMPTS; then the
+delivery is ``failed``, listed by ``GET /v1/callbacks/failed`` and replayable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchd import __version__, logs, metrics
+from batchd.clients import Clients
+from batchd.config import Settings
+from batchd.domain import backoff_seconds, callback_url_problem
+from batchd.signing import (
+    ATTEMPT_HEADER,
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    sign,
+)
+from batchd.store import repo
+
+log = logs.get("batchd.callbacks")
+
+_TICK_SECONDS = 1.0
+_BACKOFF_CAP_SECONDS = 3600.0
+_ERROR_CHARS = 300
+
+
+def payload(row: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body POSTed for one claimed outbox row."""
+    succeeded = row["task_state"] == "succeeded"
+    return {
+        "delivery_id": str(row["id"]),
+        "custom_id": row["custom_id"],
+        "state": row["task_state"],
+        "attempts": row["task_attempts"],
+        "finished_at": _iso(row["finished_at"]),
+        "endpoint": row.get("endpoint"),
+        "model": row.get("model"),
+        "metadata": row.get("metadata"),
+        "status_code": row.get("status_code") if succeeded else None,
+        "response": row.get("response") if succeeded else None,
+        "last_error": None if succeeded else row.get("task_error"),
+    }
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+class CallbackSender:
+    def __init__(self, engine: AsyncEngine, clients: Clients, settings: Settings) -> None:
+        self.engine = engine
+        self.clients = clients
+        self.allowed_hosts = settings.callback_hosts
+        self.max_attempts = settings.callback_max_attempts
+        self.base_delay = settings.callback_backoff_seconds
+        self.timeout = settings.callback_timeout_seconds
+        self.concurrency = settings.callback_concurrency
+        # Past the POST's own timeout plus time to record it, a claim is
+        # presumed lost with its replica and the row is due again.
+        self.lease_seconds = self.timeout * 2 + 10
+        self._session: aiohttp.ClientSession | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                started = 0
+                try:
+                    started = await self.tick()
+                except Exception:
+                    log.exception("callbacks.tick_failed")
+                if started and len(self._running) < self.concurrency:
+                    continue  # a backlog: claim more at once
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), _TICK_SECONDS)
+            await self.wait_deliveries()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def wait_deliveries(self) -> None:
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def tick(self) -> int:
+        """Claim due deliveries for free slots and start them; returns how many."""
+        free = self.concurrency - len(self._running)
+        if free <= 0:
+            return 0
+        async with self.engine.begin() as conn:
+            rows = await repo.claim_callbacks(conn, free, self.lease_seconds)
+        for row in rows:
+            task = asyncio.create_task(self._deliver(row))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        return len(rows)
+
+    async def drain(self) -> None:
+        """Deliver everything due now, including what comes due meanwhile
+        (tests and `batchd callbacks replay` use it)."""
+        while await self.tick():
+            await self.wait_deliveries()
+        await self.wait_deliveries()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": f"batchd/{__version__}"})
+        return self._session
+
+    async def _deliver(self, row: dict[str, Any]) -> None:
+        attempt: int = row["attempts"]
+        status: int | None = None
+        error: str | None = None
+        retry = True
+        started = time.monotonic()
+        secret = self.clients.secret_for(row["client"])
+        problem = callback_url_problem(row["url"], self.allowed_hosts)
+        if problem:
+            # Ops narrowed the allow-list since ingest: never POST there.
+            error, retry = f"callback_url {problem}", False
+        elif secret is None:
+            error = (f"no callback secret for client {row['client'] or 'anonymous'!r}; "
+                     "configure one, then replay")
+        else:
+            status, error = await self._post(row, secret, attempt)
+        duration = time.monotonic() - started
+        delivered = status is not None and 200 <= status < 300
+        retry_in = None
+        if not delivered and retry and attempt < self.max_attempts:
+            retry_in = backoff_seconds(attempt, self.base_delay, random.random(),
+                                       _BACKOFF_CAP_SECONDS)
+        try:
+            async with self.engine.begin() as conn:
+                state = await repo.record_callback_attempt(
+                    conn, row["id"], attempt, status=status, error=error, duration=duration,
+                    delivered=delivered, retry_in=retry_in)
+        except Exception:
+            # Not recorded: the lease runs out and the delivery is made again.
+            log.exception("callbacks.record_failed", callback_id=row["id"])
+            return
+        outcome = "delivered" if delivered else ("retried" if retry_in is not None else "failed")
+        metrics.CALLBACK_DELIVERIES.labels(outcome=outcome,
+                                           client=self.clients.label(row["client"])).inc()
+        metrics.CALLBACK_SECONDS.observe(duration)
+        event = "callback.delivered" if delivered else "callback.attempt_failed"
+        log_fn = log.warning if outcome == "failed" else log.info if delivered else log.debug
+        log_fn(event, callback_id=row["id"], custom_id=row["custom_id"], attempt=attempt,
+               status=status, error=error, outcome=outcome, state=state,
+               retry_in=round(retry_in, 1) if retry_in is not None else None)
+
+    async def _post(self, row: dict[str, Any], secret: str, attempt: int
+                    ) -> tuple[int | None, str | None]:
+        body = orjson.dumps(payload(row))
+        timestamp = str(int(time.time()))
+        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp,
+                   SIGNATURE_HEADER: sign(secret, timestamp, body),
+                   DELIVERY_HEADER: str(row["id"]), ATTEMPT_HEADER: str(attempt)}
+        try:
+            # Redirects are not followed: the allow-list vetted this URL only.
+            async with self.session.post(row["url"], data=body, headers=headers,
+                                         allow_redirects=False) as resp:
+                if 200 <= resp.status < 300:
+                    return resp.status, None
+                text = (await resp.content.read(_ERROR_CHARS)).decode(errors="replace")
+                return resp.status, f"HTTP {resp.status}: {text}".strip()
+        except TimeoutError:
+            return None, f"no answer within {self.timeout:g}s"
+        except aiohttp.ClientError as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
