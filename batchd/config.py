@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -10,6 +11,14 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from batchd.domain import (
+    DEFAULT_LIMITS,
+    MAX_CUSTOM_ID,
+    MAX_METADATA_KEY,
+    MAX_METADATA_PAIRS,
+    MAX_METADATA_VALUE,
+    Limits,
+)
 from batchd.errors import ConfigError
 
 # Provider limits (openai-batch-protocol.md section 6).
@@ -64,6 +73,24 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(30, gt=0, description="SIGTERM drain limit")
     max_queued_tasks: int | None = Field(None, ge=1, description="ingest answers 429 past this")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="ingest body limit")
+    max_tasks_per_request: int = Field(
+        10_000, ge=1, le=PROVIDER_MAX_LINES, description="tasks one ingest request may hold")
+    max_custom_id_chars: int = Field(
+        MAX_CUSTOM_ID, ge=1, le=MAX_CUSTOM_ID, description="longest custom_id")
+    custom_id_pattern: str = Field(
+        DEFAULT_LIMITS.custom_id_pattern, min_length=1,
+        description="regular expression a whole custom_id must match")
+    max_task_body_bytes: int = Field(
+        DEFAULT_LIMITS.task_body_bytes, ge=64, le=PROVIDER_MAX_FILE_BYTES,
+        description="largest task body, as JSON")
+    max_body_depth: int = Field(
+        DEFAULT_LIMITS.body_depth, ge=2, le=512, description="deepest nesting in a task body")
+    max_metadata_pairs: int = Field(
+        MAX_METADATA_PAIRS, ge=0, le=MAX_METADATA_PAIRS, description="metadata pairs per task")
+    max_metadata_key_chars: int = Field(
+        MAX_METADATA_KEY, ge=1, le=MAX_METADATA_KEY, description="longest metadata key")
+    max_metadata_value_chars: int = Field(
+        MAX_METADATA_VALUE, ge=1, le=MAX_METADATA_VALUE, description="longest metadata value")
     sync_concurrency: int = Field(8, ge=1, description="synchronous lane concurrency")
     batch_share: int = Field(100, ge=0, le=100, description="canary share sent to batches")
     scheduler_interval_seconds: float = Field(1.0, gt=0, description="scheduler tick")
@@ -75,6 +102,28 @@ class Settings(BaseSettings):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+    @field_validator("custom_id_pattern")
+    @classmethod
+    def _pattern_compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc})") from None
+        return v
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            tasks_per_request=self.max_tasks_per_request,
+            custom_id_chars=self.max_custom_id_chars,
+            custom_id_pattern=self.custom_id_pattern,
+            task_body_bytes=min(self.max_task_body_bytes, self.max_file_bytes),
+            body_depth=self.max_body_depth,
+            metadata_pairs=self.max_metadata_pairs,
+            metadata_key_chars=self.max_metadata_key_chars,
+            metadata_value_chars=self.max_metadata_value_chars,
+        )
 
     @property
     def callback_hosts(self) -> tuple[str, ...]:

@@ -3,9 +3,11 @@ means, how long to back off. No I/O here, so each rule has a table-driven test."
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -23,6 +25,7 @@ ENDPOINTS: dict[str, str] = {
     "/v1/completions": "prompt",
     "/v1/moderations": "input",
 }
+# Provider limits: no setting may raise a limit past these.
 MAX_CUSTOM_ID = 512
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY = 64
@@ -54,14 +57,49 @@ class FlushReason(StrEnum):
 
 
 class InvalidTask(ValueError):
-    """A task in the request is invalid; the message names it and the field."""
+    """A task in the request is invalid; the message names it and the field.
+    ``status`` is 413 for a task over a size limit, else 400."""
 
-    def __init__(self, index: int, custom_id: str | None, field: str, reason: str) -> None:
+    def __init__(self, index: int, custom_id: str | None, field: str, reason: str,
+                 status: int = 400) -> None:
         who = f"task {index}" + (f" ({custom_id!r})" if custom_id else "")
         super().__init__(f"{who}: {field} {reason}")
         self.index = index
         self.custom_id = custom_id
         self.field = field
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request and each task in it may hold (the BATCHD_MAX_* settings).
+
+    The defaults are the provider's own limits where it has one, so a task
+    batchd accepts is never refused by the provider for its shape.
+    """
+
+    tasks_per_request: int = 10_000
+    custom_id_chars: int = MAX_CUSTOM_ID
+    # Characters a custom_id may hold: safe in a URL path segment once
+    # percent-encoded, in a log line and in a file name.
+    custom_id_pattern: str = r"[A-Za-z0-9._:@+=~/-]+"
+    task_body_bytes: int = 8 * 1024 * 1024
+    body_depth: int = 64
+    metadata_pairs: int = MAX_METADATA_PAIRS
+    metadata_key_chars: int = MAX_METADATA_KEY
+    metadata_value_chars: int = MAX_METADATA_VALUE
+
+    @property
+    def custom_id_regex(self) -> re.Pattern[str]:
+        return _compiled(self.custom_id_pattern)
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,36 +157,43 @@ def estimate_tokens(endpoint: str, body: dict[str, Any], body_bytes: int) -> tup
     return est_in, est_out
 
 
-def parse_task(obj: Any, index: int) -> TaskIn:
-    """Validate one submitted task; raise InvalidTask naming the field."""
+def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
+    """Validate one submitted task; raise InvalidTask naming the field.
+
+    Everything the provider would reject for sure is refused here, so one bad
+    task never fails a whole batch later. openapi.py states the same rules as
+    JSON Schema; keep the two in step (schemathesis checks they agree).
+    """
     if not isinstance(obj, dict):
         raise InvalidTask(index, None, "task", "must be a JSON object")
     cid = obj.get("custom_id")
     if not isinstance(cid, str) or not cid:
         raise InvalidTask(index, None, "custom_id", "is required and must be a non-empty string")
-    if len(cid) > MAX_CUSTOM_ID:
-        raise InvalidTask(index, cid[:40], "custom_id", f"must be at most {MAX_CUSTOM_ID} chars")
-    unknown = set(obj) - {"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
-                          "deadline", "callback_url"}
+    if len(cid) > limits.custom_id_chars:
+        raise InvalidTask(index, cid[:40], "custom_id",
+                          f"must be at most {limits.custom_id_chars} characters")
+    if not limits.custom_id_regex.fullmatch(cid):
+        raise InvalidTask(index, cid[:40], "custom_id",
+                          f"may only hold characters matching {limits.custom_id_pattern}")
+    unknown = set(obj) - TASK_FIELDS
     if unknown:
         raise InvalidTask(index, cid, sorted(unknown)[0], "is not a known task field")
-    endpoint = obj.get("endpoint", obj.get("url", DEFAULT_ENDPOINT))
-    if endpoint not in ENDPOINTS:
-        raise InvalidTask(index, cid, "endpoint", f"must be one of {', '.join(ENDPOINTS)}")
+    endpoint = _endpoint(obj, index, cid)
+    if obj.get("method", "POST") != "POST":
+        raise InvalidTask(index, cid, "method", 'must be "POST" (the only method batches run)')
     body = obj.get("body")
     if not isinstance(body, dict):
         raise InvalidTask(index, cid, "body", "is required and must be a JSON object")
     model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
+    if not isinstance(model, str) or not _NON_BLANK.search(model):
         raise InvalidTask(index, cid, "body.model", "is required and must be a non-empty string")
-    required = ENDPOINTS[endpoint]
-    if required not in body:
-        raise InvalidTask(index, cid, f"body.{required}", f"is required for {endpoint}")
     if body.get("stream") is True:
         raise InvalidTask(index, cid, "body.stream", "must not be true: batches cannot stream")
+    _check_body_shape(endpoint, body, index, cid)
+    _check_json(body, "body", limits.body_depth, index, cid)
     metadata = obj.get("metadata")
     if metadata is not None:
-        _check_metadata(metadata, index, cid)
+        _check_metadata(metadata, index, cid, limits)
     lane = obj.get("lane")
     if lane is not None and lane not in LANES:
         raise InvalidTask(index, cid, "lane", 'must be "batch" or "sync"')
@@ -161,7 +206,10 @@ def parse_task(obj: Any, index: int) -> TaskIn:
     if callback_url is not None and not isinstance(callback_url, str):
         raise InvalidTask(index, cid, "callback_url", "must be an http(s) URL string")
     line = input_line(cid, endpoint, body)
-    body_bytes = len(line) - len(cid) - len(endpoint) - 40
+    body_bytes = len(line) - len(cid.encode()) - len(endpoint.encode()) - _LINE_OVERHEAD
+    if body_bytes > limits.task_body_bytes:
+        raise InvalidTask(index, cid, "body", f"is {body_bytes} bytes as JSON, more than "
+                          f"the {limits.task_body_bytes} a task may hold", status=413)
     est_in, est_out = estimate_tokens(endpoint, body, body_bytes)
     return TaskIn(
         custom_id=cid,
@@ -178,6 +226,90 @@ def parse_task(obj: Any, index: int) -> TaskIn:
         profile=profile,
         callback_url=callback_url,
     )
+
+
+# Fields a task object may carry. ``method`` and ``url`` let a provider input
+# line be posted as it is; ``url`` is another name for ``endpoint``.
+TASK_FIELDS = frozenset({"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
+                         "deadline", "callback_url"})
+_NON_BLANK = re.compile(r"\S")
+# Bytes of an input line that are neither custom_id, endpoint nor body.
+_LINE_OVERHEAD = len(input_line("", "", {})) - len(b"{}")
+
+
+def _endpoint(obj: dict[str, Any], index: int, cid: str) -> str:
+    given = [obj[k] for k in ("endpoint", "url") if k in obj]
+    for value in given:
+        if value not in ENDPOINTS:
+            field = "endpoint" if "endpoint" in obj and obj["endpoint"] == value else "url"
+            raise InvalidTask(index, cid, field, f"must be one of {', '.join(ENDPOINTS)}")
+    if len(given) == 2 and given[0] != given[1]:
+        raise InvalidTask(index, cid, "url", "must equal endpoint when both are given")
+    endpoint: str = given[0] if given else DEFAULT_ENDPOINT
+    return endpoint
+
+
+# The roles the provider's chat API knows; any other is refused for sure.
+CHAT_ROLES = ("developer", "system", "user", "assistant", "tool", "function")
+
+
+def _is_int(value: Any) -> bool:
+    """JSON Schema's integer: 3 and 3.0, never true/false."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _is_tokens(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_is_int(v) for v in value)
+
+
+def _check_body_shape(endpoint: str, body: dict[str, Any], index: int, cid: str) -> None:
+    """The minimum each endpoint's body needs (openai-batch-protocol.md section 3)."""
+    key = ENDPOINTS[endpoint]
+    if key not in body:
+        raise InvalidTask(index, cid, f"body.{key}", f"is required for {endpoint}")
+    value = body[key]
+    field = f"body.{key}"
+    if endpoint == "/v1/chat/completions":
+        if not isinstance(value, list) or not value:
+            raise InvalidTask(index, cid, field, "must be a non-empty list of message objects")
+        for n, msg in enumerate(value):
+            if not isinstance(msg, dict) or msg.get("role") not in CHAT_ROLES:
+                raise InvalidTask(index, cid, f"{field}[{n}].role",
+                                  f"must be one of {', '.join(CHAT_ROLES)}")
+    elif endpoint == "/v1/embeddings":
+        ok = (isinstance(value, str) and value != "") or _is_tokens(value) or (
+            isinstance(value, list) and bool(value) and all(
+                (isinstance(v, str) and v != "") or _is_tokens(v) for v in value))
+        if not ok:
+            raise InvalidTask(index, cid, field, "must be a non-empty string, a list of "
+                              "non-empty strings, or token arrays")
+    elif endpoint == "/v1/completions":
+        if not isinstance(value, str | list):
+            raise InvalidTask(index, cid, field, "must be a string or a list")
+    elif not ((isinstance(value, str) and value != "") or (isinstance(value, list) and value)):
+        raise InvalidTask(index, cid, field, "must be a non-empty string or a non-empty list")
+
+
+def _check_json(value: Any, field: str, depth: int, index: int, cid: str) -> None:
+    """No nesting deeper than ``depth`` and no NUL character (PostgreSQL's jsonb
+    cannot store one), walked without recursion so hostile input cannot
+    exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise InvalidTask(index, cid, field, "must not contain a NUL (\\u0000) character")
+        elif isinstance(item, dict | list):
+            if level > depth:
+                raise InvalidTask(index, cid, field, f"nests deeper than {depth} levels")
+            if isinstance(item, dict):
+                stack.extend((k, level) for k in item)
+                stack.extend((v, level + 1) for v in item.values())
+            else:
+                stack.extend((v, level + 1) for v in item)
 
 
 def _parse_deadline(raw: Any, index: int, cid: str) -> datetime | None:
@@ -313,16 +445,21 @@ def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) 
     return Placement("batch", "batch", max(0.0, window_seconds - window), fallback_at)
 
 
-def _check_metadata(metadata: Any, index: int, cid: str) -> None:
+def _check_metadata(metadata: Any, index: int, cid: str, limits: Limits) -> None:
     if not isinstance(metadata, dict):
         raise InvalidTask(index, cid, "metadata", "must be an object of strings")
-    if len(metadata) > MAX_METADATA_PAIRS:
-        raise InvalidTask(index, cid, "metadata", f"must hold at most {MAX_METADATA_PAIRS} pairs")
+    if len(metadata) > limits.metadata_pairs:
+        raise InvalidTask(index, cid, "metadata",
+                          f"must hold at most {limits.metadata_pairs} pairs")
     for k, v in metadata.items():
-        if len(k) > MAX_METADATA_KEY:
-            raise InvalidTask(index, cid, f"metadata.{k[:20]}", "key is longer than 64 chars")
-        if not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
-            raise InvalidTask(index, cid, f"metadata.{k}", "must be a string of at most 512 chars")
+        shown = k[:20].replace("\x00", "")
+        if len(k) > limits.metadata_key_chars or "\x00" in k:
+            raise InvalidTask(index, cid, f"metadata.{shown}",
+                              f"key must be at most {limits.metadata_key_chars} characters, "
+                              "without NUL")
+        if not isinstance(v, str) or len(v) > limits.metadata_value_chars or "\x00" in v:
+            raise InvalidTask(index, cid, f"metadata.{shown}", "must be a string of at most "
+                              f"{limits.metadata_value_chars} characters, without NUL")
 
 
 def flush_reason(

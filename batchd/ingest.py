@@ -13,10 +13,22 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
 from batchd.clients import ANONYMOUS, Client, Clients
-from batchd.domain import InvalidTask, TaskIn, callback_url_problem, parse_task, place
+from batchd.domain import (
+    DEFAULT_LIMITS,
+    InvalidTask,
+    Limits,
+    TaskIn,
+    callback_url_problem,
+    parse_task,
+    place,
+)
 from batchd.store import repo
 
 log = logs.get("batchd.ingest")
+
+
+# Seconds a caller is told to wait when the database is too slow to take more.
+OVERLOADED_RETRY_AFTER = 2
 
 
 class IngestError(Exception):
@@ -61,23 +73,28 @@ def decode_payload(raw: bytes, content_type: str) -> list[Any]:
         tasks = doc["tasks"]
         if not isinstance(tasks, list):
             raise IngestError(400, "invalid_request", '"tasks" must be a list of task objects')
+        if len(doc) > 1:
+            other = sorted(k for k in doc if k != "tasks")[0]
+            raise IngestError(400, "invalid_request",
+                              f'{other!r} is not a known field beside "tasks"')
         return tasks
     return [doc]
 
 
-def validate(items: list[Any], max_tasks: int, max_line_bytes: int) -> list[TaskIn]:
+def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> list[TaskIn]:
     """Parse every task; the first invalid one refuses the whole request."""
     if not items:
         raise IngestError(400, "invalid_request", "the request holds no tasks")
-    if len(items) > max_tasks:
-        raise IngestError(413, "too_many_tasks",
-                          f"a request may hold at most {max_tasks} tasks; split it")
+    if len(items) > limits.tasks_per_request:
+        raise IngestError(413, "too_many_tasks", f"a request may hold at most "
+                          f"{limits.tasks_per_request} tasks; split it")
     tasks: dict[str, TaskIn] = {}
     for index, item in enumerate(items):
         try:
-            task = parse_task(item, index)
+            task = parse_task(item, index, limits)
         except InvalidTask as exc:
-            raise IngestError(400, "invalid_task", str(exc),
+            code = "task_too_large" if exc.status == 413 else "invalid_task"
+            raise IngestError(exc.status, code, str(exc),
                               {"index": exc.index, "custom_id": exc.custom_id,
                                "field": exc.field}) from None
         if task.line_bytes > max_line_bytes:
@@ -110,7 +127,7 @@ class Ingest:
     never touches another caller's tasks.
     """
 
-    def __init__(self, engine: AsyncEngine, *, max_tasks: int = 10_000,
+    def __init__(self, engine: AsyncEngine, *, limits: Limits = DEFAULT_LIMITS,
                  max_line_bytes: int = 200 * 1024 * 1024, group_tasks: int = 2000,
                  writers: int = 2, window_seconds: float = 900, batch_share: int = 100,
                  clients: Clients | None = None, callback_hosts: tuple[str, ...] = (),
@@ -121,17 +138,25 @@ class Ingest:
         self.window_seconds = window_seconds
         self.batch_share = batch_share
         self.clock = clock
-        self.max_tasks = max_tasks
+        self.limits = limits
         self.max_line_bytes = max_line_bytes
         self.group_tasks = group_tasks
         self.writers = writers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._writer_tasks: list[asyncio.Task[None]] = []
 
+    def prepare(self, items: list[Any], client: Client | None = None) -> list[TaskIn]:
+        """Validate and place a request's tasks for ``client`` (None: an anonymous
+        token), without I/O: the 400/409/413 verdicts."""
+        return self._placed(self._with_callbacks(
+            validate(items, self.limits, self.max_line_bytes), items, client))
+
     async def submit(self, items: list[Any], client: Client | None = None) -> Accepted:
-        """Store a request's tasks for ``client`` (None: an anonymous token)."""
-        tasks = self._placed(self._with_callbacks(
-            validate(items, self.max_tasks, self.max_line_bytes), items, client))
+        return await self.store(self.prepare(items, client), len(items), client)
+
+    async def store(self, tasks: list[TaskIn], n_items: int, client: Client | None = None
+                    ) -> Accepted:
+        """Commit prepared tasks; answers only once they are durable."""
         if len(tasks) >= self.group_tasks:
             result = await self._store_alone(tasks)
         else:
@@ -146,7 +171,7 @@ class Ingest:
             len(result.inserted))
         states = [{"custom_id": cid, "state": "queued"} for cid in result.inserted]
         states += [{"custom_id": cid, "state": st} for cid, st in result.duplicates.items()]
-        n_dupes = len(result.duplicates) + (len(items) - len(tasks))
+        n_dupes = len(result.duplicates) + (n_items - len(tasks))
         return Accepted(len(result.inserted), n_dupes, states)
 
     def _with_callbacks(self, tasks: list[TaskIn], items: list[Any], client: Client | None

@@ -127,7 +127,7 @@ class Service:
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.api = ApiState(
             engine=engine,
-            ingest=Ingest(engine, max_line_bytes=settings.max_file_bytes,
+            ingest=Ingest(engine, limits=settings.limits, max_line_bytes=settings.max_file_bytes,
                           window_seconds=settings.window_seconds,
                           batch_share=settings.batch_share, clients=self.clients,
                           callback_hosts=settings.callback_hosts, clock=clock),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -15,11 +16,13 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from batchd import logs, metrics
+from batchd import logs, metrics, openapi
 from batchd.clients import Client, Clients
-from batchd.ingest import Ingest, IngestError, decode_payload
+from batchd.domain import ENDPOINTS
+from batchd.ingest import OVERLOADED_RETRY_AFTER, Ingest, IngestError, decode_payload
 from batchd.replay import Replayer
 from batchd.report import Reporter
 from batchd.store import repo
@@ -27,7 +30,7 @@ from batchd.store import repo
 log = logs.get("batchd.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
 
 
 @dataclass(slots=True)
@@ -85,7 +88,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         message = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
         if exc.status == 413:
             message = "the request body is too large; send fewer tasks per request"
-        return error_response(exc.status, code, message or code)
+        reply = error_response(exc.status, code, message or code)
+        if "Allow" in exc.headers:
+            reply.headers["Allow"] = exc.headers["Allow"]
+        return reply
+    except PoolTimeout:
+        log.warning("api.database_slow", path=request.path, error="pool_timeout")
+        return error_response(503, "overloaded", "the task store is too slow to answer now; "
+                              "retry later", retry_after=OVERLOADED_RETRY_AFTER)
     except (OSError, OperationalError, InterfaceError, DBAPIError) as exc:
         log.warning("api.database_unavailable", path=request.path, error=type(exc).__name__)
         return error_response(503, "unavailable",
@@ -119,14 +129,16 @@ async def post_tasks(request: web.Request) -> web.Response:
     if state.draining:
         return error_response(503, "draining", "batchd is shutting down; retry on another "
                               "replica", retry_after=5)
+    wait = _wait_param(request)
     raw = await request.read()
     items = decode_payload(raw, request.content_type)
-    if state.max_queued is not None and state.queued_estimate + len(items) > state.max_queued:
+    client = _client(request)
+    tasks = state.ingest.prepare(items, client)
+    if state.max_queued is not None and state.queued_estimate + len(tasks) > state.max_queued:
         return error_response(429, "queue_full",
                               f"more than {state.max_queued} tasks are queued; retry later",
                               retry_after=30)
-    wait = _wait_param(request)
-    accepted = await state.ingest.submit(items, _client(request))
+    accepted = await state.ingest.store(tasks, len(items), client)
     state.queued_estimate += accepted.accepted
     if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
         done = await _wait_terminal(state.engine, [t["custom_id"] for t in accepted.tasks], wait)
@@ -142,15 +154,13 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
 def _wait_param(request: web.Request) -> float:
     """``?wait=30s`` (also ``500ms``, ``2m`` or plain seconds), capped at 5 minutes."""
-    raw = request.query.get("wait", "").strip()
+    raw = request.query.get("wait", "")
     if not raw:
         return 0.0
-    unit = next((u for u in ("ms", "s", "m") if raw.endswith(u)), "")
-    try:
-        seconds = float(raw[: len(raw) - len(unit)]) * _UNITS.get(unit, 1.0)
-    except ValueError:
-        raise IngestError(400, "invalid_parameter", "wait must look like 30s, 500ms or 2m") \
-            from None
+    match = _WAIT.fullmatch(raw)
+    if match is None:
+        raise IngestError(400, "invalid_parameter", "wait must look like 30s, 500ms or 2m")
+    seconds = float(match[1]) * _UNITS[match[2] or "s"]
     if not 0 <= seconds <= _MAX_WAIT_SECONDS:
         raise IngestError(400, "invalid_parameter", "wait must be between 0 and 5m")
     return seconds
@@ -176,21 +186,41 @@ async def _wait_terminal(engine: AsyncEngine, custom_ids: list[str], wait: float
 
 async def get_task(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    custom_id = request.match_info["custom_id"]
+    if not state.ingest.limits.custom_id_regex.fullmatch(custom_id):
+        # Ingest never stores such an id, and a NUL would not even reach the query.
+        return error_response(404, "not_found", "no task with that custom_id")
     async with state.engine.connect() as conn:
-        task = await repo.get_task(conn, request.match_info["custom_id"])
+        task = await repo.get_task(conn, custom_id)
     if task is None:
         return error_response(404, "not_found", "no task with that custom_id")
     return json_response(task)
+
+
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_WAIT = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m)?")
+
+
+def _date_param(request: web.Request, name: str) -> date | None:
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    try:
+        if not _DATE.fullmatch(raw):
+            raise ValueError(raw)
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise IngestError(400, "invalid_parameter", f"{name} must be YYYY-MM-DD") from None
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise IngestError(400, "invalid_parameter", f"{name} must be an integer") from None
+    if not _INTEGER.fullmatch(raw):
+        raise IngestError(400, "invalid_parameter", f"{name} must be an integer")
+    value = int(raw)
     if not lo <= value <= hi:
         raise IngestError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}")
     return value
@@ -208,15 +238,17 @@ async def get_results(request: web.Request) -> web.Response:
 async def get_failed(request: web.Request) -> web.Response:
     after = _int_param(request, "after", 0, 0, 2**62)
     limit = _int_param(request, "limit", 100, 1, 1000)
-    day = None
-    if request.query.get("day"):
-        try:
-            day = date.fromisoformat(request.query["day"])
-        except ValueError:
-            raise IngestError(400, "invalid_parameter", "day must be YYYY-MM-DD") from None
+    day = _date_param(request, "day")
+    reason = request.query.get("reason")
+    if reason is not None and (len(reason) > 200 or "\x00" in reason):
+        raise IngestError(400, "invalid_parameter", "reason must be an error code")
+    endpoint = request.query.get("endpoint")
+    if endpoint is not None and endpoint not in ENDPOINTS:
+        raise IngestError(400, "invalid_parameter",
+                          f"endpoint must be one of {', '.join(ENDPOINTS)}")
     async with request.app[STATE].engine.connect() as conn:
-        rows = await repo.page_failed(conn, after, limit, reason=request.query.get("reason"),
-                                      day=day, endpoint=request.query.get("endpoint"))
+        rows = await repo.page_failed(conn, after, limit, reason=reason, day=day,
+                                      endpoint=endpoint)
     nxt = rows[-1]["id"] if rows else after
     return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
@@ -227,14 +259,18 @@ async def post_replay(request: web.Request) -> web.Response:
         doc = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError:
         raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
-    ids = doc.get("custom_ids") if isinstance(doc, dict) else None
-    replay_all = bool(doc.get("all")) if isinstance(doc, dict) else False
-    if ids is None and not replay_all:
+    usage = 'name tasks with {"custom_ids": [...]} or replay all with {"all": true}'
+    if not isinstance(doc, dict) or set(doc) - {"custom_ids", "all"}:
+        raise IngestError(400, "invalid_request", usage)
+    ids = doc.get("custom_ids")
+    replay_all = doc.get("all", False)
+    if not isinstance(replay_all, bool) or (ids is None and not replay_all):
+        raise IngestError(400, "invalid_request", usage)
+    limit = request.app[STATE].ingest.limits.tasks_per_request
+    if ids is not None and (not isinstance(ids, list) or len(ids) > limit or not all(
+            isinstance(i, str) and len(i) <= 512 and "\x00" not in i for i in ids)):
         raise IngestError(400, "invalid_request",
-                          'name tasks with {"custom_ids": [...]} or replay all with {"all": true}')
-    if ids is not None and (not isinstance(ids, list) or
-                            not all(isinstance(i, str) for i in ids)):
-        raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
+                          f"custom_ids must be a list of at most {limit} custom_id strings")
     outcome = await request.app[STATE].replayer.replay(ids)
     return json_response(outcome.as_json())
 
@@ -242,15 +278,19 @@ async def post_replay(request: web.Request) -> web.Response:
 async def get_failed_callbacks(request: web.Request) -> web.Response:
     after = _int_param(request, "after", 0, 0, 2**62)
     limit = _int_param(request, "limit", 100, 1, 1000)
+    client = request.query.get("client") or None
+    if client is not None and (len(client) > 200 or "\x00" in client):
+        raise IngestError(400, "invalid_parameter", "client must be a client name")
     async with request.app[STATE].engine.connect() as conn:
-        rows = await repo.page_failed_callbacks(conn, after, limit,
-                                                client=request.query.get("client") or None)
+        rows = await repo.page_failed_callbacks(conn, after, limit, client=client)
     nxt = rows[-1]["id"] if rows else after
     return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
 
 async def get_task_callbacks(request: web.Request) -> web.Response:
     custom_id = request.match_info["custom_id"]
+    if not request.app[STATE].ingest.limits.custom_id_regex.fullmatch(custom_id):
+        return error_response(404, "not_found", "no task with that custom_id")
     async with request.app[STATE].engine.connect() as conn:
         if await repo.get_task(conn, custom_id) is None:
             return error_response(404, "not_found", "no task with that custom_id")
@@ -273,8 +313,8 @@ async def post_callbacks_replay(request: web.Request) -> web.Response:
     if ids is not None and (not isinstance(ids, list) or not all(
             isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids)):
         raise IngestError(400, "invalid_request", "ids must be a list of delivery ids")
-    if cids is not None and (not isinstance(cids, list) or
-                             not all(isinstance(i, str) for i in cids)):
+    if cids is not None and (not isinstance(cids, list) or not all(
+            isinstance(i, str) and len(i) <= 512 and "\x00" not in i for i in cids)):
         raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
     async with request.app[STATE].engine.begin() as conn:
         replayed = await repo.replay_callbacks(conn, ids or [], cids or [],
@@ -286,10 +326,7 @@ async def post_callbacks_replay(request: web.Request) -> web.Response:
 async def get_daily_report(request: web.Request) -> web.Response:
     reporter = request.app[STATE].reporter
     days = _int_param(request, "days", 1, 1, 366)
-    try:
-        end = date.fromisoformat(request.query["date"]) if request.query.get("date") else None
-    except ValueError:
-        raise IngestError(400, "invalid_parameter", "date must be YYYY-MM-DD") from None
+    end = _date_param(request, "date")
     rows = await reporter.daily(end, days)
     return json_response(rows[0] if days == 1 else rows)
 
@@ -312,9 +349,9 @@ async def readyz(request: web.Request) -> web.Response:
     if version != state.schema_head and (version is None or version in state.known_revisions):
         return error_response(503, "schema_outdated",
                               f"schema at {version}, code expects {state.schema_head}; "
-                              "run `batchd migrate`")
+                              "run `batchd migrate`", retry_after=30)
     if state.draining:
-        return error_response(503, "draining", "shutting down")
+        return error_response(503, "draining", "shutting down", retry_after=5)
     return json_response({"status": "ready", "schema": version})
 
 
@@ -324,10 +361,25 @@ async def metrics_handler(_request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})
 
 
+SPEC = web.AppKey("spec", bytes)
+DOCS = web.AppKey("docs", str)
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[SPEC], content_type="application/json")
+
+
+async def docs_page(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[DOCS], content_type="text/html")
+
+
 def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=max_request_bytes)
     app[STATE] = state
+    spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts))
+    app[SPEC] = orjson.dumps(spec)
+    app[DOCS] = openapi.render_html(spec)
     app.router.add_post("/v1/tasks", post_tasks)
     app.router.add_get("/v1/tasks/{custom_id}", get_task)
     app.router.add_get("/v1/tasks/{custom_id}/callbacks", get_task_callbacks)
@@ -340,4 +392,6 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/docs", docs_page)
     return app

@@ -26,6 +26,8 @@ from batchd.provider.emulator import Emulator
 from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
 from batchd.store.engine import make_engine
+from batchd.web import SPEC
+from tests.spec import SpecCheck
 
 API_KEY = "test-key"
 
@@ -49,6 +51,7 @@ class Harness:
     service: Service
     http: aiohttp.ClientSession
     base_url: str
+    spec: SpecCheck
 
     async def post(self, payload: Any, *, ndjson: bool = False,
                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -154,11 +157,16 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
     provider = OpenAIProvider(api_key=API_KEY, base_url=emu_url, max_retries=0)
     kwargs = {"clock": clock} if clock else {}
     service = Service(settings, engine, provider, **kwargs)
+    # Outermost, so it sees each reply as the caller does.
+    spec = SpecCheck(orjson.loads(service.app[SPEC]))
+    service.app.middlewares.insert(0, spec.middleware())
     runner: web.AppRunner = await service.start_api()
     http = aiohttp.ClientSession()
     try:
         yield Harness(settings, engine, emu, provider, service, http,
-                      f"http://127.0.0.1:{service.port}")
+                      f"http://127.0.0.1:{service.port}", spec)
+        assert not spec.violations, "replies that break the OpenAPI document:\n" + "\n".join(
+            spec.violations[:20])
     finally:
         await http.close()
         await service.scheduler.wait_sends()

@@ -118,12 +118,59 @@ def _task(**over: Any) -> dict[str, Any]:
     (_task(metadata={"k": 1}), "metadata.k"),
     (_task(metadata={f"k{i}": "v" for i in range(17)}), "metadata"),
     (_task(lane="sync", extra=1), "extra"),
+    (_task(method="GET"), "method"),
+    (_task(url="/v1/files"), "url"),
+    (_task(endpoint="/v1/embeddings", url="/v1/completions"), "url"),
+    (_task(body={"model": "m", "messages": "hi"}), "body.messages"),
+    (_task(body={"model": "m", "messages": [{"content": "hi"}]}), "body.messages[0].role"),
+    (_task(body={"model": "m", "messages": [{"role": "robot"}]}), "body.messages[0].role"),
+    (_task(body={"model": " ", "messages": [{"role": "user"}]}), "body.model"),
+    (_task(endpoint="/v1/embeddings", body={"model": "m", "input": ""}), "body.input"),
+    (_task(endpoint="/v1/embeddings", body={"model": "m", "input": [True]}), "body.input"),
+    (_task(endpoint="/v1/embeddings", body={"model": "m", "input": {"a": 1}}), "body.input"),
+    (_task(endpoint="/v1/responses", body={"model": "m"}), "body.input"),
+    (_task(endpoint="/v1/responses", body={"model": "m", "input": []}), "body.input"),
+    (_task(endpoint="/v1/completions", body={"model": "m"}), "body.prompt"),
+    (_task(endpoint="/v1/completions", body={"model": "m", "prompt": 3}), "body.prompt"),
+    (_task(endpoint="/v1/moderations", body={"model": "m"}), "body.input"),
+    (_task(endpoint="/v1/moderations", body={"model": "m", "input": 5}), "body.input"),
+    (_task(url="/v1/embeddings", body={"model": "m", "messages": [{"role": "user"}]}),
+     "body.input"),
+    (_task(body={"model": "m", "messages": [{"role": "user", "content": "a\x00b"}]}), "body"),
+    (_task(custom_id="has space"), "custom_id"),
+    (_task(custom_id="a\x00"), "custom_id"),
+    (_task(metadata={"k\x00": "v"}), "metadata.k"),
 ])
 def test_parse_task_names_the_bad_field(task: Any, field: str) -> None:
     with pytest.raises(InvalidTask) as caught:
         parse_task(task, 3)
     assert caught.value.field == field
     assert str(caught.value).startswith("task 3")
+
+
+@pytest.mark.parametrize(("endpoint", "body"), [
+    ("/v1/chat/completions", {"model": "m", "messages": [{"role": "developer"}]}),
+    ("/v1/embeddings", {"model": "m", "input": "text"}),
+    ("/v1/embeddings", {"model": "m", "input": ["a", "b"]}),
+    ("/v1/embeddings", {"model": "m", "input": [1, 2, 3]}),
+    ("/v1/embeddings", {"model": "m", "input": [[1, 2], [3]]}),
+    ("/v1/responses", {"model": "m", "input": "hi"}),
+    ("/v1/responses", {"model": "m", "input": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "m", "prompt": "once upon"}),
+    ("/v1/completions", {"model": "m", "prompt": ["a", "b"]}),
+    ("/v1/moderations", {"model": "omni-moderation-latest", "input": "text"}),
+    ("/v1/moderations", {"model": "m", "input": [{"type": "text", "text": "x"}]}),
+])
+def test_parse_task_accepts_each_endpoints_minimal_body(endpoint: str,
+                                                        body: dict[str, Any]) -> None:
+    task = parse_task({"custom_id": "ok", "endpoint": endpoint, "body": body}, 0)
+    assert task.endpoint == endpoint
+
+
+def test_a_provider_input_line_can_be_posted_as_it_is() -> None:
+    line = {"custom_id": "req-1", "method": "POST", "url": "/v1/embeddings",
+            "body": {"model": "text-embedding-3-small", "input": "hi"}}
+    assert parse_task(line, 0).endpoint == "/v1/embeddings"
 
 
 def test_parse_task_measures_the_exact_input_line() -> None:

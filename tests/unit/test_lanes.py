@@ -14,7 +14,8 @@ HOUR = timedelta(hours=1)
 
 
 def _task(**fields: object) -> dict[str, object]:
-    return {"custom_id": "t-1", "body": {"model": "gpt-4o-mini", "messages": []}, **fields}
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    return {"custom_id": "t-1", "body": body, **fields}
 
 
 @pytest.mark.parametrize(("fields", "share", "lane", "reason"), [

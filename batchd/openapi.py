@@ -1,0 +1,600 @@
+"""The OpenAPI 3.1 document of the HTTP API (DESIGN section 5), and its docs page.
+
+Built from small pieces so a new field or path is one entry: a task field
+goes into ``task_fields``, a response into ``schemas``, a path into
+``operations``. The limits in the document are the configured ones, so the
+spec a caller reads is the one the service enforces. tests/integration/
+test_openapi.py keeps this document and the routes and replies of web.py in
+step; schemathesis (tests/integration/test_fuzz.py) checks the rest.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import orjson
+
+from batchd import __version__
+from batchd.domain import (
+    CHAT_ROLES,
+    DEFAULT_ENDPOINT,
+    ENDPOINTS,
+    LANES,
+    MAX_CALLBACK_URL,
+    PROFILE_KEY,
+    PROFILES,
+    Limits,
+)
+
+Schema = dict[str, Any]
+
+# Documents ``null`` besides ``schema``: JSON Schema 2020-12, as OpenAPI 3.1 has it.
+def nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
+# RFC 3339 as the ingest parser reads it (domain._parse_deadline).
+RFC3339 = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+           r"([Zz]|[+-][0-9]{2}:[0-9]{2})$")
+NO_NUL = r"^[^\u0000]*$"
+MONEY: Schema = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
+                 "description": "US dollars as a decimal string"}
+STATES = ("queued", "submitted", "succeeded", "failed")
+
+
+# ------------------------------------------------------------------ requests
+
+def non_empty_text() -> Schema:
+    return {"type": "string", "minLength": 1}
+
+
+def token_array() -> Schema:
+    return {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+
+
+def body_schemas() -> dict[str, Schema]:
+    """Per endpoint, what its body needs (domain._check_body_shape)."""
+    model: Schema = {"type": "string", "pattern": r"\S",
+                     "description": "the model; one provider batch holds one model"}
+    stream: Schema = {"not": {"const": True},
+                      "description": "must not be true: batches cannot stream"}
+    strings_or_list: Schema = {"anyOf": [non_empty_text(), {"type": "array", "minItems": 1}]}
+    required_value: dict[str, Schema] = {
+        "/v1/chat/completions": {
+            "type": "array", "minItems": 1,
+            "items": {"type": "object", "required": ["role"],
+                      "properties": {"role": {"enum": list(CHAT_ROLES)}}}},
+        "/v1/responses": strings_or_list,
+        "/v1/embeddings": {"anyOf": [
+            non_empty_text(), token_array(),
+            {"type": "array", "minItems": 1, "items": {"anyOf": [non_empty_text(),
+                                                                token_array()]}}]},
+        "/v1/completions": {"type": ["string", "array"]},
+        "/v1/moderations": strings_or_list,
+    }
+    out = {}
+    for endpoint, key in ENDPOINTS.items():
+        out[endpoint] = {
+            "type": "object", "required": ["model", key],
+            "description": f"the request body of POST {endpoint}, as the provider takes it; "
+                           "strings must not contain NUL",
+            "properties": {"model": model, "stream": stream, key: required_value[endpoint]},
+        }
+    return out
+
+
+def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
+    """The fields every task may carry besides endpoint/url and body.
+    ``callback_url`` is only offered when BATCHD_CALLBACK_ALLOWED_HOSTS lets
+    callbacks through; otherwise any task carrying one is refused."""
+    metadata_value: Schema = {"type": "string", "maxLength": limits.metadata_value_chars,
+                              "pattern": NO_NUL}
+    optional: dict[str, Schema] = {}
+    if callbacks:
+        optional["callback_url"] = {
+            "type": "string", "maxLength": MAX_CALLBACK_URL, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+            "description": "where batchd POSTs the task's result once it is terminal, signed "
+                           "with HMAC-SHA256 (headers X-Batchd-Timestamp, X-Batchd-Signature); "
+                           "the host must be in BATCHD_CALLBACK_ALLOWED_HOSTS"}
+    return {
+        **optional,
+        "custom_id": {
+            "type": "string", "minLength": 1, "maxLength": limits.custom_id_chars,
+            "pattern": f"^{limits.custom_id_pattern}$",
+            "description": "your id for the task, unique across batchd; its result is "
+                           "stored under it once"},
+        "method": {"const": "POST", "description": "accepted so provider input lines can be "
+                                                   "posted as they are"},
+        "metadata": {
+            "type": "object", "maxProperties": limits.metadata_pairs,
+            "propertyNames": {"maxLength": limits.metadata_key_chars, "pattern": NO_NUL},
+            "properties": {PROFILE_KEY: {"enum": list(PROFILES),
+                                         "description": "latency tolerance of the workload"}},
+            "additionalProperties": metadata_value,
+            "description": "string pairs kept with the task"},
+        "lane": {"enum": list(LANES), "description": '"sync" calls the provider at once, at the '
+                                                     "synchronous price"},
+        "deadline": {"type": "string", "pattern": RFC3339,
+                     "description": "RFC 3339 time by which a result is needed; one a batch "
+                                    "cannot meet goes to the synchronous lane"},
+    }
+
+
+def task_schema(limits: Limits, callbacks: bool) -> Schema:
+    """A task: one variant per endpoint, so each body is checked for its endpoint."""
+    variants = []
+    for endpoint in ENDPOINTS:
+        this: Schema = {"const": endpoint}
+        variant: Schema = {
+            "type": "object", "required": ["custom_id", "body"],
+            "properties": {**task_fields(limits, callbacks), "endpoint": this,
+                           "url": {**this, "description": "another name for endpoint"},
+                           "body": ref(_body_name(endpoint))},
+            "additionalProperties": False,
+        }
+        if endpoint != DEFAULT_ENDPOINT:
+            variant["anyOf"] = [{"required": ["endpoint"]}, {"required": ["url"]}]
+        variants.append(variant)
+    return {
+        "oneOf": variants,
+        "description": f"endpoint defaults to {DEFAULT_ENDPOINT}; the body, serialised, "
+                       f"may hold at most {limits.task_body_bytes} bytes and nest at most "
+                       f"{limits.body_depth} levels",
+    }
+
+
+def _body_name(endpoint: str) -> str:
+    return "Body" + "".join(p.title() for p in endpoint.removeprefix("/v1/").split("/"))
+
+
+# ----------------------------------------------------------------- responses
+
+def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
+    error_detail: Schema = {
+        "type": "object", "required": ["code", "message"],
+        "properties": {
+            "code": {"type": "string", "description": "stable, for programs"},
+            "message": {"type": "string", "description": "a sentence that says what to do"},
+            "index": {"type": "integer", "description": "0-based position of the bad task"},
+            "custom_id": nullable({"type": "string"}),
+            "field": {"type": "string", "description": "the bad field, e.g. body.messages"},
+            "custom_ids": {"type": "array", "items": {"type": "string"}},
+        },
+    }
+    state_row: Schema = {"type": "object", "required": ["custom_id", "state"],
+                         "properties": {"custom_id": {"type": "string"},
+                                        "state": {"enum": list(STATES)}}}
+    task_view: Schema = {
+        "type": "object",
+        "required": ["custom_id", "endpoint", "model", "state", "attempts", "created_at"],
+        "properties": {
+            "custom_id": {"type": "string"},
+            "endpoint": {"enum": list(ENDPOINTS)},
+            "model": {"type": "string"},
+            "state": {"enum": list(STATES)},
+            "attempts": {"type": "integer", "minimum": 0,
+                         "description": "submissions to the provider so far"},
+            "batch_id": nullable({"type": "string"}),
+            "last_error": nullable({"type": "object"}),
+            "replay_count": {"type": "integer", "minimum": 0},
+            "metadata": nullable({"type": "object",
+                                  "additionalProperties": {"type": "string"}}),
+            "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
+            "submitted_at": nullable(TIMESTAMP), "finished_at": nullable(TIMESTAMP),
+            "not_before": TIMESTAMP,
+            "status_code": nullable({"type": "integer"}),
+            "response": nullable({"type": "object",
+                                  "description": "the provider's response body"}),
+            "cost_usd": nullable(MONEY),
+            "client": nullable({"type": "string",
+                                "description": "the client the submitting token names"}),
+            "callback_url": nullable({"type": "string"}),
+        },
+    }
+    callback: Schema = {
+        "type": "object", "required": ["id", "custom_id", "url", "state", "attempts"],
+        "properties": {
+            "id": {"type": "integer"}, "custom_id": {"type": "string"},
+            "client": nullable({"type": "string"}), "url": {"type": "string"},
+            "task_state": {"enum": ["succeeded", "failed"]},
+            "state": {"enum": ["pending", "delivered", "failed"]},
+            "attempts": {"type": "integer", "minimum": 0},
+            "last_status": nullable({"type": "integer"}),
+            "last_error": nullable({"type": "string"}),
+            "replay_count": {"type": "integer", "minimum": 0},
+            "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
+            "delivered_at": nullable(TIMESTAMP),
+            "attempt_log": {"type": "array", "items": {"type": "object", "properties": {
+                "attempt": {"type": "integer"}, "status_code": nullable({"type": "integer"}),
+                "error": nullable({"type": "string"}),
+                "duration_seconds": nullable({"type": "number"}), "at": TIMESTAMP}}},
+        },
+    }
+    accepted: Schema = {
+        "type": "object", "required": ["accepted", "duplicates", "tasks"],
+        "properties": {
+            "accepted": {"type": "integer", "minimum": 0, "description": "new tasks stored"},
+            "duplicates": {"type": "integer", "minimum": 0,
+                           "description": "tasks already stored with the same body"},
+            "tasks": {"type": "array", "items": ref("TaskState")},
+        },
+    }
+    finished = {**accepted, "properties": {**accepted["properties"],
+                                           "tasks": {"type": "array", "items": ref("TaskView")}}}
+    result: Schema = {
+        "type": "object", "required": ["seq", "custom_id", "status_code", "created_at"],
+        "properties": {"seq": {"type": "integer"}, "custom_id": {"type": "string"},
+                       "batch_id": nullable({"type": "string"}),
+                       "status_code": nullable({"type": "integer"}),
+                       "response": nullable({"type": "object"}),
+                       "cost_usd": nullable(MONEY), "created_at": TIMESTAMP},
+    }
+    failed: Schema = {
+        "type": "object", "required": ["id", "custom_id", "endpoint", "model", "attempts"],
+        "properties": {"id": {"type": "integer"}, "custom_id": {"type": "string"},
+                       "endpoint": {"type": "string"}, "model": {"type": "string"},
+                       "attempts": {"type": "integer"}, "replay_count": {"type": "integer"},
+                       "batch_id": nullable({"type": "string"}),
+                       "last_error": nullable({"type": "object"}),
+                       "created_at": TIMESTAMP, "finished_at": nullable(TIMESTAMP)},
+    }
+
+    def page(key: str, item: str) -> Schema:
+        return {"type": "object", "required": [key, "next", "has_more"],
+                "properties": {key: {"type": "array", "items": ref(item)},
+                               "next": {"type": "string",
+                                        "description": "pass as `after` for the next page"},
+                               "has_more": {"type": "boolean"}}}
+
+    lane: Schema = {"type": "object", "properties": {
+        "finished": {"type": "integer"}, "succeeded": {"type": "integer"},
+        "failed": {"type": "integer"}, "failure_ratio": {"type": "number"},
+        "spend_usd": MONEY, "cost_per_task_usd": MONEY,
+        "latency_p50_seconds": nullable({"type": "number"}),
+        "latency_p95_seconds": nullable({"type": "number"})}}
+    counts = ("tasks_in", "succeeded", "failed", "retried", "replayed", "manual_queue")
+    report: Schema = {
+        "type": "object",
+        "required": ["date", *counts, "failure_ratio", "post_replay_success_ratio",
+                     "spend_usd", "sync_equivalent_usd", "savings_usd", "alert"],
+        "properties": {
+            "date": {"type": "string", "format": "date"},
+            **{k: {"type": "integer", "minimum": 0} for k in counts},
+            "failure_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+            "post_replay_success_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+            "spend_usd": MONEY, "sync_equivalent_usd": MONEY, "savings_usd": MONEY,
+            "alert": {"type": "boolean",
+                      "description": "failure ratio above BATCHD_FAILURE_ALERT_RATIO"},
+            "lanes": {"type": "object", "additionalProperties": ref("LaneReport")},
+        },
+    }
+    return {
+        "Error": {"type": "object", "required": ["error"],
+                  "properties": {"error": error_detail}},
+        "Task": task_schema(limits, callbacks),
+        "TaskList": {
+            "type": "object", "required": ["tasks"], "additionalProperties": False,
+            "properties": {"tasks": {"type": "array", "minItems": 1,
+                                     "maxItems": limits.tasks_per_request,
+                                     "items": ref("Task")}}},
+        **{_body_name(e): s for e, s in body_schemas().items()},
+        "TaskState": state_row,
+        "TaskView": task_view,
+        "Accepted": accepted,
+        "Finished": finished,
+        "Result": result,
+        "ResultPage": page("results", "Result"),
+        "FailedTask": failed,
+        "FailedPage": page("failed", "FailedTask"),
+        "ReplayRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "custom_ids": {"type": "array", "maxItems": limits.tasks_per_request,
+                               "items": {"type": "string", "maxLength": 512,
+                                         "pattern": NO_NUL}},
+                "all": {"type": "boolean"}},
+            "anyOf": [{"required": ["custom_ids"]},
+                      {"required": ["all"], "properties": {"all": {"const": True}}}]},
+        "ReplayOutcome": {
+            "type": "object", "required": ["replayed", "custom_ids", "skipped"],
+            "properties": {
+                "replayed": {"type": "integer", "minimum": 0},
+                "custom_ids": {"type": "array", "items": {"type": "string"}},
+                "skipped": {"type": "array", "items": {
+                    "type": "object", "required": ["custom_id", "reason"],
+                    "properties": {"custom_id": {"type": "string"},
+                                   "reason": {"type": "string"}}}}}},
+        "Callback": callback,
+        "TaskCallbacks": {"type": "object", "required": ["custom_id", "callbacks"],
+                          "properties": {"custom_id": {"type": "string"},
+                                         "callbacks": {"type": "array",
+                                                       "items": ref("Callback")}}},
+        "FailedCallbackPage": page("failed", "Callback"),
+        "CallbackReplayRequest": {
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "ids": {"type": "array", "maxItems": limits.tasks_per_request,
+                        "items": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}},
+                "custom_ids": {"type": "array", "maxItems": limits.tasks_per_request,
+                               "items": {"type": "string", "maxLength": 512,
+                                         "pattern": NO_NUL}},
+                "all": {"type": "boolean"}},
+            "anyOf": [{"required": ["ids"]}, {"required": ["custom_ids"]},
+                      {"required": ["all"], "properties": {"all": {"const": True}}}]},
+        "CallbackReplayOutcome": {
+            "type": "object", "required": ["replayed", "ids"],
+            "properties": {"replayed": {"type": "integer", "minimum": 0},
+                           "ids": {"type": "array", "items": {"type": "integer"}}}},
+        "DailyReport": report,
+        "LaneReport": lane,
+        "Health": {"type": "object", "required": ["status"],
+                   "properties": {"status": {"const": "ok"}}},
+        "Ready": {"type": "object", "required": ["status", "schema"],
+                  "properties": {"status": {"const": "ready"},
+                                 "schema": {"type": "string"}}},
+    }
+
+
+# ---------------------------------------------------------------- operations
+
+def json_content(schema: Schema) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
+                               "schema": {"type": "integer", "minimum": 0}}}
+
+
+def error(description: str, *codes: str, retry_after: bool = False) -> dict[str, Any]:
+    """A documented error reply; ``codes`` are the ``error.code`` values it can carry."""
+    listed = ", ".join(f"`{c}`" for c in codes)
+    reply: dict[str, Any] = {"description": f"{description} (code {listed})",
+                             "content": json_content(ref("Error"))}
+    if retry_after:
+        reply["headers"] = RETRY_AFTER
+    return reply
+
+
+def ok(description: str, schema: Schema) -> dict[str, Any]:
+    return {"description": description, "content": json_content(schema)}
+
+
+UNAUTHORIZED = error("no valid bearer token", "unauthorized")
+UNAVAILABLE = error("the database is unreachable or too slow; retry after Retry-After",
+                    "unavailable", "overloaded", retry_after=True)
+BAD_PARAMETER = error("a query parameter is invalid", "invalid_parameter")
+
+
+def query(name: str, schema: Schema, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema,
+            "description": description}
+
+
+def cursor_params() -> list[dict[str, Any]]:
+    return [query("after", {"type": "integer", "minimum": 0, "maximum": 2**62},
+                  "cursor: the `next` of the previous page (0 = from the start)"),
+            query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                  "page size (default 100)")]
+
+
+DATE: Schema = {"type": "string", "format": "date", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
+WAIT: Schema = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(ms|s|m)?$"}
+
+
+def operations(limits: Limits) -> dict[str, dict[str, Any]]:
+    open_op: dict[str, Any] = {"security": []}
+    return {
+        "/v1/tasks": {"post": {
+            "operationId": "submitTasks", "tags": ["tasks"],
+            "summary": "Submit one task, a list of tasks, or NDJSON lines",
+            "description": (
+                "All or nothing: any invalid task refuses the whole request (400 naming the "
+                "task and the field) and nothing of it is stored. A 202 means every task is "
+                "committed to the database. The same custom_id with the same body counts as a "
+                f"duplicate; with another body it is a 409. At most "
+                f"{limits.tasks_per_request} tasks per request."),
+            "parameters": [query("wait", WAIT, "with ?wait=30s (or 500ms, 2m; at most 5m) the "
+                                               "reply is 200 with the finished tasks when all "
+                                               "of them finish within the wait")],
+            "requestBody": {"required": True, "content": {
+                "application/json": {"schema": {"oneOf": [ref("Task"), ref("TaskList")]}},
+                "application/x-ndjson": {"schema": {
+                    "type": "array", "minItems": 1, "maxItems": limits.tasks_per_request,
+                    "items": ref("Task"),
+                    "description": "one Task per line"}}}},
+            "responses": {
+                "200": ok("every task finished within ?wait", ref("Finished")),
+                "202": ok("stored (committed); or already stored with the same body",
+                          ref("Accepted")),
+                "400": error("the body is not valid JSON, or a task is invalid",
+                             "invalid_json", "invalid_request", "invalid_task",
+                             "invalid_parameter"),
+                "401": UNAUTHORIZED,
+                "409": error("a custom_id is already stored with a different body",
+                             "conflict"),
+                "413": error("the body, the task count or one task is too large",
+                             "payload_too_large", "too_many_tasks", "task_too_large"),
+                "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued", "queue_full",
+                             retry_after=True),
+                "503": error("shutting down, or the database is unreachable or too slow; "
+                             "nothing of the request was stored", "draining", "unavailable",
+                             "overloaded", retry_after=True),
+            }}},
+        "/v1/tasks/{custom_id}": {"get": {
+            "operationId": "getTask", "tags": ["tasks"],
+            "summary": "One task: state, attempts, batch, timestamps, last error, response",
+            "parameters": [{"name": "custom_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": ok("the task", ref("TaskView")),
+                          "401": UNAUTHORIZED,
+                          "404": error("no task with that custom_id", "not_found"),
+                          "503": UNAVAILABLE}}},
+        "/v1/tasks/{custom_id}/callbacks": {"get": {
+            "operationId": "getTaskCallbacks", "tags": ["callbacks"],
+            "summary": "Every result delivery of a task, with each attempt",
+            "parameters": [{"name": "custom_id", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {"200": ok("the task's deliveries", ref("TaskCallbacks")),
+                          "401": UNAUTHORIZED,
+                          "404": error("no task with that custom_id", "not_found"),
+                          "503": UNAVAILABLE}}},
+        "/v1/callbacks/failed": {"get": {
+            "operationId": "listFailedCallbacks", "tags": ["callbacks"],
+            "summary": "Deliveries that used up their attempts, oldest first",
+            "parameters": [*cursor_params(),
+                           query("client", {"type": "string", "maxLength": 200,
+                                            "pattern": NO_NUL}, "only this client's")],
+            "responses": {"200": ok("a page of failed deliveries", ref("FailedCallbackPage")),
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/v1/callbacks/replay": {"post": {
+            "operationId": "replayCallbacks", "tags": ["callbacks"],
+            "summary": "Deliver failed callbacks again (by id, by task, or all)",
+            "requestBody": {"required": True,
+                            "content": json_content(ref("CallbackReplayRequest"))},
+            "responses": {"200": ok("the deliveries due again", ref("CallbackReplayOutcome")),
+                          "400": error("the body names no deliveries", "invalid_json",
+                                       "invalid_request"),
+                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/v1/results": {"get": {
+            "operationId": "listResults", "tags": ["results"],
+            "summary": "Stored results in completion order, paged by cursor",
+            "parameters": cursor_params(),
+            "responses": {"200": ok("a page of results", ref("ResultPage")),
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/v1/failed": {"get": {
+            "operationId": "listFailed", "tags": ["manual queue"],
+            "summary": "The manual queue: tasks that failed for good",
+            "parameters": [
+                *cursor_params(),
+                query("reason", {"type": "string", "maxLength": 200, "pattern": NO_NUL},
+                      "only this last_error.code"),
+                query("day", DATE, "only tasks that failed on this UTC day"),
+                query("endpoint", {"enum": list(ENDPOINTS)}, "only this endpoint")],
+            "responses": {"200": ok("a page of failed tasks", ref("FailedPage")),
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/v1/failed/replay": {"post": {
+            "operationId": "replayFailed", "tags": ["manual queue"],
+            "summary": "Re-queue chosen (or all) failed tasks, attempts reset",
+            "requestBody": {"required": True,
+                            "content": json_content(ref("ReplayRequest"))},
+            "responses": {"200": ok("what was re-queued and what was skipped, and why",
+                                    ref("ReplayOutcome")),
+                          "400": error("the body names no tasks", "invalid_json",
+                                       "invalid_request"),
+                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/v1/report/daily": {"get": {
+            "operationId": "dailyReport", "tags": ["report"],
+            "summary": "The daily report (one object; a list with days > 1)",
+            "parameters": [query("date", DATE, "last UTC day (default today)"),
+                           query("days", {"type": "integer", "minimum": 1, "maximum": 366},
+                                 "how many days up to date (default 1)")],
+            "responses": {"200": ok("the report", {"anyOf": [
+                              ref("DailyReport"),
+                              {"type": "array", "items": ref("DailyReport")}]}),
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/healthz": {"get": {
+            **open_op, "operationId": "healthz", "tags": ["operations"],
+            "summary": "Liveness: the event loop answers; never touches the database",
+            "responses": {"200": ok("alive", ref("Health"))}}},
+        "/readyz": {"get": {
+            **open_op, "operationId": "readyz", "tags": ["operations"],
+            "summary": "Readiness: database reachable and schema at head",
+            "responses": {"200": ok("ready", ref("Ready")),
+                          "503": error("not ready", "database_unavailable", "schema_outdated",
+                                       "draining", retry_after=True)}}},
+        "/metrics": {"get": {
+            **open_op, "operationId": "metrics", "tags": ["operations"],
+            "summary": "Prometheus text format",
+            "responses": {"200": {"description": "metrics",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {
+            **open_op, "operationId": "openapi", "tags": ["operations"],
+            "summary": "This document",
+            "responses": {"200": ok("OpenAPI 3.1", {"type": "object"})}}},
+        "/docs": {"get": {
+            **open_op, "operationId": "docs", "tags": ["operations"],
+            "summary": "This document as a readable page",
+            "responses": {"200": {"description": "HTML",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+    }
+
+
+def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "batchd",
+            "version": __version__,
+            "description": (
+                "Takes offline LLM tasks over HTTP, stores them durably and runs them on the "
+                "OpenAI Batch API at half the synchronous price. Every error is "
+                '`{"error": {"code": "...", "message": "..."}}`; 429 and 503 carry '
+                "Retry-After."),
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": operations(limits),
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "one of BATCHD_INGEST_TOKENS; not needed when they are unset "
+                               "(the API then listens on loopback only)"}},
+            "schemas": schemas(limits, callbacks),
+        },
+    }
+
+
+# ------------------------------------------------------------------ the page
+
+def render_html(spec: dict[str, Any]) -> str:
+    """The document as one self-contained page: no scripts, nothing fetched."""
+    esc = html.escape
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(spec['info']['title'])}"
+           " API</title><style>body{font:15px/1.45 system-ui,sans-serif;max-width:60em;"
+           "margin:2em auto;padding:0 1em}code,pre{font:13px ui-monospace,monospace}"
+           "pre{background:#f6f6f6;padding:.6em;overflow:auto}h2{border-top:1px solid #ccc;"
+           "padding-top:.8em}.m{font-weight:bold;text-transform:uppercase}</style></head><body>",
+           f"<h1>{esc(spec['info']['title'])} {esc(spec['info']['version'])}</h1>",
+           f"<p>{esc(spec['info']['description'])}</p>",
+           "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1).</p>"]
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            out.append(f"<h2><span class='m'>{esc(method)}</span> <code>{esc(path)}</code></h2>"
+                       f"<p>{esc(op.get('summary', ''))}</p>")
+            if op.get("description"):
+                out.append(f"<p>{esc(op['description'])}</p>")
+            if op.get("security") == []:
+                out.append("<p><em>No token needed.</em></p>")
+            params = op.get("parameters", [])
+            if params:
+                out.append("<h3>Parameters</h3><ul>")
+                out += [f"<li><code>{esc(p['name'])}</code> ({esc(p['in'])}): "
+                        f"{esc(p.get('description', ''))} <code>"
+                        f"{esc(orjson.dumps(p['schema']).decode())}</code></li>" for p in params]
+                out.append("</ul>")
+            body = op.get("requestBody")
+            if body:
+                out.append("<h3>Request body</h3><ul>")
+                out += [f"<li><code>{esc(mt)}</code>: <code>"
+                        f"{esc(orjson.dumps(c['schema']).decode())}</code></li>"
+                        for mt, c in body["content"].items()]
+                out.append("</ul>")
+            out.append("<h3>Responses</h3><ul>")
+            for status, reply in op["responses"].items():
+                contents: list[dict[str, Any]] = list(reply.get("content", {}).values())
+                schema = contents[0].get("schema") if contents else None
+                shown = f" <code>{esc(orjson.dumps(schema).decode())}</code>" if schema else ""
+                out.append(f"<li><b>{esc(status)}</b> {esc(reply['description'])}{shown}</li>")
+            out.append("</ul>")
+    out.append("<h2>Schemas</h2>")
+    for name, schema in spec["components"]["schemas"].items():
+        out.append(f"<h3 id='{esc(name)}'>{esc(name)}</h3><pre>"
+                   f"{esc(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode())}</pre>")
+    out.append("</body></html>")
+    return "\n".join(out)
