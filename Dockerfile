@@ -3,9 +3,10 @@
 # batchd image: `docker build -t batchd .` from the repository root.
 # Runs `batchd serve` by default; `batchd migrate` for the schema job.
 # With BATCHD_HTTP_HOST=0.0.0.0 (set here) serve needs BATCHD_INGEST_TOKENS.
-# The base can be pinned to a digest at build time:
-#   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> .
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# The base is pinned to a patch release; pin it to a digest too where the
+# registry is reachable (`docker buildx imagetools inspect` prints it):
+#   docker build --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest> .
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---------------------------------------------------------------- builder
 FROM ${PYTHON_IMAGE} AS builder

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -31,6 +32,25 @@ def _add_setting_options(parser: argparse.ArgumentParser, names: list[str]) -> N
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=f"setting_{name}", default=None, metavar="V",
             help=f"{field.description or name} [env {env_name(name)}, default {default}]")
+
+
+def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str,
+                **kwargs: Any) -> None:
+    """A command option whose default comes from ``env``, named in --help."""
+    raw = os.environ.get(env)
+    if raw is not None:
+        if kwargs.get("action") == "store_true":
+            kwargs["default"] = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            convert = kwargs.get("type", str)
+            try:
+                kwargs["default"] = convert(raw)
+            except ValueError:
+                parser.error(f"{env}: not a valid value ({raw!r})")
+            kwargs.pop("required", None)
+    shown = kwargs.get("default")
+    suffix = f", default {shown}" if shown not in (None, False) else ""
+    parser.add_argument(flag, help=f"{help} [env {env}{suffix}]", **kwargs)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -161,10 +181,13 @@ async def _demo(settings: Settings, tasks: int, seconds: float) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="batchd", description="Windowed batching daemon for the OpenAI Batch API.")
+        prog="batchd", description="Windowed batching daemon for the OpenAI Batch API.",
+        epilog="The provider key is read from OPENAI_API_KEY only (never an option, so it "
+               "stays out of process listings).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run API, scheduler, poller and router")
+    serve = sub.add_parser("serve", help="run API, scheduler, poller and router",
+                           epilog="The provider key comes from OPENAI_API_KEY.")
     _add_setting_options(serve, _SETTING_OPTIONS)
 
     migrate = sub.add_parser("migrate", help="bring the schema to head (alembic upgrade head)")
@@ -175,37 +198,43 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--url", default=None,
                         help="API base URL [env BATCHD_URL, default http://127.0.0.1:8080]")
     submit.add_argument("--token", default=None, help="bearer token [env BATCHD_TOKEN]")
-    submit.add_argument("--chunk", type=int, default=1000, help="tasks per request")
+    _env_option(submit, "--chunk", "BATCHD_SUBMIT_CHUNK", "tasks per request", type=int,
+                default=1000)
 
     report = sub.add_parser("report", help="the daily report")
-    report.add_argument("--date", type=date.fromisoformat, default=None,
-                        help="last UTC day shown (YYYY-MM-DD, default today)")
-    report.add_argument("--days", type=int, default=1, help="how many days up to --date")
-    report.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    _env_option(report, "--date", "BATCHD_REPORT_DATE",
+                "last UTC day shown (YYYY-MM-DD, default today)", type=date.fromisoformat)
+    _env_option(report, "--days", "BATCHD_REPORT_DAYS", "how many days up to --date",
+                type=int, default=1)
+    _env_option(report, "--format", "BATCHD_REPORT_FORMAT", "output format",
+                choices=("table", "json", "csv"), default="table")
     _add_setting_options(report, ["database_url", "data_dir", "failure_alert_ratio"])
 
     replay = sub.add_parser("replay", help="turn a failed export into a new input file or queue")
-    replay.add_argument("--failed", type=Path, required=True, help="a `failed export` file")
-    replay.add_argument("--out", type=Path, default=None, help="write a provider input file")
-    replay.add_argument("--submit", action="store_true", help="re-queue the tasks instead")
+    _env_option(replay, "--failed", "BATCHD_REPLAY_FAILED", "a `failed export` file",
+                type=Path, required=True)
+    _env_option(replay, "--out", "BATCHD_REPLAY_OUT", "write a provider input file", type=Path)
+    _env_option(replay, "--submit", "BATCHD_REPLAY_SUBMIT", "re-queue the tasks instead",
+                action="store_true")
     _add_setting_options(replay, ["database_url", "data_dir"])
 
     failed = sub.add_parser("failed", help="the manual queue")
     failed_sub = failed.add_subparsers(dest="failed_command", required=True)
     export = failed_sub.add_parser("export", help="write failed tasks as JSONL")
-    export.add_argument("--out", type=Path, required=True)
+    _env_option(export, "--out", "BATCHD_FAILED_OUT", "where to write the JSONL", type=Path,
+                required=True)
     _add_setting_options(export, ["database_url", "data_dir"])
 
     demo = sub.add_parser("demo", help="serve + bundled emulator + generated load, then report")
-    demo.add_argument("--tasks", type=int, default=2000, help="tasks to generate")
-    demo.add_argument("--timeout", type=float, default=300, help="give up after this many s")
+    _env_option(demo, "--tasks", "BATCHD_DEMO_TASKS", "tasks to generate", type=int,
+                default=2000)
+    _env_option(demo, "--timeout", "BATCHD_DEMO_TIMEOUT", "give up after this many s",
+                type=float, default=300)
     _add_setting_options(demo, _SETTING_OPTIONS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
     try:
         if args.command == "submit":

@@ -64,13 +64,17 @@ class Settings(BaseSettings):
         5, ge=0, description="base delay between callback attempts; doubles, with jitter")
     callback_timeout_seconds: float = Field(10, gt=0, description="one callback POST's limit")
     callback_concurrency: int = Field(16, ge=1, description="callback POSTs in flight per replica")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="debug, info, warning or error")
+    log_format: Literal["json", "console"] = Field(
+        "json", description="json for machines, console for people")
     openai_api_key: str | None = Field(
         None, validation_alias=AliasChoices("OPENAI_API_KEY", "BATCHD_OPENAI_API_KEY")
     )
     openai_base_url: str | None = Field(None, description="provider base URL ending in /v1")
     shutdown_grace_seconds: float = Field(30, gt=0, description="SIGTERM drain limit")
+    flush_on_shutdown: bool = Field(
+        False, description="on SIGTERM, send every queued window now (flush reason drain)")
     max_queued_tasks: int | None = Field(None, ge=1, description="ingest answers 429 past this")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="ingest body limit")
     max_tasks_per_request: int = Field(
@@ -95,6 +99,11 @@ class Settings(BaseSettings):
     batch_share: int = Field(100, ge=0, le=100, description="canary share sent to batches")
     scheduler_interval_seconds: float = Field(1.0, gt=0, description="scheduler tick")
     lease_seconds: float = Field(300, gt=0, description="how long a replica's claim lasts")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @field_validator("http_host")
     @classmethod

@@ -462,14 +462,29 @@ def _check_metadata(metadata: Any, index: int, cid: str, limits: Limits) -> None
                               f"{limits.metadata_value_chars} characters, without NUL")
 
 
+def file_byte_budget(max_file_bytes: int) -> int:
+    """Bytes a batch input file may hold. A little under the provider's limit:
+    the serialised line can differ by a few bytes from the size taken at
+    ingest (number formatting). Ingest refuses a task past it, so one task
+    always fits a file on its own."""
+    return int(max_file_bytes * 0.995)
+
+
 def flush_reason(
-    count: int, oldest_age_seconds: float, window_seconds: float, max_items: int
+    count: int, oldest_age_seconds: float, window_seconds: float, max_items: int,
+    window_bytes: int = 0, max_bytes: int | None = None,
 ) -> FlushReason | None:
-    """Why a window should be flushed now, or None to keep waiting."""
+    """Why a window should be flushed now, or None to keep waiting.
+
+    ``window_bytes`` is the input size of the tasks counted in ``count``; a
+    window that already fills a file goes out before it would pass the limit.
+    """
     if count <= 0:
         return None
     if count >= max_items:
         return FlushReason.CAP
+    if max_bytes is not None and window_bytes >= max_bytes:
+        return FlushReason.LIMIT
     if oldest_age_seconds >= window_seconds:
         return FlushReason.TIMEOUT
     return None

@@ -61,10 +61,14 @@ class Poller:
         async with self.engine.begin() as conn:
             due = await repo.claim_due_batches(conn, self.owner, self.settings.lease_seconds)
         results = await asyncio.gather(*(self._check_guarded(b) for b in due))
-        metrics.POLLER_LAST_SUCCESS.set(time.time())
-        return sum(results)
+        # A tick counts as a success only if it reached the provider (or had
+        # nothing to ask): a poller whose every check fails must look stuck.
+        if not due or any(r is not None for r in results):
+            metrics.POLLER_LAST_SUCCESS.set(time.time())
+        return sum(1 for r in results if r)
 
-    async def _check_guarded(self, batch: dict[str, Any]) -> bool:
+    async def _check_guarded(self, batch: dict[str, Any]) -> bool | None:
+        """Whether the batch was routed; None when the check failed."""
         async with self._slots:
             try:
                 return await self.check(batch)
@@ -78,7 +82,7 @@ class Poller:
             async with self.engine.begin() as conn:
                 await repo.release_batch(conn, batch["id"], delay * (1 + random.random() * 0.2))
                 await repo.set_batch(conn, batch["id"], next_poll_at=NOW)
-            return False
+            return None
 
     async def check(self, batch: dict[str, Any]) -> bool:
         remote = await self.provider.get_batch(batch["provider_batch_id"])

@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.archive import Archive
 from batchd.config import Settings
-from batchd.domain import FlushReason, flush_reason, input_line
+from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line
 from batchd.errors import ProviderError
 from batchd.faults import crash_point
 from batchd.prices import PriceTable, Tokens, cost
@@ -132,7 +132,8 @@ class Scheduler:
         for w in windows:
             age = (w.now - w.oldest).total_seconds()
             reason = FlushReason.DRAIN if drain else flush_reason(
-                w.count, age, s.window_seconds, s.max_batch_items)
+                w.count, age, s.window_seconds, s.max_batch_items,
+                w.input_bytes, file_byte_budget(s.max_file_bytes))
             if reason is None or w.model in held_models:
                 continue
             held_until = self._held.get((w.endpoint, w.model))
@@ -147,9 +148,7 @@ class Scheduler:
         s = self.settings
         batch_id = new_batch_id()
         today = self.clock().date()
-        # Keep a little room: the serialised line can differ by a few bytes
-        # from the estimate taken at ingest (number formatting).
-        max_bytes = int(s.max_file_bytes * 0.995)
+        max_bytes = file_byte_budget(s.max_file_bytes)
         try:
             async with self.engine.begin() as conn:
                 if s.daily_budget_usd is not None:

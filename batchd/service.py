@@ -23,6 +23,7 @@ from batchd.archive import Archive
 from batchd.callbacks import CallbackSender
 from batchd.clients import Clients
 from batchd.config import Settings
+from batchd.domain import file_byte_budget
 from batchd.errors import ConfigError
 from batchd.ingest import Ingest
 from batchd.poller import Poller
@@ -127,7 +128,8 @@ class Service:
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.api = ApiState(
             engine=engine,
-            ingest=Ingest(engine, limits=settings.limits, max_line_bytes=settings.max_file_bytes,
+            ingest=Ingest(engine, limits=settings.limits,
+                          max_line_bytes=file_byte_budget(settings.max_file_bytes),
                           window_seconds=settings.window_seconds,
                           batch_share=settings.batch_share, clients=self.clients,
                           callback_hosts=settings.callback_hosts, clock=clock),
@@ -178,12 +180,26 @@ class Service:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self.settings.flush_on_shutdown:
+            await self._flush_all(deadline)
         await self._release_claims()
         await runner.shutdown()
         await runner.cleanup()
         await self.api.ingest.close()
         await asyncio.wait_for(self.provider.close(), max(0.1, deadline - time.monotonic()))
         log.info("service.stopped", cancelled_loops=[t.get_name() for t in pending])
+
+    async def _flush_all(self, deadline: float) -> None:
+        """Send every queued window now (the last replica of a deployment going
+        away for good, say); whatever does not make the deadline stays queued
+        or is picked up by the next start as a half-sent batch."""
+        try:
+            async with asyncio.timeout(max(0.1, deadline - time.monotonic() - 1)):
+                started = await self.scheduler.tick(drain=True)
+                await self.scheduler.wait_sends()
+            log.info("service.drain_flushed", batches=started)
+        except Exception as exc:
+            log.warning("service.drain_flush_failed", error=type(exc).__name__)
 
     async def sweep_spool(self) -> None:
         """Archive files a crash left in the spool once their batch is past

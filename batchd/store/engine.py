@@ -31,14 +31,16 @@ def async_url(url: str) -> str:
 def embedded_url(data_dir: Path) -> str:
     """Start (or join) a PostgreSQL server living in ``data_dir/pg``.
 
-    pgserver keeps the server running across our restarts and shares it
-    between processes using the same directory.
+    pgserver shares the server between processes using the same directory
+    and stops it when the last of them exits, so neither `serve` nor `demo`
+    leaves a database running behind it. One killed with -9 leaves it up;
+    the next start joins it.
     """
     import pgserver
 
     pgdir = (data_dir / "pg").resolve()
     pgdir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(str(pgdir), cleanup_mode=None)  # type: ignore[attr-defined]
+    server = pgserver.get_server(str(pgdir), cleanup_mode="stop")  # type: ignore[attr-defined]
     uri: str = server.get_uri()
     return async_url(uri)
 
@@ -56,6 +58,9 @@ def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_recycle=1800,
+        # Statement parameters hold task bodies and responses: keep them out
+        # of the error texts that end up in logs.
+        hide_parameters=True,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
         connect_args={"server_settings": {"application_name": "batchd"}, "timeout": 10},

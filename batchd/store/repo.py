@@ -139,12 +139,13 @@ class WindowStat:
     model: str
     count: int
     oldest: datetime
+    input_bytes: int
     now: datetime
 
 
 async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
-    """Each window key with eligible tasks: how many (counted up to ``cap``)
-    and the oldest one's ``not_before``.
+    """Each window key with eligible tasks: how many (counted up to ``cap``),
+    the oldest one's ``not_before`` and the input bytes of those counted.
 
     The distinct keys come from a skip scan over the partial index, and each
     window is counted only up to the cap, so a deep queue stays cheap.
@@ -159,9 +160,10 @@ async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
                 WHERE state = 'queued' AND (endpoint, model) > (k.endpoint, k.model)
                 ORDER BY endpoint, model LIMIT 1) nxt
         )
-        SELECT k.endpoint, k.model, w.n, w.oldest, now() AS now FROM keys k, LATERAL (
-            SELECT count(*) AS n, min(not_before) AS oldest FROM (
-                SELECT not_before FROM tasks
+        SELECT k.endpoint, k.model, w.n, w.oldest, w.nbytes, now() AS now FROM keys k, LATERAL (
+            SELECT count(*) AS n, min(not_before) AS oldest,
+                   coalesce(sum(line_bytes), 0) AS nbytes FROM (
+                SELECT not_before, line_bytes FROM tasks
                 WHERE state = 'queued' AND lane = 'batch'
                   AND endpoint = k.endpoint AND model = k.model
                   AND not_before <= now()
@@ -194,11 +196,14 @@ async def claim_window(
             ORDER BY not_before, id LIMIT :lim
             FOR UPDATE SKIP LOCKED
         ), sized AS (
-            SELECT id, sum(line_bytes) OVER (ORDER BY not_before, id) AS running FROM picked
+            SELECT id, sum(line_bytes) OVER (ORDER BY not_before, id) AS running,
+                   row_number() OVER (ORDER BY not_before, id) AS n FROM picked
         ), upd AS (
             UPDATE tasks t SET state = 'submitted', batch_id = :bid, attempts = t.attempts + 1,
                    submitted_at = now(), updated_at = now()
-            FROM sized s WHERE t.id = s.id AND s.running <= :maxb
+            -- The first task always goes: ingest keeps every task under the
+            -- limit, and skipping it would stall the window behind it.
+            FROM sized s WHERE t.id = s.id AND (s.running <= :maxb OR s.n = 1)
             RETURNING t.line_bytes, t.est_input_tokens, t.est_output_tokens
         )
         SELECT (SELECT count(*) FROM picked), count(*), coalesce(sum(line_bytes), 0),

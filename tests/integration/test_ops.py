@@ -9,8 +9,10 @@ from pathlib import Path
 
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
-from batchd import logs
+from batchd import logs, metrics
+from batchd.store.engine import make_engine
 from tests.harness import chat_task, running
 
 DESIGN_METRICS = {
@@ -114,6 +116,39 @@ def test_logs_never_show_bodies_or_secrets() -> None:
     assert "private" not in buf.getvalue() and "sk-abcdefghijklmnop" not in buf.getvalue()
 
 
+def test_nested_context_is_redacted_too() -> None:
+    buf = io.StringIO()
+    with redirect_stderr(buf):
+        logs.configure("info", "json")
+        structlog.get_logger("t").info(
+            "router.line", line={"custom_id": "c1", "response": {"body": "private answer"}},
+            errors=[{"message": "Bearer tok-123 refused", "input": "private prompt"}])
+    structlog.reset_defaults()
+    out = buf.getvalue()
+    assert '"custom_id": "c1"' in out.replace('":"', '": "')
+    assert "private" not in out and "tok-123" not in out
+
+
+async def test_database_errors_in_logs_carry_no_task_body(db_url: str) -> None:
+    engine = make_engine(db_url)
+    buf = io.StringIO()
+    try:
+        with redirect_stderr(buf):
+            logs.configure("info", "json")
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(text("INSERT INTO results (custom_id) VALUES (:cid)"),
+                                       {"cid": "secret-body-text"})
+            except Exception:
+                structlog.get_logger("t").exception("router.tick_failed")
+    finally:
+        structlog.reset_defaults()
+        await engine.dispose()
+    out = buf.getvalue()
+    assert "router.tick_failed" in out and "IntegrityError" in out
+    assert "secret-body-text" not in out
+
+
 def test_console_format_is_readable() -> None:
     buf = io.StringIO()
     with redirect_stderr(buf):
@@ -122,3 +157,19 @@ def test_console_format_is_readable() -> None:
     structlog.reset_defaults()
     out = buf.getvalue()
     assert "batch.flushed" in out and "tasks=3" in out and not out.lstrip().startswith("{")
+
+
+async def test_poller_heartbeat_stops_while_every_check_fails(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        await h.post(chat_task("p1"))
+        await h.age_queue(901)
+        assert await h.flush() == 1
+        metrics.POLLER_LAST_SUCCESS.set(0)
+        h.emulator.inject("retrieve", "http_500", should_retry=False)
+        await h.make_polls_due()
+        await h.service.poller.tick()
+        assert metrics.POLLER_LAST_SUCCESS._value.get() == 0
+        await h.execute("UPDATE batches SET lease_until = NULL, next_poll_at = now()")
+        await h.service.poller.tick()
+        assert metrics.POLLER_LAST_SUCCESS._value.get() > 0

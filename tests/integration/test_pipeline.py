@@ -3,12 +3,15 @@ openai SDK → poll → route → results, on real PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
 import orjson
 
 from batchd.provider.emulator import Emulator
+from batchd.provider.openai import OpenAIProvider
+from batchd.service import Service
 from tests.harness import API_KEY, chat_task, running
 
 
@@ -76,6 +79,40 @@ async def test_file_size_limit_splits_a_window(db_url: str, tmp_path: Path) -> N
         for data in h.emulator.received_files.values():
             assert len(_bytes(data)) <= 2048
         assert await h.count("state = 'succeeded'") == 12
+
+
+async def test_window_that_fills_a_file_flushes_before_its_timeout(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, max_file_bytes=2048) as h:
+        await h.post({"tasks": [chat_task(f"small{i}") for i in range(2)]})
+        assert await h.flush() == 0, "two small tasks neither fill a file nor time out"
+        await h.post({"tasks": [chat_task(f"big{i}", content="x" * 300) for i in range(12)]})
+        await h.flush()
+        batches = await h.rows("SELECT flush_reason FROM batches")
+        assert batches and {b["flush_reason"] for b in batches} == {"limit"}
+
+
+async def test_task_nearly_as_large_as_a_file_is_sent_alone(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, max_file_bytes=2048) as h:
+        status, body = await h.post({"tasks": [chat_task("huge", content="x" * 1800),
+                                               chat_task("small")]})
+        assert status == 202, body
+        await h.age_queue(901)
+        await h.cycle()
+        assert await h.count("state = 'succeeded'") == 2
+        sizes = await h.rows("SELECT item_count FROM batches ORDER BY created_at")
+        assert [b["item_count"] for b in sizes] == [1, 1]
+
+
+async def test_task_past_the_file_limit_is_refused_at_ingest(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, max_file_bytes=2048) as h:
+        status, body = await h.post(chat_task("huge", content="x" * 2100))
+        assert status == 413
+        assert body["error"]["code"] == "task_too_large"
+        assert "huge" in body["error"]["message"]
+        assert await h.count("true") == 0
 
 
 async def test_two_models_make_two_batches(db_url: str, tmp_path: Path) -> None:
@@ -308,3 +345,20 @@ async def test_output_file_gone_at_the_provider_retries_its_tasks(
             "missing_from_output"
         await h.run_until_settled()
         assert await h.count("state = 'succeeded' AND attempts = 2") == 2
+
+
+async def test_flush_on_shutdown_sends_queued_windows_as_drain(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        await h.post({"tasks": [chat_task(f"d{i}") for i in range(3)]})
+        settings = h.settings.model_copy(update={"flush_on_shutdown": True,
+                                                 "shutdown_grace_seconds": 10})
+        replica = Service(settings, h.engine, OpenAIProvider(
+            api_key=API_KEY, base_url=h.settings.openai_base_url, max_retries=0))
+        stop, started = asyncio.Event(), asyncio.Event()
+        run = asyncio.create_task(replica.run(stop, started))
+        await started.wait()
+        stop.set()
+        await run
+        batches = await h.rows("SELECT flush_reason, item_count, state FROM batches")
+        assert batches == [{"flush_reason": "drain", "item_count": 3, "state": "submitted"}]

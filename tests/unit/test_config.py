@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from batchd.cli import build_parser
 from batchd.clients import parse_inline
 from batchd.config import load_settings
 from batchd.errors import ConfigError
@@ -43,3 +44,38 @@ def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
         load_settings()
     message = str(caught.value)
     assert message.startswith(var + ":") and "\n" not in message
+
+
+def test_log_level_and_format_ignore_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHD_LOG_LEVEL", "INFO")
+    monkeypatch.setenv("BATCHD_LOG_FORMAT", "Console")
+    s = load_settings()
+    assert (s.log_level, s.log_format) == ("info", "console")
+
+
+def _option_help_lines(command: list[str]) -> list[str]:
+    """Option lines of a subcommand's --help (an option's help may wrap)."""
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    target = sub[command[0]]
+    for name in command[1:]:
+        target = target._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
+    return [a.help or "" for a in target._actions if a.option_strings and a.dest != "help"]
+
+
+@pytest.mark.parametrize("command", [["serve"], ["migrate"], ["submit"], ["report"],
+                                     ["replay"], ["failed", "export"], ["demo"]])
+def test_every_option_names_its_environment_variable(command: list[str]) -> None:
+    helps = _option_help_lines(command)
+    assert helps, "a command with no options would make this check empty"
+    missing = [h for h in helps if "[env " not in h]
+    assert not missing
+
+
+def test_command_option_default_comes_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHD_REPORT_DAYS", "7")
+    monkeypatch.setenv("BATCHD_REPORT_FORMAT", "csv")
+    args = build_parser().parse_args(["report"])
+    assert (args.days, args.format) == (7, "csv")
+    assert build_parser().parse_args(["report", "--days", "2"]).days == 2

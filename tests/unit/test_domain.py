@@ -14,24 +14,34 @@ from batchd.domain import (
     body_digest,
     classify_batch_failure,
     classify_line,
+    file_byte_budget,
     flush_reason,
     input_line,
     parse_task,
 )
 
 
-@pytest.mark.parametrize(("count", "age", "window", "cap", "expected"), [
-    (0, 10_000, 900, 500, None),
-    (1, 899.9, 900, 500, None),
-    (1, 900, 900, 500, FlushReason.TIMEOUT),
-    (499, 10, 900, 500, None),
-    (500, 10, 900, 500, FlushReason.CAP),
-    (500, 10_000, 900, 500, FlushReason.CAP),
-    (3, 0, 900, 3, FlushReason.CAP),
+@pytest.mark.parametrize(("count", "age", "window", "cap", "nbytes", "expected"), [
+    (0, 10_000, 900, 500, 0, None),
+    (1, 899.9, 900, 500, 0, None),
+    (1, 900, 900, 500, 0, FlushReason.TIMEOUT),
+    (499, 10, 900, 500, 0, None),
+    (500, 10, 900, 500, 0, FlushReason.CAP),
+    (500, 10_000, 900, 500, 0, FlushReason.CAP),
+    (3, 0, 900, 3, 0, FlushReason.CAP),
+    (10, 10, 900, 500, 999, None),
+    (10, 10, 900, 500, 1000, FlushReason.LIMIT),
+    (10, 10_000, 900, 500, 5000, FlushReason.LIMIT),
+    (500, 10, 900, 500, 5000, FlushReason.CAP),
 ])
-def test_flush_reason(count: int, age: float, window: float, cap: int,
+def test_flush_reason(count: int, age: float, window: float, cap: int, nbytes: int,
                       expected: FlushReason | None) -> None:
-    assert flush_reason(count, age, window, cap) == expected
+    assert flush_reason(count, age, window, cap, nbytes, 1000) == expected
+
+
+def test_file_byte_budget_leaves_room_under_the_provider_limit() -> None:
+    assert file_byte_budget(200 * 1024 * 1024) < 200 * 1024 * 1024
+    assert file_byte_budget(2048) == 2037
 
 
 def _http_line(status: int, code: str | None = None) -> dict[str, Any]:
