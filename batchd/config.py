@@ -18,6 +18,7 @@ from batchd.domain import (
     MAX_METADATA_PAIRS,
     MAX_METADATA_VALUE,
     Limits,
+    parse_client_profiles,
 )
 from batchd.errors import ConfigError
 
@@ -97,6 +98,9 @@ class Settings(BaseSettings):
         MAX_METADATA_VALUE, ge=1, le=MAX_METADATA_VALUE, description="longest metadata value")
     sync_concurrency: int = Field(8, ge=1, description="synchronous lane concurrency")
     batch_share: int = Field(100, ge=0, le=100, description="canary share sent to batches")
+    client_profiles: str | None = Field(
+        None, description="client=profile pairs (1h, 6h, 24h): the latency profile of a "
+        "client's tasks that name none in metadata.latency_profile")
     scheduler_interval_seconds: float = Field(1.0, gt=0, description="scheduler tick")
     lease_seconds: float = Field(300, gt=0, description="how long a replica's claim lasts")
 
@@ -140,6 +144,16 @@ class Settings(BaseSettings):
             return ()
         return tuple(h.strip().lower() for h in self.callback_allowed_hosts.split(",")
                      if h.strip())
+
+    @field_validator("client_profiles")
+    @classmethod
+    def _profiles_parse(cls, v: str | None) -> str | None:
+        parse_client_profiles(v)
+        return v
+
+    @property
+    def profiles_by_client(self) -> dict[str, str]:
+        return parse_client_profiles(self.client_profiles)
 
     @property
     def archive_path(self) -> Path:

@@ -8,8 +8,10 @@ import hashlib
 import ipaddress
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
@@ -121,6 +123,7 @@ class TaskIn:
     lane: str = "batch"
     backdate_seconds: float = 0.0
     fallback_at: datetime | None = None
+    fallback_action: str | None = None  # "sync" | "resubmit", with fallback_at
     # Where the result is POSTed when the task finishes (the task's own, or
     # its token's default), and the configured client its token names.
     callback_url: str | None = None
@@ -387,23 +390,50 @@ PROFILE_KEY = "latency_profile"
 # How long before a tolerance (or deadline) runs out a task still waiting on a
 # batch is moved to the synchronous lane, so the synchronous call can finish.
 SYNC_MARGIN = timedelta(minutes=10)
+# How long before the 24h tolerance a task still waiting on a batch is put
+# into a fresh batch. A batch is submitted a window after ingest, so its own
+# 24 h expiry falls after the tolerance; an hour ahead, the old batch is
+# plainly late and a fresh one has the time to get through its window and
+# upload before the tolerance runs out.
+RESUBMIT_MARGIN = timedelta(hours=1)
+FALLBACK_ACTIONS = ("sync", "resubmit")
 
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """A workload's latency tolerance: its window, and what happens when a
-    batch has not answered by ``tolerance - SYNC_MARGIN``."""
+    """A workload's latency tolerance: its window, and what happens to a task
+    no batch has answered by ``tolerance - margin``."""
 
     window_seconds: float | None  # None: BATCHD_WINDOW_SECONDS
     tolerance: timedelta
-    fallback: str  # "sync": call synchronously; "resubmit": let expiry retry it
+    fallback: str  # "sync": call it synchronously; "resubmit": into a fresh batch
+    margin: timedelta
 
 
 PROFILES: dict[str, Profile] = {
-    "1h": Profile(300, timedelta(hours=1), "sync"),
-    "6h": Profile(900, timedelta(hours=6), "sync"),
-    "24h": Profile(None, timedelta(hours=24), "resubmit"),
+    "1h": Profile(300, timedelta(hours=1), "sync", SYNC_MARGIN),
+    "6h": Profile(900, timedelta(hours=6), "sync", SYNC_MARGIN),
+    "24h": Profile(None, timedelta(hours=24), "resubmit", RESUBMIT_MARGIN),
 }
+
+
+def parse_client_profiles(raw: str | None) -> dict[str, str]:
+    """``client=profile`` pairs (BATCHD_CLIENT_PROFILES); ValueError says which
+    pair is wrong."""
+    out: dict[str, str] = {}
+    for pair in (raw or "").split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        client, sep, profile = (p.strip() for p in pair.partition("="))
+        if not sep or not client:
+            raise ValueError(f"{pair!r} must look like client=6h")
+        if profile not in PROFILES:
+            raise ValueError(f"{pair!r}: the profile must be one of {', '.join(PROFILES)}")
+        if client in out:
+            raise ValueError(f"client {client!r} is listed twice")
+        out[client] = profile
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +443,8 @@ class Placement:
     # not_before = the database's now() minus this: a short-window profile
     # makes its task look older, so its window flushes sooner.
     backdate_seconds: float
-    fallback_at: datetime | None  # when to give up on the batch and call it sync
+    fallback_at: datetime | None  # when to give up waiting on the batch
+    fallback_action: str | None = None  # then: "sync" or "resubmit"
 
 
 def canary_bucket(custom_id: str) -> int:
@@ -427,7 +458,9 @@ def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) 
     A window's age is measured from its oldest ``not_before``; a profile with a
     shorter window than the global one back-dates ``not_before`` by the
     difference, so its tasks flush on their own schedule without a window key
-    of their own.
+    of their own. The earliest of the deadline's and the profile's limits
+    decides the fallback; a deadline always falls back to sync (after a 24h
+    resubmission, the sweep sets the deadline's fallback in its place).
     """
     if task.requested_lane == "sync":
         return Placement("sync", "requested", 0.0, None)
@@ -438,11 +471,27 @@ def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) 
         return Placement("sync", "deadline", 0.0, None)
     if task.requested_lane != "batch" and canary_bucket(task.custom_id) >= batch_share:
         return Placement("sync", "canary", 0.0, None)
-    limits = [task.deadline] if task.deadline else []
-    if profile and profile.fallback == "sync":
-        limits.append(now + profile.tolerance)
-    fallback_at = min(limits) - SYNC_MARGIN if limits else None
-    return Placement("batch", "batch", max(0.0, window_seconds - window), fallback_at)
+    limits: list[tuple[datetime, str]] = []
+    if task.deadline is not None:
+        limits.append((task.deadline - SYNC_MARGIN, "sync"))
+    if profile is not None:
+        limits.append((now + profile.tolerance - profile.margin, profile.fallback))
+    fallback_at, action = min(limits) if limits else (None, None)
+    return Placement("batch", "batch", max(0.0, window_seconds - window), fallback_at, action)
+
+
+def budget_fit(spent: Decimal, estimates: Sequence[Decimal], budget: Decimal | None) -> int:
+    """How many of ``estimates``, taken in order, fit under the daily budget
+    on top of ``spent``. In order, not smallest first, so a large task at the
+    head is not passed over by smaller ones forever."""
+    if budget is None:
+        return len(estimates)
+    total = spent
+    for n, estimate in enumerate(estimates):
+        total += estimate
+        if total > budget:
+            return n
+    return len(estimates)
 
 
 def _check_metadata(metadata: Any, index: int, cid: str, limits: Limits) -> None:

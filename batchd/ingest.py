@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -131,8 +132,10 @@ class Ingest:
                  max_line_bytes: int = 200 * 1024 * 1024, group_tasks: int = 2000,
                  writers: int = 2, window_seconds: float = 900, batch_share: int = 100,
                  clients: Clients | None = None, callback_hosts: tuple[str, ...] = (),
+                 client_profiles: dict[str, str] | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.engine = engine
+        self.client_profiles = client_profiles or {}
         self.clients = clients or Clients([])
         self.callback_hosts = callback_hosts
         self.window_seconds = window_seconds
@@ -167,8 +170,11 @@ class Ingest:
                 f"{len(result.conflicts)} custom_id(s) already exist with a different body: "
                 f"{', '.join(result.conflicts[:5])}",
                 {"custom_ids": result.conflicts[:100]})
-        metrics.TASKS_RECEIVED.labels(client=client.name if client else ANONYMOUS).inc(
-            len(result.inserted))
+        lanes = {t.custom_id: t.lane for t in tasks}
+        by_lane = Counter(lanes[cid] for cid in result.inserted)
+        for lane, n in by_lane.items():
+            metrics.TASKS_RECEIVED.labels(client=client.name if client else ANONYMOUS,
+                                          lane=lane).inc(n)
         states = [{"custom_id": cid, "state": "queued"} for cid in result.inserted]
         states += [{"custom_id": cid, "state": st} for cid, st in result.duplicates.items()]
         n_dupes = len(result.duplicates) + (n_items - len(tasks))
@@ -204,9 +210,11 @@ class Ingest:
         now = self.clock()
         placed = []
         for t in tasks:
+            # The task's own metadata.latency_profile wins over its client's.
+            t = replace(t, profile=t.profile or self.client_profiles.get(t.client or ""))
             p = place(t, now, self.window_seconds, self.batch_share)
             placed.append(replace(t, lane=p.lane, backdate_seconds=p.backdate_seconds,
-                                  fallback_at=p.fallback_at))
+                                  fallback_at=p.fallback_at, fallback_action=p.fallback_action))
         return placed
 
     async def close(self) -> None:

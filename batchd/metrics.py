@@ -14,11 +14,14 @@ _TIME_BUCKETS = (1, 10, 60, 300, 900, 1800, 3600, 7200, 14_400, 28_800, 43_200, 
 
 # ``client`` takes configured client names, "anonymous" and "other" only
 # (batchd.clients), so its cardinality is bounded by the configuration.
+# ``lane`` is "batch" or "sync": where the task was placed at ingest, and
+# where the attempt, spend, tokens and latency happened.
 TASKS_RECEIVED = Counter(
-    "batchd_tasks_received", "Tasks accepted by ingest", ["client"], registry=REGISTRY
+    "batchd_tasks_received", "Tasks accepted by ingest", ["client", "lane"], registry=REGISTRY
 )
 TASKS_COMPLETED = Counter(
-    "batchd_tasks_completed", "Task attempt outcomes", ["outcome", "client"], registry=REGISTRY
+    "batchd_tasks_completed", "Task attempt outcomes", ["outcome", "client", "lane"],
+    registry=REGISTRY,
 )
 QUEUE_TASKS = Gauge("batchd_queue_tasks", "Tasks by state", ["state"], registry=REGISTRY)
 QUEUE_OLDEST = Gauge(
@@ -52,16 +55,20 @@ BATCH_TURNAROUND = Histogram(
     registry=REGISTRY,
 )
 TASK_LATENCY = Histogram(
-    "batchd_task_latency_seconds", "Ingest to stored result", buckets=_TIME_BUCKETS,
+    "batchd_task_latency_seconds", "Ingest to stored result", ["lane"], buckets=_TIME_BUCKETS,
     registry=REGISTRY,
 )
 PROVIDER_REQUESTS = Counter(
     "batchd_provider_requests", "Provider API calls", ["operation", "code"], registry=REGISTRY
 )
-TOKENS = Counter("batchd_tokens", "Tokens used", ["model", "kind"], registry=REGISTRY)
-SPEND = Counter("batchd_spend_dollars", "Spend at batch price", ["model"], registry=REGISTRY)
+TOKENS = Counter("batchd_tokens", "Tokens used", ["model", "kind", "lane"], registry=REGISTRY)
+SPEND = Counter(
+    "batchd_spend_dollars", "Spend: batch price in the batch lane, sync price in the sync lane",
+    ["model", "lane"], registry=REGISTRY,
+)
 SAVINGS = Counter(
-    "batchd_savings_dollars", "Synchronous price minus batch price", ["model"], registry=REGISTRY
+    "batchd_savings_dollars", "Synchronous price minus what was paid (0 in the sync lane)",
+    ["model", "lane"], registry=REGISTRY,
 )
 BUDGET_LIMIT = Gauge(
     "batchd_budget_limit_dollars", "Daily budget (0 when unset)", registry=REGISTRY

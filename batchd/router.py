@@ -105,7 +105,7 @@ class Router:
                 SELECT extract(epoch FROM now() - created_at) FROM tasks
                 WHERE batch_id = :bid AND state = 'succeeded'"""), {"bid": batch_id})
             for (seconds,) in latencies:
-                metrics.TASK_LATENCY.observe(float(seconds))
+                metrics.TASK_LATENCY.labels(lane="batch").observe(float(seconds))
         crash_point("after_route")
         self._record_metrics(model, remote.status, summary)
         log.info("batch.routed", batch_id=batch_id, provider_batch_id=remote.id,
@@ -209,10 +209,10 @@ class Router:
     def _record_metrics(self, model: str, status: str, s: RouteSummary) -> None:
         metrics.BATCHES_FINISHED.labels(status=status).inc()
         for (outcome, client), n in s.by_client.items():
-            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client)
-                                           ).inc(n)
-        metrics.SPEND.labels(model=model).inc(float(s.spend))
-        metrics.SAVINGS.labels(model=model).inc(float(s.sync_spend - s.spend))
+            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
+                                           lane="batch").inc(n)
+        metrics.SPEND.labels(model=model, lane="batch").inc(float(s.spend))
+        metrics.SAVINGS.labels(model=model, lane="batch").inc(float(s.sync_spend - s.spend))
         for kind, n in (("input", s.tokens.input), ("cached_input", s.tokens.cached),
                         ("output", s.tokens.output)):
-            metrics.TOKENS.labels(model=model, kind=kind).inc(n)
+            metrics.TOKENS.labels(model=model, kind=kind, lane="batch").inc(n)

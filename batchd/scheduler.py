@@ -235,10 +235,24 @@ class Scheduler:
     async def _write_input(self, p: Pending) -> Path:
         path = self.archive.spool_path(p.batch_id, "input")
         tmp = path.with_suffix(".tmp")
+        # Line numbers were fixed at claim time; a task that left the batch
+        # since (a latency fallback) closes up the file, so the tasks after
+        # it take their new numbers before the file can be named in errors.
+        moved_ids: list[int] = []
+        moved_lines: list[int] = []
+        line_no = 0
         async with self.engine.connect() as conn:
             with tmp.open("wb") as out:
                 async for rows in repo.stream_batch_lines(conn, p.batch_id):
-                    out.write(b"".join(input_line(cid, ep, body) for cid, ep, body in rows))
+                    out.write(b"".join(input_line(cid, ep, body) for cid, ep, body, _, _ in rows))
+                    for _, _, _, task_id, stored_line in rows:
+                        line_no += 1
+                        if stored_line != line_no:
+                            moved_ids.append(task_id)
+                            moved_lines.append(line_no)
+        if moved_ids:
+            async with self.engine.begin() as conn:
+                await repo.renumber_batch_lines(conn, moved_ids, moved_lines)
         tmp.replace(path)
         return path
 

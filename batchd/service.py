@@ -111,6 +111,11 @@ class Service:
         if not self.clients.required and not is_loopback(settings.http_host):
             raise ConfigError("BATCHD_INGEST_TOKENS is unset, so the API listens on loopback "
                               "only: set tokens or BATCHD_HTTP_HOST=127.0.0.1")
+        profiles = settings.profiles_by_client
+        unknown = sorted(set(profiles) - self.clients.names)
+        if unknown:
+            raise ConfigError(f"BATCHD_CLIENT_PROFILES: {unknown[0]!r} is no client named in "
+                              "BATCHD_INGEST_TOKENS (name=token) or BATCHD_INGEST_TOKENS_FILE")
         self.settings = settings
         self.engine = engine
         self.provider = provider
@@ -123,7 +128,7 @@ class Service:
         self.scheduler = Scheduler(engine, provider, settings, self.prices, self.archive,
                                    self.owner, clock)
         self.poller = Poller(engine, provider, self.router, settings, self.archive, self.owner)
-        self.sync_lane = SyncLane(engine, provider, settings, self.prices, self.clients)
+        self.sync_lane = SyncLane(engine, provider, settings, self.prices, self.clients, clock)
         self.callbacks = CallbackSender(engine, self.clients, settings)
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.api = ApiState(
@@ -132,7 +137,8 @@ class Service:
                           max_line_bytes=file_byte_budget(settings.max_file_bytes),
                           window_seconds=settings.window_seconds,
                           batch_share=settings.batch_share, clients=self.clients,
-                          callback_hosts=settings.callback_hosts, clock=clock),
+                          callback_hosts=settings.callback_hosts,
+                          client_profiles=profiles, clock=clock),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks)
@@ -245,7 +251,7 @@ class Service:
     async def snapshot(self) -> None:
         today = self.clock().date()
         async with self.engine.connect() as conn:
-            row = (await conn.execute(text("""
+            row = (await conn.execute(text(f"""
                 SELECT
                   (SELECT count(*) FROM tasks WHERE state = 'queued') AS queued,
                   (SELECT count(*) FROM tasks WHERE state = 'submitted') AS submitted,
@@ -255,8 +261,7 @@ class Service:
                   (SELECT count(*) FROM batches WHERE state <> 'routed') AS in_flight,
                   (SELECT extract(epoch FROM min(submitted_at)) FROM batches
                      WHERE state = 'submitted') AS oldest_batch,
-                  (SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM batches
-                     WHERE spend_day = :day) AS spent
+                  {repo.DAY_SPEND_SQL} AS spent
             """), {"day": today})).mappings().one()
         for state in ("queued", "submitted", "failed"):
             metrics.QUEUE_TASKS.labels(state=state).set(row[state])

@@ -6,6 +6,11 @@ one by one through the provider's synchronous API, at most
 BATCHD_SYNC_CONCURRENCY at a time per replica. The outcome goes through the
 same classification and the same store as a batch line, at the synchronous
 price (so a sync call saves nothing).
+
+The daily budget covers this lane too: each claimed call reserves a high-side
+estimate at the sync price in the ``sync_spend`` ledger (in the same
+transaction, under the same lock as a batch's reservation), settled to the
+real cost when the call returns. Calls that would pass the cap stay queued.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ import asyncio
 import contextlib
 import random
 import secrets
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -22,9 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import Outcome, classify_line
+from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
 from batchd.errors import ProviderError
-from batchd.prices import PriceTable, cost, tokens_from_usage
+from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
 from batchd.provider.base import Provider
 from batchd.store import repo
 from batchd.store.repo import Backoff
@@ -32,21 +41,38 @@ from batchd.store.repo import Backoff
 log = logs.get("batchd.sync_lane")
 
 _TICK_SECONDS = 0.2
+_SWEEP_SECONDS = 5.0
 # A sync call outliving this is presumed lost with its replica.
 _STALE_AFTER_SECONDS = 900.0
+# While the budget holds calls back, look again this often (a settled call
+# gives back the difference between its estimate and its cost).
+_HOLD_RECHECK_SECONDS = 1.0
+_HOLD_LOG_SECONDS = 60.0
+_LOST = {"code": "sync_call_lost",
+         "message": "the replica making this synchronous call stopped before storing it"}
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 class SyncLane:
     def __init__(self, engine: AsyncEngine, provider: Provider, settings: Settings,
-                 prices: PriceTable, clients: Clients) -> None:
+                 prices: PriceTable, clients: Clients,
+                 clock: Callable[[], datetime] = _utc_now) -> None:
         self.engine = engine
         self.clients = clients
         self.provider = provider
         self.prices = prices
+        self.clock = clock
         self.concurrency = settings.sync_concurrency
+        self.budget = settings.daily_budget_usd
+        self.window_seconds = settings.window_seconds
         self.backoff = Backoff(settings.retry_backoff_seconds, settings.max_attempts)
         self._running: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
+        self._hold_until = 0.0
+        self._hold_logged = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -65,42 +91,99 @@ class SyncLane:
     async def tick(self) -> int:
         """Move due fallbacks, then start calls for free slots; returns calls started."""
         loop = asyncio.get_running_loop()
-        if loop.time() - self._last_sweep > 5.0:
+        if loop.time() - self._last_sweep > _SWEEP_SECONDS:
             self._last_sweep = loop.time()
-            async with self.engine.begin() as conn:
-                moved = await repo.fall_back_to_sync(conn)
-                stale = await repo.requeue_stale_sync(conn, _STALE_AFTER_SECONDS)
-            if moved or stale:
-                log.info("sync_lane.swept", fell_back=len(moved), stale_requeued=stale)
+            await self.sweep()
         free = self.concurrency - len(self._running)
-        if free <= 0:
+        if free <= 0 or loop.time() < self._hold_until:
             return 0
         claim_id = f"sync_{secrets.token_hex(8)}"
-        async with self.engine.begin() as conn:
-            rows = await repo.claim_sync(conn, claim_id, free)
+        rows = await self._claim(claim_id, free)
         for row in rows:
             task = asyncio.create_task(self._call(claim_id, row))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
         return len(rows)
 
+    async def sweep(self) -> None:
+        """Latency fallbacks and resubmissions, and calls lost with their replica.
+
+        A lost call may have reached the provider, so its attempt stays
+        counted: it is retried like a line that never came back, or fails
+        once BATCHD_MAX_ATTEMPTS is used up. Its ledger row keeps the
+        reservation (what it cost is unknown)."""
+        lost: dict[tuple[str, str | None], int] = {}
+        async with self.engine.begin() as conn:
+            moved = await repo.fall_back(conn, self.window_seconds, SYNC_MARGIN.total_seconds())
+            stale = await repo.stale_sync_calls(conn, _STALE_AFTER_SECONDS)
+            for claim, cids in stale.items():
+                counts = await repo.store_failures(
+                    conn, claim, cids, [False] * len(cids), [_LOST] * len(cids),
+                    [random.random() for _ in cids], self.backoff)
+                for key, n in counts.items():
+                    lost[key] = lost.get(key, 0) + n
+        for (outcome, client), n in lost.items():
+            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
+                                           lane="sync").inc(n)
+        if moved.to_sync or moved.resubmitted or lost:
+            log.info("sync_lane.swept", fell_back=len(moved.to_sync),
+                     resubmitted=len(moved.resubmitted), lost_calls=sum(lost.values()))
+
+    def estimate(self, model: str, est_in: int, est_out: int) -> Decimal:
+        """High-side cost of one call, reserved against the daily budget."""
+        return cost(Tokens(est_in, 0, est_out), self.prices.lookup(model).sync)
+
+    async def _claim(self, claim_id: str, limit: int) -> list[dict[str, Any]]:
+        """Claim due calls, in order, as far as the daily budget allows, each
+        with its reservation in the ledger; the rest stay queued."""
+        today = self.clock().date()
+        async with self.engine.begin() as conn:
+            if self.budget is not None:
+                await repo.lock_budget(conn)
+            candidates = await repo.sync_candidates(conn, limit)
+            if not candidates:
+                return []
+            estimates = [self.estimate(c["model"], c["est_input_tokens"], c["est_output_tokens"])
+                         for c in candidates]
+            spent = await repo.day_spend(conn, today) if self.budget is not None else Decimal(0)
+            fit = budget_fit(spent, estimates, self.budget)
+            taken = candidates[:fit]
+            rows = await repo.claim_sync(conn, claim_id, [c["id"] for c in taken])
+            await repo.reserve_sync_spend(conn, claim_id, today,
+                                          [c["custom_id"] for c in taken],
+                                          [c["model"] for c in taken], estimates[:fit])
+        if fit < len(candidates):
+            self._held(len(candidates) - fit, spent, estimates[fit])
+        return rows
+
+    def _held(self, held: int, spent: Decimal, next_estimate: Decimal) -> None:
+        loop = asyncio.get_running_loop()
+        self._hold_until = loop.time() + _HOLD_RECHECK_SECONDS
+        if loop.time() - self._hold_logged >= _HOLD_LOG_SECONDS:
+            self._hold_logged = loop.time()
+            log.warning("budget.hold", lane="sync", held_tasks=held, spent_usd=str(spent),
+                        next_estimate_usd=str(next_estimate), budget_usd=str(self.budget))
+
     async def _call(self, claim_id: str, row: dict[str, Any]) -> None:
         cid: str = row["custom_id"]
+        answered = True
         try:
             status, body = await self.provider.call_sync(row["endpoint"], row["body"], cid)
             line: dict[str, Any] = {"custom_id": cid,
                                     "response": {"status_code": status, "body": body}}
         except ProviderError as exc:
-            body = None
+            answered, body = False, None
             line = {"custom_id": cid, "response": None,
                     "error": {"code": exc.code or "provider_unreachable", "message": str(exc)}}
         result = classify_line(line)
+        tokens = Tokens()
+        paid = Decimal(0)
         try:
             async with self.engine.begin() as conn:
                 if result.outcome is Outcome.SUCCESS:
                     usage = body.get("usage") if isinstance(body, dict) else None
-                    price = self.prices.lookup(row["model"]).sync
-                    paid = cost(tokens_from_usage(usage), price)
+                    tokens = tokens_from_usage(usage)
+                    paid = cost(tokens, self.prices.lookup(row["model"]).sync)
                     stored = await repo.store_successes(conn, claim_id, repo.SuccessRows(
                         [cid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
                         [paid], [paid]))
@@ -110,16 +193,36 @@ class SyncLane:
                         conn, claim_id, [cid], [result.outcome is Outcome.FINAL],
                         [result.error or {}], [random.random()], self.backoff)
                     settled = list(counts)
+                # An error the provider answered is not billed; a call that got
+                # no answer may have been, so it keeps its reservation.
+                if answered:
+                    await repo.settle_sync_spend(conn, claim_id, cid, paid)
         except Exception:
             # The call happened but its outcome is not stored: the stale sweep
             # re-queues the task; log loudly, as it may be paid twice.
             log.exception("sync_lane.store_failed", custom_id=cid)
             return
-        for outcome, client in settled:  # empty: a fallback moved the task meanwhile
-            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client)
-                                           ).inc()
+        self._record_metrics(row, result.outcome, tokens, paid, settled)
         log.debug("sync_lane.called", custom_id=cid, status=result.status_code,
                   outcome=settled[0][0] if settled else None)
+
+    def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,
+                        paid: Decimal, settled: list[tuple[str, str | None]]) -> None:
+        model = row["model"]
+        if outcome is Outcome.SUCCESS:
+            # Paid whether or not the result was kept (a fallback may have
+            # moved the task meanwhile): spend and tokens count every answer.
+            metrics.SPEND.labels(model=model, lane="sync").inc(float(paid))
+            metrics.SAVINGS.labels(model=model, lane="sync").inc(0)
+            for kind, n in (("input", tokens.input), ("cached_input", tokens.cached),
+                            ("output", tokens.output)):
+                metrics.TOKENS.labels(model=model, kind=kind, lane="sync").inc(n)
+        for name, client in settled:  # empty: a fallback moved the task meanwhile
+            metrics.TASKS_COMPLETED.labels(outcome=name, client=self.clients.label(client),
+                                           lane="sync").inc()
+            if name == "succeeded":
+                metrics.TASK_LATENCY.labels(lane="sync").observe(
+                    max(0.0, time.time() - row["created_at"].timestamp()))
 
 
 def _dumps(value: Any) -> str:

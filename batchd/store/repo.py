@@ -37,15 +37,16 @@ class IngestResult:
 _INSERT_TASKS = text("""
 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, metadata, line_bytes,
                    est_input_tokens, est_output_tokens, lane, not_before, deadline, fallback_at,
-                   client, callback_url)
+                   client, callback_url, fallback_action)
 SELECT cid, ep, mdl, bdy::jsonb, dg, md::jsonb, lb, ei, eo, ln,
-       now() - make_interval(secs => bd), dl, fb, cl, cb
+       now() - make_interval(secs => bd), dl, fb, cl, cb, fa
 FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
             CAST(:bdy AS text[]), CAST(:dg AS text[]), CAST(:md AS text[]),
             CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]),
             CAST(:ln AS text[]), CAST(:bd AS float8[]), CAST(:dl AS timestamptz[]),
-            CAST(:fb AS timestamptz[]), CAST(:cl AS text[]), CAST(:cb AS text[]))
-     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb)
+            CAST(:fb AS timestamptz[]), CAST(:cl AS text[]), CAST(:cb AS text[]),
+            CAST(:fa AS text[]))
+     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb, fa)
 ON CONFLICT (custom_id) DO NOTHING
 RETURNING custom_id
 """)
@@ -75,6 +76,7 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
         "fb": [t.fallback_at for t in tasks],
         "cl": [t.client for t in tasks],
         "cb": [t.callback_url for t in tasks],
+        "fa": [t.fallback_action for t in tasks],
     })
     inserted = [r[0] for r in rows]
     if len(inserted) == len(tasks):
@@ -198,12 +200,16 @@ async def claim_window(
         ), sized AS (
             SELECT id, sum(line_bytes) OVER (ORDER BY not_before, id) AS running,
                    row_number() OVER (ORDER BY not_before, id) AS n FROM picked
-        ), upd AS (
-            UPDATE tasks t SET state = 'submitted', batch_id = :bid, attempts = t.attempts + 1,
-                   submitted_at = now(), updated_at = now()
+        ), kept AS (
+            -- The input file is written in id order: its line numbers, fixed now.
             -- The first task always goes: ingest keeps every task under the
             -- limit, and skipping it would stall the window behind it.
-            FROM sized s WHERE t.id = s.id AND (s.running <= :maxb OR s.n = 1)
+            SELECT id, row_number() OVER (ORDER BY id) AS line FROM sized
+            WHERE running <= :maxb OR n = 1
+        ), upd AS (
+            UPDATE tasks t SET state = 'submitted', batch_id = :bid, attempts = t.attempts + 1,
+                   batch_line = k.line, submitted_at = now(), updated_at = now()
+            FROM kept k WHERE t.id = k.id
             RETURNING t.line_bytes, t.est_input_tokens, t.est_output_tokens
         )
         SELECT (SELECT count(*) FROM picked), count(*), coalesce(sum(line_bytes), 0),
@@ -228,11 +234,18 @@ async def insert_batch(
          "lease": lease_seconds})
 
 
+# Settled cost, else the open reservation, of the day's batches and
+# synchronous calls; the budget check and the budget gauge both read this.
+DAY_SPEND_SQL = """
+    (SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM batches
+     WHERE spend_day = :day)
+  + (SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM sync_spend
+     WHERE spend_day = :day)"""
+
+
 async def day_spend(conn: AsyncConnection, day: date) -> Decimal:
-    """Settled cost plus open reservations of batches submitted on ``day``."""
-    row = await conn.execute(text("""
-        SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM batches
-        WHERE spend_day = :day"""), {"day": day})
+    """Spent plus reserved on ``day``, batches and synchronous calls alike."""
+    row = await conn.execute(text(f"SELECT {DAY_SPEND_SQL}"), {"day": day})
     return Decimal(row.scalar_one())
 
 
@@ -259,10 +272,20 @@ async def stream_batch_lines(
 ) -> AsyncIterator[Sequence[Any]]:
     """The tasks of a batch in file order, in chunks (server-side cursor)."""
     result = await conn.stream(text("""
-        SELECT custom_id, endpoint, body FROM tasks
+        SELECT custom_id, endpoint, body, id, batch_line FROM tasks
         WHERE batch_id = :bid AND state = 'submitted' ORDER BY id"""), {"bid": batch_id})
     async for part in result.partitions(chunk):
         yield part
+
+
+async def renumber_batch_lines(conn: AsyncConnection, task_ids: Sequence[int],
+                               lines: Sequence[int]) -> None:
+    """Line numbers of a file written after a task left its batch (the file
+    closes the gap, so the tasks after it moved up)."""
+    await conn.execute(text("""
+        UPDATE tasks t SET batch_line = u.line
+        FROM unnest(CAST(:ids AS bigint[]), CAST(:lines AS int[])) AS u(id, line)
+        WHERE t.id = u.id"""), {"ids": list(task_ids), "lines": list(lines)})
 
 
 # ---------------------------------------------------------- batch bookkeeping
@@ -480,13 +503,17 @@ async def unsettled_in_batch(conn: AsyncConnection, batch_id: str, limit: int) -
 
 async def custom_ids_at_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[int]
                               ) -> dict[int, str]:
-    """Map 1-based input-file line numbers back to custom_ids (file order is id order)."""
+    """Map 1-based input-file line numbers back to the batch's tasks by the
+    line each was given when the file was built, so a task that left the
+    batch since (a fallback) shifts nobody. A line whose task left maps to
+    nothing. Batches built before batch_line existed count rows in id order."""
     rows = await conn.execute(text("""
-        SELECT rn, custom_id FROM (
-            SELECT custom_id, row_number() OVER (ORDER BY id) AS rn FROM tasks
+        SELECT line, custom_id FROM (
+            SELECT custom_id,
+                   coalesce(batch_line, row_number() OVER (ORDER BY id)) AS line FROM tasks
             WHERE batch_id = :bid AND state = 'submitted') s
-        WHERE rn = ANY(CAST(:lines AS bigint[]))"""), {"bid": batch_id, "lines": list(lines)})
-    return {int(rn): cid for rn, cid in rows}
+        WHERE line = ANY(CAST(:lines AS bigint[]))"""), {"bid": batch_id, "lines": list(lines)})
+    return {int(line): cid for line, cid in rows}
 
 
 async def requeue_remaining(
@@ -539,52 +566,127 @@ async def release_owner(conn: AsyncConnection, owner: str) -> int:
 
 # ----------------------------------------------------------------- sync lane
 
-async def claim_sync(conn: AsyncConnection, claim_id: str, limit: int) -> list[dict[str, Any]]:
-    """Take up to ``limit`` due sync-lane tasks for one synchronous call each;
-    the attempt is counted now, as for a batch."""
+async def sync_candidates(conn: AsyncConnection, limit: int) -> list[dict[str, Any]]:
+    """Due sync-lane tasks in order, row-locked (SKIP LOCKED) until the
+    transaction ends, with what the budget check needs."""
     rows = await conn.execute(text("""
-        UPDATE tasks t SET state = 'submitted', batch_id = :claim, attempts = t.attempts + 1,
-               submitted_at = now(), updated_at = now()
-        WHERE t.id IN (SELECT id FROM tasks
-                       WHERE state = 'queued' AND lane = 'sync' AND not_before <= now()
-                       ORDER BY not_before, id LIMIT :lim FOR UPDATE SKIP LOCKED)
-        RETURNING t.custom_id, t.endpoint, t.model, t.body"""), {"claim": claim_id, "lim": limit})
+        SELECT id, custom_id, model, est_input_tokens, est_output_tokens FROM tasks
+        WHERE state = 'queued' AND lane = 'sync' AND not_before <= now()
+        ORDER BY not_before, id LIMIT :lim FOR UPDATE SKIP LOCKED"""), {"lim": limit})
     return [dict(r) for r in rows.mappings()]
 
 
-async def requeue_stale_sync(conn: AsyncConnection, older_than: float) -> int:
-    """Sync calls whose replica died mid-call go back to the queue. The call
-    may have reached the provider, so the attempt stays counted."""
+async def claim_sync(conn: AsyncConnection, claim_id: str, task_ids: Sequence[int]
+                     ) -> list[dict[str, Any]]:
+    """Take the chosen sync-lane tasks for one synchronous call each; the
+    attempt is counted now, as for a batch."""
+    if not task_ids:
+        return []
     rows = await conn.execute(text("""
-        UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
-               updated_at = now()
+        UPDATE tasks t SET state = 'submitted', batch_id = :claim, attempts = t.attempts + 1,
+               submitted_at = now(), updated_at = now()
+        WHERE t.id = ANY(CAST(:ids AS bigint[])) AND t.state = 'queued'
+        RETURNING t.custom_id, t.endpoint, t.model, t.body, t.created_at"""),
+        {"claim": claim_id, "ids": list(task_ids)})
+    return [dict(r) for r in rows.mappings()]
+
+
+async def reserve_sync_spend(conn: AsyncConnection, claim_id: str, day: date,
+                             custom_ids: Sequence[str], models: Sequence[str],
+                             reserved: Sequence[Decimal]) -> None:
+    """One ledger row per claimed call, holding its high-side estimate."""
+    if not custom_ids:
+        return
+    await conn.execute(text("""
+        INSERT INTO sync_spend (claim_id, custom_id, model, spend_day, reserved_usd)
+        SELECT :claim, cid, mdl, :day, res
+        FROM unnest(CAST(:cid AS text[]), CAST(:mdl AS text[]), CAST(:res AS numeric[]))
+             AS u(cid, mdl, res)"""),
+        {"claim": claim_id, "day": day, "cid": list(custom_ids), "mdl": list(models),
+         "res": list(reserved)})
+
+
+async def settle_sync_spend(conn: AsyncConnection, claim_id: str, custom_id: str,
+                            cost_usd: Decimal) -> None:
+    """A finished call's ledger row takes its real cost in place of the estimate."""
+    await conn.execute(text("""
+        UPDATE sync_spend SET cost_usd = :cost, settled_at = now()
+        WHERE claim_id = :claim AND custom_id = :cid AND cost_usd IS NULL"""),
+        {"claim": claim_id, "cid": custom_id, "cost": cost_usd})
+
+
+async def stale_sync_calls(conn: AsyncConnection, older_than: float, limit: int = 1000
+                           ) -> dict[str, list[str]]:
+    """Sync calls whose replica died mid-call (claim id -> custom_ids),
+    row-locked so the caller settles them in the same transaction."""
+    rows = await conn.execute(text("""
+        SELECT batch_id, custom_id FROM tasks
         WHERE lane = 'sync' AND state = 'submitted' AND batch_id LIKE 'sync\\_%'
           AND submitted_at < now() - make_interval(secs => :s)
-        RETURNING 1"""), {"s": older_than})
-    return len(rows.all())
+        ORDER BY id LIMIT :lim FOR UPDATE SKIP LOCKED"""), {"s": older_than, "lim": limit})
+    out: dict[str, list[str]] = {}
+    for claim, cid in rows:
+        out.setdefault(claim, []).append(cid)
+    return out
 
 
-async def fall_back_to_sync(conn: AsyncConnection, limit: int = 1000) -> list[str]:
-    """Tasks past their fallback time that no batch has answered: call them
-    synchronously. One still in a live batch leaves it (its line will be
-    ignored when the batch is routed), which may pay for it twice; that is the
-    price a short latency profile or a deadline asks for."""
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """Tasks the fallback sweep took out of the batch lane's way."""
+
+    to_sync: list[str]
+    resubmitted: list[str]
+
+
+async def fall_back(conn: AsyncConnection, window_seconds: float, margin: float,
+                    limit: int = 1000) -> Moved:
+    """Tasks past their fallback time that no batch has answered.
+
+    ``fallback_action`` 'sync' (or NULL): the task moves to the sync lane and
+    is called at once. 'resubmit' (the 24h profile): it stays in the batch
+    lane, re-queued so old that its window is due on the next scheduler tick,
+    once: its next fallback is its deadline's (sync, ``margin`` seconds
+    ahead), or none.
+
+    A task still in a live batch leaves it (its line is ignored when that
+    batch is routed, though it may still be billed) and gets that unanswered
+    attempt back, so the sync call or the fresh batch never takes it past
+    BATCHD_MAX_ATTEMPTS."""
     rows = await conn.execute(text("""
         WITH due AS (
-            SELECT id FROM tasks
+            SELECT id, batch_id AS left_batch, state AS was,
+                   coalesce(fallback_action, 'sync') = 'sync' AS to_sync
+            FROM tasks
             WHERE fallback_at <= now() AND lane = 'batch' AND state IN ('queued', 'submitted')
             ORDER BY fallback_at LIMIT :lim FOR UPDATE SKIP LOCKED
         ), upd AS (
-            UPDATE tasks t SET lane = 'sync', state = 'queued', batch_id = NULL,
-                   not_before = now(), updated_at = now()
-            FROM due WHERE t.id = due.id
-            RETURNING t.custom_id, t.attempts, t.batch_id
+            UPDATE tasks t SET
+                lane = CASE WHEN d.to_sync THEN 'sync' ELSE 'batch' END,
+                state = 'queued', batch_id = NULL, batch_line = NULL,
+                attempts = CASE WHEN d.was = 'submitted' THEN greatest(t.attempts - 1, 0)
+                                ELSE t.attempts END,
+                not_before = CASE WHEN d.to_sync THEN now()
+                                  ELSE now() - make_interval(secs => :window) END,
+                fallback_at = CASE WHEN d.to_sync THEN t.fallback_at
+                                   ELSE t.deadline - make_interval(secs => :margin) END,
+                fallback_action = CASE WHEN d.to_sync THEN t.fallback_action ELSE 'sync' END,
+                updated_at = now()
+            FROM due d WHERE t.id = d.id
+            RETURNING t.custom_id, t.attempts, d.left_batch, d.to_sync
         )
-        INSERT INTO task_events (custom_id, attempt, outcome, error)
-        SELECT custom_id, attempts, 'fallback',
-               '{"code": "latency_fallback", "message": "moved to the sync lane"}'::jsonb
-        FROM upd RETURNING custom_id"""), {"lim": limit})
-    return [r[0] for r in rows]
+        INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
+        SELECT custom_id, left_batch, attempts,
+               CASE WHEN to_sync THEN 'fallback' ELSE 'resubmitted' END,
+               CASE WHEN to_sync
+                    THEN '{"code": "latency_fallback", "message": "moved to the sync lane"}'
+                    ELSE '{"code": "latency_resubmit", "message": "resubmitted in a new batch"}'
+               END::jsonb
+        FROM upd RETURNING custom_id, outcome"""),
+        {"lim": limit, "window": window_seconds, "margin": margin})
+    moved = Moved([], [])
+    for cid, outcome in rows:
+        (moved.to_sync if outcome == "fallback" else moved.resubmitted).append(cid)
+    return moved
 
 
 # ------------------------------------------------------------------ callbacks

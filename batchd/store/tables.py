@@ -61,6 +61,13 @@ tasks = Table(
     # where its result is POSTed when it reaches a terminal state.
     Column("client", Text),
     Column("callback_url", Text),
+    # What happens at fallback_at: 'sync' (call it synchronously) or
+    # 'resubmit' (into a fresh batch); NULL reads as 'sync'.
+    Column("fallback_action", Text),
+    # 1-based line of the task in its batch's input file, fixed when the
+    # batch is built, so validation errors naming lines find their task even
+    # after another task left the batch.
+    Column("batch_line", Integer),
     CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name="task_state"),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
     Index("tasks_queued_window", "endpoint", "model", "not_before", "id",
@@ -140,7 +147,8 @@ task_events = Table(
     Column("custom_id", Text, nullable=False),
     Column("batch_id", Text),
     Column("attempt", Integer, nullable=False),
-    # accepted | succeeded | retried | failed | requeued | replayed
+    # accepted | succeeded | retried | failed | requeued | replayed | fallback |
+    # resubmitted
     Column("outcome", Text, nullable=False),
     Column("error", JSONB),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
@@ -151,6 +159,24 @@ task_events = Table(
 # The callback outbox: one row per terminal state reached by a task with a
 # callback_url, written in the transaction that makes the state terminal, so a
 # crash between the two can never lose a delivery.
+# Synchronous calls against the daily budget: reserved from a high estimate
+# at the sync price when a call is claimed, settled to its cost after it.
+sync_spend = Table(
+    "sync_spend",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("claim_id", Text, nullable=False),
+    Column("custom_id", Text, nullable=False),
+    Column("model", Text, nullable=False),
+    Column("spend_day", Date, nullable=False),
+    Column("reserved_usd", MONEY, nullable=False),
+    Column("cost_usd", MONEY),  # NULL until settled: the reservation counts
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("settled_at", DateTime(timezone=True)),
+    Index("sync_spend_day", "spend_day"),
+    Index("sync_spend_claim", "claim_id", "custom_id"),
+)
+
 callbacks = Table(
     "callbacks",
     metadata,

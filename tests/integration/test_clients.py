@@ -42,12 +42,12 @@ async def test_tokens_name_the_client_on_tasks_and_metrics(db_url: str, tmp_path
         return after.get(key, 0) - before.get(key, 0)
 
     received = "batchd_tasks_received_total"
-    assert delta(received, client="billing") == 3
-    assert delta(received, client="search") == 1
-    assert delta(received, client="anonymous") == 2
+    assert delta(received, client="billing", lane="batch") == 3
+    assert delta(received, client="search", lane="batch") == 1
+    assert delta(received, client="anonymous", lane="batch") == 2
     completed = "batchd_tasks_completed_total"
-    assert delta(completed, client="billing", outcome="succeeded") == 3
-    assert delta(completed, client="anonymous", outcome="succeeded") == 1
-    assert delta(completed, client="anonymous", outcome="failed") == 1
+    assert delta(completed, client="billing", outcome="succeeded", lane="batch") == 3
+    assert delta(completed, client="anonymous", outcome="succeeded", lane="batch") == 1
+    assert delta(completed, client="anonymous", outcome="failed", lane="batch") == 1
     labels = {dict(k[1]).get("client") for k in after if k[0] in (received, completed)}
     assert labels <= {"billing", "search", "anonymous", "other"}
