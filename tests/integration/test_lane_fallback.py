@@ -177,3 +177,24 @@ async def test_a_client_profile_must_name_a_configured_client(
         async with running(db_url, tmp_path, ingest_tokens="search=tok-s",
                            client_profiles="billing=6h"):
             pass
+
+
+async def test_a_resubmitted_task_is_stored_once_when_both_batches_answer(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        await h.post({"tasks": [chat_task("twice", metadata={"latency_profile": "24h"}),
+                                chat_task("once")]})
+        await h.age_queue(901)
+        assert await h.flush() == 1
+        first = await h.scalar("SELECT batch_id FROM tasks WHERE custom_id = 'twice'")
+        await h.execute("UPDATE tasks SET fallback_at = now() WHERE custom_id = 'twice'")
+        await _sweep(h)
+        assert await h.flush() == 1
+        second = await h.scalar("SELECT batch_id FROM tasks WHERE custom_id = 'twice'")
+        assert second != first
+        await h.cycle()  # both batches answer; the old one still holds a line for it
+        assert h.emulator.submissions["twice"] == 2
+        rows = await h.rows("SELECT custom_id, batch_id FROM results ORDER BY custom_id")
+        assert rows == [{"custom_id": "once", "batch_id": first},
+                        {"custom_id": "twice", "batch_id": second}]
+        assert await _states(h) == {"once": ("succeeded", 1), "twice": ("succeeded", 1)}
