@@ -1,0 +1,959 @@
+"""batchd benchmark: one table, every figure beside a reference measured in the same run.
+
+Run it with ``scripts/bench`` (makes .venv-bench with batchd, pgqueuer,
+procrastinate and the profilers, then runs this file); ``--help`` lists the
+knobs, ``--quick`` shrinks every row for a smoke run. It creates its own
+database on the server (BATCHD_BENCH_DATABASE_URL, else 127.0.0.1:5432) and
+drops it at the end; the daemon and the emulator run as subprocesses, the
+load comes from this process over loopback.
+
+Not a test: pytest does not collect it (no test_ prefix) and CI never runs it.
+Figures on a shared machine are noisy; each row is the median of ``--runs``
+runs unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from batchd.domain import TaskIn, input_line, parse_task  # noqa: E402
+
+DEFAULT_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+ENDPOINT = "/v1/chat/completions"
+MODEL = "gpt-4o-mini"
+BODY_BYTES = 500
+API_KEY = "bench-key"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------ workload
+
+def _filler(n: int) -> str:
+    words = "the quick brown fox jumps over a lazy dog while batchd queues it up ".split()
+    out: list[str] = []
+    while sum(len(w) + 1 for w in out) < n:
+        out.append(words[len(out) % len(words)])
+    return " ".join(out)[:n]
+
+
+def make_body(i: int) -> dict[str, Any]:
+    """A chat request of exactly BODY_BYTES bytes of JSON."""
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 16,
+                            "messages": [{"role": "user", "content": ""}]}
+    base = len(orjson.dumps(body)) + len(f"{i:09d} ")
+    body["messages"][0]["content"] = f"{i:09d} " + _filler(BODY_BYTES - base)
+    return body
+
+
+def task_json(prefix: str, i: int) -> bytes:
+    return orjson.dumps({"custom_id": f"{prefix}-{i:09d}", "body": make_body(i)})
+
+
+def ndjson(prefix: str, start: int, n: int) -> bytes:
+    return b"\n".join(task_json(prefix, i) for i in range(start, start + n))
+
+
+# ------------------------------------------------------------ tiny HTTP client
+
+class _Conn(asyncio.Protocol):
+    """Keep-alive HTTP/1.1 over a raw transport: the load generator must cost
+    far less CPU than the server it measures (an aiohttp client would not)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        head = bytes(self.buf[:end]).lower()
+        at = head.find(b"content-length:")
+        stop = head.find(b"\r\n", at)
+        n = int(head[at + 15: stop if stop > 0 else None])
+        total = end + 4 + n
+        if len(self.buf) < total:
+            return
+        status = int(head[9:12])
+        body = bytes(self.buf[end + 4: total])
+        del self.buf[:total]
+        waiter, self.waiter = self.waiter, None
+        if not waiter.done():
+            waiter.set_result((status, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("connection closed"))
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return await self.waiter
+
+
+async def connect(port: int) -> _Conn:
+    _t, proto = await asyncio.get_running_loop().create_connection(_Conn, "127.0.0.1", port)
+    return proto
+
+
+def post(body: bytes, content_type: str = "application/json") -> bytes:
+    return (b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            + content_type.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body)
+
+
+# --------------------------------------------------------------- environment
+
+def with_db(url: str, name: str) -> str:
+    from sqlalchemy import make_url
+
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+async def admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def migrate(url: str) -> None:
+    from alembic import command
+
+    from batchd.service import alembic_config
+    from batchd.store.engine import async_url
+    command.upgrade(alembic_config(async_url(url)), "head")
+
+
+async def reset(url: str) -> None:
+    await admin(url, "TRUNCATE tasks, batches, results, task_events RESTART IDENTITY; "
+                     "CHECKPOINT")
+
+
+def peak_rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current RSS (Linux clear_refs 5)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+class Proc:
+    """A subprocess whose stderr/stdout lines are kept (the last few) and scanned."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        self.lines: list[str] = []
+        self._found: asyncio.Future[str] | None = None
+        self._pattern: re.Pattern[str] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    async def wait_for(self, pattern: str, limit: float = 60) -> str:
+        loop = asyncio.get_running_loop()
+        self._pattern = re.compile(pattern)
+        self._found = loop.create_future()
+        for line in self.lines:
+            if m := self._pattern.search(line):
+                return m.group(1)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+        try:
+            return await asyncio.wait_for(self._found, limit)
+        except TimeoutError:
+            raise RuntimeError("subprocess did not start:\n" + "\n".join(self.lines[-30:])) \
+                from None
+
+    async def _read(self) -> None:
+        assert self.p.stdout is not None
+        while True:
+            line = await asyncio.to_thread(self.p.stdout.readline)
+            if not line:
+                if self._found is not None and not self._found.done():
+                    self._found.set_exception(RuntimeError(
+                        "subprocess exited:\n" + "\n".join(self.lines[-30:])))
+                return
+            self.lines.append(line.rstrip())
+            del self.lines[:-200]
+            if self._pattern and self._found and not self._found.done():
+                if m := self._pattern.search(line):
+                    self._found.set_result(m.group(1))
+
+    async def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.p.wait), 40)
+            except TimeoutError:
+                self.p.kill()
+        if self._reader is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._reader, 5)
+
+
+async def start_emulator() -> tuple[Proc, str]:
+    proc = Proc([sys.executable, "-m", "batchd.provider.emulator", "--port", "0",
+                 "--api-key", API_KEY], dict(os.environ))
+    url = await proc.wait_for(r"listening on (\S+)")
+    return proc, url
+
+
+async def start_daemon(db_url: str, provider_url: str, data_dir: Path,
+                       **settings: Any) -> tuple[Proc, int]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
+    env.update({"BATCHD_DATABASE_URL": db_url, "BATCHD_OPENAI_BASE_URL": provider_url,
+                "OPENAI_API_KEY": API_KEY, "BATCHD_HTTP_PORT": "0",
+                "BATCHD_DATA_DIR": str(data_dir), "BATCHD_LOG_FORMAT": "json",
+                "BATCHD_LOG_LEVEL": "info"})
+    env.update({f"BATCHD_{k.upper()}": str(v) for k, v in settings.items()})
+    proc = Proc([sys.executable, "-m", "batchd", "serve"], env)
+    line = await proc.wait_for(r'(.*"service\.started".*)')
+    return proc, int(orjson.loads(line)["port"])
+
+
+# ------------------------------------------------------------------- results
+
+@dataclass
+class Row:
+    what: str
+    reference: str
+    ratio: str
+    absolute: str
+    target: str
+    met: bool | None
+    note: str = ""
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    admin_url: str
+    db_url: str = ""
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="batchd-bench-")))
+    rows: list[Row] = field(default_factory=list)
+    emulator: Proc | None = None
+    provider_url: str = ""
+    extra_dbs: list[str] = field(default_factory=list)
+
+    def log(self, msg: str) -> None:
+        print(f"[{datetime.now(UTC):%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+    async def new_db(self, suffix: str, *, batchd_schema: bool) -> str:
+        name = f"batchd_bench_{os.getpid()}_{suffix}"
+        await admin(self.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin(self.admin_url, f'CREATE DATABASE "{name}"')
+        self.extra_dbs.append(name)
+        url = with_db(self.admin_url, name)
+        if batchd_schema:
+            await asyncio.to_thread(migrate, url)
+        return url
+
+    async def drop_dbs(self) -> None:
+        for name in self.extra_dbs:
+            with contextlib.suppress(Exception):
+                await admin(self.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_rate(x: float, unit: str = "tasks/s") -> str:
+    return f"{x:,.0f} {unit}"
+
+
+def spread(xs: list[float]) -> str:
+    return f"(n={len(xs)}, min {min(xs):,.0f}, max {max(xs):,.0f})" if len(xs) > 1 else "(n=1)"
+
+
+# ------------------------------------------------------------ row 1: bulk
+
+_RAW_INSERT_COLS = ("custom_id, endpoint, model, body, body_digest, line_bytes, "
+                    "est_input_tokens, est_output_tokens, lane")
+
+
+def raw_rows(tasks: list[TaskIn]) -> list[tuple[Any, ...]]:
+    return [(t.custom_id, t.endpoint, t.model, orjson.dumps(t.body).decode(), t.digest,
+             t.line_bytes, t.est_input_tokens, t.est_output_tokens, "batch") for t in tasks]
+
+
+def multi_row_insert(n: int) -> str:
+    values = ",".join(
+        "(" + ",".join(f"${r * 9 + c + 1}" + ("::jsonb" if c == 3 else "") for c in range(9))
+        + ")" for r in range(n))
+    return (f"INSERT INTO tasks ({_RAW_INSERT_COLS}) VALUES {values} "
+            "ON CONFLICT (custom_id) DO NOTHING")
+
+
+async def raw_bulk(url: str, requests: list[list[tuple[Any, ...]]], concurrency: int) -> float:
+    """The raw PostgreSQL limit: multi-row INSERT ... ON CONFLICT DO NOTHING of
+    the same rows, one statement (and one durable commit) per 1,000 rows."""
+    pool = await asyncpg.create_pool(url, min_size=concurrency, max_size=concurrency)
+    sql = multi_row_insert(len(requests[0]))
+    queue = list(reversed(requests))
+    try:
+        async def worker() -> None:
+            async with pool.acquire() as conn:
+                stmt = await conn.prepare(sql)
+                while queue:
+                    rows = queue.pop()
+                    flat = [v for r in rows for v in r]
+                    if len(rows) != len(requests[0]):
+                        await conn.execute(multi_row_insert(len(rows)), *flat)
+                    else:
+                        await stmt.fetch(*flat)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - t0
+    finally:
+        await pool.close()
+
+
+async def http_bulk(port: int, bodies: list[bytes], concurrency: int) -> float:
+    queue = list(reversed(bodies))
+    conns = [await connect(port) for _ in range(concurrency)]
+
+    async def worker(c: _Conn) -> None:
+        while queue:
+            status, reply = await c.request(post(queue.pop(), "application/x-ndjson"))
+            if status != 202:
+                raise RuntimeError(f"bulk POST answered {status}: {reply[:200]!r}")
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    took = time.perf_counter() - t0
+    for c in conns:
+        assert c.transport is not None
+        c.transport.close()
+    return took
+
+
+# ----------------------------------------------------- row 2/3: single POSTs
+
+async def http_single(port: int, bodies: list[bytes], clients: int) -> float:
+    queue = list(reversed(bodies))
+    conns = [await connect(port) for _ in range(clients)]
+
+    async def worker(c: _Conn) -> None:
+        while queue:
+            status, reply = await c.request(post(queue.pop()))
+            if status != 202:
+                raise RuntimeError(f"POST answered {status}: {reply[:200]!r}")
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in conns))
+    took = time.perf_counter() - t0
+    for c in conns:
+        assert c.transport is not None
+        c.transport.close()
+    return took
+
+
+async def open_loop(port: int, bodies: list[bytes], rate: float, max_conns: int = 128
+                    ) -> list[float]:
+    """Send at a fixed rate whatever the answers do; latency counts from the
+    planned send time, so a stall is not hidden (no coordinated omission)."""
+    idle = [await connect(port) for _ in range(32)]
+    latencies: list[float] = []
+    pending: set[asyncio.Task[None]] = set()
+    opened = len(idle)
+    freed = asyncio.Event()
+
+    async def one(c: _Conn, raw: bytes, planned: float) -> None:
+        status, reply = await c.request(raw)
+        latencies.append(time.perf_counter() - planned)
+        idle.append(c)
+        freed.set()
+        if status != 202:
+            raise RuntimeError(f"POST answered {status}: {reply[:200]!r}")
+
+    # perf_counter, not loop.time(): uvloop's clock ticks in whole milliseconds.
+    start = time.perf_counter() + 0.05
+    for i, body in enumerate(bodies):
+        planned = start + i / rate
+        delay = planned - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if idle:
+            c = idle.pop()
+        elif opened < max_conns:
+            c = await connect(port)
+            opened += 1
+        else:
+            freed.clear()
+            await freed.wait()
+            c = idle.pop()
+        t = asyncio.create_task(one(c, post(body), planned))
+        pending.add(t)
+        t.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    for c in idle:
+        assert c.transport is not None
+        c.transport.close()
+    return latencies
+
+
+def payload(i: int) -> bytes:
+    return orjson.dumps(make_body(i))
+
+
+async def pgqueuer_enqueue(url: str, n: int, clients: int, pool_size: int) -> float:
+    from pgqueuer.queries import Queries
+
+    pool = await asyncpg.create_pool(url, min_size=pool_size, max_size=pool_size)
+    try:
+        queries = Queries.from_asyncpg_pool(pool)
+        with contextlib.suppress(Exception):
+            await queries.install()
+        payloads = [payload(i) for i in range(n)]
+        todo = list(reversed(payloads))
+
+        async def worker() -> None:
+            while todo:
+                await queries.enqueue("batchd_bench", todo.pop())
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return time.perf_counter() - t0
+    finally:
+        await pool.close()
+
+
+async def procrastinate_defer(url: str, n: int, clients: int, pool_size: int) -> float:
+    import procrastinate
+
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(
+        conninfo=url, min_size=pool_size, max_size=pool_size))
+
+    @app.task(name="batchd_bench")
+    async def job(body: str) -> None:  # never run: only enqueue is measured
+        pass
+
+    async with app.open_async():
+        with contextlib.suppress(Exception):
+            await app.schema_manager.apply_schema_async()
+        todo = [payload(i).decode() for i in range(n)]
+        todo.reverse()
+
+        async def worker() -> None:
+            while todo:
+                await job.defer_async(body=todo.pop())
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return time.perf_counter() - t0
+
+
+async def bench_ingest(b: Bench) -> None:
+    a = b.args
+    n_bulk, n_single, runs = a.bulk_tasks, a.single_tasks, a.runs
+    assert b.emulator is not None
+    b.log(f"ingest rows: {runs} runs, bulk {n_bulk} tasks, single {n_single} tasks")
+    # A cap above the bulk size and a long window: the scheduler stays idle,
+    # so the rows measure ingest alone.
+    daemon, port = await start_daemon(b.db_url, b.provider_url, b.tmp / "ingest",
+                                      window_seconds=86400, max_batch_items=50_000)
+    bulk_b, bulk_raw, single_b, single_pgq, single_proc, p99s = [], [], [], [], [], []
+    pgq_url = await b.new_db("pgqueuer", batchd_schema=False)
+    proc_url = await b.new_db("procrastinate", batchd_schema=False)
+    try:
+        # Warm up: the daemon's pool, prepared statements, the client's connections.
+        await http_bulk(port, [ndjson("warm", s, 1000) for s in range(0, 5000, 1000)], 2)
+        await http_single(port, [task_json("warm1", i) for i in range(2000)], a.clients)
+        for run in range(runs):
+            # bulk: NDJSON, 1,000 tasks a request
+            await reset(b.db_url)
+            prefix = f"bulk{run}"
+            bodies = [ndjson(prefix, s, 1000) for s in range(0, n_bulk, 1000)]
+            took = await http_bulk(port, bodies, a.bulk_concurrency)
+            bulk_b.append(n_bulk / took)
+            await reset(b.db_url)
+            tasks = [parse_task(orjson.loads(task_json(prefix, i)), i) for i in range(n_bulk)]
+            rows = raw_rows(tasks)
+            chunks = [rows[s:s + 1000] for s in range(0, n_bulk, 1000)]
+            took = await raw_bulk(b.db_url, chunks, a.bulk_concurrency)
+            bulk_raw.append(n_bulk / took)
+            b.log(f"  run {run}: bulk batchd {bulk_b[-1]:,.0f}/s, raw {bulk_raw[-1]:,.0f}/s")
+
+            # single POSTs, 64 clients; then the peers at the same concurrency
+            await reset(b.db_url)
+            bodies = [task_json(f"one{run}", i) for i in range(n_single)]
+            took = await http_single(port, bodies, a.clients)
+            single_b.append(n_single / took)
+            await admin(pgq_url, "DO $$ BEGIN TRUNCATE pgqueuer; EXCEPTION WHEN OTHERS "
+                                 "THEN NULL; END $$")
+            single_pgq.append(n_single / await pgqueuer_enqueue(
+                pgq_url, n_single, a.clients, a.peer_pool))
+            await admin(proc_url, "DO $$ BEGIN TRUNCATE procrastinate_jobs CASCADE; "
+                                  "EXCEPTION WHEN OTHERS THEN NULL; END $$")
+            single_proc.append(n_single / await procrastinate_defer(
+                proc_url, n_single, a.clients, a.peer_pool))
+            b.log(f"  run {run}: single batchd {single_b[-1]:,.0f}/s, pgqueuer "
+                  f"{single_pgq[-1]:,.0f}/s, procrastinate {single_proc[-1]:,.0f}/s")
+
+            # p99 at a fixed 1,000 requests/s
+            await reset(b.db_url)
+            n = int(a.p99_seconds * a.p99_rate)
+            lat = await open_loop(port, [task_json(f"lat{run}", i) for i in range(n)],
+                                  a.p99_rate)
+            lat.sort()
+            p99 = lat[int(len(lat) * 0.99) - 1] * 1000
+            p99s.append(p99)
+            b.log(f"  run {run}: p50 {lat[len(lat) // 2] * 1000:.1f} ms, p99 {p99:.1f} ms, "
+                  f"max {lat[-1] * 1000:.1f} ms")
+    finally:
+        await daemon.stop()
+    rb, rr = median(bulk_b), median(bulk_raw)
+    b.rows.append(Row(
+        "bulk ingest (NDJSON, 1,000 tasks/request, 500 B bodies)",
+        f"raw multi-row INSERT ON CONFLICT DO NOTHING: {fmt_rate(rr)}",
+        f"{rb / rr:.0%} of raw", f"{fmt_rate(rb)} {spread(bulk_b)}", ">= 50% of raw",
+        rb / rr >= 0.5, f"{a.bulk_concurrency} concurrent requests"))
+    sb, sq, sp = median(single_b), median(single_pgq), median(single_proc)
+    b.rows.append(Row(
+        f"single-task POSTs, {a.clients} concurrent clients",
+        f"pgqueuer enqueue {fmt_rate(sq)}; procrastinate defer {fmt_rate(sp)}",
+        f"{sb / sq:.2f}x pgqueuer, {sb / sp:.2f}x procrastinate",
+        f"{fmt_rate(sb)} {spread(single_b)}", "ahead of both; >= 3,000 tasks/s",
+        sb > sq and sb > sp and sb >= 3000,
+        f"peers: pool of {a.peer_pool} connections, one job per call"))
+    p = median(p99s)
+    b.rows.append(Row(
+        f"p99 latency of a single POST at {a.p99_rate:,.0f} requests/s", "-", "-",
+        f"{p:.1f} ms (runs: {', '.join(f'{x:.1f}' for x in p99s)})", "<= 20 ms", p <= 20,
+        f"open loop, {a.p99_seconds:.0f} s a run, latency from the planned send time"))
+
+
+# ------------------------------------------------------ rows 4/5: flush, route
+
+async def seed_queued(url: str, prefix: str, n: int) -> None:
+    """n queued tasks, written straight into the table (setup, not measured)."""
+    tasks = [parse_task(orjson.loads(task_json(prefix, i)), i) for i in range(n)]
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.copy_records_to_table(
+            "tasks", records=raw_rows(tasks), columns=[c.strip() for c in
+                                                       _RAW_INSERT_COLS.split(",")])
+        await conn.execute("UPDATE tasks SET not_before = now() - interval '1 hour'")
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Parts:
+    scheduler: Any
+    poller: Any
+    router: Any
+    provider: Any
+    engine: Any
+    settings: Any
+
+
+@contextlib.asynccontextmanager
+async def parts(b: Bench, data_dir: Path) -> AsyncIterator[Parts]:
+    """The daemon's own scheduler, poller and router in this process (so their
+    memory can be measured alone), on the emulator subprocess."""
+    from batchd.archive import Archive
+    from batchd.config import load_settings
+    from batchd.poller import Poller
+    from batchd.prices import PriceTable
+    from batchd.provider.openai import OpenAIProvider
+    from batchd.router import Router
+    from batchd.scheduler import Scheduler
+    from batchd.store.engine import async_url, make_engine
+    from batchd.store.repo import Backoff
+
+    settings = load_settings(database_url=b.db_url, data_dir=data_dir, max_batch_items=50_000,
+                             window_seconds=60, openai_base_url=b.provider_url)
+    engine = make_engine(async_url(b.db_url))
+    provider = OpenAIProvider(API_KEY, b.provider_url)
+    archive = Archive(settings.archive_path, settings.spool_path)
+    prices = PriceTable.load(None)
+    router = Router(engine, prices, Backoff(60, 3))
+    try:
+        yield Parts(Scheduler(engine, provider, settings, prices, archive, "bench"),
+                    Poller(engine, provider, router, settings, archive, "bench"),
+                    router, provider, engine, settings)
+    finally:
+        await provider.close()
+        await engine.dispose()
+
+
+def write_reference(path: Path, lines: Iterator[bytes]) -> float:
+    data = list(lines)  # built before the clock starts: only the writing is timed
+    t0 = time.perf_counter()
+    with path.open("wb") as f:
+        for chunk in data:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def chunks_of_lines(prefix: str, n: int, size: int = 2000) -> Iterator[bytes]:
+    for s in range(0, n, size):
+        yield b"".join(input_line(f"{prefix}-{i:09d}", ENDPOINT, make_body(i))
+                       for i in range(s, min(n, s + size)))
+
+
+async def raw_unnest_upsert(url: str, path: Path) -> float:
+    """The raw limit for routing: the output file's rows upserted into results
+    with one unnest statement per 5,000 rows, in one transaction."""
+    cols: list[list[Any]] = [[], [], [], []]
+    for raw in (await asyncio.to_thread(path.read_bytes)).splitlines():
+        line = orjson.loads(raw)
+        body = line["response"]["body"]
+        cols[0].append(line["custom_id"])
+        cols[1].append(line["response"]["status_code"])
+        cols[2].append(orjson.dumps(body).decode())
+        cols[3].append(orjson.dumps(body.get("usage")).decode())
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE results")
+        sql = """INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage)
+                 SELECT c, 'ref', s, b::jsonb, u::jsonb
+                 FROM unnest($1::text[], $2::int[], $3::text[], $4::text[]) AS t(c, s, b, u)
+                 ON CONFLICT (custom_id) DO UPDATE SET status_code = excluded.status_code,
+                   response = excluded.response, usage = excluded.usage, updated_at = now()"""
+        t0 = time.perf_counter()
+        async with conn.transaction():
+            for s in range(0, len(cols[0]), 5000):
+                await conn.execute(sql, *(c[s:s + 5000] for c in cols))
+        took = time.perf_counter() - t0
+        await conn.execute("TRUNCATE results")
+        return took
+    finally:
+        await conn.close()
+
+
+async def one_window(b: Bench, n: int, tag: str) -> dict[str, float]:
+    """Flush a window of n tasks, then route its output file; times and peaks."""
+    await reset(b.db_url)
+    await seed_queued(b.db_url, tag, n)
+    out: dict[str, float] = {}
+    async with parts(b, b.tmp / f"win-{tag}") as p:
+        async with p.engine.connect() as conn:  # warm the pool outside the timing
+            await conn.exec_driver_sql("SELECT 1")
+        base = rss_mb()
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        started = await p.scheduler.tick(drain=True)
+        await p.scheduler.wait_sends()
+        out["flush_s"] = time.perf_counter() - t0
+        out["flush_peak_mb"] = peak_rss_mb() - base
+        assert started == 1, f"expected one batch, started {started}"
+        async with p.engine.connect() as conn:
+            row = (await conn.exec_driver_sql(
+                "SELECT id, provider_batch_id, state FROM batches")).one()
+        assert row.state == "submitted", row
+        for _ in range(200):
+            remote = await p.provider.get_batch(row.provider_batch_id)
+            if remote.terminal:
+                break
+            await asyncio.sleep(0.05)
+        path = b.tmp / f"out-{tag}.jsonl"
+        await p.provider.download_file(remote.output_file_id, path)
+        base = rss_mb()
+        reset_peak_rss()
+        t0 = time.perf_counter()
+        summary = await p.router.route(row.id, MODEL, remote, [path])
+        out["route_s"] = time.perf_counter() - t0
+        out["route_peak_mb"] = peak_rss_mb() - base
+        assert summary.succeeded == n, summary
+        out["ref_route_s"] = await raw_unnest_upsert(b.db_url, path)
+        out["ref_write_s"] = await asyncio.to_thread(
+            write_reference, b.tmp / f"ref-{tag}.jsonl", chunks_of_lines(tag, n))
+        path.unlink()
+        (b.tmp / f"ref-{tag}.jsonl").unlink()
+    return out
+
+
+async def bench_windows(b: Bench) -> None:
+    a = b.args
+    n = a.window_lines
+    small = await one_window(b, max(1000, n // 5), "small")
+    runs = []
+    for run in range(a.runs):
+        r = await one_window(b, n, f"w{run}")
+        runs.append(r)
+        b.log(f"  run {run}: flush {n / r['flush_s']:,.0f} lines/s (+{r['flush_peak_mb']:.0f} "
+              f"MB), route {n / r['route_s']:,.0f} lines/s (+{r['route_peak_mb']:.0f} MB)")
+    flush = median([n / r["flush_s"] for r in runs])
+    ref_w = median([n / r["ref_write_s"] for r in runs])
+    fpk = median([r["flush_peak_mb"] for r in runs])
+    b.rows.append(Row(
+        f"flush: build and upload a {n:,}-line window",
+        f"writing the same bytes to a file: {fmt_rate(ref_w, 'lines/s')}",
+        f"{flush / ref_w:.1%} of file write", f"{fmt_rate(flush, 'lines/s')} "
+        f"{spread([n / r['flush_s'] for r in runs])}; peak +{fpk:.0f} MB "
+        f"(+{small['flush_peak_mb']:.0f} MB at {max(1000, n // 5):,} lines)",
+        ">= 100,000 lines/s, memory flat", flush >= 100_000 and fpk <= small[
+            "flush_peak_mb"] * 1.5 + 20,
+        "claim + stream from the database + upload + create + archive"))
+    route = median([n / r["route_s"] for r in runs])
+    ref_r = median([n / r["ref_route_s"] for r in runs])
+    rpk = median([r["route_peak_mb"] for r in runs])
+    b.rows.append(Row(
+        f"route a {n:,}-line output file",
+        f"raw unnest upsert of the same rows: {fmt_rate(ref_r, 'lines/s')}",
+        f"{route / ref_r:.0%} of raw", f"{fmt_rate(route, 'lines/s')} "
+        f"{spread([n / r['route_s'] for r in runs])}; peak +{rpk:.0f} MB "
+        f"(+{small['route_peak_mb']:.0f} MB at {max(1000, n // 5):,} lines)",
+        ">= 50,000 lines/s, memory flat", route >= 50_000 and rpk <= small[
+            "route_peak_mb"] * 1.5 + 20,
+        "results upserted, tasks settled, events written, batch settled: one transaction"))
+
+
+# ---------------------------------------------------------------- row 6: e2e
+
+async def bench_e2e(b: Bench) -> None:
+    a = b.args
+    n = a.e2e_tasks
+    b.log(f"end to end: {n:,} tasks")
+    await reset(b.db_url)
+    emulator, url = await start_emulator()
+    daemon, port = await start_daemon(
+        b.db_url, url, b.tmp / "e2e", window_seconds=2, max_batch_items=50_000,
+        poll_interval_seconds=0.5, scheduler_interval_seconds=0.25)
+    conn = await asyncpg.connect(b.db_url)
+    peak = 0.0
+    try:
+        bodies = (ndjson("e2e", s, 1000) for s in range(0, n, 1000))
+        t0 = time.perf_counter()
+        conns = [await connect(port) for _ in range(a.bulk_concurrency)]
+
+        async def sender(c: _Conn) -> None:
+            for body in bodies:
+                status, reply = await c.request(post(body, "application/x-ndjson"))
+                if status != 202:
+                    raise RuntimeError(f"bulk POST answered {status}: {reply[:200]!r}")
+        send = asyncio.gather(*(sender(c) for c in conns))
+        ingested_at = None
+        done = 0
+        while True:
+            await asyncio.sleep(1.0)
+            peak = max(peak, peak_rss_mb(daemon.pid))
+            if ingested_at is None and send.done():
+                send.result()
+                ingested_at = time.perf_counter() - t0
+                b.log(f"  all {n:,} accepted after {ingested_at:.1f} s")
+            done = await conn.fetchval("SELECT count(*) FROM results")
+            if done >= n:
+                break
+            if time.perf_counter() - t0 > a.e2e_timeout:
+                raise RuntimeError(f"only {done:,} of {n:,} results after {a.e2e_timeout} s")
+        took = time.perf_counter() - t0
+        peak = max(peak, peak_rss_mb(daemon.pid))
+        batches = await conn.fetchval("SELECT count(*) FROM batches")
+    finally:
+        await conn.close()
+        await daemon.stop()
+        await emulator.stop()
+    b.log(f"  {n:,} results after {took:.1f} s, {batches} batches, peak RSS {peak:.0f} MB")
+    b.rows.append(Row(
+        f"end to end: {n:,} tasks ingest -> batches -> emulator -> results", "-", "-",
+        f"{took:.0f} s ({n / took:,.0f} tasks/s; all accepted at {ingested_at:.0f} s), "
+        f"daemon peak RSS {peak:.0f} MB", "<= 3 min, peak RSS <= 300 MB",
+        took <= 180 and peak <= 300,
+        f"1 run; {batches} batches of <= 50,000, emulator at zero latency"))
+
+
+# --------------------------------------------------------------- row 7: idle
+
+def db_xacts(stat: dict[str, int]) -> int:
+    return stat["xact_commit"] + stat["xact_rollback"]
+
+
+async def bench_idle(b: Bench) -> None:
+    secs = b.args.idle_seconds
+    b.log(f"idle: {secs:.0f} s with no tasks")
+    url = await b.new_db("idle", batchd_schema=True)
+    name = url.rsplit("/", 1)[1]
+    daemon, _port = await start_daemon(url, b.provider_url, b.tmp / "idle")
+    conn = await asyncpg.connect(b.admin_url)
+    try:
+        await asyncio.sleep(10)  # past start-up
+
+        async def stat() -> dict[str, int]:
+            await asyncio.sleep(1.1)  # backends flush their counters at most once a second
+            row = await conn.fetchrow("SELECT xact_commit, xact_rollback FROM "
+                                      "pg_stat_database WHERE datname = $1", name)
+            return dict(row)
+        s0, c0, t0 = await stat(), cpu_seconds(daemon.pid), time.perf_counter()
+        await asyncio.sleep(secs)
+        s1, c1, t1 = await stat(), cpu_seconds(daemon.pid), time.perf_counter()
+    finally:
+        await conn.close()
+        await daemon.stop()
+    wall = t1 - t0
+    cpu = (c1 - c0) / wall
+    qpm = (db_xacts(s1) - db_xacts(s0)) / wall * 60
+    # The loops and their intervals at the defaults (scheduler 1 s, poller
+    # tick 5 s, snapshot 5 s, sync lane 0.2 s with a 5 s sweep): the most
+    # transactions a minute they may open with nothing to do.
+    bound = idle_bound()
+    b.rows.append(Row(
+        f"idle: no tasks for {secs / 60:.0f} min" if secs >= 60 else
+        f"idle: no tasks for {secs:.0f} s", "-", "-",
+        f"{cpu:.2%} of a core; {qpm:,.0f} transactions/min (bound {bound:,.0f})",
+        "< 1% of a core; queries/min bounded by loop intervals", cpu < 0.01 and qpm <= bound,
+        "CPU from /proc/<pid>/stat; transactions from pg_stat_database "
+        "(pg_stat_statements is not preloaded on this server)"))
+
+
+def idle_bound() -> float:
+    from batchd import service, sync_lane
+    from batchd.config import Settings
+
+    s = Settings()
+    per_minute = {
+        # claim_unsent_batches + queued_windows per tick
+        "scheduler": 2 * 60 / s.scheduler_interval_seconds,
+        "poller": 60 / min(s.poll_interval_seconds, 5.0),
+        "snapshot": 60 / service._SNAPSHOT_SECONDS,
+        "sync_lane": 60 / sync_lane._TICK_SECONDS + 60 / 5.0,
+    }
+    return sum(per_minute.values())
+
+
+# -------------------------------------------------------------------- output
+
+def table(b: Bench, started: float) -> str:
+    cpu = platform.processor() or platform.machine()
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    head = [
+        f"batchd benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{os.cpu_count()} cores ({model or cpu}), Python {platform.python_version()}, "
+        f"PostgreSQL {b.args.pg_version}, {time.time() - started:.0f} s; "
+        f"medians of {b.args.runs} runs unless noted; load average at the end "
+        f"{os.getloadavg()[0]:.1f} (shared machine: other work competes for the cores)",
+        "",
+        "| what | reference (same run) | vs reference | batchd | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    body = [f"| {r.what} | {r.reference} | {r.ratio} | {r.absolute}"
+            f"{f' ({r.note})' if r.note else ''} | {r.target} | "
+            f"{'yes' if r.met else 'NO' if r.met is not None else '-'} |" for r in b.rows]
+    return "\n".join(head + body) + "\n"
+
+
+ROWS = ("ingest", "windows", "e2e", "idle")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and a 30 s idle row, for a smoke run")
+    p.add_argument("--only", default=",".join(ROWS), help=f"comma-separated of {ROWS}")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--bulk-tasks", type=int, default=40_000)
+    p.add_argument("--bulk-concurrency", type=int, default=4)
+    p.add_argument("--single-tasks", type=int, default=20_000)
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--peer-pool", type=int, default=10,
+                   help="connection pool of each peer (batchd's own pool is 10 + 10 overflow)")
+    p.add_argument("--p99-rate", type=float, default=1000)
+    p.add_argument("--p99-seconds", type=float, default=10)
+    p.add_argument("--window-lines", type=int, default=50_000)
+    p.add_argument("--e2e-tasks", type=int, default=1_000_000)
+    p.add_argument("--e2e-timeout", type=float, default=900)
+    p.add_argument("--idle-seconds", type=float, default=600)
+    p.add_argument("--out", type=Path, help="also write the table to this file")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.runs = min(a.runs, 2)
+        a.bulk_tasks, a.single_tasks, a.p99_seconds = 10_000, 5_000, 3
+        a.window_lines, a.e2e_tasks, a.idle_seconds = 20_000, 100_000, 30
+    return a
+
+
+async def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    from batchd import logs
+    logs.configure("warning")  # the in-process scheduler and router stay quiet
+    admin_url = os.environ.get("BATCHD_BENCH_DATABASE_URL", DEFAULT_ADMIN)
+    b = Bench(a, admin_url)
+    started = time.time()
+    conn = await asyncpg.connect(admin_url)
+    a.pg_version = (await conn.fetchval("SHOW server_version")).split()[0]
+    await conn.close()
+    only = set(a.only.split(","))
+    b.emulator, b.provider_url = await start_emulator()
+    try:
+        b.db_url = await b.new_db("main", batchd_schema=True)
+        if "ingest" in only:
+            await bench_ingest(b)
+        if "windows" in only:
+            await bench_windows(b)
+        if "e2e" in only:
+            await bench_e2e(b)
+        if "idle" in only:
+            await bench_idle(b)
+    finally:
+        await b.emulator.stop()
+        await b.drop_dbs()
+    out = table(b, started)
+    print(out)
+    if a.out:
+        a.out.write_text(out)
+    return 0 if all(r.met for r in b.rows) else 1
+
+
+if __name__ == "__main__":
+    try:
+        import uvloop
+        sys.exit(uvloop.run(main()))
+    except ImportError:
+        sys.exit(asyncio.run(main()))
