@@ -63,5 +63,9 @@ def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
         hide_parameters=True,
         json_serializer=_json_dumps,
         json_deserializer=orjson.loads,
-        connect_args={"server_settings": {"application_name": "batchd"}, "timeout": 10},
+        # No JIT: every statement here is short, and on a deep queue the
+        # planner's cost estimate crosses jit_above_cost and spends half a
+        # second compiling a query that runs in milliseconds, every tick.
+        connect_args={"server_settings": {"application_name": "batchd", "jit": "off"},
+                      "timeout": 10},
     )
