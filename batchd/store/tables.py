@@ -70,7 +70,9 @@ tasks = Table(
     Column("batch_line", Integer),
     CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name="task_state"),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
-    Index("tasks_queued_window", "endpoint", "model", "not_before", "id",
+    # Windows: distinct (endpoint, model) by skip scan, then each window's
+    # batch-lane tasks oldest first, counted index-only (migration 0003).
+    Index("tasks_queued_lane", "endpoint", "model", "lane", "not_before", "id",
           postgresql_where=text("state = 'queued'")),
     Index("tasks_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
     Index("tasks_failed", "finished_at", postgresql_where=text("state = 'failed'")),
