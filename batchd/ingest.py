@@ -133,8 +133,11 @@ class Ingest:
                  writers: int = 2, window_seconds: float = 900, batch_share: int = 100,
                  clients: Clients | None = None, callback_hosts: tuple[str, ...] = (),
                  client_profiles: dict[str, str] | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 on_sync: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        # Called after a commit that stored sync-lane tasks (wakes the lane).
+        self.on_sync = on_sync
         self.client_profiles = client_profiles or {}
         self.clients = clients or Clients([])
         self.callback_hosts = callback_hosts
@@ -170,6 +173,9 @@ class Ingest:
                 f"{len(result.conflicts)} custom_id(s) already exist with a different body: "
                 f"{', '.join(result.conflicts[:5])}",
                 {"custom_ids": result.conflicts[:100]})
+        if self.on_sync is not None and result.inserted and any(
+                t.lane == "sync" for t in tasks):
+            self.on_sync()
         lanes = {t.custom_id: t.lane for t in tasks}
         by_lane = Counter(lanes[cid] for cid in result.inserted)
         for lane, n in by_lane.items():
@@ -202,7 +208,8 @@ class Ingest:
                                       f"task {index} ({t.custom_id!r}): callback_url {problem}",
                                       {"index": index, "custom_id": t.custom_id,
                                        "field": "callback_url"})
-            out.append(replace(t, callback_url=url, client=name))
+            out.append(t if url == t.callback_url and name == t.client
+                       else replace(t, callback_url=url, client=name))
         return out
 
     def _placed(self, tasks: list[TaskIn]) -> list[TaskIn]:
@@ -211,10 +218,15 @@ class Ingest:
         placed = []
         for t in tasks:
             # The task's own metadata.latency_profile wins over its client's.
-            t = replace(t, profile=t.profile or self.client_profiles.get(t.client or ""))
+            profile = t.profile or self.client_profiles.get(t.client or "")
+            if profile != t.profile:  # dataclasses.replace costs microseconds a task
+                t = replace(t, profile=profile)
             p = place(t, now, self.window_seconds, self.batch_share)
-            placed.append(replace(t, lane=p.lane, backdate_seconds=p.backdate_seconds,
-                                  fallback_at=p.fallback_at, fallback_action=p.fallback_action))
+            if (p.lane, p.backdate_seconds, p.fallback_at, p.fallback_action) != (
+                    t.lane, t.backdate_seconds, t.fallback_at, t.fallback_action):
+                t = replace(t, lane=p.lane, backdate_seconds=p.backdate_seconds,
+                            fallback_at=p.fallback_at, fallback_action=p.fallback_action)
+            placed.append(t)
         return placed
 
     async def close(self) -> None:

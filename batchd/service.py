@@ -43,6 +43,9 @@ log = logs.get("batchd.service")
 
 _ROOT = Path(__file__).resolve().parent.parent
 _SNAPSHOT_SECONDS = 5.0
+# The snapshot counts the queue, so its cost grows with it: on a deep queue it
+# runs less often, never taking more than 1/_SNAPSHOT_DUTY of the time.
+_SNAPSHOT_DUTY = 20
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -138,7 +141,8 @@ class Service:
                           window_seconds=settings.window_seconds,
                           batch_share=settings.batch_share, clients=self.clients,
                           callback_hosts=settings.callback_hosts,
-                          client_profiles=profiles, clock=clock),
+                          client_profiles=profiles, clock=clock,
+                          on_sync=self.sync_lane.wake),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks)
@@ -241,12 +245,14 @@ class Service:
         """Queue and budget gauges from one cheap query every few seconds,
         so scrapes never touch the database."""
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 await self.snapshot()
             except Exception as exc:
                 log.warning("snapshot.failed", error=type(exc).__name__)
+            took = time.monotonic() - started
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _SNAPSHOT_SECONDS)
+                await asyncio.wait_for(stop.wait(), max(_SNAPSHOT_SECONDS, took * _SNAPSHOT_DUTY))
 
     async def snapshot(self) -> None:
         today = self.clock().date()

@@ -16,7 +16,6 @@ real cost when the call returns. Calls that would pass the cap stay queued.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import secrets
 import time
@@ -41,6 +40,10 @@ from batchd.store.repo import Backoff
 log = logs.get("batchd.sync_lane")
 
 _TICK_SECONDS = 0.2
+# With nothing to call the lane looks less often (an idle replica should cost
+# almost nothing); a sync task ingested here wakes it at once (``wake``), one
+# ingested by another replica waits at most this long.
+_IDLE_TICK_SECONDS = 1.0
 _SWEEP_SECONDS = 5.0
 # A sync call outliving this is presumed lost with its replica.
 _STALE_AFTER_SECONDS = 900.0
@@ -73,15 +76,22 @@ class SyncLane:
         self._last_sweep = 0.0
         self._hold_until = 0.0
         self._hold_logged = 0.0
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look for due sync tasks now (ingest calls it after storing some)."""
+        self._woken.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            self._woken.clear()  # before the tick: a wake during it is not lost
+            started = 0
             try:
-                await self.tick()
+                started = await self.tick()
             except Exception:
                 log.exception("sync_lane.tick_failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _TICK_SECONDS)
+            busy = started > 0 or bool(self._running)
+            await _first(stop, self._woken, _TICK_SECONDS if busy else _IDLE_TICK_SECONDS)
         await self.wait_calls()
 
     async def wait_calls(self) -> None:
@@ -223,6 +233,16 @@ class SyncLane:
             if name == "succeeded":
                 metrics.TASK_LATENCY.labels(lane="sync").observe(
                     max(0.0, time.time() - row["created_at"].timestamp()))
+
+
+async def _first(a: asyncio.Event, b: asyncio.Event, seconds: float) -> None:
+    """Wait until either event is set, or ``seconds`` pass."""
+    waiters = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
 
 
 def _dumps(value: Any) -> str:
