@@ -469,7 +469,9 @@ def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) 
     if task.deadline is not None and task.deadline < now + timedelta(
             seconds=window) + PROVIDER_COMPLETION:
         return Placement("sync", "deadline", 0.0, None)
-    if task.requested_lane != "batch" and canary_bucket(task.custom_id) >= batch_share:
+    # At a 100% share no bucket is past it: skip the hash.
+    if (task.requested_lane != "batch" and batch_share < 100
+            and canary_bucket(task.custom_id) >= batch_share):
         return Placement("sync", "canary", 0.0, None)
     limits: list[tuple[datetime, str]] = []
     if task.deadline is not None:
