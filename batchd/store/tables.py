@@ -71,7 +71,7 @@ tasks = Table(
     CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name="task_state"),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
     # Windows: distinct (endpoint, model) by skip scan, then each window's
-    # batch-lane tasks oldest first, counted index-only (migration 0003).
+    # batch-lane tasks oldest first, counted index-only (migration 0004).
     Index("tasks_queued_lane", "endpoint", "model", "lane", "not_before", "id",
           postgresql_where=text("state = 'queued'")),
     Index("tasks_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),

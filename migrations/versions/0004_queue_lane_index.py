@@ -8,8 +8,8 @@ fetch per queued task (EXPLAIN on 1,000,000 queued rows: 190 ms -> index only).
 Built CONCURRENTLY (outside the migration's transaction) so a deep queue
 keeps taking tasks while it builds; the old index is dropped after.
 
-Revision ID: 0003_queue_lane
-Revises: 0002
+Revision ID: 0004_queue_lane
+Revises: 0003
 Create Date: 2026-12-01 08:20:00
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = '0003_queue_lane'
-down_revision: str | None = '0002'
+revision: str = '0004_queue_lane'
+down_revision: str | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
