@@ -161,13 +161,67 @@ async def _replay(settings: Settings, failed: Path, out: Path | None, submit: bo
     return 0
 
 
-async def _submit(path: Path, url: str, token: str | None, chunk: int) -> int:
-    from batchd.client import submit_file
+async def _submit(path: Path, url: str, token: str | None, chunk: int,
+                  wait: float | None) -> int:
+    """Bulk ingest with a progress bar (on a terminal) and a summary line."""
+    import time
 
-    totals = await submit_file(path, url, token=token, chunk=chunk,
-                               progress=lambda done: print(f"\rsent {done}", end="", flush=True))
-    print(f"\naccepted {totals['accepted']}, duplicates {totals['duplicates']}")
-    return 0
+    import aiohttp
+    from tqdm import tqdm
+
+    from batchd.client import (
+        BatchdClient,
+        BatchdClientError,
+        FileError,
+        SubmitError,
+        iter_file,
+        line_of_task,
+        scan_file,
+    )
+
+    try:
+        total = scan_file(path)
+    except OSError as exc:
+        raise BatchdError(f"cannot read {path}: {exc.strerror}") from None
+    except FileError as exc:
+        raise BatchdError(f"{exc.message}; nothing was sent") from None
+    started = time.monotonic()
+    async with BatchdClient(url, token) as client:
+        try:
+            with tqdm(total=total, unit="task", desc="submitted", file=sys.stderr,
+                      disable=None, dynamic_ncols=True) as bar:
+                summary = await client.submit(iter_file(path), chunk=chunk,
+                                              progress=lambda n: bar.update(n - bar.n))
+        except SubmitError as exc:
+            line = line_of_task(path, exc.task_index) if exc.task_index is not None else None
+            where = f"{path}:{line}" if line else str(path)
+            print(f"batchd submit: {where}: refused ({exc.status} {exc.code}): {exc.message}\n"
+                  f"{exc.stored} task(s) before it were stored; fix the line and send the file "
+                  "again (stored tasks count as duplicates)", file=sys.stderr)
+            return 1
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BatchdError(f"cannot reach batchd at {url}: {exc}") from None
+        elapsed = time.monotonic() - started
+        print(f"submitted {summary.tasks} task(s) from {path} in {summary.requests} request(s), "
+              f"{elapsed:.1f}s: {summary.accepted} accepted, {summary.duplicates} duplicate(s), "
+              f"{summary.retries} request(s) retried")
+        if wait is None:
+            return 0
+        ids = [str(t.get("custom_id")) for t in iter_file(path)]
+        try:
+            with tqdm(total=len(set(ids)), unit="task", desc="finished", file=sys.stderr,
+                      disable=None, dynamic_ncols=True) as bar:
+                done = await client.wait(ids, timeout=wait or None,
+                                         progress=lambda n: bar.update(n - bar.n))
+        except TimeoutError as exc:
+            print(f"batchd submit: {exc}", file=sys.stderr)
+            return 1
+        except BatchdClientError as exc:
+            raise BatchdError(str(exc)) from None
+        failed = sum(1 for v in done.values() if v["state"] == "failed")
+        print(f"finished {len(done)} task(s): {len(done) - failed} succeeded, {failed} failed"
+              + (" (see GET /v1/failed)" if failed else ""))
+        return 1 if failed else 0
 
 
 async def _demo(settings: Settings, tasks: int, seconds: float) -> int:
@@ -200,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--token", default=None, help="bearer token [env BATCHD_TOKEN]")
     _env_option(submit, "--chunk", "BATCHD_SUBMIT_CHUNK", "tasks per request", type=int,
                 default=1000)
+    _env_option(submit, "--wait", "BATCHD_SUBMIT_WAIT", "then wait up to SECONDS until every "
+                "task finished (0: no limit); exit 1 if any failed", type=float,
+                metavar="SECONDS")
 
     report = sub.add_parser("report", help="the daily report")
     _env_option(report, "--date", "BATCHD_REPORT_DATE",
@@ -242,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--chunk must be at least 1")
             url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")
             return _run(_submit(args.file, url, args.token or os.environ.get("BATCHD_TOKEN"),
-                                args.chunk))
+                                args.chunk, args.wait))
         settings = _settings(args)
         if args.command == "serve":
             return _run(_serve(settings))

@@ -1,11 +1,39 @@
-"""A small client for services that talk to batchd (and for `batchd submit`)."""
+"""A small client for internal services that talk to batchd (and for `batchd submit`).
+
+Async::
+
+    async with BatchdClient("http://batchd:8080", token="tok") as client:
+        summary = await client.submit(tasks)              # any iterable, sent 1,000 per request
+        done = await client.wait([t["custom_id"] for t in tasks], timeout=3600)
+        async for result in client.results(after=cursor):  # each stored result once
+            cursor = result["seq"]
+
+Sync (same methods, for code without an event loop)::
+
+    with SyncBatchdClient("http://batchd:8080", token="tok") as client:
+        client.submit(tasks)
+
+Submitting is safe to retry: a task already stored with the same body is a
+duplicate, not a second task. So 429 and 503 answers (after their
+Retry-After), timeouts and dropped connections are retried, with exponential
+backoff and jitter between attempts that gave no hint.
+
+Receivers of result callbacks check them with :func:`verify_callback`.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import random
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 import orjson
@@ -18,7 +46,14 @@ from batchd.signing import (
     verify,
 )
 
-__all__ = ["BatchdClient", "BatchdClientError", "SignatureError", "verify_callback"]
+__all__ = ["BatchdClient", "BatchdClientError", "SignatureError", "SubmitError",
+           "SubmitSummary", "SyncBatchdClient", "TaskNotFound", "verify_callback"]
+
+TERMINAL_STATES = frozenset({"succeeded", "failed"})
+DEFAULT_CHUNK = 1000
+_RETRY_STATUS = frozenset({429, 502, 503, 504})
+
+T = TypeVar("T")
 
 
 def verify_callback(secret: str, headers: Mapping[str, str], body: bytes, *,
@@ -37,25 +72,86 @@ def verify_callback(secret: str, headers: Mapping[str, str], body: bytes, *,
 
 
 class BatchdClientError(Exception):
-    """batchd refused a request; ``status`` and ``code`` come from its reply."""
+    """batchd refused a request; ``status``, ``code`` and ``details`` come from its reply."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+class TaskNotFound(BatchdClientError):
+    """batchd has no task with that custom_id."""
+
+
+class SubmitError(BatchdClientError):
+    """A chunk of tasks was refused. ``stored`` tasks before it were accepted;
+    ``task_index`` is the refused task's position among all submitted tasks
+    when batchd named one."""
+
+    def __init__(self, cause: BatchdClientError, *, stored: int, chunk_start: int) -> None:
+        super().__init__(cause.status, cause.code, cause.message, cause.details)
+        self.stored = stored
+        index = cause.details.get("index")
+        self.task_index = chunk_start + index if isinstance(index, int) else None
+
+
+@dataclass(slots=True)
+class SubmitSummary:
+    tasks: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    requests: int = 0
+    retries: int = 0
+    states: dict[str, str] = field(default_factory=dict)  # filled only when asked for
+
+    def add(self, other: SubmitSummary) -> None:
+        self.tasks += other.tasks
+        self.accepted += other.accepted
+        self.duplicates += other.duplicates
+        self.requests += other.requests
+        self.retries += other.retries
+        self.states.update(other.states)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 class BatchdClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
-                 *, timeout: float = 60.0, retries: int = 5) -> None:
+                 *, timeout: float = 60.0, retries: int = 8, backoff: float = 0.5,
+                 max_wait: float = 60.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.retries = retries
+        self.backoff = backoff
+        self.max_wait = max_wait
+        self.retried = 0  # requests sent again (429/5xx/network), over the client's life
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> BatchdClient:
-        self._session = aiohttp.ClientSession(headers=self.headers, timeout=self.timeout)
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
@@ -72,79 +168,284 @@ class BatchdClient:
             self._session = aiohttp.ClientSession(headers=self.headers, timeout=self.timeout)
         return self._session
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One call; 429 and 503 are retried after the server's Retry-After."""
-        for attempt in range(self.retries + 1):
-            async with self.session.request(method, self.base_url + path, **kwargs) as resp:
-                body = await resp.read()
-                if resp.status in (429, 503) and attempt < self.retries:
-                    await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
-                    continue
-                data = orjson.loads(body) if body else None
-                if resp.status >= 400:
-                    err = (data or {}).get("error", {}) if isinstance(data, dict) else {}
-                    raise BatchdClientError(resp.status, err.get("code", "error"),
-                                            err.get("message", body.decode(errors="replace")))
-                return data
-        raise AssertionError("unreachable")
+    @property
+    def connected(self) -> bool:
+        """Whether a connection pool is open (``close`` releases it)."""
+        return self._session is not None
 
-    async def submit(self, tasks: Iterable[dict[str, Any]]) -> dict[str, Any]:
-        payload = b"\n".join(orjson.dumps(t) for t in tasks)
-        result: dict[str, Any] = await self._request(
-            "POST", "/v1/tasks", data=payload,
-            headers={"Content-Type": "application/x-ndjson"})
-        return result
+    def _delay(self, attempt: int, hint: float | None) -> float:
+        if hint is not None:
+            return min(hint, self.max_wait)
+        full = min(self.max_wait, self.backoff * 2.0 ** attempt)
+        return full / 2 + random.random() * full / 2
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One call; 429/502/503/504, timeouts and dropped connections are
+        retried (Retry-After first, else exponential backoff with jitter)."""
+        attempt = 0
+        while True:
+            hint: float | None = None
+            try:
+                async with self.session.request(method, self.base_url + path, **kwargs) as resp:
+                    body = await resp.read()
+                    if resp.status not in _RETRY_STATUS or attempt >= self.retries:
+                        return self._decode(resp.status, body)
+                    hint = _retry_after(resp.headers.get("Retry-After"))
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                if attempt >= self.retries:
+                    raise
+            await asyncio.sleep(self._delay(attempt, hint))
+            attempt += 1
+            self.retried += 1
+
+    @staticmethod
+    def _decode(status: int, body: bytes) -> Any:
+        try:
+            data = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            data = None
+        if status < 400:
+            return data
+        err = data.get("error") if isinstance(data, dict) else None
+        if not isinstance(err, dict):
+            raise BatchdClientError(status, "error", body.decode(errors="replace")[:500])
+        details = {k: v for k, v in err.items() if k not in ("code", "message")}
+        cls = TaskNotFound if status == 404 else BatchdClientError
+        raise cls(status, str(err.get("code", "error")), str(err.get("message", "")), details)
+
+    # ------------------------------------------------------------ submitting
+
+    async def submit_one(self, task: dict[str, Any]) -> dict[str, Any]:
+        """Store one task; returns its ``{"custom_id", "state"}``."""
+        summary = await self.submit([task], keep_states=True)
+        return {"custom_id": task.get("custom_id"),
+                "state": summary.states.get(str(task.get("custom_id")), "queued")}
+
+    async def submit(self, tasks: Iterable[dict[str, Any]], *, chunk: int = DEFAULT_CHUNK,
+                     progress: Callable[[int], None] | None = None,
+                     keep_states: bool = False) -> SubmitSummary:
+        """Store any number of tasks, ``chunk`` per request, in order.
+
+        ``progress`` is called with the number of tasks sent so far after each
+        request. A refused chunk raises SubmitError saying how many tasks
+        before it were stored (sending the same tasks again is harmless).
+        """
+        if chunk < 1:
+            raise ValueError("chunk must be at least 1")
+        total = SubmitSummary()
+        for part in _chunks(tasks, chunk):
+            before = self.retried
+            try:
+                reply = await self._request(
+                    "POST", "/v1/tasks", data=b"\n".join(orjson.dumps(t) for t in part),
+                    headers={"Content-Type": "application/x-ndjson"})
+            except BatchdClientError as exc:
+                raise SubmitError(exc, stored=total.tasks, chunk_start=total.tasks) from None
+            states = {t["custom_id"]: t["state"] for t in reply["tasks"]} if keep_states else {}
+            total.add(SubmitSummary(len(part), reply["accepted"], reply["duplicates"], 1,
+                                    self.retried - before, states))
+            if progress is not None:
+                progress(total.tasks)
+        return total
+
+    # --------------------------------------------------------------- reading
 
     async def get_task(self, custom_id: str) -> dict[str, Any]:
-        from urllib.parse import quote
-
+        """State, attempts, timestamps, last error, and the response once
+        succeeded; TaskNotFound when batchd has no such task."""
         result: dict[str, Any] = await self._request("GET", f"/v1/tasks/{quote(custom_id, '')}")
         return result
 
-    async def results(self, after: str = "0", limit: int = 500
-                      ) -> AsyncIterator[dict[str, Any]]:
-        """Every stored result once, in completion order, from cursor ``after``."""
+    async def results(self, after: str | int = 0, limit: int = 500
+                      ) -> AsyncGenerator[dict[str, Any], None]:
+        """Every stored result once, in completion order, from cursor ``after``.
+        Each row's ``seq`` is the cursor to resume from."""
+        cursor = str(after)
         while True:
             page = await self._request("GET", "/v1/results",
-                                       params={"after": after, "limit": str(limit)})
+                                       params={"after": cursor, "limit": str(limit)})
             for row in page["results"]:
+                yield row
+            cursor = page["next"]
+            if not page["has_more"]:
+                return
+
+    # A timeout argument (not asyncio.timeout) so the sync wrapper has one too.
+    async def wait(self, custom_ids: Iterable[str], *,
+                   timeout: float | None = None,  # noqa: ASYNC109
+                   interval: float = 1.0, max_interval: float = 15.0, concurrency: int = 16,
+                   progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+        """Each task's view once all reached ``succeeded`` or ``failed``.
+
+        Polls only the tasks not yet finished, ``concurrency`` at a time, less
+        often as time goes by; raises TimeoutError after ``timeout`` seconds.
+        ``progress`` gets the number of finished tasks after each round.
+        """
+        pending = list(dict.fromkeys(custom_ids))
+        done: dict[str, dict[str, Any]] = {}
+        gate = asyncio.Semaphore(concurrency)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        async def look(cid: str) -> None:
+            async with gate:
+                view = await self.get_task(cid)
+            if view["state"] in TERMINAL_STATES:
+                done[cid] = view
+
+        while True:
+            await asyncio.gather(*(look(cid) for cid in pending))
+            pending = [cid for cid in pending if cid not in done]
+            if progress is not None:
+                progress(len(done))
+            if not pending:
+                return done
+            if deadline is not None and loop.time() + interval > deadline:
+                raise TimeoutError(f"{len(pending)} task(s) not finished within {timeout:g}s")
+            await asyncio.sleep(interval)
+            interval = min(max_interval, interval * 1.5)
+
+    # -------------------------------------------------------------- callbacks
+
+    async def failed_callbacks(self, client: str | None = None
+                               ) -> AsyncIterator[dict[str, Any]]:
+        """Callback deliveries that used up their attempts."""
+        after = "0"
+        while True:
+            params = {"after": after, "limit": "500", **({"client": client} if client else {})}
+            page = await self._request("GET", "/v1/callbacks/failed", params=params)
+            for row in page["failed"]:
                 yield row
             after = page["next"]
             if not page["has_more"]:
                 return
 
+    async def replay_callbacks(self, ids: Iterable[int] | None = None,
+                               custom_ids: Iterable[str] | None = None) -> list[int]:
+        """Deliver failed callbacks again (the named ones, or all when neither is given)."""
+        doc: dict[str, Any] = {}
+        if ids is not None:
+            doc["ids"] = list(ids)
+        if custom_ids is not None:
+            doc["custom_ids"] = list(custom_ids)
+        reply = await self._request("POST", "/v1/callbacks/replay", json=doc or {"all": True})
+        replayed: list[int] = reply["ids"]
+        return replayed
 
-async def submit_file(path: Path, url: str, *, token: str | None = None, chunk: int = 1000,
-                      progress: Callable[[int], None] | None = None) -> dict[str, int]:
-    """POST a JSONL file of tasks in chunks of ``chunk`` lines."""
-    totals = {"accepted": 0, "duplicates": 0}
-    sent = 0
-    async with BatchdClient(url, token) as client:
-        batch: list[dict[str, Any]] = []
-        with path.open("rb") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
+
+class SyncBatchdClient:
+    """BatchdClient for code without an event loop: each call runs on a
+    private loop the client keeps until ``close``. Not for use inside a
+    running event loop (use BatchdClient there)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
+                 **options: Any) -> None:
+        self._runner = asyncio.Runner()
+        self._client = BatchdClient(base_url, token, **options)
+
+    def __enter__(self) -> SyncBatchdClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._client.connected:
+            self._runner.run(self._client.close())
+        self._runner.close()
+
+    def _run(self, coro: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._runner.run(coro)
+        coro.close()
+        raise RuntimeError("SyncBatchdClient was called inside a running event loop; "
+                           "use BatchdClient (async) there")
+
+    def submit(self, tasks: Iterable[dict[str, Any]], **options: Any) -> SubmitSummary:
+        summary: SubmitSummary = self._run(self._client.submit(tasks, **options))
+        return summary
+
+    def submit_one(self, task: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = self._run(self._client.submit_one(task))
+        return reply
+
+    def get_task(self, custom_id: str) -> dict[str, Any]:
+        view: dict[str, Any] = self._run(self._client.get_task(custom_id))
+        return view
+
+    def wait(self, custom_ids: Iterable[str], **options: Any) -> dict[str, dict[str, Any]]:
+        done: dict[str, dict[str, Any]] = self._run(self._client.wait(custom_ids, **options))
+        return done
+
+    def results(self, after: str | int = 0, limit: int = 500) -> Iterator[dict[str, Any]]:
+        pages = self._client.results(after, limit)
+        try:
+            while True:
                 try:
-                    batch.append(orjson.loads(line))
-                except orjson.JSONDecodeError:
-                    raise BatchdClientError(400, "invalid_json", f"{path}:{n} is not JSON") \
-                        from None
-                if len(batch) >= chunk:
-                    sent += await _send(client, batch, totals)
-                    batch = []
-                    if progress:
-                        progress(sent)
-        if batch:
-            sent += await _send(client, batch, totals)
-            if progress:
-                progress(sent)
-    return totals
+                    yield self._run(pages.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(pages.aclose())
+
+    def replay_callbacks(self, ids: Iterable[int] | None = None,
+                         custom_ids: Iterable[str] | None = None) -> list[int]:
+        replayed: list[int] = self._run(self._client.replay_callbacks(ids, custom_ids))
+        return replayed
 
 
-async def _send(client: BatchdClient, batch: list[dict[str, Any]], totals: dict[str, int]
-                ) -> int:
-    reply = await client.submit(batch)
-    totals["accepted"] += reply["accepted"]
-    totals["duplicates"] += reply["duplicates"]
-    return len(batch)
+# ----------------------------------------------------------- JSONL files
+
+class FileError(BatchdClientError):
+    """A line of the tasks file is not a JSON object; nothing was sent."""
+
+
+def scan_file(path: Path) -> int:
+    """Count the tasks of a JSONL file and check every line parses, so a
+    broken file is refused before anything is sent."""
+    count = 0
+    with path.open("rb") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise FileError(400, "invalid_json", f"{path}:{n}: not valid JSON ({exc})") \
+                    from None
+            if not isinstance(doc, dict):
+                raise FileError(400, "invalid_json", f"{path}:{n}: a task must be an object")
+            count += 1
+    return count
+
+
+def iter_file(path: Path) -> Iterator[dict[str, Any]]:
+    """The tasks of a JSONL file, read as a stream."""
+    with path.open("rb") as f:
+        for line in f:
+            if line.strip():
+                task: dict[str, Any] = orjson.loads(line)
+                yield task
+
+
+def line_of_task(path: Path, index: int) -> int | None:
+    """The 1-based line number of the ``index``-th task (blank lines skipped)."""
+    seen = -1
+    with path.open("rb") as f:
+        for n, line in enumerate(f, start=1):
+            if line.strip():
+                seen += 1
+                if seen == index:
+                    return n
+    return None
+
+
+async def submit_file(path: Path, url: str, *, token: str | None = None,
+                      chunk: int = DEFAULT_CHUNK,
+                      progress: Callable[[int], None] | None = None) -> SubmitSummary:
+    """POST a JSONL file of tasks in chunks of ``chunk`` lines."""
+    async with BatchdClient(url, token) as client:
+        return await client.submit(iter_file(path), chunk=chunk, progress=progress)

@@ -1,0 +1,195 @@
+"""batchd.client (async and sync) and `batchd submit` against a live service."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from batchd.client import (
+    BatchdClient,
+    BatchdClientError,
+    SubmitError,
+    SyncBatchdClient,
+    TaskNotFound,
+)
+from tests.harness import chat_task, running
+
+TOKEN = "tok-client-tests"  # noqa: S105 (a test token)
+
+
+def _tasks(prefix: str, n: int, *, bad: set[int] | None = None) -> list[dict[str, Any]]:
+    return [chat_task(f"{prefix}{i}", emulate="http_400" if i in (bad or set()) else None)
+            for i in range(n)]
+
+
+async def test_async_client_submits_in_chunks_waits_and_pages_results(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, ingest_tokens=f"svc={TOKEN}") as h:
+        tasks = _tasks("a", 25, bad={7})
+        async with BatchdClient(h.base_url, TOKEN) as client:
+            seen: list[int] = []
+            summary = await client.submit(tasks, chunk=10, progress=seen.append)
+            assert (summary.tasks, summary.accepted, summary.duplicates, summary.requests) == (
+                25, 25, 0, 3)
+            assert seen == [10, 20, 25]
+            again = await client.submit(tasks, chunk=10)
+            assert (again.accepted, again.duplicates) == (0, 25)
+            assert (await client.submit_one(chat_task("one")))["state"] == "queued"
+            assert (await client.get_task("a3"))["state"] == "queued"
+            with pytest.raises(TaskNotFound):
+                await client.get_task("nobody")
+
+            settle = asyncio.create_task(h.run_until_settled())
+            done = await client.wait([t["custom_id"] for t in tasks], timeout=120,
+                                     interval=0.05)
+            await settle
+            assert len(done) == 25 and done["a7"]["state"] == "failed"
+            assert all(v["state"] == "succeeded" for k, v in done.items() if k != "a7")
+
+            rows = [r async for r in client.results(limit=10)]
+            assert sorted(r["custom_id"] for r in rows) == sorted(
+                [t["custom_id"] for t in tasks if t["custom_id"] != "a7"] + ["one"])
+            last = rows[-2]["seq"]
+            assert [r["custom_id"] async for r in client.results(after=last)] == [
+                rows[-1]["custom_id"]]
+        assert await h.count("client = 'svc'") == 26
+
+
+async def test_refused_chunk_says_which_task_and_how_many_were_stored(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        tasks = _tasks("r", 30)
+        del tasks[14]["body"]["model"]
+        async with BatchdClient(h.base_url) as client:
+            with pytest.raises(SubmitError) as caught:
+                await client.submit(tasks, chunk=10)
+        err = caught.value
+        assert err.status == 400 and err.code == "invalid_task"
+        assert err.stored == 10 and err.task_index == 14
+        assert err.details["field"] == "body.model"
+        assert await h.count("true") == 10
+
+
+async def test_sync_client_from_a_thread_without_a_loop(db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        def use_it() -> tuple[Any, ...]:
+            with SyncBatchdClient(h.base_url) as client:
+                summary = client.submit(_tasks("s", 5), chunk=2)
+                view = client.get_task("s1")
+                return summary, view
+
+        summary, view = await asyncio.to_thread(use_it)
+        assert (summary.accepted, summary.requests) == (5, 3)
+        assert view["state"] == "queued"
+        await h.run_until_settled()
+
+        def read_back() -> tuple[Any, ...]:
+            with SyncBatchdClient(h.base_url) as client:
+                done = client.wait([f"s{i}" for i in range(5)], timeout=30)
+                rows = list(client.results(limit=2))
+                return done, rows
+
+        done, rows = await asyncio.to_thread(read_back)
+        assert {v["state"] for v in done.values()} == {"succeeded"}
+        assert sorted(r["custom_id"] for r in rows) == [f"s{i}" for i in range(5)]
+    with SyncBatchdClient("http://127.0.0.1:9") as client:
+        with pytest.raises(RuntimeError, match="running event loop"):
+            client.get_task("x")
+
+
+async def test_client_retries_429_and_503_after_retry_after(tmp_path: Path) -> None:
+    """A loopback stand-in that sheds load first, then accepts."""
+    answers = [(429, "1"), (503, None)]
+    hits: list[float] = []
+
+    async def tasks_handler(request: web.Request) -> web.Response:
+        hits.append(time.monotonic())
+        lines = (await request.read()).splitlines()
+        if answers:
+            status, after = answers.pop(0)
+            headers = {"Retry-After": after} if after else {}
+            return web.json_response({"error": {"code": "busy", "message": "later"}},
+                                     status=status, headers=headers)
+        return web.json_response({"accepted": len(lines), "duplicates": 0, "tasks": [
+            {"custom_id": orjson.loads(x)["custom_id"], "state": "queued"} for x in lines]},
+            status=202)
+
+    app = web.Application()
+    app.router.add_post("/v1/tasks", tasks_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with BatchdClient(url, backoff=0.01) as client:
+            summary = await client.submit(_tasks("x", 3))
+            assert (summary.accepted, summary.retries) == (3, 2)
+            assert hits[1] - hits[0] >= 0.95  # honoured Retry-After: 1
+        answers.extend([(429, "0")] * 3)
+        async with BatchdClient(url, retries=2, backoff=0.01) as client:
+            with pytest.raises(BatchdClientError) as caught:
+                await client.submit(_tasks("y", 1))
+            assert caught.value.status == 429
+    finally:
+        await runner.cleanup()
+
+
+# ---------------------------------------------------------------- batchd submit
+
+async def _cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd", "submit", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def _write(path: Path, tasks: list[dict[str, Any]], blank_after: int | None = None) -> Path:
+    lines = [orjson.dumps(t).decode() for t in tasks]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_submit_command_sends_a_file_and_waits_for_it(db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, ingest_tokens=TOKEN) as h:
+        good = _write(tmp_path / "good.jsonl", _tasks("f", 12, bad={3}), blank_after=5)
+        code, out, _ = await _cli(str(good), "--url", h.base_url, "--token", TOKEN,
+                                  "--chunk", "5")
+        assert code == 0
+        assert "submitted 12 task(s)" in out and "3 request(s)" in out and "12 accepted" in out
+        assert await h.count("true") == 12
+
+        waiting = asyncio.create_task(_cli(str(good), "--url", h.base_url, "--token", TOKEN,
+                                           "--wait", "120"))
+        await h.run_until_settled()
+        code, out, _ = await waiting
+        assert "0 accepted, 12 duplicate(s)" in out
+        assert "finished 12 task(s): 11 succeeded, 1 failed" in out
+        assert code == 1  # a failed task is worth a non-zero exit
+
+        broken = _tasks("g", 8)
+        broken[6]["endpoint"] = "/v1/nowhere"
+        path = _write(tmp_path / "broken.jsonl", broken, blank_after=2)
+        code, _, err = await _cli(str(path), "--url", h.base_url, "--token", TOKEN,
+                                  "--chunk", "4")
+        assert code == 1
+        assert f"{path}:8: refused (400 invalid_task)" in err and "endpoint" in err
+        assert "4 task(s) before it were stored" in err
+
+        (tmp_path / "junk.jsonl").write_text('{"custom_id": "j1"}\n{not json\n')
+        code, _, err = await _cli(str(tmp_path / "junk.jsonl"), "--url", h.base_url)
+        assert code == 2 and "junk.jsonl:2: not valid JSON" in err and "nothing was sent" in err
+        assert await h.count("custom_id LIKE 'j%'") == 0
+
+
