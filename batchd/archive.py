@@ -2,18 +2,26 @@
 
 Layout: ``<root>/<YYYY-MM-DD>/<batch_id>/{input,output,error}.jsonl.gz`` plus a
 ``manifest.json`` per batch naming the provider's ids and each file's
-SHA-256 of the uncompressed bytes. Files are written to a temporary name and
-renamed, so a crash never leaves a half-written file under a real name.
+SHA-256 of the uncompressed bytes. Files are written to a temporary name,
+fsynced and renamed (and the folder fsynced), so a crash never leaves a
+half-written file under a real name; the spool copy is removed only after
+that. Spool files a crash or a failed write left behind are archived by the
+service's periodic sweep. Replicas may share the archive (a ReadWriteMany
+volume): temporary names are unique per writer and the manifest is updated
+under a file lock, so two writers of the same batch never lose an entry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import time
+import uuid
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,7 +50,7 @@ class Archive:
         folder = self.batch_dir(day, batch_id)
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / f"{kind}.jsonl.gz"
-        tmp = dest.with_suffix(".gz.tmp")
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:12]}.tmp")
         digest = hashlib.sha256()
         size = 0
         with src.open("rb") as fin, gzip.open(tmp, "wb", compresslevel=5) as fout:
@@ -54,26 +62,36 @@ class Archive:
         os.replace(tmp, dest)
         self._record(folder, kind, {"file": dest.name, "bytes": size,
                                     "sha256": digest.hexdigest(), **info})
+        _fsync(folder)
         return dest
 
     def _record(self, folder: Path, kind: str, entry: dict[str, Any]) -> None:
         manifest = folder / "manifest.json"
-        data: dict[str, Any] = {"batch_id": folder.name, "files": {}}
-        if manifest.exists():
-            data = json.loads(manifest.read_text())
-        data["files"][kind] = entry
-        tmp = manifest.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, manifest)
+        with (folder / ".manifest.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data: dict[str, Any] = {"batch_id": folder.name, "files": {}}
+            if manifest.exists():
+                data = json.loads(manifest.read_text())
+            data["files"][kind] = entry
+            tmp = manifest.with_name(f".manifest.{uuid.uuid4().hex[:12]}.tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            _fsync(tmp)
+            os.replace(tmp, manifest)
 
-    def leftovers(self) -> list[tuple[str, str, Path]]:
-        """Spool files a crash left behind: (batch_id, kind, path)."""
+    def leftovers(self, min_age_seconds: float = 0.0) -> list[tuple[str, str, Path]]:
+        """Spool files not touched for ``min_age_seconds``, which a crash or a
+        failed archive write may have left behind: (batch_id, kind, path)."""
         if not self.spool.exists():
             return []
         found = []
+        cutoff = time.time() - min_age_seconds
         for path in self.spool.glob("*.jsonl"):
             batch_id, _, kind = path.stem.partition(".")
-            if kind in ("input", "output", "error"):
+            try:
+                fresh = path.stat().st_mtime > cutoff
+            except FileNotFoundError:  # archived meanwhile by its own flow
+                continue
+            if kind in ("input", "output", "error") and not fresh:
                 found.append((batch_id, kind, path))
         return found
 

@@ -70,6 +70,16 @@ SAVINGS = Counter(
     "batchd_savings_dollars", "Synchronous price minus what was paid (0 in the sync lane)",
     ["model", "lane"], registry=REGISTRY,
 )
+# Priced by the unknown-model rule (the table's most expensive entry), never
+# as zero; the report's unpriced_models names the models.
+UNPRICED_RESULTS = Counter(
+    "batchd_unpriced_results", "Results priced by the unknown-model rule", ["lane"],
+    registry=REGISTRY,
+)
+UNPRICED_ESTIMATES = Counter(
+    "batchd_unpriced_estimates", "Budget reservations priced by the unknown-model rule",
+    registry=REGISTRY,
+)
 BUDGET_LIMIT = Gauge(
     "batchd_budget_limit_dollars", "Daily budget (0 when unset)", registry=REGISTRY
 )

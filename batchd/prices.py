@@ -1,19 +1,28 @@
-"""Per-model prices and what a call costs (protocol section 8).
+"""Per-model prices and what a call costs (DESIGN section 8).
 
-Money is Decimal end to end; nothing is rounded until it is shown, so the
-costs of a batch's results add up exactly to the batch's cost.
+Money is Decimal end to end. The one rounding rule: USD is rounded to 1e-6,
+half up, once, where a total is fixed. A batch's cost is the rounded cost of
+the tokens it was billed for (the batch's own ``usage`` when the provider
+reports it); its results' exact costs are then rounded by largest remainder
+(store.repo.allocate_result_costs) so they add up to their rounded sum, and
+what no result carries (billed lines no task kept) is the batch's
+unattributed cost. So results + unattributed = the batch, to the micro-dollar,
+and every total above (day, report, budget) is a sum of rounded amounts.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from batchd import logs
 from batchd.errors import ConfigError
+
+log = logs.get("batchd.prices")
 
 MILLION = Decimal(1_000_000)
 USD_QUANTUM = Decimal("0.000001")
@@ -46,6 +55,11 @@ class Tokens:
         return Tokens(self.input + other.input, self.cached + other.cached,
                       self.output + other.output)
 
+    def at_least(self, other: Tokens) -> Tokens:
+        """Kind by kind, the larger of the two (the high side of two counts)."""
+        return Tokens(max(self.input, other.input), max(self.cached, other.cached),
+                      max(self.output, other.output))
+
 
 def tokens_from_usage(usage: Any) -> Tokens:
     """Read chat, responses, embeddings or batch-level usage alike."""
@@ -67,7 +81,13 @@ def cost(tokens: Tokens, rate: Rate) -> Decimal:
 
 
 def round_usd(value: Decimal) -> Decimal:
-    return value.quantize(USD_QUANTUM)
+    """To 1e-6 USD, half up: the same rule PostgreSQL's round() applies."""
+    return value.quantize(USD_QUANTUM, rounding=ROUND_HALF_UP)
+
+
+def show_usd(value: Decimal | None) -> str | None:
+    """Money as the API shows it: a decimal string with six places."""
+    return None if value is None else str(round_usd(Decimal(value)))
 
 
 class PriceTable:
@@ -83,14 +103,27 @@ class PriceTable:
         self.as_of = as_of
         self.models = models
         worst = max(models.values(), key=lambda p: p.sync.input + p.sync.output)
+        self._fallback_source = worst.name
         self._fallback = ModelPrice("unknown", worst.sync, worst.batch, known=False)
         self._by_length = sorted(models, key=len, reverse=True)
+        self._warned: set[tuple[str, str]] = set()
 
     def lookup(self, model: str) -> ModelPrice:
         for name in self._by_length:
             if model == name or model.startswith(name + "-") or model.startswith(name + ":"):
                 return self.models[name]
         return self._fallback
+
+    def warn_unpriced(self, model: str, where: str) -> None:
+        """Log, once per model and place per process, that a model is priced
+        by the fallback rule. Results, the report and metrics carry the flag
+        every time; the log is only the first alarm."""
+        if (model, where) in self._warned:
+            return
+        self._warned.add((model, where))
+        log.warning("prices.unknown_model", model=model, where=where,
+                    rule="priced as the table's most expensive model",
+                    priced_as=self._fallback_source, prices_as_of=self.as_of)
 
     @classmethod
     def load(cls, path: Path | None = None) -> PriceTable:

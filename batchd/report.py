@@ -1,5 +1,13 @@
 """The daily report (DESIGN section 8): per UTC day, what came in, how it ended,
-what it cost and what batching saved."""
+what it cost and what batching saved.
+
+Counts come from ``task_events`` (one row per attempt outcome), so a day's
+numbers do not change when its tasks move on later, except
+``post_replay_success_ratio``, which by definition looks at them now. Money
+is summed from amounts already rounded to 1e-6 (prices.py), so the columns
+add up exactly: savings = sync equivalent - spend. README "Daily report"
+defines every column.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +25,7 @@ from batchd.prices import round_usd
 
 FIELDS = ("date", "tasks_in", "succeeded", "failed", "retried", "replayed", "failure_ratio",
           "post_replay_success_ratio", "manual_queue", "spend_usd", "sync_equivalent_usd",
-          "savings_usd", "alert")
+          "savings_usd", "unattributed_usd", "unpriced_models", "alert")
 
 _DAY = text("""
 WITH bounds AS (SELECT CAST(:start AS timestamptz) AS lo, CAST(:end AS timestamptz) AS hi),
@@ -27,6 +35,27 @@ ev AS (
 ), money AS (
     SELECT coalesce(sum(cost_usd), 0) AS spend, coalesce(sum(sync_cost_usd), 0) AS sync
     FROM results, bounds WHERE created_at >= lo AND created_at < hi
+), unattributed AS (
+    SELECT coalesce(sum(unattributed_cost_usd), 0) AS usd FROM batches, bounds
+    WHERE routed_at >= lo AND routed_at < hi
+), sync_unkept AS (
+    -- Sync calls answered and paid whose task had moved on (no result kept).
+    SELECT coalesce(sum(s.cost_usd), 0) AS usd FROM sync_spend s, bounds
+    WHERE s.settled_at >= lo AND s.settled_at < hi AND s.cost_usd > 0
+      AND NOT EXISTS (SELECT 1 FROM results r
+                      WHERE r.custom_id = s.custom_id AND r.batch_id = s.claim_id)
+), finished AS (
+    SELECT DISTINCT custom_id FROM task_events, bounds
+    WHERE created_at >= lo AND created_at < hi AND outcome IN ('succeeded', 'failed')
+), manual AS (
+    -- Failed is left only by a replay: a task is in the manual queue at the
+    -- day's end when its last failure before then is newer than its last replay.
+    SELECT count(*) AS n FROM (
+        SELECT max(id) FILTER (WHERE outcome = 'failed') AS f,
+               max(id) FILTER (WHERE outcome = 'replayed') AS r
+        FROM task_events, bounds
+        WHERE outcome IN ('failed', 'replayed') AND created_at < hi GROUP BY custom_id) s
+    WHERE f IS NOT NULL AND (r IS NULL OR f > r)
 )
 SELECT
     (SELECT count(*) FROM tasks, bounds WHERE created_at >= lo AND created_at < hi) AS tasks_in,
@@ -34,9 +63,24 @@ SELECT
     coalesce((SELECT n FROM ev WHERE outcome = 'failed'), 0) AS failed,
     coalesce((SELECT n FROM ev WHERE outcome = 'retried'), 0) AS retried,
     coalesce((SELECT n FROM ev WHERE outcome = 'replayed'), 0) AS replayed,
-    (SELECT count(*) FROM tasks, bounds WHERE state = 'failed'
-        AND finished_at >= lo AND finished_at < hi) AS manual_queue,
-    (SELECT spend FROM money) AS spend, (SELECT sync FROM money) AS sync
+    (SELECT count(*) FROM finished) AS finished,
+    (SELECT count(*) FROM finished f JOIN tasks t ON t.custom_id = f.custom_id
+     WHERE t.state = 'succeeded') AS finished_ok_now,
+    (SELECT n FROM manual) AS manual_queue,
+    (SELECT spend FROM money) AS spend, (SELECT sync FROM money) AS sync,
+    (SELECT usd FROM unattributed) + (SELECT usd FROM sync_unkept) AS unattributed
+""")
+
+_UNPRICED = text("""
+SELECT DISTINCT model FROM (
+    SELECT b.model FROM batches b
+    WHERE b.unpriced AND b.routed_at >= CAST(:start AS timestamptz)
+      AND b.routed_at < CAST(:end AS timestamptz)
+    UNION ALL
+    SELECT t.model FROM results r JOIN tasks t ON t.custom_id = r.custom_id
+    WHERE r.unpriced AND r.created_at >= CAST(:start AS timestamptz)
+      AND r.created_at < CAST(:end AS timestamptz)
+) u ORDER BY model
 """)
 
 
@@ -74,10 +118,13 @@ class Reporter:
         bounds = {"start": start, "end": start + timedelta(days=1)}
         async with self.engine.connect() as conn:
             row = (await conn.execute(_DAY, bounds)).mappings().one()
+            unpriced = [r[0] for r in await conn.execute(_UNPRICED, bounds)]
             lanes = {r["lane"]: _lane(r) for r in (await conn.execute(_LANES, bounds)).mappings()}
         succeeded, failed = int(row["succeeded"]), int(row["failed"])
-        still_failed = int(row["manual_queue"])
-        spend, sync = Decimal(row["spend"]), Decimal(row["sync"])
+        finished = int(row["finished"])
+        unattributed = Decimal(row["unattributed"])
+        spend = round_usd(Decimal(row["spend"]) + unattributed)
+        sync = round_usd(Decimal(row["sync"]))
         failure_ratio = _ratio(failed, succeeded + failed)
         return {
             "date": day.isoformat(),
@@ -87,15 +134,14 @@ class Reporter:
             "retried": int(row["retried"]),
             "replayed": int(row["replayed"]),
             "failure_ratio": failure_ratio,
-            # Of the tasks that failed this day, those since recovered by a
-            # replay count as successes here.
-            "post_replay_success_ratio": _ratio(succeeded + failed - still_failed,
-                                                succeeded + failed) if succeeded + failed
-            else 1.0,
-            "manual_queue": still_failed,
-            "spend_usd": str(round_usd(spend)),
-            "sync_equivalent_usd": str(round_usd(sync)),
-            "savings_usd": str(round_usd(sync - spend)),
+            "post_replay_success_ratio": (_ratio(int(row["finished_ok_now"]), finished)
+                                          if finished else 1.0),
+            "manual_queue": int(row["manual_queue"]),
+            "spend_usd": str(spend),
+            "sync_equivalent_usd": str(sync),
+            "savings_usd": str(sync - spend),
+            "unattributed_usd": str(round_usd(unattributed)),
+            "unpriced_models": unpriced,
             "alert": failure_ratio > self.alert_ratio,
             "lanes": lanes,
         }
@@ -135,6 +181,14 @@ def render_table(rows: list[dict[str, Any]]) -> str:
              r["manual_queue"], r["spend_usd"], r["sync_equivalent_usd"], r["savings_usd"],
              "ALERT" if r["alert"] else ""] for r in rows]
     table = _grid(heads, body)
+    unpriced = sorted({m for r in rows for m in r.get("unpriced_models", [])})
+    if unpriced:
+        table += ("\n\nunpriced models (priced as the table's most expensive entry): "
+                  + ", ".join(unpriced))
+    wasted = [r for r in rows if Decimal(r.get("unattributed_usd", "0"))]
+    if wasted:
+        table += "\n\nbilled lines no task kept (in spend): " + ", ".join(
+            f"{r['date']} ${r['unattributed_usd']}" for r in wasted)
     if any(len(r.get("lanes", {})) > 1 or "sync" in r.get("lanes", {}) for r in rows):
         table += "\n\n" + render_lanes(rows)
     return table
@@ -156,5 +210,6 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**r, "unpriced_models": ";".join(r.get("unpriced_models", []))}
+                     for r in rows)
     return buf.getvalue()

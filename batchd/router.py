@@ -3,8 +3,13 @@
 A terminal batch is routed in one transaction: every line of its output and
 error files is classified (domain.classify_line) and written in chunks;
 tasks no line mentioned are treated as retryable; the batch is settled with
-its cost. A crash mid-way rolls everything back and the next poll routes the
-batch again from the files, so a success is stored exactly once.
+its cost (see prices.py for the rounding rule): the tokens the provider
+billed, from the batch's ``usage`` when it reports one, cross-checked
+against the lines. A success line no task takes (its task left for the sync
+lane, or a duplicate) is still billed: its cost is the batch's unattributed
+cost, counted in spend, the report and the budget. A crash mid-way rolls
+everything back and the next poll routes the batch again from the files, so
+a success is stored exactly once.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
 from batchd.faults import crash_point
-from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
+from batchd.prices import ModelPrice, PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.provider.base import RemoteBatch
 from batchd.store import repo
 from batchd.store.repo import NOW, Backoff
@@ -42,9 +47,16 @@ class RouteSummary:
     requeued: int = 0
     malformed: int = 0
     token_limited: bool = False
-    tokens: Tokens = field(default_factory=Tokens)
+    tokens: Tokens = field(default_factory=Tokens)  # of the lines results were stored for
+    # Success lines no task took: billed all the same.
+    orphan_lines: int = 0
+    orphan_tokens: Tokens = field(default_factory=Tokens)
+    billed: Tokens = field(default_factory=Tokens)
+    unpriced: bool = False
+    # Rounded (prices.py): spend = the results' costs + unattributed.
     spend: Decimal = Decimal(0)
     sync_spend: Decimal = Decimal(0)
+    unattributed: Decimal = Decimal(0)
     # (outcome, client) -> tasks, for the client-labelled completion metric.
     by_client: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
@@ -82,25 +94,32 @@ class Router:
         self.clients = clients
         self.prices = prices
         self.backoff = backoff
-        self._flagged: set[str] = set()
 
     async def route(self, batch_id: str, model: str, remote: RemoteBatch,
                     files: list[Path]) -> RouteSummary:
         summary = RouteSummary()
+        price = self.prices.lookup(model)
+        summary.unpriced = not price.known
+        if summary.unpriced:
+            self.prices.warn_unpriced(model, "batch")
         async with self.engine.begin() as conn:
             if remote.status == "failed":
                 await self._route_failed(conn, batch_id, remote, summary)
             else:
                 for path in files:
-                    await self._route_file(conn, batch_id, model, path, summary)
+                    await self._route_file(conn, batch_id, price, path, summary)
                 missing = {**MISSING_ERROR, "batch_status": remote.status}
                 await self._fail_remaining(conn, batch_id, missing, summary)
+            await self._settle_cost(conn, batch_id, price, remote, summary)
             await repo.settle_batch(
                 conn, batch_id, provider_status=remote.status,
                 output_file_id=remote.output_file_id, error_file_id=remote.error_file_id,
                 request_counts=remote.request_counts, usage=remote.usage,
                 errors=remote.errors or None, finished_at=NOW,
-                token_limited=summary.token_limited)
+                token_limited=summary.token_limited, cost_usd=summary.spend,
+                sync_cost_usd=summary.sync_spend, unattributed_cost_usd=summary.unattributed,
+                unattributed_lines=summary.orphan_lines + summary.malformed,
+                unpriced=summary.unpriced)
             latencies = await conn.execute(text("""
                 SELECT extract(epoch FROM now() - created_at) FROM tasks
                 WHERE batch_id = :bid AND state = 'succeeded'"""), {"bid": batch_id})
@@ -111,17 +130,34 @@ class Router:
         log.info("batch.routed", batch_id=batch_id, provider_batch_id=remote.id,
                  status=remote.status, succeeded=summary.succeeded, retried=summary.retried,
                  failed=summary.failed, requeued=summary.requeued, malformed=summary.malformed,
-                 cost_usd=str(summary.spend))
+                 orphan_lines=summary.orphan_lines, cost_usd=str(summary.spend),
+                 unattributed_usd=str(summary.unattributed), unpriced=summary.unpriced)
         return summary
 
-    async def _route_file(self, conn: AsyncConnection, batch_id: str, model: str, path: Path,
-                          summary: RouteSummary) -> None:
-        price = self.prices.lookup(model)
-        if not price.known and model not in self._flagged:
-            self._flagged.add(model)
-            log.warning("prices.unknown_model", model=model,
-                        rule="priced as the table's most expensive model",
-                        prices_as_of=self.prices.as_of)
+    async def _settle_cost(self, conn: AsyncConnection, batch_id: str, price: ModelPrice,
+                           remote: RemoteBatch, summary: RouteSummary) -> None:
+        """The batch's cost from what was billed; its results rounded to add up to
+        their share, the rest unattributed."""
+        attributed, attributed_sync = await repo.allocate_result_costs(conn, batch_id)
+        lines = summary.tokens + summary.orphan_tokens
+        billed = lines
+        if remote.usage:
+            reported = tokens_from_usage(remote.usage)
+            # Unreadable lines are billed but carry no usage we can read, so the
+            # batch may report more than its lines; anything else is a surprise.
+            if reported != lines and not (summary.malformed and reported.at_least(lines)
+                                          == reported):
+                log.warning("batch.usage_mismatch", batch_id=batch_id,
+                            reported=_tokens(reported), lines=_tokens(lines),
+                            rule="billed as the larger count of each kind")
+            billed = reported.at_least(lines)
+        total = max(round_usd(cost(billed, price.batch)), attributed)
+        summary.billed = billed
+        summary.spend, summary.sync_spend = round_usd(total), round_usd(attributed_sync)
+        summary.unattributed = round_usd(total - attributed)
+
+    async def _route_file(self, conn: AsyncConnection, batch_id: str, price: ModelPrice,
+                          path: Path, summary: RouteSummary) -> None:
         ok = repo.SuccessRows.empty()
         ok_tokens: list[Tokens] = []
         bad_ids: list[str] = []
@@ -143,6 +179,7 @@ class Router:
                 ok.usages.append(orjson.dumps(usage).decode() if usage is not None else None)
                 ok.costs.append(cost(tokens, price.batch))
                 ok.sync_costs.append(cost(tokens, price.sync))
+                ok.unpriced.append(not price.known)
                 ok_tokens.append(tokens)
             else:
                 bad_ids.append(cid)
@@ -168,9 +205,12 @@ class Router:
                 # A duplicate line in the same chunk counts once.
                 summary.count("succeeded", stored.pop(cid))
                 summary.succeeded += 1
-                summary.spend += ok.costs[i]
-                summary.sync_spend += ok.sync_costs[i]
                 summary.tokens += tokens[i]
+            else:
+                # Billed, but no task of this batch took it: the task left for
+                # the sync lane, already succeeded, or the line is a duplicate.
+                summary.orphan_lines += 1
+                summary.orphan_tokens += tokens[i]
 
     async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[str],
                          finals: list[bool], errors: list[dict[str, Any]],
@@ -213,6 +253,12 @@ class Router:
                                            lane="batch").inc(n)
         metrics.SPEND.labels(model=model, lane="batch").inc(float(s.spend))
         metrics.SAVINGS.labels(model=model, lane="batch").inc(float(s.sync_spend - s.spend))
-        for kind, n in (("input", s.tokens.input), ("cached_input", s.tokens.cached),
-                        ("output", s.tokens.output)):
+        if s.unpriced:
+            metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
+        for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),
+                        ("output", s.billed.output)):
             metrics.TOKENS.labels(model=model, kind=kind, lane="batch").inc(n)
+
+
+def _tokens(t: Tokens) -> dict[str, int]:
+    return {"input": t.input, "cached_input": t.cached, "output": t.output}

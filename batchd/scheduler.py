@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from batchd.config import Settings
 from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line
 from batchd.errors import ProviderError
 from batchd.faults import crash_point
-from batchd.prices import PriceTable, Tokens, cost
+from batchd.prices import USD_QUANTUM, PriceTable, Tokens, cost
 from batchd.provider.base import Provider, RemoteBatch
 from batchd.store import repo
 from batchd.store.repo import NOW
@@ -184,8 +184,15 @@ class Scheduler:
         return Pending(batch_id, endpoint, model, today, self.clock(), 0)
 
     def estimate(self, model: str, est_in: int, est_out: int) -> Decimal:
-        """High-side cost of a batch, reserved against the daily budget."""
-        return cost(Tokens(est_in, 0, est_out), self.prices.lookup(model).batch)
+        """High-side cost of a batch, reserved against the daily budget. An
+        unknown model is reserved at the table's most expensive price."""
+        price = self.prices.lookup(model)
+        if not price.known:
+            self.prices.warn_unpriced(model, "budget")
+            metrics.UNPRICED_ESTIMATES.inc()
+        # Rounded up, so the reservation is never below what it stands for.
+        return cost(Tokens(est_in, 0, est_out), price.batch).quantize(
+            USD_QUANTUM, rounding=ROUND_CEILING)
 
     # -------------------------------------------------------------- sending
 
@@ -213,6 +220,7 @@ class Scheduler:
                 found = await self._find_remote(p)
                 if found is not None:
                     await self._record_submitted(p, found, adopted=True)
+                    await self._archive_adopted(p, found)
                     return
             path = await self._write_input(p)
             remote_file = await self.provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
@@ -230,6 +238,20 @@ class Scheduler:
         await self.archive.keep(path, p.spend_day, p.batch_id, "input",
                                 {"provider_file_id": remote_file.id,
                                  "provider_batch_id": remote.id})
+        path.unlink(missing_ok=True)
+
+    async def _archive_adopted(self, p: Pending, remote: RemoteBatch) -> None:
+        """An adopted batch's input is the file an earlier attempt wrote and
+        uploaded; if the spool lost it, the same lines are written again from
+        its tasks (still assigned to it, in file order)."""
+        path = self.archive.spool_path(p.batch_id, "input")
+        rebuilt = not path.exists()
+        if rebuilt:
+            path = await self._write_input(p)
+        await self.archive.keep(path, p.spend_day, p.batch_id, "input",
+                                {"provider_file_id": remote.input_file_id,
+                                 "provider_batch_id": remote.id, "adopted": True,
+                                 "rebuilt": rebuilt})
         path.unlink(missing_ok=True)
 
     async def _write_input(self, p: Pending) -> Path:
@@ -297,7 +319,8 @@ class Scheduler:
             async with self.engine.begin() as conn:
                 requeued = await repo.release_unsent_tasks(conn, p.batch_id, error)
                 await repo.settle_batch(conn, p.batch_id, provider_status="not_submitted",
-                                        errors=[error], finished_at=NOW)
+                                        errors=[error], finished_at=NOW,
+                                        cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
             log.error("batch.rejected", batch_id=p.batch_id, operation=exc.operation,
                       status=exc.status, code=exc.code, requeued=requeued)
             return

@@ -46,6 +46,10 @@ _SNAPSHOT_SECONDS = 5.0
 # The snapshot counts the queue, so its cost grows with it: on a deep queue it
 # runs less often, never taking more than 1/_SNAPSHOT_DUTY of the time.
 _SNAPSHOT_DUTY = 20
+# The spool sweep: how often, and how long a file must sit untouched first so
+# the sweep does not race the flow that is about to archive it.
+_SWEEP_SECONDS = 60.0
+_SWEEP_MIN_AGE_SECONDS = 60.0
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -172,7 +176,8 @@ class Service:
         loops = [asyncio.create_task(body(loops_stop), name=name) for name, body in (
             ("scheduler", self.scheduler.run), ("poller", self.poller.run),
             ("sync_lane", self.sync_lane.run), ("callbacks", self.callbacks.run),
-            ("snapshot", self._snapshots), ("daily", self._daily_report))]
+            ("snapshot", self._snapshots), ("spool_sweep", self._sweeps),
+            ("daily", self._daily_report))]
         if started is not None:
             started.set()
         await stop.wait()
@@ -211,10 +216,25 @@ class Service:
         except Exception as exc:
             log.warning("service.drain_flush_failed", error=type(exc).__name__)
 
-    async def sweep_spool(self) -> None:
-        """Archive files a crash left in the spool once their batch is past
-        the step that wrote them; the rest are rebuilt by the normal flow."""
-        for batch_id, kind, path in self.archive.leftovers():
+    async def _sweeps(self, stop: asyncio.Event) -> None:
+        """Sweep the spool now and then, not only at start: an archive write
+        that failed (disk full, a crash of the flow that owned it) is retried."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), _SWEEP_SECONDS)
+            if stop.is_set():
+                return
+            try:
+                await self.sweep_spool(_SWEEP_MIN_AGE_SECONDS)
+            except OSError as exc:
+                log.warning("archive.sweep_failed", error=type(exc).__name__)
+
+    async def sweep_spool(self, min_age_seconds: float = 0.0) -> int:
+        """Archive spool files whose batch is past the step that wrote them
+        (the input once submitted, output and error once routed); the rest
+        are rebuilt by the normal flow. Returns how many were archived."""
+        archived = 0
+        for batch_id, kind, path in self.archive.leftovers(min_age_seconds):
             try:
                 async with self.engine.connect() as conn:
                     row = (await conn.execute(text(
@@ -227,10 +247,12 @@ class Service:
                                             {"provider_batch_id": row.provider_batch_id,
                                              "recovered": True})
                     path.unlink(missing_ok=True)
+                    archived += 1
                     log.info("archive.recovered", batch_id=batch_id, kind=kind)
             except Exception as exc:
                 log.warning("archive.recover_failed", batch_id=batch_id, kind=kind,
                             error=type(exc).__name__)
+        return archived
 
     async def _release_claims(self) -> None:
         """Hand our leases back so another replica need not wait them out."""

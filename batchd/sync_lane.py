@@ -32,7 +32,7 @@ from batchd.clients import Clients
 from batchd.config import Settings
 from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
 from batchd.errors import ProviderError
-from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
+from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.provider.base import Provider
 from batchd.store import repo
 from batchd.store.repo import Backoff
@@ -140,8 +140,13 @@ class SyncLane:
                      resubmitted=len(moved.resubmitted), lost_calls=sum(lost.values()))
 
     def estimate(self, model: str, est_in: int, est_out: int) -> Decimal:
-        """High-side cost of one call, reserved against the daily budget."""
-        return cost(Tokens(est_in, 0, est_out), self.prices.lookup(model).sync)
+        """High-side cost of one call, reserved against the daily budget. An
+        unknown model is reserved at the table's most expensive price."""
+        price = self.prices.lookup(model)
+        if not price.known:
+            self.prices.warn_unpriced(model, "budget")
+            metrics.UNPRICED_ESTIMATES.inc()
+        return cost(Tokens(est_in, 0, est_out), price.sync)
 
     async def _claim(self, claim_id: str, limit: int) -> list[dict[str, Any]]:
         """Claim due calls, in order, as far as the daily budget allows, each
@@ -188,15 +193,21 @@ class SyncLane:
         result = classify_line(line)
         tokens = Tokens()
         paid = Decimal(0)
+        unpriced = False
         try:
             async with self.engine.begin() as conn:
                 if result.outcome is Outcome.SUCCESS:
                     usage = body.get("usage") if isinstance(body, dict) else None
                     tokens = tokens_from_usage(usage)
-                    paid = cost(tokens, self.prices.lookup(row["model"]).sync)
+                    price = self.prices.lookup(row["model"])
+                    if not price.known:
+                        self.prices.warn_unpriced(row["model"], "sync")
+                    # One call is its own total: rounded once, as a batch is.
+                    paid = round_usd(cost(tokens, price.sync))
                     stored = await repo.store_successes(conn, claim_id, repo.SuccessRows(
                         [cid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
-                        [paid], [paid]))
+                        [paid], [paid], [not price.known]))
+                    unpriced = bool(stored) and not price.known
                     settled = [("succeeded", client) for client in stored.values()]
                 else:
                     counts = await repo.store_failures(
@@ -212,6 +223,8 @@ class SyncLane:
             # re-queues the task; log loudly, as it may be paid twice.
             log.exception("sync_lane.store_failed", custom_id=cid)
             return
+        if unpriced:
+            metrics.UNPRICED_RESULTS.labels(lane="sync").inc()
         self._record_metrics(row, result.outcome, tokens, paid, settled)
         log.debug("sync_lane.called", custom_id=cid, status=result.status_code,
                   outcome=settled[0][0] if settled else None)

@@ -101,7 +101,7 @@ async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | No
         SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
                t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
                t.submitted_at, t.finished_at, t.not_before, t.client, t.callback_url,
-               r.status_code, r.response, r.cost_usd
+               r.status_code, r.response, round(r.cost_usd, 6) AS cost_usd, r.unpriced
         FROM tasks t LEFT JOIN results r ON r.custom_id = t.custom_id AND t.state = 'succeeded'
         WHERE t.custom_id = :cid"""), {"cid": custom_id})
     found = row.mappings().first()
@@ -110,7 +110,8 @@ async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | No
 
 async def page_results(conn: AsyncConnection, after: int, limit: int) -> list[dict[str, Any]]:
     rows = await conn.execute(text("""
-        SELECT seq, custom_id, batch_id, status_code, response, cost_usd, created_at
+        SELECT seq, custom_id, batch_id, status_code, response,
+               round(cost_usd, 6) AS cost_usd, unpriced, created_at
         FROM results WHERE seq > :after ORDER BY seq LIMIT :limit"""),
         {"after": after, "limit": limit})
     return [dict(r) for r in rows.mappings()]
@@ -373,8 +374,9 @@ _UPSERT_SUCCESSES = text("""
 WITH input AS (
     SELECT DISTINCT ON (cid) * FROM unnest(
         CAST(:cid AS text[]), CAST(:status AS int[]), CAST(:resp AS text[]),
-        CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]))
-        AS t(cid, status, resp, usage, cost, sync)
+        CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]),
+        CAST(:unpriced AS bool[]))
+        AS t(cid, status, resp, usage, cost, sync, unpriced)
 ), done AS (
     UPDATE tasks t SET state = 'succeeded', finished_at = now(), updated_at = now(),
            last_error = NULL
@@ -390,14 +392,15 @@ WITH input AS (
     WHERE callback_url IS NOT NULL
 ), res AS (
     INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
-                              sync_cost_usd, replay_count)
-    SELECT i.cid, :bid, i.status, i.resp::jsonb, i.usage::jsonb, i.cost, i.sync, d.replay_count
+                              sync_cost_usd, replay_count, unpriced)
+    SELECT i.cid, :bid, i.status, i.resp::jsonb, i.usage::jsonb, i.cost, i.sync, d.replay_count,
+           i.unpriced
     FROM input i JOIN done d ON d.custom_id = i.cid
     ON CONFLICT (custom_id) DO UPDATE SET
         batch_id = excluded.batch_id, status_code = excluded.status_code,
         response = excluded.response, usage = excluded.usage, cost_usd = excluded.cost_usd,
         sync_cost_usd = excluded.sync_cost_usd, replay_count = excluded.replay_count,
-        updated_at = now()
+        unpriced = excluded.unpriced, updated_at = now()
     RETURNING custom_id
 )
 SELECT d.custom_id, d.client FROM done d JOIN res USING (custom_id)
@@ -412,10 +415,11 @@ class SuccessRows:
     usages: list[str | None]
     costs: list[Decimal]
     sync_costs: list[Decimal]
+    unpriced: list[bool]
 
     @classmethod
     def empty(cls) -> SuccessRows:
-        return cls([], [], [], [], [], [])
+        return cls([], [], [], [], [], [], [])
 
 
 async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRows
@@ -429,7 +433,7 @@ async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRow
     stored = await conn.execute(_UPSERT_SUCCESSES, {
         "bid": batch_id, "cid": rows.custom_ids, "status": rows.status,
         "resp": rows.responses, "usage": rows.usages, "cost": rows.costs,
-        "sync": rows.sync_costs})
+        "sync": rows.sync_costs, "unpriced": rows.unpriced})
     return {cid: client for cid, client in stored}
 
 
@@ -540,15 +544,43 @@ async def requeue_remaining(
     return {client: int(n) for client, n in rows}
 
 
+_ALLOCATE = text("""
+WITH r AS (
+    SELECT seq, cost_usd * 1000000 AS c, sync_cost_usd * 1000000 AS s
+    FROM results WHERE batch_id = :bid
+), extra AS (
+    SELECT round(sum(c)) - sum(floor(c)) AS c_units, round(sum(s)) - sum(floor(s)) AS s_units
+    FROM r
+), ranked AS (
+    SELECT seq, floor(c) AS c_floor, floor(s) AS s_floor,
+           row_number() OVER (ORDER BY c - floor(c) DESC, seq) AS c_rank,
+           row_number() OVER (ORDER BY s - floor(s) DESC, seq) AS s_rank
+    FROM r
+), upd AS (
+    UPDATE results x SET
+        cost_usd = (k.c_floor + CASE WHEN k.c_rank <= e.c_units THEN 1 ELSE 0 END) / 1000000,
+        sync_cost_usd = (k.s_floor + CASE WHEN k.s_rank <= e.s_units THEN 1 ELSE 0 END)
+                        / 1000000
+    FROM ranked k, extra e WHERE x.seq = k.seq
+    RETURNING x.cost_usd, x.sync_cost_usd
+)
+SELECT coalesce(sum(cost_usd), 0), coalesce(sum(sync_cost_usd), 0) FROM upd
+""")
+
+
+async def allocate_result_costs(conn: AsyncConnection, batch_id: str) -> tuple[Decimal, Decimal]:
+    """Round a batch's results' exact costs to 1e-6 by largest remainder:
+    each moves by less than 1e-6 and together they make their rounded sum
+    (half up, as prices.round_usd). Returns (cost, sync cost) of the results.
+    Running it again changes nothing: the costs are whole micro-dollars."""
+    cost_sum, sync_sum = (await conn.execute(_ALLOCATE, {"bid": batch_id})).one()
+    return Decimal(cost_sum), Decimal(sync_sum)
+
+
 async def settle_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:
-    """Close a routed batch: its cost is the sum of its results' costs."""
-    await set_batch(conn, batch_id, state="routed", routed_at=NOW, **values)
-    await conn.execute(text("""
-        UPDATE batches b SET cost_usd = s.cost, sync_cost_usd = s.sync,
-               lease_owner = NULL, lease_until = NULL
-        FROM (SELECT coalesce(sum(cost_usd), 0) AS cost, coalesce(sum(sync_cost_usd), 0) AS sync
-              FROM results WHERE batch_id = :bid) s
-        WHERE b.id = :bid"""), {"bid": batch_id})
+    """Close a routed batch; the caller passes its cost columns."""
+    await set_batch(conn, batch_id, state="routed", routed_at=NOW, lease_owner=None,
+                    lease_until=None, **values)
 
 
 async def schedule_poll(conn: AsyncConnection, batch_id: str, seconds: float) -> None:

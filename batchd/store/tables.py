@@ -107,6 +107,12 @@ batches = Table(
     Column("reserved_usd", MONEY, nullable=False, server_default="0"),
     Column("cost_usd", MONEY),
     Column("sync_cost_usd", MONEY),
+    # Billed lines no task kept (a task that left for the sync lane, a
+    # duplicate or unreadable line): part of cost_usd, in no result's cost.
+    Column("unattributed_cost_usd", MONEY, nullable=False, server_default="0"),
+    Column("unattributed_lines", Integer, nullable=False, server_default="0"),
+    # Priced by the unknown-model rule (the table's most expensive entry).
+    Column("unpriced", Boolean, nullable=False, server_default="false"),
     Column("submit_attempts", Integer, nullable=False, server_default="0"),
     Column("lease_owner", Text),
     Column("lease_until", DateTime(timezone=True)),
@@ -138,6 +144,7 @@ results = Table(
     Column("cost_usd", MONEY, nullable=False, server_default="0"),
     Column("sync_cost_usd", MONEY, nullable=False, server_default="0"),
     Column("replay_count", Integer, nullable=False, server_default="0"),
+    Column("unpriced", Boolean, nullable=False, server_default="false"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
 )
@@ -156,6 +163,9 @@ task_events = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("task_events_custom_id", "custom_id"),
     Index("task_events_day", "created_at", "outcome"),
+    # The manual queue as of any day's end: each task's last failure and replay.
+    Index("task_events_manual", "custom_id", "id",
+          postgresql_where=text("outcome IN ('failed', 'replayed')")),
 )
 
 # The callback outbox: one row per terminal state reached by a task with a

@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+from sqlalchemy import text
+
+from batchd import metrics
 from batchd.prices import PriceTable, cost, round_usd, tokens_from_usage
 from batchd.provider.emulator_lines import usage_for
+from batchd.report import FIELDS
+from batchd.store import repo
+from batchd.store.engine import make_engine
 from tests.harness import FakeClock, chat_task, running
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _expected_costs(tasks: list[dict[str, Any]]) -> tuple[Decimal, Decimal]:
-    table = PriceTable.load()
-    spend = sync = Decimal(0)
-    for t in tasks:
-        tokens = tokens_from_usage(usage_for("/v1/chat/completions", t["body"]))
-        price = table.lookup(t["body"]["model"])
-        spend += cost(tokens, price.batch)
-        sync += cost(tokens, price.sync)
-    return spend, sync
 
 
 async def test_budget_holds_a_window_until_the_next_day(db_url: str, tmp_path: Path) -> None:
@@ -72,34 +71,260 @@ async def test_raising_the_budget_releases_held_work(db_url: str, tmp_path: Path
         assert await h.flush() == 1
 
 
-async def test_report_matches_a_scripted_run_to_the_micro_dollar(
+def _exact(task: dict[str, Any], kind: str = "batch") -> Decimal:
+    """What one 200 answer to ``task`` costs, unrounded (the emulator's usage rule)."""
+    tokens = tokens_from_usage(usage_for("/v1/chat/completions", task["body"]))
+    price = PriceTable.load().lookup(task["body"]["model"])
+    return cost(tokens, price.batch if kind == "batch" else price.sync)
+
+
+def _batch(results: Sequence[dict[str, Any]], extra: Sequence[dict[str, Any]] = ()
+           ) -> dict[str, Decimal]:
+    """A batch's known money: its results, plus billed lines no result carries."""
+    attributed = round_usd(sum((_exact(t) for t in results), Decimal(0)))
+    total = round_usd(sum((_exact(t) for t in [*results, *extra]), Decimal(0)))
+    sync = round_usd(sum((_exact(t, "sync") for t in results), Decimal(0)))
+    return {"spend": total, "sync": sync, "unattributed": total - attributed}
+
+
+def _day_money(*batches: dict[str, Decimal]) -> dict[str, str]:
+    spend = sum((b["spend"] for b in batches), Decimal(0))
+    sync = sum((b["sync"] for b in batches), Decimal(0))
+    return {"spend_usd": str(spend), "sync_equivalent_usd": str(sync),
+            "savings_usd": str(sync - spend),
+            "unattributed_usd": str(sum((b["unattributed"] for b in batches), Decimal(0)))}
+
+
+async def _shift_a_day_back(h: Any) -> None:
+    """Move everything recorded so far to yesterday (UTC), as if it had run then."""
+    for table, column in (("tasks", "created_at"), ("tasks", "finished_at"),
+                          ("task_events", "created_at"), ("results", "created_at"),
+                          ("batches", "routed_at")):
+        await h.execute(f"UPDATE {table} SET {column} = {column} - interval '1 day'")
+
+
+async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         db_url: str, tmp_path: Path) -> None:
-    ok = [chat_task(f"ok{i}", content="word " * (i + 1)) for i in range(20)]
-    ok += [chat_task(f"mini{i}", "gpt-4.1-nano") for i in range(5)]
-    for i, t in enumerate(ok):
+    # Costs are fractions of a micro-dollar per line, so every rounding step
+    # shows: per-result rounding that did not add up would miss the totals.
+    mini = [chat_task(f"ok{i}", content="word " * (i + 1)) for i in range(20)]
+    for i, t in enumerate(mini):
         t["body"]["max_tokens"] = 7 + i
-    retried = [chat_task("flaky", emulate="http_500*1")]
-    failed = [chat_task("bad", emulate="http_400")]
+        if i % 4 == 0:
+            t["body"]["metadata"] = {"cached_tokens": str(i + 2)}
+    nano = [chat_task(f"nano{i}", "gpt-4.1-nano", content="x" * (10 * i + 1))
+            for i in range(5)]
+    dup = chat_task("dup", "gpt-4.1-nano", emulate="duplicate")  # its line comes twice
+    flaky = chat_task("flaky", emulate="http_500*1")  # retried once
+    garbled = chat_task("garbled", emulate="malformed*1")  # billed, unreadable, retried
+    bad = chat_task("bad", emulate="http_400")  # final: stays in the manual queue
+    phoenix = chat_task("phoenix")  # fails final, replayed the next day, succeeds
     async with running(db_url, tmp_path) as h:
-        await h.post({"tasks": ok + retried + failed})
+        h.emulator.script_line("phoenix", "http_404", "ok")
+        await h.post({"tasks": [*mini, *nano, dup, flaky, garbled, bad, phoenix]})
         await h.run_until_settled()
-        status, report = await h.get("/v1/report/daily")
+        await _shift_a_day_back(h)
+        async with h.http.post(f"{h.base_url}/v1/failed/replay",
+                               json={"custom_ids": ["phoenix"]}) as r:
+            assert (await r.json())["replayed"] == 1
+        await h.run_until_settled()
+
+        # The batches: mini and nano windows, the retry window, the replay.
+        first_mini = _batch(mini, extra=[garbled])  # the unreadable line is billed
+        first_nano = _batch([*nano, dup], extra=[dup])  # so is the duplicate
+        retry = _batch([flaky, garbled])
+        replay = _batch([phoenix])
+        costs = sorted([(Decimal(b["cost_usd"]), Decimal(b["unattributed_cost_usd"]))
+                        for b in await h.rows("SELECT cost_usd, unattributed_cost_usd "
+                                              "FROM batches")])
+        assert costs == sorted((b["spend"], b["unattributed"])
+                               for b in (first_mini, first_nano, retry, replay))
+
+        today = datetime.now(UTC).date()
+        yesterday = today - timedelta(days=1)
+        status, days = await h.get("/v1/report/daily", date=today.isoformat(), days="2")
         assert status == 200
-        spend, sync = _expected_costs(ok + retried)
-        assert report["tasks_in"] == 27
-        assert (report["succeeded"], report["failed"], report["retried"]) == (26, 1, 1)
-        assert report["manual_queue"] == 1 and report["replayed"] == 0
-        assert report["failure_ratio"] == round(1 / 27, 6)
-        assert report["alert"] is True  # 3.7% > 3%
-        assert Decimal(report["spend_usd"]) == round_usd(spend)
-        assert Decimal(report["sync_equivalent_usd"]) == round_usd(sync)
-        assert Decimal(report["savings_usd"]) == round_usd(sync - spend)
-        batch_total = await h.scalar("SELECT sum(cost_usd) FROM batches")
-        result_total = await h.scalar("SELECT sum(cost_usd) FROM results")
-        assert Decimal(batch_total) == Decimal(result_total) == spend
+        past, now = days
+        assert past == {
+            **past, "date": yesterday.isoformat(), "tasks_in": 30, "succeeded": 28,
+            "failed": 2, "retried": 2, "replayed": 0, "failure_ratio": round(2 / 30, 6),
+            "manual_queue": 2,  # bad and phoenix, as the day ended
+            # All 30 finished that day; 29 have succeeded since (phoenix by replay).
+            "post_replay_success_ratio": round(29 / 30, 6),
+            **_day_money(first_mini, first_nano, retry), "unpriced_models": [],
+            "alert": True}
+        assert now == {
+            **now, "date": today.isoformat(), "tasks_in": 0, "succeeded": 1, "failed": 0,
+            "retried": 0, "replayed": 1, "failure_ratio": 0.0, "manual_queue": 1,
+            "post_replay_success_ratio": 1.0, **_day_money(replay), "alert": False}
+        assert Decimal(past["unattributed_usd"]) > 0
+
+        # Per result: whole micro-dollars, each within one of its exact cost,
+        # adding up with the unattributed part to its batch's cost.
+        exact = {t["custom_id"]: _exact(t)
+                 for t in [*mini, *nano, dup, flaky, garbled, phoenix]}
+        results: list[dict[str, Any]] = []
+        after = "0"
+        while True:
+            _, page = await h.get("/v1/results", after=after, limit="7")
+            results += page["results"]
+            after = page["next"]
+            if not page["has_more"]:
+                break
+        assert len(results) == 29
+        for r in results:
+            assert len(r["cost_usd"].split(".")[1]) == 6
+            assert abs(Decimal(r["cost_usd"]) - exact[r["custom_id"]]) < Decimal("0.000001")
+        ledger = await h.rows("""
+            SELECT b.cost_usd, b.unattributed_cost_usd, sum(r.cost_usd) AS results
+            FROM batches b JOIN results r ON r.batch_id = b.id GROUP BY b.id""")
+        for b in ledger:
+            assert b["results"] + b["unattributed_cost_usd"] == b["cost_usd"]
+        paid = sum(Decimal(r["cost_usd"]) for r in results) + sum(
+            Decimal(d["unattributed_usd"]) for d in days)
+        assert paid == Decimal(past["spend_usd"]) + Decimal(now["spend_usd"])
+        assert round(paid, 2) == round(sum(
+            (_exact(t) for t in [*mini, *nano, dup, dup, flaky, garbled, garbled, phoenix]),
+            Decimal(0)), 2)  # to the cent against the plain sum of every billed line
+
+    # The command line says the same as the API, in each format.
+    as_json = json.loads(_cli(db_url, "report", "--days", "2", "--format", "json").stdout)
+    assert as_json == days
+    csv_rows = list(csv.DictReader(io.StringIO(
+        _cli(db_url, "report", "--days", "2", "--format", "csv").stdout)))
+    for row, day in zip(csv_rows, days, strict=True):
+        assert row == {k: (";".join(v) if isinstance(v, list) else str(v))
+                       for k, v in day.items() if k in row}
+        assert set(row) == set(FIELDS)
+    table = _cli(db_url, "report", "--days", "2").stdout.splitlines()
+    for line, day in zip(table[2:4], days, strict=True):
+        cells = line.split()
+        assert cells == [day["date"], *(str(day[k]) for k in (
+            "tasks_in", "succeeded", "failed", "retried", "replayed")),
+            f"{day['failure_ratio'] * 100:.2f}", f"{day['post_replay_success_ratio'] * 100:.2f}",
+            str(day["manual_queue"]), day["spend_usd"], day["sync_equivalent_usd"],
+            day["savings_usd"], *(["ALERT"] if day["alert"] else [])]
 
 
-async def test_archive_holds_exactly_what_the_provider_received(
+@pytest.mark.parametrize(("exact", "rounded"), [
+    # Largest remainder: the units the floors lose go to the largest remainders.
+    (["0.0000004", "0.0000007", "0.0000001"], ["0.000000", "0.000001", "0.000000"]),
+    # Ties go to the earlier result; the sum rounds half up (1.5 -> 2 units).
+    (["0.0000005", "0.0000005", "0.0000005"], ["0.000001", "0.000001", "0.000000"]),
+    (["0.0000005"], ["0.000001"]),
+    (["0.0000015", "0.0000015"], ["0.000002", "0.000001"]),
+    (["0.000001", "0.000002"], ["0.000001", "0.000002"]),
+    (["0.123456789012", "0.000000499999"], ["0.123457", "0.000000"]),
+    ([], []),
+])
+async def test_result_costs_round_to_micro_dollars_that_add_up(
+        db_url: str, exact: list[str], rounded: list[str]) -> None:
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            for n, usd in enumerate(exact):
+                await conn.execute(text(
+                    "INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd, "
+                    "sync_cost_usd) VALUES (:cid, 'bd_t', 200, '{}', :c, :s)"),
+                    {"cid": f"r{n}", "c": Decimal(usd), "s": Decimal(usd) * 2})
+            await conn.execute(text(
+                "INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd) "
+                "VALUES ('other', 'bd_other', 200, '{}', 0.0000004)"))
+        for _ in range(2):  # a second run changes nothing
+            async with engine.begin() as conn:
+                total, sync = await repo.allocate_result_costs(conn, "bd_t")
+                got = (await conn.execute(text(
+                    "SELECT cost_usd FROM results WHERE batch_id = 'bd_t' ORDER BY seq"))).all()
+            assert [str(round_usd(r[0])) for r in got] == rounded
+            assert total == round_usd(sum((Decimal(x) for x in exact), Decimal(0)))
+            assert sync == round_usd(sum((Decimal(x) * 2 for x in exact), Decimal(0)))
+        async with engine.connect() as conn:
+            untouched = await conn.scalar(text(
+                "SELECT cost_usd FROM results WHERE batch_id = 'bd_other'"))
+        assert untouched == Decimal("0.0000004")
+    finally:
+        await engine.dispose()
+
+
+async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
+        db_url: str, tmp_path: Path) -> None:
+    tight = chat_task("tight", content="urgent " * 30, metadata={"latency_profile": "1h"})
+    relaxed = chat_task("relaxed", content="later " * 20)
+    async with running(db_url, tmp_path, daily_budget_usd="5") as h:
+        await h.post({"tasks": [tight, relaxed]})
+        await h.age_queue(301)
+        assert await h.flush() == 1
+        await h.execute("UPDATE tasks SET fallback_at = now() WHERE custom_id = 'tight'")
+        h.service.sync_lane._last_sweep = 0.0
+        for _ in range(50):
+            await h.service.sync_lane.tick()
+            await h.service.sync_lane.wait_calls()
+            if (await h.task("tight"))["state"] == "succeeded":
+                break
+        await h.cycle()  # the batch comes back with both lines; tight's has no taker
+        batch = (await h.rows("SELECT cost_usd, unattributed_cost_usd, unattributed_lines, "
+                              "spend_day FROM batches"))[0]
+        expected = _batch([relaxed], extra=[tight])
+        assert (batch["cost_usd"], batch["unattributed_cost_usd"]) == (
+            expected["spend"], expected["unattributed"])
+        assert batch["unattributed_lines"] == 1 and expected["unattributed"] > 0
+        sync_paid = round_usd(_exact(tight, "sync"))
+        assert (await h.task("tight"))["cost_usd"] == str(sync_paid)
+        _, report = await h.get("/v1/report/daily")
+        assert report["spend_usd"] == str(expected["spend"] + sync_paid)
+        assert report["unattributed_usd"] == str(expected["unattributed"])
+        async with h.engine.connect() as conn:
+            assert await repo.day_spend(conn, batch["spend_day"]) >= expected["spend"]
+
+
+async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
+        db_url: str, tmp_path: Path) -> None:
+    def sample(name: str, **labels: str) -> float:
+        return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (sample("batchd_unpriced_results_total", lane="batch"),
+              sample("batchd_unpriced_results_total", lane="sync"),
+              sample("batchd_unpriced_estimates_total"))
+    async with running(db_url, tmp_path, daily_budget_usd="5") as h:
+        await h.post({"tasks": [chat_task("mystery", "brand-new-model"),
+                                chat_task("rushed", "other-new-model", lane="sync"),
+                                chat_task("known")]})
+        for _ in range(50):
+            await h.service.sync_lane.tick()
+            await h.service.sync_lane.wait_calls()
+            if (await h.task("rushed"))["state"] == "succeeded":
+                break
+        await h.run_until_settled()
+        table = PriceTable.load()
+        fallback = table.lookup("brand-new-model")
+        mystery = await h.task("mystery")
+        assert mystery["unpriced"] is True and (await h.task("known"))["unpriced"] is False
+        tokens = tokens_from_usage(usage_for("/v1/chat/completions",
+                                             chat_task("m", "brand-new-model")["body"]))
+        assert Decimal(mystery["cost_usd"]) == round_usd(cost(tokens, fallback.batch)) > 0
+        assert (await h.task("rushed"))["unpriced"] is True
+        _, page = await h.get("/v1/results")
+        assert {r["custom_id"]: r["unpriced"] for r in page["results"]} == {
+            "mystery": True, "rushed": True, "known": False}
+        _, report = await h.get("/v1/report/daily")
+        assert report["unpriced_models"] == ["brand-new-model", "other-new-model"]
+        assert await h.scalar("SELECT bool_and(unpriced) FROM batches "
+                              "WHERE model = 'brand-new-model'") is True
+    assert sample("batchd_unpriced_results_total", lane="batch") == before[0] + 1
+    assert sample("batchd_unpriced_results_total", lane="sync") == before[1] + 1
+    assert sample("batchd_unpriced_estimates_total") >= before[2] + 1
+    csv_out = _cli(db_url, "report", "--format", "csv").stdout
+    assert "brand-new-model;other-new-model" in csv_out
+    table_out = _cli(db_url, "report").stdout
+    assert "unpriced models" in table_out and "brand-new-model" in table_out
+
+
+def _archived(h: Any, b: dict[str, Any], kind: str) -> bytes:
+    folder = h.service.archive.batch_dir(b["spend_day"], b["id"])
+    return gzip.decompress((folder / f"{kind}.jsonl.gz").read_bytes())
+
+
+async def test_archive_holds_exactly_what_the_provider_received_and_served(
         db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
         await h.post({"tasks": [chat_task(f"a{i}", emulate="http_500*1" if i == 0 else None)
@@ -107,16 +332,59 @@ async def test_archive_holds_exactly_what_the_provider_received(
         await h.run_until_settled()
         batches = await h.rows("SELECT id, input_file_id, output_file_id, error_file_id, "
                                "spend_day FROM batches ORDER BY created_at")
-        assert len(batches) == 2
+        assert len(batches) == 2 and batches[0]["error_file_id"] is not None
         for b in batches:
-            folder = h.service.archive.batch_dir(b["spend_day"], b["id"])
-            sent = gzip.decompress((folder / "input.jsonl.gz").read_bytes())
-            assert sent == bytes(h.emulator.received_files[b["input_file_id"]])
+            assert _archived(h, b, "input") == bytes(
+                h.emulator.received_files[b["input_file_id"]])
+            for kind in ("output", "error"):
+                folder = h.service.archive.batch_dir(b["spend_day"], b["id"])
+                if b[f"{kind}_file_id"] is None:
+                    assert not (folder / f"{kind}.jsonl.gz").exists()
+                    continue
+                served = h.emulator.files[b[f"{kind}_file_id"]].data
+                assert served and _archived(h, b, kind) == served
             manifest = json.loads((folder / "manifest.json").read_text())
             assert manifest["files"]["input"]["provider_file_id"] == b["input_file_id"]
-            assert (folder / "output.jsonl.gz").exists() == bool(b["output_file_id"])
-            assert (folder / "error.jsonl.gz").exists() == bool(b["error_file_id"])
         assert list((h.settings.spool_path).glob("*.jsonl")) == []
+
+
+async def test_an_adopted_batch_keeps_its_input_in_the_archive(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        # The create call reaches the provider, the answer never comes back.
+        h.emulator.inject("create", "reset_after")
+        await h.post({"tasks": [chat_task(f"ad{i}") for i in range(3)]})
+        await h.age_queue(901)
+        await h.flush()
+        assert await h.count("state = 'uploading'", "batches") == 1
+        await h.execute("UPDATE batches SET lease_until = now() - interval '1 second'")
+        await h.flush()  # the retry finds the batch at the provider and adopts it
+        b = (await h.rows("SELECT id, input_file_id, spend_day, state FROM batches"))[0]
+        assert b["state"] == "submitted" and len(h.emulator.batches) == 1
+        assert _archived(h, b, "input") == bytes(h.emulator.received_files[b["input_file_id"]])
+        folder = h.service.archive.batch_dir(b["spend_day"], b["id"])
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["files"]["input"]["adopted"] is True
+        assert list((h.settings.spool_path).glob("*.jsonl")) == []
+
+
+async def test_the_spool_sweep_archives_what_a_failed_write_left_behind(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        await h.post(chat_task("s1"))
+        await h.run_until_settled()
+        b = (await h.rows("SELECT id, spend_day FROM batches"))[0]
+        folder = h.service.archive.batch_dir(b["spend_day"], b["id"])
+        output = _archived(h, b, "output")
+        (folder / "output.jsonl.gz").unlink()  # as if the archive write had failed
+        left = h.service.archive.spool_path(b["id"], "output")
+        left.write_bytes(output)
+        assert await h.service.sweep_spool(60) == 0  # too fresh: its flow may be on it
+        os.utime(left, (left.stat().st_atime - 120, left.stat().st_mtime - 120))
+        assert await h.service.sweep_spool(60) == 1
+        assert _archived(h, b, "output") == output and not left.exists()
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["files"]["output"]["recovered"] is True
 
 
 def _cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:

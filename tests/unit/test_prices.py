@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from batchd.errors import ConfigError
-from batchd.prices import PriceTable, Rate, Tokens, cost, round_usd, tokens_from_usage
+from batchd.prices import PriceTable, Rate, Tokens, cost, round_usd, show_usd, tokens_from_usage
 
 
 def test_protocol_example_cost() -> None:
@@ -54,13 +54,37 @@ def test_batch_is_half_of_sync_in_the_bundled_table() -> None:
         assert price.batch.output * 2 == price.sync.output
 
 
-def test_per_result_costs_add_up_to_the_total_before_rounding() -> None:
+@pytest.mark.parametrize(("exact", "shown"), [
+    ("0.0000005", "0.000001"),  # half up, as PostgreSQL's round(); half-even would give 0
+    ("0.0000025", "0.000003"),
+    ("0.00000049999", "0.000000"),
+    ("0.0000015", "0.000002"),
+    ("1.2345675", "1.234568"),
+    ("0", "0.000000"),
+])
+def test_usd_rounds_half_up_to_the_micro_dollar(exact: str, shown: str) -> None:
+    assert str(round_usd(Decimal(exact))) == shown
+    assert show_usd(Decimal(exact)) == shown
+
+
+def test_a_cost_is_linear_in_tokens_so_a_batch_total_is_the_sum_of_its_lines() -> None:
     rate = PriceTable.load().lookup("gpt-4o-mini").batch
-    parts = [cost(Tokens(37 + i, 0, 11 + i), rate) for i in range(1000)]
-    total = cost(Tokens(sum(37 + i for i in range(1000)), 0, sum(11 + i for i in range(1000))),
-                 rate)
-    assert sum(parts) == total
-    assert round_usd(Decimal("0.0000015")) == Decimal("0.000002")
+    lines = [Tokens(37 + i, i % 5, 11 + i) for i in range(1000)]
+    total = Tokens()
+    for t in lines:
+        total += t
+    assert sum(cost(t, rate) for t in lines) == cost(total, rate)
+    # ...but rounding each line on its own does not add up: hence the allocation.
+    assert sum(round_usd(cost(t, rate)) for t in lines) != round_usd(cost(total, rate))
+
+
+@pytest.mark.parametrize(("a", "b", "high"), [
+    (Tokens(10, 2, 5), Tokens(8, 3, 5), Tokens(10, 3, 5)),
+    (Tokens(), Tokens(1, 0, 1), Tokens(1, 0, 1)),
+])
+def test_billed_tokens_take_the_larger_count_of_each_kind(a: Tokens, b: Tokens,
+                                                          high: Tokens) -> None:
+    assert a.at_least(b) == b.at_least(a) == high
 
 
 def test_prices_file_override_and_errors(tmp_path: Path) -> None:
