@@ -198,6 +198,18 @@ def check_k8s(docs: list[dict[str, Any]]) -> list[str]:
             mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
             if "/var/lib/batchd" not in mounts:
                 problems.append(f"{cwhere}: /var/lib/batchd must be a writable volume")
+            elif where.startswith("Deployment/"):
+                # Replicas share the spool and archive: a pod-local volume
+                # would lose what a dead pod had spooled.
+                name = next(m["name"] for m in c["volumeMounts"]
+                            if m["mountPath"] == "/var/lib/batchd")
+                volume = next((v for v in spec.get("volumes", []) if v["name"] == name), {})
+                claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+                pvc = next((p for p in by_kind.get("PersistentVolumeClaim", [])
+                            if p["metadata"]["name"] == claim), None)
+                if pvc is None or "ReadWriteMany" not in pvc["spec"].get("accessModes", []):
+                    problems.append(f"{cwhere}: /var/lib/batchd must be a ReadWriteMany "
+                                    "PersistentVolumeClaim in the manifests")
             for ref in c.get("envFrom", []):
                 cm = ref.get("configMapRef", {}).get("name")
                 if cm is not None and cm not in configmaps:
