@@ -11,16 +11,18 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import date
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from batchd import logs
 from batchd.config import Settings, env_name, load_settings
 from batchd.errors import BatchdError, ConfigError
+
+T = TypeVar("T")
 
 _SETTING_OPTIONS = [name for name in Settings.model_fields if name != "openai_api_key"]
 
@@ -51,6 +53,14 @@ def _env_option(parser: argparse.ArgumentParser, flag: str, env: str, help: str,
     shown = kwargs.get("default")
     suffix = f", default {shown}" if shown not in (None, False) else ""
     parser.add_argument(flag, help=f"{help} [env {env}{suffix}]", **kwargs)
+
+
+def _env_list(env: str, convert: Callable[[str], T]) -> list[T] | None:
+    raw = os.environ.get(env, "")
+    try:
+        return [convert(v.strip()) for v in raw.split(",") if v.strip()] or None
+    except ValueError:
+        raise ConfigError(f"{env}: not a comma-separated list ({raw!r})") from None
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -224,6 +234,31 @@ async def _submit(path: Path, url: str, token: str | None, chunk: int,
         return 1 if failed else 0
 
 
+async def _callbacks_failed(url: str, token: str | None, client: str | None) -> int:
+    from batchd.client import BatchdClient, BatchdClientError
+
+    async with BatchdClient(url, token) as api:
+        try:
+            async for row in api.failed_callbacks(client):
+                print(orjson.dumps(row).decode())
+        except BatchdClientError as exc:
+            raise BatchdError(str(exc)) from None
+    return 0
+
+
+async def _callbacks_replay(url: str, token: str | None, ids: list[int] | None,
+                            custom_ids: list[str] | None) -> int:
+    from batchd.client import BatchdClient, BatchdClientError
+
+    async with BatchdClient(url, token) as api:
+        try:
+            replayed = await api.replay_callbacks(ids, custom_ids)
+        except BatchdClientError as exc:
+            raise BatchdError(str(exc)) from None
+    print(f"{len(replayed)} delivery(ies) due again: {', '.join(map(str, replayed)) or '-'}")
+    return 0
+
+
 async def _demo(settings: Settings, tasks: int, seconds: float) -> int:
     from batchd.demo import run_demo
 
@@ -282,6 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
                 required=True)
     _add_setting_options(export, ["database_url", "data_dir"])
 
+    callbacks = sub.add_parser("callbacks", help="result deliveries that used up their attempts")
+    callbacks_sub = callbacks.add_subparsers(dest="callbacks_command", required=True)
+    listing = callbacks_sub.add_parser("failed", help="list failed deliveries as JSONL")
+    _env_option(listing, "--client", "BATCHD_CALLBACKS_CLIENT", "only this client's")
+    again = callbacks_sub.add_parser("replay", help="deliver failed callbacks again")
+    again.add_argument("--id", type=int, action="append", dest="ids", metavar="N",
+                       help="a delivery id, repeatable [env BATCHD_CALLBACKS_REPLAY_IDS, "
+                       "comma-separated]")
+    again.add_argument("--custom-id", action="append", dest="custom_ids", metavar="ID",
+                       help="every failed delivery of this task, repeatable "
+                       "[env BATCHD_CALLBACKS_REPLAY_CUSTOM_IDS, comma-separated]")
+    _env_option(again, "--all", "BATCHD_CALLBACKS_REPLAY_ALL", "every failed delivery",
+                action="store_true")
+    for p in (listing, again):
+        p.add_argument("--url", default=None,
+                       help="API base URL [env BATCHD_URL, default http://127.0.0.1:8080]")
+        p.add_argument("--token", default=None, help="bearer token [env BATCHD_TOKEN]")
+
     demo = sub.add_parser("demo", help="serve + bundled emulator + generated load, then report")
     _env_option(demo, "--tasks", "BATCHD_DEMO_TASKS", "tasks to generate", type=int,
                 default=2000)
@@ -300,6 +353,16 @@ def main(argv: list[str] | None = None) -> int:
             url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")
             return _run(_submit(args.file, url, args.token or os.environ.get("BATCHD_TOKEN"),
                                 args.chunk, args.wait))
+        if args.command == "callbacks":
+            url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")
+            token = args.token or os.environ.get("BATCHD_TOKEN")
+            if args.callbacks_command == "failed":
+                return _run(_callbacks_failed(url, token, args.client))
+            ids = args.ids or _env_list("BATCHD_CALLBACKS_REPLAY_IDS", int)
+            custom_ids = args.custom_ids or _env_list("BATCHD_CALLBACKS_REPLAY_CUSTOM_IDS", str)
+            if not (ids or custom_ids or args.all):
+                raise ConfigError("callbacks replay needs --id N, --custom-id ID or --all")
+            return _run(_callbacks_replay(url, token, ids, custom_ids))
         settings = _settings(args)
         if args.command == "serve":
             return _run(_serve(settings))

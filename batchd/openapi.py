@@ -100,7 +100,8 @@ def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
         optional["callback_url"] = {
             "type": "string", "maxLength": MAX_CALLBACK_URL, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
             "description": "where batchd POSTs the task's result once it is terminal, signed "
-                           "with HMAC-SHA256 (headers X-Batchd-Timestamp, X-Batchd-Signature); "
+                           "with HMAC-SHA256 (headers Batchd-Timestamp, Batchd-Signature; see the "
+                           "taskFinished webhook); "
                            "the host must be in BATCHD_CALLBACK_ALLOWED_HOSTS"}
     return {
         **optional,
@@ -311,6 +312,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                     "properties": {"custom_id": {"type": "string"},
                                    "reason": {"type": "string"}}}}}},
         "Callback": callback,
+        "CallbackPayload": callback_payload(),
         "TaskCallbacks": {"type": "object", "required": ["custom_id", "callbacks"],
                           "properties": {"custom_id": {"type": "string"},
                                          "callbacks": {"type": "array",
@@ -339,6 +341,60 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                   "properties": {"status": {"const": "ready"},
                                  "schema": {"type": "string"}}},
     }
+
+
+# ------------------------------------------------------------------ webhooks
+
+def callback_payload() -> Schema:
+    """What batchd POSTs to a callback_url (callbacks.payload)."""
+    return {
+        "type": "object",
+        "required": ["delivery_id", "custom_id", "state", "attempts", "finished_at",
+                     "status_code", "response", "last_error"],
+        "properties": {
+            "delivery_id": {"type": "string", "description": "the same on every retry of one "
+                                                             "delivery: deduplicate on it"},
+            "custom_id": {"type": "string"},
+            "state": {"enum": ["succeeded", "failed"]},
+            "attempts": {"type": "integer", "minimum": 0,
+                         "description": "the task's submissions to the provider"},
+            "finished_at": TIMESTAMP,
+            "endpoint": nullable({"enum": list(ENDPOINTS)}),
+            "model": nullable({"type": "string"}),
+            "metadata": nullable({"type": "object",
+                                  "additionalProperties": {"type": "string"}}),
+            "status_code": nullable({"type": "integer"}),
+            "response": nullable({"type": "object",
+                                  "description": "the provider's response body (succeeded)"}),
+            "last_error": nullable({"type": "object", "description": "why it failed (failed)"}),
+        },
+    }
+
+
+def webhooks() -> dict[str, Any]:
+    def header(name: str, description: str) -> Schema:
+        return {"name": name, "in": "header", "required": True, "description": description,
+                "schema": {"type": "string"}}
+
+    return {"taskFinished": {"post": {
+        "operationId": "taskFinished", "tags": ["callbacks"],
+        "summary": "batchd POSTs a task's result to its callback_url once it is terminal",
+        "description": (
+            "Signed with the client's callback secret: Batchd-Signature is v1= followed by "
+            "the hex HMAC-SHA256 of the Batchd-Timestamp digits, a dot, and the raw body. "
+            "Any 2xx answer is delivered; anything else, a timeout or a refused connection "
+            "is retried with exponential backoff and jitter (at least once: deduplicate on "
+            "delivery_id). batchd.client.verify_callback checks a request."),
+        "parameters": [
+            header("Batchd-Timestamp", "unix seconds when this attempt was signed"),
+            header("Batchd-Signature", "v1=<hex HMAC-SHA256 of timestamp.body>"),
+            header("Batchd-Delivery", "the delivery id, as in the body"),
+            header("Batchd-Attempt", "1 for the first attempt, then 2, 3, ...")],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": ref("CallbackPayload")}}},
+        "responses": {"2XX": {"description": "delivered; batchd stops sending it"},
+                      "default": {"description": "not delivered; batchd tries again later"}},
+    }}}
 
 
 # ---------------------------------------------------------------- operations
@@ -540,6 +596,7 @@ def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": operations(limits),
+        **({"webhooks": webhooks()} if callbacks else {}),
         "components": {
             "securitySchemes": {"bearer": {
                 "type": "http", "scheme": "bearer",
@@ -592,6 +649,13 @@ def render_html(spec: dict[str, Any]) -> str:
                 shown = f" <code>{esc(orjson.dumps(schema).decode())}</code>" if schema else ""
                 out.append(f"<li><b>{esc(status)}</b> {esc(reply['description'])}{shown}</li>")
             out.append("</ul>")
+    for name, item in spec.get("webhooks", {}).items():
+        op = item["post"]
+        out.append(f"<h2>Webhook <code>{esc(name)}</code></h2><p>{esc(op['summary'])}</p>"
+                   f"<p>{esc(op['description'])}</p><h3>Headers</h3><ul>")
+        out += [f"<li><code>{esc(p['name'])}</code>: {esc(p['description'])}</li>"
+                for p in op["parameters"]]
+        out.append("</ul><p>Body: <a href='#CallbackPayload'>CallbackPayload</a></p>")
     out.append("<h2>Schemas</h2>")
     for name, schema in spec["components"]["schemas"].items():
         out.append(f"<h3 id='{esc(name)}'>{esc(name)}</h3><pre>"

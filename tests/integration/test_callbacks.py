@@ -8,7 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchd.client import SignatureError, verify_callback
@@ -16,6 +19,7 @@ from batchd.faults import EXIT_CODE
 from batchd.provider.emulator import Emulator
 from tests.harness import API_KEY, Harness, chat_task, running
 from tests.receiver import Receiver
+from tests.spec import SpecCheck
 
 SECRET = "billing-callback-secret-0123456789"  # noqa: S105 (a test secret)
 AUTH = {"Authorization": "Bearer tok-billing"}
@@ -58,7 +62,15 @@ async def test_results_are_posted_signed_to_the_task_or_token_callback_url(
             assert status == 202, body
             await h.run_until_settled()
             await h.service.callbacks.drain()
+            _, spec = await h.get("/openapi.json")
         assert all(r.verified for r in receiver.got)
+        validate(spec)  # with callbacks on, the document carries the taskFinished webhook
+        payload_schema = Draft202012Validator(
+            {"$ref": "urn:batchd:openapi#/components/schemas/CallbackPayload"},
+            registry=SpecCheck(spec).registry)
+        for r in receiver.got:
+            assert list(payload_schema.iter_errors(r.payload)) == []
+        assert spec["webhooks"]["taskFinished"]["post"]["requestBody"]
         by_id = {r.payload["custom_id"]: r for r in receiver.got}
         assert set(by_id) == {"own-url", "token-default", "broken"}
         assert by_id["token-default"].path == "/default" and by_id["own-url"].path == "/own"
@@ -112,6 +124,15 @@ async def test_a_failing_receiver_gets_the_same_delivery_again_after_a_backoff(
         await receiver.stop()
 
 
+async def _cli(*args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd", "callbacks", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode() + err.decode()
+
+
 def _sample(text: str, name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -146,15 +167,21 @@ async def test_exhausted_delivery_is_listed_and_replayable(db_url: str, tmp_path
                     before, name, outcome=outcome, client="billing")
                 assert got == n, outcome
 
-            async with h.http.post(f"{h.base_url}/v1/callbacks/replay", headers=AUTH,
-                                   json={"ids": [int(failed["id"])]}) as r:
-                assert r.status == 200
-                assert (await r.json())["replayed"] == 1
+            code, out = await _cli("failed", "--url", h.base_url, "--token", "tok-billing")
+            assert code == 0 and [orjson.loads(x)["id"] for x in out.splitlines()] == [
+                failed["id"]]
+            code, out = await _cli("replay", "--custom-id", "down-receiver",
+                                   "--url", h.base_url, "--token", "tok-billing")
+            assert code == 0 and out.startswith(f"1 delivery(ies) due again: {failed['id']}")
             await h.service.callbacks.drain()
             (row,) = await deliveries_of(h, "down-receiver")
             assert row["state"] == "delivered" and row["replay_count"] == 1
             assert [a["status_code"] for a in row["attempt_log"]] == [503, 503, 200]
             assert (await h.get("/v1/callbacks/failed", headers=AUTH))[1]["failed"] == []
+            async with h.http.post(f"{h.base_url}/v1/callbacks/replay", headers=AUTH,
+                                   json={"ids": [int(failed["id"])]}) as r:
+                assert r.status == 200  # delivered now: nothing to replay
+                assert (await r.json())["replayed"] == 0
             async with h.http.post(f"{h.base_url}/v1/callbacks/replay", headers=AUTH,
                                    json={}) as r:
                 assert r.status == 400
