@@ -45,6 +45,9 @@ RFC3339 = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+
 NO_NUL = r"^[^\u0000]*$"
 MONEY: Schema = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
                  "description": "US dollars as a decimal string"}
+UNPRICED: Schema = {"type": "boolean",
+                    "description": "priced by the unknown-model rule (the price table's most "
+                                   "expensive entry), not by an entry of its own"}
 STATES = ("queued", "submitted", "succeeded", "failed")
 
 
@@ -193,6 +196,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "response": nullable({"type": "object",
                                   "description": "the provider's response body"}),
             "cost_usd": nullable(MONEY),
+            "unpriced": nullable(UNPRICED),
             "client": nullable({"type": "string",
                                 "description": "the client the submitting token names"}),
             "callback_url": nullable({"type": "string"}),
@@ -234,7 +238,9 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                        "batch_id": nullable({"type": "string"}),
                        "status_code": nullable({"type": "integer"}),
                        "response": nullable({"type": "object"}),
-                       "cost_usd": nullable(MONEY), "created_at": TIMESTAMP},
+                       "cost_usd": nullable(MONEY),
+                       "unpriced": UNPRICED,
+                       "created_at": TIMESTAMP},
     }
     failed: Schema = {
         "type": "object", "required": ["id", "custom_id", "endpoint", "model", "attempts"],
@@ -270,6 +276,10 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "failure_ratio": {"type": "number", "minimum": 0, "maximum": 1},
             "post_replay_success_ratio": {"type": "number", "minimum": 0, "maximum": 1},
             "spend_usd": MONEY, "sync_equivalent_usd": MONEY, "savings_usd": MONEY,
+            "unattributed_usd": {**MONEY, "description": "the part of spend_usd no result "
+                                 "carries: billed lines no task kept"},
+            "unpriced_models": {"type": "array", "items": {"type": "string"},
+                                "description": "models priced by the unknown-model rule"},
             "alert": {"type": "boolean",
                       "description": "failure ratio above BATCHD_FAILURE_ALERT_RATIO"},
             "lanes": {"type": "object", "additionalProperties": ref("LaneReport")},

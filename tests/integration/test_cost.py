@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import text
+from structlog.testing import capture_logs
 
 from batchd import metrics
 from batchd.prices import PriceTable, cost, round_usd, tokens_from_usage
@@ -122,7 +123,14 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
     async with running(db_url, tmp_path) as h:
         h.emulator.script_line("phoenix", "http_404", "ok")
         await h.post({"tasks": [*mini, *nano, dup, flaky, garbled, bad, phoenix]})
-        await h.run_until_settled()
+        with capture_logs() as logs:
+            await h.run_until_settled()
+        # The emulator's batch usage counts the duplicate once, its lines twice:
+        # billed as the larger count, and said so. The garbled line is an
+        # expected gap (the batch reports more than its readable lines).
+        mismatches = [e for e in logs if e["event"] == "batch.usage_mismatch"]
+        assert len(mismatches) == 1
+        assert mismatches[0]["lines"]["input"] > mismatches[0]["reported"]["input"]
         await _shift_a_day_back(h)
         async with h.http.post(f"{h.base_url}/v1/failed/replay",
                                json={"custom_ids": ["phoenix"]}) as r:
@@ -273,8 +281,8 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
         _, report = await h.get("/v1/report/daily")
         assert report["spend_usd"] == str(expected["spend"] + sync_paid)
         assert report["unattributed_usd"] == str(expected["unattributed"])
-        async with h.engine.connect() as conn:
-            assert await repo.day_spend(conn, batch["spend_day"]) >= expected["spend"]
+        async with h.engine.connect() as conn:  # the budget counts both payments
+            assert await repo.day_spend(conn, batch["spend_day"]) == expected["spend"] + sync_paid
 
 
 async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
