@@ -550,12 +550,8 @@ async def requeue_remaining(
 
 _ALLOCATE = text("""
 WITH r AS (
-    -- Through the batch's tasks (tasks_batch index): every result this batch
-    -- stored belongs to a task still naming it, and a scan of results by
-    -- batch_id (no index) would grow with all history.
-    SELECT r.seq, r.cost_usd * 1000000 AS c, r.sync_cost_usd * 1000000 AS s
-    FROM tasks t JOIN results r ON r.custom_id = t.custom_id AND r.batch_id = :bid
-    WHERE t.batch_id = :bid
+    SELECT seq, cost_usd * 1000000 AS c, sync_cost_usd * 1000000 AS s
+    FROM results WHERE batch_id = :bid
 ), extra AS (
     SELECT round(sum(c)) - sum(floor(c)) AS c_units, round(sum(s)) - sum(floor(s)) AS s_units
     FROM r

@@ -147,6 +147,9 @@ results = Table(
     Column("unpriced", Boolean, nullable=False, server_default="false"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    # Settling a batch sums and rounds its results (migration 0006); without it
+    # that is a scan of every result ever stored, once per batch.
+    Index("results_batch", "batch_id"),
 )
 
 task_events = Table(
