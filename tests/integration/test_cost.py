@@ -356,8 +356,9 @@ async def test_archive_holds_exactly_what_the_provider_received_and_served(
         assert list((h.settings.spool_path).glob("*.jsonl")) == []
 
 
+@pytest.mark.parametrize("spool_lost", [False, True])
 async def test_an_adopted_batch_keeps_its_input_in_the_archive(
-        db_url: str, tmp_path: Path) -> None:
+        db_url: str, tmp_path: Path, spool_lost: bool) -> None:
     async with running(db_url, tmp_path) as h:
         # The create call reaches the provider, the answer never comes back.
         h.emulator.inject("create", "reset_after")
@@ -366,6 +367,9 @@ async def test_an_adopted_batch_keeps_its_input_in_the_archive(
         await h.flush()
         assert await h.count("state = 'uploading'", "batches") == 1
         await h.execute("UPDATE batches SET lease_until = now() - interval '1 second'")
+        if spool_lost:  # the pod that wrote it is gone: the lines are written again
+            for left in h.settings.spool_path.glob("*.jsonl"):
+                left.unlink()
         await h.flush()  # the retry finds the batch at the provider and adopts it
         b = (await h.rows("SELECT id, input_file_id, spend_day, state FROM batches"))[0]
         assert b["state"] == "submitted" and len(h.emulator.batches) == 1
@@ -373,6 +377,7 @@ async def test_an_adopted_batch_keeps_its_input_in_the_archive(
         folder = h.service.archive.batch_dir(b["spend_day"], b["id"])
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["files"]["input"]["adopted"] is True
+        assert manifest["files"]["input"]["rebuilt"] is spool_lost
         assert list((h.settings.spool_path).glob("*.jsonl")) == []
 
 
