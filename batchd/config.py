@@ -78,6 +78,13 @@ class Settings(BaseSettings):
         False, description="on SIGTERM, send every queued window now (flush reason drain)")
     max_queued_tasks: int | None = Field(None, ge=1, description="ingest answers 429 past this")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="ingest body limit")
+    ingest_timeout_seconds: float = Field(
+        10, gt=0, le=300, description="longest an ingest request waits for the database "
+        "(its turn to commit, a pooled connection, a lock) before 503")
+    max_pending_tasks: int = Field(
+        20_000, ge=1, description="tasks waiting for a commit past which ingest answers 503")
+    max_wait_seconds: float = Field(
+        300, ge=0, le=3600, description="longest ?wait on POST /v1/tasks")
     max_tasks_per_request: int = Field(
         10_000, ge=1, le=PROVIDER_MAX_LINES, description="tasks one ingest request may hold")
     max_custom_id_chars: int = Field(

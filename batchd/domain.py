@@ -10,7 +10,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any
@@ -243,7 +243,7 @@ _LINE_OVERHEAD = len(input_line("", "", {})) - len(b"{}")
 def _endpoint(obj: dict[str, Any], index: int, cid: str) -> str:
     given = [obj[k] for k in ("endpoint", "url") if k in obj]
     for value in given:
-        if value not in ENDPOINTS:
+        if not isinstance(value, str) or value not in ENDPOINTS:
             field = "endpoint" if "endpoint" in obj and obj["endpoint"] == value else "url"
             raise InvalidTask(index, cid, field, f"must be one of {', '.join(ENDPOINTS)}")
     if len(given) == 2 and given[0] != given[1]:
@@ -315,19 +315,31 @@ def _check_json(value: Any, field: str, depth: int, index: int, cid: str) -> Non
                 stack.extend((v, level + 1) for v in item)
 
 
+_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+                      r"(?:\.([0-9]+))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))")
+
+
 def _parse_deadline(raw: Any, index: int, cid: str) -> datetime | None:
+    """RFC 3339 (JSON Schema's date-time), the whole grammar: lower-case t/z,
+    any number of fraction digits, and a leap second, read as :59."""
     if raw is None:
         return None
     if not isinstance(raw, str):
         raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp string")
+    match = _RFC3339.fullmatch(raw)
     try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        if match is None:
+            raise ValueError(raw)
+        y, mo, d, h, mi, sec, frac, z, sign, oh, om = match.groups()
+        offset = timedelta(0) if z else (1 if sign == "+" else -1) * timedelta(
+            hours=int(oh), minutes=int(om))
+        if abs(offset) >= timedelta(days=1):
+            raise ValueError(raw)
+        return datetime(int(y), int(mo), int(d), int(h), int(mi), min(int(sec), 59),
+                        int((frac or "0")[:6].ljust(6, "0")), tzinfo=timezone(offset))
     except ValueError:
-        raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp "
-                          "such as 2026-11-23T18:00:00Z") from None
-    if when.tzinfo is None:
-        raise InvalidTask(index, cid, "deadline", "must carry a time zone (Z or +hh:mm)")
-    return when
+        raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp with a time "
+                          "zone, such as 2026-11-23T18:00:00Z") from None
 
 
 # ------------------------------------------------------------- callbacks

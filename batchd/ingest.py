@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
@@ -115,6 +116,26 @@ def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> list[Task
 class _Pending:
     tasks: list[TaskIn]
     done: asyncio.Future[repo.IngestResult]
+    # Set when a transaction takes the request: from then on its caller waits
+    # for the commit however long it takes, since only the commit can say
+    # whether the tasks are stored.
+    started: bool = False
+    # Set when the caller stopped waiting for a transaction (and was told
+    # 503): no writer may store it after that.
+    abandoned: bool = False
+
+
+def overloaded(message: str) -> IngestError:
+    return IngestError(503, "overloaded", message, {"retry_after": OVERLOADED_RETRY_AFTER})
+
+
+# lock_not_available (lock_timeout) and query_canceled: the database was too
+# slow for us, and the transaction was rolled back, so nothing was stored.
+_SLOW_SQLSTATES = frozenset({"55P03", "57014"})
+
+
+def _too_slow(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _SLOW_SQLSTATES
 
 
 class Ingest:
@@ -126,6 +147,13 @@ class Ingest:
     commit that holds its tasks. A group in which any request conflicts is
     rolled back and its requests are stored one by one, so one caller's 409
     never touches another caller's tasks.
+
+    Backpressure instead of a pile-up when the database is slow: past
+    ``max_pending`` tasks waiting for a commit a request is refused at once;
+    a request no transaction has taken within ``timeout`` seconds is
+    withdrawn; a lock held longer than ``timeout`` rolls the transaction
+    back. Each is a 503 ``overloaded`` with Retry-After, and in each case
+    nothing of the request was stored.
     """
 
     def __init__(self, engine: AsyncEngine, *, limits: Limits = DEFAULT_LIMITS,
@@ -133,9 +161,13 @@ class Ingest:
                  writers: int = 2, window_seconds: float = 900, batch_share: int = 100,
                  clients: Clients | None = None, callback_hosts: tuple[str, ...] = (),
                  client_profiles: dict[str, str] | None = None,
+                 timeout: float = 10.0, max_pending: int = 20_000,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_sync: Callable[[], None] | None = None) -> None:
         self.engine = engine
+        self.timeout = timeout
+        self.max_pending = max_pending
+        self._pending = 0  # tasks of requests waiting for their commit
         # Called after a commit that stored sync-lane tasks (wakes the lane).
         self.on_sync = on_sync
         self.client_profiles = client_profiles or {}
@@ -163,10 +195,25 @@ class Ingest:
     async def store(self, tasks: list[TaskIn], n_items: int, client: Client | None = None
                     ) -> Accepted:
         """Commit prepared tasks; answers only once they are durable."""
-        if len(tasks) >= self.group_tasks:
-            result = await self._store_alone(tasks)
-        else:
-            result = await self._store_grouped(tasks)
+        n_tasks = len(tasks)
+        if self._pending + n_tasks > self.max_pending:
+            raise overloaded(f"{self._pending} tasks are already waiting for the database; "
+                             "retry later")
+        self._pending += n_tasks
+        try:
+            if n_tasks >= self.group_tasks:
+                result = await self._store_alone(tasks)
+            else:
+                result = await self._store_grouped(tasks)
+        except DBAPIError as exc:
+            if not _too_slow(exc):
+                raise
+            log.warning("ingest.database_slow", tasks=n_tasks,
+                        sqlstate=getattr(exc.orig, "sqlstate", ""))
+            raise overloaded("the task store is too slow to take this now; nothing was "
+                             "stored, retry later") from None
+        finally:
+            self._pending -= n_tasks
         if result.conflicts:
             raise IngestError(
                 409, "conflict",
@@ -239,6 +286,7 @@ class Ingest:
         """One request, one transaction; rolled back whole on a conflict."""
         async with self.engine.connect() as conn:
             async with conn.begin() as tx:
+                await repo.limit_lock_wait(conn, self.timeout)
                 result = await repo.insert_tasks(conn, tasks)
                 if result.conflicts:
                     await tx.rollback()
@@ -249,8 +297,17 @@ class Ingest:
             self._writer_tasks = [asyncio.create_task(self._writer(), name=f"ingest-writer-{i}")
                                   for i in range(self.writers)]
         done: asyncio.Future[repo.IngestResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(tasks, done))
-        return await done
+        pending = _Pending(tasks, done)
+        self._queue.put_nowait(pending)
+        try:
+            return await asyncio.wait_for(asyncio.shield(done), self.timeout)
+        except TimeoutError:
+            if pending.started:
+                return await done
+            pending.abandoned = True
+            log.warning("ingest.queue_timeout", tasks=len(tasks), waiting=self._queue.qsize())
+            raise overloaded("the task store is too slow to take this now; nothing was "
+                             "stored, retry later") from None
 
     async def _writer(self) -> None:
         while True:
@@ -264,33 +321,51 @@ class Ingest:
                 await self._write_group(group)
             except Exception as exc:
                 for p in group:
-                    if not p.done.done():
+                    if p.abandoned:
+                        p.done.cancel()
+                    elif not p.done.done():
                         p.done.set_exception(exc)
 
+    def _take(self, group: list[_Pending]) -> list[_Pending]:
+        """The requests of ``group`` whose callers still wait, now started."""
+        live = []
+        for p in group:
+            if p.abandoned:
+                p.done.cancel()
+            else:
+                p.started = True
+                live.append(p)
+        return live
+
     async def _write_group(self, group: list[_Pending]) -> None:
-        if len(group) == 1:
-            group[0].done.set_result(await self._store_alone(group[0].tasks))
-            return
-        everything = [t for p in group for t in p.tasks]
-        overlap = len({t.custom_id for t in everything}) != len(everything)
         result = repo.IngestResult([], {}, [])
-        if not overlap:
-            async with self.engine.connect() as conn:
-                async with conn.begin() as tx:
+        async with self.engine.connect() as conn:
+            async with conn.begin() as tx:
+                await repo.limit_lock_wait(conn, self.timeout)
+                live = self._take(group)
+                everything = [t for p in live for t in p.tasks]
+                split = len({t.custom_id for t in everything}) != len(everything)
+                if everything and not split:
                     result = await repo.insert_tasks(conn, everything)
                     if result.conflicts:
                         await tx.rollback()
-        if overlap or result.conflicts:
+                        split = len(live) > 1
+        if not live:
+            return
+        if len(live) == 1 and not split:
+            live[0].done.set_result(result)  # a conflict in it rolled back the whole request
+            return
+        if split:
             # Rare: settle each request on its own so verdicts stay per caller.
-            log.debug("ingest.group_split", requests=len(group))
-            for p in group:
+            log.debug("ingest.group_split", requests=len(live))
+            for p in live:
                 try:
                     p.done.set_result(await self._store_alone(p.tasks))
                 except Exception as exc:
                     p.done.set_exception(exc)
             return
         inserted = set(result.inserted)
-        for p in group:
+        for p in live:
             mine = [t.custom_id for t in p.tasks]
             fresh = [cid for cid in mine if cid in inserted]
             dupes = {cid: result.duplicates[cid] for cid in mine if cid not in inserted}

@@ -39,9 +39,6 @@ def ref(name: str) -> Schema:
 
 
 TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
-# RFC 3339 as the ingest parser reads it (domain._parse_deadline).
-RFC3339 = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
-           r"([Zz]|[+-][0-9]{2}:[0-9]{2})$")
 NO_NUL = r"^[^\u0000]*$"
 MONEY: Schema = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
                  "description": "US dollars as a decimal string"}
@@ -53,47 +50,67 @@ STATES = ("queued", "submitted", "succeeded", "failed")
 
 # ------------------------------------------------------------------ requests
 
-def non_empty_text() -> Schema:
-    return {"type": "string", "minLength": 1}
+def text(min_length: int = 0) -> Schema:
+    return {"type": "string", "minLength": min_length, "pattern": NO_NUL}
 
 
 def token_array() -> Schema:
     return {"type": "array", "minItems": 1, "items": {"type": "integer"}}
 
 
+JSON_VALUE = ref("JsonValue")
+
+
+def json_value(*, but_true: bool = False) -> Schema:
+    """Any JSON without a NUL character in a string or key (PostgreSQL's
+    jsonb cannot store one, so ingest refuses it); ``but_true`` leaves out
+    ``true``. (No allOf around it: openapi-spec-validator recurses forever
+    into a recursive schema under allOf.)"""
+    scalars: list[Schema] = [{"type": ["null", "number"]},
+                             {"const": False} if but_true else {"type": "boolean"}]
+    return {"anyOf": [
+        *scalars, text(),
+        {"type": "array", "items": JSON_VALUE},
+        {"type": "object", "propertyNames": {"pattern": NO_NUL},
+         "additionalProperties": JSON_VALUE}]}
+
+
 def body_schemas() -> dict[str, Schema]:
     """Per endpoint, what its body needs (domain._check_body_shape)."""
-    model: Schema = {"type": "string", "pattern": r"\S",
+    model: Schema = {"type": "string", "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
                      "description": "the model; one provider batch holds one model"}
-    stream: Schema = {"not": {"const": True},
+    stream: Schema = {**json_value(but_true=True),
                       "description": "must not be true: batches cannot stream"}
-    strings_or_list: Schema = {"anyOf": [non_empty_text(), {"type": "array", "minItems": 1}]}
+    text_or_list: Schema = {"anyOf": [text(1), {"type": "array", "minItems": 1,
+                                                "items": JSON_VALUE}]}
     required_value: dict[str, Schema] = {
         "/v1/chat/completions": {
             "type": "array", "minItems": 1,
             "items": {"type": "object", "required": ["role"],
-                      "properties": {"role": {"enum": list(CHAT_ROLES)}}}},
-        "/v1/responses": strings_or_list,
+                      "properties": {"role": {"enum": list(CHAT_ROLES)}},
+                      "additionalProperties": JSON_VALUE}},
+        "/v1/responses": text_or_list,
         "/v1/embeddings": {"anyOf": [
-            non_empty_text(), token_array(),
-            {"type": "array", "minItems": 1, "items": {"anyOf": [non_empty_text(),
-                                                                token_array()]}}]},
-        "/v1/completions": {"type": ["string", "array"]},
-        "/v1/moderations": strings_or_list,
+            text(1), token_array(),
+            {"type": "array", "minItems": 1, "items": {"anyOf": [text(1), token_array()]}}]},
+        "/v1/completions": {"anyOf": [text(), {"type": "array", "items": JSON_VALUE}]},
+        "/v1/moderations": text_or_list,
     }
     out = {}
     for endpoint, key in ENDPOINTS.items():
         out[endpoint] = {
             "type": "object", "required": ["model", key],
-            "description": f"the request body of POST {endpoint}, as the provider takes it; "
-                           "strings must not contain NUL",
+            "description": f"the request body of POST {endpoint}, as the provider takes it",
             "properties": {"model": model, "stream": stream, key: required_value[endpoint]},
+            "propertyNames": {"pattern": NO_NUL},
+            "additionalProperties": JSON_VALUE,
         }
     return out
 
 
 def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
-    """The fields every task may carry besides endpoint/url and body.
+    """The fields every task may carry besides endpoint/url and body; null
+    stands for absent in the optional ones.
     ``callback_url`` is only offered when BATCHD_CALLBACK_ALLOWED_HOSTS lets
     callbacks through; otherwise any task carrying one is refused."""
     metadata_value: Schema = {"type": "string", "maxLength": limits.metadata_value_chars,
@@ -101,7 +118,7 @@ def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
     optional: dict[str, Schema] = {}
     if callbacks:
         optional["callback_url"] = {
-            "type": "string", "maxLength": MAX_CALLBACK_URL, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+            "type": ["string", "null"], "maxLength": MAX_CALLBACK_URL, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
             "description": "where batchd POSTs the task's result once it is terminal, signed "
                            "with HMAC-SHA256 (headers Batchd-Timestamp, Batchd-Signature; see the "
                            "taskFinished webhook); "
@@ -116,15 +133,15 @@ def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
         "method": {"const": "POST", "description": "accepted so provider input lines can be "
                                                    "posted as they are"},
         "metadata": {
-            "type": "object", "maxProperties": limits.metadata_pairs,
+            "type": ["object", "null"], "maxProperties": limits.metadata_pairs,
             "propertyNames": {"maxLength": limits.metadata_key_chars, "pattern": NO_NUL},
             "properties": {PROFILE_KEY: {"enum": list(PROFILES),
                                          "description": "latency tolerance of the workload"}},
             "additionalProperties": metadata_value,
             "description": "string pairs kept with the task"},
-        "lane": {"enum": list(LANES), "description": '"sync" calls the provider at once, at the '
+        "lane": {"enum": [*LANES, None], "description": '"sync" calls the provider at once, at the '
                                                      "synchronous price"},
-        "deadline": {"type": "string", "pattern": RFC3339,
+        "deadline": {"type": ["string", "null"], "format": "date-time",
                      "description": "RFC 3339 time by which a result is needed; one a batch "
                                     "cannot meet goes to the synchronous lane"},
     }
@@ -295,6 +312,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                                      "maxItems": limits.tasks_per_request,
                                      "items": ref("Task")}}},
         **{_body_name(e): s for e, s in body_schemas().items()},
+        "JsonValue": json_value(),
         "TaskState": state_row,
         "TaskView": task_view,
         "Accepted": accepted,
@@ -465,9 +483,10 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "committed to the database. The same custom_id with the same body counts as a "
                 f"duplicate; with another body it is a 409. At most "
                 f"{limits.tasks_per_request} tasks per request."),
-            "parameters": [query("wait", WAIT, "with ?wait=30s (or 500ms, 2m; at most 5m) the "
-                                               "reply is 200 with the finished tasks when all "
-                                               "of them finish within the wait")],
+            "parameters": [query("wait", WAIT, "with ?wait=30s (or 500ms, 2m; capped at "
+                                               "BATCHD_MAX_WAIT_SECONDS) the reply is 200 with "
+                                               "the finished tasks when all of them (at most "
+                                               "100) finish within the wait")],
             "requestBody": {"required": True, "content": {
                 "application/json": {"schema": {"oneOf": [ref("Task"), ref("TaskList")]}},
                 "application/x-ndjson": {"schema": {

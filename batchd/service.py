@@ -79,7 +79,7 @@ async def migrate(url: str) -> None:
 
 async def open_engine(settings: Settings) -> tuple[AsyncEngine, str]:
     url = await resolve_url(settings.database_url, settings.data_dir)
-    return make_engine(url), url
+    return make_engine(url, pool_timeout=settings.ingest_timeout_seconds), url
 
 
 def owner_id() -> str:
@@ -145,11 +145,13 @@ class Service:
                           window_seconds=settings.window_seconds,
                           batch_share=settings.batch_share, clients=self.clients,
                           callback_hosts=settings.callback_hosts,
-                          client_profiles=profiles, clock=clock,
+                          client_profiles=profiles,
+                          timeout=settings.ingest_timeout_seconds,
+                          max_pending=settings.max_pending_tasks, clock=clock,
                           on_sync=self.sync_lane.wake),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             schema_head=schema_head(), known_revisions=known_revisions(),
-            max_queued=settings.max_queued_tasks)
+            max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds)
         self.app = build_app(self.api, settings.max_request_bytes)
         self.port: int | None = None
         metrics.CONFIG_WINDOW.set(settings.window_seconds)

@@ -43,6 +43,7 @@ class ApiState:
     schema_head: str
     known_revisions: frozenset[str]
     max_queued: int | None = None
+    max_wait: float = 300.0
     queued_estimate: int = 0  # refreshed by the service's snapshot loop
     draining: bool = False
 
@@ -137,9 +138,16 @@ async def post_tasks(request: web.Request) -> web.Response:
     if state.max_queued is not None and state.queued_estimate + len(tasks) > state.max_queued:
         return error_response(429, "queue_full",
                               f"more than {state.max_queued} tasks are queued; retry later",
-                              retry_after=30)
-    accepted = await state.ingest.store(tasks, len(items), client)
-    state.queued_estimate += accepted.accepted
+                              retry_after=QUEUE_FULL_RETRY_AFTER)
+    # Counted before the commit, so concurrent requests cannot all pass the
+    # check above on the same stale count; handed back for what was not stored.
+    state.queued_estimate += len(tasks)
+    try:
+        accepted = await state.ingest.store(tasks, len(items), client)
+    except BaseException:
+        state.queued_estimate -= len(tasks)
+        raise
+    state.queued_estimate -= len(tasks) - accepted.accepted
     if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
         done = await _wait_terminal(state.engine, [t["custom_id"] for t in accepted.tasks], wait)
         if done is not None:
@@ -147,23 +155,24 @@ async def post_tasks(request: web.Request) -> web.Response:
     return json_response(accepted.as_json(), status=202)
 
 
-_MAX_WAIT_SECONDS = 300.0
 _MAX_WAITED_TASKS = 100
+# A full queue drains as windows flush (BATCHD_WINDOW_SECONDS); half a minute
+# keeps callers from hammering without leaving them idle for a whole window.
+QUEUE_FULL_RETRY_AFTER = 30
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0}
 
 
 def _wait_param(request: web.Request) -> float:
-    """``?wait=30s`` (also ``500ms``, ``2m`` or plain seconds), capped at 5 minutes."""
-    raw = request.query.get("wait", "")
-    if not raw:
+    """``?wait=30s`` (also ``500ms``, ``2m`` or plain seconds), capped at
+    BATCHD_MAX_WAIT_SECONDS: a longer wait is not an error, the reply is the
+    usual 202 once the cap has passed."""
+    raw = request.query.get("wait")
+    if raw is None:
         return 0.0
     match = _WAIT.fullmatch(raw)
     if match is None:
         raise IngestError(400, "invalid_parameter", "wait must look like 30s, 500ms or 2m")
-    seconds = float(match[1]) * _UNITS[match[2] or "s"]
-    if not 0 <= seconds <= _MAX_WAIT_SECONDS:
-        raise IngestError(400, "invalid_parameter", "wait must be between 0 and 5m")
-    return seconds
+    return min(float(match[1]) * _UNITS[match[2] or "s"], request.app[STATE].max_wait)
 
 
 async def _wait_terminal(engine: AsyncEngine, custom_ids: list[str], wait: float
@@ -204,7 +213,7 @@ _WAIT = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m)?")
 
 def _date_param(request: web.Request, name: str) -> date | None:
     raw = request.query.get(name)
-    if not raw:
+    if raw is None:
         return None
     try:
         if not _DATE.fullmatch(raw):
@@ -216,7 +225,7 @@ def _date_param(request: web.Request, name: str) -> date | None:
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not _INTEGER.fullmatch(raw):
         raise IngestError(400, "invalid_parameter", f"{name} must be an integer")
@@ -264,6 +273,8 @@ async def post_replay(request: web.Request) -> web.Response:
         raise IngestError(400, "invalid_request", usage)
     ids = doc.get("custom_ids")
     replay_all = doc.get("all", False)
+    if "custom_ids" in doc and ids is None:
+        raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
     if not isinstance(replay_all, bool) or (ids is None and not replay_all):
         raise IngestError(400, "invalid_request", usage)
     limit = request.app[STATE].ingest.limits.tasks_per_request
@@ -304,15 +315,23 @@ async def post_callbacks_replay(request: web.Request) -> web.Response:
         doc = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError:
         raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        doc = {}
+    usage = ('name deliveries with {"ids": [...]} or {"custom_ids": [...]}, or replay all '
+             'with {"all": true}')
+    if not isinstance(doc, dict) or set(doc) - {"ids", "custom_ids", "all"}:
+        raise IngestError(400, "invalid_request", usage)
     ids, cids = doc.get("ids"), doc.get("custom_ids")
+    if not isinstance(doc.get("all", False), bool) or ("ids" in doc and ids is None) or (
+            "custom_ids" in doc and cids is None):
+        raise IngestError(400, "invalid_request", usage)
     if ids is None and cids is None and doc.get("all") is not True:
-        raise IngestError(400, "invalid_request", 'name deliveries with {"ids": [...]} or '
-                          '{"custom_ids": [...]}, or replay all with {"all": true}')
+        raise IngestError(400, "invalid_request", usage)
+    # JSON Schema's integer: 7 and 7.0 alike.
     if ids is not None and (not isinstance(ids, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**63 for i in ids)):
+            isinstance(i, int | float) and not isinstance(i, bool) and float(i).is_integer()
+            and 0 < i < 2**63 for i in ids)):
         raise IngestError(400, "invalid_request", "ids must be a list of delivery ids")
+    if ids is not None:
+        ids = [int(i) for i in ids]
     if cids is not None and (not isinstance(cids, list) or not all(
             isinstance(i, str) and len(i) <= 512 and "\x00" not in i for i in cids)):
         raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")

@@ -153,7 +153,7 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
         "retry_backoff_seconds": 1, "openai_base_url": emu_url, "log_level": "warning"}
     settings_kw.update(overrides)
     settings = load_settings(**settings_kw)
-    engine = make_engine(db_url, pool_size=5)
+    engine = make_engine(db_url, pool_size=5, pool_timeout=settings.ingest_timeout_seconds)
     provider = OpenAIProvider(api_key=API_KEY, base_url=emu_url, max_retries=0)
     kwargs = {"clock": clock} if clock else {}
     service = Service(settings, engine, provider, **kwargs)

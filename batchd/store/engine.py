@@ -51,11 +51,14 @@ async def resolve_url(database_url: str | None, data_dir: Path) -> str:
     return await asyncio.to_thread(embedded_url, data_dir)
 
 
-def make_engine(url: str, pool_size: int = 10) -> AsyncEngine:
+def make_engine(url: str, pool_size: int = 10, pool_timeout: float = 30.0) -> AsyncEngine:
+    """``pool_timeout``: how long a caller waits for a free connection before
+    sqlalchemy's TimeoutError (the API answers 503 to it)."""
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
+        pool_timeout=pool_timeout,
         pool_pre_ping=True,
         pool_recycle=1800,
         # Statement parameters hold task bodies and responses: keep them out

@@ -56,6 +56,13 @@ _EXISTING_DIGESTS = text(
 )
 
 
+async def limit_lock_wait(conn: AsyncConnection, seconds: float) -> None:
+    """In this transaction, give up on a lock after ``seconds`` (an error that
+    rolls it back) instead of waiting behind a slow or stuck writer."""
+    await conn.execute(text("SELECT set_config('lock_timeout', :ms, true)"),
+                       {"ms": f"{max(1, int(seconds * 1000))}ms"})
+
+
 async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> IngestResult:
     """Insert new tasks; report the ones already stored (same or other body)."""
     if not tasks:

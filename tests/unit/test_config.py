@@ -36,6 +36,14 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     ("BATCHD_DAILY_BUDGET_USD", "-1"),
     ("BATCHD_LOG_FORMAT", "xml"),
     ("BATCHD_HTTP_PORT", "70000"),
+    ("BATCHD_MAX_METADATA_PAIRS", "17"),
+    ("BATCHD_MAX_METADATA_KEY_CHARS", "65"),
+    ("BATCHD_MAX_METADATA_VALUE_CHARS", "513"),
+    ("BATCHD_MAX_CUSTOM_ID_CHARS", "513"),
+    ("BATCHD_CUSTOM_ID_PATTERN", "[a-"),
+    ("BATCHD_MAX_TASKS_PER_REQUEST", "0"),
+    ("BATCHD_MAX_BODY_DEPTH", "1"),
+    ("BATCHD_INGEST_TIMEOUT_SECONDS", "0"),
 ])
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
                                       value: str) -> None:
@@ -79,3 +87,23 @@ def test_command_option_default_comes_from_the_environment(
     args = build_parser().parse_args(["report"])
     assert (args.days, args.format) == (7, "csv")
     assert build_parser().parse_args(["report", "--days", "2"]).days == 2
+
+
+def test_ingest_limits_are_read_and_shown_in_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCHD_MAX_TASKS_PER_REQUEST", "7")
+    monkeypatch.setenv("BATCHD_MAX_TASK_BODY_BYTES", "4096")
+    monkeypatch.setenv("BATCHD_CUSTOM_ID_PATTERN", "[a-z]+")
+    limits = load_settings().limits
+    assert (limits.tasks_per_request, limits.task_body_bytes) == (7, 4096)
+    assert limits.custom_id_regex.fullmatch("abc") and not limits.custom_id_regex.fullmatch("A")
+    from batchd.cli import build_parser
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    text = serve.format_help()
+    for var in ("BATCHD_MAX_REQUEST_BYTES", "BATCHD_MAX_TASKS_PER_REQUEST",
+                "BATCHD_MAX_CUSTOM_ID_CHARS", "BATCHD_CUSTOM_ID_PATTERN",
+                "BATCHD_MAX_TASK_BODY_BYTES", "BATCHD_MAX_BODY_DEPTH",
+                "BATCHD_MAX_METADATA_PAIRS", "BATCHD_MAX_METADATA_KEY_CHARS",
+                "BATCHD_MAX_METADATA_VALUE_CHARS", "BATCHD_INGEST_TIMEOUT_SECONDS",
+                "BATCHD_MAX_PENDING_TASKS", "BATCHD_MAX_WAIT_SECONDS"):
+        assert var in text, var
