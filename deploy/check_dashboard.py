@@ -25,7 +25,8 @@ DEPLOY = Path(__file__).resolve().parent
 REPO = DEPLOY.parent
 DASHBOARD = DEPLOY / "grafana" / "batchd-dashboard.json"
 
-# DESIGN section 9, by type; the extra gauge is used by BatchdBatchNearExpiry.
+# DESIGN section 9, by type; the extra gauge is used by BatchdBatchNearExpiry,
+# the callback series (README "Callbacks") by BatchdCallbackDeliveriesFailing.
 CONTRACT: dict[str, str] = {
     "batchd_tasks_received": "counter",
     "batchd_tasks_completed": "counter",
@@ -49,6 +50,10 @@ CONTRACT: dict[str, str] = {
     "batchd_config_max_batch_tasks": "gauge",
     "batchd_build": "info",
     "batchd_batch_oldest_in_flight_submitted_timestamp_seconds": "gauge",
+    "batchd_callback_deliveries": "counter",
+    "batchd_callback_delivery_seconds": "histogram",
+    "batchd_callbacks_pending": "gauge",
+    "batchd_callbacks_failed": "gauge",
 }
 
 # What prometheus-client exposes for each metric type.

@@ -300,3 +300,31 @@ async def test_delivery_survives_a_crash_right_after_the_terminal_state(
         await engine.dispose()
         await emulator.stop()
         await receiver.stop()
+
+
+async def test_redirects_are_not_followed_and_a_host_dropped_from_the_list_gets_nothing(
+        db_url: str, tmp_path: Path) -> None:
+    receiver = Receiver(SECRET, statuses=[302])
+    url = await receiver.start()
+    try:
+        async with running(db_url, tmp_path, **callback_settings(
+                tmp_path, callback_max_attempts=1)) as h:
+            await h.post(chat_task("redirected", callback_url=f"{url}/a"), headers=AUTH)
+            await h.run_until_settled()
+            await h.service.callbacks.drain()
+            (row,) = await deliveries_of(h, "redirected")
+            assert row["state"] == "failed" and row["last_status"] == 302
+            assert len(receiver.got) == 1  # the Location was not followed
+
+            await h.post(chat_task("dropped", callback_url=f"{url}/b"), headers=AUTH)
+            await h.run_until_settled()
+            # Ops narrow the allow-list after the task was accepted (a restart
+            # with a new setting; the sender reads it from its settings).
+            h.service.callbacks.allowed_hosts = ("hooks.internal",)
+            await h.service.callbacks.drain()
+            (row,) = await deliveries_of(h, "dropped")
+        assert row["state"] == "failed" and row["attempts"] == 1
+        assert "BATCHD_CALLBACK_ALLOWED_HOSTS" in row["last_error"]
+        assert len(receiver.got) == 1
+    finally:
+        await receiver.stop()

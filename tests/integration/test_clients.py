@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batchd.config import load_settings
+from batchd.errors import ConfigError
+from batchd.provider.openai import OpenAIProvider
+from batchd.service import Service
+from batchd.store.engine import make_engine
 from tests.harness import Harness, chat_task, running
 
 
@@ -52,3 +58,22 @@ async def test_tokens_name_the_client_on_tasks_and_metrics(db_url: str, tmp_path
     moved = {dict(k[1]).get("client") for k, v in after.items()
              if k[0] in (received, completed) and v != before.get(k, 0)}
     assert moved == {"billing", "search", "anonymous"}
+
+
+async def test_a_bad_tokens_file_stops_the_start_naming_the_variable(
+        db_url: str, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[clients.billing]\ntoken = "t"\ncallback_url = "https://evil.example/"\n')
+    settings = load_settings(database_url=db_url, data_dir=tmp_path, ingest_tokens_file=tokens,
+                             callback_allowed_hosts="hooks.internal")
+    engine = make_engine(db_url, pool_size=1)
+    provider = OpenAIProvider(api_key="k", base_url="http://127.0.0.1:9/v1")
+    try:
+        with pytest.raises(ConfigError) as caught:
+            Service(settings, engine, provider)
+    finally:
+        await provider.close()
+        await engine.dispose()
+    message = str(caught.value)
+    assert message.startswith("BATCHD_INGEST_TOKENS_FILE:") and "callback_url" in message
+    assert "\n" not in message
