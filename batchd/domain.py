@@ -206,7 +206,7 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
         raise InvalidTask(index, cid, f"metadata.{PROFILE_KEY}",
                           f"must be one of {', '.join(PROFILES)}")
     callback_url = obj.get("callback_url")
-    if callback_url is not None and not isinstance(callback_url, str):
+    if callback_url is not None and (not isinstance(callback_url, str) or not callback_url):
         raise InvalidTask(index, cid, "callback_url", "must be an http(s) URL string")
     line = input_line(cid, endpoint, body)
     body_bytes = len(line) - len(cid.encode()) - len(endpoint.encode()) - _LINE_OVERHEAD
@@ -345,6 +345,13 @@ def _parse_deadline(raw: Any, index: int, cid: str) -> datetime | None:
 # ------------------------------------------------------------- callbacks
 
 MAX_CALLBACK_URL = 2048
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+# An http(s) URL with a DNS name or IPv4 host, an optional port and no
+# credentials; the OpenAPI document states the same pattern.
+CALLBACK_URL_PATTERN = (rf"^[Hh][Tt][Tt][Pp][Ss]?://{_LABEL}(?:\.{_LABEL})*(?::{_PORT})?"
+                        r"(?:[/?#][^\s\u0000]*)?$")
+_CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN)
 
 
 def callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None:
@@ -369,6 +376,8 @@ def callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None
         return "must name a host"
     if parts.username is not None or parts.password is not None:
         return "must not carry credentials; callbacks are signed with the client's secret"
+    if not _CALLBACK_URL.fullmatch(url):
+        return "must be an http(s) URL with a DNS name or IPv4 host and no spaces"
     if not allowed_hosts:
         return "cannot be used: callbacks are off (ops set BATCHD_CALLBACK_ALLOWED_HOSTS)"
     if not any(_host_matches(host, port, pattern) for pattern in allowed_hosts):

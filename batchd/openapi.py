@@ -17,6 +17,7 @@ import orjson
 
 from batchd import __version__
 from batchd.domain import (
+    CALLBACK_URL_PATTERN,
     CHAT_ROLES,
     DEFAULT_ENDPOINT,
     ENDPOINTS,
@@ -118,7 +119,8 @@ def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
     optional: dict[str, Schema] = {}
     if callbacks:
         optional["callback_url"] = {
-            "type": ["string", "null"], "maxLength": MAX_CALLBACK_URL, "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+            "type": ["string", "null"], "maxLength": MAX_CALLBACK_URL,
+            "pattern": CALLBACK_URL_PATTERN,
             "description": "where batchd POSTs the task's result once it is terminal, signed "
                            "with HMAC-SHA256 (headers Batchd-Timestamp, Batchd-Signature; see the "
                            "taskFinished webhook); "
@@ -649,9 +651,12 @@ def render_html(spec: dict[str, Any]) -> str:
            f"<h1>{esc(spec['info']['title'])} {esc(spec['info']['version'])}</h1>",
            f"<p>{esc(spec['info']['description'])}</p>",
            "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1).</p>"]
-    for path, item in spec["paths"].items():
+    entries = [(f"<code>{esc(path)}</code>", item) for path, item in spec["paths"].items()]
+    entries += [(f"webhook <code>{esc(name)}</code> (to your callback_url)", item)
+                for name, item in spec.get("webhooks", {}).items()]
+    for title, item in entries:
         for method, op in item.items():
-            out.append(f"<h2><span class='m'>{esc(method)}</span> <code>{esc(path)}</code></h2>"
+            out.append(f"<h2><span class='m'>{esc(method)}</span> {title}</h2>"
                        f"<p>{esc(op.get('summary', ''))}</p>")
             if op.get("description"):
                 out.append(f"<p>{esc(op['description'])}</p>")

@@ -18,6 +18,7 @@ from tests.harness import running
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLER = "fuzz-caller"  # the bearer token schemathesis sends
+SIGNING = "fuzz-callbacks-key"  # signs callbacks (none is sent: no task finishes)
 
 
 def _keep(text: str) -> None:
@@ -30,7 +31,9 @@ async def test_schemathesis_finds_nothing(db_url: str, tmp_path: Path) -> None:
     examples = os.environ.get("FUZZ_EXAMPLES", "25")
     seed = os.environ.get("FUZZ_SEED", "7")
     # ?wait would hold a request open; a second is enough to cover it.
-    async with running(db_url, tmp_path, ingest_tokens=CALLER, max_wait_seconds=1) as h:
+    # Callbacks on, so the document offers callback_url and it is fuzzed too.
+    async with running(db_url, tmp_path, ingest_tokens=CALLER, max_wait_seconds=1,
+                       callback_allowed_hosts="*", callback_secret=SIGNING) as h:
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks",
                "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
         proc = await asyncio.create_subprocess_exec(

@@ -67,6 +67,8 @@ async def test_docs_page_shows_every_path_and_fetches_nothing(db_url: str,
         _, spec = await h.get("/openapi.json")
     for path in spec["paths"]:
         assert f"<code>{path}</code>" in page
+    for name in spec.get("webhooks", {}):
+        assert f"webhook <code>{name}</code>" in page
     assert "<script" not in page and "src=" not in page and "http://" not in page
     assert "https://" not in page
 
@@ -118,6 +120,14 @@ async def test_405_names_the_allowed_methods(db_url: str, tmp_path: Path) -> Non
             assert r.status == 405
             assert r.headers["Allow"] == "POST"
             assert (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+def test_the_document_with_callbacks_on_is_valid_too() -> None:
+    spec = build(Limits(), callbacks=True)
+    validate(spec)
+    assert "callback_url" in spec["components"]["schemas"]["Task"]["oneOf"][0]["properties"]
+    assert "callback_url" not in build(Limits())["components"]["schemas"]["Task"]["oneOf"][0][
+        "properties"]
 
 
 def test_the_checker_catches_an_undocumented_status_and_a_wrong_body() -> None:
