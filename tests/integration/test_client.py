@@ -193,3 +193,41 @@ async def test_submit_command_sends_a_file_and_waits_for_it(db_url: str, tmp_pat
         assert await h.count("custom_id LIKE 'j%'") == 0
 
 
+
+
+async def test_submit_command_draws_a_progress_bar_on_a_terminal(db_url: str,
+                                                                 tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    async with running(db_url, tmp_path) as h:
+        path = _write(tmp_path / "tty.jsonl", _tasks("t", 30))
+        leader, follower = pty.openpty()
+        # A terminal 100 columns wide (a fresh pty has no size at all).
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "batchd", "submit", str(path), "--url", h.base_url,
+                "--chunk", "10", stdout=asyncio.subprocess.PIPE, stderr=follower)
+            out, _ = await proc.communicate()
+            os.close(follower)
+            follower = -1
+            drawn = b""
+            while True:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                drawn += chunk
+        finally:
+            os.close(leader)
+            if follower != -1:
+                os.close(follower)
+        assert proc.returncode == 0 and b"submitted 30 task(s)" in out
+        bar = drawn.decode(errors="replace")
+        assert "submitted: 100%" in bar and "30/30" in bar, bar
