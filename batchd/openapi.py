@@ -651,12 +651,9 @@ def render_html(spec: dict[str, Any]) -> str:
            f"<h1>{esc(spec['info']['title'])} {esc(spec['info']['version'])}</h1>",
            f"<p>{esc(spec['info']['description'])}</p>",
            "<p>Machine-readable: <a href='/openapi.json'>/openapi.json</a> (OpenAPI 3.1).</p>"]
-    entries = [(f"<code>{esc(path)}</code>", item) for path, item in spec["paths"].items()]
-    entries += [(f"webhook <code>{esc(name)}</code> (to your callback_url)", item)
-                for name, item in spec.get("webhooks", {}).items()]
-    for title, item in entries:
+    for path, item in spec["paths"].items():
         for method, op in item.items():
-            out.append(f"<h2><span class='m'>{esc(method)}</span> {title}</h2>"
+            out.append(f"<h2><span class='m'>{esc(method)}</span> <code>{esc(path)}</code></h2>"
                        f"<p>{esc(op.get('summary', ''))}</p>")
             if op.get("description"):
                 out.append(f"<p>{esc(op['description'])}</p>")

@@ -18,6 +18,7 @@ from tests.harness import chat_task, running
 from tests.spec import SpecCheck
 
 METHODS = {"get", "post", "put", "patch", "delete"}
+SIGNING = "docs-callbacks-key"  # callbacks on, so the page shows the webhook
 
 
 async def test_the_served_document_is_valid_openapi_3_1(db_url: str, tmp_path: Path) -> None:
@@ -60,15 +61,17 @@ async def test_every_operation_documents_its_errors_in_the_error_shape(
 
 async def test_docs_page_shows_every_path_and_fetches_nothing(db_url: str,
                                                               tmp_path: Path) -> None:
-    async with running(db_url, tmp_path, ingest_tokens="secret") as h:
+    async with running(db_url, tmp_path, ingest_tokens="secret", callback_allowed_hosts="*",
+                       callback_secret=SIGNING) as h:
         async with h.http.get(f"{h.base_url}/docs") as r:
             assert r.status == 200 and r.content_type == "text/html"
             page = await r.text()
         _, spec = await h.get("/openapi.json")
     for path in spec["paths"]:
         assert f"<code>{path}</code>" in page
-    for name in spec.get("webhooks", {}):
-        assert f"webhook <code>{name}</code>" in page
+    assert spec["webhooks"]
+    for name in spec["webhooks"]:
+        assert f"Webhook <code>{name}</code>" in page
     assert "<script" not in page and "src=" not in page and "http://" not in page
     assert "https://" not in page
 
