@@ -128,6 +128,8 @@ class TaskIn:
     # its token's default), and the configured client its token names.
     callback_url: str | None = None
     client: str | None = None
+    # The body as compact JSON, serialised once at parse and stored as is.
+    body_json: str = ""
 
 
 def input_line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
@@ -208,8 +210,10 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
     callback_url = obj.get("callback_url")
     if callback_url is not None and (not isinstance(callback_url, str) or not callback_url):
         raise InvalidTask(index, cid, "callback_url", "must be an http(s) URL string")
-    line = input_line(cid, endpoint, body)
-    body_bytes = len(line) - len(cid.encode()) - len(endpoint.encode()) - _LINE_OVERHEAD
+    body_json = orjson.dumps(body)
+    body_bytes = len(body_json)
+    # len(input_line(cid, endpoint, body)) without serialising the body twice.
+    line_bytes = _LINE_FIXED + len(orjson.dumps(cid)) + len(orjson.dumps(endpoint)) + body_bytes
     if body_bytes > limits.task_body_bytes:
         raise InvalidTask(index, cid, "body", f"is {body_bytes} bytes as JSON, more than "
                           f"the {limits.task_body_bytes} a task may hold", status=413)
@@ -221,13 +225,14 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
         body=body,
         metadata=metadata,
         digest=body_digest(endpoint, body),
-        line_bytes=len(line),
+        line_bytes=line_bytes,
         est_input_tokens=est_in,
         est_output_tokens=est_out,
         requested_lane=lane,
         deadline=deadline,
         profile=profile,
         callback_url=callback_url,
+        body_json=body_json.decode(),
     )
 
 
@@ -237,7 +242,8 @@ TASK_FIELDS = frozenset({"custom_id", "body", "endpoint", "metadata", "method", 
                          "deadline", "callback_url"})
 _NON_BLANK = re.compile(r"\S")
 # Bytes of an input line that are neither custom_id, endpoint nor body.
-_LINE_OVERHEAD = len(input_line("", "", {})) - len(b"{}")
+# The bytes of a line besides its serialised custom_id, url and body.
+_LINE_FIXED = len(input_line("", "", {})) - len(b'""') * 2 - len(b"{}")
 
 
 def _endpoint(obj: dict[str, Any], index: int, cid: str) -> str:

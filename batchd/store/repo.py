@@ -71,7 +71,7 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
         "cid": [t.custom_id for t in tasks],
         "ep": [t.endpoint for t in tasks],
         "mdl": [t.model for t in tasks],
-        "bdy": [orjson.dumps(t.body).decode() for t in tasks],
+        "bdy": [t.body_json or orjson.dumps(t.body).decode() for t in tasks],
         "dg": [t.digest for t in tasks],
         "md": [_json(t.metadata) for t in tasks],
         "lb": [t.line_bytes for t in tasks],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from batchd.domain import (
@@ -195,3 +196,14 @@ def test_digest_ignores_key_order_but_not_content() -> None:
     b = body_digest("/v1/chat/completions", {"x": 1, "model": "m"})
     c = body_digest("/v1/chat/completions", {"x": 2, "model": "m"})
     assert a == b != c
+
+
+@pytest.mark.parametrize(("custom_id", "content"), [
+    ("plain-1", "hello"), ("a/b:c@d+e=f~g.h_i", 'with "quotes" and \\'),
+    ("x", "ünïcode ✓ \t tab \n newline"), ("y" * 512, "")])
+def test_line_bytes_and_stored_body_match_the_input_line(custom_id: str, content: str) -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}],
+            "max_tokens": 5, "temperature": 0.25}
+    task = parse_task({"custom_id": custom_id, "body": body}, 0)
+    assert task.line_bytes == len(input_line(custom_id, task.endpoint, body))
+    assert task.body_json == orjson.dumps(body).decode()
