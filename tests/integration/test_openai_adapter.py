@@ -225,7 +225,7 @@ async def test_retry_after_beyond_two_minutes_stops_sdk_retries_at_once(rig: Rig
 
 async def test_create_that_commits_then_hangs_times_out_and_leaves_a_batch(
         make_rig: Callable[..., Awaitable[Rig]]) -> None:
-    rig = await make_rig(provider_kw={"timeout": 0.5})
+    rig = await make_rig(provider_kw={"timeout": 2.0})
     rig.emulator.inject("create", "timeout_after_commit", seconds=30)
     error = await _create_error(rig, client_key="k-42")
     assert error.retryable and error.status is None
@@ -237,7 +237,8 @@ async def test_create_that_commits_then_hangs_times_out_and_leaves_a_batch(
 
 async def test_hang_without_work_times_out_retryably(
         make_rig: Callable[..., Awaitable[Rig]]) -> None:
-    rig = await make_rig(provider_kw={"timeout": 0.3})
+    # Long enough that the upload before it never times out on a loaded machine.
+    rig = await make_rig(provider_kw={"timeout": 2.0})
     rig.emulator.inject("create", "hang", seconds=30)
     error = await _create_error(rig)
     assert error.retryable and rig.emulator.batches == {}
@@ -326,7 +327,8 @@ async def test_slow_download_still_completes(rig: Rig) -> None:
 
 async def test_download_stalling_past_the_timeout_is_truncation(
         make_rig: Callable[..., Awaitable[Rig]]) -> None:
-    rig = await make_rig(provider_kw={"timeout": 0.3})
+    # Long enough that the upload before it never times out on a loaded machine.
+    rig = await make_rig(provider_kw={"timeout": 2.0})
     batch = await rig.completed(5)
     assert batch.output_file_id
     rig.emulator.inject("download", "slow", chunk_bytes=256, delay=1.0)
