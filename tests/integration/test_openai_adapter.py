@@ -331,7 +331,7 @@ async def test_download_stalling_past_the_timeout_is_truncation(
     rig = await make_rig(provider_kw={"timeout": 2.0})
     batch = await rig.completed(5)
     assert batch.output_file_id
-    rig.emulator.inject("download", "slow", chunk_bytes=256, delay=1.0)
+    rig.emulator.inject("download", "slow", chunk_bytes=256, delay=5.0)
     with pytest.raises(TruncatedFileError):
         await rig.provider.download_file(batch.output_file_id, rig.tmp / "stall.jsonl")
 
