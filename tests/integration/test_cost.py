@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import gzip
 import io
@@ -283,6 +284,34 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
         assert report["unattributed_usd"] == str(expected["unattributed"])
         async with h.engine.connect() as conn:  # the budget counts both payments
             assert await repo.day_spend(conn, batch["spend_day"]) == expected["spend"] + sync_paid
+
+
+async def test_a_sync_call_answered_after_its_task_moved_on_is_spend(
+        db_url: str, tmp_path: Path) -> None:
+    slow = chat_task("slow", lane="sync")
+    async with running(db_url, tmp_path) as h:
+        # The first call takes seconds; meanwhile its task is presumed lost with
+        # its replica and goes back to the queue (the sweep's 15-minute rule,
+        # met by back-dating the claim).
+        h.emulator.inject("sync", "slow", seconds=4)
+        await h.post(slow)
+        lane = h.service.sync_lane
+        lane._last_sweep = asyncio.get_running_loop().time()
+        assert await lane.tick() == 1
+        await h.execute("UPDATE tasks SET submitted_at = now() - interval '1 hour'")
+        await lane.sweep()
+        assert (await h.task("slow"))["state"] == "queued"
+        await lane.wait_calls()  # answered and paid, but its task is no longer waiting
+        assert await h.count("true", "results") == 0
+        await h.expire_backoffs()
+        assert await lane.tick() == 1
+        await lane.wait_calls()
+        assert (await h.task("slow"))["state"] == "succeeded"
+        paid = round_usd(_exact(slow, "sync"))
+        _, report = await h.get("/v1/report/daily")
+        assert (report["spend_usd"], report["unattributed_usd"]) == (str(2 * paid), str(paid))
+        assert report["sync_equivalent_usd"] == str(paid)
+        assert report["savings_usd"] == str(-paid)
 
 
 async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
