@@ -110,6 +110,8 @@ class Settings(BaseSettings):
         "client's tasks that name none in metadata.latency_profile")
     scheduler_interval_seconds: float = Field(1.0, gt=0, description="scheduler tick")
     lease_seconds: float = Field(300, gt=0, description="how long a replica's claim lasts")
+    provider_timeout_seconds: float = Field(
+        120, gt=0, description="longest wait for one provider call (the SDK retries twice)")
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -578,6 +578,17 @@ def backoff_seconds(attempts: int, base: float, jitter: float, cap: float = 86_4
     return full / 2 + full / 2 * jitter
 
 
+def tick_delay(failures: int, interval: float, jitter: float, cap: float = 10.0) -> float:
+    """Wait before a loop's next tick: its interval while ticks succeed; after
+    consecutive failures (the database is down) doubling up to ``cap``, with
+    equal jitter (``jitter`` in [0, 1)) so replicas do not return in lockstep,
+    and never shorter than the interval."""
+    if failures <= 0:
+        return interval
+    full = min(cap, max(interval, 0.5) * 2.0 ** (failures - 1))
+    return max(interval, full / 2 + full / 2 * jitter)
+
+
 class Outcome(StrEnum):
     SUCCESS = "success"
     RETRYABLE = "retryable"

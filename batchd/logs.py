@@ -69,3 +69,12 @@ def configure(level: str = "info", fmt: str = "json") -> None:
 
 def get(name: str) -> Any:
     return structlog.get_logger(name)
+
+
+def log_tick_failure(logger: Any, event: str, exc: BaseException, failures: int) -> None:
+    """A loop's failed tick: the traceback the first time, then one line per
+    tick while the cause (typically the database being down) lasts."""
+    if failures == 1:
+        logger.error(event, failures=failures, error=type(exc).__name__, exc_info=exc)
+    else:
+        logger.warning(event, failures=failures, error=type(exc).__name__)

@@ -20,7 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.archive import Archive
 from batchd.config import Settings
+from batchd.domain import tick_delay
 from batchd.errors import ProviderError
+from batchd.logs import log_tick_failure
 from batchd.provider.base import Provider, RemoteBatch
 from batchd.router import Router
 from batchd.store import repo
@@ -46,13 +48,17 @@ class Poller:
         # Tick faster than the poll interval: each batch carries its own
         # next_poll_at, and a quick tick picks up newly submitted ones soon.
         interval = min(self.settings.poll_interval_seconds, 5.0)
+        failures = 0
         while not stop.is_set():
             try:
                 await self.tick()
-            except Exception:
-                log.exception("poller.tick_failed")
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log_tick_failure(log, "poller.tick_failed", exc, failures)
             try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=tick_delay(
+                    failures, interval, random.random()))
             except TimeoutError:
                 pass
 
@@ -80,7 +86,8 @@ class Poller:
                 delay = self.settings.poll_interval_seconds
                 log.exception("batch.check_crashed", batch_id=batch["id"])
             async with self.engine.begin() as conn:
-                await repo.release_batch(conn, batch["id"], delay * (1 + random.random() * 0.2))
+                await repo.release_batch(conn, batch["id"], self.owner,
+                                         delay * (1 + random.random() * 0.2))
                 await repo.set_batch(conn, batch["id"], next_poll_at=NOW)
             return None
 

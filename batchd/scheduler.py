@@ -31,9 +31,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.archive import Archive
 from batchd.config import Settings
-from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line
+from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line, tick_delay
 from batchd.errors import ProviderError
 from batchd.faults import crash_point
+from batchd.logs import log_tick_failure
 from batchd.prices import USD_QUANTUM, PriceTable, Tokens, cost
 from batchd.provider.base import Provider, RemoteBatch
 from batchd.store import repo
@@ -90,13 +91,17 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.settings.scheduler_interval_seconds
+        failures = 0
         while not stop.is_set():
             try:
                 await self.tick()
-            except Exception:
-                log.exception("scheduler.tick_failed")
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log_tick_failure(log, "scheduler.tick_failed", exc, failures)
             try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+                await asyncio.wait_for(stop.wait(), timeout=tick_delay(
+                    failures, interval, random.random()))
             except TimeoutError:
                 pass
         await self.wait_sends()
@@ -219,25 +224,30 @@ class Scheduler:
             if p.submit_attempts > 0:
                 found = await self._find_remote(p)
                 if found is not None:
-                    await self._record_submitted(p, found, adopted=True)
-                    await self._archive_adopted(p, found)
+                    if await self._record_submitted(p, found, adopted=True):
+                        await self._archive_adopted(p, found)
                     return
             path = await self._write_input(p)
             remote_file = await self.provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
             async with self.engine.begin() as conn:
                 await repo.set_batch(conn, p.batch_id, input_file_id=remote_file.id)
+                # The create below must happen under a claim that outlives it.
+                ours = await repo.renew_claim(conn, p.batch_id, self.owner,
+                                              self.settings.lease_seconds)
+            if not ours:
+                # The spool may be shared: the file is the new owner's now.
+                log.warning("batch.claim_lost", batch_id=p.batch_id, step="create")
+                return
             crash_point("after_upload")
-            remote = await self.provider.create_batch(
-                remote_file.id, p.endpoint, self.settings.completion_window,
-                {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
+            remote = await self._create(p, remote_file.id)
             crash_point("after_create")
         except ProviderError as exc:
             await self._send_failed(p, exc)
             return
-        await self._record_submitted(p, remote, adopted=False)
-        await self.archive.keep(path, p.spend_day, p.batch_id, "input",
-                                {"provider_file_id": remote_file.id,
-                                 "provider_batch_id": remote.id})
+        if await self._record_submitted(p, remote, adopted=False):
+            await self.archive.keep(path, p.spend_day, p.batch_id, "input",
+                                    {"provider_file_id": remote_file.id,
+                                     "provider_batch_id": remote.id})
         path.unlink(missing_ok=True)
 
     async def _archive_adopted(self, p: Pending, remote: RemoteBatch) -> None:
@@ -253,6 +263,21 @@ class Scheduler:
                                  "provider_batch_id": remote.id, "adopted": True,
                                  "rebuilt": rebuilt})
         path.unlink(missing_ok=True)
+
+    async def _create(self, p: Pending, input_file_id: str) -> RemoteBatch:
+        # Abandon a create that has not answered within half the claim: were it
+        # still landing when the claim lapsed, another replica would find no
+        # batch and create a second one. An abandoned create is looked up by
+        # our id before anyone creates again.
+        try:
+            async with asyncio.timeout(self.settings.lease_seconds / 2):
+                return await self.provider.create_batch(
+                    input_file_id, p.endpoint, self.settings.completion_window,
+                    {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
+        except TimeoutError:
+            raise ProviderError(
+                "create_batch: no answer within half the claim; the batch is looked up at "
+                "the provider before it is created again", operation="create_batch") from None
 
     async def _write_input(self, p: Pending) -> Path:
         path = self.archive.spool_path(p.batch_id, "input")
@@ -289,22 +314,35 @@ class Scheduler:
                 matches.append(remote)
         if not matches:
             return None
-        # Duplicates can only come from retried creates: keep the oldest,
-        # cancel the rest before they run and cost money twice.
-        keep, *extra = sorted(matches, key=lambda b: (b.created_at, b.id))
+        # Duplicates can only come from retried creates: keep the oldest one
+        # still standing, cancel the rest before they run and cost money twice.
+        standing = [b for b in matches if b.status not in ("cancelling", "cancelled")]
+        keep, *extra = sorted(standing or matches, key=lambda b: (b.created_at, b.id))
         for dup in extra:
             log.warning("batch.duplicate_cancelled", batch_id=p.batch_id, provider_batch_id=dup.id)
             await self.provider.cancel_batch(dup.id)
         return keep
 
-    async def _record_submitted(self, p: Pending, remote: RemoteBatch, *, adopted: bool) -> None:
+    async def _record_submitted(self, p: Pending, remote: RemoteBatch, *, adopted: bool) -> bool:
+        """Record the provider batch, unless another replica recorded one first
+        (our claim lapsed mid-send); a different one of ours is then cancelled."""
         async with self.engine.begin() as conn:
-            await repo.set_batch(
-                conn, p.batch_id, state="submitted", provider_batch_id=remote.id,
-                provider_status=remote.status, input_file_id=remote.input_file_id,
-                submitted_at=NOW, next_poll_at=NOW, lease_owner=None, lease_until=None)
-        log.info("batch.submitted", batch_id=p.batch_id, provider_batch_id=remote.id,
-                 adopted=adopted, endpoint=p.endpoint, model=p.model)
+            earlier = await repo.record_submitted(
+                conn, p.batch_id, provider_batch_id=remote.id, provider_status=remote.status,
+                input_file_id=remote.input_file_id)
+        if earlier is None:
+            log.info("batch.submitted", batch_id=p.batch_id, provider_batch_id=remote.id,
+                     adopted=adopted, endpoint=p.endpoint, model=p.model)
+            return True
+        if earlier != remote.id:
+            log.warning("batch.duplicate_cancelled", batch_id=p.batch_id,
+                        provider_batch_id=remote.id, kept=earlier)
+            try:
+                await self.provider.cancel_batch(remote.id)
+            except ProviderError as exc:
+                log.error("batch.duplicate_cancel_failed", batch_id=p.batch_id,
+                          provider_batch_id=remote.id, status=exc.status, code=exc.code)
+        return False
 
     async def _send_failed(self, p: Pending, exc: ProviderError) -> None:
         unrecoverable = (
@@ -324,7 +362,9 @@ class Scheduler:
             log.error("batch.rejected", batch_id=p.batch_id, operation=exc.operation,
                       status=exc.status, code=exc.code, requeued=requeued)
             return
-        delay = exc.retry_after or min(300.0, 5.0 * 2 ** p.submit_attempts)
+        # The provider's retry-after wins; else five scheduler ticks, doubling.
+        first = 5.0 * self.settings.scheduler_interval_seconds
+        delay = exc.retry_after or min(300.0, first * 2 ** p.submit_attempts)
         delay *= 1 + random.random() * 0.2
         log.warning("batch.send_failed", batch_id=p.batch_id, operation=exc.operation,
                     status=exc.status, code=exc.code, retry_in=round(delay, 1),
@@ -333,7 +373,7 @@ class Scheduler:
 
     async def _retry_later(self, p: Pending, delay: float) -> None:
         async with self.engine.begin() as conn:
-            await repo.release_batch(conn, p.batch_id, delay)
+            await repo.release_batch(conn, p.batch_id, self.owner, delay)
 
     @staticmethod
     def _pending(row: dict[str, Any]) -> Pending:

@@ -106,7 +106,8 @@ def build_provider(settings: Settings) -> Provider:
             raise ConfigError("OPENAI_API_KEY is unset: set it, or point BATCHD_OPENAI_BASE_URL "
                               "at an emulator, or run `batchd demo`")
         key = "emulator"
-    return OpenAIProvider(api_key=key, base_url=settings.openai_base_url)
+    return OpenAIProvider(api_key=key, base_url=settings.openai_base_url,
+                          timeout=settings.provider_timeout_seconds)
 
 
 class Service:

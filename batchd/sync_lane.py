@@ -30,8 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
+from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line, tick_delay
 from batchd.errors import ProviderError
+from batchd.logs import log_tick_failure
 from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.provider.base import Provider
 from batchd.store import repo
@@ -83,15 +84,19 @@ class SyncLane:
         self._woken.set()
 
     async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
         while not stop.is_set():
             self._woken.clear()  # before the tick: a wake during it is not lost
             started = 0
             try:
                 started = await self.tick()
-            except Exception:
-                log.exception("sync_lane.tick_failed")
+                failures = 0
+            except Exception as exc:
+                failures += 1
+                log_tick_failure(log, "sync_lane.tick_failed", exc, failures)
             busy = started > 0 or bool(self._running)
-            await _first(stop, self._woken, _TICK_SECONDS if busy else _IDLE_TICK_SECONDS)
+            idle = _TICK_SECONDS if busy else _IDLE_TICK_SECONDS
+            await _first(stop, self._woken, tick_delay(failures, idle, random.random()))
         await self.wait_calls()
 
     async def wait_calls(self) -> None:

@@ -18,6 +18,12 @@ A *submission* is a ``custom_id`` appearing in the input file of a created
 batch (whether or not the batch later runs) or a synchronous call naming it;
 each submission consumes one scripted outcome.
 
+``record()`` (also ``GET /_emulator/record``) is what the emulator received:
+every created batch with its custom_ids and status, synchronous submissions,
+calls and faults applied; the crash-safety invariant checker compares it with
+batchd's tables. ``POST /_emulator/faults`` injects a fault from outside the
+process (same fields as ``inject``).
+
 Run standalone: ``python -m batchd.provider.emulator --port 8099 --api-key x``.
 """
 
@@ -125,6 +131,8 @@ class Emulator:
         self.batches: dict[str, EmulatedBatch] = {}
         self.submissions: collections.Counter[str] = collections.Counter()
         self.calls: collections.Counter[str] = collections.Counter()
+        self.sync_submissions: collections.Counter[str] = collections.Counter()
+        self.faults_applied: collections.Counter[str] = collections.Counter()
         self._line_scripts: dict[str, collections.deque[str]] = {}
         self._batch_scripts: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self._faults: dict[str, collections.deque[Fault]] = {}
@@ -155,6 +163,22 @@ class Emulator:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULTS)}")
         self._faults.setdefault(route, collections.deque()).append(Fault(fault, params, times))
+
+    def record(self) -> dict[str, Any]:
+        """What was received, for audits: batches (with the custom_ids each one
+        planned to run), synchronous submissions, calls and faults applied."""
+        return {
+            "batches": [{"id": b.id, "status": b.status, "metadata": b.metadata,
+                         "created_at": b.created_at, "endpoint": b.endpoint,
+                         "custom_ids": [p.custom_id for p in b.lines],
+                         "request_counts": dict(b.request_counts),
+                         "error_codes": [e.get("code") for e in b.errors or []],
+                         "cancel_requested": b.cancel_requested.is_set()}
+                        for b in self.batches.values()],
+            "sync_submissions": dict(self.sync_submissions),
+            "calls": dict(self.calls),
+            "faults_applied": dict(self.faults_applied),
+        }
 
     def created_batches_by_metadata(self, key: str, value: str) -> list[EmulatedBatch]:
         return [b for b in self.batches.values() if (b.metadata or {}).get(key) == value]
@@ -190,6 +214,8 @@ class Emulator:
         r.add_get("/v1/batches", self._list_batches, name="list_batches")
         r.add_get("/v1/batches/{id}", self._retrieve, name="retrieve")
         r.add_post("/v1/batches/{id}/cancel", self._cancel, name="cancel")
+        r.add_get("/_emulator/record", self._admin_record, name="admin_record")
+        r.add_post("/_emulator/faults", self._admin_faults, name="admin_faults")
         for path in ("chat/completions", "embeddings", "responses", "completions",
                      "moderations"):
             r.add_post(f"/v1/{path}", self._sync, name="sync_" + path.replace("/", "_"))
@@ -203,7 +229,7 @@ class Emulator:
         request[REQUEST_ID] = request_id
         name = request.match_info.route.name
         route = "sync" if name and name.startswith("sync_") else name
-        if route:
+        if route in ROUTES:
             self.calls[route] += 1
         try:
             if not self._authorized(request):
@@ -238,6 +264,7 @@ class Emulator:
         if not queue:
             return None
         fault = queue[0]
+        self.faults_applied[f"{route}:{fault.kind}"] += 1
         fault.remaining -= 1
         if fault.remaining <= 0:
             queue.popleft()
@@ -277,6 +304,21 @@ class Emulator:
         elif kind == "invalid_json":
             return web.Response(status=200, body=b'{"id": "batch_', content_type="application/json")
         return resp
+
+    # ---- admin: what tests and soaks need from outside the process ------------------
+
+    async def _admin_record(self, _request: web.Request) -> web.StreamResponse:
+        return json_response(self.record())
+
+    async def _admin_faults(self, request: web.Request) -> web.StreamResponse:
+        body = await json_body(request)
+        params = body.get("params") or {}
+        try:
+            self.inject(str(body.get("route")), str(body.get("fault")),
+                        int(body.get("times", 1)), **params)
+        except (ValueError, TypeError) as exc:
+            raise ApiError(400, str(exc)) from None
+        return json_response({"queued": True})
 
     # ---- files -----------------------------------------------------------------------
 
@@ -694,6 +736,7 @@ class Emulator:
             meta.get("custom_id") if isinstance(meta, dict) else None)
         if isinstance(custom_id, str):
             self.submissions[custom_id] += 1
+            self.sync_submissions[custom_id] += 1
         outcome = self._resolve(custom_id if isinstance(custom_id, str) else "", body)
         latency = self.sync_latency_seconds
         delay = self._rng.uniform(*latency) if isinstance(latency, tuple) else latency

@@ -324,18 +324,42 @@ async def set_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None
     await conn.execute(text(sql), params)
 
 
-async def extend_lease(conn: AsyncConnection, batch_id: str, owner: str, seconds: float) -> None:
-    await conn.execute(text("""
-        UPDATE batches SET lease_until = now() + make_interval(secs => :s)
-        WHERE id = :id AND lease_owner = :owner"""), {"id": batch_id, "owner": owner, "s": seconds})
+async def renew_claim(conn: AsyncConnection, batch_id: str, owner: str, seconds: float) -> bool:
+    """Extend our claim on an unsent batch; False when it is no longer ours
+    (our lease lapsed and another replica took it, or it was recorded)."""
+    rows = await conn.execute(text("""
+        UPDATE batches SET lease_until = now() + make_interval(secs => :s), updated_at = now()
+        WHERE id = :id AND lease_owner = :owner AND state IN ('building', 'uploading')
+        RETURNING 1"""), {"id": batch_id, "owner": owner, "s": seconds})
+    return rows.first() is not None
 
 
-async def release_batch(conn: AsyncConnection, batch_id: str, retry_in: float) -> None:
-    """Give up our claim; anyone may pick the batch up after ``retry_in``."""
+async def record_submitted(conn: AsyncConnection, batch_id: str, *, provider_batch_id: str,
+                           provider_status: str, input_file_id: str) -> str | None:
+    """Mark an unsent batch as submitted, once. Returns None when this call
+    recorded it, else the provider batch id someone recorded before."""
+    rows = await conn.execute(text("""
+        UPDATE batches SET state = 'submitted', provider_batch_id = :pid,
+               provider_status = :status, input_file_id = :fid, submitted_at = now(),
+               next_poll_at = now(), lease_owner = NULL, lease_until = NULL, updated_at = now()
+        WHERE id = :id AND state IN ('building', 'uploading')
+        RETURNING 1"""), {"id": batch_id, "pid": provider_batch_id, "status": provider_status,
+                          "fid": input_file_id})
+    if rows.first() is not None:
+        return None
+    earlier = await conn.execute(text("SELECT provider_batch_id FROM batches WHERE id = :id"),
+                                 {"id": batch_id})
+    return str(earlier.scalar_one_or_none() or "")
+
+
+async def release_batch(conn: AsyncConnection, batch_id: str, owner: str, retry_in: float) -> None:
+    """Give up our claim; anyone may pick the batch up after ``retry_in``. A
+    claim that already lapsed to another replica is left alone."""
     await conn.execute(text("""
         UPDATE batches SET lease_owner = NULL,
                lease_until = now() + make_interval(secs => :s), updated_at = now()
-        WHERE id = :id"""), {"id": batch_id, "s": retry_in})
+        WHERE id = :id AND lease_owner = :owner"""),
+        {"id": batch_id, "owner": owner, "s": retry_in})
 
 
 async def claim_unsent_batches(

@@ -19,6 +19,7 @@ from batchd.domain import (
     flush_reason,
     input_line,
     parse_task,
+    tick_delay,
 )
 
 
@@ -207,3 +208,18 @@ def test_line_bytes_and_stored_body_match_the_input_line(custom_id: str, content
     task = parse_task({"custom_id": custom_id, "body": body}, 0)
     assert task.line_bytes == len(input_line(custom_id, task.endpoint, body))
     assert task.body_json == orjson.dumps(body).decode()
+
+
+@pytest.mark.parametrize(("failures", "interval", "jitter", "expected"), [
+    (0, 1.0, 0.9, 1.0),     # healthy: the plain interval
+    (1, 1.0, 0.0, 1.0),     # first failure: never shorter than the interval
+    (2, 1.0, 0.0, 1.0),     # 2 s full, equal jitter 1..2
+    (2, 1.0, 1.0, 2.0),
+    (3, 1.0, 0.5, 3.0),     # 4 s full: 2 + 2 * 0.5
+    (4, 0.2, 0.0, 2.0),     # a fast tick still backs off from 0.5 s
+    (20, 1.0, 0.0, 5.0),    # capped at 10 s full
+    (20, 1.0, 0.99, 9.95),
+    (20, 30.0, 0.0, 30.0),  # a slow loop keeps its own interval
+])
+def test_tick_delay(failures: int, interval: float, jitter: float, expected: float) -> None:
+    assert tick_delay(failures, interval, jitter) == pytest.approx(expected)
