@@ -51,7 +51,8 @@ async def private_db(private_pg: PrivatePostgres) -> AsyncIterator[str]:
     """A fresh database at head on the private server (plain postgresql:// URL)."""
     from batchd.service import alembic_config
 
-    private_pg.start() if not _pg_up(private_pg) else None
+    if not _pg_up(private_pg):
+        private_pg.start()  # a test that stopped it may have failed before restarting
     name = f"batchd_c_{uuid.uuid4().hex[:10]}"
     await admin(private_pg.url, f'CREATE DATABASE "{name}"')
     url = private_pg.url.rsplit("/", 1)[0] + f"/{name}"

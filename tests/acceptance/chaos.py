@@ -1,0 +1,265 @@
+"""The chaos scenario: many tasks through several replicas while replicas are
+killed (kill -9 and crash points), PostgreSQL is restarted and the provider
+misbehaves; then the invariant checker. Used by test_chaos.py (CI size) and
+soak.py (any size).
+
+Randomness is seeded: the same seed makes the same choices of what to kill
+and which fault to inject, while timing decides where each one lands. The
+assertions hold whatever the timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from batchd.faults import EXIT_CODE
+from batchd.provider.emulator import Emulator
+from batchd.store.engine import async_url, make_engine
+from tests import invariants
+from tests.acceptance.procs import (
+    Loader,
+    PrivatePostgres,
+    Replica,
+    chat_task,
+    open_count,
+    replica_env,
+)
+
+CRASH_POINTS = ("after_claim", "after_upload", "after_create", "mid_route", "after_route")
+# (route, fault, params, times): times=3 outlasts the SDK's own two retries.
+ROUTE_FAULTS: list[tuple[str, str, dict[str, Any], int]] = [
+    ("upload", "http_500", {}, 3), ("upload", "reset_before", {}, 1),
+    ("create", "http_503", {}, 1), ("create", "http_429", {"retry_after": 1}, 1),
+    ("create", "reset_after", {}, 1), ("create", "timeout_after_commit", {"seconds": 4}, 1),
+    ("create", "hang", {"seconds": 4}, 1),
+    ("retrieve", "http_500", {}, 3), ("retrieve", "http_429", {"retry_after": 1}, 3),
+    ("retrieve", "reset_before", {}, 3), ("retrieve", "invalid_json", {}, 1),
+    ("retrieve", "hang", {"seconds": 4}, 3),
+    ("download", "truncate", {"mode": "chunked"}, 1),
+    ("download", "truncate", {"mode": "clean"}, 1),
+    ("download", "http_503", {}, 3), ("download", "reset_before", {}, 1),
+    ("list_batches", "http_500", {}, 3), ("list_batches", "reset_before", {}, 1),
+    ("cancel", "http_500", {}, 1),
+]
+BATCH_FAULTS: list[tuple[str, dict[str, Any]]] = [
+    ("expire", {"run_fraction": 0.5}), ("stuck_finalizing", {"seconds": 3}),
+    ("token_limit_exceeded", {}),
+]
+MAX_ATTEMPTS = 5
+SETTINGS = {"window_seconds": 1, "max_batch_items": 100, "poll_interval_seconds": 0.5,
+            "scheduler_interval_seconds": 0.2, "retry_backoff_seconds": 0.5,
+            "lease_seconds": 3, "max_attempts": MAX_ATTEMPTS, "provider_timeout_seconds": 2,
+            "shutdown_grace_seconds": 5}
+
+
+def expected_outcome(i: int) -> tuple[str | None, str]:
+    """(body marker, final state) of task i: the issue 3 mix."""
+    if i % 50 == 0:
+        return "http_400", "failed"       # permanent: the manual queue at once
+    if i % 20 == 2:
+        return "http_429", "failed"       # always rate limited: exhausted after MAX_ATTEMPTS
+    if i % 20 == 1:
+        return "http_500*2", "succeeded"  # two retries, then fine
+    if i % 20 == 3:
+        return "missing*1", "succeeded"   # absent from both files once
+    return None, "succeeded"
+
+
+@dataclass
+class Figures:
+    tasks: int = 0
+    replicas: int = 0
+    kills: int = 0
+    sigkills: int = 0
+    crash_point_exits: int = 0
+    pg_restarts: int = 0
+    faults_injected: int = 0
+    provider_faults_applied: int = 0
+    batch_faults_applied: int = 0
+    provider_batches: int = 0
+    ingest_503: int = 0
+    ingest_refused_during_pg_outage: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    wrong_state: int = 0
+    violations: list[str] = field(default_factory=list)
+    by_state: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    sigterm_exit_codes: list[int] = field(default_factory=list)
+
+    def line(self) -> str:
+        return ("CHAOS " + " ".join(f"{k}={v}" for k, v in asdict(self).items()
+                                    if k != "violations") + f" violations={len(self.violations)}")
+
+
+class Chaos:
+    def __init__(self, pg: PrivatePostgres, db_url: str, emulator: Emulator, emulator_url: str,
+                 workdir: Path, *, tasks: int = 5000, replicas: int = 3, kills: int = 10,
+                 pg_restarts: int = 1, seed: int = 4, kill_every: tuple[float, float] = (1.5, 3),
+                 settle_within: float = 240) -> None:
+        self.pg, self.db_url, self.emu = pg, db_url, emulator
+        self.n_tasks, self.n_kills, self.n_pg = tasks, kills, pg_restarts
+        self.kill_every, self.settle_within = kill_every, settle_within
+        self.rng = random.Random(seed)
+        env = replica_env(db_url, emulator_url, **SETTINGS)
+        self.replicas = [Replica(f"chaos{i}", env, workdir) for i in range(replicas)]
+        self.fig = Figures(tasks=tasks, replicas=replicas)
+        self._locks = {r.name: asyncio.Lock() for r in self.replicas}
+        self._stopping = False
+        self._batch_scripts = 0
+
+    async def _restart(self, r: Replica, crash_at: str | None = None) -> None:
+        async with self._locks[r.name]:
+            if r.proc is not None and r.proc.returncode is None:
+                return
+            for _ in range(5):
+                try:
+                    await r.start(crash_at=crash_at)
+                    return
+                except RuntimeError:
+                    await asyncio.sleep(0.5)  # e.g. a crash point hit at once: try clean
+                    crash_at = None
+
+    async def _supervise(self) -> None:
+        """Like an orchestrator: a replica that died by itself comes back clean."""
+        while not self._stopping:
+            for r in self.replicas:
+                if r.proc is not None and r.proc.returncode is not None \
+                        and not self._locks[r.name].locked():
+                    if r.proc.returncode == EXIT_CODE:
+                        self.fig.crash_point_exits += 1
+                        self.fig.kills += 1
+                    r.proc = None
+                    await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+                    await self._restart(r)
+            await asyncio.sleep(0.1)
+
+    def _inject(self) -> None:
+        if self.rng.random() < 0.15:
+            kind, params = self.rng.choice(BATCH_FAULTS)
+            self.emu.script_batch(kind, **params)
+            self._batch_scripts += 1
+        else:
+            route, fault, params, times = self.rng.choice(ROUTE_FAULTS)
+            self.emu.inject(route, fault, times, **params)
+        self.fig.faults_injected += 1
+
+    async def _restart_pg(self, loader: Loader) -> None:
+        """Restart the database while tasks are still coming in: the first time
+        at 40% accepted, later ones (soak) spread over the rest of the load."""
+        for k in range(self.n_pg):
+            await loader.wait_accepted(int(self.n_tasks * (0.4 + 0.5 * k / self.n_pg)))
+            answers_before = dict(loader.answers)
+            await asyncio.to_thread(self.pg.stop, "immediate")
+            await asyncio.sleep(self.rng.uniform(1.5, 3))
+            await asyncio.to_thread(self.pg.start)
+            self.fig.pg_restarts += 1
+            self.fig.ingest_refused_during_pg_outage += sum(
+                n - answers_before.get(code, 0) for code, n in loader.answers.items()
+                if code != 202)
+
+    async def _havoc(self, loader_done: asyncio.Event) -> None:
+        while self.fig.kills < self.n_kills or not loader_done.is_set():
+            await asyncio.sleep(self.rng.uniform(*self.kill_every))
+            for _ in range(3):
+                self._inject()
+            live = [r for r in self.replicas if r.alive]
+            if len(live) > 1:
+                victim = self.rng.choice(live)
+                async with self._locks[victim.name]:
+                    await victim.kill()
+                    victim.proc = None
+                self.fig.sigkills += 1
+                self.fig.kills += 1
+                await asyncio.sleep(self.rng.uniform(0.2, 1.0))
+                arm = self.rng.random() < 0.4
+                point = f"{self.rng.choice(CRASH_POINTS)}:{self.rng.randint(1, 3)}"
+                await self._restart(victim, point if arm else None)
+
+    async def run(self) -> Figures:
+        started = time.monotonic()
+        for r in self.replicas:
+            await r.start()
+        tasks = []
+        for i in range(self.n_tasks):
+            marker, _ = expected_outcome(i)
+            tasks.append(chat_task(f"chaos-{i}", emulate=marker))
+        loader = Loader(self.replicas, seed=self.rng.randint(0, 1 << 30))
+        supervisor = asyncio.create_task(self._supervise())
+        loader_done = asyncio.Event()
+
+        async def load() -> None:
+            try:
+                await loader.post_all(tasks, chunk=50, concurrency=2, pause=0.4)
+            finally:
+                loader_done.set()
+
+        loading = asyncio.create_task(load())
+        restarting = asyncio.create_task(self._restart_pg(loader))
+        engine = make_engine(async_url(self.db_url), pool_size=2)
+        try:
+            await self._havoc(loader_done)
+            await loading
+            await restarting
+            await self._wait_settled(engine)
+            self._stopping = True
+            await supervisor
+            for r in self.replicas:
+                if r.proc is not None and r.proc.returncode is None:
+                    self.fig.sigterm_exit_codes.append(await r.terminate(within=60))
+            report = await invariants.check(engine, self.emu.record(), accepted=loader.accepted)
+            await self._check_outcomes(engine, report)
+        finally:
+            self._stopping = True
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+            for job in (loading, restarting):
+                job.cancel()
+                with contextlib.suppress(asyncio.CancelledError, AssertionError):
+                    await job
+            for r in self.replicas:
+                await r.kill()
+            await loader.close()
+            await engine.dispose()
+        self.fig.ingest_503 = loader.answers.get(503, 0)
+        self.fig.provider_faults_applied = sum(self.emu.faults_applied.values())
+        self.fig.batch_faults_applied = self._batch_scripts - len(self.emu._batch_scripts)
+        self.fig.seconds = round(time.monotonic() - started, 1)
+        return self.fig
+
+    async def _wait_settled(self, engine: Any) -> None:
+        deadline = time.monotonic() + self.settle_within
+        while time.monotonic() < deadline:
+            if await open_count(engine) == 0:
+                return
+            await asyncio.sleep(0.5)
+        tails = "\n".join(f"--- {r.name}\n{r.tail(10)}" for r in self.replicas)
+        raise AssertionError(f"not settled in {self.settle_within}s: "
+                             f"{await open_count(engine)} open\n{tails}")
+
+    async def _check_outcomes(self, engine: Any, report: invariants.Report) -> None:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT custom_id, state, attempts FROM tasks"))).all()
+        wrong = []
+        for cid, state, attempts in rows:
+            marker, expected = expected_outcome(int(cid.rsplit("-", 1)[1]))
+            exhausted = marker == "http_429" and attempts != MAX_ATTEMPTS
+            if state != expected or exhausted:
+                wrong.append((cid, state, attempts))
+        self.fig.wrong_state = len(wrong)
+        self.fig.lost = report.lost
+        self.fig.duplicated = report.duplicated
+        self.fig.by_state = report.by_state
+        self.fig.provider_batches = report.provider_batches
+        self.fig.violations = report.violations + (
+            [f"{len(wrong)} task(s) in the wrong terminal state: {wrong[:5]}"] if wrong else [])
