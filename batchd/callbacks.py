@@ -28,7 +28,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import __version__, logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import backoff_seconds, callback_url_problem
+from batchd.domain import backoff_seconds, callback_url_problem, tick_delay
+from batchd.logs import log_tick_failure
 from batchd.signing import (
     ATTEMPT_HEADER,
     DELIVERY_HEADER,
@@ -84,16 +85,20 @@ class CallbackSender:
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
+            failures = 0
             while not stop.is_set():
                 started = 0
                 try:
                     started = await self.tick()
-                except Exception:
-                    log.exception("callbacks.tick_failed")
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    log_tick_failure(log, "callbacks.tick_failed", exc, failures)
                 if started and len(self._running) < self.concurrency:
                     continue  # a backlog: claim more at once
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), _TICK_SECONDS)
+                    await asyncio.wait_for(stop.wait(), tick_delay(
+                        failures, _TICK_SECONDS, random.random()))
             await self.wait_deliveries()
         finally:
             await self.close()
