@@ -94,6 +94,7 @@ class Figures:
     by_state: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     sigterm_exit_codes: list[int] = field(default_factory=list)
+    unexpected_exits: list[tuple[str, int]] = field(default_factory=list)
 
     def line(self) -> str:
         return ("CHAOS " + " ".join(f"{k}={v}" for k, v in asdict(self).items()
@@ -137,6 +138,8 @@ class Chaos:
                     if r.proc.returncode == EXIT_CODE:
                         self.fig.crash_point_exits += 1
                         self.fig.kills += 1
+                    else:  # died by itself, not at a crash point: a real crash
+                        self.fig.unexpected_exits.append((r.name, r.proc.returncode))
                     r.proc = None
                     await asyncio.sleep(self.rng.uniform(0.2, 1.0))
                     await self._restart(r)
@@ -262,4 +265,6 @@ class Chaos:
         self.fig.by_state = report.by_state
         self.fig.provider_batches = report.provider_batches
         self.fig.violations = report.violations + (
-            [f"{len(wrong)} task(s) in the wrong terminal state: {wrong[:5]}"] if wrong else [])
+            [f"{len(wrong)} task(s) in the wrong terminal state: {wrong[:5]}"] if wrong else []
+        ) + [f"replica {name} exited {code} by itself"
+             for name, code in self.fig.unexpected_exits]
