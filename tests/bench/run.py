@@ -839,10 +839,6 @@ async def bench_e2e(b: Bench) -> None:
 
 # --------------------------------------------------------------- row 7: idle
 
-def db_xacts(stat: dict[str, int]) -> int:
-    return stat["xact_commit"] + stat["xact_rollback"]
-
-
 async def bench_idle(b: Bench) -> None:
     secs = b.args.idle_seconds
     b.log(f"idle: {secs:.0f} s with no tasks")
@@ -853,51 +849,55 @@ async def bench_idle(b: Bench) -> None:
     try:
         await asyncio.sleep(10)  # past start-up
 
-        async def stat() -> dict[str, int]:
+        async def stat() -> tuple[int, float, float]:
             await asyncio.sleep(1.1)  # backends flush their counters at most once a second
-            row = await conn.fetchrow("SELECT xact_commit, xact_rollback FROM "
+            row = await conn.fetchrow("SELECT xact_commit + xact_rollback FROM "
                                       "pg_stat_database WHERE datname = $1", name)
-            return dict(row)
-        s0, c0, t0 = await stat(), cpu_seconds(daemon.pid), time.perf_counter()
-        await asyncio.sleep(secs)
-        s1, c1, t1 = await stat(), cpu_seconds(daemon.pid), time.perf_counter()
+            return int(row[0]), cpu_seconds(daemon.pid), time.perf_counter()
+        marks = [await stat()]
+        for _ in range(2):  # two halves: the rate must not grow with time
+            await asyncio.sleep(secs / 2)
+            marks.append(await stat())
     finally:
         await conn.close()
         await daemon.stop()
-    wall = t1 - t0
-    cpu = (c1 - c0) / wall
-    qpm = (db_xacts(s1) - db_xacts(s0)) / wall * 60
-    # The loops and their intervals at the defaults (scheduler 1 s, poller
-    # tick 5 s, snapshot 5 s, sync lane 0.2 s with a 5 s sweep): the most
-    # transactions a minute they may open with nothing to do.
-    bound = idle_bound()
+    wall = marks[2][2] - marks[0][2]
+    cpu = (marks[2][1] - marks[0][1]) / wall
+    halves = [(marks[k + 1][0] - marks[k][0]) / (marks[k + 1][2] - marks[k][2]) * 60
+              for k in range(2)]
+    qpm = (marks[2][0] - marks[0][0]) / wall * 60
+    ticks = loop_ticks_per_minute()
+    bound = ticks * IDLE_STATEMENTS_PER_TICK
     b.rows.append(Row(
         f"idle: no tasks for {secs / 60:.0f} min" if secs >= 60 else
         f"idle: no tasks for {secs:.0f} s", "-", "-",
-        f"{cpu:.2%} of a core; {qpm:,.0f} transactions/min (bound {bound:,.0f})",
-        "< 1% of a core; queries/min bounded by loop intervals", cpu < 0.01 and qpm <= bound,
-        "CPU from /proc/<pid>/stat; transactions from pg_stat_database "
-        "(pg_stat_statements is not preloaded on this server)"))
+        f"{cpu:.2%} of a core; {qpm:,.0f} transactions/min (halves {halves[0]:,.0f} and "
+        f"{halves[1]:,.0f}) = {qpm / ticks:.1f} per loop tick ({ticks:,.0f} ticks/min)",
+        "< 1% of a core; queries/min bounded by loop intervals",
+        cpu < 0.01 and qpm <= bound and max(halves) <= 1.2 * min(halves),
+        f"bound: {IDLE_STATEMENTS_PER_TICK} a tick (a checkout's ping and its statements) "
+        f"= {bound:,.0f}/min; CPU from /proc/<pid>/stat, transactions from "
+        "pg_stat_database (pg_stat_statements is not preloaded on this server)"))
 
 
-def idle_bound() -> float:
-    """The most transactions a minute the daemon's loops may open with nothing
-    to do, from their intervals at the defaults (each checkout's pre-ping is
-    one more statement, counted as its own transaction)."""
+# An idle loop tick checks out one connection (pre-ping) and runs at most a
+# few statements; more than this a tick would mean work that is not the loop's.
+IDLE_STATEMENTS_PER_TICK = 4
+
+
+def loop_ticks_per_minute() -> float:
+    """How often the daemon's loops wake at the default settings with nothing to do."""
     from batchd import callbacks, service, sync_lane
     from batchd.config import Settings
 
     s = Settings()
-    ticks_per_minute = {
-        # claim_unsent_batches, then queued_windows
-        "scheduler": 2 * 60 / s.scheduler_interval_seconds,
-        "poller": 60 / min(s.poll_interval_seconds, 5.0),
-        "snapshot": 60 / service._SNAPSHOT_SECONDS,
-        "sync_lane": 60 / getattr(sync_lane, "_IDLE_TICK_SECONDS", sync_lane._TICK_SECONDS)
-        + 60 / 5.0,
-        "callbacks": 60 / callbacks._TICK_SECONDS,
-    }
-    return 2 * sum(ticks_per_minute.values())
+    return sum((
+        60 / s.scheduler_interval_seconds,
+        60 / min(s.poll_interval_seconds, 5.0),
+        60 / service._SNAPSHOT_SECONDS,
+        60 / getattr(sync_lane, "_IDLE_TICK_SECONDS", sync_lane._TICK_SECONDS),
+        60 / callbacks._TICK_SECONDS,
+    ))
 
 
 # -------------------------------------------------------------------- output
