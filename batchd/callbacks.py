@@ -15,7 +15,6 @@ delivery is ``failed``, listed by ``GET /v1/callbacks/failed`` and replayable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from datetime import datetime
@@ -28,8 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import __version__, logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import backoff_seconds, callback_url_problem, tick_delay
-from batchd.logs import log_tick_failure
+from batchd.domain import backoff_seconds, callback_url_problem
+from batchd.loops import run_ticks
 from batchd.signing import (
     ATTEMPT_HEADER,
     DELIVERY_HEADER,
@@ -85,20 +84,10 @@ class CallbackSender:
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
-            failures = 0
-            while not stop.is_set():
-                started = 0
-                try:
-                    started = await self.tick()
-                    failures = 0
-                except Exception as exc:
-                    failures += 1
-                    log_tick_failure(log, "callbacks.tick_failed", exc, failures)
-                if started and len(self._running) < self.concurrency:
-                    continue  # a backlog: claim more at once
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), tick_delay(
-                        failures, _TICK_SECONDS, random.random()))
+            # A backlog (a full claim with room to send more): claim again at once.
+            await run_ticks(stop, self.tick, logger=log, event="callbacks.tick_failed",
+                            interval=lambda started: 0 if started and len(self._running)
+                            < self.concurrency else _TICK_SECONDS)
             await self.wait_deliveries()
         finally:
             await self.close()

@@ -20,9 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.archive import Archive
 from batchd.config import Settings
-from batchd.domain import tick_delay
 from batchd.errors import ProviderError
-from batchd.logs import log_tick_failure
+from batchd.loops import run_ticks
 from batchd.provider.base import Provider, RemoteBatch
 from batchd.router import Router
 from batchd.store import repo
@@ -48,19 +47,8 @@ class Poller:
         # Tick faster than the poll interval: each batch carries its own
         # next_poll_at, and a quick tick picks up newly submitted ones soon.
         interval = min(self.settings.poll_interval_seconds, 5.0)
-        failures = 0
-        while not stop.is_set():
-            try:
-                await self.tick()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                log_tick_failure(log, "poller.tick_failed", exc, failures)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=tick_delay(
-                    failures, interval, random.random()))
-            except TimeoutError:
-                pass
+        await run_ticks(stop, self.tick, logger=log, event="poller.tick_failed",
+                        interval=lambda _routed: interval)
 
     async def tick(self) -> int:
         """Check every due batch once; returns how many were routed."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from batchd import logs
+from batchd import logs, metrics
 from batchd.errors import ConfigError
 
 log = logs.get("batchd.prices")
@@ -124,6 +124,18 @@ class PriceTable:
         log.warning("prices.unknown_model", model=model, where=where,
                     rule="priced as the table's most expensive model",
                     priced_as=self._fallback_source, prices_as_of=self.as_of)
+
+    def reservation(self, model: str, est_input: int, est_output: int, *, sync: bool) -> Decimal:
+        """High-side cost reserved against the daily budget before a batch or
+        a sync call goes out: an unknown model at the table's most expensive
+        price, rounded up so it never falls below what it stands for."""
+        price = self.lookup(model)
+        if not price.known:
+            self.warn_unpriced(model, "budget")
+            metrics.UNPRICED_ESTIMATES.inc()
+        rate = price.sync if sync else price.batch
+        return cost(Tokens(est_input, 0, est_output), rate).quantize(
+            USD_QUANTUM, rounding=ROUND_CEILING)
 
     @classmethod
     def load(cls, path: Path | None = None) -> PriceTable:

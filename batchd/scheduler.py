@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.archive import Archive
 from batchd.config import Settings
-from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line, tick_delay
+from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line
 from batchd.errors import ProviderError
 from batchd.faults import crash_point
-from batchd.logs import log_tick_failure
-from batchd.prices import USD_QUANTUM, PriceTable, Tokens, cost
+from batchd.loops import run_ticks
+from batchd.prices import PriceTable
 from batchd.provider.base import Provider, RemoteBatch
 from batchd.store import repo
 from batchd.store.repo import NOW
@@ -91,19 +91,8 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.settings.scheduler_interval_seconds
-        failures = 0
-        while not stop.is_set():
-            try:
-                await self.tick()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                log_tick_failure(log, "scheduler.tick_failed", exc, failures)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=tick_delay(
-                    failures, interval, random.random()))
-            except TimeoutError:
-                pass
+        await run_ticks(stop, self.tick, logger=log, event="scheduler.tick_failed",
+                        interval=lambda _started: interval)
         await self.wait_sends()
 
     async def wait_sends(self) -> None:
@@ -165,7 +154,8 @@ class Scheduler:
                     return None
                 if claim.count < claim.picked:
                     reason = FlushReason.LIMIT
-                reserved = self.estimate(model, claim.est_input_tokens, claim.est_output_tokens)
+                reserved = self.prices.reservation(
+                    model, claim.est_input_tokens, claim.est_output_tokens, sync=False)
                 if s.daily_budget_usd is not None:
                     spent = await repo.day_spend(conn, today)
                     if spent + reserved > s.daily_budget_usd:
@@ -188,16 +178,6 @@ class Scheduler:
                  reserved_usd=str(reserved))
         return Pending(batch_id, endpoint, model, today, self.clock(), 0)
 
-    def estimate(self, model: str, est_in: int, est_out: int) -> Decimal:
-        """High-side cost of a batch, reserved against the daily budget. An
-        unknown model is reserved at the table's most expensive price."""
-        price = self.prices.lookup(model)
-        if not price.known:
-            self.prices.warn_unpriced(model, "budget")
-            metrics.UNPRICED_ESTIMATES.inc()
-        # Rounded up, so the reservation is never below what it stands for.
-        return cost(Tokens(est_in, 0, est_out), price.batch).quantize(
-            USD_QUANTUM, rounding=ROUND_CEILING)
 
     # -------------------------------------------------------------- sending
 

@@ -30,9 +30,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line, tick_delay
+from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
 from batchd.errors import ProviderError
-from batchd.logs import log_tick_failure
+from batchd.loops import run_ticks
 from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.provider.base import Provider
 from batchd.store import repo
@@ -84,19 +84,9 @@ class SyncLane:
         self._woken.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            self._woken.clear()  # before the tick: a wake during it is not lost
-            started = 0
-            try:
-                started = await self.tick()
-                failures = 0
-            except Exception as exc:
-                failures += 1
-                log_tick_failure(log, "sync_lane.tick_failed", exc, failures)
-            busy = started > 0 or bool(self._running)
-            idle = _TICK_SECONDS if busy else _IDLE_TICK_SECONDS
-            await _first(stop, self._woken, tick_delay(failures, idle, random.random()))
+        await run_ticks(stop, self.tick, logger=log, event="sync_lane.tick_failed",
+                        interval=lambda started: _TICK_SECONDS if started or self._running
+                        else _IDLE_TICK_SECONDS, wake=self._woken)
         await self.wait_calls()
 
     async def wait_calls(self) -> None:
@@ -144,14 +134,6 @@ class SyncLane:
             log.info("sync_lane.swept", fell_back=len(moved.to_sync),
                      resubmitted=len(moved.resubmitted), lost_calls=sum(lost.values()))
 
-    def estimate(self, model: str, est_in: int, est_out: int) -> Decimal:
-        """High-side cost of one call, reserved against the daily budget. An
-        unknown model is reserved at the table's most expensive price."""
-        price = self.prices.lookup(model)
-        if not price.known:
-            self.prices.warn_unpriced(model, "budget")
-            metrics.UNPRICED_ESTIMATES.inc()
-        return cost(Tokens(est_in, 0, est_out), price.sync)
 
     async def _claim(self, claim_id: str, limit: int) -> list[dict[str, Any]]:
         """Claim due calls, in order, as far as the daily budget allows, each
@@ -163,7 +145,8 @@ class SyncLane:
             candidates = await repo.sync_candidates(conn, limit)
             if not candidates:
                 return []
-            estimates = [self.estimate(c["model"], c["est_input_tokens"], c["est_output_tokens"])
+            estimates = [self.prices.reservation(c["model"], c["est_input_tokens"],
+                                                  c["est_output_tokens"], sync=True)
                          for c in candidates]
             spent = await repo.day_spend(conn, today) if self.budget is not None else Decimal(0)
             fit = budget_fit(spent, estimates, self.budget)
@@ -251,16 +234,6 @@ class SyncLane:
             if name == "succeeded":
                 metrics.TASK_LATENCY.labels(lane="sync").observe(
                     max(0.0, time.time() - row["created_at"].timestamp()))
-
-
-async def _first(a: asyncio.Event, b: asyncio.Event, seconds: float) -> None:
-    """Wait until either event is set, or ``seconds`` pass."""
-    waiters = [asyncio.create_task(a.wait()), asyncio.create_task(b.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
 
 
 def _dumps(value: Any) -> str:

@@ -97,3 +97,21 @@ def test_prices_file_override_and_errors(tmp_path: Path) -> None:
     bad.write_text('{"models": {"m": {"sync": {}}}}')
     with pytest.raises(ConfigError, match="BATCHD_PRICES_FILE"):
         PriceTable.load(bad)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_a_reservation_rounds_up_at_its_lane_price(sync: bool) -> None:
+    table = PriceTable.load()
+    price = table.lookup("gpt-4o-mini")
+    exact = cost(Tokens(7, 0, 3), price.sync if sync else price.batch)
+    reserved = table.reservation("gpt-4o-mini", 7, 3, sync=sync)
+    assert reserved >= exact and reserved - exact < Decimal("0.000001")
+    assert reserved == reserved.quantize(Decimal("0.000001"))
+    assert round_usd(exact) < exact, "the case must be one where rounding to nearest goes down"
+
+
+def test_a_reservation_for_an_unknown_model_is_never_below_any_known_one() -> None:
+    table = PriceTable.load()
+    unknown = table.reservation("no-such-model", 1000, 1000, sync=True)
+    assert all(unknown >= table.reservation(name, 1000, 1000, sync=True)
+               for name in table.models)
