@@ -99,12 +99,13 @@ def test_prices_file_override_and_errors(tmp_path: Path) -> None:
         PriceTable.load(bad)
 
 
-@pytest.mark.parametrize("sync", [False, True])
-def test_a_reservation_rounds_up_at_its_lane_price(sync: bool) -> None:
+@pytest.mark.parametrize(("sync", "tokens_in", "tokens_out"), [(False, 7, 3), (True, 1, 2)])
+def test_a_reservation_rounds_up_at_its_lane_price(sync: bool, tokens_in: int,
+                                                   tokens_out: int) -> None:
     table = PriceTable.load()
     price = table.lookup("gpt-4o-mini")
-    exact = cost(Tokens(7, 0, 3), price.sync if sync else price.batch)
-    reserved = table.reservation("gpt-4o-mini", 7, 3, sync=sync)
+    exact = cost(Tokens(tokens_in, 0, tokens_out), price.sync if sync else price.batch)
+    reserved = table.reservation("gpt-4o-mini", tokens_in, tokens_out, sync=sync)
     assert reserved >= exact and reserved - exact < Decimal("0.000001")
     assert reserved == reserved.quantize(Decimal("0.000001"))
     assert round_usd(exact) < exact, "the case must be one where rounding to nearest goes down"
