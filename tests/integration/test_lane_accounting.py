@@ -10,17 +10,17 @@ from structlog.testing import capture_logs
 
 from batchd import metrics
 from batchd.domain import parse_task
-from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
+from batchd.prices import PriceTable, cost, round_usd, tokens_from_usage
 from batchd.provider.emulator_lines import usage_for
 from tests.harness import FakeClock, Harness, chat_task, running
 
-PRICE = PriceTable.load().lookup("gpt-4o-mini")
+TABLE = PriceTable.load()
+PRICE = TABLE.lookup("gpt-4o-mini")
 
 
 def _estimate(task: dict[str, object], sync: bool) -> Decimal:
     t = parse_task(task, 0)
-    return cost(Tokens(t.est_input_tokens, 0, t.est_output_tokens),
-                PRICE.sync if sync else PRICE.batch)
+    return TABLE.reservation("gpt-4o-mini", t.est_input_tokens, t.est_output_tokens, sync=sync)
 
 
 def _actual(task: dict[str, object], sync: bool) -> Decimal:
