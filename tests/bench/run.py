@@ -21,6 +21,7 @@ import functools
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -982,6 +983,7 @@ async def main(argv: list[str] | None = None) -> int:
     finally:
         await b.emulator.stop()
         await b.drop_dbs()
+        shutil.rmtree(b.tmp, ignore_errors=True)
     out = table(b, started)
     print(out)
     if a.out:
