@@ -495,7 +495,8 @@ WITH input AS (
         finished_at = CASE WHEN i.final OR t.attempts >= :max_attempts THEN now() END,
         last_error = i.err::jsonb, updated_at = now()
     FROM input i
-    WHERE t.custom_id = i.cid AND t.batch_id = :bid AND t.state = 'submitted'
+    -- By custom_id, as in _UPSERT_SUCCESSES (IS TRUE: not the batch index).
+    WHERE t.custom_id = i.cid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
     RETURNING t.custom_id, t.attempts, t.state, t.client, t.callback_url
 ), ev AS (
     INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
