@@ -121,6 +121,16 @@ class Harness:
     async def expire_backoffs(self) -> None:
         await self.execute("UPDATE tasks SET not_before = now() WHERE state = 'queued'")
 
+    async def drain_sync(self, rounds: int = 50) -> None:
+        """Run the sync lane, backoffs expired, until no sync task is left open."""
+        for _ in range(rounds):
+            await self.expire_backoffs()
+            await self.service.sync_lane.tick()
+            await self.service.sync_lane.wait_calls()
+            if await self.count("lane = 'sync' AND state IN ('queued', 'submitted')") == 0:
+                return
+        raise AssertionError("sync lane did not settle")
+
     async def age_queue(self, seconds: float) -> None:
         await self.execute("UPDATE tasks SET not_before = not_before - make_interval(secs => :s)"
                            " WHERE state = 'queued'", s=seconds)

@@ -19,10 +19,10 @@ from tests.acceptance.procs import (
     API_KEY,
     PrivatePostgres,
     Replica,
-    admin,
     find_pg_bindir,
     replica_env,
 )
+from tests.conftest import _admin
 
 # Fast clocks for everything: windows, polls, retries and leases in fractions
 # of a second, so a crash and its recovery fit in a few seconds.
@@ -54,13 +54,13 @@ async def private_db(private_pg: PrivatePostgres) -> AsyncIterator[str]:
     if not _pg_up(private_pg):
         private_pg.start()  # a test that stopped it may have failed before restarting
     name = f"batchd_c_{uuid.uuid4().hex[:10]}"
-    await admin(private_pg.url, f'CREATE DATABASE "{name}"')
+    await _admin(private_pg.url, f'CREATE DATABASE "{name}"')
     url = private_pg.url.rsplit("/", 1)[0] + f"/{name}"
     await asyncio.to_thread(command.upgrade, alembic_config(async_url(url)), "head")
     yield url
     if not _pg_up(private_pg):
         private_pg.start()
-    await admin(private_pg.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await _admin(private_pg.url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _pg_up(pg: PrivatePostgres) -> bool:

@@ -121,16 +121,6 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-async def admin(url: str, sql: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 # ---------------------------------------------------------------- batchd serve
 
 class Replica:

@@ -24,7 +24,8 @@ from batchd.provider.emulator import Emulator
 from batchd.service import alembic_config
 from batchd.store.engine import async_url
 from tests.acceptance.chaos import Chaos
-from tests.acceptance.procs import API_KEY, PrivatePostgres, admin, find_pg_bindir
+from tests.acceptance.procs import API_KEY, PrivatePostgres, find_pg_bindir
+from tests.conftest import _admin
 
 
 async def soak(args: argparse.Namespace) -> int:
@@ -37,7 +38,7 @@ async def soak(args: argparse.Namespace) -> int:
     emu = Emulator(api_key=API_KEY, in_progress_seconds=args.in_progress_seconds,
                    seed=args.seed)
     try:
-        await admin(pg.url, 'CREATE DATABASE "batchd_soak"')
+        await _admin(pg.url, 'CREATE DATABASE "batchd_soak"')
         url = pg.url.rsplit("/", 1)[0] + "/batchd_soak"
         await asyncio.to_thread(command.upgrade, alembic_config(async_url(url)), "head")
         emu_url = await emu.start()

@@ -19,16 +19,6 @@ async def _sweep(h: Harness) -> None:
     await h.service.sync_lane.sweep()
 
 
-async def _drain_sync(h: Harness, rounds: int = 20) -> None:
-    for _ in range(rounds):
-        await h.expire_backoffs()
-        await h.service.sync_lane.tick()
-        await h.service.sync_lane.wait_calls()
-        if await h.count("lane = 'sync' AND state IN ('queued', 'submitted')") == 0:
-            return
-    raise AssertionError("sync lane did not settle")
-
-
 async def _states(h: Harness) -> dict[str, tuple[str, int]]:
     return {r["custom_id"]: (r["state"], r["attempts"]) for r in await h.rows(
         "SELECT custom_id, state, attempts FROM tasks")}
@@ -45,7 +35,7 @@ async def test_a_fallback_never_takes_a_task_past_max_attempts(
         await h.execute("UPDATE tasks SET fallback_at = now()")
         await _sweep(h)
         assert await _states(h) == {"late": ("queued", 0)}  # the unanswered attempt back
-        await _drain_sync(h)
+        await h.drain_sync(20)
         assert await _states(h) == {"late": ("failed", 1)}
         assert h.emulator.calls["sync"] == 1
 

@@ -10,17 +10,7 @@ from pathlib import Path
 from batchd.prices import PriceTable, cost, round_usd, tokens_from_usage
 from batchd.provider.emulator import Emulator
 from batchd.provider.emulator_lines import usage_for
-from tests.harness import API_KEY, Harness, chat_task, running
-
-
-async def _drain_sync(h: Harness, rounds: int = 50) -> None:
-    for _ in range(rounds):
-        await h.expire_backoffs()
-        await h.service.sync_lane.tick()
-        await h.service.sync_lane.wait_calls()
-        if await h.count("lane = 'sync' AND state IN ('queued', 'submitted')") == 0:
-            return
-    raise AssertionError("sync lane did not settle")
+from tests.harness import API_KEY, chat_task, running
 
 
 async def test_sync_task_with_wait_returns_its_result(db_url: str, tmp_path: Path) -> None:
@@ -63,7 +53,7 @@ async def test_deadline_a_batch_cannot_meet_goes_sync(db_url: str, tmp_path: Pat
         lanes = {r["custom_id"]: r["lane"] for r in await h.rows(
             "SELECT custom_id, lane FROM tasks")}
         assert lanes == {"soon": "sync", "later": "batch"}
-        await _drain_sync(h)
+        await h.drain_sync()
         assert (await h.task("soon"))["state"] == "succeeded"
         assert (await h.task("later"))["state"] == "queued"  # waits for its window
 
@@ -73,7 +63,7 @@ async def test_sync_failures_follow_the_batch_rules(db_url: str, tmp_path: Path)
         await h.post({"tasks": [chat_task("flaky", lane="sync", emulate="http_503*1"),
                                 chat_task("broken", lane="sync", emulate="http_400"),
                                 chat_task("doomed", lane="sync", emulate="http_500")]})
-        await _drain_sync(h)
+        await h.drain_sync()
         states = {r["custom_id"]: (r["state"], r["attempts"]) for r in await h.rows(
             "SELECT custom_id, state, attempts FROM tasks")}
         assert states == {"flaky": ("succeeded", 2), "broken": ("failed", 1),
@@ -98,7 +88,7 @@ async def test_profile_falls_back_to_sync_when_the_batch_is_late(
         assert await h.count("state = 'submitted'") == 2
         await h.execute("UPDATE tasks SET fallback_at = now() WHERE custom_id = 'tight'")
         h.service.sync_lane._last_sweep = 0.0
-        await _drain_sync(h)
+        await h.drain_sync()
         tight = await h.task("tight")
         # The unanswered batch attempt was given back; the sync call counted.
         assert (tight["state"], tight["attempts"]) == ("succeeded", 1)
@@ -126,7 +116,7 @@ async def test_report_compares_the_lanes(db_url: str, tmp_path: Path) -> None:
         chat_task("s-bad", lane="sync", emulate="http_400")]
     async with running(db_url, tmp_path) as h:
         await h.post({"tasks": tasks})
-        await _drain_sync(h)
+        await h.drain_sync()
         await h.run_until_settled()
         status, report = await h.get("/v1/report/daily")
         assert status == 200
