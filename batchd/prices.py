@@ -3,8 +3,9 @@
 Money is Decimal end to end. The one rounding rule: USD is rounded to 1e-6,
 half up, once, where a total is fixed. A batch's cost is the rounded cost of
 the tokens it was billed for (the batch's own ``usage`` when the provider
-reports it); its results' exact costs are then rounded by largest remainder
-(store.repo.allocate_result_costs) so they add up to their rounded sum, and
+reports it); its results' exact costs are rounded by largest remainder as
+they are stored (store.repo._STAGED_SUCCESSES) so they add up to their
+rounded sum, and
 what no result carries (billed lines no task kept) is the batch's
 unattributed cost. So results + unattributed = the batch, to the micro-dollar,
 and every total above (day, report, budget) is a sum of rounded amounts.
@@ -78,6 +79,34 @@ def cost(tokens: Tokens, rate: Rate) -> Decimal:
     uncached = max(0, tokens.input - tokens.cached)
     return (uncached * rate.input + tokens.cached * rate.cached_input
             + tokens.output * rate.output) / MILLION
+
+
+@dataclass(frozen=True, slots=True)
+class ScaledRate:
+    """A rate as whole numbers, for costing many lines fast and exactly.
+
+    A price per 1M tokens in USD is a price per token in micro-dollars, so a
+    line's cost in units of 1e-6 / ``scale`` USD is a sum of integer products;
+    ``cost(tokens, rate)`` is that figure divided by 1e6 * ``scale``.
+    """
+
+    input: int
+    cached_input: int
+    output: int
+    scale: int
+
+    @classmethod
+    def of(cls, rate: Rate) -> ScaledRate:
+        places = max(max(0, -int(v.as_tuple().exponent))
+                     for v in (rate.input, rate.cached_input, rate.output))
+        scale = 10 ** places
+        return cls(int(rate.input * scale), int(rate.cached_input * scale),
+                   int(rate.output * scale), scale)
+
+    def cost(self, tokens: Tokens) -> int:
+        uncached = max(0, tokens.input - tokens.cached)
+        return (uncached * self.input + tokens.cached * self.cached_input
+                + tokens.output * self.output)
 
 
 def round_usd(value: Decimal) -> Decimal:

@@ -22,21 +22,28 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
 from batchd.faults import crash_point
-from batchd.prices import ModelPrice, PriceTable, Tokens, cost, round_usd, tokens_from_usage
+from batchd.prices import (
+    ModelPrice,
+    PriceTable,
+    ScaledRate,
+    Tokens,
+    cost,
+    round_usd,
+    tokens_from_usage,
+)
 from batchd.provider.base import RemoteBatch
 from batchd.store import repo
 from batchd.store.repo import NOW, Backoff
 
 log = logs.get("batchd.router")
 
-CHUNK_LINES = 2000
+CHUNK_LINES = 2000  # tasks settled as missing per statement
 
 
 @dataclass(slots=True)
@@ -57,6 +64,10 @@ class RouteSummary:
     spend: Decimal = Decimal(0)
     sync_spend: Decimal = Decimal(0)
     unattributed: Decimal = Decimal(0)
+    # The stored results' rounded costs (batch and sync prices).
+    attributed: Decimal = Decimal(0)
+    attributed_sync: Decimal = Decimal(0)
+    waited: list[float] = field(default_factory=list)  # ingest to result, per stored task
     # (outcome, client) -> tasks, for the client-labelled completion metric.
     by_client: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
@@ -70,6 +81,20 @@ class RouteSummary:
 
     def count(self, outcome: str, client: str | None, n: int = 1) -> None:
         self.by_client[outcome, client] = self.by_client.get((outcome, client), 0) + n
+
+
+@dataclass(slots=True)
+class _LineTally:
+    """Success lines read, and their tokens (input, cached, output)."""
+
+    ok: int = 0
+    tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def add(self, t: Tokens) -> None:
+        self.ok += 1
+        self.tokens[0] += t.input
+        self.tokens[1] += t.cached
+        self.tokens[2] += t.output
 
 
 def iter_lines(path: Path) -> Iterator[dict[str, Any] | None]:
@@ -106,11 +131,10 @@ class Router:
             if remote.status == "failed":
                 await self._route_failed(conn, batch_id, remote, summary)
             else:
-                for path in files:
-                    await self._route_file(conn, batch_id, price, path, summary)
+                await self._route_files(conn, batch_id, price, files, summary)
                 missing = {**MISSING_ERROR, "batch_status": remote.status}
                 await self._fail_remaining(conn, batch_id, missing, summary)
-            await self._settle_cost(conn, batch_id, price, remote, summary)
+            self._settle_cost(batch_id, price, remote, summary)
             await repo.settle_batch(
                 conn, batch_id, provider_status=remote.status,
                 output_file_id=remote.output_file_id, error_file_id=remote.error_file_id,
@@ -120,11 +144,6 @@ class Router:
                 sync_cost_usd=summary.sync_spend, unattributed_cost_usd=summary.unattributed,
                 unattributed_lines=summary.orphan_lines + summary.malformed,
                 unpriced=summary.unpriced)
-            latencies = await conn.execute(text("""
-                SELECT extract(epoch FROM now() - created_at) FROM tasks
-                WHERE batch_id = :bid AND state = 'succeeded'"""), {"bid": batch_id})
-            for (seconds,) in latencies:
-                metrics.TASK_LATENCY.labels(lane="batch").observe(float(seconds))
         crash_point("after_route")
         self._record_metrics(model, remote.status, summary)
         log.info("batch.routed", batch_id=batch_id, provider_batch_id=remote.id,
@@ -134,11 +153,11 @@ class Router:
                  unattributed_usd=str(summary.unattributed), unpriced=summary.unpriced)
         return summary
 
-    async def _settle_cost(self, conn: AsyncConnection, batch_id: str, price: ModelPrice,
-                           remote: RemoteBatch, summary: RouteSummary) -> None:
-        """The batch's cost from what was billed; its results rounded to add up to
-        their share, the rest unattributed."""
-        attributed, attributed_sync = await repo.allocate_result_costs(conn, batch_id)
+    def _settle_cost(self, batch_id: str, price: ModelPrice, remote: RemoteBatch,
+                     summary: RouteSummary) -> None:
+        """The batch's cost from what was billed; its results (rounded as they
+        were stored) are its share, the rest is unattributed."""
+        attributed, attributed_sync = summary.attributed, summary.attributed_sync
         lines = summary.tokens + summary.orphan_tokens
         billed = lines
         if remote.usage:
@@ -156,61 +175,60 @@ class Router:
         summary.spend, summary.sync_spend = round_usd(total), round_usd(attributed_sync)
         summary.unattributed = round_usd(total - attributed)
 
-    async def _route_file(self, conn: AsyncConnection, batch_id: str, price: ModelPrice,
-                          path: Path, summary: RouteSummary) -> None:
-        ok = repo.SuccessRows.empty()
-        ok_tokens: list[Tokens] = []
-        bad_ids: list[str] = []
-        bad_final: list[bool] = []
-        bad_errors: list[dict[str, Any]] = []
-        for line in iter_lines(path):
-            cid = line.get("custom_id") if line else None
-            if line is None or not isinstance(cid, str):
-                summary.malformed += 1  # its task stays unsettled and is retried as missing
-                continue
-            result = classify_line(line)
-            if result.outcome is Outcome.SUCCESS:
+    async def _route_files(self, conn: AsyncConnection, batch_id: str, price: ModelPrice,
+                           files: list[Path], summary: RouteSummary) -> None:
+        """Stage every line of the files, then settle the successes and then
+        the failures, one statement each (a task with both kinds of line
+        succeeds: that is what was paid for)."""
+        rate, sync_rate = ScaledRate.of(price.batch), ScaledRate.of(price.sync)
+        lines = _LineTally()
+        await repo.stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary))
+        stored = await repo.store_staged_successes(
+            conn, batch_id, scale=rate.scale, sync_scale=sync_rate.scale,
+            unpriced=not price.known)
+        crash_point("mid_route")
+        for client, n in stored.by_client.items():
+            summary.count("succeeded", client, n)
+        summary.succeeded = stored.stored
+        summary.tokens = Tokens(*stored.tokens)
+        summary.attributed, summary.attributed_sync = stored.cost, stored.sync_cost
+        summary.waited = stored.waited
+        # Billed, but no task of this batch took them: the task left for the
+        # sync lane or had already succeeded, or the line is a duplicate.
+        summary.orphan_lines = lines.ok - stored.stored
+        summary.orphan_tokens = Tokens(lines.tokens[0] - summary.tokens.input,
+                                       lines.tokens[1] - summary.tokens.cached,
+                                       lines.tokens[2] - summary.tokens.output)
+        summary.add(await repo.store_staged_failures(conn, batch_id, self.backoff))
+
+    @staticmethod
+    def _stage_rows(files: list[Path], rate: ScaledRate, sync_rate: ScaledRate,
+                    lines: _LineTally, summary: RouteSummary) -> Iterator[tuple[Any, ...]]:
+        """repo.STAGE_COLUMNS rows of the files' lines, read as a stream."""
+        number = 0
+        for path in files:
+            for line in iter_lines(path):
+                number += 1
+                cid = line.get("custom_id") if line else None
+                if line is None or not isinstance(cid, str):
+                    summary.malformed += 1  # its task stays unsettled: retried as missing
+                    continue
+                result = classify_line(line)
+                if result.outcome is not Outcome.SUCCESS:
+                    yield (number, cid, False, None, None, None, None, None, None, None, None,
+                           None, None, result.outcome is Outcome.FINAL,
+                           orjson.dumps(result.error or {}).decode(), random.random())
+                    continue
                 body = line["response"].get("body") or {}
                 usage = body.get("usage") if isinstance(body, dict) else None
                 tokens = tokens_from_usage(usage)
-                ok.custom_ids.append(cid)
-                ok.status.append(result.status_code or 200)
-                ok.responses.append(orjson.dumps(body).decode())
-                ok.usages.append(orjson.dumps(usage).decode() if usage is not None else None)
-                ok.costs.append(cost(tokens, price.batch))
-                ok.sync_costs.append(cost(tokens, price.sync))
-                ok.unpriced.append(not price.known)
-                ok_tokens.append(tokens)
-            else:
-                bad_ids.append(cid)
-                bad_final.append(result.outcome is Outcome.FINAL)
-                bad_errors.append(result.error or {})
-            if len(ok.custom_ids) >= CHUNK_LINES:
-                await self._flush_ok(conn, batch_id, ok, ok_tokens, summary)
-                ok, ok_tokens = repo.SuccessRows.empty(), []
-            if len(bad_ids) >= CHUNK_LINES:
-                await self._flush_bad(conn, batch_id, bad_ids, bad_final, bad_errors, summary)
-                bad_ids, bad_final, bad_errors = [], [], []
-        await self._flush_ok(conn, batch_id, ok, ok_tokens, summary)
-        await self._flush_bad(conn, batch_id, bad_ids, bad_final, bad_errors, summary)
-
-    async def _flush_ok(self, conn: AsyncConnection, batch_id: str, ok: repo.SuccessRows,
-                        tokens: list[Tokens], summary: RouteSummary) -> None:
-        if not ok.custom_ids:
-            return
-        stored = await repo.store_successes(conn, batch_id, ok)
-        crash_point("mid_route")
-        for i, cid in enumerate(ok.custom_ids):
-            if cid in stored:
-                # A duplicate line in the same chunk counts once.
-                summary.count("succeeded", stored.pop(cid))
-                summary.succeeded += 1
-                summary.tokens += tokens[i]
-            else:
-                # Billed, but no task of this batch took it: the task left for
-                # the sync lane, already succeeded, or the line is a duplicate.
-                summary.orphan_lines += 1
-                summary.orphan_tokens += tokens[i]
+                lines.add(tokens)
+                cost_units, cost_rem = divmod(rate.cost(tokens), rate.scale)
+                sync_units, sync_rem = divmod(sync_rate.cost(tokens), sync_rate.scale)
+                yield (number, cid, True, result.status_code or 200, orjson.dumps(body).decode(),
+                       orjson.dumps(usage).decode() if usage is not None else None,
+                       tokens.input, tokens.cached, tokens.output,
+                       cost_units, cost_rem, sync_units, sync_rem, None, None, None)
 
     async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[str],
                          finals: list[bool], errors: list[dict[str, Any]],
@@ -248,6 +266,9 @@ class Router:
 
     def _record_metrics(self, model: str, status: str, s: RouteSummary) -> None:
         metrics.BATCHES_FINISHED.labels(status=status).inc()
+        latency = metrics.TASK_LATENCY.labels(lane="batch")
+        for seconds in s.waited:
+            latency.observe(seconds)
         for (outcome, client), n in s.by_client.items():
             metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
                                            lane="batch").inc(n)

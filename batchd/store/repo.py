@@ -8,7 +8,7 @@ step that must be atomic (claim tasks + create the batch row) is one
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -401,13 +401,13 @@ async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict
 
 # --------------------------------------------------------------------- router
 
-_UPSERT_SUCCESSES = text("""
-WITH input AS (
-    SELECT DISTINCT ON (cid) * FROM unnest(
-        CAST(:cid AS text[]), CAST(:status AS int[]), CAST(:resp AS text[]),
-        CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]),
-        CAST(:unpriced AS bool[]))
-        AS t(cid, status, resp, usage, cost, sync, unpriced)
+# A success settles its task and stores its result in one statement: the
+# task moves only from 'submitted' in this batch, so a line routed twice, a
+# duplicate line or a task that left for the sync lane stores nothing. Two
+# inputs fill it: parallel arrays (the sync lane, one call at a time) and the
+# lines a route staged with COPY (below), whose costs are rounded here.
+_SUCCESS_SQL = """
+WITH input AS ({input}
 ), done AS (
     UPDATE tasks t SET state = 'succeeded', finished_at = now(), updated_at = now(),
            last_error = NULL
@@ -418,33 +418,42 @@ WITH input AS (
     -- comparisons per chunk of a 50,000-line batch. IS TRUE keeps the
     -- batch index out of reach.
     WHERE t.custom_id = i.cid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
-    RETURNING t.custom_id, t.attempts, t.replay_count, t.client, t.callback_url
+    RETURNING t.custom_id, t.attempts, t.replay_count, t.client, t.callback_url,
+              extract(epoch FROM now() - t.created_at) AS waited
+), kept AS ({kept}
 ), ev AS (
     INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
-    SELECT custom_id, :bid, attempts, 'succeeded' FROM done
+    SELECT cid, :bid, attempts, 'succeeded' FROM kept
 ), cb AS (
     INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts)
-    SELECT custom_id, client, callback_url, 'succeeded', attempts FROM done
+    SELECT cid, client, callback_url, 'succeeded', attempts FROM kept
     WHERE callback_url IS NOT NULL
 ), res AS (
     INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
                               sync_cost_usd, replay_count, unpriced)
-    SELECT i.cid, :bid, i.status, i.resp::jsonb, i.usage::jsonb, i.cost, i.sync, d.replay_count,
-           i.unpriced
-    FROM input i JOIN done d ON d.custom_id = i.cid
+    SELECT cid, :bid, status, resp::jsonb, usage::jsonb, cost, sync, replay_count, unpriced
+    FROM kept
     ON CONFLICT (custom_id) DO UPDATE SET
         batch_id = excluded.batch_id, status_code = excluded.status_code,
         response = excluded.response, usage = excluded.usage, cost_usd = excluded.cost_usd,
         sync_cost_usd = excluded.sync_cost_usd, replay_count = excluded.replay_count,
         unpriced = excluded.unpriced, updated_at = now()
-    RETURNING custom_id
 )
--- Every settled task gets its result row (DO UPDATE has no WHERE), so done is
--- what was stored; res runs to completion whether read or not. (Joining done
--- to res was a nested loop on the CTEs' one-row estimates: 4,000,000
+-- Every settled task gets its result row (DO UPDATE has no WHERE), so kept is
+-- what was stored; res runs to completion whether read or not. (Joining to
+-- res was a nested loop on the CTEs' one-row estimates: 4,000,000
 -- comparisons per 2,000-line chunk.)
-SELECT d.custom_id, d.client FROM done d
-""")
+{final}
+"""
+
+_UPSERT_SUCCESSES = text(_SUCCESS_SQL.format(input="""
+    SELECT DISTINCT ON (cid) * FROM unnest(
+        CAST(:cid AS text[]), CAST(:status AS int[]), CAST(:resp AS text[]),
+        CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]),
+        CAST(:unpriced AS bool[]))
+        AS t(cid, status, resp, usage, cost, sync, unpriced)""", kept="""
+    SELECT i.*, d.* FROM input i JOIN done d ON d.custom_id = i.cid""", final="""
+SELECT cid, client FROM kept"""))
 
 
 @dataclass(slots=True)
@@ -479,11 +488,8 @@ async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRow
 
 # Backoff in SQL mirrors domain.backoff_seconds: the attempt count lives in the
 # row, the jitter comes from the caller so tests can pin it.
-_FAIL_LINES = text("""
-WITH input AS (
-    SELECT DISTINCT ON (cid) * FROM unnest(
-        CAST(:cid AS text[]), CAST(:final AS bool[]), CAST(:err AS text[]),
-        CAST(:jitter AS float8[])) AS t(cid, final, err, jitter)
+_FAIL_SQL = """
+WITH input AS ({input}
 ), upd AS (
     UPDATE tasks t SET
         state = CASE WHEN i.final OR t.attempts >= :max_attempts THEN 'failed' ELSE 'queued' END,
@@ -495,7 +501,7 @@ WITH input AS (
         finished_at = CASE WHEN i.final OR t.attempts >= :max_attempts THEN now() END,
         last_error = i.err::jsonb, updated_at = now()
     FROM input i
-    -- By custom_id, as in _UPSERT_SUCCESSES (IS TRUE: not the batch index).
+    -- By custom_id, as in _SUCCESS_SQL (IS TRUE: not the batch index).
     WHERE t.custom_id = i.cid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
     RETURNING t.custom_id, t.attempts, t.state, t.client, t.callback_url
 ), ev AS (
@@ -510,7 +516,11 @@ WITH input AS (
     WHERE u.state = 'failed' AND u.callback_url IS NOT NULL
 )
 SELECT CASE WHEN state = 'failed' THEN 'failed' ELSE 'retried' END, client FROM upd
-""")
+"""
+_FAIL_LINES = text(_FAIL_SQL.format(input="""
+    SELECT DISTINCT ON (cid) * FROM unnest(
+        CAST(:cid AS text[]), CAST(:final AS bool[]), CAST(:err AS text[]),
+        CAST(:jitter AS float8[])) AS t(cid, final, err, jitter)"""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,11 +541,123 @@ async def store_failures(
     rows = await conn.execute(_FAIL_LINES, {
         "bid": batch_id, "cid": list(custom_ids), "final": list(finals),
         "err": [orjson.dumps(e).decode() for e in errors], "jitter": list(jitters),
-        "max_attempts": backoff.max_attempts, "base": backoff.base, "cap": backoff.cap})
+        **_backoff_params(backoff)})
+    return _count_outcomes(rows)
+
+
+def _backoff_params(backoff: Backoff) -> dict[str, Any]:
+    return {"max_attempts": backoff.max_attempts, "base": backoff.base, "cap": backoff.cap}
+
+
+def _count_outcomes(rows: Iterable[Any]) -> dict[tuple[str, str | None], int]:
     counts: dict[tuple[str, str | None], int] = {}
     for outcome, client in rows:
         counts[outcome, client] = counts.get((outcome, client), 0) + 1
     return counts
+
+
+# ------------------------------------------------------------- staged routes
+#
+# A route COPYs every line of its files into a temporary table, then settles
+# them with one statement for the successes and one for the failures. Binary
+# COPY is the cheapest way to hand PostgreSQL 50,000 rows, and with the
+# whole batch in one place its results' costs are rounded as they are
+# inserted (largest remainder, below) instead of being updated afterwards.
+# The table lives until the route's transaction ends.
+
+STAGE_COLUMNS = ("line", "cid", "ok", "status", "resp", "usage", "tin", "tcached", "tout",
+                 "cost_units", "cost_rem", "sync_units", "sync_rem", "final", "err", "jitter")
+
+
+async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]]) -> None:
+    """COPY a route's lines (rows of STAGE_COLUMNS, streamed) into route_lines.
+
+    Costs come as whole micro-dollars plus a remainder in 1/scale of one
+    (prices.ScaledRate); a failure line has ok false and its error. The rows
+    are produced while earlier ones are on the wire, so reading the files
+    overlaps PostgreSQL's share of the work."""
+    # Sorting a batch's lines (dedupe, the remainder ranking) in memory, not
+    # in temporary files: 50,000 lines take about 40 MB.
+    await conn.execute(text("SET LOCAL work_mem = '64MB'"))
+    await conn.execute(text("""
+        CREATE TEMPORARY TABLE route_lines (
+            line int NOT NULL, cid text NOT NULL, ok bool NOT NULL, status int, resp text,
+            usage text, tin bigint, tcached bigint, tout bigint, cost_units bigint,
+            cost_rem bigint, sync_units bigint, sync_rem bigint, final bool, err text,
+            jitter float8) ON COMMIT DROP"""))
+    raw = await conn.get_raw_connection()
+    await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+        "route_lines", records=records, columns=STAGE_COLUMNS)
+    # Fresh statistics, so the settling statements plan for the real row count.
+    await conn.execute(text("ANALYZE route_lines"))
+
+
+@dataclass(frozen=True, slots=True)
+class StagedSuccesses:
+    """What settling a route's staged success lines stored."""
+
+    by_client: dict[str | None, int]
+    tokens: tuple[int, int, int]  # input, cached input, output of the stored lines
+    cost: Decimal  # the stored results' rounded costs, summed
+    sync_cost: Decimal
+    waited: list[float]  # seconds from ingest to result, a stored task each
+
+    @property
+    def stored(self) -> int:
+        return sum(self.by_client.values())
+
+
+# Largest remainder over the results this statement stores: each gets its
+# whole micro-dollars, and the units the floors lose in all (their sum rounded
+# half up, as prices.round_usd) go to the largest remainders, ties to the
+# earlier line. So the results add up to their rounded sum, each off by less
+# than 1e-6. A duplicate line keeps its first copy.
+_STAGED_SUCCESSES = text(_SUCCESS_SQL.format(input="""
+    SELECT DISTINCT ON (cid) * FROM route_lines WHERE ok ORDER BY cid, line""", kept="""
+    SELECT i.cid, i.status, i.resp, i.usage, i.tin, i.tcached, i.tout, d.*,
+           CAST(:unpriced AS bool) AS unpriced,
+           (i.cost_units + CASE WHEN row_number() OVER (ORDER BY i.cost_rem DESC, i.line)
+               <= floor((sum(i.cost_rem) OVER () * 2 + :scale) / (2 * :scale)) THEN 1 ELSE 0
+               END) / 1000000.0 AS cost,
+           (i.sync_units + CASE WHEN row_number() OVER (ORDER BY i.sync_rem DESC, i.line)
+               <= floor((sum(i.sync_rem) OVER () * 2 + :sync_scale) / (2 * :sync_scale))
+               THEN 1 ELSE 0 END) / 1000000.0 AS sync
+    FROM input i JOIN done d ON d.custom_id = i.cid""", final="""
+SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(cost), sum(sync),
+       array_agg(waited)
+FROM kept GROUP BY client"""))
+
+_STAGED_FAILURES = text(_FAIL_SQL.format(input="""
+    SELECT DISTINCT ON (cid) cid, final, err, jitter FROM route_lines WHERE NOT ok
+    ORDER BY cid, line"""))
+
+
+async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, scale: int,
+                                 sync_scale: int, unpriced: bool) -> StagedSuccesses:
+    """Settle the staged success lines (see _SUCCESS_SQL): tasks succeeded,
+    results stored with their rounded costs, events and callbacks written."""
+    rows = await conn.execute(_STAGED_SUCCESSES, {
+        "bid": batch_id, "scale": scale, "sync_scale": sync_scale, "unpriced": unpriced})
+    by_client: dict[str | None, int] = {}
+    tokens = [0, 0, 0]
+    paid = [Decimal(0), Decimal(0)]
+    waited: list[float] = []
+    for client, n, tin, tcached, tout, cost_usd, sync_usd, times in rows:
+        by_client[client] = int(n)
+        for i, v in enumerate((tin, tcached, tout)):
+            tokens[i] += int(v)
+        paid[0] += cost_usd
+        paid[1] += sync_usd
+        waited.extend(map(float, times))
+    return StagedSuccesses(by_client, (tokens[0], tokens[1], tokens[2]), paid[0], paid[1],
+                           waited)
+
+
+async def store_staged_failures(conn: AsyncConnection, batch_id: str, backoff: Backoff
+                                ) -> dict[tuple[str, str | None], int]:
+    """Retry or fail the staged failure lines, as store_failures."""
+    rows = await conn.execute(_STAGED_FAILURES, {"bid": batch_id, **_backoff_params(backoff)})
+    return _count_outcomes(rows)
 
 
 async def unsettled_in_batch(conn: AsyncConnection, batch_id: str, limit: int) -> list[str]:
@@ -583,39 +705,6 @@ async def requeue_remaining(
         SELECT client, count(*) FROM upd GROUP BY client"""),
         {"bid": batch_id, "err": orjson.dumps(error).decode(), "count": count_attempt})
     return {client: int(n) for client, n in rows}
-
-
-_ALLOCATE = text("""
-WITH r AS (
-    SELECT seq, cost_usd * 1000000 AS c, sync_cost_usd * 1000000 AS s
-    FROM results WHERE batch_id = :bid
-), extra AS (
-    SELECT round(sum(c)) - sum(floor(c)) AS c_units, round(sum(s)) - sum(floor(s)) AS s_units
-    FROM r
-), ranked AS (
-    SELECT seq, floor(c) AS c_floor, floor(s) AS s_floor,
-           row_number() OVER (ORDER BY c - floor(c) DESC, seq) AS c_rank,
-           row_number() OVER (ORDER BY s - floor(s) DESC, seq) AS s_rank
-    FROM r
-), upd AS (
-    UPDATE results x SET
-        cost_usd = (k.c_floor + CASE WHEN k.c_rank <= e.c_units THEN 1 ELSE 0 END) / 1000000,
-        sync_cost_usd = (k.s_floor + CASE WHEN k.s_rank <= e.s_units THEN 1 ELSE 0 END)
-                        / 1000000
-    FROM ranked k, extra e WHERE x.seq = k.seq
-    RETURNING x.cost_usd, x.sync_cost_usd
-)
-SELECT coalesce(sum(cost_usd), 0), coalesce(sum(sync_cost_usd), 0) FROM upd
-""")
-
-
-async def allocate_result_costs(conn: AsyncConnection, batch_id: str) -> tuple[Decimal, Decimal]:
-    """Round a batch's results' exact costs to 1e-6 by largest remainder:
-    each moves by less than 1e-6 and together they make their rounded sum
-    (half up, as prices.round_usd). Returns (cost, sync cost) of the results.
-    Running it again changes nothing: the costs are whole micro-dollars."""
-    cost_sum, sync_sum = (await conn.execute(_ALLOCATE, {"bid": batch_id})).one()
-    return Decimal(cost_sum), Decimal(sync_sum)
 
 
 async def settle_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:

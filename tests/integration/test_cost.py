@@ -218,7 +218,7 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
 @pytest.mark.parametrize(("exact", "rounded"), [
     # Largest remainder: the units the floors lose go to the largest remainders.
     (["0.0000004", "0.0000007", "0.0000001"], ["0.000000", "0.000001", "0.000000"]),
-    # Ties go to the earlier result; the sum rounds half up (1.5 -> 2 units).
+    # Ties go to the earlier line; the sum rounds half up (1.5 -> 2 units).
     (["0.0000005", "0.0000005", "0.0000005"], ["0.000001", "0.000001", "0.000000"]),
     (["0.0000005"], ["0.000001"]),
     (["0.0000015", "0.0000015"], ["0.000002", "0.000001"]),
@@ -228,29 +228,46 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
 ])
 async def test_result_costs_round_to_micro_dollars_that_add_up(
         db_url: str, exact: list[str], rounded: list[str]) -> None:
+    """Through the router's own staging and settling statements, with each
+    line's exact cost given in whole micro-dollars and a remainder."""
+    scale = 10 ** 12
+
+    def units(usd: Decimal) -> tuple[int, int]:
+        return divmod(int(usd * 1_000_000 * scale), scale)
+
+    rows = [(n + 1, f"r{n}", True, 200, "{}", None, 0, 0, 0, *units(Decimal(usd)),
+             *units(Decimal(usd) * 2), None, None, None) for n, usd in enumerate(exact)]
+    rows.append((len(rows) + 1, "other", True, 200, "{}", None, 0, 0, 0, 0, 4 * scale // 10,
+                 0, 0, None, None, None))  # its task is not in this batch: stores nothing
     engine = make_engine(db_url, pool_size=1)
     try:
         async with engine.begin() as conn:
-            for n, usd in enumerate(exact):
+            for cid, batch in [*((f"r{n}", "bd_t") for n in range(len(exact))),
+                               ("other", "bd_other")]:
                 await conn.execute(text(
-                    "INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd, "
-                    "sync_cost_usd) VALUES (:cid, 'bd_t', 200, '{}', :c, :s)"),
-                    {"cid": f"r{n}", "c": Decimal(usd), "s": Decimal(usd) * 2})
-            await conn.execute(text(
-                "INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd) "
-                "VALUES ('other', 'bd_other', 200, '{}', 0.0000004)"))
-        for _ in range(2):  # a second run changes nothing
+                    "INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, "
+                    "line_bytes, state, batch_id) VALUES (:cid, '/v1/chat/completions', "
+                    "'gpt-4o-mini', '{}', 'd', 2, 'submitted', :bid)"), {"cid": cid, "bid": batch})
+        for attempt in range(2):  # routed again, it changes nothing
             async with engine.begin() as conn:
-                total, sync = await repo.allocate_result_costs(conn, "bd_t")
+                await repo.stage_lines(conn, rows)
+                stored = await repo.store_staged_successes(
+                    conn, "bd_t", scale=scale, sync_scale=scale, unpriced=False)
                 got = (await conn.execute(text(
-                    "SELECT cost_usd FROM results WHERE batch_id = 'bd_t' ORDER BY seq"))).all()
+                    "SELECT cost_usd FROM results WHERE batch_id = 'bd_t' ORDER BY custom_id"
+                ))).all()
             assert [str(round_usd(r[0])) for r in got] == rounded
-            assert total == round_usd(sum((Decimal(x) for x in exact), Decimal(0)))
-            assert sync == round_usd(sum((Decimal(x) * 2 for x in exact), Decimal(0)))
+            total = round_usd(sum((Decimal(x) for x in exact), Decimal(0)))
+            sync = round_usd(sum((Decimal(x) * 2 for x in exact), Decimal(0)))
+            if attempt == 0:
+                assert stored.stored == len(exact)
+                assert (stored.cost, stored.sync_cost) == (total, sync)
+            else:
+                assert stored.stored == 0
+            assert sum((r[0] for r in got), Decimal(0)) == total
         async with engine.connect() as conn:
-            untouched = await conn.scalar(text(
-                "SELECT cost_usd FROM results WHERE batch_id = 'bd_other'"))
-        assert untouched == Decimal("0.0000004")
+            assert await conn.scalar(text("SELECT count(*) FROM results WHERE "
+                                          "custom_id = 'other'")) == 0
     finally:
         await engine.dispose()
 

@@ -9,12 +9,34 @@ from pathlib import Path
 import pytest
 
 from batchd.errors import ConfigError
-from batchd.prices import PriceTable, Rate, Tokens, cost, round_usd, show_usd, tokens_from_usage
+from batchd.prices import (
+    PriceTable,
+    Rate,
+    ScaledRate,
+    Tokens,
+    cost,
+    round_usd,
+    show_usd,
+    tokens_from_usage,
+)
 
 
 def test_protocol_example_cost() -> None:
     rate = Rate(Decimal("1.25"), Decimal("0.625"), Decimal("5.00"))
     assert cost(Tokens(1000, 200, 300), rate) == Decimal("0.002625")
+
+
+@pytest.mark.parametrize("tokens", [
+    Tokens(), Tokens(1000, 200, 300), Tokens(7, 9, 1), Tokens(123_457, 0, 98_765),
+])
+def test_scaled_rate_is_the_exact_cost_in_whole_numbers(tokens: Tokens) -> None:
+    rates = [Rate(Decimal("1.25"), Decimal("0.625"), Decimal("5.00")),
+             Rate(Decimal("0.0375"), Decimal("1E+1"), Decimal("0"))]
+    for price in PriceTable.load().models.values():
+        rates += [price.sync, price.batch]
+    for rate in rates:
+        scaled = ScaledRate.of(rate)
+        assert Decimal(scaled.cost(tokens)) / scaled.scale / 1_000_000 == cost(tokens, rate)
 
 
 @pytest.mark.parametrize(("model", "entry", "known"), [
