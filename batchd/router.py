@@ -1,16 +1,17 @@
 """Provider outcomes → the store.
 
 A terminal batch is routed in one transaction: every line of its output and
-error files is classified (domain.classify_line) and written in chunks;
-tasks no line mentioned are treated as retryable; the batch is settled with
-its cost (see prices.py for the rounding rule): the tokens the provider
-billed, from the batch's ``usage`` when it reports one, cross-checked
-against the lines. A success line no task takes (its task left for the sync
-lane, or a duplicate) is still billed: its cost is the batch's unattributed
-cost, counted in spend, the report and the budget. A crash mid-way rolls
-everything back and the next poll routes the batch again from the files, so
-a success is stored exactly once.
-"""
+error files is classified (domain.classify_line) and streamed into a
+temporary table by COPY, then all successes are settled by one statement and
+all failures by another (store.repo, "staged routes"); tasks no line
+mentioned are treated as retryable; the batch is settled with its cost (see
+prices.py for the rounding rule): the tokens the provider billed, from the
+batch's ``usage`` when it reports one, cross-checked against the lines. A
+success line no task takes (its task left for the sync lane, or a duplicate)
+is still billed: its cost is the batch's unattributed cost, counted in spend,
+the report and the budget. A crash mid-way rolls everything back and the next
+poll routes the batch again from the files, so a success is stored exactly
+once."""
 
 from __future__ import annotations
 
