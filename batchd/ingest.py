@@ -57,8 +57,15 @@ class Accepted:
 def decode_payload(raw: bytes, content_type: str) -> list[Any]:
     """The task objects of a request body: one task, {"tasks": [...]}, or NDJSON."""
     if "ndjson" in content_type or "jsonl" in content_type:
+        lines = raw.splitlines()
+        try:
+            # The common case in one pass; any blank or bad line takes the
+            # loop below, which skips the one and names the other.
+            return [orjson.loads(line) for line in lines]
+        except orjson.JSONDecodeError:
+            pass
         items = []
-        for n, line in enumerate(raw.splitlines(), start=1):
+        for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -83,7 +90,13 @@ def decode_payload(raw: bytes, content_type: str) -> list[Any]:
     return [doc]
 
 
-def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> list[TaskIn]:
+# Tasks validated between two turns of the event loop. A 1,000-task request
+# takes milliseconds to validate; in one go, the round trips of the commits
+# in flight wait all that while and the database sits idle.
+VALIDATE_SLICE = 250
+
+
+async def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> list[TaskIn]:
     """Parse every task; the first invalid one refuses the whole request."""
     if not items:
         raise IngestError(400, "invalid_request", "the request holds no tasks")
@@ -92,6 +105,8 @@ def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> list[Task
                           f"{limits.tasks_per_request} tasks; split it")
     tasks: dict[str, TaskIn] = {}
     for index, item in enumerate(items):
+        if index and not index % VALIDATE_SLICE:
+            await asyncio.sleep(0)
         try:
             task = parse_task(item, index, limits)
         except InvalidTask as exc:
@@ -183,14 +198,14 @@ class Ingest:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._writer_tasks: list[asyncio.Task[None]] = []
 
-    def prepare(self, items: list[Any], client: Client | None = None) -> list[TaskIn]:
+    async def prepare(self, items: list[Any], client: Client | None = None) -> list[TaskIn]:
         """Validate and place a request's tasks for ``client`` (None: an anonymous
         token), without I/O: the 400/409/413 verdicts."""
         return self._placed(self._with_callbacks(
-            validate(items, self.limits, self.max_line_bytes), items, client))
+            await validate(items, self.limits, self.max_line_bytes), items, client))
 
     async def submit(self, items: list[Any], client: Client | None = None) -> Accepted:
-        return await self.store(self.prepare(items, client), len(items), client)
+        return await self.store(await self.prepare(items, client), len(items), client)
 
     async def store(self, tasks: list[TaskIn], n_items: int, client: Client | None = None
                     ) -> Accepted:

@@ -134,7 +134,7 @@ async def post_tasks(request: web.Request) -> web.Response:
     raw = await request.read()
     items = decode_payload(raw, request.content_type)
     client = _client(request)
-    tasks = state.ingest.prepare(items, client)
+    tasks = await state.ingest.prepare(items, client)
     if state.max_queued is not None and state.queued_estimate + len(tasks) > state.max_queued:
         return error_response(429, "queue_full",
                               f"more than {state.max_queued} tasks are queued; retry later",

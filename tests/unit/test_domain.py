@@ -179,6 +179,39 @@ def test_parse_task_accepts_each_endpoints_minimal_body(endpoint: str,
     assert task.endpoint == endpoint
 
 
+def _nested(levels: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+_MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(("extra", "verdict"), [
+    # The body is level 1, so 63 nested lists reach level 64: the limit.
+    ({"x": _nested(63)}, None),
+    ({"x": _nested(64)}, "nests deeper than 64 levels"),
+    # Deeper than orjson writes (254): still refused for its depth.
+    ({"x": _nested(300)}, "nests deeper than 64 levels"),
+    # Brackets inside strings are text, not nesting.
+    ({"x": "[{" * 100}, None),
+    ({"x": {"y\x00": 1}}, "must not contain a NUL"),
+    ({"x": [1, "a\x00"]}, "must not contain a NUL"),
+    # A backslash and "u0000" written out is text, not a NUL.
+    ({"x": "a\\u0000b"}, None),
+])
+def test_body_depth_and_nul_rules_read_the_json_not_its_text(extra: dict[str, Any],
+                                                             verdict: str | None) -> None:
+    task = {"custom_id": "a", "body": {"model": "m", "messages": _MSGS, **extra}}
+    if verdict is None:
+        assert parse_task(task, 0).body == task["body"]
+    else:
+        with pytest.raises(InvalidTask, match=verdict):
+            parse_task(task, 0)
+
+
 def test_a_provider_input_line_can_be_posted_as_it_is() -> None:
     line = {"custom_id": "req-1", "method": "POST", "url": "/v1/embeddings",
             "body": {"model": "text-embedding-3-small", "input": "hi"}}
