@@ -250,6 +250,8 @@ _ENDPOINT_BYTES = {endpoint: len(orjson.dumps(endpoint)) for endpoint in ENDPOIN
 
 
 def _endpoint(obj: dict[str, Any], index: int, cid: str) -> str:
+    if "endpoint" not in obj and "url" not in obj:
+        return DEFAULT_ENDPOINT
     given = [obj[k] for k in ("endpoint", "url") if k in obj]
     for value in given:
         if not isinstance(value, str) or value not in ENDPOINTS:

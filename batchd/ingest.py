@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics
 from batchd.clients import ANONYMOUS, Client, Clients
@@ -326,20 +326,33 @@ class Ingest:
 
     async def _writer(self) -> None:
         while True:
-            group = [await self._queue.get()]
-            size = len(group[0].tasks)
-            while size < self.group_tasks and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                group.append(nxt)
-                size += len(nxt.tasks)
+            group = self._group(await self._queue.get())
             try:
-                await self._write_group(group)
+                # One connection for as long as requests keep coming: each
+                # checkout pings the server first (three round trips), and
+                # a bulk load would pay that for every group.
+                async with self.engine.connect() as conn:
+                    while True:
+                        await self._write_group(conn, group)
+                        if self._queue.empty():
+                            break
+                        group = self._group(self._queue.get_nowait())
             except Exception as exc:
                 for p in group:
                     if p.abandoned:
                         p.done.cancel()
                     elif not p.done.done():
                         p.done.set_exception(exc)
+
+    def _group(self, first: _Pending) -> list[_Pending]:
+        """``first`` and the requests queued behind it, up to group_tasks tasks."""
+        group = [first]
+        size = len(first.tasks)
+        while size < self.group_tasks and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            group.append(nxt)
+            size += len(nxt.tasks)
+        return group
 
     def _take(self, group: list[_Pending]) -> list[_Pending]:
         """The requests of ``group`` whose callers still wait, now started."""
@@ -352,19 +365,18 @@ class Ingest:
                 live.append(p)
         return live
 
-    async def _write_group(self, group: list[_Pending]) -> None:
+    async def _write_group(self, conn: AsyncConnection, group: list[_Pending]) -> None:
         result = repo.IngestResult([], {}, [])
-        async with self.engine.connect() as conn:
-            async with conn.begin() as tx:
-                await repo.limit_lock_wait(conn, self.timeout)
-                live = self._take(group)
-                everything = [t for p in live for t in p.tasks]
-                split = len({t.custom_id for t in everything}) != len(everything)
-                if everything and not split:
-                    result = await repo.insert_tasks(conn, everything)
-                    if result.conflicts:
-                        await tx.rollback()
-                        split = len(live) > 1
+        async with conn.begin() as tx:
+            await repo.limit_lock_wait(conn, self.timeout)
+            live = self._take(group)
+            everything = [t for p in live for t in p.tasks]
+            split = len({t.custom_id for t in everything}) != len(everything)
+            if everything and not split:
+                result = await repo.insert_tasks(conn, everything)
+                if result.conflicts:
+                    await tx.rollback()
+                    split = len(live) > 1
         if not live:
             return
         if len(live) == 1 and not split:
