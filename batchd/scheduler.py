@@ -26,6 +26,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
@@ -271,7 +272,8 @@ class Scheduler:
         async with self.engine.connect() as conn:
             with tmp.open("wb") as out:
                 async for rows in repo.stream_batch_lines(conn, p.batch_id):
-                    out.write(b"".join(input_line(cid, ep, body) for cid, ep, body, _, _ in rows))
+                    out.write(b"".join([input_line(cid, ep, orjson.loads(body))
+                                        for cid, ep, body, _, _ in rows]))
                     for _, _, _, task_id, stored_line in rows:
                         line_no += 1
                         if stored_line != line_no:

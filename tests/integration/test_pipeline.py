@@ -9,9 +9,11 @@ from pathlib import Path
 
 import orjson
 
+from batchd.domain import input_line
 from batchd.provider.emulator import Emulator
 from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
+from batchd.store import repo
 from tests.harness import API_KEY, chat_task, running
 
 
@@ -49,6 +51,24 @@ async def test_full_journey_stores_every_result_once(db_url: str, tmp_path: Path
                                        *(f"nd-{i}" for i in range(4))})
         status, page = await h.get("/v1/results", after=after)
         assert page["results"] == []
+
+
+async def test_input_file_holds_every_task_of_its_batch_in_line_order(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        await h.post({"tasks": [chat_task(f"f{i}", content="é \"x\"\n" * i) for i in range(7)]})
+        await h.age_queue(901)
+        assert await h.flush() == 1
+        batch = (await h.rows("SELECT id, input_file_id FROM batches"))[0]
+        tasks = await h.rows("SELECT custom_id, endpoint, body, batch_line FROM tasks ORDER BY id")
+        assert [t["batch_line"] for t in tasks] == list(range(1, 8))
+        expected = b"".join(input_line(t["custom_id"], t["endpoint"], t["body"]) for t in tasks)
+        assert h.emulator.received_files[batch["input_file_id"]] == expected
+        # Read in pages smaller than the batch, the lines still come whole and in order.
+        async with h.engine.connect() as conn:
+            pages = [[r[0] for r in rows]
+                     async for rows in repo.stream_batch_lines(conn, batch["id"], chunk=3)]
+        assert pages == [["f0", "f1", "f2"], ["f3", "f4", "f5"], ["f6"]]
 
 
 async def test_cap_flushes_full_windows_and_timeout_flushes_the_rest(
