@@ -463,9 +463,8 @@ class Emulator:
                           deadline=asyncio.get_running_loop().time()
                           + self.completion_window_seconds)
         b.script = self._batch_scripts.popleft() if self._batch_scripts else None
-        self._plan(b, source.data)
         self.batches[b.id] = b
-        task = asyncio.create_task(self._lifecycle(b), name=f"emulator-{b.id}")
+        task = asyncio.create_task(self._lifecycle(b, source.data), name=f"emulator-{b.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return json_response(b.to_json())
@@ -498,7 +497,7 @@ class Emulator:
         b.stamps["cancelling_at"] = int(time.time())
         b.cancel_requested.set()
 
-    # ---- planning: parse, validate, decide outcomes (once, at create) ----------------
+    # ---- planning: parse, validate, decide outcomes (once, as validation starts) ------
 
     def _plan(self, b: EmulatedBatch, data: bytes) -> None:
         errors: list[dict[str, Any]] = []
@@ -621,7 +620,11 @@ class Emulator:
             return "cancel"
         return "expire" if seconds >= left else None
 
-    async def _lifecycle(self, b: EmulatedBatch) -> None:
+    async def _lifecycle(self, b: EmulatedBatch, data: bytes) -> None:
+        # As on the real API, the create call answers at once ("validating")
+        # and the file is read after: a 50,000-line file takes the emulator
+        # a sixth of a second to plan, which is not the caller's to wait for.
+        self._plan(b, data)
         event = await self._pause(b, self.validating_seconds, cancellable=True, expirable=True)
         if event is None and b.validation_errors:
             b.errors = b.validation_errors

@@ -122,6 +122,16 @@ async def test_create_answers_validating_with_every_key_and_zero_counts(rig: Rig
     assert raw.headers["x-request-id"].startswith("req_")
 
 
+async def test_create_answers_before_the_file_is_validated(
+        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    rig = await make_rig(known_models={"gpt-4o-mini"})
+    created = await rig.submit([chat("v", model="gpt-9")])
+    assert created.status == "validating" and not created.errors
+    batch = await rig.settle(created.id)
+    assert batch.status == "failed"
+    assert [(e["code"], e["line"]) for e in batch.errors] == [("model_not_found", 1)]
+
+
 async def test_batch_completes_with_timestamps_counts_model_and_files(rig: Rig) -> None:
     batch = await rig.run([chat(f"c{i}") for i in range(5)], metadata={"job": "j1"})
     wire = (await rig.sdk.batches.retrieve(batch.id)).model_dump()
