@@ -20,6 +20,7 @@ import asyncio
 import random
 import secrets
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -269,9 +270,10 @@ class Scheduler:
         moved_ids: list[int] = []
         moved_lines: list[int] = []
         line_no = 0
-        async with self.engine.connect() as conn:
+        async with self.engine.connect() as conn, aclosing(
+                repo.stream_batch_lines(conn, p.batch_id)) as pages:
             with tmp.open("wb") as out:
-                async for rows in repo.stream_batch_lines(conn, p.batch_id):
+                async for rows in pages:
                     out.write(b"".join([input_line(cid, ep, orjson.loads(body))
                                         for cid, ep, body, _, _ in rows]))
                     for _, _, _, task_id, stored_line in rows:

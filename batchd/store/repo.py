@@ -8,7 +8,8 @@ step that must be atomic (claim tasks + create the batch row) is one
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+import asyncio
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -300,11 +301,18 @@ async def token_held_models(conn: AsyncConnection) -> set[str]:
     return {r[0] for r in rows}
 
 
+_BATCH_LINES_PAGE = """
+    SELECT custom_id, endpoint, body::text, id, batch_line FROM tasks
+    WHERE batch_id = $1 AND id > $2 AND state = 'submitted'
+    ORDER BY batch_id, id LIMIT $3"""
+
+
 async def stream_batch_lines(
     conn: AsyncConnection, batch_id: str, chunk: int = 2000
-) -> AsyncIterator[Sequence[Any]]:
+) -> AsyncGenerator[Sequence[Any], None]:
     """The tasks of a batch in file order, in chunks of (custom_id, endpoint,
-    body as JSON text, id, batch_line) records.
+    body as JSON text, id, batch_line) records. Close it (``aclosing``)
+    before the connection: a page may still be in flight.
 
     Each chunk is the next range of the ``tasks_batch`` index, read in file
     order. A bitmap scan, which the planner takes for a batch it has no
@@ -312,21 +320,26 @@ async def stream_batch_lines(
     for 50,000 lines), so it is off for this read. The rows come straight
     from the driver, bodies as text: SQLAlchemy's row layer and per-value
     jsonb decoder cost more CPU than building the lines (two thirds of a
-    50,000-line stream's)."""
+    50,000-line stream's). The next page is read while the caller writes
+    this one, so the database and the caller work at the same time."""
     await conn.execute(text("SET LOCAL enable_bitmapscan = off"))
     driver = (await conn.get_raw_connection()).driver_connection
     assert driver is not None
-    after = 0
-    while True:
-        rows = await driver.fetch("""
-            SELECT custom_id, endpoint, body::text, id, batch_line FROM tasks
-            WHERE batch_id = $1 AND id > $2 AND state = 'submitted'
-            ORDER BY batch_id, id LIMIT $3""", batch_id, after, chunk)
-        if rows:
+    ahead: asyncio.Future[Any] | None = None
+    try:
+        rows = await driver.fetch(_BATCH_LINES_PAGE, batch_id, 0, chunk)
+        while rows:
+            if len(rows) == chunk:
+                ahead = asyncio.ensure_future(
+                    driver.fetch(_BATCH_LINES_PAGE, batch_id, rows[-1][3], chunk))
+                await asyncio.sleep(0)  # the query goes out before the caller's work
             yield rows
-        if len(rows) < chunk:
-            return
-        after = rows[-1][3]
+            rows = await ahead if ahead is not None else []
+            ahead = None
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+            await asyncio.gather(ahead, return_exceptions=True)
 
 
 async def renumber_batch_lines(conn: AsyncConnection, task_ids: Sequence[int],

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from contextlib import aclosing
 from pathlib import Path
 
 import orjson
+from sqlalchemy import text
 
 from batchd.domain import input_line
 from batchd.provider.emulator import Emulator
@@ -69,6 +71,13 @@ async def test_input_file_holds_every_task_of_its_batch_in_line_order(
             pages = [[r[0] for r in rows]
                      async for rows in repo.stream_batch_lines(conn, batch["id"], chunk=3)]
         assert pages == [["f0", "f1", "f2"], ["f3", "f4", "f5"], ["f6"]]
+        # Left after one page, the stream takes back the page it was reading
+        # ahead, and the connection is free for the next statement.
+        async with h.engine.connect() as conn:
+            async with aclosing(repo.stream_batch_lines(conn, batch["id"], chunk=3)) as stream:
+                async for _rows in stream:
+                    break
+            assert (await conn.execute(text("SELECT count(*) FROM tasks"))).scalar() == 7
 
 
 async def test_cap_flushes_full_windows_and_timeout_flushes_the_rest(
