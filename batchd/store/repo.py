@@ -627,6 +627,9 @@ STAGE_COLUMNS = ("line", "cid", "ok", "status", "resp", "usage", "tin", "tcached
 
 async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]]) -> None:
     """COPY a route's lines (rows of STAGE_COLUMNS, streamed) into route_lines.
+    Responses and usage go in as JSON text to jsonb columns: PostgreSQL parses
+    them while the COPY streams, alongside the reading, not in the settling
+    statement.
 
     Costs come as whole micro-dollars plus a remainder in 1/scale of one
     (prices.ScaledRate); a failure line has ok false and its error. The rows
@@ -637,8 +640,8 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     await conn.execute(text("SET LOCAL work_mem = '64MB'"))
     await conn.execute(text("""
         CREATE TEMPORARY TABLE route_lines (
-            line int NOT NULL, cid text NOT NULL, ok bool NOT NULL, status int, resp text,
-            usage text, tin bigint, tcached bigint, tout bigint, cost_units bigint,
+            line int NOT NULL, cid text NOT NULL, ok bool NOT NULL, status int, resp jsonb,
+            usage jsonb, tin bigint, tcached bigint, tout bigint, cost_units bigint,
             cost_rem bigint, sync_units bigint, sync_rem bigint, final bool, err text,
             jitter float8) ON COMMIT DROP"""))
     raw = await conn.get_raw_connection()
