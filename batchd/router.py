@@ -274,7 +274,11 @@ class Router:
             metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
                                            lane="batch").inc(n)
         metrics.SPEND.labels(model=model, lane="batch").inc(float(s.spend))
-        metrics.SAVINGS.labels(model=model, lane="batch").inc(float(s.sync_spend - s.spend))
+        # A counter only goes up: a batch whose unattributed spend (lines no
+        # task kept) outweighs its results' savings adds none (the report
+        # still shows the day's true savings).
+        metrics.SAVINGS.labels(model=model, lane="batch").inc(
+            max(0.0, float(s.sync_spend - s.spend)))
         if s.unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
         for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),

@@ -488,7 +488,7 @@ WITH input AS ({input}
     INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
                               sync_cost_usd, replay_count, unpriced)
     SELECT cid, :bid, status, resp::jsonb, usage::jsonb, cost, sync, replay_count, unpriced
-    FROM kept
+    FROM {rows}
     ON CONFLICT (custom_id) DO UPDATE SET
         batch_id = excluded.batch_id, status_code = excluded.status_code,
         response = excluded.response, usage = excluded.usage, cost_usd = excluded.cost_usd,
@@ -508,7 +508,7 @@ _UPSERT_SUCCESSES = text(_SUCCESS_SQL.format(input="""
         CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]),
         CAST(:unpriced AS bool[]))
         AS t(cid, status, resp, usage, cost, sync, unpriced)""", kept="""
-    SELECT i.*, d.* FROM input i JOIN done d ON d.custom_id = i.cid""", final="""
+    SELECT i.*, d.* FROM input i JOIN done d ON d.custom_id = i.cid""", rows="kept", final="""
 SELECT cid, client FROM kept"""))
 
 
@@ -632,17 +632,19 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     statement.
 
     Costs come as whole micro-dollars plus a remainder in 1/scale of one
-    (prices.ScaledRate); a failure line has ok false and its error. The rows
+    (prices.ScaledRate; numeric, as a price with many decimal places makes the
+    scale pass any fixed-width integer); a failure line has ok false and its
+    error. The rows
     are produced while earlier ones are on the wire, so reading the files
     overlaps PostgreSQL's share of the work."""
-    # Sorting a batch's lines (dedupe, the remainder ranking) in memory, not
-    # in temporary files: 50,000 lines take about 40 MB.
+    # Sorting a batch's lines (dedupe, the remainder ranking; narrow rows)
+    # in memory, not in temporary files.
     await conn.execute(text("SET LOCAL work_mem = '64MB'"))
     await conn.execute(text("""
         CREATE TEMPORARY TABLE route_lines (
             line int NOT NULL, cid text NOT NULL, ok bool NOT NULL, status int, resp jsonb,
             usage jsonb, tin bigint, tcached bigint, tout bigint, cost_units bigint,
-            cost_rem bigint, sync_units bigint, sync_rem bigint, final bool, err text,
+            cost_rem numeric, sync_units bigint, sync_rem numeric, final bool, err text,
             jitter float8) ON COMMIT DROP"""))
     raw = await conn.get_raw_connection()
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
@@ -669,20 +671,27 @@ class StagedSuccesses:
 
 # Largest remainder over the results this statement stores: each gets its
 # whole micro-dollars, and the units the floors lose in all (their sum rounded
-# half up, as prices.round_usd) go to the largest remainders, ties to the
+# half up, as prices.round_usd: exact integer division, as numeric division
+# keeps only some 16 digits) go to the largest remainders, ties to the
 # earlier line. So the results add up to their rounded sum, each off by less
-# than 1e-6. A duplicate line keeps its first copy.
+# than 1e-6. A duplicate line keeps its first copy. Everything is sorted on
+# narrow rows; the responses join in only where the results are written.
 _STAGED_SUCCESSES = text(_SUCCESS_SQL.format(input="""
-    SELECT DISTINCT ON (cid) * FROM route_lines WHERE ok ORDER BY cid, line""", kept="""
-    SELECT i.cid, i.status, i.resp, i.usage, i.tin, i.tcached, i.tout, d.*,
+    SELECT DISTINCT ON (cid) line, cid, status, tin, tcached, tout, cost_units, cost_rem,
+           sync_units, sync_rem
+    FROM route_lines WHERE ok ORDER BY cid, line""", kept="""
+    SELECT i.line, i.cid, i.status, i.tin, i.tcached, i.tout, d.*,
            CAST(:unpriced AS bool) AS unpriced,
            (i.cost_units + CASE WHEN row_number() OVER (ORDER BY i.cost_rem DESC, i.line)
-               <= floor((sum(i.cost_rem) OVER () * 2 + :scale) / (2 * :scale)) THEN 1 ELSE 0
-               END) / 1000000.0 AS cost,
+               <= div(sum(i.cost_rem) OVER () * 2 + CAST(:scale AS numeric),
+                      2 * CAST(:scale AS numeric)) THEN 1 ELSE 0 END) / 1000000.0 AS cost,
            (i.sync_units + CASE WHEN row_number() OVER (ORDER BY i.sync_rem DESC, i.line)
-               <= floor((sum(i.sync_rem) OVER () * 2 + :sync_scale) / (2 * :sync_scale))
-               THEN 1 ELSE 0 END) / 1000000.0 AS sync
-    FROM input i JOIN done d ON d.custom_id = i.cid""", final="""
+               <= div(sum(i.sync_rem) OVER () * 2 + CAST(:sync_scale AS numeric),
+                      2 * CAST(:sync_scale AS numeric)) THEN 1 ELSE 0 END) / 1000000.0
+               AS sync
+    FROM input i JOIN done d ON d.custom_id = i.cid""", rows="""(
+        SELECT k.cid, k.status, l.resp, l.usage, k.cost, k.sync, k.replay_count, k.unpriced
+        FROM kept k JOIN route_lines l ON l.line = k.line) AS stored""", final="""
 SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(cost), sum(sync),
        array_agg(waited)
 FROM kept GROUP BY client"""))

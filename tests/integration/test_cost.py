@@ -272,6 +272,36 @@ async def test_result_costs_round_to_micro_dollars_that_add_up(
         await engine.dispose()
 
 
+async def test_result_costs_round_exactly_at_a_scale_past_64_bits(db_url: str) -> None:
+    """A price with 20 decimal places: remainders past any 64-bit integer, and
+    a sum whose half-up rounding numeric division would get wrong. 20,000
+    lines of half a micro-dollar and one just under: 10,000.5 units less
+    1e-20 round to 10,000."""
+    scale, n = 10 ** 20, 20_001
+    half = scale // 2
+    rows = [(i + 1, f"x{i:05d}", True, 200, "{}", None, 0, 0, 0, 0,
+             half if i else half - 1, 0, 0, None, None, None) for i in range(n)]
+    engine = make_engine(db_url, pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes, "
+                "state, batch_id) SELECT 'x' || lpad(g::text, 5, '0'), '/v1/chat/completions', "
+                "'gpt-4o-mini', '{}', 'd', 2, 'submitted', 'bd_big' "
+                "FROM generate_series(0, :last) g"), {"last": n - 1})
+            await repo.stage_lines(conn, rows)
+            stored = await repo.store_staged_successes(
+                conn, "bd_big", scale=scale, sync_scale=scale, unpriced=False)
+            got = await conn.execute(text(
+                "SELECT count(*) FILTER (WHERE cost_usd > 0), sum(cost_usd) FROM results"))
+            paid, total = got.one()
+        assert stored.stored == n
+        assert stored.cost == total == Decimal("0.010000")
+        assert paid == 10_000  # the earlier lines of the tied largest remainders
+    finally:
+        await engine.dispose()
+
+
 async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
         db_url: str, tmp_path: Path) -> None:
     tight = chat_task("tight", content="urgent " * 30, metadata={"latency_profile": "1h"})
@@ -287,10 +317,16 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
             await h.service.sync_lane.wait_calls()
             if (await h.task("tight"))["state"] == "succeeded":
                 break
-        await h.cycle()  # the batch comes back with both lines; tight's has no taker
+        with capture_logs() as logs:
+            await h.cycle()  # the batch comes back with both lines; tight's has no taker
         batch = (await h.rows("SELECT cost_usd, unattributed_cost_usd, unattributed_lines, "
                               "spend_day FROM batches"))[0]
         expected = _batch([relaxed], extra=[tight])
+        # The batch cost more than its one result would have synchronously: a
+        # savings counter cannot go down, and the route still finishes.
+        assert expected["sync"] < expected["spend"]
+        assert [e for e in logs if e["event"] == "batch.routed"]
+        assert not [e for e in logs if e.get("log_level") in ("error", "critical")]
         assert (batch["cost_usd"], batch["unattributed_cost_usd"]) == (
             expected["spend"], expected["unattributed"])
         assert batch["unattributed_lines"] == 1 and expected["unattributed"] > 0

@@ -31,7 +31,10 @@ def test_protocol_example_cost() -> None:
 ])
 def test_scaled_rate_is_the_exact_cost_in_whole_numbers(tokens: Tokens) -> None:
     rates = [Rate(Decimal("1.25"), Decimal("0.625"), Decimal("5.00")),
-             Rate(Decimal("0.0375"), Decimal("1E+1"), Decimal("0"))]
+             Rate(Decimal("0.0375"), Decimal("1E+1"), Decimal("0")),
+             # a price file written from floats
+             Rate(Decimal("0.15000000000000002"), Decimal("0.0012500000000000002"),
+                  Decimal("0.6"))]
     for price in PriceTable.load().models.values():
         rates += [price.sync, price.batch]
     for rate in rates:
