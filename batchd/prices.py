@@ -56,6 +56,10 @@ class Tokens:
         return Tokens(self.input + other.input, self.cached + other.cached,
                       self.output + other.output)
 
+    def __sub__(self, other: Tokens) -> Tokens:
+        return Tokens(self.input - other.input, self.cached - other.cached,
+                      self.output - other.output)
+
     def at_least(self, other: Tokens) -> Tokens:
         """Kind by kind, the larger of the two (the high side of two counts)."""
         return Tokens(max(self.input, other.input), max(self.cached, other.cached),

@@ -86,16 +86,14 @@ class RouteSummary:
 
 @dataclass(slots=True)
 class _LineTally:
-    """Success lines read, and their tokens (input, cached, output)."""
+    """Success lines read, and their tokens."""
 
     ok: int = 0
-    tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
+    tokens: Tokens = field(default_factory=Tokens)
 
     def add(self, t: Tokens) -> None:
         self.ok += 1
-        self.tokens[0] += t.input
-        self.tokens[1] += t.cached
-        self.tokens[2] += t.output
+        self.tokens += t
 
 
 def iter_lines(path: Path) -> Iterator[dict[str, Any] | None]:
@@ -191,15 +189,13 @@ class Router:
         for client, n in stored.by_client.items():
             summary.count("succeeded", client, n)
         summary.succeeded = stored.stored
-        summary.tokens = Tokens(*stored.tokens)
+        summary.tokens = stored.tokens
         summary.attributed, summary.attributed_sync = stored.cost, stored.sync_cost
         summary.waited = stored.waited
         # Billed, but no task of this batch took them: the task left for the
         # sync lane or had already succeeded, or the line is a duplicate.
         summary.orphan_lines = lines.ok - stored.stored
-        summary.orphan_tokens = Tokens(lines.tokens[0] - summary.tokens.input,
-                                       lines.tokens[1] - summary.tokens.cached,
-                                       lines.tokens[2] - summary.tokens.output)
+        summary.orphan_tokens = lines.tokens - stored.tokens
         summary.add(await repo.store_staged_failures(conn, batch_id, self.backoff))
 
     @staticmethod

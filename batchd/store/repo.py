@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd.domain import TaskIn
+from batchd.prices import Tokens
 
 
 def _json(value: Any) -> str | None:
@@ -522,10 +523,6 @@ class SuccessRows:
     sync_costs: list[Decimal]
     unpriced: list[bool]
 
-    @classmethod
-    def empty(cls) -> SuccessRows:
-        return cls([], [], [], [], [], [], [])
-
 
 async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRows
                           ) -> dict[str, str | None]:
@@ -654,12 +651,12 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     await conn.execute(text("ANALYZE route_lines (cid)"))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StagedSuccesses:
     """What settling a route's staged success lines stored."""
 
     by_client: dict[str | None, int]
-    tokens: tuple[int, int, int]  # input, cached input, output of the stored lines
+    tokens: Tokens  # of the stored lines
     cost: Decimal  # the stored results' rounded costs, summed
     sync_cost: Decimal
     waited: list[float]  # seconds from ingest to result, a stored task each
@@ -707,19 +704,14 @@ async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, scale:
     results stored with their rounded costs, events and callbacks written."""
     rows = await conn.execute(_STAGED_SUCCESSES, {
         "bid": batch_id, "scale": scale, "sync_scale": sync_scale, "unpriced": unpriced})
-    by_client: dict[str | None, int] = {}
-    tokens = [0, 0, 0]
-    paid = [Decimal(0), Decimal(0)]
-    waited: list[float] = []
+    out = StagedSuccesses({}, Tokens(), Decimal(0), Decimal(0), [])
     for client, n, tin, tcached, tout, cost_usd, sync_usd, times in rows:
-        by_client[client] = int(n)
-        for i, v in enumerate((tin, tcached, tout)):
-            tokens[i] += int(v)
-        paid[0] += cost_usd
-        paid[1] += sync_usd
-        waited.extend(map(float, times))
-    return StagedSuccesses(by_client, (tokens[0], tokens[1], tokens[2]), paid[0], paid[1],
-                           waited)
+        out.by_client[client] = int(n)
+        out.tokens += Tokens(int(tin), int(tcached), int(tout))
+        out.cost += cost_usd
+        out.sync_cost += sync_usd
+        out.waited.extend(map(float, times))
+    return out
 
 
 async def store_staged_failures(conn: AsyncConnection, batch_id: str, backoff: Backoff
