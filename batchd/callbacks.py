@@ -10,24 +10,38 @@ answer was lost, or a replica that died mid-POST, means the same delivery
 A non-2xx answer, a timeout or a refused connection is retried with
 exponential backoff and jitter up to BATCHD_CALLBACK_MAX_ATTEMPTS; then the
 delivery is ``failed``, listed by ``GET /v1/callbacks/failed`` and replayable.
+
+A callback URL is the caller's, so the POST is made as if by a stranger:
+the host is resolved for each delivery and every address it gives must be
+public or inside a CIDR entry of BATCHD_CALLBACK_ALLOWED_HOSTS
+(``CheckedResolver``); the connection goes to the addresses that were
+checked, never a second lookup's (no DNS rebinding), while the Host header
+and TLS SNI keep the URL's name; redirects are never followed; and what
+the target answered is kept as its status code and a reason in batchd's
+own words, never its body, so a callback cannot read anything back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
+import socket
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import __version__, logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import backoff_seconds, callback_url_problem
+from batchd.domain import backoff_seconds, callback_address_problem, callback_url_problem
 from batchd.loops import run_ticks
 from batchd.signing import (
     ATTEMPT_HEADER,
@@ -42,7 +56,51 @@ log = logs.get("batchd.callbacks")
 
 _TICK_SECONDS = 1.0
 _BACKOFF_CAP_SECONDS = 3600.0
-_ERROR_CHARS = 300
+
+
+class AddressRefused(aiohttp.ClientError):
+    """The callback host resolves to an address batchd may not connect to."""
+
+
+class CheckedResolver(AbstractResolver):
+    """Resolves a callback host and refuses it unless every address it gives
+    passes ``callback_address_problem``. aiohttp connects to exactly the
+    addresses returned here, so the address checked is the one reached."""
+
+    def __init__(self, allowed_hosts: Callable[[], tuple[str, ...]]) -> None:
+        self.allowed_hosts = allowed_hosts
+        self._inner = ThreadedResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        found = await self._inner.resolve(host, port, family)
+        for entry in found:
+            problem = callback_address_problem(ipaddress.ip_address(entry["host"]),
+                                               self.allowed_hosts())
+            if problem:
+                # Every address, not only the first: a name giving one public
+                # and one private address could be dialled at the second.
+                raise AddressRefused(problem)
+        return found
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """A failed POST in batchd's own words: never the target's text, which
+    could carry what sits behind the URL."""
+    if isinstance(exc, AddressRefused):
+        return f"callback_url {exc}"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "the callback host name did not resolve"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "the TLS handshake with the callback host failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "could not connect to the callback host"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the callback host closed the connection before answering"
+    return "the HTTP exchange with the callback host failed"
 
 
 def payload(row: dict[str, Any]) -> dict[str, Any]:
@@ -124,9 +182,12 @@ class CallbackSender:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
+            # No DNS cache: each delivery resolves (and checks) afresh.
+            connector = aiohttp.TCPConnector(resolver=CheckedResolver(lambda: self.allowed_hosts),
+                                             use_dns_cache=False)
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
-                headers={"User-Agent": f"batchd/{__version__}"})
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": f"batchd/{__version__}"}, trust_env=False)
         return self._session
 
     async def _deliver(self, row: dict[str, Any]) -> None:
@@ -136,6 +197,8 @@ class CallbackSender:
         retry = True
         started = time.monotonic()
         secret = self.clients.secret_for(row["client"])
+        # Also refuses an IP host that is not public (aiohttp dials an IP
+        # without asking the resolver).
         problem = callback_url_problem(row["url"], self.allowed_hosts)
         if problem:
             # Ops narrowed the allow-list since ingest: never POST there.
@@ -179,13 +242,16 @@ class CallbackSender:
                    DELIVERY_HEADER: str(row["id"]), ATTEMPT_HEADER: str(attempt)}
         try:
             # Redirects are not followed: the allow-list vetted this URL only.
+            # The answer's body is never read.
             async with self.session.post(row["url"], data=body, headers=headers,
                                          allow_redirects=False) as resp:
                 if 200 <= resp.status < 300:
                     return resp.status, None
-                text = (await resp.content.read(_ERROR_CHARS)).decode(errors="replace")
-                return resp.status, f"HTTP {resp.status}: {text}".strip()
+                if 300 <= resp.status < 400:
+                    return resp.status, (f"the receiver answered HTTP {resp.status}, a "
+                                         "redirect, which batchd does not follow")
+                return resp.status, f"the receiver answered HTTP {resp.status}"
         except TimeoutError:
             return None, f"no answer within {self.timeout:g}s"
         except aiohttp.ClientError as exc:
-            return None, f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+            return None, _reason(exc)

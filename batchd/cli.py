@@ -25,7 +25,10 @@ from batchd.errors import BatchdError, ConfigError
 
 T = TypeVar("T")
 
-_SETTING_OPTIONS = [name for name in Settings.model_fields if name != "openai_api_key"]
+# Secrets are never options: a command line shows in process listings and
+# shell history. They come from the environment (or the tokens file) only.
+_SECRET_SETTINGS = frozenset({"openai_api_key", "ingest_tokens", "callback_secret"})
+_SETTING_OPTIONS = [name for name in Settings.model_fields if name not in _SECRET_SETTINGS]
 
 
 def _add_setting_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -67,7 +70,18 @@ def _env_list(env: str, convert: Callable[[str], T]) -> list[T] | None:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {k[len("setting_"):]: v for k, v in vars(args).items()
                  if k.startswith("setting_") and v is not None}
+    url = overrides.get("database_url")
+    if isinstance(url, str) and _has_password(url):
+        raise ConfigError("--database-url carries a password, which the process list would "
+                          "show; set BATCHD_DATABASE_URL in the environment instead")
     return load_settings(**overrides)
+
+
+def _has_password(url: str) -> bool:
+    """``user:secret@`` in the authority, or libpq's ``?password=``."""
+    rest = url.partition("://")[2]
+    userinfo, at, _ = rest.partition("/")[0].rpartition("@")
+    return (bool(at) and ":" in userinfo) or "password=" in rest.partition("?")[2].lower()
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -281,8 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
                "stays out of process listings).")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # No abbreviations: `--ingest-tokens x` must be an error, not the
+    # tokens file option it abbreviates.
     serve = sub.add_parser("serve", help="run API, scheduler, poller and router",
-                           epilog="The provider key comes from OPENAI_API_KEY.")
+                           allow_abbrev=False,
+                           epilog="The provider key, tokens and callback secret come from the "
+                           "environment only (OPENAI_API_KEY, BATCHD_INGEST_TOKENS or "
+                           "BATCHD_INGEST_TOKENS_FILE, BATCHD_CALLBACK_SECRET).")
     _add_setting_options(serve, _SETTING_OPTIONS)
 
     migrate = sub.add_parser("migrate", help="bring the schema to head (alembic upgrade head)")
@@ -341,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="API base URL [env BATCHD_URL, default http://127.0.0.1:8080]")
         p.add_argument("--token", default=None, help="bearer token [env BATCHD_TOKEN]")
 
-    demo = sub.add_parser("demo", help="serve + bundled emulator + generated load, then report")
+    demo = sub.add_parser("demo", help="serve + bundled emulator + generated load, then report",
+                          allow_abbrev=False)
     _env_option(demo, "--tasks", "BATCHD_DEMO_TASKS", "tasks to generate", type=int,
                 default=2000)
     _env_option(demo, "--timeout", "BATCHD_DEMO_TIMEOUT", "give up after this many s",

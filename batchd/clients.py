@@ -27,7 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from batchd.config import Settings
+from pydantic import SecretStr
+
+from batchd.config import MIN_SECRET_BYTES, Settings
 from batchd.domain import callback_url_problem
 from batchd.errors import ConfigError
 
@@ -39,7 +41,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 @dataclass(frozen=True, slots=True)
 class Client:
     name: str
-    callback_secret: str | None = None
+    callback_secret: SecretStr | None = None
     callback_url: str | None = None
 
 
@@ -94,22 +96,25 @@ def _client_from(name: str, spec: Any, allowed_hosts: tuple[str, ...]
         raise ValueError(f"{where}: give token = \"...\" or tokens = [\"...\"] (non-empty "
                          "strings)")
     secret = spec.get("callback_secret")
-    if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
-        raise ValueError(f"{where}: callback_secret must be a string of at least 16 chars")
+    if secret is not None and (not isinstance(secret, str)
+                               or len(secret.encode()) < MIN_SECRET_BYTES):
+        raise ValueError(f"{where}: callback_secret must be a string of at least "
+                         f"{MIN_SECRET_BYTES} bytes (`openssl rand -hex 32` makes one)")
     url = spec.get("callback_url")
     if url is not None:
         problem = callback_url_problem(url, allowed_hosts) if isinstance(url, str) else \
             "must be an http(s) URL string"
         if problem:
             raise ValueError(f"{where}: callback_url {problem}")
-    return Client(name, secret, url), [t.strip() for t in tokens]
+    return Client(name, None if secret is None else SecretStr(secret), url), \
+        [t.strip() for t in tokens]
 
 
 class Clients:
     """Token → client lookups, the bounded metric label, callback secrets."""
 
     def __init__(self, entries: Iterable[tuple[Client | None, str]],
-                 default_secret: str | None = None) -> None:
+                 default_secret: SecretStr | None = None) -> None:
         self._tokens: list[tuple[bytes, Client | None]] = []
         self._by_name: dict[str, Client] = {}
         seen: set[str] = set()
@@ -140,7 +145,8 @@ class Clients:
             for client, tokens in parsed:
                 file_clients[client.name] = client
                 entries += [(client, t) for t in tokens]
-        for name, token in parse_inline(settings.ingest_tokens):
+        inline = settings.ingest_tokens
+        for name, token in parse_inline(inline.get_secret_value() if inline else None):
             if name in (ANONYMOUS, OTHER):
                 raise ConfigError(f"BATCHD_INGEST_TOKENS: {name!r} is reserved for the metric "
                                   "label; name the client otherwise")
@@ -159,8 +165,13 @@ class Clients:
         return frozenset(self._by_name)
 
     def authenticate(self, given: str) -> tuple[bool, Client | None]:
-        """(valid, client): every token is compared, in constant time each."""
-        raw = given.encode()
+        """(valid, client): every token is compared, in constant time each.
+        A token that is not valid UTF-8 (aiohttp keeps such header bytes as
+        surrogates) matches nothing."""
+        try:
+            raw = given.encode()
+        except UnicodeEncodeError:
+            return False, None
         found: tuple[bool, Client | None] = (False, None)
         for token, client in self._tokens:
             if hmac.compare_digest(raw, token) and not found[0]:
@@ -179,7 +190,7 @@ class Clients:
     def secret_for(self, name: str | None) -> str | None:
         """The key callbacks of this client are signed with."""
         client = self.get(name)
-        if client is not None and client.callback_secret:
-            return client.callback_secret
-        return self.default_secret
+        secret = client.callback_secret if client is not None else None
+        secret = secret or self.default_secret
+        return secret.get_secret_value() if secret is not None else None
 

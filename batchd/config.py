@@ -8,7 +8,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batchd.domain import (
@@ -25,6 +25,9 @@ from batchd.errors import ConfigError
 # Provider limits (openai-batch-protocol.md section 6).
 PROVIDER_MAX_LINES = 50_000
 PROVIDER_MAX_FILE_BYTES = 200 * 1024 * 1024
+# Shortest callback signing secret: HMAC-SHA256's own key size, so a guessed
+# or brute-forced key is never the weak link.
+MIN_SECRET_BYTES = 32
 
 
 class Settings(BaseSettings):
@@ -51,15 +54,16 @@ class Settings(BaseSettings):
     failure_alert_ratio: float = Field(0.03, ge=0, le=1, description="daily ALERT threshold")
     http_host: str = Field("127.0.0.1", description="ingest API address")
     http_port: int = Field(8080, ge=0, le=65535, description="ingest API port")
-    ingest_tokens: str | None = Field(
+    ingest_tokens: SecretStr | None = Field(
         None, description="comma-separated bearer tokens; `client=token` names the client")
     ingest_tokens_file: Path | None = Field(
         None, description="TOML file of clients: tokens, callback secret, default callback_url")
     callback_allowed_hosts: str | None = Field(
         None, description="comma-separated hosts callbacks may go to (*.domain, CIDR, *); "
-        "unset refuses callbacks")
-    callback_secret: str | None = Field(
-        None, description="signing secret for callbacks of clients that have none of their own")
+        "unset refuses callbacks; a private, loopback or link-local address needs a CIDR entry")
+    callback_secret: SecretStr | None = Field(
+        None, description="signing secret (at least 32 bytes) for callbacks of clients that "
+        "have none of their own")
     callback_max_attempts: int = Field(10, ge=1, le=50, description="callback delivery attempts")
     callback_backoff_seconds: float = Field(
         5, ge=0, description="base delay between callback attempts; doubles, with jitter")
@@ -69,7 +73,7 @@ class Settings(BaseSettings):
         "info", description="debug, info, warning or error")
     log_format: Literal["json", "console"] = Field(
         "json", description="json for machines, console for people")
-    openai_api_key: str | None = Field(
+    openai_api_key: SecretStr | None = Field(
         None, validation_alias=AliasChoices("OPENAI_API_KEY", "BATCHD_OPENAI_API_KEY")
     )
     openai_base_url: str | None = Field(None, description="provider base URL ending in /v1")
@@ -85,6 +89,13 @@ class Settings(BaseSettings):
         20_000, ge=1, description="tasks waiting for a commit past which ingest answers 503")
     max_wait_seconds: float = Field(
         300, ge=0, le=3600, description="longest ?wait on POST /v1/tasks")
+    max_waiters: int = Field(
+        1000, ge=0, description="POST /v1/tasks?wait requests waiting at once; past it 429")
+    http_header_timeout_seconds: float = Field(
+        15, gt=0, le=3600, description="a connection that sends no complete request head "
+        "within this long (of opening, or of its last answer) is closed")
+    http_max_connections: int = Field(
+        1000, ge=1, description="open client connections to the API; more are closed at once")
     max_tasks_per_request: int = Field(
         10_000, ge=1, le=PROVIDER_MAX_LINES, description="tasks one ingest request may hold")
     max_custom_id_chars: int = Field(
@@ -123,6 +134,14 @@ class Settings(BaseSettings):
     def _host_not_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _secret_long(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().encode()) < MIN_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_SECRET_BYTES} bytes; make one with "
+                             "`openssl rand -hex 32`")
         return v
 
     @field_validator("custom_id_pattern")

@@ -8,6 +8,7 @@ import random
 import time
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import text
 
 from batchd.client import BatchdClient
@@ -43,7 +44,7 @@ async def run_demo(base: Settings, *, tasks: int, give_up_after: float) -> int:
                         in_progress_seconds=1.0, sync_latency_seconds=(0.2, 1.5))
     emu_url = await emulator.start()
     settings = base.model_copy(update={
-        "openai_base_url": emu_url, "openai_api_key": "demo-key",
+        "openai_base_url": emu_url, "openai_api_key": SecretStr("demo-key"),
         "window_seconds": min(base.window_seconds, 3.0),
         "max_batch_items": min(base.max_batch_items, 200),
         "poll_interval_seconds": min(base.poll_interval_seconds, 1.0),

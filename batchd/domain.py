@@ -195,6 +195,13 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
     model = body.get("model")
     if not isinstance(model, str) or not _NON_BLANK.search(model):
         raise InvalidTask(index, cid, "body.model", "is required and must be a non-empty string")
+    if len(model) > MAX_MODEL or not _MODEL.fullmatch(model):
+        # model is indexed (windows group by it) and becomes a provider
+        # batch's key: a long or odd one must fail its own request, never
+        # the commit it shares with other callers' requests.
+        raise InvalidTask(index, cid, "body.model",
+                          f"must be at most {MAX_MODEL} characters of letters, digits and "
+                          "._:/@+- starting with a letter or digit")
     if body.get("stream") is True:
         raise InvalidTask(index, cid, "body.stream", "must not be true: batches cannot stream")
     _check_body_shape(endpoint, body, index, cid)
@@ -243,6 +250,9 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
 TASK_FIELDS = frozenset({"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
                          "deadline", "callback_url"})
 _NON_BLANK = re.compile(r"\S")
+MAX_MODEL = 256
+MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"
+_MODEL = re.compile(MODEL_PATTERN[1:-1])
 # Bytes of an input line that are neither custom_id, endpoint nor body.
 # The bytes of a line besides its serialised custom_id, url and body.
 _LINE_FIXED = len(input_line("", "", {})) - len(b'""') * 2 - len(b"{}")
@@ -390,8 +400,11 @@ def callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None
 
     ``allowed_hosts`` (BATCHD_CALLBACK_ALLOWED_HOSTS) holds exact host names,
     ``host:port``, ``*.domain`` (any subdomain, not the domain itself), IP
-    networks in CIDR form, or ``*`` for any host; empty refuses every URL, so a
-    caller can never point batchd at an address ops did not choose.
+    networks in CIDR form, or ``*`` for any host name; empty refuses every
+    URL, so a caller can never point batchd at an address ops did not choose.
+    Whatever the name, the address it reaches must be public unless a CIDR
+    entry covers it (``callback_address_problem``): an IP host is checked
+    here, a DNS name when it is resolved for each delivery.
     """
     if len(url) > MAX_CALLBACK_URL:
         return f"must be at most {MAX_CALLBACK_URL} chars"
@@ -413,7 +426,40 @@ def callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None
         return "cannot be used: callbacks are off (ops set BATCHD_CALLBACK_ALLOWED_HOSTS)"
     if not any(_host_matches(host, port, pattern) for pattern in allowed_hosts):
         return f"host {host!r} is not in BATCHD_CALLBACK_ALLOWED_HOSTS"
-    return None
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return callback_address_problem(literal, allowed_hosts)
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def callback_address_problem(address: IPAddress, allowed_hosts: tuple[str, ...]
+                             ) -> str | None:
+    """Why a callback must not connect to ``address``, or None when it may.
+
+    Only globally routable addresses are open to every allowed host name:
+    loopback, private, link-local (cloud metadata at 169.254.169.254 among
+    them), shared, multicast and reserved ranges need a CIDR entry of
+    BATCHD_CALLBACK_ALLOWED_HOSTS that holds the address, so a caller's URL
+    can reach neither batchd's own host nor the cluster's inside unless ops
+    opened that range.
+    """
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    for pattern in allowed_hosts:
+        if "/" in pattern:
+            try:
+                if address in ipaddress.ip_network(pattern, strict=False):
+                    return None
+            except ValueError:
+                continue
+    if address.is_global and not address.is_multicast:
+        return None
+    return (f"reaches the non-public address {address}, which no CIDR entry of "
+            "BATCHD_CALLBACK_ALLOWED_HOSTS allows")
 
 
 def _host_matches(host: str, port: int | None, pattern: str) -> bool:

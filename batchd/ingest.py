@@ -149,6 +149,16 @@ def overloaded(message: str) -> IngestError:
 _SLOW_SQLSTATES = frozenset({"55P03", "57014"})
 
 
+# Classes of SQLSTATE that blame the data, not the database: data exception
+# (22), integrity constraint (23), program limit (54: an index row too large).
+_VALUE_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def _refused_value(exc: BaseException) -> bool:
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return sqlstate[:2] in _VALUE_SQLSTATE_CLASSES
+
+
 def _too_slow(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _SLOW_SQLSTATES
 
@@ -221,6 +231,11 @@ class Ingest:
             else:
                 result = await self._store_grouped(tasks)
         except DBAPIError as exc:
+            if _refused_value(exc):
+                log.warning("ingest.value_refused", tasks=n_tasks,
+                            sqlstate=getattr(exc.orig, "sqlstate", ""))
+                raise IngestError(400, "invalid_task", "the database refused a value in this "
+                                  "request; nothing of it was stored") from None
             if not _too_slow(exc):
                 raise
             log.warning("ingest.database_slow", tasks=n_tasks,
@@ -367,16 +382,28 @@ class Ingest:
 
     async def _write_group(self, conn: AsyncConnection, group: list[_Pending]) -> None:
         result = repo.IngestResult([], {}, [])
-        async with conn.begin() as tx:
-            await repo.limit_lock_wait(conn, self.timeout)
-            live = self._take(group)
-            everything = [t for p in live for t in p.tasks]
-            split = len({t.custom_id for t in everything}) != len(everything)
-            if everything and not split:
-                result = await repo.insert_tasks(conn, everything)
-                if result.conflicts:
-                    await tx.rollback()
-                    split = len(live) > 1
+        live: list[_Pending] = []
+        split = False
+        try:
+            async with conn.begin() as tx:
+                await repo.limit_lock_wait(conn, self.timeout)
+                live = self._take(group)
+                everything = [t for p in live for t in p.tasks]
+                split = len({t.custom_id for t in everything}) != len(everything)
+                if everything and not split:
+                    result = await repo.insert_tasks(conn, everything)
+                    if result.conflicts:
+                        await tx.rollback()
+                        split = len(live) > 1
+        except DBAPIError as exc:
+            if len(live) <= 1 or not _refused_value(exc):
+                raise
+            # A value validation let through that the database refuses: the
+            # group was rolled back, and each request is tried on its own
+            # below, so only the one that holds it fails.
+            log.warning("ingest.group_refused", requests=len(live),
+                        sqlstate=getattr(exc.orig, "sqlstate", ""))
+            split = True
         if not live:
             return
         if len(live) == 1 and not split:

@@ -111,4 +111,11 @@ CALLBACKS_FAILED = Gauge(
     "batchd_callbacks_failed", "Callback deliveries that used up their attempts (replayable)",
     registry=REGISTRY,
 )
+HTTP_CONNECTIONS_REFUSED = Counter(
+    "batchd_http_connections_refused", "API connections closed at once because "
+    "BATCHD_HTTP_MAX_CONNECTIONS were open", registry=REGISTRY,
+)
+WAITERS = Gauge(
+    "batchd_waiters", "POST /v1/tasks?wait requests waiting for their tasks", registry=REGISTRY
+)
 BUILD_INFO = Info("batchd_build", "batchd version", registry=REGISTRY)

@@ -23,6 +23,8 @@ from batchd.domain import (
     ENDPOINTS,
     LANES,
     MAX_CALLBACK_URL,
+    MAX_MODEL,
+    MODEL_PATTERN,
     PROFILE_KEY,
     PROFILES,
     Limits,
@@ -78,7 +80,7 @@ def json_value(*, but_true: bool = False) -> Schema:
 
 def body_schemas() -> dict[str, Schema]:
     """Per endpoint, what its body needs (domain._check_body_shape)."""
-    model: Schema = {"type": "string", "pattern": "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$",
+    model: Schema = {"type": "string", "pattern": MODEL_PATTERN, "maxLength": MAX_MODEL,
                      "description": "the model; one provider batch holds one model"}
     stream: Schema = {**json_value(but_true=True),
                       "description": "must not be true: batches cannot stream"}
@@ -507,8 +509,9 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                              "conflict"),
                 "413": error("the body, the task count or one task is too large",
                              "payload_too_large", "too_many_tasks", "task_too_large"),
-                "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued", "queue_full",
-                             retry_after=True),
+                "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued, or (with "
+                             "?wait) BATCHD_MAX_WAITERS requests are already waiting; nothing "
+                             "was stored", "queue_full", "too_many_waiters", retry_after=True),
                 "503": error("shutting down, or the database is unreachable or too slow; "
                              "nothing of the request was stored", "draining", "unavailable",
                              "overloaded", retry_after=True),
@@ -612,6 +615,23 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
     }
 
 
+MISDIRECTED = error("no ingest tokens are configured and the Host header names another "
+                    "address than the loopback one batchd listens on (DNS rebinding)",
+                    "misdirected_request")
+NOT_JSON = error("no ingest tokens are configured and the body is not declared JSON or NDJSON "
+                 "(a cross-site form)", "unsupported_media_type")
+
+
+def with_edge_replies(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Replies the middleware can give to any operation in no-token mode."""
+    for path in paths.values():
+        for method, op in path.items():
+            op["responses"].setdefault("421", MISDIRECTED)
+            if method == "post":
+                op["responses"].setdefault("415", NOT_JSON)
+    return paths
+
+
 def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -626,7 +646,7 @@ def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": operations(limits),
+        "paths": with_edge_replies(operations(limits)),
         **({"webhooks": webhooks()} if callbacks else {}),
         "components": {
             "securitySchemes": {"bearer": {

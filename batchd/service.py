@@ -26,6 +26,7 @@ from batchd.config import Settings
 from batchd.domain import file_byte_budget
 from batchd.errors import ConfigError
 from batchd.ingest import Ingest
+from batchd.listener import CappedSite
 from batchd.poller import Poller
 from batchd.prices import PriceTable
 from batchd.provider.base import Provider
@@ -99,7 +100,7 @@ def build_provider(settings: Settings) -> Provider:
     """The SDK adapter; refuses to start without a key unless aimed at an emulator."""
     from batchd.provider.openai import OpenAIProvider
 
-    key = settings.openai_api_key
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
     if not key:
         base = settings.openai_base_url
         if not base:
@@ -161,17 +162,22 @@ class Service:
         metrics.BUILD_INFO.info({"version": __version__})
 
     async def start_api(self) -> web.AppRunner:
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                               keepalive_timeout=self.settings.http_header_timeout_seconds)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port,
-                           reuse_address=True)
+        site = CappedSite(runner, self.settings.http_host, self.settings.http_port,
+                          max_connections=self.settings.http_max_connections)
         await site.start()
         self.port = runner.addresses[0][1] if runner.addresses else self.settings.http_port
+        self.api.port = self.port
         return runner
 
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
         await self.sweep_spool()
         runner = await self.start_api()
+        if not self.clients.required:
+            log.warning("service.auth_off", host=self.settings.http_host, port=self.port,
+                        hint="no BATCHD_INGEST_TOKENS: any local process may submit paid work")
         log.info("service.started", host=self.settings.http_host, port=self.port,
                  owner=self.owner, window_seconds=self.settings.window_seconds,
                  max_batch_items=self.settings.max_batch_items)

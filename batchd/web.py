@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -46,6 +46,8 @@ class ApiState:
     max_wait: float = 300.0
     queued_estimate: int = 0  # refreshed by the service's snapshot loop
     draining: bool = False
+    # The port the API listens on, once bound (no-token mode checks Host against it).
+    port: int | None = None
 
 
 STATE = web.AppKey("state", ApiState)
@@ -108,17 +110,50 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    clients = request.app[STATE].clients
-    if clients.required and request.path not in _OPEN_PATHS:
-        header = request.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
-        valid, client = clients.authenticate(given)
+    state = request.app[STATE]
+    clients = state.clients
+    if not clients.required:
+        refusal = _local_only_problem(request, state.port)
+        if refusal is not None:
+            return refusal
+    elif request.path not in _OPEN_PATHS:
+        valid, client = clients.authenticate(bearer_token(request.headers))
         if not valid:
             return error_response(401, "unauthorized",
                                   "send Authorization: Bearer <token> with a valid ingest token")
         if client is not None:
             request[CLIENT] = client
     return await handler(request)
+
+
+def bearer_token(headers: Mapping[str, str]) -> str:
+    """The token of ``Authorization: Bearer <token>``, or "" for a missing,
+    empty or other-scheme header (never an exception: any such header is a
+    401). The scheme is case-insensitive (RFC 9110)."""
+    scheme, _, token = headers.get("Authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+# Content types a POST must declare in no-token mode. A browser sends a
+# cross-site form or fetch without a CORS preflight only as text/plain,
+# form-urlencoded or multipart, so insisting on JSON refuses all of them.
+_JSON_TYPES = ("application/json", "application/x-ndjson", "application/jsonl",
+               "application/x-jsonl")
+
+
+def _local_only_problem(request: web.Request, port: int | None) -> web.Response | None:
+    """No-token mode trusts whoever can reach loopback, which a web page in
+    the operator's browser can too: refuse a Host header naming another
+    name (DNS rebinding) and a POST that is not JSON (a cross-site form)."""
+    host = request.headers.get("Host", "").lower()
+    if port is None or host not in {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}:
+        return error_response(421, "misdirected_request",
+                              "with no ingest tokens batchd answers only requests addressed to "
+                              f"127.0.0.1:{port}, localhost:{port} or [::1]:{port}")
+    if request.method == "POST" and request.content_type not in _JSON_TYPES:
+        return error_response(415, "unsupported_media_type",
+                              "send Content-Type: application/json or application/x-ndjson")
+    return None
 
 
 def _client(request: web.Request) -> Client | None:

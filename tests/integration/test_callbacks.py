@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def tokens_file(tmp_path: Path, default_url: str | None = None) -> Path:
 def callback_settings(tmp_path: Path, default_url: str | None = None,
                       **extra: Any) -> dict[str, Any]:
     return {"ingest_tokens_file": tokens_file(tmp_path, default_url),
-            "callback_allowed_hosts": "127.0.0.1", **extra}
+            "callback_allowed_hosts": "127.0.0.1/32", **extra}
 
 
 async def deliveries_of(h: Harness, custom_id: str) -> list[dict[str, Any]]:
@@ -116,7 +117,9 @@ async def test_a_failing_receiver_gets_the_same_delivery_again_after_a_backoff(
         assert row["state"] == "delivered" and row["delivered_at"] is not None
         assert [(a["attempt"], a["status_code"]) for a in row["attempt_log"]] == [
             (1, 500), (2, 500), (3, 200)]
-        assert "receiver broken" in row["attempt_log"][0]["error"]
+        # What the receiver said is never kept: only its status, in our words.
+        assert row["attempt_log"][0]["error"] == "the receiver answered HTTP 500"
+        assert "receiver broken" not in orjson.dumps(row).decode()
         assert [r.headers["Batchd-Attempt"] for r in receiver.got] == ["1", "2", "3"]
         assert len({r.headers["Batchd-Delivery"] for r in receiver.got}) == 1
         assert all(r.verified for r in receiver.got)
@@ -209,7 +212,7 @@ async def test_callback_url_outside_the_allow_list_is_refused_at_ingest(
     async with running(db_url, tmp_path) as h:  # no allow-list: callbacks are off
         status, body = await h.post(chat_task("x", callback_url="http://127.0.0.1/hook"))
         assert status == 400 and "callbacks are off" in body["error"]["message"]
-    async with running(db_url, tmp_path, callback_allowed_hosts="127.0.0.1") as h:
+    async with running(db_url, tmp_path, callback_allowed_hosts="127.0.0.1/32") as h:
         status, body = await h.post(chat_task("x", callback_url="http://127.0.0.1/hook"))
         assert status == 400 and "no callback secret" in body["error"]["message"]
 
@@ -271,7 +274,7 @@ async def test_delivery_survives_a_crash_right_after_the_terminal_state(
            "OPENAI_API_KEY": API_KEY, "BATCHD_WINDOW_SECONDS": "0.5",
            "BATCHD_POLL_INTERVAL_SECONDS": "0.2", "BATCHD_SCHEDULER_INTERVAL_SECONDS": "0.2",
            "BATCHD_INGEST_TOKENS_FILE": str(tokens_file(tmp_path)),
-           "BATCHD_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "BATCHD_LOG_LEVEL": "warning"}
+           "BATCHD_CALLBACK_ALLOWED_HOSTS": "127.0.0.1/32", "BATCHD_LOG_LEVEL": "warning"}
     log = tmp_path / "serve.log"
     try:
         async with engine.begin() as conn:
@@ -328,3 +331,87 @@ async def test_redirects_are_not_followed_and_a_host_dropped_from_the_list_gets_
         assert len(receiver.got) == 1
     finally:
         await receiver.stop()
+
+
+async def test_a_callback_cannot_reach_private_addresses_through_a_star_allow_list(
+        db_url: str, tmp_path: Path) -> None:
+    """Issue 17: with ``*`` a callback reached localhost, in-cluster services
+    and the cloud metadata address, and the target's error body was stored
+    and shown back. Now ``*`` means any public address."""
+    receiver = Receiver(SECRET, statuses=[500])
+    url = await receiver.start()  # http://127.0.0.1:PORT
+    port = url.rsplit(":", 1)[1]
+    try:
+        async with running(db_url, tmp_path, ingest_tokens_file=tokens_file(tmp_path),
+                           callback_allowed_hosts="*", callback_max_attempts=1) as h:
+            for target in (f"{url}/hook", "http://169.254.169.254/latest/meta-data/",
+                           "http://10.0.0.1/", "http://0.0.0.0:8080/"):
+                status, body = await h.post(chat_task("ssrf", callback_url=target),
+                                            headers=AUTH)
+                assert status == 400, target
+                assert "non-public address" in body["error"]["message"]
+            assert await h.count("true") == 0
+            # A name passes the name check, but what it resolves to is checked
+            # on every delivery: localhost is loopback, so nothing is sent.
+            status, body = await h.post(chat_task(
+                "by-name", callback_url=f"http://localhost:{port}/hook"), headers=AUTH)
+            assert status == 202, body
+            await h.run_until_settled()
+            await h.service.callbacks.drain()
+            (row,) = await deliveries_of(h, "by-name")
+        assert row["state"] == "failed" and row["last_status"] is None
+        assert "non-public address 127.0.0.1" in row["last_error"]
+        assert receiver.got == []
+    finally:
+        await receiver.stop()
+
+
+async def test_a_cidr_entry_opens_a_private_range_and_the_host_name_is_kept(
+        db_url: str, tmp_path: Path) -> None:
+    receiver = Receiver(SECRET, statuses=[500, 200])
+    url = await receiver.start()
+    port = url.rsplit(":", 1)[1]
+    try:
+        async with running(db_url, tmp_path, ingest_tokens_file=tokens_file(tmp_path),
+                           callback_allowed_hosts="localhost,127.0.0.0/8",
+                           callback_backoff_seconds=0) as h:
+            status, body = await h.post(chat_task(
+                "named", callback_url=f"http://localhost:{port}/hook"), headers=AUTH)
+            assert status == 202, body
+            await h.run_until_settled()
+            await h.service.callbacks.drain()
+            await h.execute("UPDATE callbacks SET next_attempt_at = now()")
+            await h.service.callbacks.drain()
+            (row,) = await deliveries_of(h, "named")
+        assert row["state"] == "delivered"
+        # The connection went to the checked address; Host still names the URL's host.
+        assert [r.headers["Host"] for r in receiver.got] == [f"localhost:{port}"] * 2
+        assert row["attempt_log"][0]["error"] == "the receiver answered HTTP 500"
+    finally:
+        await receiver.stop()
+
+
+async def test_a_closed_port_reads_as_batchd_words_not_the_socket_error(
+        db_url: str, tmp_path: Path) -> None:
+    receiver = Receiver(SECRET)
+    url = await receiver.start()
+    await receiver.stop()  # nothing listens there now
+    async with running(db_url, tmp_path, **callback_settings(
+            tmp_path, callback_max_attempts=1)) as h:
+        await h.post(chat_task("closed", callback_url=f"{url}/hook"), headers=AUTH)
+        await h.run_until_settled()
+        await h.service.callbacks.drain()
+        (row,) = await deliveries_of(h, "closed")
+    assert row["state"] == "failed"
+    assert row["last_error"] == "could not connect to the callback host"
+
+
+def test_a_short_shared_callback_secret_stops_the_start() -> None:
+    env = {**os.environ, "BATCHD_CALLBACK_SECRET": "too-short-a-secret",
+           "BATCHD_OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    done = subprocess.run([sys.executable, "-m", "batchd", "serve"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.startswith("batchd: BATCHD_CALLBACK_SECRET: ")
+    assert "32 bytes" in done.stderr and done.stderr.count("\n") == 1
+    assert "too-short" not in done.stderr

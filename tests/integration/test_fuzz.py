@@ -18,7 +18,7 @@ from tests.harness import running
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLER = "fuzz-caller"  # the bearer token schemathesis sends
-SIGNING = "fuzz-callbacks-key"  # signs callbacks (none is sent: no task finishes)
+SIGNING = "fuzz-callbacks-key-0123456789abcdef"  # signs callbacks (none is sent: no task finishes)
 
 
 def _keep(text: str) -> None:

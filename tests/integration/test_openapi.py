@@ -18,7 +18,7 @@ from tests.harness import chat_task, running
 from tests.spec import SpecCheck
 
 METHODS = {"get", "post", "put", "patch", "delete"}
-SIGNING = "docs-callbacks-key"  # callbacks on, so the page shows the webhook
+SIGNING = "docs-callbacks-key-0123456789abcdef"  # callbacks on, so the page shows the webhook
 
 
 async def test_the_served_document_is_valid_openapi_3_1(db_url: str, tmp_path: Path) -> None:

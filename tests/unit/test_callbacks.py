@@ -3,10 +3,13 @@ tokens files, signatures."""
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+from pydantic import SecretStr
 
 from batchd.clients import ANONYMOUS, OTHER, Client, Clients, parse_file, parse_inline
-from batchd.domain import callback_url_problem
+from batchd.domain import callback_address_problem, callback_url_problem
 from batchd.errors import ConfigError
 from batchd.signing import SignatureError, sign, verify
 
@@ -20,7 +23,8 @@ ALLOWED = ("hooks.internal", "*.svc.cluster.local", "10.0.0.0/8", "127.0.0.1:900
     ("https://svc.cluster.local/cb", "not in BATCHD_CALLBACK_ALLOWED_HOSTS"),
     ("http://10.1.2.3/cb", None),
     ("http://11.1.2.3/cb", "not in BATCHD_CALLBACK_ALLOWED_HOSTS"),
-    ("http://127.0.0.1:9000/cb", None),
+    # Named by host:port, but loopback needs a CIDR entry too.
+    ("http://127.0.0.1:9000/cb", "non-public address 127.0.0.1"),
     ("http://127.0.0.1:9001/cb", "not in BATCHD_CALLBACK_ALLOWED_HOSTS"),
     ("http://hooks.internal.evil.com/cb", "not in BATCHD_CALLBACK_ALLOWED_HOSTS"),
     ("ftp://hooks.internal/cb", "must be an http:// or https:// URL"),
@@ -35,9 +39,38 @@ def test_callback_url_rules(url: str, problem: str | None) -> None:
     assert got == problem if problem is None else problem in (got or "")
 
 
-def test_no_allow_list_means_no_callbacks_and_star_means_any_host() -> None:
+def test_no_allow_list_means_no_callbacks_and_star_means_any_public_host() -> None:
     assert "callbacks are off" in (callback_url_problem("https://a.example/x", ()) or "")
     assert callback_url_problem("https://a.example/x", ("*",)) is None
+    assert callback_url_problem("http://8.8.8.8/x", ("*",)) is None
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:8080/v1/tasks",
+                "http://10.0.0.5/", "http://192.168.1.1/", "http://100.100.100.200/",
+                "http://0.0.0.0/"):
+        assert "non-public address" in (callback_url_problem(url, ("*",)) or ""), url
+    assert callback_url_problem("http://127.0.0.1:8080/cb", ("*", "127.0.0.0/8")) is None
+
+
+@pytest.mark.parametrize(("address", "allowed", "refused"), [
+    ("93.184.216.34", ("*",), False),
+    ("2606:4700::1111", ("*",), False),
+    ("127.0.0.1", ("*",), True),
+    ("::1", ("*",), True),
+    ("::ffff:127.0.0.1", ("*",), True),  # IPv4-mapped loopback
+    ("169.254.169.254", ("*",), True),  # cloud metadata
+    ("fd00:ec2::254", ("*",), True),  # AWS metadata over IPv6
+    ("100.100.100.200", ("*",), True),  # shared address space (Alibaba metadata)
+    ("10.1.2.3", ("*",), True),
+    ("172.16.0.1", ("*",), True),
+    ("224.0.0.1", ("*",), True),
+    ("fe80::1", ("*",), True),
+    ("10.1.2.3", ("*", "10.0.0.0/8"), False),
+    ("127.0.0.1", ("127.0.0.1/32",), False),
+    ("::ffff:127.0.0.1", ("127.0.0.0/8",), False),
+    ("10.1.2.3", ("10.9.0.0/16",), True),
+])
+def test_callback_address_rules(address: str, allowed: tuple[str, ...], refused: bool) -> None:
+    problem = callback_address_problem(ipaddress.ip_address(address), allowed)
+    assert (problem is not None) == refused, problem
 
 
 @pytest.mark.parametrize(("raw", "parsed"), [
@@ -57,7 +90,7 @@ def test_tokens_file_clients() -> None:
     text = """
 [clients.billing]
 tokens = ["new", "old"]
-callback_secret = "0123456789abcdef0123"
+callback_secret = "0123456789abcdef0123456789abcdef"
 callback_url = "https://hooks.internal/billing"
 
 [clients.search]
@@ -65,14 +98,15 @@ token = "s"
 """
     parsed = parse_file(text, ALLOWED)
     assert parsed == [
-        (Client("billing", "0123456789abcdef0123", "https://hooks.internal/billing"),
+        (Client("billing", SecretStr("0123456789abcdef0123456789abcdef"),
+                "https://hooks.internal/billing"),
          ["new", "old"]),
         (Client("search"), ["s"])]
 
 
 @pytest.mark.parametrize(("text", "says"), [
     ("[clients.x]\n", "token"),
-    ('[clients.x]\ntoken = "t"\ncallback_secret = "short"\n', "at least 16"),
+    (f'[clients.x]\ntoken = "t"\ncallback_secret = "{"x" * 31}"\n', "at least 32 bytes"),
     ('[clients.x]\ntoken = "t"\ncallback_url = "https://evil.example/"\n', "callback_url"),
     ('[clients.x]\ntoken = "t"\ncolour = "red"\n', "unknown key 'colour'"),
     ('[clients.anonymous]\ntoken = "t"\n', "client name"),
@@ -86,14 +120,18 @@ def test_bad_tokens_file_says_what_is_wrong(text: str, says: str) -> None:
 
 
 def test_clients_authenticate_label_and_secret() -> None:
-    billing = Client("billing", "s" * 16)
-    clients = Clients([(billing, "tb"), (None, "plain")], default_secret="fallback-secret")  # noqa: S106
+    billing = Client("billing", SecretStr("s" * 32))
+    clients = Clients([(billing, "tb"), (None, "plain")],
+                      default_secret=SecretStr("fallback-secret"))
+    # Bytes that are not UTF-8 reach us as surrogates: no match, no exception.
+    assert clients.authenticate(b"t\xffb".decode(errors="surrogateescape")) == (False, None)
     assert clients.authenticate("tb") == (True, billing)
     assert clients.authenticate("plain") == (True, None)
     assert clients.authenticate("nope") == (False, None)
     assert [clients.label(n) for n in ("billing", None, "retired")] == [
         "billing", ANONYMOUS, OTHER]
-    assert clients.secret_for("billing") == "s" * 16
+    assert clients.secret_for("billing") == "s" * 32
+    assert "s" * 32 not in repr(billing)
     assert clients.secret_for(None) == "fallback-secret"
     with pytest.raises(ConfigError):
         Clients([(billing, "tb"), (Client("search"), "tb")])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from batchd.cli import build_parser
+from batchd.cli import build_parser, main
 from batchd.clients import parse_inline
 from batchd.config import load_settings
 from batchd.errors import ConfigError
@@ -23,8 +23,12 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCHD_INGEST_TOKENS", "a, b,,")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     s = load_settings()
-    assert s.window_seconds == 60 and s.openai_api_key == "sk-test"
-    assert parse_inline(s.ingest_tokens) == [(None, "a"), (None, "b")]
+    assert s.window_seconds == 60 and s.openai_api_key is not None
+    assert s.openai_api_key.get_secret_value() == "sk-test"
+    assert s.ingest_tokens is not None
+    assert parse_inline(s.ingest_tokens.get_secret_value()) == [(None, "a"), (None, "b")]
+    # Secrets never show in the settings' repr (a log line or a traceback).
+    assert "sk-test" not in repr(s) and "a, b" not in repr(s)
 
 
 @pytest.mark.parametrize(("var", "value"), [
@@ -44,6 +48,10 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     ("BATCHD_MAX_TASKS_PER_REQUEST", "0"),
     ("BATCHD_MAX_BODY_DEPTH", "1"),
     ("BATCHD_INGEST_TIMEOUT_SECONDS", "0"),
+    ("BATCHD_CALLBACK_SECRET", "x" * 31),
+    ("BATCHD_HTTP_MAX_CONNECTIONS", "0"),
+    ("BATCHD_HTTP_HEADER_TIMEOUT_SECONDS", "0"),
+    ("BATCHD_MAX_WAITERS", "-1"),
 ])
 def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
                                       value: str) -> None:
@@ -107,3 +115,22 @@ def test_ingest_limits_are_read_and_shown_in_help(monkeypatch: pytest.MonkeyPatc
                 "BATCHD_MAX_METADATA_VALUE_CHARS", "BATCHD_INGEST_TIMEOUT_SECONDS",
                 "BATCHD_MAX_PENDING_TASKS", "BATCHD_MAX_WAIT_SECONDS"):
         assert var in text, var
+
+
+def test_serve_takes_no_secret_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    helps = " ".join(_option_help_lines(["serve"]))
+    for variable in ("BATCHD_INGEST_TOKENS,", "BATCHD_CALLBACK_SECRET", "OPENAI_API_KEY,"):
+        assert f"[env {variable}" not in helps
+    for option in ("--ingest-tokens", "--callback-secret", "--openai-api-key"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", option, "x"])
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("url", ["postgresql://batchd:hunter2@db/batchd",
+                                 "postgresql://db/batchd?password=hunter2"])
+def test_database_url_with_a_password_is_refused_on_the_command_line(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--database-url", url]) == 2
+    err = capsys.readouterr().err
+    assert "BATCHD_DATABASE_URL" in err and "hunter2" not in err and err.count("\n") == 1
