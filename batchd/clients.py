@@ -178,6 +178,12 @@ class Clients:
                 found = (True, client)
         return found
 
+    def keys(self) -> list[tuple[bytes, Client | None]]:
+        """Every configured token with its client, for checks (such as the
+        console's session cookie) that prove knowledge of a token by an HMAC
+        keyed with it instead of by presenting it."""
+        return list(self._tokens)
+
     def get(self, name: str | None) -> Client | None:
         return self._by_name.get(name) if name else None
 

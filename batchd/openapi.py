@@ -48,7 +48,7 @@ MONEY: Schema = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
 UNPRICED: Schema = {"type": "boolean",
                     "description": "priced by the unknown-model rule (the price table's most "
                                    "expensive entry), not by an entry of its own"}
-STATES = ("queued", "submitted", "succeeded", "failed")
+STATES = ("queued", "submitted", "succeeded", "failed", "dismissed")
 
 
 # ------------------------------------------------------------------ requests
@@ -609,7 +609,14 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "responses": {"200": ok("OpenAPI 3.1", {"type": "object"})}}},
         "/docs": {"get": {
             **open_op, "operationId": "docs", "tags": ["operations"],
-            "summary": "This document as a readable page",
+            "summary": "This document in Swagger UI (served from batchd, no CDN)",
+            "description": "Markdown rendered, schemas expandable, and *Try it out* with a "
+                           "bearer token entered under **Authorize**.",
+            "responses": {"200": {"description": "HTML",
+                                  "content": {"text/html": {"schema": {"type": "string"}}}}}}},
+        "/docs/plain": {"get": {
+            **open_op, "operationId": "docsPlain", "tags": ["operations"],
+            "summary": "This document as one plain page that needs no JavaScript",
             "responses": {"200": {"description": "HTML",
                                   "content": {"text/html": {"schema": {"type": "string"}}}}}}},
     }

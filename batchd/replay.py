@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ _WHY_NOT = {
     "succeeded": "already succeeded; its result is stored, replaying would pay twice",
     "queued": "already queued (replayed before, or retrying)",
     "submitted": "in a live batch now",
+    "dismissed": "dismissed from the manual queue by an operator",
 }
 
 
@@ -86,11 +87,17 @@ class Replayer:
                        last_error, finished_at FROM tasks WHERE state = 'failed' ORDER BY id"""))
             async for part in result.mappings().partitions(1000):
                 for r in part:
-                    yield {"custom_id": r["custom_id"], "method": "POST", "url": r["endpoint"],
-                           "body": r["body"], "metadata": r["metadata"],
-                           "attempts": r["attempts"], "replay_count": r["replay_count"],
-                           "batch_id": r["batch_id"], "last_error": r["last_error"],
-                           "failed_at": r["finished_at"].isoformat() if r["finished_at"] else None}
+                    yield export_line(r)
+
+
+def export_line(r: Mapping[Any, Any]) -> dict[str, Any]:
+    """One line of a failed export (``batchd failed export``, the console's
+    export): the original request and how it failed."""
+    return {"custom_id": r["custom_id"], "method": "POST", "url": r["endpoint"],
+            "body": r["body"], "metadata": r["metadata"],
+            "attempts": r["attempts"], "replay_count": r["replay_count"],
+            "batch_id": r["batch_id"], "last_error": r["last_error"],
+            "failed_at": r["finished_at"].isoformat() if r["finished_at"] else None}
 
 
 def read_failed_export(path: Path) -> Iterable[dict[str, Any]]:

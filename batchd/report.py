@@ -48,13 +48,14 @@ ev AS (
     SELECT DISTINCT custom_id FROM task_events, bounds
     WHERE created_at >= lo AND created_at < hi AND outcome IN ('succeeded', 'failed')
 ), manual AS (
-    -- Failed is left only by a replay: a task is in the manual queue at the
-    -- day's end when its last failure before then is newer than its last replay.
+    -- Failed is left by a replay or a dismissal: a task is in the manual queue
+    -- at the day's end when its last failure before then is newer than both.
     SELECT count(*) AS n FROM (
         SELECT max(id) FILTER (WHERE outcome = 'failed') AS f,
-               max(id) FILTER (WHERE outcome = 'replayed') AS r
+               max(id) FILTER (WHERE outcome IN ('replayed', 'dismissed')) AS r
         FROM task_events, bounds
-        WHERE outcome IN ('failed', 'replayed') AND created_at < hi GROUP BY custom_id) s
+        WHERE outcome IN ('failed', 'replayed', 'dismissed') AND created_at < hi
+        GROUP BY custom_id) s
     WHERE f IS NOT NULL AND (r IS NULL OR f > r)
 )
 SELECT
@@ -64,8 +65,10 @@ SELECT
     coalesce((SELECT n FROM ev WHERE outcome = 'retried'), 0) AS retried,
     coalesce((SELECT n FROM ev WHERE outcome = 'replayed'), 0) AS replayed,
     (SELECT count(*) FROM finished) AS finished,
-    (SELECT count(*) FROM finished f JOIN tasks t ON t.custom_id = f.custom_id
-     WHERE t.state = 'succeeded') AS finished_ok_now,
+    -- A probe per finished task by its key (a join could hash all of tasks).
+    (SELECT count(*) FROM finished f
+     WHERE (SELECT t.state FROM tasks t WHERE t.custom_id = f.custom_id) = 'succeeded'
+    ) AS finished_ok_now,
     (SELECT n FROM manual) AS manual_queue,
     (SELECT spend FROM money) AS spend, (SELECT sync FROM money) AS sync,
     (SELECT usd FROM unattributed) + (SELECT usd FROM sync_unkept) AS unattributed
@@ -90,12 +93,13 @@ _LANES = text("""
 SELECT t.lane,
        count(*) FILTER (WHERE t.state = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE t.state = 'failed') AS failed,
-       coalesce(sum(r.cost_usd), 0) AS spend,
+       coalesce(sum((SELECT r.cost_usd FROM results r WHERE r.custom_id = t.custom_id)), 0)
+         AS spend,
        percentile_cont(0.5) WITHIN GROUP (
            ORDER BY extract(epoch FROM t.finished_at - t.created_at)) AS p50,
        percentile_cont(0.95) WITHIN GROUP (
            ORDER BY extract(epoch FROM t.finished_at - t.created_at)) AS p95
-FROM tasks t LEFT JOIN results r ON r.custom_id = t.custom_id
+FROM tasks t
 WHERE t.finished_at >= CAST(:start AS timestamptz) AND t.finished_at < CAST(:end AS timestamptz)
   AND t.state IN ('succeeded', 'failed')
 GROUP BY t.lane

@@ -18,7 +18,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from batchd import __version__, logs, metrics
+from batchd import __version__, console, logs, metrics
 from batchd.archive import Archive
 from batchd.callbacks import CallbackSender
 from batchd.clients import Clients
@@ -155,6 +155,14 @@ class Service:
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds)
         self.app = build_app(self.api, settings.max_request_bytes)
+        console.setup(self.app, console.Console(
+            engine=engine, clients=self.clients, replayer=self.api.replayer,
+            reporter=self.reporter, local_key=os.urandom(32),
+            config=console.ConsoleConfig(
+                window_seconds=settings.window_seconds,
+                max_batch_items=settings.max_batch_items,
+                daily_budget_usd=settings.daily_budget_usd,
+                alert_ratio=settings.failure_alert_ratio)))
         self.port: int | None = None
         metrics.CONFIG_WINDOW.set(settings.window_seconds)
         metrics.CONFIG_MAX_TASKS.set(settings.max_batch_items)

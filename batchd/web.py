@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from batchd import logs, metrics, openapi
+from batchd import console, logs, metrics, openapi
 from batchd.clients import Client, Clients
 from batchd.domain import ENDPOINTS
 from batchd.ingest import OVERLOADED_RETRY_AFTER, Ingest, IngestError, decode_payload
@@ -30,7 +30,8 @@ from batchd.store import repo
 log = logs.get("batchd.web")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"})
+_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
+                         "/docs/plain"})
 
 
 @dataclass(slots=True)
@@ -116,7 +117,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         refusal = _local_only_problem(request, state.port)
         if refusal is not None:
             return refusal
-    elif request.path not in _OPEN_PATHS:
+    # The console checks its own session cookie (or the same bearer token).
+    elif request.path not in _OPEN_PATHS and not console.is_console_path(request.path):
         valid, client = clients.authenticate(bearer_token(request.headers))
         if not valid:
             return error_response(401, "unauthorized",
@@ -150,7 +152,9 @@ def _local_only_problem(request: web.Request, port: int | None) -> web.Response 
         return error_response(421, "misdirected_request",
                               "with no ingest tokens batchd answers only requests addressed to "
                               f"127.0.0.1:{port}, localhost:{port} or [::1]:{port}")
-    if request.method == "POST" and request.content_type not in _JSON_TYPES:
+    # The console's forms are urlencoded; its CSRF token refuses cross-site ones.
+    if request.method == "POST" and request.content_type not in _JSON_TYPES \
+            and not console.is_console_path(request.path):
         return error_response(415, "unsupported_media_type",
                               "send Content-Type: application/json or application/x-ndjson")
     return None
@@ -447,5 +451,5 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_json)
-    app.router.add_get("/docs", docs_page)
+    app.router.add_get("/docs/plain", docs_page)
     return app

@@ -13,6 +13,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from batchd.console import is_console_path
+
 _URI = "urn:batchd:openapi"
 
 
@@ -57,6 +59,8 @@ class SpecCheck:
             route = request.match_info.route
             if route.resource is None or request.method == "HEAD":
                 return response  # no route: aiohttp's own 404/405
+            if is_console_path(route.resource.canonical):
+                return response  # the console's HTML pages are not the API
             if isinstance(response, web.Response) and response.body is not None:
                 body = response.body if isinstance(response.body, bytes) else b""
                 self.checked += 1

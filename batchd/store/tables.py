@@ -68,7 +68,9 @@ tasks = Table(
     # batch is built, so validation errors naming lines find their task even
     # after another task left the batch.
     Column("batch_line", Integer),
-    CheckConstraint("state IN ('queued','submitted','succeeded','failed')", name="task_state"),
+    # dismissed: taken out of the manual queue by an operator, not replayed.
+    CheckConstraint("state IN ('queued','submitted','succeeded','failed','dismissed')",
+                    name="task_state"),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
     # Windows: distinct (endpoint, model) by skip scan, then each window's
     # batch-lane tasks oldest first, counted index-only (migration 0004).
@@ -81,6 +83,9 @@ tasks = Table(
     Index("tasks_fallback", "fallback_at",
           postgresql_where=text("fallback_at IS NOT NULL AND state IN ('queued', 'submitted')")),
     Index("tasks_created", "created_at"),
+    # The console's manual queue, newest first; the report's day of finished tasks.
+    Index("tasks_manual", "id", postgresql_where=text("state = 'failed'")),
+    Index("tasks_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
 )
 
 batches = Table(
@@ -150,6 +155,8 @@ results = Table(
     # Settling a batch sums and rounds its results (migration 0006); without it
     # that is a scan of every result ever stored, once per batch.
     Index("results_batch", "batch_id"),
+    # A day of the report reads that day's results only.
+    Index("results_created", "created_at"),
 )
 
 task_events = Table(
@@ -160,15 +167,16 @@ task_events = Table(
     Column("batch_id", Text),
     Column("attempt", Integer, nullable=False),
     # accepted | succeeded | retried | failed | requeued | replayed | fallback |
-    # resubmitted
+    # resubmitted | dismissed
     Column("outcome", Text, nullable=False),
     Column("error", JSONB),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("task_events_custom_id", "custom_id"),
     Index("task_events_day", "created_at", "outcome"),
-    # The manual queue as of any day's end: each task's last failure and replay.
-    Index("task_events_manual", "custom_id", "id",
-          postgresql_where=text("outcome IN ('failed', 'replayed')")),
+    # The manual queue as of any day's end: each task's last failure, and the
+    # last replay or dismissal that took it out again.
+    Index("task_events_left_manual", "custom_id", "id",
+          postgresql_where=text("outcome IN ('failed', 'replayed', 'dismissed')")),
 )
 
 # The callback outbox: one row per terminal state reached by a task with a
@@ -233,4 +241,21 @@ callback_attempts = Table(
     Column("duration_seconds", Float, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("callback_attempts_callback", "callback_id", "id"),
+)
+
+
+# One row per operator action in the console (replay, dismiss, export): who,
+# for which client, how many tasks were asked for and how many it changed.
+console_actions = Table(
+    "console_actions",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("actor", Text, nullable=False),
+    Column("client", Text),
+    Column("action", Text, nullable=False),
+    Column("requested", Integer, nullable=False),
+    Column("affected", Integer, nullable=False),
+    Column("detail", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("console_actions_client", "client", "id"),
 )

@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 from openapi_spec_validator import validate
 
+from batchd.console import is_console_path
 from batchd.domain import Limits
 from batchd.openapi import build
 from tests.harness import chat_task, running
@@ -34,7 +35,8 @@ async def test_every_route_is_documented_and_every_documented_operation_is_serve
     async with running(db_url, tmp_path) as h:
         served = {(r.method.lower(), r.resource.canonical)
                   for r in h.service.app.router.routes()
-                  if r.method != "HEAD" and r.resource is not None}
+                  if r.method != "HEAD" and r.resource is not None
+                  and not is_console_path(r.resource.canonical)}
         _, spec = await h.get("/openapi.json")
         documented = {(m, path) for path, item in spec["paths"].items() for m in item
                       if m in METHODS}
@@ -59,11 +61,11 @@ async def test_every_operation_documents_its_errors_in_the_error_shape(
                 assert "503" in op["responses"], (method, path)
 
 
-async def test_docs_page_shows_every_path_and_fetches_nothing(db_url: str,
-                                                              tmp_path: Path) -> None:
+async def test_plain_docs_page_shows_every_path_and_fetches_nothing(db_url: str,
+                                                                    tmp_path: Path) -> None:
     async with running(db_url, tmp_path, ingest_tokens="secret", callback_allowed_hosts="*",
                        callback_secret=SIGNING) as h:
-        async with h.http.get(f"{h.base_url}/docs") as r:
+        async with h.http.get(f"{h.base_url}/docs/plain") as r:
             assert r.status == 200 and r.content_type == "text/html"
             page = await r.text()
         _, spec = await h.get("/openapi.json")

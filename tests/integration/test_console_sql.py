@@ -1,0 +1,118 @@
+"""Every statement behind a console page reads through an index, never by
+scanning tasks (or results, or task_events): EXPLAINed on a database of
+100,000 tasks over 30 days, three clients, a queue and a manual queue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from batchd import report
+from batchd.store import console as sql
+from batchd.store.engine import make_engine
+
+_FILL = [
+    """INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes, state,
+                          attempts, client, created_at, finished_at, last_error, lane,
+                          not_before, batch_id)
+       SELECT 't' || g, '/v1/chat/completions',
+              (ARRAY['gpt-4o-mini', 'gpt-4o', 'gpt-4.1'])[1 + g % 3], '{}'::jsonb, 'd', 100,
+              CASE WHEN g % 25 = 0 THEN 'failed' WHEN g % 10 = 1 THEN 'queued'
+                   WHEN g % 10 = 3 AND g > 99000 THEN 'submitted' ELSE 'succeeded' END,
+              1, (ARRAY['billing', 'search', 'ops'])[1 + g % 3],
+              now() - (g % 30) * interval '1 day',
+              CASE WHEN g % 10 IN (1, 3) AND (g % 10 = 1 OR g > 99000) AND g % 25 <> 0 THEN NULL
+                   ELSE now() - (g % 30) * interval '1 day' + interval '1 minute' END,
+              CASE WHEN g % 25 = 0 THEN '{"code": "invalid_request_error"}'::jsonb END,
+              CASE WHEN g % 50 = 7 THEN 'sync' ELSE 'batch' END, now(),
+              CASE WHEN g % 10 = 3 AND g > 99000 THEN 'live-1' ELSE 'old-' || (g / 500) END
+       FROM generate_series(1, 100000) g""",
+    """INSERT INTO results (custom_id, batch_id, status_code, response, created_at)
+       SELECT custom_id, batch_id, 200, '{}'::jsonb, finished_at FROM tasks
+       WHERE state = 'succeeded'""",
+    """INSERT INTO task_events (custom_id, batch_id, attempt, outcome, created_at)
+       SELECT custom_id, batch_id, 1, CASE state WHEN 'failed' THEN 'failed' ELSE 'succeeded' END,
+              finished_at FROM tasks WHERE finished_at IS NOT NULL""",
+    """INSERT INTO batches (id, endpoint, model, state, flush_reason, item_count, input_bytes,
+                            spend_day)
+       SELECT 'old-' || g, '/v1/chat/completions', 'gpt-4o', 'routed', 'cap', 500, 1000,
+              current_date FROM generate_series(0, 200) g
+       UNION ALL SELECT 'live-1', '/v1/chat/completions', 'gpt-4o', 'submitted', 'cap', 100,
+              1000, current_date""",
+    "ANALYZE",
+]
+_WATCHED = {"tasks", "results", "task_events"}
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+async def _scans(conn: AsyncConnection, stmt: TextClause, params: dict[str, Any]) -> list[str]:
+    """The tables of ``_WATCHED`` the statement's plan reads by a sequential scan."""
+    row = await conn.execute(text("EXPLAIN (FORMAT JSON) " + stmt.text), params)
+    doc = row.scalar_one()
+    plan = (orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"]
+    return [n["Relation Name"] for n in _nodes(plan)
+            if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in _WATCHED]
+
+
+async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
+    engine = make_engine(db_url)
+    today = datetime.now(UTC).date()
+    start = datetime(today.year, today.month, today.day, tzinfo=UTC)
+    day_lo, day_hi = start - timedelta(days=3), start - timedelta(days=2)
+    async with engine.begin() as conn:
+        for statement in _FILL:
+            await conn.execute(text(statement))
+    manual = {"model": None, "code": None, "lo": None, "hi": None}
+    checks: list[tuple[str, TextClause, dict[str, Any]]] = []
+    for client in (None, "billing"):
+        checks += [
+            ("queue_windows", sql.QUEUE_WINDOWS, {"client": client, "cap": 100_000}),
+            ("sync_queue", sql.SYNC_QUEUE, {"client": client, "cap": 100_000}),
+            ("live_batches", sql.LIVE_BATCHES, {"client": client, "lim": 100}),
+            ("spend_by_client", sql.SPEND_BY_CLIENT, {"client": client, "lo": start,
+                                                      "hi": start + timedelta(days=1)}),
+            ("manual_page", sql.MANUAL_PAGE, {**manual, "client": client, "before": 2**62,
+                                              "lim": 51}),
+            ("manual_page by day", sql.MANUAL_PAGE, {
+                **manual, "client": client, "lo": day_lo, "hi": day_hi, "before": 2**62,
+                "lim": 51}),
+            ("manual_page by code", sql.MANUAL_PAGE, {
+                **manual, "client": client, "code": "invalid_request_error",
+                "model": "gpt-4o", "before": 2**62, "lim": 51}),
+            ("manual_count", sql.MANUAL_COUNT, {**manual, "client": client, "cap": 10_000}),
+            ("manual_ids", sql.MANUAL_IDS, {**manual, "client": client, "lim": 1000}),
+            ("chosen_failed", sql.CHOSEN_FAILED, {"client": client, "ids": [25, 50, 75]}),
+            ("export_rows", sql.EXPORT_ROWS, {"client": client, "ids": [25, 50, 75]}),
+            ("dismiss", sql.DISMISS, {"client": client, "ids": [25, 50]}),
+            ("recent_actions", sql.RECENT_ACTIONS, {"client": client, "lim": 10}),
+            ("task", sql.TASKS_BY_CUSTOM_ID, {"client": client, "cid": "t4242"}),
+            ("batch_detail", sql.BATCH_DETAIL, {"client": client, "bid": "live-1"}),
+        ]
+    checks += [
+        ("events", sql.EVENTS, {"cid": "t4242", "lim": 200}),
+        ("batches", sql.BATCHES_BY_ID, {"ids": ["old-8", "live-1"]}),
+        ("result", sql.RESULT, {"cid": "t4242"}),
+    ]
+    for day in (today, today - timedelta(days=12)):
+        lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        bounds = {"start": lo, "end": lo + timedelta(days=1)}
+        checks += [(f"report day {day}", report._DAY, bounds),
+                   (f"report unpriced {day}", report._UNPRICED, bounds),
+                   (f"report lanes {day}", report._LANES, bounds)]
+    try:
+        async with engine.connect() as conn:
+            found = {name: await _scans(conn, stmt, params) for name, stmt, params in checks}
+            await conn.rollback()
+    finally:
+        await engine.dispose()
+    assert {name: tables for name, tables in found.items() if tables} == {}
