@@ -44,6 +44,7 @@ from batchd.replay import Replayer, export_line
 from batchd.report import Reporter
 from batchd.store import console as sql
 from batchd.store import repo
+from batchd.web import bearer_token
 
 log = logs.get("batchd.console")
 
@@ -161,13 +162,13 @@ def _session_viewer(console: Console, cookie: str) -> Viewer | None:
 
 def viewer_of(request: web.Request) -> Viewer | None:
     console = request.app[CONSOLE]
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer ") and console.clients.required:
-        valid, client = console.clients.authenticate(header[7:])
+    token = bearer_token(request.headers)
+    if token and console.clients.required:
+        valid, client = console.clients.authenticate(token)
         if not valid:
             return None
         name, scope = _scope(client)
-        return Viewer(name, scope, header[7:].encode(), "bearer")
+        return Viewer(name, scope, token.encode(), "bearer")
     cookie = request.cookies.get(SESSION_COOKIE)
     return _session_viewer(console, cookie) if cookie else None
 
@@ -240,6 +241,8 @@ def page(handler: PageHandler) -> Callable[[web.Request], Awaitable[web.StreamRe
                                       "the form's CSRF token is missing or stale; reload the "
                                       "page and submit it again", viewer))
         response = await handler(request, viewer)
+        if response.prepared:
+            return response  # streamed: its handler sent the headers already
         if fresh_cookie is not None:
             _set_cookie(request, response, SESSION_COOKIE, fresh_cookie, SESSION_SECONDS)
         return secure(response)
@@ -850,8 +853,5 @@ def setup(app: web.Application, console: Console) -> None:
     app.router.add_get("/ui/static/{name:.+}", static)
 
 
-def is_console_path(path: str) -> bool:
-    """Paths the console authenticates itself (cookie or bearer), not the API's check."""
-    return path == "/ui" or path.startswith("/ui/")
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from batchd import console, logs, metrics, openapi
+from batchd import logs, metrics, openapi
 from batchd.clients import Client, Clients
 from batchd.domain import ENDPOINTS
 from batchd.ingest import OVERLOADED_RETRY_AFTER, Ingest, IngestError, decode_payload
@@ -118,7 +118,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if refusal is not None:
             return refusal
     # The console checks its own session cookie (or the same bearer token).
-    elif request.path not in _OPEN_PATHS and not console.is_console_path(request.path):
+    elif request.path not in _OPEN_PATHS and not is_console_path(request.path):
         valid, client = clients.authenticate(bearer_token(request.headers))
         if not valid:
             return error_response(401, "unauthorized",
@@ -126,6 +126,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if client is not None:
             request[CLIENT] = client
     return await handler(request)
+
+
+def is_console_path(path: str) -> bool:
+    """Paths of the console (batchd/console.py), which authenticates its own
+    requests (session cookie or the same bearer token) and posts forms."""
+    return path == "/ui" or path.startswith("/ui/")
 
 
 def bearer_token(headers: Mapping[str, str]) -> str:
@@ -154,7 +160,7 @@ def _local_only_problem(request: web.Request, port: int | None) -> web.Response 
                               f"127.0.0.1:{port}, localhost:{port} or [::1]:{port}")
     # The console's forms are urlencoded; its CSRF token refuses cross-site ones.
     if request.method == "POST" and request.content_type not in _JSON_TYPES \
-            and not console.is_console_path(request.path):
+            and not is_console_path(request.path):
         return error_response(415, "unsupported_media_type",
                               "send Content-Type: application/json or application/x-ndjson")
     return None

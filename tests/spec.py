@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from batchd.console import is_console_path
+from batchd.web import is_console_path
 
 _URI = "urn:batchd:openapi"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import orjson
 from openapi_spec_validator import validate
 
-from batchd.console import is_console_path
 from batchd.domain import Limits
 from batchd.openapi import build
+from batchd.web import is_console_path
 from tests.harness import chat_task, running
 from tests.spec import SpecCheck
 
