@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -54,42 +53,6 @@ class Accepted:
         return {"accepted": self.accepted, "duplicates": self.duplicates, "tasks": self.tasks}
 
 
-def decode_payload(raw: bytes, content_type: str) -> list[Any]:
-    """The task objects of a request body: one task, {"tasks": [...]}, or NDJSON."""
-    if "ndjson" in content_type or "jsonl" in content_type:
-        lines = raw.splitlines()
-        try:
-            # The common case in one pass; any blank or bad line takes the
-            # loop below, which skips the one and names the other.
-            return [orjson.loads(line) for line in lines]
-        except orjson.JSONDecodeError:
-            pass
-        items = []
-        for n, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                items.append(orjson.loads(line))
-            except orjson.JSONDecodeError as exc:
-                raise IngestError(400, "invalid_json", f"line {n} is not valid JSON: {exc}") \
-                    from None
-        return items
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise IngestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
-    if isinstance(doc, dict) and "tasks" in doc and "custom_id" not in doc:
-        tasks = doc["tasks"]
-        if not isinstance(tasks, list):
-            raise IngestError(400, "invalid_request", '"tasks" must be a list of task objects')
-        if len(doc) > 1:
-            other = sorted(k for k in doc if k != "tasks")[0]
-            raise IngestError(400, "invalid_request",
-                              f'{other!r} is not a known field beside "tasks"')
-        return tasks
-    return [doc]
-
-
 # Tasks validated between two turns of the event loop. A 1,000-task request
 # takes milliseconds to validate; in one go, the round trips of the commits
 # in flight wait all that while and the database sits idle.
@@ -103,10 +66,20 @@ async def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> lis
     if len(items) > limits.tasks_per_request:
         raise IngestError(413, "too_many_tasks", f"a request may hold at most "
                           f"{limits.tasks_per_request} tasks; split it")
-    tasks: dict[str, TaskIn] = {}
-    for index, item in enumerate(items):
-        if index and not index % VALIDATE_SLICE:
+    return await validate_piece(items, limits, max_line_bytes, 0, {})
+
+
+async def validate_piece(items: list[Any], limits: Limits, max_line_bytes: int, start: int,
+                         seen: dict[str, str]) -> list[TaskIn]:
+    """Parse a piece of a request whose first task is number ``start``.
+    ``seen`` maps the custom_ids of the request's earlier pieces to their
+    digests: one repeated with the same body is dropped (a duplicate), with
+    another body it is a 409."""
+    tasks: list[TaskIn] = []
+    for offset, item in enumerate(items):
+        if offset and not offset % VALIDATE_SLICE:
             await asyncio.sleep(0)
+        index = start + offset
         try:
             task = parse_task(item, index, limits)
         except InvalidTask as exc:
@@ -118,13 +91,14 @@ async def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> lis
             raise IngestError(413, "task_too_large",
                               f"task {index} ({task.custom_id!r}) is {task.line_bytes} bytes, "
                               f"more than a provider input file may hold ({max_line_bytes})")
-        seen = tasks.get(task.custom_id)
-        if seen is not None and seen.digest != task.digest:
+        digest = seen.setdefault(task.custom_id, task.digest)
+        if digest is task.digest:  # this very task's: the id is new to the request
+            tasks.append(task)
+        elif digest != task.digest:
             raise IngestError(409, "conflict",
                               f"custom_id {task.custom_id!r} appears twice with different bodies",
                               {"custom_ids": [task.custom_id]})
-        tasks.setdefault(task.custom_id, task)
-    return list(tasks.values())
+    return tasks
 
 
 @dataclass(slots=True)
@@ -161,6 +135,14 @@ def _refused_value(exc: BaseException) -> bool:
 
 def _too_slow(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _SLOW_SQLSTATES
+
+
+def _conflict(custom_ids: list[str]) -> IngestError:
+    return IngestError(
+        409, "conflict",
+        f"{len(custom_ids)} custom_id(s) already exist with a different body: "
+        f"{', '.join(custom_ids[:5])}",
+        {"custom_ids": custom_ids[:100]})
 
 
 class Ingest:
@@ -206,6 +188,9 @@ class Ingest:
         self.group_tasks = group_tasks
         self.writers = writers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # Requests streamed in pieces, each holding a connection and an open
+        # transaction while its body arrives.
+        self._streams = asyncio.Semaphore(max(2, writers * 2))
         self._writer_tasks: list[asyncio.Task[None]] = []
 
     async def prepare(self, items: list[Any], client: Client | None = None) -> list[TaskIn]:
@@ -213,6 +198,70 @@ class Ingest:
         token), without I/O: the 400/409/413 verdicts."""
         return self._placed(self._with_callbacks(
             await validate(items, self.limits, self.max_line_bytes), items, client))
+
+    async def prepare_piece(self, items: list[Any], start: int, seen: dict[str, str],
+                            client: Client | None = None) -> list[TaskIn]:
+        """``prepare`` for one piece of a request streamed in pieces."""
+        return self._placed(self._with_callbacks(
+            await validate_piece(items, self.limits, self.max_line_bytes, start, seen),
+            items, client, start))
+
+    async def store_stream(self, first: list[TaskIn], rest: AsyncIterator[list[TaskIn]],
+                           n_items: Callable[[], int], client: Client | None = None
+                           ) -> Accepted:
+        """Store a request's pieces in one transaction, inserting each while
+        the next is read and validated (``n_items()``: the tasks the request
+        held, repeats within it included, once all is read). All or nothing: an error in
+        any piece (``rest`` raising), a conflict or a database error rolls
+        back everything, and only the commit at the end makes it durable.
+
+        A slot of ``streams`` is held throughout, so a few slow streaming
+        callers cannot take the connection pool from everyone else (and the
+        decoder refuses a body that stalls).
+        """
+        try:
+            await asyncio.wait_for(self._streams.acquire(), self.timeout)
+        except TimeoutError:
+            raise overloaded("too many large requests are being stored now; nothing was "
+                             "stored, retry later") from None
+        inserted: list[str] = []
+        duplicates: dict[str, str] = {}
+        lanes: dict[str, str] = {}
+        counted = 0
+        try:
+            async with self.engine.connect() as conn:
+                async with conn.begin() as tx:
+                    await repo.limit_lock_wait(conn, self.timeout)
+                    tasks: list[TaskIn] | None = first
+                    while tasks is not None:
+                        if self._pending + len(tasks) > self.max_pending:
+                            raise overloaded(f"{self._pending} tasks are already waiting for "
+                                             "the database; retry later")
+                        self._pending += len(tasks)
+                        counted += len(tasks)
+                        insert = asyncio.ensure_future(repo.insert_tasks(conn, tasks))
+                        try:
+                            # The next piece is read and validated while this
+                            # one is in the database's hands.
+                            following = await anext(rest, None)
+                        except BaseException:
+                            await asyncio.gather(insert, return_exceptions=True)
+                            raise
+                        result = await insert
+                        if result.conflicts:
+                            await tx.rollback()
+                            raise _conflict(result.conflicts)
+                        inserted += result.inserted
+                        duplicates.update(result.duplicates)
+                        lanes.update((t.custom_id, t.lane) for t in tasks)
+                        tasks = following
+        except DBAPIError as exc:
+            raise self._database_error(exc, counted) from None
+        finally:
+            self._pending -= counted
+            self._streams.release()
+        return self._accepted(repo.IngestResult(inserted, duplicates, []), lanes, n_items(),
+                              client)
 
     async def submit(self, items: list[Any], client: Client | None = None) -> Accepted:
         return await self.store(await self.prepare(items, client), len(items), client)
@@ -231,40 +280,44 @@ class Ingest:
             else:
                 result = await self._store_grouped(tasks)
         except DBAPIError as exc:
-            if _refused_value(exc):
-                log.warning("ingest.value_refused", tasks=n_tasks,
-                            sqlstate=getattr(exc.orig, "sqlstate", ""))
-                raise IngestError(400, "invalid_task", "the database refused a value in this "
-                                  "request; nothing of it was stored") from None
-            if not _too_slow(exc):
-                raise
-            log.warning("ingest.database_slow", tasks=n_tasks,
-                        sqlstate=getattr(exc.orig, "sqlstate", ""))
-            raise overloaded("the task store is too slow to take this now; nothing was "
-                             "stored, retry later") from None
+            raise self._database_error(exc, n_tasks) from None
         finally:
             self._pending -= n_tasks
         if result.conflicts:
-            raise IngestError(
-                409, "conflict",
-                f"{len(result.conflicts)} custom_id(s) already exist with a different body: "
-                f"{', '.join(result.conflicts[:5])}",
-                {"custom_ids": result.conflicts[:100]})
-        if self.on_sync is not None and result.inserted and any(
-                t.lane == "sync" for t in tasks):
+            raise _conflict(result.conflicts)
+        return self._accepted(result, {t.custom_id: t.lane for t in tasks}, n_items, client)
+
+    def _database_error(self, exc: DBAPIError, n_tasks: int) -> BaseException:
+        """What the caller is told when the transaction failed (nothing stored)."""
+        if _refused_value(exc):
+            log.warning("ingest.value_refused", tasks=n_tasks,
+                        sqlstate=getattr(exc.orig, "sqlstate", ""))
+            return IngestError(400, "invalid_task", "the database refused a value in this "
+                               "request; nothing of it was stored")
+        if not _too_slow(exc):
+            return exc
+        log.warning("ingest.database_slow", tasks=n_tasks,
+                    sqlstate=getattr(exc.orig, "sqlstate", ""))
+        return overloaded("the task store is too slow to take this now; nothing was "
+                          "stored, retry later")
+
+    def _accepted(self, result: repo.IngestResult, lanes: dict[str, str], n_items: int,
+                  client: Client | None) -> Accepted:
+        """The reply for stored tasks (``lanes``: each task's lane; ``n_items``:
+        the tasks the request held, repeats within it included)."""
+        if self.on_sync is not None and result.inserted and "sync" in lanes.values():
             self.on_sync()
-        lanes = {t.custom_id: t.lane for t in tasks}
         by_lane = Counter(lanes[cid] for cid in result.inserted)
         for lane, n in by_lane.items():
             metrics.TASKS_RECEIVED.labels(client=client.name if client else ANONYMOUS,
                                           lane=lane).inc(n)
         states = [{"custom_id": cid, "state": "queued"} for cid in result.inserted]
         states += [{"custom_id": cid, "state": st} for cid, st in result.duplicates.items()]
-        n_dupes = len(result.duplicates) + (n_items - len(tasks))
+        n_dupes = len(result.duplicates) + (n_items - len(lanes))
         return Accepted(len(result.inserted), n_dupes, states)
 
-    def _with_callbacks(self, tasks: list[TaskIn], items: list[Any], client: Client | None
-                        ) -> list[TaskIn]:
+    def _with_callbacks(self, tasks: list[TaskIn], items: list[Any], client: Client | None,
+                        start: int = 0) -> list[TaskIn]:
         """Stamp the client on each task and give it its token's default
         callback_url; refuse a URL the allow-list or missing secret rules out."""
         name = client.name if client else None
@@ -279,8 +332,9 @@ class Ingest:
                                f"{name or ANONYMOUS!r} (callback_secret in "
                                "BATCHD_INGEST_TOKENS_FILE, or BATCHD_CALLBACK_SECRET)")
                 if problem:
-                    index = next((i for i, item in enumerate(items) if isinstance(item, dict)
-                                  and item.get("custom_id") == t.custom_id), 0)
+                    index = start + next((i for i, item in enumerate(items)
+                                          if isinstance(item, dict)
+                                          and item.get("custom_id") == t.custom_id), 0)
                     raise IngestError(400, "invalid_task",
                                       f"task {index} ({t.custom_id!r}): callback_url {problem}",
                                       {"index": index, "custom_id": t.custom_id,

@@ -505,6 +505,8 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                              "invalid_json", "invalid_request", "invalid_task",
                              "invalid_parameter"),
                 "401": UNAUTHORIZED,
+                "408": error("the body stopped coming for BATCHD_INGEST_TIMEOUT_SECONDS; "
+                             "nothing was stored", "request_timeout"),
                 "409": error("a custom_id is already stored with a different body",
                              "conflict"),
                 "413": error("the body, the task count or one task is too large",

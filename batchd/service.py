@@ -38,6 +38,7 @@ from batchd.store import repo
 from batchd.store.engine import make_engine, resolve_url
 from batchd.store.repo import Backoff
 from batchd.sync_lane import SyncLane
+from batchd.waiters import Waiters
 from batchd.web import ApiState, build_app
 
 log = logs.get("batchd.service")
@@ -151,6 +152,7 @@ class Service:
                           timeout=settings.ingest_timeout_seconds,
                           max_pending=settings.max_pending_tasks, clock=clock,
                           on_sync=self.sync_lane.wake),
+            waiters=Waiters(engine, settings.max_waiters),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds)
@@ -218,6 +220,7 @@ class Service:
         await runner.shutdown()
         await runner.cleanup()
         await self.api.ingest.close()
+        await self.api.waiters.close()
         await asyncio.wait_for(self.provider.close(), max(0.1, deadline - time.monotonic()))
         log.info("service.stopped", cancelled_loops=[t.get_name() for t in pending])
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -19,13 +18,19 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from batchd import logs, metrics, openapi
+from batchd import decode, logs, metrics, openapi
 from batchd.clients import Client, Clients
-from batchd.domain import ENDPOINTS
-from batchd.ingest import OVERLOADED_RETRY_AFTER, Ingest, IngestError, decode_payload
+from batchd.domain import ENDPOINTS, TaskIn
+from batchd.ingest import (
+    OVERLOADED_RETRY_AFTER,
+    Accepted,
+    Ingest,
+    IngestError,
+)
 from batchd.replay import Replayer
 from batchd.report import Reporter
 from batchd.store import repo
+from batchd.waiters import Waiters
 
 log = logs.get("batchd.web")
 
@@ -38,6 +43,7 @@ _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/d
 class ApiState:
     engine: AsyncEngine
     ingest: Ingest
+    waiters: Waiters
     replayer: Replayer
     reporter: Reporter
     clients: Clients
@@ -49,6 +55,7 @@ class ApiState:
     draining: bool = False
     # The port the API listens on, once bound (no-token mode checks Host against it).
     port: int | None = None
+    max_request_bytes: int = 64 * 1024 * 1024
 
 
 STATE = web.AppKey("state", ApiState)
@@ -176,9 +183,89 @@ async def post_tasks(request: web.Request) -> web.Response:
         return error_response(503, "draining", "batchd is shutting down; retry on another "
                               "replica", retry_after=5)
     wait = _wait_param(request)
-    raw = await request.read()
-    items = decode_payload(raw, request.content_type)
+    # The place is taken before anything is stored, so a refusal stores nothing.
+    if wait and not state.waiters.reserve():
+        return error_response(429, "too_many_waiters",
+                              f"{state.waiters.max_waiters} requests are already waiting with "
+                              "?wait; retry later, or send without ?wait and page "
+                              "/v1/results", retry_after=TOO_MANY_WAITERS_RETRY_AFTER)
+    waited = False
+    try:
+        accepted = await _ingest(request, state)
+        if not isinstance(accepted, Accepted):
+            return accepted
+        if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
+            waited = True
+            ids = [t["custom_id"] for t in accepted.tasks]
+            if await state.waiters.wait(ids, wait, lambda: _gone(request)):
+                async with state.engine.connect() as conn:
+                    views = [await repo.get_task(conn, cid) for cid in ids]
+                return json_response({**accepted.as_json(),
+                                      "tasks": [v for v in views if v is not None]}, status=200)
+    finally:
+        if wait and not waited:
+            state.waiters.release()
+    return json_response(accepted.as_json(), status=202)
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the caller hung up (its connection is closed or closing)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Response:
+    """Decode, validate and store the body, a piece at a time (decode.py):
+    a body of one piece goes through the group commit; a longer one is
+    stored in one transaction, each piece inserted while the next is read."""
+    limit = state.max_request_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise decode.too_large(limit)
+    limits = state.ingest.limits
+    pieces = decode.BodyPieces(
+        request.content.iter_any(), request.content_type, max_bytes=limit,
+        max_tasks=limits.tasks_per_request, max_task_bytes=decode.task_bytes_cap(limits),
+        stall_seconds=state.ingest.timeout)
+    first = await pieces.next()
+    if not first:
+        raise IngestError(400, "invalid_request", "the request holds no tasks")
     client = _client(request)
+    if pieces.at_end():
+        return await _store_small(state, first, client)
+    added = 0
+
+    def admit(tasks: list[TaskIn]) -> list[TaskIn]:
+        # Counted before the commit, so concurrent requests cannot all pass
+        # the check on the same stale count; handed back for what was not stored.
+        nonlocal added
+        if state.max_queued is not None and \
+                state.queued_estimate + len(tasks) > state.max_queued:
+            raise IngestError(429, "queue_full", f"more than {state.max_queued} tasks are "
+                              "queued; retry later",
+                              {"retry_after": QUEUE_FULL_RETRY_AFTER})
+        state.queued_estimate += len(tasks)
+        added += len(tasks)
+        return tasks
+
+    seen: dict[str, str] = {}
+
+    async def rest() -> AsyncIterator[list[TaskIn]]:
+        while (items := await pieces.next()) is not None:
+            yield admit(await state.ingest.prepare_piece(items, pieces.tasks - len(items),
+                                                         seen, client))
+
+    try:
+        head = admit(await state.ingest.prepare_piece(first, 0, seen, client))
+        accepted = await state.ingest.store_stream(head, rest(), lambda: pieces.tasks, client)
+    except BaseException:
+        state.queued_estimate -= added
+        raise
+    state.queued_estimate -= added - accepted.accepted
+    return accepted
+
+
+async def _store_small(state: ApiState, items: list[Any], client: Client | None
+                       ) -> Accepted | web.Response:
     tasks = await state.ingest.prepare(items, client)
     if state.max_queued is not None and state.queued_estimate + len(tasks) > state.max_queued:
         return error_response(429, "queue_full",
@@ -193,14 +280,12 @@ async def post_tasks(request: web.Request) -> web.Response:
         state.queued_estimate -= len(tasks)
         raise
     state.queued_estimate -= len(tasks) - accepted.accepted
-    if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
-        done = await _wait_terminal(state.engine, [t["custom_id"] for t in accepted.tasks], wait)
-        if done is not None:
-            return json_response({**accepted.as_json(), "tasks": done}, status=200)
-    return json_response(accepted.as_json(), status=202)
+    return accepted
 
 
 _MAX_WAITED_TASKS = 100
+# A waiter's place frees when its tasks finish or its wait ends.
+TOO_MANY_WAITERS_RETRY_AFTER = 5
 # A full queue drains as windows flush (BATCHD_WINDOW_SECONDS); half a minute
 # keeps callers from hammering without leaving them idle for a whole window.
 QUEUE_FULL_RETRY_AFTER = 30
@@ -218,24 +303,6 @@ def _wait_param(request: web.Request) -> float:
     if match is None:
         raise IngestError(400, "invalid_parameter", "wait must look like 30s, 500ms or 2m")
     return min(float(match[1]) * _UNITS[match[2] or "s"], request.app[STATE].max_wait)
-
-
-async def _wait_terminal(engine: AsyncEngine, custom_ids: list[str], wait: float
-                         ) -> list[dict[str, Any]] | None:
-    """Each task's view once all reached a terminal state, or None on timeout.
-    Polls the database, so the answer may come from any replica's work."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    delay = 0.05
-    while True:
-        async with engine.connect() as conn:
-            views = [await repo.get_task(conn, cid) for cid in custom_ids]
-        if all(v is not None and v["state"] in ("succeeded", "failed") for v in views):
-            return [v for v in views if v is not None]
-        if loop.time() + delay > deadline:
-            return None
-        await asyncio.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -441,6 +508,7 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=max_request_bytes)
     app[STATE] = state
+    state.max_request_bytes = max_request_bytes
     spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts))
     app[SPEC] = orjson.dumps(spec)
     app[DOCS] = openapi.render_html(spec)

@@ -184,6 +184,7 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
         await service.callbacks.close()
         await runner.cleanup()
         await service.api.ingest.close()
+        await service.api.waiters.close()
         await provider.close()
         await engine.dispose()
         await emu.stop()

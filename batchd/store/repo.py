@@ -138,6 +138,15 @@ async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | No
     return dict(found) if found else None
 
 
+async def finished_custom_ids(conn: AsyncConnection, custom_ids: list[str]) -> set[str]:
+    """Which of these tasks are succeeded or failed (one query for all ?wait callers)."""
+    rows = await conn.execute(text("""
+        SELECT custom_id FROM tasks
+        WHERE custom_id = ANY(:ids) AND state IN ('succeeded', 'failed')"""),
+        {"ids": custom_ids})
+    return {r[0] for r in rows}
+
+
 async def page_results(conn: AsyncConnection, after: int, limit: int) -> list[dict[str, Any]]:
     rows = await conn.execute(text("""
         SELECT seq, custom_id, batch_id, status_code, response,

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -138,10 +138,11 @@ async def connect(port: int) -> _Conn:
     return proto
 
 
-def post(body: bytes, content_type: str = "application/json") -> bytes:
-    return (b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-            + content_type.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
-            + b"\r\n\r\n" + body)
+def post(port: int, body: bytes, content_type: str = "application/json") -> bytes:
+    # Host names the port: a daemon without tokens answers nothing else.
+    return (b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:" + str(port).encode()
+            + b"\r\nContent-Type: " + content_type.encode() + b"\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n\r\n" + body)
 
 
 # --------------------------------------------------------------- environment
@@ -386,7 +387,7 @@ async def http_bulk(port: int, bodies: list[bytes], concurrency: int) -> float:
 
     async def worker(c: _Conn) -> None:
         while queue:
-            status, reply = await c.request(post(queue.pop(), "application/x-ndjson"))
+            status, reply = await c.request(post(port, queue.pop(), "application/x-ndjson"))
             if status != 202:
                 raise RuntimeError(f"bulk POST answered {status}: {reply[:200]!r}")
     t0 = time.perf_counter()
@@ -406,7 +407,7 @@ async def http_single(port: int, bodies: list[bytes], clients: int) -> float:
 
     async def worker(c: _Conn) -> None:
         while queue:
-            status, reply = await c.request(post(queue.pop()))
+            status, reply = await c.request(post(port, queue.pop()))
             if status != 202:
                 raise RuntimeError(f"POST answered {status}: {reply[:200]!r}")
     t0 = time.perf_counter()
@@ -452,7 +453,7 @@ async def open_loop(port: int, bodies: list[bytes], rate: float, max_conns: int 
             freed.clear()
             await freed.wait()
             c = idle.pop()
-        t = asyncio.create_task(one(c, post(body), planned))
+        t = asyncio.create_task(one(c, post(port, body), planned))
         pending.add(t)
         t.add_done_callback(pending.discard)
     await asyncio.gather(*pending)
@@ -522,6 +523,8 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
     daemon, port = await start_daemon(b.db_url, b.provider_url, b.tmp / "ingest",
                                       window_seconds=86400, max_batch_items=50_000)
     bulk_b, bulk_raw, single_b, single_pgq, single_proc, p99s = [], [], [], [], [], []
+    one_b: list[float] = []
+    one_raw: list[float] = []
     pgq_url = await b.new_db("pgqueuer", batchd_schema=False)
     proc_url = await b.new_db("procrastinate", batchd_schema=False)
     try:
@@ -547,6 +550,21 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
             bulk_raw.append(n_bulk / took)
             b.log(f"  run {run}: bulk batchd {bulk_b[-1]:,.0f}/s ({cpu_us:.1f} us of daemon "
                   f"CPU a task, machine {busy:.0%} busy), raw {bulk_raw[-1]:,.0f}/s")
+
+            # one client, one large request at a time: the daemon stores a
+            # request's pieces while it reads the next; raw gets one connection
+            await reset(b.db_url)
+            prefix = f"one{run}"
+            big = a.one_client_request
+            bodies = [ndjson(prefix, s, min(big, n_bulk - s)) for s in range(0, n_bulk, big)]
+            one_b.append(n_bulk / await http_bulk(port, bodies, 1))
+            await reset(b.db_url)
+            tasks = [parse_task(orjson.loads(task_json(prefix, i)), i) for i in range(n_bulk)]
+            rows = raw_rows(tasks)
+            chunks = [rows[s:s + 1000] for s in range(0, n_bulk, 1000)]
+            one_raw.append(n_bulk / await raw_bulk(b.db_url, chunks, 1))
+            b.log(f"  run {run}: one client batchd {one_b[-1]:,.0f}/s, raw one connection "
+                  f"{one_raw[-1]:,.0f}/s")
             if not singles:
                 continue
 
@@ -584,6 +602,12 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
         f"raw multi-row INSERT ON CONFLICT DO NOTHING: {fmt_rate(rr)}",
         f"{rb / rr:.0%} of raw", f"{fmt_rate(rb)} {spread(bulk_b)}", ">= 50% of raw",
         rb / rr >= 0.5, f"{a.bulk_concurrency} concurrent requests"))
+    ob, orr = median(one_b), median(one_raw)
+    b.rows.append(Row(
+        f"bulk ingest, one client (NDJSON, {a.one_client_request:,} tasks/request, one at a "
+        "time)", f"raw multi-row INSERT, one connection, 1,000 rows a statement: "
+        f"{fmt_rate(orr)}", f"{ob / orr:.0%} of raw", f"{fmt_rate(ob)} {spread(one_b)}",
+        ">= 50% of raw", ob / orr >= 0.5, "a request's pieces stored while the next is read"))
     if not singles:
         return
     sb, sq, sp = median(single_b), median(single_pgq), median(single_proc)
@@ -599,6 +623,118 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
         f"p99 latency of a single POST at {a.p99_rate:,.0f} requests/s", "-", "-",
         f"{p:.1f} ms (runs: {', '.join(f'{x:.1f}' for x in p99s)})", "<= 20 ms", p <= 20,
         f"open loop, {a.p99_seconds:.0f} s a run, latency from the planned send time"))
+
+
+# ------------------------------------------------------ hostile request body
+
+def reset_peak_rss_of(pid: int) -> None:
+    """Make a process's VmHWM start again from its current RSS (clear_refs 5)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+async def send_streaming(port: int, content_type: bytes, body: bytes) -> int:
+    """POST ``body`` while reading the reply: the daemon may refuse (and stop
+    reading) long before the body ends. Returns the status."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+                 % (port, content_type, len(body)))
+
+    async def pump() -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            for start in range(0, len(body), 1 << 20):
+                writer.write(body[start:start + (1 << 20)])
+                await writer.drain()
+
+    pumping = asyncio.create_task(pump())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 120)
+    pumping.cancel()
+    writer.close()
+    return int(head.split(b" ", 2)[1])
+
+
+async def healthz_during(port: int, work: Awaitable[Any]) -> tuple[Any, list[float]]:
+    """Run ``work`` while /healthz is asked every 5 ms on its own connection."""
+    conn = await connect(port)
+    probe = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:" + str(port).encode()
+             + b"\r\n\r\n")
+    lat: list[float] = []
+    done = asyncio.Event()
+
+    async def prober() -> None:
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await conn.request(probe)
+            lat.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(prober())
+    try:
+        result = await work
+    finally:
+        done.set()
+        await task
+        assert conn.transport is not None
+        conn.transport.close()
+    return result, lat
+
+
+def p99_ms(lat: list[float]) -> float:
+    lat = sorted(lat)
+    return lat[max(0, int(len(lat) * 0.99) - 1)] * 1000 if lat else float("nan")
+
+
+async def bench_hostile(b: Bench) -> None:
+    """A 60 MiB body of ``{}`` lines beside a normal 1,000-task request:
+    the daemon's peak RSS growth and /healthz p99 while each is handled."""
+    assert b.emulator is not None
+    size = b.args.hostile_mib << 20
+    hostile = b"{}\n" * (size // 3)
+    daemon, port = await start_daemon(b.db_url, b.provider_url, b.tmp / "hostile",
+                                      window_seconds=86400, max_batch_items=50_000)
+    normal_growth, normal_p99, hostile_growth, hostile_p99, statuses = [], [], [], [], []
+    try:
+        await http_bulk(port, [ndjson("warmh", s, 1000) for s in range(0, 3000, 1000)], 1)
+        for run in range(b.args.runs):
+            await reset(b.db_url)
+            body = ndjson(f"normal{run}", 0, 1000)
+
+            async def normal(body: bytes = body) -> None:
+                for i in range(20):  # long enough for a p99 of the probes
+                    await http_bulk(port, [body.replace(b'"normal', b'"n%02d' % i)], 1)
+
+            base = rss_mb(daemon.pid)
+            reset_peak_rss_of(daemon.pid)
+            _, lat = await healthz_during(port, normal())
+            normal_growth.append(peak_rss_mb(daemon.pid) - base)
+            normal_p99.append(p99_ms(lat))
+
+            base = rss_mb(daemon.pid)
+            reset_peak_rss_of(daemon.pid)
+            status, lat = await healthz_during(
+                port, send_streaming(port, b"application/x-ndjson", hostile))
+            hostile_growth.append(peak_rss_mb(daemon.pid) - base)
+            hostile_p99.append(p99_ms(lat))
+            statuses.append(status)
+            b.log(f"  run {run}: normal 1,000-task request +{normal_growth[-1]:.1f} MB RSS, "
+                  f"healthz p99 {normal_p99[-1]:.1f} ms; {b.args.hostile_mib} MiB hostile "
+                  f"body answered {status}, +{hostile_growth[-1]:.1f} MB RSS, healthz p99 "
+                  f"{hostile_p99[-1]:.1f} ms")
+    finally:
+        await daemon.stop()
+    growth, p99 = median(hostile_growth), median(hostile_p99)
+    mib = b.args.hostile_mib
+    b.rows.append(Row(
+        f"hostile body: {mib} MiB of NDJSON `{{}}` lines, refused",
+        f"a normal 1,000-task request: +{median(normal_growth):.1f} MB RSS, /healthz p99 "
+        f"{median(normal_p99):.1f} ms",
+        f"RSS growth {growth / (size / 1e6):.2f}x the body",
+        f"+{growth:.1f} MB peak RSS, /healthz p99 {p99:.1f} ms (answers: "
+        f"{', '.join(map(str, statuses))})",
+        "<= 4x the body; p99 < 50 ms", growth <= 4 * size / 1e6 and p99 < 50
+        and all(s in (400, 413) for s in statuses),
+        "peak RSS: the daemon's VmHWM, reset before each request"))
 
 
 # ------------------------------------------------------ rows 4/5: flush, route
@@ -862,7 +998,7 @@ async def bench_e2e(b: Bench) -> None:
 
         async def sender(c: _Conn) -> None:
             for body in bodies:
-                status, reply = await c.request(post(body, "application/x-ndjson"))
+                status, reply = await c.request(post(port, body, "application/x-ndjson"))
                 if status != 202:
                     raise RuntimeError(f"bulk POST answered {status}: {reply[:200]!r}")
         send = asyncio.gather(*(sender(c) for c in conns))
@@ -986,7 +1122,7 @@ def table(b: Bench, started: float) -> str:
 
 
 # "bulk" is the ingest group's first row alone: a quick loop for ingest work.
-ROWS = ("ingest", "bulk", "windows", "e2e", "idle")
+ROWS = ("ingest", "bulk", "hostile", "windows", "e2e", "idle")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -998,6 +1134,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--bulk-tasks", type=int, default=40_000)
     p.add_argument("--bulk-concurrency", type=int, default=4)
+    p.add_argument("--one-client-request", type=int, default=10_000,
+                   help="tasks per request of the one-client bulk row")
+    p.add_argument("--hostile-mib", type=int, default=60,
+                   help="size of the hostile body of the hostile row")
     p.add_argument("--single-tasks", type=int, default=20_000)
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--peer-pool", type=int, default=10,
@@ -1033,6 +1173,8 @@ async def main(argv: list[str] | None = None) -> int:
         b.db_url = await b.new_db("main", batchd_schema=True)
         if "ingest" in only or "bulk" in only:
             await bench_ingest(b, singles="ingest" in only)
+        if "hostile" in only:
+            await bench_hostile(b)
         if "windows" in only:
             await bench_windows(b)
         if "e2e" in only:
