@@ -3,8 +3,8 @@
 Each waiting request used to poll the database on its own, one query per
 task per tick, so a few hundred waiters held the connection pool and every
 other caller's POST queued behind them. Here all waiters of a replica share
-one poller: one query per tick asks which of everyone's tasks are finished,
-and each waiter is woken when all of its own are. The number waiting at once
+one poller: each tick asks, in one query per client waiting, which of their
+tasks are finished, and each waiter is woken when all of its own are. The number waiting at once
 is capped (``BATCHD_MAX_WAITERS``: past it a ?wait request is a 429 before
 anything is stored), and a waiter whose caller hung up is dropped at the next
 tick, so nothing lingers after the callers leave.
@@ -31,6 +31,7 @@ _MAX_DELAY = 0.5
 
 @dataclass(eq=False, slots=True)
 class _Waiter:
+    client: str | None  # whose custom_ids these are
     pending: set[str]
     gone: Callable[[], bool]
     done: asyncio.Future[bool] = field(
@@ -66,12 +67,13 @@ class Waiters:
         self._reserved -= 1
         metrics.WAITERS.set(self.count)
 
-    async def wait(self, custom_ids: list[str], seconds: float,
+    async def wait(self, client: str | None, custom_ids: list[str], seconds: float,
                    gone: Callable[[], bool]) -> bool:
-        """Wait (on a place reserved) until every task is finished: True, or
-        False on timeout or once ``gone()`` says the caller hung up."""
+        """Wait (on a place reserved) until every one of ``client``'s tasks is
+        finished: True, or False on timeout or once ``gone()`` says the caller
+        hung up."""
         self._reserved -= 1
-        waiter = _Waiter(set(custom_ids), gone)
+        waiter = _Waiter(client, set(custom_ids), gone)
         self._waiting.add(waiter)
         metrics.WAITERS.set(self.count)
         self._joined.set()
@@ -120,12 +122,17 @@ class Waiters:
                     waiter.done.set_result(False)
             elif not waiter.done.done():
                 live.append(waiter)
-        wanted = set().union(*(w.pending for w in live))
+        wanted: dict[str | None, set[str]] = {}
+        for waiter in live:
+            wanted.setdefault(waiter.client, set()).update(waiter.pending)
         if not wanted:
             return
+        finished: dict[str | None, set[str]] = {}
+        # One query per client waiting (custom_ids are a client's own).
         async with self.engine.connect() as conn:
-            finished = await repo.finished_custom_ids(conn, sorted(wanted))
+            for client, ids in wanted.items():
+                finished[client] = await repo.finished_custom_ids(conn, client, sorted(ids))
         for waiter in live:
-            waiter.pending -= finished
+            waiter.pending -= finished[waiter.client]
             if not waiter.pending and not waiter.done.done():
                 waiter.done.set_result(True)

@@ -197,7 +197,9 @@ async def post_tasks(request: web.Request) -> web.Response:
         if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
             waited = True
             ids = [t["custom_id"] for t in accepted.tasks]
-            if await state.waiters.wait(ids, wait, lambda: _gone(request)):
+            client = _client(request)
+            owner = client.name if client else None  # as ingest stored them
+            if await state.waiters.wait(owner, ids, wait, lambda: _gone(request)):
                 async with state.engine.connect() as conn:
                     views = [await repo.get_task(conn, cid) for cid in ids]
                 return json_response({**accepted.as_json(),

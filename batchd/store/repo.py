@@ -138,12 +138,15 @@ async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | No
     return dict(found) if found else None
 
 
-async def finished_custom_ids(conn: AsyncConnection, custom_ids: list[str]) -> set[str]:
-    """Which of these tasks are succeeded or failed (one query for all ?wait callers)."""
+async def finished_custom_ids(conn: AsyncConnection, client: str | None,
+                              custom_ids: list[str]) -> set[str]:
+    """Which of ``client``'s tasks are succeeded or failed (one query for all
+    ?wait callers of one client)."""
     rows = await conn.execute(text("""
         SELECT custom_id FROM tasks
-        WHERE custom_id = ANY(:ids) AND state IN ('succeeded', 'failed')"""),
-        {"ids": custom_ids})
+        WHERE custom_id = ANY(:ids) AND client IS NOT DISTINCT FROM :client
+          AND state IN ('succeeded', 'failed')"""),
+        {"ids": custom_ids, "client": client})
     return {r[0] for r in rows}
 
 

@@ -85,3 +85,22 @@ async def test_past_the_cap_a_wait_is_a_429_and_nothing_is_stored(
             assert reply.status == 202  # the wait ran out: the usual 202
             reply.release()
         assert h.service.api.waiters.count == 0
+
+
+async def test_a_waiter_answers_200_once_its_clients_tasks_finish(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, ingest_tokens="alpha=tok-a,beta=tok-b") as h:
+        waiting = asyncio.create_task(h.http.post(
+            f"{h.base_url}/v1/tasks?wait=3s", json=chat_task("mine-only"), headers=ALPHA))
+        for _ in range(500):
+            if h.service.api.waiters.count == 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        assert h.service.api.waiters.count == 1  # not finished yet: still waiting
+        await h.execute("UPDATE tasks SET state = 'failed', finished_at = now() "
+                        "WHERE custom_id = 'mine-only' AND client = 'alpha'")
+        reply = await waiting
+        assert reply.status == 200
+        body = await reply.json()
+        assert [t["state"] for t in body["tasks"]] == ["failed"]
