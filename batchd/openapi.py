@@ -221,6 +221,25 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "client": nullable({"type": "string",
                                 "description": "the client the submitting token names"}),
             "callback_url": nullable({"type": "string"}),
+            "location": {
+                "type": "object", "required": ["stage"],
+                "description": "where the task really is now: `queued` (waiting for a "
+                               "window, a retry backoff or the budget), `uploading` (in a "
+                               "batch being built or sent to the provider), `at_provider` "
+                               "(in a provider batch, with its status), `routing` (its batch "
+                               "finished, results being stored), `sync_call` (a synchronous "
+                               "call in flight), `routed` (finished: succeeded or in the "
+                               "manual queue)",
+                "properties": {
+                    "stage": {"enum": ["queued", "uploading", "at_provider", "routing",
+                                       "sync_call", "routed"]},
+                    "batch_id": nullable({"type": "string"}),
+                    "batch_state": nullable({"type": "string"}),
+                    "provider_batch_id": nullable({"type": "string"}),
+                    "provider_status": nullable({"type": "string"}),
+                    "eligible_at": nullable(TIMESTAMP),
+                    "outcome": nullable({"enum": ["succeeded", "failed"]}),
+                }},
         },
     }
     callback: Schema = {
@@ -370,8 +389,25 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status", "schema"],
-                  "properties": {"status": {"const": "ready"},
-                                 "schema": {"type": "string"}}},
+                  "properties": {
+                      "status": {"enum": ["ready", "degraded"],
+                                 "description": "degraded: serving, but something needs a "
+                                                "person (see provider)"},
+                      "schema": {"type": "string"},
+                      "provider": {
+                          "type": "object",
+                          "description": "providers refusing batchd's credentials (401/403), "
+                                         "each with what to fix",
+                          "additionalProperties": {
+                              "type": "object",
+                              "required": ["credentials", "status", "fix"],
+                              "properties": {
+                                  "credentials": {"const": "rejected"},
+                                  "status": {"enum": [401, 403]},
+                                  "operation": {"type": "string"},
+                                  "code": nullable({"type": "string"}),
+                                  "since": {"type": "number"},
+                                  "fix": {"type": "string"}}}}}},
     }
 
 
@@ -454,8 +490,9 @@ def ok(description: str, schema: Schema) -> dict[str, Any]:
 
 
 UNAUTHORIZED = error("no valid bearer token", "unauthorized")
-UNAVAILABLE = error("the database is unreachable or too slow; retry after Retry-After",
-                    "unavailable", "overloaded", retry_after=True)
+UNAVAILABLE = error("the database is unreachable or too slow, or its schema is missing or "
+                    "behind (`schema_missing`: run `batchd migrate`); retry after Retry-After",
+                    "unavailable", "overloaded", "schema_missing", retry_after=True)
 BAD_PARAMETER = error("a query parameter is invalid", "invalid_parameter")
 
 
@@ -514,9 +551,10 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued, or (with "
                              "?wait) BATCHD_MAX_WAITERS requests are already waiting; nothing "
                              "was stored", "queue_full", "too_many_waiters", retry_after=True),
-                "503": error("shutting down, or the database is unreachable or too slow; "
-                             "nothing of the request was stored", "draining", "unavailable",
-                             "overloaded", retry_after=True),
+                "503": error("shutting down, or the database is unreachable or too slow, or "
+                             "its schema is missing or behind (`schema_missing`: run `batchd "
+                             "migrate`); nothing of the request was stored", "draining",
+                             "unavailable", "overloaded", "schema_missing", retry_after=True),
             }}},
         "/v1/tasks/{custom_id}": {"get": {
             "operationId": "getTask", "tags": ["tasks"],
@@ -598,8 +636,8 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
             **open_op, "operationId": "readyz", "tags": ["operations"],
             "summary": "Readiness: database reachable and schema at head",
             "responses": {"200": ok("ready", ref("Ready")),
-                          "503": error("not ready", "database_unavailable", "schema_outdated",
-                                       "draining", retry_after=True)}}},
+                          "503": error("not ready", "database_unavailable", "schema_missing",
+                                       "schema_outdated", "draining", retry_after=True)}}},
         "/metrics": {"get": {
             **open_op, "operationId": "metrics", "tags": ["operations"],
             "summary": "Prometheus text format",

@@ -36,6 +36,7 @@ from batchd.config import Settings
 from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line
 from batchd.errors import ProviderError
 from batchd.faults import crash_point
+from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
 from batchd.prices import PriceTable
 from batchd.provider.base import Provider, RemoteBatch
@@ -88,6 +89,10 @@ class Scheduler:
         self.owner = owner
         self.clock = clock
         self._held: dict[tuple[str, str], datetime] = {}
+        # While the provider refuses our key (401/403) nothing is flushed:
+        # every send would fail the same way. Backs off, doubling.
+        self._auth_refusals = 0
+        self._auth_hold_until: datetime | None = None
         self._sends: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_SEND_CONCURRENCY)
 
@@ -122,6 +127,8 @@ class Scheduler:
 
     async def _flush_one(self, drain: bool) -> Pending | None:
         s = self.settings
+        if self._auth_hold_until is not None and self._auth_hold_until > self.clock():
+            return None
         async with self.engine.connect() as conn:
             windows = await repo.queued_windows(conn, s.max_batch_items)
             held_models = await repo.token_held_models(conn) if windows else set()
@@ -226,6 +233,7 @@ class Scheduler:
         except ProviderError as exc:
             await self._send_failed(p, exc)
             return
+        self._auth_refusals, self._auth_hold_until = 0, None
         if await self._record_submitted(p, remote, adopted=False):
             await self.archive.keep(path, p.spend_day, p.batch_id, "input",
                                     {"provider_file_id": remote_file.id,
@@ -329,6 +337,9 @@ class Scheduler:
         return False
 
     async def _send_failed(self, p: Pending, exc: ProviderError) -> None:
+        if exc.status in AUTH_STATUSES:
+            await self._credentials_refused(p, exc)
+            return
         unrecoverable = (
             not exc.retryable and exc.status in _UNRECOVERABLE_CREATE
             and exc.code != "insufficient_quota"
@@ -354,6 +365,27 @@ class Scheduler:
                     status=exc.status, code=exc.code, retry_in=round(delay, 1),
                     submit_attempts=p.submit_attempts + 1)
         await self._retry_later(p, delay)
+
+    async def _credentials_refused(self, p: Pending, exc: ProviderError) -> None:
+        """The provider refused our key: a configuration error (batchd.health
+        logs it once, with what to fix). Nothing reached the provider, so the
+        tasks go back to the queue with their attempt given back and the
+        batch is closed unsent; flushing pauses, doubling, until a send gets
+        through."""
+        self._auth_refusals += 1
+        delay = auth_backoff(self._auth_refusals)
+        self._auth_hold_until = self.clock() + timedelta(seconds=delay)
+        error = {"code": exc.code or "provider_credentials_rejected",
+                 "message": "the provider refused batchd's credentials (HTTP "
+                            f"{exc.status}); the task waits until the key is fixed",
+                 "status": exc.status, "operation": exc.operation}
+        async with self.engine.begin() as conn:
+            requeued = await repo.release_unsent_tasks(conn, p.batch_id, error)
+            await repo.settle_batch(conn, p.batch_id, provider_status="not_submitted",
+                                    errors=[error], finished_at=NOW,
+                                    cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
+        log.warning("batch.credentials_rejected", batch_id=p.batch_id, status=exc.status,
+                    operation=exc.operation, requeued=requeued, retry_in=delay)
 
     async def _retry_later(self, p: Pending, delay: float) -> None:
         async with self.engine.begin() as conn:

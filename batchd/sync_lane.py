@@ -20,7 +20,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -32,6 +32,7 @@ from batchd.clients import Clients
 from batchd.config import Settings
 from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
 from batchd.errors import ProviderError
+from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
 from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.provider.base import Provider
@@ -78,6 +79,8 @@ class SyncLane:
         self._hold_until = 0.0
         self._hold_logged = 0.0
         self._woken = asyncio.Event()
+        self._auth_refusals = 0
+        self._auth_hold_until: datetime | None = None
 
     def wake(self) -> None:
         """Look for due sync tasks now (ingest calls it after storing some)."""
@@ -101,6 +104,8 @@ class SyncLane:
             await self.sweep()
         free = self.concurrency - len(self._running)
         if free <= 0 or loop.time() < self._hold_until:
+            return 0
+        if self._auth_hold_until is not None and self.clock() < self._auth_hold_until:
             return 0
         claim_id = f"sync_{secrets.token_hex(8)}"
         rows = await self._claim(claim_id, free)
@@ -178,6 +183,11 @@ class SyncLane:
             answered, body = False, None
             line = {"custom_id": cid, "response": None,
                     "error": {"code": exc.code or "provider_unreachable", "message": str(exc)}}
+        if answered and status in AUTH_STATUSES:
+            await self._credentials_refused(claim_id, cid, status)
+            return
+        if answered:
+            self._auth_refusals, self._auth_hold_until = 0, None
         result = classify_line(line)
         tokens = Tokens()
         paid = Decimal(0)
@@ -216,6 +226,20 @@ class SyncLane:
         self._record_metrics(row, result.outcome, tokens, paid, settled)
         log.debug("sync_lane.called", custom_id=cid, status=result.status_code,
                   outcome=settled[0][0] if settled else None)
+
+    async def _credentials_refused(self, claim_id: str, cid: str, status: int) -> None:
+        """A 401/403 is our configuration, not the task's fault (batchd.health
+        logs it once): the task goes back to the queue with its attempt given
+        back, the call costs nothing, and the lane pauses, doubling."""
+        self._auth_refusals += 1
+        delay = auth_backoff(self._auth_refusals)
+        self._auth_hold_until = self.clock() + timedelta(seconds=delay)
+        error = {"code": "provider_credentials_rejected", "status": status,
+                 "message": f"the provider refused batchd's credentials (HTTP {status}); "
+                            "the task waits until the key is fixed", "operation": "sync_call"}
+        async with self.engine.begin() as conn:
+            await repo.give_back_sync_call(conn, claim_id, cid, error)
+            await repo.settle_sync_spend(conn, claim_id, cid, Decimal(0))
 
     def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,
                         paid: Decimal, settled: list[tuple[str, str | None]]) -> None:

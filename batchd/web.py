@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import decode, logs, metrics, openapi
 from batchd.clients import Client, Clients
 from batchd.domain import ENDPOINTS, TaskIn
+from batchd.health import HEALTH
 from batchd.ingest import (
     OVERLOADED_RETRY_AFTER,
     Accepted,
@@ -82,6 +83,19 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
     return json_response({"error": {"code": code, "message": message, **extra}}, status, headers)
 
 
+# undefined_table, undefined_column, undefined_function: the database was
+# never migrated, or is behind this build.
+_SCHEMA_SQLSTATES = frozenset({"42P01", "42703", "42883"})
+SCHEMA_MESSAGE = ("the database schema is missing or behind this build of batchd: run "
+                  "`batchd migrate` (with the same BATCHD_DATABASE_URL), then retry")
+
+
+def schema_missing(exc: BaseException) -> bool:
+    """Whether a database error says the schema is missing or behind."""
+    return isinstance(exc, DBAPIError) and getattr(
+        exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES
+
+
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
@@ -108,6 +122,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(503, "overloaded", "the task store is too slow to answer now; "
                               "retry later", retry_after=OVERLOADED_RETRY_AFTER)
     except (OSError, OperationalError, InterfaceError, DBAPIError) as exc:
+        if schema_missing(exc):
+            log.error("api.schema_missing", path=request.path,
+                      sqlstate=getattr(getattr(exc, "orig", None), "sqlstate", None),
+                      fix="run `batchd migrate`")
+            return error_response(503, "schema_missing", SCHEMA_MESSAGE, retry_after=30)
         log.warning("api.database_unavailable", path=request.path, error=type(exc).__name__)
         return error_response(503, "unavailable",
                               "the task store is unavailable; retry later", retry_after=5)
@@ -475,16 +494,28 @@ async def readyz(request: web.Request) -> web.Response:
             row = await conn.execute(text("SELECT version_num FROM alembic_version"))
             version = row.scalar_one_or_none()
     except Exception as exc:
+        if schema_missing(exc):
+            return error_response(503, "schema_missing", "the database has no batchd schema "
+                                  "(never migrated): run `batchd migrate` (with the same "
+                                  "BATCHD_DATABASE_URL)", retry_after=30)
         return error_response(503, "database_unavailable", f"database unreachable: "
                               f"{type(exc).__name__}", retry_after=5)
     # A schema newer than this build (a rolling upgrade ran its migration
     # first) is fine; one this build knows to be older is not.
     if version != state.schema_head and (version is None or version in state.known_revisions):
         return error_response(503, "schema_outdated",
-                              f"schema at {version}, code expects {state.schema_head}; "
-                              "run `batchd migrate`", retry_after=30)
+                              f"the database schema is behind this build (at {version}, "
+                              f"this build needs {state.schema_head}): run `batchd migrate`",
+                              retry_after=30)
     if state.draining:
         return error_response(503, "draining", "shutting down", retry_after=5)
+    # Refused provider credentials do not make the replica unready (ingest
+    # still takes and keeps tasks while a person fixes the key) but are shown
+    # here, with what to fix, so a look at /readyz finds them.
+    problems = HEALTH.problems()
+    if problems:
+        return json_response({"status": "degraded", "schema": version,
+                              "provider": problems})
     return json_response({"status": "ready", "schema": version})
 
 

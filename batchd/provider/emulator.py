@@ -24,7 +24,8 @@ calls and faults applied; the crash-safety invariant checker compares it with
 batchd's tables. ``POST /_emulator/faults`` injects a fault from outside the
 process (same fields as ``inject``).
 
-Run standalone: ``python -m batchd.provider.emulator --port 8099 --api-key x``.
+Run standalone: ``python -m batchd.provider.emulator --port 8099`` (any key; ``--api-key x``
+to require one).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class Emulator:
-    def __init__(self, api_key: str = "test-key", *, validating_seconds: float = 0,
+    def __init__(self, api_key: str | None = "test-key", *, validating_seconds: float = 0,
                  in_progress_seconds: float = 0, finalizing_seconds: float = 0,
                  cancelling_seconds: float = 0, completion_window_seconds: float = 86400,
                  write_cancelled_lines: bool = True, known_models: set[str] | None = None,
@@ -256,7 +257,12 @@ class Emulator:
 
     def _authorized(self, request: web.Request) -> bool:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        # With no key of its own (the command line's default) any bearer
+        # token will do: `batchd serve` aimed at it without OPENAI_API_KEY
+        # sends a placeholder.
+        return self.api_key is None or hmac.compare_digest(
             token.strip().encode(), self.api_key.encode())
 
     def _take_fault(self, route: str | None) -> Fault | None:
@@ -794,7 +800,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (loopback unless you say otherwise)")
     p.add_argument("--port", type=int, default=8099)
-    p.add_argument("--api-key", default="test-key", help="the Bearer token clients must send")
+    p.add_argument("--api-key", default=None,
+                   help="the Bearer token clients must send (default: any token)")
     p.add_argument("--failure-rate", action="append", default=[], metavar="OUTCOME=RATE",
                    help=f"random per-line outcome rate; outcomes: {', '.join(sorted(OUTCOMES))}")
     p.add_argument("--seed", type=int, default=0)

@@ -22,12 +22,15 @@ from openai.types import Batch, FileObject
 
 from batchd import metrics
 from batchd.errors import ProviderError, TruncatedFileError
+from batchd.health import HEALTH
 from batchd.provider.base import RemoteBatch, RemoteFile
 
 _Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings",
                     "/v1/completions", "/v1/moderations", "/v1/images/generations",
                     "/v1/images/edits", "/v1/videos"]
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
+_OPERATIONS = ("upload_file", "create_batch", "get_batch", "cancel_batch", "list_batches",
+               "list_files", "sync_call", "download_file")
 
 
 class OpenAIProvider:
@@ -38,6 +41,12 @@ class OpenAIProvider:
         # For cancel (a 409 means "already terminal"; the SDK would retry it
         # twice) and create (see create_batch).
         self._no_retry = self._client.with_options(max_retries=0)
+        # The refused-credentials series exist from the start at 0, so the
+        # first 401/403 is an increase the alert sees at once (a series born
+        # at 1 has no earlier sample to rise from).
+        for operation in _OPERATIONS:
+            for code in ("401", "403"):
+                metrics.PROVIDER_REQUESTS.labels(operation=operation, code=code)
 
     async def upload_file(self, path: Path, filename: str) -> RemoteFile:
         # A (name, open file) tuple reaches the multipart encoder as is, which reads
@@ -185,8 +194,12 @@ def _translated(operation: str) -> Iterator[None]:
     _count(operation, "200")
 
 
+PROVIDER = "openai"
+
+
 def _count(operation: str, code: str) -> None:
     metrics.PROVIDER_REQUESTS.labels(operation=operation, code=code).inc()
+    HEALTH.observe(PROVIDER, operation, int(code) if code.isdigit() else None)
 
 
 def _status_error(operation: str, exc: openai.APIStatusError) -> ProviderError:

@@ -131,11 +131,40 @@ async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | No
         SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
                t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
                t.submitted_at, t.finished_at, t.not_before, t.client, t.callback_url,
-               r.status_code, r.response, round(r.cost_usd, 6) AS cost_usd, r.unpriced
+               r.status_code, r.response, round(r.cost_usd, 6) AS cost_usd, r.unpriced,
+               t.lane, b.state AS b_state, b.provider_batch_id AS b_pid,
+               b.provider_status AS b_status
         FROM tasks t LEFT JOIN results r ON r.custom_id = t.custom_id AND t.state = 'succeeded'
+        LEFT JOIN batches b ON b.id = t.batch_id AND t.state = 'submitted'
         WHERE t.custom_id = :cid"""), {"cid": custom_id})
     found = row.mappings().first()
-    return dict(found) if found else None
+    if not found:
+        return None
+    task = dict(found)
+    task["location"] = _location(task.pop("lane"), task.pop("b_state"), task.pop("b_pid"),
+                                 task.pop("b_status"), task)
+    return task
+
+
+def _location(lane: str, b_state: str | None, b_pid: str | None, b_status: str | None,
+              task: dict[str, Any]) -> dict[str, Any]:
+    """Where a task really is: its own state says queued/submitted/finished,
+    its batch row says whether a 'submitted' task reached the provider."""
+    state = task["state"]
+    if state == "queued":
+        return {"stage": "queued", "eligible_at": task["not_before"]}
+    if state in ("succeeded", "failed"):
+        return {"stage": "routed", "outcome": state, "batch_id": task["batch_id"]}
+    if b_state is None:  # a sync-lane claim holds no batch row
+        return {"stage": "sync_call" if lane == "sync" else "uploading",
+                "batch_id": task["batch_id"]}
+    if b_state in ("building", "uploading"):
+        return {"stage": "uploading", "batch_id": task["batch_id"], "batch_state": b_state}
+    if b_state == "submitted":
+        return {"stage": "at_provider", "batch_id": task["batch_id"], "batch_state": b_state,
+                "provider_batch_id": b_pid, "provider_status": b_status}
+    return {"stage": "routing", "batch_id": task["batch_id"], "batch_state": b_state,
+            "provider_batch_id": b_pid, "provider_status": b_status}
 
 
 async def finished_custom_ids(conn: AsyncConnection, client: str | None,
@@ -839,6 +868,23 @@ async def reserve_sync_spend(conn: AsyncConnection, claim_id: str, day: date,
              AS u(cid, mdl, res)"""),
         {"claim": claim_id, "day": day, "cid": list(custom_ids), "mdl": list(models),
          "res": list(reserved)})
+
+
+async def give_back_sync_call(conn: AsyncConnection, claim_id: str, custom_id: str,
+                              error: dict[str, Any]) -> None:
+    """A sync call the provider refused before running it (our credentials):
+    back to the queue with the attempt given back, as a batch never created."""
+    await conn.execute(text("""
+        WITH upd AS (
+            UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
+                   attempts = greatest(attempts - 1, 0), last_error = CAST(:err AS jsonb),
+                   updated_at = now()
+            WHERE custom_id = :cid AND batch_id = :claim AND state = 'submitted'
+            RETURNING custom_id, attempts
+        )
+        INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
+        SELECT custom_id, :claim, attempts, 'requeued', CAST(:err AS jsonb) FROM upd"""),
+        {"cid": custom_id, "claim": claim_id, "err": orjson.dumps(error).decode()})
 
 
 async def settle_sync_spend(conn: AsyncConnection, claim_id: str, custom_id: str,
