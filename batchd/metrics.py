@@ -2,9 +2,68 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.metrics_core import CounterMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+
+class MoneyCounter:
+    """A dollar counter kept exact, rounded only where it is shown.
+
+    A Prometheus counter is a float that is incremented, so it cannot hold
+    "the exact sum, rounded once": adding each batch's rounded cost would
+    carry every rounding into the total (the report's old error), and adding
+    floats of exact costs would carry a float error per add. So the total is
+    kept here as an exact Decimal per label set (each add is an exact amount,
+    prices.py) and converted to a float once, at scrape time. That float is
+    the exact total to about 16 significant digits, so rounded to 1e-6 where
+    a dashboard shows it, it is the exact total rounded once (for any total
+    below a billion dollars, unless that total lies within 1e-10 of a
+    half-micro-dollar).
+
+    A counter must never go down, and a savings total can (a batch whose
+    billed lines no task kept cost more than its results saved): the series
+    then holds its highest value until the exact total passes it again.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str],
+                 registry: CollectorRegistry) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._exact: dict[tuple[str, ...], Decimal] = {}
+        self._shown: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def add(self, amount: Decimal, **labels: str) -> None:
+        key = tuple(labels[n] for n in self._labelnames)
+        with self._lock:
+            self._exact[key] = self._exact.get(key, Decimal(0)) + amount
+
+    def exact(self, **labels: str) -> Decimal:
+        """The exact total of a label set (0 when it has none)."""
+        key = tuple(labels[n] for n in self._labelnames)
+        with self._lock:
+            return self._exact.get(key, Decimal(0))
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        with self._lock:
+            for key, total in sorted(self._exact.items()):
+                shown = max(self._shown.get(key, 0.0), float(total))
+                self._shown[key] = shown
+                family.add_metric(list(key), shown)
+        yield family
+
 
 # Batch sizes run from one task to the provider's 50,000-line cap.
 _SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 50_000)
@@ -62,14 +121,28 @@ PROVIDER_REQUESTS = Counter(
     "batchd_provider_requests", "Provider API calls", ["operation", "code"], registry=REGISTRY
 )
 TOKENS = Counter("batchd_tokens", "Tokens used", ["model", "kind", "lane"], registry=REGISTRY)
-SPEND = Counter(
+SPEND = MoneyCounter(
     "batchd_spend_dollars", "Spend: batch price in the batch lane, sync price in the sync lane",
     ["model", "lane"], registry=REGISTRY,
 )
-SAVINGS = Counter(
+SAVINGS = MoneyCounter(
     "batchd_savings_dollars", "Synchronous price minus what was paid (0 in the sync lane)",
     ["model", "lane"], registry=REGISTRY,
 )
+LANES = ("batch", "sync")
+TOKEN_KINDS = ("input", "cached_input", "output")
+
+
+def start_model_series(models: list[str]) -> None:
+    """Every priced model's spend, savings and token series at 0 from the
+    start, so a dashboard or rate() shows 0 before the first spend rather
+    than nothing."""
+    for model in models:
+        for lane in LANES:
+            SPEND.add(Decimal(0), model=model, lane=lane)
+            SAVINGS.add(Decimal(0), model=model, lane=lane)
+            for kind in TOKEN_KINDS:
+                TOKENS.labels(model=model, kind=kind, lane=lane)
 # Priced by the unknown-model rule (the table's most expensive entry), never
 # as zero; the report's unpriced_models names the models.
 UNPRICED_RESULTS = Counter(

@@ -1,14 +1,15 @@
 """Per-model prices and what a call costs (DESIGN section 8).
 
-Money is Decimal end to end. The one rounding rule: USD is rounded to 1e-6,
-half up, once, where a total is fixed. A batch's cost is the rounded cost of
-the tokens it was billed for (the batch's own ``usage`` when the provider
-reports it); its results' exact costs are rounded by largest remainder as
-they are stored (store.repo._STAGED_SUCCESSES) so they add up to their
-rounded sum, and
-what no result carries (billed lines no task kept) is the batch's
-unattributed cost. So results + unattributed = the batch, to the micro-dollar,
-and every total above (day, report, budget) is a sum of rounded amounts.
+Money is exact end to end and rounded only where it is shown. A price is
+USD per 1M tokens with at most 6 decimal places, so a token costs a whole
+number of micro-micro-dollars (1e-12 USD) and every cost is a whole number
+of them: stored as it is (numeric(24, 12)), summed as it is. A result
+carries the exact cost of its line, a batch the exact cost of the tokens it
+was billed for (the batch's own ``usage`` when the provider reports it),
+and what no result carries (billed lines no task kept) is the batch's
+unattributed cost, so results + unattributed = the batch exactly. A day's
+spend, a job's, a report row's or a budget's is the exact sum, rounded once
+to 1e-6 USD, half up, when it is shown (``round_usd``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ log = logs.get("batchd.prices")
 
 MILLION = Decimal(1_000_000)
 USD_QUANTUM = Decimal("0.000001")
+# USD per 1M tokens to this many places: a token's price is then a whole
+# number of 1e-12 USD, what the ledger's numeric(24, 12) columns hold exactly.
+PRICE_PLACES = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +116,10 @@ class ScaledRate:
         return (uncached * self.input + tokens.cached * self.cached_input
                 + tokens.output * self.output)
 
+    def usd(self, units: int) -> Decimal:
+        """``units`` of this rate (``cost``'s figure) as exact USD."""
+        return Decimal(units).scaleb(-6 - (len(str(self.scale)) - 1))
+
 
 def round_usd(value: Decimal) -> Decimal:
     """To 1e-6 USD, half up: the same rule PostgreSQL's round() applies."""
@@ -192,4 +200,10 @@ def _rate(entry: dict[str, Any]) -> Rate:
     values = [Decimal(str(entry[k])) for k in ("input", "cached_input", "output")]
     if any(v < 0 for v in values):
         raise ValueError("prices must not be negative")
+    for v in values:
+        if -int(v.normalize().as_tuple().exponent) > PRICE_PLACES:
+            raise ValueError(
+                f"price {v} has more than {PRICE_PLACES} decimal places (USD per 1M tokens, "
+                "so 1e-12 USD a token, is as fine as batchd keeps money exact); write it "
+                f"rounded, e.g. {v.quantize(Decimal(1).scaleb(-PRICE_PLACES)).normalize()}")
     return Rate(*values)

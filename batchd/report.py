@@ -4,9 +4,10 @@ what it cost and what batching saved.
 Counts come from ``task_events`` (one row per attempt outcome), so a day's
 numbers do not change when its tasks move on later, except
 ``post_replay_success_ratio``, which by definition looks at them now. Money
-is summed from amounts already rounded to 1e-6 (prices.py), so the columns
-add up exactly: savings = sync equivalent - spend. README "Daily report"
-defines every column.
+is summed from exact amounts (prices.py) and each column rounded once, when
+shown: savings is the exact sync equivalent less the exact spend, rounded, so
+it may differ by 1e-6 from the difference of the two rounded columns.
+README "Daily report" defines every column.
 """
 
 from __future__ import annotations
@@ -127,8 +128,8 @@ class Reporter:
         succeeded, failed = int(row["succeeded"]), int(row["failed"])
         finished = int(row["finished"])
         unattributed = Decimal(row["unattributed"])
-        spend = round_usd(Decimal(row["spend"]) + unattributed)
-        sync = round_usd(Decimal(row["sync"]))
+        spend = Decimal(row["spend"]) + unattributed
+        sync = Decimal(row["sync"])
         failure_ratio = _ratio(failed, succeeded + failed)
         return {
             "date": day.isoformat(),
@@ -141,9 +142,9 @@ class Reporter:
             "post_replay_success_ratio": (_ratio(int(row["finished_ok_now"]), finished)
                                           if finished else 1.0),
             "manual_queue": int(row["manual_queue"]),
-            "spend_usd": str(spend),
-            "sync_equivalent_usd": str(sync),
-            "savings_usd": str(sync - spend),
+            "spend_usd": str(round_usd(spend)),
+            "sync_equivalent_usd": str(round_usd(sync)),
+            "savings_usd": str(round_usd(sync - spend)),
             "unattributed_usd": str(round_usd(unattributed)),
             "unpriced_models": unpriced,
             "alert": failure_ratio > self.alert_ratio,

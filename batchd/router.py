@@ -35,7 +35,6 @@ from batchd.prices import (
     ScaledRate,
     Tokens,
     cost,
-    round_usd,
     tokens_from_usage,
 )
 from batchd.provider.base import RemoteBatch
@@ -61,11 +60,11 @@ class RouteSummary:
     orphan_tokens: Tokens = field(default_factory=Tokens)
     billed: Tokens = field(default_factory=Tokens)
     unpriced: bool = False
-    # Rounded (prices.py): spend = the results' costs + unattributed.
+    # Exact (prices.py): spend = the results' costs + unattributed.
     spend: Decimal = Decimal(0)
     sync_spend: Decimal = Decimal(0)
     unattributed: Decimal = Decimal(0)
-    # The stored results' rounded costs (batch and sync prices).
+    # The stored results' exact costs (batch and sync prices).
     attributed: Decimal = Decimal(0)
     attributed_sync: Decimal = Decimal(0)
     waited: list[float] = field(default_factory=list)  # ingest to result, per stored task
@@ -154,8 +153,8 @@ class Router:
 
     def _settle_cost(self, batch_id: str, price: ModelPrice, remote: RemoteBatch,
                      summary: RouteSummary) -> None:
-        """The batch's cost from what was billed; its results (rounded as they
-        were stored) are its share, the rest is unattributed."""
+        """The batch's exact cost from what was billed; its results are its
+        share, the rest is unattributed."""
         attributed, attributed_sync = summary.attributed, summary.attributed_sync
         lines = summary.tokens + summary.orphan_tokens
         billed = lines
@@ -169,10 +168,10 @@ class Router:
                             reported=_tokens(reported), lines=_tokens(lines),
                             rule="billed as the larger count of each kind")
             billed = reported.at_least(lines)
-        total = max(round_usd(cost(billed, price.batch)), attributed)
+        total = max(cost(billed, price.batch), attributed)
         summary.billed = billed
-        summary.spend, summary.sync_spend = round_usd(total), round_usd(attributed_sync)
-        summary.unattributed = round_usd(total - attributed)
+        summary.spend, summary.sync_spend = total, attributed_sync
+        summary.unattributed = total - attributed
 
     async def _route_files(self, conn: AsyncConnection, batch_id: str, price: ModelPrice,
                            files: list[Path], summary: RouteSummary) -> None:
@@ -182,9 +181,7 @@ class Router:
         rate, sync_rate = ScaledRate.of(price.batch), ScaledRate.of(price.sync)
         lines = _LineTally()
         await repo.stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary))
-        stored = await repo.store_staged_successes(
-            conn, batch_id, scale=rate.scale, sync_scale=sync_rate.scale,
-            unpriced=not price.known)
+        stored = await repo.store_staged_successes(conn, batch_id, unpriced=not price.known)
         crash_point("mid_route")
         for client, n in stored.by_client.items():
             summary.count("succeeded", client, n)
@@ -213,19 +210,18 @@ class Router:
                 result = classify_line(line)
                 if result.outcome is not Outcome.SUCCESS:
                     yield (number, cid, False, None, None, None, None, None, None, None, None,
-                           None, None, result.outcome is Outcome.FINAL,
+                           result.outcome is Outcome.FINAL,
                            orjson.dumps(result.error or {}).decode(), random.random())
                     continue
                 body = line["response"].get("body") or {}
                 usage = body.get("usage") if isinstance(body, dict) else None
                 tokens = tokens_from_usage(usage)
                 lines.add(tokens)
-                cost_units, cost_rem = divmod(rate.cost(tokens), rate.scale)
-                sync_units, sync_rem = divmod(sync_rate.cost(tokens), sync_rate.scale)
                 yield (number, cid, True, result.status_code or 200, orjson.dumps(body).decode(),
                        orjson.dumps(usage).decode() if usage is not None else None,
                        tokens.input, tokens.cached, tokens.output,
-                       cost_units, cost_rem, sync_units, sync_rem, None, None, None)
+                       rate.usd(rate.cost(tokens)), sync_rate.usd(sync_rate.cost(tokens)),
+                       None, None, None)
 
     async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[str],
                          finals: list[bool], errors: list[dict[str, Any]],
@@ -269,12 +265,8 @@ class Router:
         for (outcome, client), n in s.by_client.items():
             metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
                                            lane="batch").inc(n)
-        metrics.SPEND.labels(model=model, lane="batch").inc(float(s.spend))
-        # A counter only goes up: a batch whose unattributed spend (lines no
-        # task kept) outweighs its results' savings adds none (the report
-        # still shows the day's true savings).
-        metrics.SAVINGS.labels(model=model, lane="batch").inc(
-            max(0.0, float(s.sync_spend - s.spend)))
+        metrics.SPEND.add(s.spend, model=model, lane="batch")
+        metrics.SAVINGS.add(s.sync_spend - s.spend, model=model, lane="batch")
         if s.unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
         for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),

@@ -170,6 +170,7 @@ class Service:
         metrics.CONFIG_MAX_TASKS.set(settings.max_batch_items)
         metrics.BUDGET_LIMIT.set(float(settings.daily_budget_usd or 0))
         metrics.BUILD_INFO.info({"version": __version__})
+        metrics.start_model_series(sorted(self.prices.models))
 
     async def start_api(self) -> web.AppRunner:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,

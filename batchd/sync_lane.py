@@ -34,7 +34,7 @@ from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
 from batchd.errors import ProviderError
 from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
-from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
+from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
 from batchd.provider.base import Provider
 from batchd.store import repo
 from batchd.store.repo import Backoff
@@ -200,8 +200,8 @@ class SyncLane:
                     price = self.prices.lookup(row["model"])
                     if not price.known:
                         self.prices.warn_unpriced(row["model"], "sync")
-                    # One call is its own total: rounded once, as a batch is.
-                    paid = round_usd(cost(tokens, price.sync))
+                    # Exact, as a batch's cost: rounded only where it is shown.
+                    paid = cost(tokens, price.sync)
                     stored = await repo.store_successes(conn, claim_id, repo.SuccessRows(
                         [cid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
                         [paid], [paid], [not price.known]))
@@ -247,8 +247,8 @@ class SyncLane:
         if outcome is Outcome.SUCCESS:
             # Paid whether or not the result was kept (a fallback may have
             # moved the task meanwhile): spend and tokens count every answer.
-            metrics.SPEND.labels(model=model, lane="sync").inc(float(paid))
-            metrics.SAVINGS.labels(model=model, lane="sync").inc(0)
+            metrics.SPEND.add(paid, model=model, lane="sync")
+            metrics.SAVINGS.add(Decimal(0), model=model, lane="sync")
             for kind, n in (("input", tokens.input), ("cached_input", tokens.cached),
                             ("output", tokens.output)):
                 metrics.TOKENS.labels(model=model, kind=kind, lane="sync").inc(n)

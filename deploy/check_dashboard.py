@@ -63,7 +63,9 @@ _SUFFIXES = {
     "histogram": ("_bucket", "_sum", "_count"),
     "info": ("_info",),
 }
-_PROM_TYPES = {"Counter": "counter", "Gauge": "gauge", "Histogram": "histogram", "Info": "info"}
+# MoneyCounter: batchd.metrics' exact dollar counter, exposed as a counter.
+_PROM_TYPES = {"Counter": "counter", "MoneyCounter": "counter", "Gauge": "gauge",
+               "Histogram": "histogram", "Info": "info"}
 _METRIC_RE = re.compile(r"\bbatchd_[A-Za-z0-9_:]*")
 _PANEL_TYPES = {
     "row", "timeseries", "stat", "gauge", "bargauge", "table", "barchart", "piechart", "text",

@@ -132,6 +132,8 @@ class Emulator:
         self.batches: dict[str, EmulatedBatch] = {}
         self.submissions: collections.Counter[str] = collections.Counter()
         self.calls: collections.Counter[str] = collections.Counter()
+        # Every synchronous answer that billed usage: (model, (input, cached, output)).
+        self.billed_sync: list[tuple[str, tuple[int, int, int]]] = []
         self.sync_submissions: collections.Counter[str] = collections.Counter()
         self.faults_applied: collections.Counter[str] = collections.Counter()
         self._line_scripts: dict[str, collections.deque[str]] = {}
@@ -761,6 +763,7 @@ class Emulator:
             return web.Response(body=b'{"id": "chatcmpl-', content_type="application/json")
         plan = LinePlan(str(custom_id or ""), outcome, model, tokens_for(endpoint, body),
                         count_inputs(endpoint, body))
+        self.billed_sync.append((model, plan.tokens))
         return json_response(success_body(endpoint, plan))
 
 

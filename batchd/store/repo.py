@@ -503,7 +503,7 @@ async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict
 # task moves only from 'submitted' in this batch, so a line routed twice, a
 # duplicate line or a task that left for the sync lane stores nothing. Two
 # inputs fill it: parallel arrays (the sync lane, one call at a time) and the
-# lines a route staged with COPY (below), whose costs are rounded here.
+# lines a route staged with COPY (below), with their exact costs.
 _SUCCESS_SQL = """
 WITH input AS ({input}
 ), done AS (
@@ -654,13 +654,12 @@ def _count_outcomes(rows: Iterable[Any]) -> dict[tuple[str, str | None], int]:
 #
 # A route COPYs every line of its files into a temporary table, then settles
 # them with one statement for the successes and one for the failures. Binary
-# COPY is the cheapest way to hand PostgreSQL 50,000 rows, and with the
-# whole batch in one place its results' costs are rounded as they are
-# inserted (largest remainder, below) instead of being updated afterwards.
-# The table lives until the route's transaction ends.
+# COPY is the cheapest way to hand PostgreSQL 50,000 rows; each line comes
+# with its exact cost, stored as it is. The table lives until the route's
+# transaction ends.
 
 STAGE_COLUMNS = ("line", "cid", "ok", "status", "resp", "usage", "tin", "tcached", "tout",
-                 "cost_units", "cost_rem", "sync_units", "sync_rem", "final", "err", "jitter")
+                 "cost", "sync", "final", "err", "jitter")
 
 
 async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]]) -> None:
@@ -669,10 +668,8 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     them while the COPY streams, alongside the reading, not in the settling
     statement.
 
-    Costs come as whole micro-dollars plus a remainder in 1/scale of one
-    (prices.ScaledRate; numeric, as a price with many decimal places makes the
-    scale pass any fixed-width integer); a failure line has ok false and its
-    error. The rows
+    Costs come exact (USD, prices.py: whole 1e-12 USD), at the batch and
+    the sync price; a failure line has ok false and its error. The rows
     are produced while earlier ones are on the wire, so reading the files
     overlaps PostgreSQL's share of the work."""
     # Sorting a batch's lines (dedupe, the remainder ranking; narrow rows)
@@ -681,9 +678,8 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     await conn.execute(text("""
         CREATE TEMPORARY TABLE route_lines (
             line int NOT NULL, cid text NOT NULL, ok bool NOT NULL, status int, resp jsonb,
-            usage jsonb, tin bigint, tcached bigint, tout bigint, cost_units bigint,
-            cost_rem numeric, sync_units bigint, sync_rem numeric, final bool, err text,
-            jitter float8) ON COMMIT DROP"""))
+            usage jsonb, tin bigint, tcached bigint, tout bigint, cost numeric, sync numeric,
+            final bool, err text, jitter float8) ON COMMIT DROP"""))
     raw = await conn.get_raw_connection()
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
         "route_lines", records=records, columns=STAGE_COLUMNS)
@@ -698,7 +694,7 @@ class StagedSuccesses:
 
     by_client: dict[str | None, int]
     tokens: Tokens  # of the stored lines
-    cost: Decimal  # the stored results' rounded costs, summed
+    cost: Decimal  # the stored results' exact costs, summed
     sync_cost: Decimal
     waited: list[float]  # seconds from ingest to result, a stored task each
 
@@ -707,26 +703,14 @@ class StagedSuccesses:
         return sum(self.by_client.values())
 
 
-# Largest remainder over the results this statement stores: each gets its
-# whole micro-dollars, and the units the floors lose in all (their sum rounded
-# half up, as prices.round_usd: exact integer division, as numeric division
-# keeps only some 16 digits) go to the largest remainders, ties to the
-# earlier line. So the results add up to their rounded sum, each off by less
-# than 1e-6. A duplicate line keeps its first copy. Everything is sorted on
-# narrow rows; the responses join in only where the results are written.
+# Each result stores its line's exact cost (prices.py). A duplicate line
+# keeps its first copy. Everything is sorted on narrow rows; the responses
+# join in only where the results are written.
 _STAGED_SUCCESSES = text(_SUCCESS_SQL.format(input="""
-    SELECT DISTINCT ON (cid) line, cid, status, tin, tcached, tout, cost_units, cost_rem,
-           sync_units, sync_rem
+    SELECT DISTINCT ON (cid) line, cid, status, tin, tcached, tout, cost, sync
     FROM route_lines WHERE ok ORDER BY cid, line""", kept="""
     SELECT i.line, i.cid, i.status, i.tin, i.tcached, i.tout, d.*,
-           CAST(:unpriced AS bool) AS unpriced,
-           (i.cost_units + CASE WHEN row_number() OVER (ORDER BY i.cost_rem DESC, i.line)
-               <= div(sum(i.cost_rem) OVER () * 2 + CAST(:scale AS numeric),
-                      2 * CAST(:scale AS numeric)) THEN 1 ELSE 0 END) / 1000000.0 AS cost,
-           (i.sync_units + CASE WHEN row_number() OVER (ORDER BY i.sync_rem DESC, i.line)
-               <= div(sum(i.sync_rem) OVER () * 2 + CAST(:sync_scale AS numeric),
-                      2 * CAST(:sync_scale AS numeric)) THEN 1 ELSE 0 END) / 1000000.0
-               AS sync
+           CAST(:unpriced AS bool) AS unpriced, i.cost, i.sync
     FROM input i JOIN done d ON d.custom_id = i.cid""", rows="""(
         SELECT k.cid, k.status, l.resp, l.usage, k.cost, k.sync, k.replay_count, k.unpriced
         FROM kept k JOIN route_lines l ON l.line = k.line) AS stored""", final="""
@@ -739,12 +723,11 @@ _STAGED_FAILURES = text(_FAIL_SQL.format(input="""
     ORDER BY cid, line"""))
 
 
-async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, scale: int,
-                                 sync_scale: int, unpriced: bool) -> StagedSuccesses:
+async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpriced: bool
+                                 ) -> StagedSuccesses:
     """Settle the staged success lines (see _SUCCESS_SQL): tasks succeeded,
-    results stored with their rounded costs, events and callbacks written."""
-    rows = await conn.execute(_STAGED_SUCCESSES, {
-        "bid": batch_id, "scale": scale, "sync_scale": sync_scale, "unpriced": unpriced})
+    results stored with their exact costs, events and callbacks written."""
+    rows = await conn.execute(_STAGED_SUCCESSES, {"bid": batch_id, "unpriced": unpriced})
     out = StagedSuccesses({}, Tokens(), Decimal(0), Decimal(0), [])
     for client, n, tin, tcached, tout, cost_usd, sync_usd, times in rows:
         out.by_client[client] = int(n)

@@ -21,8 +21,9 @@ from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from batchd import metrics
-from batchd.prices import PriceTable, cost, round_usd, tokens_from_usage
-from batchd.provider.emulator_lines import usage_for
+from batchd.errors import ConfigError
+from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
+from batchd.provider.emulator_lines import SUCCESS_OUTCOMES, usage_for
 from batchd.report import FIELDS
 from batchd.store import repo
 from batchd.store.engine import make_engine
@@ -82,33 +83,64 @@ def _exact(task: dict[str, Any], kind: str = "batch") -> Decimal:
 
 def _batch(results: Sequence[dict[str, Any]], extra: Sequence[dict[str, Any]] = ()
            ) -> dict[str, Decimal]:
-    """A batch's known money: its results, plus billed lines no result carries."""
-    attributed = round_usd(sum((_exact(t) for t in results), Decimal(0)))
-    total = round_usd(sum((_exact(t) for t in [*results, *extra]), Decimal(0)))
-    sync = round_usd(sum((_exact(t, "sync") for t in results), Decimal(0)))
+    """A batch's known money, exact: its results, plus billed lines no result carries."""
+    attributed = sum((_exact(t) for t in results), Decimal(0))
+    total = sum((_exact(t) for t in [*results, *extra]), Decimal(0))
+    sync = sum((_exact(t, "sync") for t in results), Decimal(0))
     return {"spend": total, "sync": sync, "unattributed": total - attributed}
 
 
+def _sync_call(task: dict[str, Any]) -> dict[str, Decimal]:
+    """A synchronous call's money: paid and equivalent at the sync price."""
+    paid = _exact(task, "sync")
+    return {"spend": paid, "sync": paid, "unattributed": Decimal(0)}
+
+
 def _day_money(*batches: dict[str, Decimal]) -> dict[str, str]:
+    """The report's money for a day: the exact sums, each rounded once."""
     spend = sum((b["spend"] for b in batches), Decimal(0))
     sync = sum((b["sync"] for b in batches), Decimal(0))
-    return {"spend_usd": str(spend), "sync_equivalent_usd": str(sync),
-            "savings_usd": str(sync - spend),
-            "unattributed_usd": str(sum((b["unattributed"] for b in batches), Decimal(0)))}
+    return {"spend_usd": str(round_usd(spend)), "sync_equivalent_usd": str(round_usd(sync)),
+            "savings_usd": str(round_usd(sync - spend)),
+            "unattributed_usd": str(round_usd(
+                sum((b["unattributed"] for b in batches), Decimal(0))))}
 
 
 async def _shift_a_day_back(h: Any) -> None:
     """Move everything recorded so far to yesterday (UTC), as if it had run then."""
     for table, column in (("tasks", "created_at"), ("tasks", "finished_at"),
                           ("task_events", "created_at"), ("results", "created_at"),
-                          ("batches", "routed_at")):
+                          ("batches", "routed_at"), ("sync_spend", "settled_at")):
         await h.execute(f"UPDATE {table} SET {column} = {column} - interval '1 day'")
+
+
+def _billed_by_emulator(h: Any) -> Decimal:
+    """What the emulator billed so far, line by line: every line it answered
+    200 in a finished batch (a duplicate line twice, an unreadable one too)
+    at the batch price, every synchronous answer at the sync price."""
+    table = PriceTable.load()
+    total = Decimal(0)
+    for b in h.emulator.batches.values():
+        if b.usage is None:
+            continue
+        for plan in b.lines:
+            if plan.outcome in SUCCESS_OUTCOMES:
+                copies = 2 if plan.outcome == "duplicate" else 1
+                total += copies * cost(Tokens(*plan.tokens), table.lookup(plan.model).batch)
+    return total + sum((cost(Tokens(*tokens), table.lookup(model).sync)
+                        for model, tokens in h.emulator.billed_sync), Decimal(0))
+
+
+def _money_counters() -> dict[tuple[str, str], Decimal]:
+    return {(m, lane): metrics.SPEND.exact(model=m, lane=lane)
+            for m in ("gpt-4o-mini", "gpt-4.1-nano") for lane in ("batch", "sync")}
 
 
 async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         db_url: str, tmp_path: Path) -> None:
-    # Costs are fractions of a micro-dollar per line, so every rounding step
-    # shows: per-result rounding that did not add up would miss the totals.
+    # Costs are fractions of a micro-dollar per line, so any rounding before
+    # the day's total shows: the report, the API and the metrics must equal
+    # the exact sum of what the emulator billed, rounded once.
     mini = [chat_task(f"ok{i}", content="word " * (i + 1)) for i in range(20)]
     for i, t in enumerate(mini):
         t["body"]["max_tokens"] = 7 + i
@@ -121,11 +153,16 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
     garbled = chat_task("garbled", emulate="malformed*1")  # billed, unreadable, retried
     bad = chat_task("bad", emulate="http_400")  # final: stays in the manual queue
     phoenix = chat_task("phoenix")  # fails final, replayed the next day, succeeds
+    rush1 = chat_task("rush1", content="now " * 13, lane="sync")  # the sync lane, day 1
+    rush2 = chat_task("rush2", content="again " * 7, lane="sync")  # and day 2
+    counters_before = _money_counters()
     async with running(db_url, tmp_path) as h:
         h.emulator.script_line("phoenix", "http_404", "ok")
-        await h.post({"tasks": [*mini, *nano, dup, flaky, garbled, bad, phoenix]})
+        await h.post({"tasks": [*mini, *nano, dup, flaky, garbled, bad, phoenix, rush1]})
         with capture_logs() as logs:
+            await h.drain_sync()
             await h.run_until_settled()
+        billed_day1 = _billed_by_emulator(h)
         # The emulator's batch usage counts the duplicate once, its lines twice:
         # billed as the larger count, and said so. The garbled line is an
         # expected gap (the batch reports more than its readable lines).
@@ -136,7 +173,10 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         async with h.http.post(f"{h.base_url}/v1/failed/replay",
                                json={"custom_ids": ["phoenix"]}) as r:
             assert (await r.json())["replayed"] == 1
+        await h.post(rush2)
+        await h.drain_sync()
         await h.run_until_settled()
+        billed_day2 = _billed_by_emulator(h) - billed_day1
 
         # The batches: mini and nano windows, the retry window, the replay.
         first_mini = _batch(mini, extra=[garbled])  # the unreadable line is billed
@@ -155,23 +195,30 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         assert status == 200
         past, now = days
         assert past == {
-            **past, "date": yesterday.isoformat(), "tasks_in": 30, "succeeded": 28,
-            "failed": 2, "retried": 2, "replayed": 0, "failure_ratio": round(2 / 30, 6),
+            **past, "date": yesterday.isoformat(), "tasks_in": 31, "succeeded": 29,
+            "failed": 2, "retried": 2, "replayed": 0, "failure_ratio": round(2 / 31, 6),
             "manual_queue": 2,  # bad and phoenix, as the day ended
-            # All 30 finished that day; 29 have succeeded since (phoenix by replay).
-            "post_replay_success_ratio": round(29 / 30, 6),
-            **_day_money(first_mini, first_nano, retry), "unpriced_models": [],
-            "alert": True}
+            # All 31 finished that day; 30 have succeeded since (phoenix by replay).
+            "post_replay_success_ratio": round(30 / 31, 6),
+            **_day_money(first_mini, first_nano, retry, _sync_call(rush1)),
+            "unpriced_models": [], "alert": True}
         assert now == {
-            **now, "date": today.isoformat(), "tasks_in": 0, "succeeded": 1, "failed": 0,
+            **now, "date": today.isoformat(), "tasks_in": 1, "succeeded": 2, "failed": 0,
             "retried": 0, "replayed": 1, "failure_ratio": 0.0, "manual_queue": 1,
-            "post_replay_success_ratio": 1.0, **_day_money(replay), "alert": False}
+            "post_replay_success_ratio": 1.0, **_day_money(replay, _sync_call(rush2)),
+            "alert": False}
         assert Decimal(past["unattributed_usd"]) > 0
+        # Against what the emulator itself billed (its batches' usage, which
+        # counts the duplicate and the unreadable lines, and its sync answers),
+        # to the micro-dollar, day by day.
+        for day, billed in ((past, billed_day1), (now, billed_day2)):
+            assert day["spend_usd"] == str(round_usd(billed))
 
-        # Per result: whole micro-dollars, each within one of its exact cost,
-        # adding up with the unattributed part to its batch's cost.
+        # Per result: its exact cost, shown rounded; the exact costs add up
+        # with the unattributed part to their batch's cost exactly.
         exact = {t["custom_id"]: _exact(t)
                  for t in [*mini, *nano, dup, flaky, garbled, phoenix]}
+        exact |= {t["custom_id"]: _exact(t, "sync") for t in (rush1, rush2)}
         results: list[dict[str, Any]] = []
         after = "0"
         while True:
@@ -180,21 +227,36 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
             after = page["next"]
             if not page["has_more"]:
                 break
-        assert len(results) == 29
+        assert len(results) == 31
         for r in results:
-            assert len(r["cost_usd"].split(".")[1]) == 6
-            assert abs(Decimal(r["cost_usd"]) - exact[r["custom_id"]]) < Decimal("0.000001")
+            assert r["cost_usd"] == str(round_usd(exact[r["custom_id"]]))
+        stored = await h.rows("SELECT custom_id, cost_usd FROM results")
+        assert {r["custom_id"]: r["cost_usd"] for r in stored} == exact
         ledger = await h.rows("""
             SELECT b.cost_usd, b.unattributed_cost_usd, sum(r.cost_usd) AS results
             FROM batches b JOIN results r ON r.batch_id = b.id GROUP BY b.id""")
         for b in ledger:
             assert b["results"] + b["unattributed_cost_usd"] == b["cost_usd"]
-        paid = sum(Decimal(r["cost_usd"]) for r in results) + sum(
-            Decimal(d["unattributed_usd"]) for d in days)
-        assert paid == Decimal(past["spend_usd"]) + Decimal(now["spend_usd"])
-        assert round(paid, 2) == round(sum(
-            (_exact(t) for t in [*mini, *nano, dup, dup, flaky, garbled, garbled, phoenix]),
-            Decimal(0)), 2)  # to the cent against the plain sum of every billed line
+        paid = Decimal(await h.scalar("SELECT sum(cost_usd) FROM results")) + Decimal(
+            await h.scalar("SELECT sum(unattributed_cost_usd) FROM batches"))
+        every_line = sum((_exact(t) for t in [*mini, *nano, dup, dup, flaky, garbled, garbled,
+                                              phoenix]), Decimal(0))
+        assert paid == every_line + _exact(rush1, "sync") + _exact(rush2, "sync")
+        assert paid == billed_day1 + billed_day2
+
+        # The spend counters grew by the same exact amounts, and what a
+        # scrape shows is that total, rounded once.
+        after = _money_counters()
+        grown = {k: after[k] - counters_before[k] for k in after}
+        assert grown[("gpt-4o-mini", "batch")] == sum(
+            (_exact(t) for t in [*mini, flaky, garbled, garbled, phoenix]), Decimal(0))
+        assert grown[("gpt-4.1-nano", "batch")] == sum(
+            (_exact(t) for t in [*nano, dup, dup]), Decimal(0))
+        assert grown[("gpt-4o-mini", "sync")] == _exact(rush1, "sync") + _exact(rush2, "sync")
+        for (model, lane), total in after.items():
+            shown = metrics.REGISTRY.get_sample_value(
+                "batchd_spend_dollars_total", {"model": model, "lane": lane})
+            assert shown is not None and round_usd(Decimal(repr(shown))) == round_usd(total)
 
     # The command line says the same as the API, in each format.
     as_json = json.loads(_cli(db_url, "report", "--days", "2", "--format", "json").stdout)
@@ -215,30 +277,20 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
             day["savings_usd"], *(["ALERT"] if day["alert"] else [])]
 
 
-@pytest.mark.parametrize(("exact", "rounded"), [
-    # Largest remainder: the units the floors lose go to the largest remainders.
-    (["0.0000004", "0.0000007", "0.0000001"], ["0.000000", "0.000001", "0.000000"]),
-    # Ties go to the earlier line; the sum rounds half up (1.5 -> 2 units).
-    (["0.0000005", "0.0000005", "0.0000005"], ["0.000001", "0.000001", "0.000000"]),
-    (["0.0000005"], ["0.000001"]),
-    (["0.0000015", "0.0000015"], ["0.000002", "0.000001"]),
-    (["0.000001", "0.000002"], ["0.000001", "0.000002"]),
-    (["0.123456789012", "0.000000499999"], ["0.123457", "0.000000"]),
-    ([], []),
+@pytest.mark.parametrize("exact", [
+    ["0.0000004", "0.0000007", "0.0000001"],
+    ["0.0000005", "0.0000005", "0.0000005"],
+    ["0.123456789012", "0.000000499999", "0.000000000001"],
+    [],
 ])
-async def test_result_costs_round_to_micro_dollars_that_add_up(
-        db_url: str, exact: list[str], rounded: list[str]) -> None:
-    """Through the router's own staging and settling statements, with each
-    line's exact cost given in whole micro-dollars and a remainder."""
-    scale = 10 ** 12
-
-    def units(usd: Decimal) -> tuple[int, int]:
-        return divmod(int(usd * 1_000_000 * scale), scale)
-
-    rows = [(n + 1, f"r{n}", True, 200, "{}", None, 0, 0, 0, *units(Decimal(usd)),
-             *units(Decimal(usd) * 2), None, None, None) for n, usd in enumerate(exact)]
-    rows.append((len(rows) + 1, "other", True, 200, "{}", None, 0, 0, 0, 0, 4 * scale // 10,
-                 0, 0, None, None, None))  # its task is not in this batch: stores nothing
+async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list[str]) -> None:
+    """Through the router's own staging and settling statements: each result
+    keeps its line's exact cost (whole 1e-12 USD), so results add up to the
+    exact total, and routing again stores nothing."""
+    rows = [(n + 1, f"r{n}", True, 200, "{}", None, 0, 0, 0, Decimal(usd), Decimal(usd) * 2,
+             None, None, None) for n, usd in enumerate(exact)]
+    rows.append((len(rows) + 1, "other", True, 200, "{}", None, 0, 0, 0, Decimal("0.4"),
+                 Decimal("0.8"), None, None, None))  # its task is not in this batch
     engine = make_engine(db_url, pool_size=1)
     try:
         async with engine.begin() as conn:
@@ -248,23 +300,21 @@ async def test_result_costs_round_to_micro_dollars_that_add_up(
                     "INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, "
                     "line_bytes, state, batch_id) VALUES (:cid, '/v1/chat/completions', "
                     "'gpt-4o-mini', '{}', 'd', 2, 'submitted', :bid)"), {"cid": cid, "bid": batch})
+        total = sum((Decimal(x) for x in exact), Decimal(0))
         for attempt in range(2):  # routed again, it changes nothing
             async with engine.begin() as conn:
                 await repo.stage_lines(conn, rows)
-                stored = await repo.store_staged_successes(
-                    conn, "bd_t", scale=scale, sync_scale=scale, unpriced=False)
+                stored = await repo.store_staged_successes(conn, "bd_t", unpriced=False)
                 got = (await conn.execute(text(
-                    "SELECT cost_usd FROM results WHERE batch_id = 'bd_t' ORDER BY custom_id"
-                ))).all()
-            assert [str(round_usd(r[0])) for r in got] == rounded
-            total = round_usd(sum((Decimal(x) for x in exact), Decimal(0)))
-            sync = round_usd(sum((Decimal(x) * 2 for x in exact), Decimal(0)))
+                    "SELECT cost_usd, sync_cost_usd FROM results WHERE batch_id = 'bd_t' "
+                    "ORDER BY custom_id"))).all()
+            assert [r[0] for r in got] == [Decimal(x) for x in exact]
+            assert [r[1] for r in got] == [Decimal(x) * 2 for x in exact]
             if attempt == 0:
                 assert stored.stored == len(exact)
-                assert (stored.cost, stored.sync_cost) == (total, sync)
+                assert (stored.cost, stored.sync_cost) == (total, total * 2)
             else:
                 assert stored.stored == 0
-            assert sum((r[0] for r in got), Decimal(0)) == total
         async with engine.connect() as conn:
             assert await conn.scalar(text("SELECT count(*) FROM results WHERE "
                                           "custom_id = 'other'")) == 0
@@ -272,34 +322,20 @@ async def test_result_costs_round_to_micro_dollars_that_add_up(
         await engine.dispose()
 
 
-async def test_result_costs_round_exactly_at_a_scale_past_64_bits(db_url: str) -> None:
-    """A price with 20 decimal places: remainders past any 64-bit integer, and
-    a sum whose half-up rounding numeric division would get wrong. 20,000
-    lines of half a micro-dollar and one just under: 10,000.5 units less
-    1e-20 round to 10,000."""
-    scale, n = 10 ** 20, 20_001
-    half = scale // 2
-    rows = [(i + 1, f"x{i:05d}", True, 200, "{}", None, 0, 0, 0, 0,
-             half if i else half - 1, 0, 0, None, None, None) for i in range(n)]
-    engine = make_engine(db_url, pool_size=1)
-    try:
-        async with engine.begin() as conn:
-            await conn.execute(text(
-                "INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes, "
-                "state, batch_id) SELECT 'x' || lpad(g::text, 5, '0'), '/v1/chat/completions', "
-                "'gpt-4o-mini', '{}', 'd', 2, 'submitted', 'bd_big' "
-                "FROM generate_series(0, :last) g"), {"last": n - 1})
-            await repo.stage_lines(conn, rows)
-            stored = await repo.store_staged_successes(
-                conn, "bd_big", scale=scale, sync_scale=scale, unpriced=False)
-            got = await conn.execute(text(
-                "SELECT count(*) FILTER (WHERE cost_usd > 0), sum(cost_usd) FROM results"))
-            paid, total = got.one()
-        assert stored.stored == n
-        assert stored.cost == total == Decimal("0.010000")
-        assert paid == 10_000  # the earlier lines of the tied largest remainders
-    finally:
-        await engine.dispose()
+def test_a_price_finer_than_the_ledger_keeps_is_refused(tmp_path: Path) -> None:
+    """A price per 1M tokens with more than 6 decimal places (a file written
+    from floats, say) would make costs the ledger cannot hold exactly."""
+    path = tmp_path / "prices.json"
+    path.write_text(json.dumps({"as_of": "2026-12-01", "models": {"m": {
+        "sync": {"input": 0.15000000000000002, "cached_input": 0.075, "output": 0.6},
+        "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3}}}}))
+    with pytest.raises(ConfigError, match=r"BATCHD_PRICES_FILE.*0\.15000000000000002 has "
+                                          r"more than 6 decimal places.*e\.g\. 0\.15"):
+        PriceTable.load(path)
+    path.write_text(json.dumps({"as_of": "2026-12-01", "models": {"m": {
+        "sync": {"input": 0.000001, "cached_input": 0.075, "output": 0.6},
+        "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3}}}}))
+    assert PriceTable.load(path).lookup("m").sync.input == Decimal("0.000001")
 
 
 async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
@@ -330,11 +366,11 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
         assert (batch["cost_usd"], batch["unattributed_cost_usd"]) == (
             expected["spend"], expected["unattributed"])
         assert batch["unattributed_lines"] == 1 and expected["unattributed"] > 0
-        sync_paid = round_usd(_exact(tight, "sync"))
-        assert (await h.task("tight"))["cost_usd"] == str(sync_paid)
+        sync_paid = _exact(tight, "sync")
+        assert (await h.task("tight"))["cost_usd"] == str(round_usd(sync_paid))
         _, report = await h.get("/v1/report/daily")
-        assert report["spend_usd"] == str(expected["spend"] + sync_paid)
-        assert report["unattributed_usd"] == str(expected["unattributed"])
+        assert report["spend_usd"] == str(round_usd(expected["spend"] + sync_paid))
+        assert report["unattributed_usd"] == str(round_usd(expected["unattributed"]))
         async with h.engine.connect() as conn:  # the budget counts both payments
             assert await repo.day_spend(conn, batch["spend_day"]) == expected["spend"] + sync_paid
 
@@ -360,11 +396,12 @@ async def test_a_sync_call_answered_after_its_task_moved_on_is_spend(
         assert await lane.tick() == 1
         await lane.wait_calls()
         assert (await h.task("slow"))["state"] == "succeeded"
-        paid = round_usd(_exact(slow, "sync"))
+        paid = _exact(slow, "sync")
         _, report = await h.get("/v1/report/daily")
-        assert (report["spend_usd"], report["unattributed_usd"]) == (str(2 * paid), str(paid))
-        assert report["sync_equivalent_usd"] == str(paid)
-        assert report["savings_usd"] == str(-paid)
+        assert (report["spend_usd"], report["unattributed_usd"]) == (
+            str(round_usd(2 * paid)), str(round_usd(paid)))
+        assert report["sync_equivalent_usd"] == str(round_usd(paid))
+        assert report["savings_usd"] == str(round_usd(-paid))
 
 
 async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
@@ -391,7 +428,8 @@ async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
         assert mystery["unpriced"] is True and (await h.task("known"))["unpriced"] is False
         tokens = tokens_from_usage(usage_for("/v1/chat/completions",
                                              chat_task("m", "brand-new-model")["body"]))
-        assert Decimal(mystery["cost_usd"]) == round_usd(cost(tokens, fallback.batch)) > 0
+        assert Decimal(mystery["cost_usd"]) == round_usd(cost(tokens, fallback.batch))
+        assert cost(tokens, fallback.batch) > 0
         assert (await h.task("rushed"))["unpriced"] is True
         _, page = await h.get("/v1/results")
         assert {r["custom_id"]: r["unpriced"] for r in page["results"]} == {

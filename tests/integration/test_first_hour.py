@@ -10,6 +10,7 @@ from alembic import command
 
 from batchd import metrics
 from batchd.health import HEALTH
+from batchd.prices import PriceTable
 from batchd.provider.emulator import Emulator
 from batchd.service import alembic_config
 from batchd.store.engine import async_url
@@ -128,3 +129,17 @@ async def _upgrade(url: str, to: str) -> None:
 
 async def _downgrade(url: str, to: str) -> None:
     await asyncio.to_thread(command.downgrade, alembic_config(url), to)
+
+
+async def test_every_priced_model_has_money_and_token_series_from_the_start(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        async with h.http.get(f"{h.base_url}/metrics") as r:
+            exposed = await r.text()
+        for model in PriceTable.load().models:
+            for lane in ("batch", "sync"):
+                for name in ("batchd_spend_dollars_total", "batchd_savings_dollars_total"):
+                    assert f'{name}{{lane="{lane}",model="{model}"}}' in exposed, (name, model)
+                for kind in ("input", "cached_input", "output"):
+                    assert (f'batchd_tokens_total{{kind="{kind}",lane="{lane}",'
+                            f'model="{model}"}}') in exposed, (kind, model)

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from batchd import metrics
 from batchd.domain import parse_task
-from batchd.prices import PriceTable, cost, round_usd, tokens_from_usage
+from batchd.prices import PriceTable, cost, tokens_from_usage
 from batchd.provider.emulator_lines import usage_for
 from tests.harness import FakeClock, Harness, chat_task, running
 
@@ -25,8 +25,8 @@ def _estimate(task: dict[str, object], sync: bool) -> Decimal:
 
 def _actual(task: dict[str, object], sync: bool) -> Decimal:
     tokens = tokens_from_usage(usage_for("/v1/chat/completions", task["body"]))  # type: ignore[arg-type]
-    # What one call, or a batch of one, is charged: its cost rounded once to 1e-6.
-    return round_usd(cost(tokens, PRICE.sync if sync else PRICE.batch))
+    # What one call, or a batch of one, is charged: its exact cost.
+    return cost(tokens, PRICE.sync if sync else PRICE.batch)
 
 
 async def _sync_round(h: Harness) -> int:
@@ -127,9 +127,9 @@ async def test_both_lanes_feed_the_lane_labelled_metrics(db_url: str, tmp_path: 
         await h.run_until_settled()
         delta = [_sample(n, **lab) - b for (n, lab), b in zip(names, before, strict=True)]
     one = tokens_from_usage(usage_for("/v1/chat/completions", tasks[0]["body"]))
-    # b1 and b2 share a batch: its total is rounded once; s1 is a call of its own.
-    two_batch = round_usd(2 * cost(one, PRICE.batch))
-    two_sync_equivalent = round_usd(2 * cost(one, PRICE.sync))
+    # b1 and b2 share a batch; s1 is a call of its own: exact amounts.
+    two_batch = 2 * cost(one, PRICE.batch)
+    two_sync_equivalent = 2 * cost(one, PRICE.sync)
     one_sync = _actual(tasks[0], True)
     out_tokens = tokens_from_usage(usage_for("/v1/chat/completions", tasks[2]["body"])).output
     assert delta[:5] == [2, 2, 2, 1, 1]

@@ -127,8 +127,8 @@ async def test_report_compares_the_lanes(db_url: str, tmp_path: Path) -> None:
         assert lanes["sync"]["finished"] == 5 and lanes["sync"]["failed"] == 1
         assert lanes["sync"]["failure_ratio"] == 0.2
         assert Decimal(lanes["batch"]["cost_per_task_usd"]) == round_usd(cost(one, price.batch))
-        # Each sync call is its own total, rounded once; a batch rounds its total.
-        assert Decimal(lanes["sync"]["spend_usd"]) == 4 * round_usd(cost(one, price.sync))
+        # Exact amounts, each total rounded once where it is shown.
+        assert Decimal(lanes["sync"]["spend_usd"]) == round_usd(4 * cost(one, price.sync))
         assert lanes["batch"]["latency_p95_seconds"] >= lanes["batch"]["latency_p50_seconds"]
-        assert Decimal(report["savings_usd"]) == (round_usd(6 * cost(one, price.sync))
-                                                  - round_usd(6 * cost(one, price.batch)))
+        assert Decimal(report["savings_usd"]) == round_usd(6 * cost(one, price.sync)
+                                                           - 6 * cost(one, price.batch))
