@@ -178,6 +178,17 @@ class PriceTable:
         return cost(Tokens(est_input, 0, est_output), rate).quantize(
             USD_QUANTUM, rounding=ROUND_CEILING)
 
+    def pico_rates(self, model: str, *, sync: bool) -> tuple[int, int]:
+        """(input, output) price of one token in 1e-12 USD, whole numbers (a
+        price has at most PRICE_PLACES places), for reserving in SQL; an
+        unknown model at the table's most expensive price, as ``reservation``."""
+        price = self.lookup(model)
+        if not price.known:
+            self.warn_unpriced(model, "budget")
+            metrics.UNPRICED_ESTIMATES.inc()
+        rate = price.sync if sync else price.batch
+        return int(rate.input * MILLION), int(rate.output * MILLION)
+
     @classmethod
     def load(cls, path: Path | None = None) -> PriceTable:
         where = str(path) if path else "bundled prices.json"

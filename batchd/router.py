@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
+from batchd.estimates import Calibration
 from batchd.faults import crash_point
 from batchd.prices import (
     ModelPrice,
@@ -112,8 +113,9 @@ def iter_lines(path: Path) -> Iterator[dict[str, Any] | None]:
 
 class Router:
     def __init__(self, engine: AsyncEngine, prices: PriceTable, backoff: Backoff,
-                 clients: Clients) -> None:
+                 clients: Clients, calibration: Calibration | None = None) -> None:
         self.engine = engine
+        self.calibration = calibration or Calibration()
         self.clients = clients
         self.prices = prices
         self.backoff = backoff
@@ -129,7 +131,7 @@ class Router:
             if remote.status == "failed":
                 await self._route_failed(conn, batch_id, remote, summary)
             else:
-                await self._route_files(conn, batch_id, price, files, summary)
+                await self._route_files(conn, batch_id, model, price, files, summary)
                 missing = {**MISSING_ERROR, "batch_status": remote.status}
                 await self._fail_remaining(conn, batch_id, missing, summary)
             self._settle_cost(batch_id, price, remote, summary)
@@ -173,8 +175,9 @@ class Router:
         summary.spend, summary.sync_spend = total, attributed_sync
         summary.unattributed = total - attributed
 
-    async def _route_files(self, conn: AsyncConnection, batch_id: str, price: ModelPrice,
-                           files: list[Path], summary: RouteSummary) -> None:
+    async def _route_files(self, conn: AsyncConnection, batch_id: str, model: str,
+                           price: ModelPrice, files: list[Path], summary: RouteSummary
+                           ) -> None:
         """Stage every line of the files, then settle the successes and then
         the failures, one statement each (a task with both kinds of line
         succeeds: that is what was paid for)."""
@@ -189,6 +192,7 @@ class Router:
         summary.tokens = stored.tokens
         summary.attributed, summary.attributed_sync = stored.cost, stored.sync_cost
         summary.waited = stored.waited
+        self.calibration.observe(model, stored.tokens.input, stored.estimated_input)
         # Billed, but no task of this batch took them: the task left for the
         # sync lane or had already succeeded, or the line is a duplicate.
         summary.orphan_lines = lines.ok - stored.stored

@@ -35,6 +35,7 @@ from batchd.archive import Archive
 from batchd.config import Settings
 from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line
 from batchd.errors import ProviderError
+from batchd.estimates import Calibration
 from batchd.faults import crash_point
 from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
@@ -80,6 +81,7 @@ class Scheduler:
     def __init__(
         self, engine: AsyncEngine, provider: Provider, settings: Settings, prices: PriceTable,
         archive: Archive, owner: str, clock: Clock = utc_now,
+        calibration: Calibration | None = None,
     ) -> None:
         self.engine = engine
         self.provider = provider
@@ -93,6 +95,7 @@ class Scheduler:
         # every send would fail the same way. Backs off, doubling.
         self._auth_refusals = 0
         self._auth_hold_until: datetime | None = None
+        self.calibration = calibration or Calibration()
         self._sends: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_SEND_CONCURRENCY)
 
@@ -152,23 +155,33 @@ class Scheduler:
         batch_id = new_batch_id()
         today = self.clock().date()
         max_bytes = file_byte_budget(s.max_file_bytes)
+        pin, pout = self.prices.pico_rates(model, sync=False)
+        factor = self.calibration.factor(model)
         try:
             async with self.engine.begin() as conn:
+                left: int | None = None
                 if s.daily_budget_usd is not None:
                     await repo.lock_budget(conn)
+                    spent = await repo.day_spend(conn, today)
+                    left = int((s.daily_budget_usd - spent).scaleb(12))
                 claim = await repo.claim_window(
                     conn, batch_id=batch_id, endpoint=endpoint, model=model,
-                    limit=s.max_batch_items, max_bytes=max_bytes)
+                    limit=s.max_batch_items, max_bytes=max_bytes,
+                    reserve=repo.Reserve(factor, pin, pout, left))
                 if claim.count == 0:
+                    if claim.budget_cut:
+                        raise BudgetHold(f"the oldest task's reservation passes the "
+                                         f"{Decimal(left or 0).scaleb(-12)} USD left today")
                     return None
-                if claim.count < claim.picked:
+                if claim.budget_cut:
+                    # The part of the window that fits goes now (the flush
+                    # keeps its reason: the window was due); the rest waits.
+                    log.info("budget.partial", endpoint=endpoint, model=model,
+                             sent=claim.count, held=claim.picked - claim.count,
+                             left_usd=str(Decimal(left or 0).scaleb(-12)))
+                elif claim.count < claim.picked:
                     reason = FlushReason.LIMIT
-                reserved = self.prices.reservation(
-                    model, claim.est_input_tokens, claim.est_output_tokens, sync=False)
-                if s.daily_budget_usd is not None:
-                    spent = await repo.day_spend(conn, today)
-                    if spent + reserved > s.daily_budget_usd:
-                        raise BudgetHold(f"{spent} + {reserved} > {s.daily_budget_usd}")
+                reserved = Decimal(claim.reserved_pico).scaleb(-12)
                 await repo.insert_batch(
                     conn, batch_id=batch_id, endpoint=endpoint, model=model, reason=reason,
                     claim=claim, spend_day=today, reserved_usd=reserved, owner=self.owner,

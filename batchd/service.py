@@ -18,13 +18,14 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from batchd import __version__, console, logs, metrics
+from batchd import __version__, console, logs, metrics, tokens
 from batchd.archive import Archive
 from batchd.callbacks import CallbackSender
 from batchd.clients import Clients
 from batchd.config import Settings
 from batchd.domain import file_byte_budget
 from batchd.errors import ConfigError
+from batchd.estimates import Calibration
 from batchd.ingest import Ingest
 from batchd.listener import CappedSite
 from batchd.poller import Poller
@@ -134,11 +135,14 @@ class Service:
         self.prices = PriceTable.load(settings.prices_file)
         self.archive = Archive(settings.archive_path, settings.spool_path)
         backoff = Backoff(settings.retry_backoff_seconds, settings.max_attempts)
-        self.router = Router(engine, self.prices, backoff, self.clients)
+        # Learned from routed batches, read by the budget's reservations.
+        self.calibration = Calibration()
+        self.router = Router(engine, self.prices, backoff, self.clients, self.calibration)
         self.scheduler = Scheduler(engine, provider, settings, self.prices, self.archive,
-                                   self.owner, clock)
+                                   self.owner, clock, self.calibration)
         self.poller = Poller(engine, provider, self.router, settings, self.archive, self.owner)
-        self.sync_lane = SyncLane(engine, provider, settings, self.prices, self.clients, clock)
+        self.sync_lane = SyncLane(engine, provider, settings, self.prices, self.clients, clock,
+                                  self.calibration)
         self.callbacks = CallbackSender(engine, self.clients, settings)
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.api = ApiState(
@@ -151,7 +155,8 @@ class Service:
                           client_profiles=profiles,
                           timeout=settings.ingest_timeout_seconds,
                           max_pending=settings.max_pending_tasks, clock=clock,
-                          on_sync=self.sync_lane.wake),
+                          on_sync=self.sync_lane.wake,
+                          count_tokens=settings.daily_budget_usd is not None),
             waiters=Waiters(engine, settings.max_waiters),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             schema_head=schema_head(), known_revisions=known_revisions(),
@@ -171,6 +176,10 @@ class Service:
         metrics.BUDGET_LIMIT.set(float(settings.daily_budget_usd or 0))
         metrics.BUILD_INFO.info({"version": __version__})
         metrics.start_model_series(sorted(self.prices.models))
+        if settings.daily_budget_usd is not None:
+            # Ingest counts tokens from the first request on: load the
+            # vocabularies now (a second or so), not inside a request.
+            tokens.preload(sorted(self.prices.models))
 
     async def start_api(self) -> web.AppRunner:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,

@@ -32,6 +32,7 @@ from batchd.clients import Clients
 from batchd.config import Settings
 from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
 from batchd.errors import ProviderError
+from batchd.estimates import Calibration
 from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
 from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
@@ -64,7 +65,9 @@ def _utc_now() -> datetime:
 class SyncLane:
     def __init__(self, engine: AsyncEngine, provider: Provider, settings: Settings,
                  prices: PriceTable, clients: Clients,
-                 clock: Callable[[], datetime] = _utc_now) -> None:
+                 clock: Callable[[], datetime] = _utc_now,
+                 calibration: Calibration | None = None) -> None:
+        self.calibration = calibration or Calibration()
         self.engine = engine
         self.clients = clients
         self.provider = provider
@@ -150,8 +153,9 @@ class SyncLane:
             candidates = await repo.sync_candidates(conn, limit)
             if not candidates:
                 return []
-            estimates = [self.prices.reservation(c["model"], c["est_input_tokens"],
-                                                  c["est_output_tokens"], sync=True)
+            estimates = [self.prices.reservation(
+                c["model"], self.calibration.reserved_input(c["model"], c["est_input_tokens"]),
+                c["est_output_tokens"], sync=True)
                          for c in candidates]
             spent = await repo.day_spend(conn, today) if self.budget is not None else Decimal(0)
             fit = budget_fit(spent, estimates, self.budget)

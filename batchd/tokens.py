@@ -17,6 +17,7 @@ from the usage batchd has seen for that model (domain.calibrated_input).
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import math
@@ -65,6 +66,9 @@ class VocabularyError(RuntimeError):
 
 
 def _load(name: str) -> tiktoken.Encoding:
+    enc = _loaded.get(name)
+    if enc is not None:
+        return enc
     with _lock:
         enc = _loaded.get(name)
         if enc is not None:
@@ -81,6 +85,7 @@ def _load(name: str) -> tiktoken.Encoding:
         return enc
 
 
+@functools.lru_cache(maxsize=1024)
 def encoding_for(model: str) -> str | None:
     """The shipped encoding that counts ``model``'s tokens, or None."""
     try:
@@ -98,7 +103,19 @@ def preload(models: list[str]) -> None:
         _load(name)
 
 
+# Prompts repeat (a system prompt shared by a whole job, an eval's template):
+# texts up to this size are counted once per encoding and remembered.
+_CACHED_CHARS = 8192
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached(name: str, value: str) -> int:
+    return len(_load(name).encode_ordinary(value))
+
+
 def _text(enc: tiktoken.Encoding, value: str) -> int:
+    if len(value) <= _CACHED_CHARS:
+        return _cached(enc.name, value)
     return len(enc.encode_ordinary(value))
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import orjson
 
+from batchd.tokens import count_input_tokens
+
 # Outcomes that executed and answered 200 (usage is billed for each).
 SUCCESS_OUTCOMES = frozenset({"ok", "duplicate", "malformed"})
 # Outcomes of lines that never ran: a top-level ``error`` and ``response: null``.
@@ -84,7 +86,10 @@ def _int_or(value: Any, default: int) -> int:
 def tokens_for(endpoint: str, body: dict[str, Any]) -> tuple[int, int, int]:
     """(input, cached input, output) tokens a 200 answer to ``body`` reports.
 
-    input  = max(1, len(orjson.dumps(<prompt field>)) // 4), the prompt field being
+    input  = for a model with a tokenizer (batchd.tokens: OpenAI's gpt-4o, gpt-4.1,
+             gpt-5, o-series, gpt-4, gpt-3.5, text-embedding-*), the tokens OpenAI
+             counts (chat framing included); for any other model
+             max(1, len(orjson.dumps(<prompt field>)) // 4), the prompt field being
              ``messages`` (chat), ``input`` (embeddings, responses, moderations) or
              ``prompt`` (completions); orjson's encoding is compact (no spaces).
     cached = int(body["metadata"]["cached_tokens"]) when given, capped at input
@@ -108,7 +113,9 @@ def tokens_for(endpoint: str, body: dict[str, Any]) -> tuple[int, int, int]:
         output = _int_or(body.get("max_tokens"), _DEFAULT_OUTPUT_TOKENS)
     else:
         prompt = body.get("input", "")
-    inp = _json_tokens(prompt)
+    model = body.get("model")
+    counted = count_input_tokens(endpoint, model, body) if isinstance(model, str) else None
+    inp = max(1, counted) if counted is not None else _json_tokens(prompt)
     cached = 0
     meta = body.get("metadata")
     if cached_ok and isinstance(meta, dict) and "cached_tokens" in meta:

@@ -196,7 +196,9 @@ async def test_batch_usage_is_the_sum_of_200_lines_usage(rig: Rig) -> None:
     assert per_line == {c: usage_for(CHAT, line["body"])
                         for c, line in (("u1", lines[0]), ("u2", lines[1]))}
     u1 = per_line["u1"]
-    assert u1["prompt_tokens"] == len(orjson.dumps(lines[0]["body"]["messages"])) // 4
+    # OpenAI's count for one user message "hi u1": 3 of framing, "user" (1),
+    # "hi u1" (3), and 3 that prime the reply.
+    assert u1["prompt_tokens"] == 10 == 3 + 1 + 3 + 3
     assert u1["completion_tokens"] == 40 and u1["prompt_tokens_details"]["cached_tokens"] == 3
     assert per_line["u2"]["completion_tokens"] == 7
     assert batch.usage == {

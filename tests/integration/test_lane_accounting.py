@@ -10,8 +10,10 @@ from structlog.testing import capture_logs
 
 from batchd import metrics
 from batchd.domain import parse_task
+from batchd.estimates import Calibration
 from batchd.prices import PriceTable, cost, tokens_from_usage
 from batchd.provider.emulator_lines import usage_for
+from batchd.tokens import count_input_tokens
 from tests.harness import FakeClock, Harness, chat_task, running
 
 TABLE = PriceTable.load()
@@ -19,8 +21,13 @@ PRICE = TABLE.lookup("gpt-4o-mini")
 
 
 def _estimate(task: dict[str, object], sync: bool) -> Decimal:
+    """What the budget reserves: with a budget set, the input is counted by
+    the model's tokenizer and the stated margin added (batchd.estimates)."""
     t = parse_task(task, 0)
-    return TABLE.reservation("gpt-4o-mini", t.est_input_tokens, t.est_output_tokens, sync=sync)
+    counted = count_input_tokens(t.endpoint, t.model, t.body)
+    assert counted is not None
+    return TABLE.reservation("gpt-4o-mini", Calibration().reserved_input(t.model, counted),
+                             t.est_output_tokens, sync=sync)
 
 
 def _actual(task: dict[str, object], sync: bool) -> Decimal:
