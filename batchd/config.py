@@ -18,6 +18,7 @@ from batchd.domain import (
     MAX_METADATA_PAIRS,
     MAX_METADATA_VALUE,
     Limits,
+    parse_client_budgets,
     parse_client_profiles,
 )
 from batchd.errors import ConfigError
@@ -116,6 +117,9 @@ class Settings(BaseSettings):
         MAX_METADATA_VALUE, ge=1, le=MAX_METADATA_VALUE, description="longest metadata value")
     sync_concurrency: int = Field(8, ge=1, description="synchronous lane concurrency")
     batch_share: int = Field(100, ge=0, le=100, description="canary share sent to batches")
+    client_budgets: str | None = Field(
+        None, description="client=USD pairs: a client's own daily cap (UTC), inside "
+        "BATCHD_DAILY_BUDGET_USD; its tasks past it wait, others go on")
     client_profiles: str | None = Field(
         None, description="client=profile pairs (1h, 6h, 24h): the latency profile of a "
         "client's tasks that name none in metadata.latency_profile")
@@ -178,6 +182,20 @@ class Settings(BaseSettings):
     def _profiles_parse(cls, v: str | None) -> str | None:
         parse_client_profiles(v)
         return v
+
+    @field_validator("client_budgets")
+    @classmethod
+    def _budgets_parse(cls, v: str | None) -> str | None:
+        parse_client_budgets(v)
+        return v
+
+    @property
+    def budgets_by_client(self) -> dict[str, Decimal]:
+        return parse_client_budgets(self.client_budgets)
+
+    @property
+    def any_budget(self) -> bool:
+        return self.daily_budget_usd is not None or bool(self.budgets_by_client)
 
     @property
     def profiles_by_client(self) -> dict[str, str]:

@@ -534,6 +534,29 @@ def parse_client_profiles(raw: str | None) -> dict[str, str]:
     return out
 
 
+def parse_client_budgets(raw: str | None) -> dict[str, Decimal]:
+    """``client=USD`` pairs (BATCHD_CLIENT_BUDGETS); ValueError says which
+    pair is wrong."""
+    out: dict[str, Decimal] = {}
+    for pair in (raw or "").split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        client, sep, amount = (p.strip() for p in pair.partition("="))
+        if not sep or not client:
+            raise ValueError(f"{pair!r} must look like client=50 (USD a UTC day)")
+        try:
+            usd = Decimal(amount)
+        except ArithmeticError:
+            raise ValueError(f"{pair!r}: the budget must be a number of USD") from None
+        if not usd.is_finite() or usd < 0:
+            raise ValueError(f"{pair!r}: the budget must be 0 or more USD")
+        if client in out:
+            raise ValueError(f"client {client!r} is listed twice")
+        out[client] = usd
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Placement:
     lane: str
@@ -583,6 +606,22 @@ def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) 
 
 
 _PLAIN_BATCH = Placement("batch", "batch", 0.0, None)
+
+
+def client_fit(estimates: Sequence[Decimal], clients: Sequence[str | None],
+               left: dict[str, Decimal]) -> list[int]:
+    """Which of ``estimates`` (in order) stay within their client's own cap
+    (``left``: what each capped client has left today). A client past its cap
+    waits; the others' go on."""
+    left = dict(left)
+    kept = []
+    for n, (estimate, client) in enumerate(zip(estimates, clients, strict=True)):
+        if client is not None and client in left:
+            if estimate > left[client]:
+                continue
+            left[client] -= estimate
+        kept.append(n)
+    return kept
 
 
 def budget_fit(spent: Decimal, estimates: Sequence[Decimal], budget: Decimal | None) -> int:

@@ -159,6 +159,17 @@ BUDGET_LIMIT = Gauge(
 BUDGET_SPENT = Gauge(
     "batchd_budget_spent_dollars", "Spent and reserved today (UTC)", registry=REGISTRY
 )
+# Per-client caps (BATCHD_CLIENT_BUDGETS): ``client`` takes only the names
+# configured there, so its cardinality is bounded by the configuration.
+CLIENT_BUDGET_LIMIT = Gauge(
+    "batchd_client_budget_limit_dollars", "A client's own daily budget (BATCHD_CLIENT_BUDGETS)",
+    ["client"], registry=REGISTRY,
+)
+CLIENT_BUDGET_SPENT = Gauge(
+    "batchd_client_budget_spent_dollars",
+    "A capped client's spend and reservations today (UTC), batches and sync calls",
+    ["client"], registry=REGISTRY,
+)
 POLLER_LAST_SUCCESS = Gauge(
     "batchd_poller_last_success_timestamp_seconds", "Last poller tick that finished",
     registry=REGISTRY,

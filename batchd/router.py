@@ -69,6 +69,8 @@ class RouteSummary:
     attributed: Decimal = Decimal(0)
     attributed_sync: Decimal = Decimal(0)
     waited: list[float] = field(default_factory=list)  # ingest to result, per stored task
+    # The stored results' exact costs by client (client caps).
+    cost_by_client: dict[str, Decimal] = field(default_factory=dict)
     # (outcome, client) -> tasks, for the client-labelled completion metric.
     by_client: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
@@ -135,6 +137,7 @@ class Router:
                 missing = {**MISSING_ERROR, "batch_status": remote.status}
                 await self._fail_remaining(conn, batch_id, missing, summary)
             self._settle_cost(batch_id, price, remote, summary)
+            await repo.settle_client_spend(conn, batch_id, summary.cost_by_client)
             await repo.settle_batch(
                 conn, batch_id, provider_status=remote.status,
                 output_file_id=remote.output_file_id, error_file_id=remote.error_file_id,
@@ -193,6 +196,8 @@ class Router:
         summary.attributed, summary.attributed_sync = stored.cost, stored.sync_cost
         summary.waited = stored.waited
         self.calibration.observe(model, stored.tokens.input, stored.estimated_input)
+        summary.cost_by_client = {c: v for c, v in stored.cost_by_client.items()
+                                  if c is not None}
         # Billed, but no task of this batch took them: the task left for the
         # sync lane or had already succeeded, or the line is a duplicate.
         summary.orphan_lines = lines.ok - stored.stored

@@ -160,18 +160,25 @@ class Scheduler:
         try:
             async with self.engine.begin() as conn:
                 left: int | None = None
-                if s.daily_budget_usd is not None:
+                client_left: dict[str, int] | None = None
+                if s.any_budget:
                     await repo.lock_budget(conn)
+                if s.daily_budget_usd is not None:
                     spent = await repo.day_spend(conn, today)
                     left = int((s.daily_budget_usd - spent).scaleb(12))
+                caps = s.budgets_by_client
+                if caps:
+                    by_client = await repo.client_day_spend(conn, today)
+                    client_left = {c: int((cap - by_client.get(c, Decimal(0))).scaleb(12))
+                                   for c, cap in caps.items()}
                 claim = await repo.claim_window(
                     conn, batch_id=batch_id, endpoint=endpoint, model=model,
                     limit=s.max_batch_items, max_bytes=max_bytes,
-                    reserve=repo.Reserve(factor, pin, pout, left))
+                    reserve=repo.Reserve(factor, pin, pout, left, client_left))
                 if claim.count == 0:
                     if claim.budget_cut:
-                        raise BudgetHold(f"the oldest task's reservation passes the "
-                                         f"{Decimal(left or 0).scaleb(-12)} USD left today")
+                        raise BudgetHold("the oldest task's reservation passes what is left "
+                                         "today of the daily budget or its client's own")
                     return None
                 if claim.budget_cut:
                     # The part of the window that fits goes now (the flush
@@ -182,6 +189,10 @@ class Scheduler:
                 elif claim.count < claim.picked:
                     reason = FlushReason.LIMIT
                 reserved = Decimal(claim.reserved_pico).scaleb(-12)
+                if caps:
+                    await repo.reserve_client_spend(conn, today, batch_id, {
+                        c: Decimal(v).scaleb(-12) for c, v in (claim.by_client or {}).items()
+                        if c is not None})
                 await repo.insert_batch(
                     conn, batch_id=batch_id, endpoint=endpoint, model=model, reason=reason,
                     claim=claim, spend_day=today, reserved_usd=reserved, owner=self.owner,

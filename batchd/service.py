@@ -127,6 +127,10 @@ class Service:
         if unknown:
             raise ConfigError(f"BATCHD_CLIENT_PROFILES: {unknown[0]!r} is no client named in "
                               "BATCHD_INGEST_TOKENS (name=token) or BATCHD_INGEST_TOKENS_FILE")
+        unknown = sorted(set(settings.budgets_by_client) - self.clients.names)
+        if unknown:
+            raise ConfigError(f"BATCHD_CLIENT_BUDGETS: {unknown[0]!r} is no client named in "
+                              "BATCHD_INGEST_TOKENS (name=token) or BATCHD_INGEST_TOKENS_FILE")
         self.settings = settings
         self.engine = engine
         self.provider = provider
@@ -156,7 +160,7 @@ class Service:
                           timeout=settings.ingest_timeout_seconds,
                           max_pending=settings.max_pending_tasks, clock=clock,
                           on_sync=self.sync_lane.wake,
-                          count_tokens=settings.daily_budget_usd is not None),
+                          count_tokens=settings.any_budget),
             waiters=Waiters(engine, settings.max_waiters),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             schema_head=schema_head(), known_revisions=known_revisions(),
@@ -176,7 +180,10 @@ class Service:
         metrics.BUDGET_LIMIT.set(float(settings.daily_budget_usd or 0))
         metrics.BUILD_INFO.info({"version": __version__})
         metrics.start_model_series(sorted(self.prices.models))
-        if settings.daily_budget_usd is not None:
+        for client, cap in settings.budgets_by_client.items():
+            metrics.CLIENT_BUDGET_LIMIT.labels(client=client).set(float(cap))
+            metrics.CLIENT_BUDGET_SPENT.labels(client=client).set(0)
+        if settings.any_budget:
             # Ingest counts tokens from the first request on: load the
             # vocabularies now (a second or so), not inside a request.
             tokens.preload(sorted(self.prices.models))
@@ -327,6 +334,13 @@ class Service:
         metrics.BATCHES_IN_FLIGHT.set(row["in_flight"])
         metrics.BATCH_OLDEST_IN_FLIGHT.set(float(row["oldest_batch"] or 0))
         metrics.BUDGET_SPENT.set(float(row["spent"]))
+        caps = self.settings.budgets_by_client
+        if caps:
+            async with self.engine.connect() as conn:
+                by_client = await repo.client_day_spend(conn, today)
+            for client in caps:
+                metrics.CLIENT_BUDGET_SPENT.labels(client=client).set(
+                    float(by_client.get(client, 0)))
         self.api.queued_estimate = int(row["queued"])
         async with self.engine.connect() as conn:
             backlog = await repo.callback_backlog(conn)

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line
+from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line, client_fit
 from batchd.errors import ProviderError
 from batchd.estimates import Calibration
 from batchd.health import AUTH_STATUSES, auth_backoff
@@ -75,6 +75,7 @@ class SyncLane:
         self.clock = clock
         self.concurrency = settings.sync_concurrency
         self.budget = settings.daily_budget_usd
+        self.client_caps = settings.budgets_by_client
         self.window_seconds = settings.window_seconds
         self.backoff = Backoff(settings.retry_backoff_seconds, settings.max_attempts)
         self._running: set[asyncio.Task[None]] = set()
@@ -148,7 +149,7 @@ class SyncLane:
         with its reservation in the ledger; the rest stay queued."""
         today = self.clock().date()
         async with self.engine.begin() as conn:
-            if self.budget is not None:
+            if self.budget is not None or self.client_caps:
                 await repo.lock_budget(conn)
             candidates = await repo.sync_candidates(conn, limit)
             if not candidates:
@@ -158,14 +159,31 @@ class SyncLane:
                 c["est_output_tokens"], sync=True)
                          for c in candidates]
             spent = await repo.day_spend(conn, today) if self.budget is not None else Decimal(0)
-            fit = budget_fit(spent, estimates, self.budget)
-            taken = candidates[:fit]
+            within = list(range(len(candidates)))
+            if self.client_caps:
+                used = await repo.client_day_spend(conn, today)
+                within = client_fit(estimates, [c["client"] for c in candidates],
+                                    {c: cap - used.get(c, Decimal(0))
+                                     for c, cap in self.client_caps.items()})
+            fit = budget_fit(spent, [estimates[n] for n in within], self.budget)
+            taken = [candidates[n] for n in within[:fit]]
+            reserved = [estimates[n] for n in within[:fit]]
             rows = await repo.claim_sync(conn, claim_id, [c["id"] for c in taken])
             await repo.reserve_sync_spend(conn, claim_id, today,
                                           [c["custom_id"] for c in taken],
-                                          [c["model"] for c in taken], estimates[:fit])
-        if fit < len(candidates):
-            self._held(len(candidates) - fit, spent, estimates[fit])
+                                          [c["model"] for c in taken], reserved)
+            shares: dict[str, Decimal] = {}
+            for c, est in zip(taken, reserved, strict=True):
+                if c["client"] in self.client_caps:
+                    shares[c["client"]] = shares.get(c["client"], Decimal(0)) + est
+            await repo.reserve_client_spend(conn, today, claim_id, shares)
+        by_id = {c["custom_id"]: (c["client"], est) for c, est in zip(taken, reserved,
+                                                                      strict=True)}
+        for row in rows:
+            row["client"], row["reserved"] = by_id[row["custom_id"]]
+        if len(taken) < len(candidates):
+            waiting = [n for n in range(len(candidates)) if n not in set(within[:fit])]
+            self._held(len(waiting), spent, estimates[waiting[0]])
         return rows
 
     def _held(self, held: int, spent: Decimal, next_estimate: Decimal) -> None:
@@ -188,7 +206,7 @@ class SyncLane:
             line = {"custom_id": cid, "response": None,
                     "error": {"code": exc.code or "provider_unreachable", "message": str(exc)}}
         if answered and status in AUTH_STATUSES:
-            await self._credentials_refused(claim_id, cid, status)
+            await self._credentials_refused(claim_id, row, status)
             return
         if answered:
             self._auth_refusals, self._auth_hold_until = 0, None
@@ -220,6 +238,9 @@ class SyncLane:
                 # no answer may have been, so it keeps its reservation.
                 if answered:
                     await repo.settle_sync_spend(conn, claim_id, cid, paid)
+                    if row["client"] in self.client_caps:
+                        await repo.settle_client_call(conn, claim_id, row["client"],
+                                                      row["reserved"], paid)
         except Exception:
             # The call happened but its outcome is not stored: the stale sweep
             # re-queues the task; log loudly, as it may be paid twice.
@@ -231,7 +252,8 @@ class SyncLane:
         log.debug("sync_lane.called", custom_id=cid, status=result.status_code,
                   outcome=settled[0][0] if settled else None)
 
-    async def _credentials_refused(self, claim_id: str, cid: str, status: int) -> None:
+    async def _credentials_refused(self, claim_id: str, row: dict[str, Any], status: int
+                                   ) -> None:
         """A 401/403 is our configuration, not the task's fault (batchd.health
         logs it once): the task goes back to the queue with its attempt given
         back, the call costs nothing, and the lane pauses, doubling."""
@@ -241,9 +263,13 @@ class SyncLane:
         error = {"code": "provider_credentials_rejected", "status": status,
                  "message": f"the provider refused batchd's credentials (HTTP {status}); "
                             "the task waits until the key is fixed", "operation": "sync_call"}
+        cid = row["custom_id"]
         async with self.engine.begin() as conn:
             await repo.give_back_sync_call(conn, claim_id, cid, error)
             await repo.settle_sync_spend(conn, claim_id, cid, Decimal(0))
+            if row["client"] in self.client_caps:
+                await repo.settle_client_call(conn, claim_id, row["client"], row["reserved"],
+                                              Decimal(0))
 
     def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,
                         paid: Decimal, settled: list[tuple[str, str | None]]) -> None:

@@ -86,6 +86,7 @@ from batchd.provider.emulator_wire import (
     page_limit,
     send_truncated,
 )
+from batchd.tokens import preload
 
 __all__ = ["OUTCOMES", "EmulatedBatch", "Emulator", "StoredFile", "UploadedFile", "main",
            "usage_for"]
@@ -189,6 +190,9 @@ class Emulator:
     # ---- lifecycle of the server ----------------------------------------------------
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        # Usage counts OpenAI models' tokens: load the vocabularies before
+        # serving, off the event loop (a second or so), not in a request.
+        await asyncio.to_thread(preload, ["gpt-4o", "gpt-4"])
         # A short shutdown grace: hanging handlers are woken by _closing anyway.
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()

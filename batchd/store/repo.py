@@ -256,6 +256,8 @@ class Claim:
     est_output_tokens: int
     reserved_pico: int = 0  # the kept tasks' reservations, in 1e-12 USD
     budget_cut: bool = False  # tasks that fit the file were left for the budget
+    # The kept tasks' reservations by client (1e-12 USD), for client caps.
+    by_client: dict[str | None, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +270,9 @@ class Reserve:
     input_pico: int
     output_pico: int
     left_pico: int | None
+    # What each capped client has left today (1e-12 USD): its tasks past it
+    # wait, the other clients' go on.
+    client_left: dict[str, int] | None = None
 
 
 async def claim_window(
@@ -285,7 +290,7 @@ async def claim_window(
     reserve = reserve or Reserve(Decimal(1), 0, 0, None)
     row = await conn.execute(text("""
         WITH picked AS (
-            SELECT ctid, id, line_bytes, not_before,
+            SELECT ctid, id, line_bytes, not_before, client,
                    ceil(est_input_tokens * CAST(:factor AS numeric)) * CAST(:pin AS numeric)
                      + est_output_tokens * CAST(:pout AS numeric) AS res
             FROM tasks
@@ -293,9 +298,17 @@ async def claim_window(
               AND not_before <= now()
             ORDER BY not_before, id LIMIT :lim
             FOR UPDATE SKIP LOCKED
+        ), own AS (
+            -- Each capped client's tasks in order: those past its cap wait.
+            SELECT p.*, c.left_pico,
+                   sum(p.res) OVER (PARTITION BY p.client ORDER BY p.not_before, p.id) AS mine
+            FROM picked p LEFT JOIN unnest(CAST(:cap_names AS text[]),
+                                           CAST(:cap_left AS numeric[])) AS c(name, left_pico)
+                 ON c.name = p.client
         ), sized AS (
             SELECT ctid, id, res, sum(line_bytes) OVER w AS running, row_number() OVER w AS n,
-                   sum(res) OVER w AS reserved FROM picked
+                   sum(res) OVER w AS reserved FROM own
+            WHERE left_pico IS NULL OR mine <= left_pico
             WINDOW w AS (ORDER BY not_before, id)
         ), in_file AS (
             -- The first task always goes as far as the file is concerned:
@@ -310,18 +323,24 @@ async def claim_window(
             UPDATE tasks t SET state = 'submitted', batch_id = :bid, attempts = t.attempts + 1,
                    batch_line = k.line, submitted_at = now(), updated_at = now()
             FROM kept k WHERE t.ctid = k.ctid
-            RETURNING t.line_bytes, t.est_input_tokens, t.est_output_tokens, k.res
+            RETURNING t.line_bytes, t.est_input_tokens, t.est_output_tokens, k.res, t.client
         )
         SELECT (SELECT count(*) FROM picked), count(*), coalesce(sum(line_bytes), 0),
                coalesce(sum(est_input_tokens), 0), coalesce(sum(est_output_tokens), 0),
-               coalesce(sum(res), 0), (SELECT count(*) FROM in_file) > count(*)
+               coalesce(sum(res), 0),
+               (SELECT count(*) FROM in_file) > count(*)
+                 OR (SELECT count(*) FROM own) > (SELECT count(*) FROM sized),
+               (SELECT coalesce(jsonb_agg(jsonb_build_array(client, s)), '[]')
+                FROM (SELECT client, sum(res) AS s FROM upd GROUP BY client) g)
         FROM upd"""),
         {"ep": endpoint, "mdl": model, "lim": limit, "bid": batch_id, "maxb": max_bytes,
          "factor": reserve.factor, "pin": reserve.input_pico, "pout": reserve.output_pico,
-         "left": reserve.left_pico})
-    picked, count, nbytes, est_in, est_out, reserved, cut = row.one()
+         "left": reserve.left_pico, "cap_names": list((reserve.client_left or {}).keys()),
+         "cap_left": list((reserve.client_left or {}).values())})
+    picked, count, nbytes, est_in, est_out, reserved, cut, by_client = row.one()
+    shares = by_client if isinstance(by_client, list) else orjson.loads(by_client)
     return Claim(int(picked), int(count), int(nbytes), int(est_in), int(est_out),
-                 int(reserved), bool(cut))
+                 int(reserved), bool(cut), {c: int(Decimal(str(s))) for c, s in shares})
 
 
 async def insert_batch(
@@ -351,6 +370,46 @@ async def day_spend(conn: AsyncConnection, day: date) -> Decimal:
     """Spent plus reserved on ``day``, batches and synchronous calls alike."""
     row = await conn.execute(text(f"SELECT {DAY_SPEND_SQL}"), {"day": day})
     return Decimal(row.scalar_one())
+
+
+async def client_day_spend(conn: AsyncConnection, day: date) -> dict[str, Decimal]:
+    """Each client's spend and open reservations on ``day`` (client caps)."""
+    rows = await conn.execute(text("""
+        SELECT client, sum(reserved_usd + cost_usd) FROM client_spend
+        WHERE spend_day = :day GROUP BY client"""), {"day": day})
+    return {client: Decimal(total) for client, total in rows}
+
+
+async def reserve_client_spend(conn: AsyncConnection, day: date, batch_id: str,
+                               shares: dict[str, Decimal]) -> None:
+    """A batch's or sync claim's reservation, per client."""
+    if not shares:
+        return
+    await conn.execute(text("""
+        INSERT INTO client_spend (spend_day, client, batch_id, reserved_usd)
+        SELECT :day, c, :bid, r FROM unnest(CAST(:c AS text[]), CAST(:r AS numeric[])) AS u(c, r)
+        """), {"day": day, "bid": batch_id, "c": list(shares), "r": list(shares.values())})
+
+
+async def settle_client_spend(conn: AsyncConnection, batch_id: str,
+                              costs: dict[str, Decimal]) -> None:
+    """A routed batch: each client's reservation becomes its results' cost."""
+    await conn.execute(text("""
+        UPDATE client_spend s SET reserved_usd = 0, cost_usd = coalesce((
+            SELECT u.cost FROM unnest(CAST(:c AS text[]), CAST(:v AS numeric[]))
+                 AS u(client, cost) WHERE u.client = s.client), 0)
+        WHERE s.batch_id = :bid"""),
+        {"bid": batch_id, "c": list(costs), "v": list(costs.values())})
+
+
+async def settle_client_call(conn: AsyncConnection, claim_id: str, client: str,
+                             reserved: Decimal, paid: Decimal) -> None:
+    """One sync call of a claim answered: its reservation becomes its cost."""
+    await conn.execute(text("""
+        UPDATE client_spend SET reserved_usd = greatest(reserved_usd - :res, 0),
+               cost_usd = cost_usd + :paid
+        WHERE batch_id = :claim AND client = :client"""),
+        {"claim": claim_id, "client": client, "res": reserved, "paid": paid})
 
 
 async def lock_budget(conn: AsyncConnection) -> None:
@@ -723,6 +782,7 @@ class StagedSuccesses:
     by_client: dict[str | None, int]
     tokens: Tokens  # of the stored lines
     cost: Decimal  # the stored results' exact costs, summed
+    cost_by_client: dict[str | None, Decimal]
     sync_cost: Decimal
     waited: list[float]  # seconds from ingest to result, a stored task each
     estimated_input: int = 0  # the stored tasks' ingest estimates (calibration)
@@ -757,9 +817,10 @@ async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpric
     """Settle the staged success lines (see _SUCCESS_SQL): tasks succeeded,
     results stored with their exact costs, events and callbacks written."""
     rows = await conn.execute(_STAGED_SUCCESSES, {"bid": batch_id, "unpriced": unpriced})
-    out = StagedSuccesses({}, Tokens(), Decimal(0), Decimal(0), [])
+    out = StagedSuccesses({}, Tokens(), Decimal(0), {}, Decimal(0), [])
     for client, n, tin, tcached, tout, cost_usd, sync_usd, times, est_in in rows:
         out.estimated_input += int(est_in)
+        out.cost_by_client[client] = cost_usd
         out.by_client[client] = int(n)
         out.tokens += Tokens(int(tin), int(tcached), int(tout))
         out.cost += cost_usd
@@ -847,7 +908,7 @@ async def sync_candidates(conn: AsyncConnection, limit: int) -> list[dict[str, A
     """Due sync-lane tasks in order, row-locked (SKIP LOCKED) until the
     transaction ends, with what the budget check needs."""
     rows = await conn.execute(text("""
-        SELECT id, custom_id, model, est_input_tokens, est_output_tokens FROM tasks
+        SELECT id, custom_id, model, est_input_tokens, est_output_tokens, client FROM tasks
         WHERE state = 'queued' AND lane = 'sync' AND not_before <= now()
         ORDER BY not_before, id LIMIT :lim FOR UPDATE SKIP LOCKED"""), {"lim": limit})
     return [dict(r) for r in rows.mappings()]

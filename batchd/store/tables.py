@@ -200,6 +200,23 @@ sync_spend = Table(
     Index("sync_spend_claim", "claim_id", "custom_id"),
 )
 
+# Per-client spend for BATCHD_CLIENT_BUDGETS: a batch or sync claim reserves
+# each client's share (reserved_usd); routing or the call's answer moves it
+# to cost_usd (the client's results, exact). Counted = reserved + cost.
+# Billed lines no task kept are in the day's spend but in no client's.
+client_spend = Table(
+    "client_spend",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("spend_day", Date, nullable=False),
+    Column("client", Text, nullable=False),
+    Column("batch_id", Text, nullable=False),  # a batch's id or a sync claim's
+    Column("reserved_usd", MONEY, nullable=False, server_default="0"),
+    Column("cost_usd", MONEY, nullable=False, server_default="0"),
+    Index("client_spend_day", "spend_day", "client"),
+    Index("client_spend_batch", "batch_id"),
+)
+
 callbacks = Table(
     "callbacks",
     metadata,

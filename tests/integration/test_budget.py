@@ -9,9 +9,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from structlog.testing import capture_logs
 
+from batchd import metrics
 from batchd.domain import parse_task
+from batchd.errors import ConfigError
 from batchd.prices import PriceTable, cost, tokens_from_usage
 from batchd.provider.emulator_lines import tokens_for, usage_for
 from batchd.tokens import count_input_tokens
@@ -147,3 +150,61 @@ async def test_a_model_without_a_tokenizer_is_estimated_from_usage_seen(
         # the reservation stays above the bill by about the margin.
         assert before_error > 0.8
         assert 0 <= after_error <= 0.12, after_error
+
+
+async def test_a_client_past_its_own_cap_waits_while_others_go_on(
+        db_url: str, tmp_path: Path) -> None:
+    billing = _tasks("bill-", 6, seed=3)
+    search = _tasks("srch-", 6, seed=4)
+    one = _true_cost(billing[:1])
+    # billing may spend about two of its tasks today; search has no cap of its
+    # own; the global budget leaves room for everything.
+    cap = (one * Decimal("2.5")).quantize(Decimal("0.000001"))
+    clock = FakeClock()
+    async with running(db_url, tmp_path, clock=clock, daily_budget_usd="10",
+                       client_budgets=f"billing={cap}",
+                       ingest_tokens="billing=tok-b,search=tok-s") as h:
+        for tasks, token in ((billing, "tok-b"), (search, "tok-s")):
+            status, _ = await h.post({"tasks": tasks}, headers={"Authorization": f"Bearer {token}"})
+            assert status == 202
+        sync_b = chat_task("bill-sync", lane="sync")
+        assert (await h.post(sync_b, headers={"Authorization": "Bearer tok-b"}))[0] == 202
+        await h.age_queue(3600)
+        await h.service.sync_lane.tick()
+        await h.service.sync_lane.wait_calls()
+        await h.cycle()
+        states = {r["custom_id"]: r["state"] for r in await h.rows(
+            "SELECT custom_id, state FROM tasks")}
+        assert all(states[t["custom_id"]] == "succeeded" for t in search)  # others go on
+        done = [t for t in billing if states[t["custom_id"]] == "succeeded"]
+        assert 1 <= len(done) <= 2 and states[billing[-1]["custom_id"]] == "queued"
+        spent = Decimal(await h.scalar(
+            "SELECT sum(reserved_usd + cost_usd) FROM client_spend WHERE client = 'billing'"))
+        assert spent <= cap
+        # The ledger's cost is the billing results' exact cost.
+        paid = Decimal(await h.scalar(
+            "SELECT sum(r.cost_usd) FROM results r JOIN tasks t ON t.custom_id = r.custom_id "
+            "WHERE t.client = 'billing'"))
+        assert spent == paid
+        await h.service.snapshot()
+
+        assert metrics.REGISTRY.get_sample_value(
+            "batchd_client_budget_limit_dollars", {"client": "billing"}) == float(cap)
+        assert metrics.REGISTRY.get_sample_value(
+            "batchd_client_budget_spent_dollars", {"client": "billing"}) == float(spent)
+        # The next UTC day billing's held tasks go.
+        clock.now += timedelta(days=1)
+        for _ in range(5):
+            await h.age_queue(3600)
+            await h.service.sync_lane.tick()
+            await h.service.sync_lane.wait_calls()
+            await h.cycle()
+        assert await h.count("client = 'billing' AND state = 'succeeded'") >= len(done) + 1
+
+
+async def test_a_client_budget_for_no_configured_client_stops_the_start(
+        db_url: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="BATCHD_CLIENT_BUDGETS: 'ghost' is no client"):
+        async with running(db_url, tmp_path, client_budgets="ghost=1",
+                           ingest_tokens="billing=tok-b"):
+            pass
