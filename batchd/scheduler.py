@@ -378,6 +378,7 @@ class Scheduler:
                 await repo.settle_batch(conn, p.batch_id, provider_status="not_submitted",
                                         errors=[error], finished_at=NOW,
                                         cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
+                await repo.settle_client_spend(conn, p.batch_id, {})
             log.error("batch.rejected", batch_id=p.batch_id, operation=exc.operation,
                       status=exc.status, code=exc.code, requeued=requeued)
             return
@@ -408,6 +409,7 @@ class Scheduler:
             await repo.settle_batch(conn, p.batch_id, provider_status="not_submitted",
                                     errors=[error], finished_at=NOW,
                                     cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
+            await repo.settle_client_spend(conn, p.batch_id, {})
         log.warning("batch.credentials_rejected", batch_id=p.batch_id, status=exc.status,
                     operation=exc.operation, requeued=requeued, retry_in=delay)
 

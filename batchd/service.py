@@ -26,6 +26,7 @@ from batchd.config import Settings
 from batchd.domain import file_byte_budget
 from batchd.errors import ConfigError
 from batchd.estimates import Calibration
+from batchd.health import HEALTH
 from batchd.ingest import Ingest
 from batchd.listener import CappedSite
 from batchd.poller import Poller
@@ -180,6 +181,7 @@ class Service:
         metrics.BUDGET_LIMIT.set(float(settings.daily_budget_usd or 0))
         metrics.BUILD_INFO.info({"version": __version__})
         metrics.start_model_series(sorted(self.prices.models))
+        HEALTH.reset()  # what this service's provider says, from its first call on
         for client, cap in settings.budgets_by_client.items():
             metrics.CLIENT_BUDGET_LIMIT.labels(client=client).set(float(cap))
             metrics.CLIENT_BUDGET_SPENT.labels(client=client).set(0)
