@@ -1,7 +1,7 @@
 """client spend ledger for BATCHD_CLIENT_BUDGETS
 
-Revision ID: 0007_client_spend
-Revises: 0006_results_batch
+Revision ID: 0008_client_spend
+Revises: 0007_console
 Create Date: 2026-12-06 02:45:00
 """
 
@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0007_client_spend'
-down_revision: str | None = '0006_results_batch'
+revision: str = '0008_client_spend'
+down_revision: str | None = '0007_console'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
