@@ -91,6 +91,8 @@ async def test_a_budget_is_used_to_at_least_90_percent_and_never_passed(
         batches = await h.rows("SELECT item_count, reserved_usd, cost_usd FROM batches "
                                "ORDER BY created_at")
         spent = sum((b["cost_usd"] for b in batches), Decimal(0))
+        print(f"budget: cap {cap} USD, spent {spent} USD ({spent / cap:.1%}) in batches of "
+              f"{[b['item_count'] for b in batches]} tasks before holding")
         assert spent <= cap
         assert spent >= cap * Decimal("0.9"), (spent, cap, batches)
         # Sent oldest first: a whole window, then the part of the next that fit.
