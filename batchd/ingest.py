@@ -225,9 +225,12 @@ class Ingest:
     async def prepare_piece(self, items: list[Any], start: int, seen: dict[str, str],
                             client: Client | None = None) -> list[TaskIn]:
         """``prepare`` for one piece of a request streamed in pieces."""
-        return self._placed(self._with_callbacks(
+        tasks = self._placed(self._with_callbacks(
             await validate_piece(items, self.limits, self.max_line_bytes, start, seen),
             items, client, start))
+        if self.count_tokens:
+            await count_input_tokens(tasks)
+        return tasks
 
     async def store_stream(self, first: list[TaskIn], rest: AsyncIterator[list[TaskIn]],
                            n_items: Callable[[], int], client: Client | None = None
