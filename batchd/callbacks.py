@@ -104,7 +104,10 @@ def _reason(exc: BaseException) -> str:
 
 
 def payload(row: dict[str, Any]) -> dict[str, Any]:
-    """The JSON body POSTed for one claimed outbox row."""
+    """The JSON body POSTed for one claimed outbox row: a task's terminal
+    state, or a finished job's counts (``"type": "job"``)."""
+    if row.get("job") is not None:
+        return {"delivery_id": str(row["id"]), "type": "job", **(row.get("job_summary") or {})}
     succeeded = row["task_state"] == "succeeded"
     return {
         "delivery_id": str(row["id"]),
@@ -229,7 +232,8 @@ class CallbackSender:
         metrics.CALLBACK_SECONDS.observe(duration)
         event = "callback.delivered" if delivered else "callback.attempt_failed"
         log_fn = log.warning if outcome == "failed" else log.info if delivered else log.debug
-        log_fn(event, callback_id=row["id"], custom_id=row["custom_id"], attempt=attempt,
+        log_fn(event, callback_id=row["id"], custom_id=row["custom_id"], job=row.get("job"),
+               attempt=attempt,
                status=status, error=error, outcome=outcome, state=state,
                retry_in=round(retry_in, 1) if retry_in is not None else None)
 

@@ -1,4 +1,4 @@
-"""Command line: serve, migrate, submit, report, replay, failed export, demo.
+"""Command line: serve, migrate, submit, jobs, job, report, replay, failed export, demo.
 
 Every option of serve/demo is a setting: ``--window-seconds`` is
 BATCHD_WINDOW_SECONDS, and ``--help`` names the variable beside each option.
@@ -10,10 +10,11 @@ import argparse
 import asyncio
 import gc
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ import orjson
 
 from batchd import logs
 from batchd.config import Settings, env_name, load_settings
+from batchd.domain import job_name_problem
 from batchd.errors import BatchdError, ConfigError
 
 T = TypeVar("T")
@@ -191,9 +193,18 @@ async def _replay(settings: Settings, failed: Path, out: Path | None, submit: bo
     return 0
 
 
-async def _submit(path: Path, url: str, token: str | None, chunk: int,
-                  wait: float | None) -> int:
-    """Bulk ingest with a progress bar (on a terminal) and a summary line."""
+def default_job_name(path: Path, now: datetime | None = None) -> str:
+    """The file's stem and the UTC time, in the job alphabet: tasks.jsonl ->
+    tasks-20261206T021500Z."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    stem = re.sub(r"[^A-Za-z0-9._:@+=~/-]+", "-", path.stem).strip("-") or "job"
+    return f"{stem[:128 - len(stamp) - 1]}-{stamp}"
+
+
+async def _submit(path: Path, url: str, token: str | None, chunk: int, wait: float | None,
+                  job: str | None, out: Path | None, concurrency: int) -> int:
+    """Bulk ingest into one job with a progress bar (on a terminal) and a
+    summary line; then, with --wait, the job's bar and, with --out, its results."""
     import time
 
     import aiohttp
@@ -203,55 +214,102 @@ async def _submit(path: Path, url: str, token: str | None, chunk: int,
         BatchdClient,
         BatchdClientError,
         FileError,
+        JobNotFinished,
         SubmitError,
-        iter_file,
+        file_chunks,
         line_of_task,
-        scan_file,
+        scan_file_jobs,
     )
+    from batchd.progress import JobBar, job_line
 
     try:
-        total = scan_file(path)
+        total, own_job = scan_file_jobs(path)
     except OSError as exc:
         raise BatchdError(f"cannot read {path}: {exc.strerror}") from None
     except FileError as exc:
         raise BatchdError(f"{exc.message}; nothing was sent") from None
+    name = job or default_job_name(path)
     started = time.monotonic()
     async with BatchdClient(url, token) as client:
         try:
             with tqdm(total=total, unit="task", desc="submitted", file=sys.stderr,
                       disable=None, dynamic_ncols=True) as bar:
-                summary = await client.submit(iter_file(path), chunk=chunk,
-                                              progress=lambda n: bar.update(n - bar.n))
+                summary = await client.submit_lines(
+                    file_chunks(path, chunk, name, own_job=own_job), concurrency=concurrency,
+                    progress=lambda n: bar.update(n - bar.n))
         except SubmitError as exc:
             line = line_of_task(path, exc.task_index) if exc.task_index is not None else None
             where = f"{path}:{line}" if line else str(path)
             print(f"batchd submit: {where}: refused ({exc.status} {exc.code}): {exc.message}\n"
-                  f"{exc.stored} task(s) before it were stored; fix the line and send the file "
-                  "again (stored tasks count as duplicates)", file=sys.stderr)
+                  f"{exc.stored} task(s) were stored; fix the line and send the file "
+                  "again with the same --job (stored tasks count as duplicates)",
+                  file=sys.stderr)
             return 1
         except (aiohttp.ClientError, OSError) as exc:
             raise BatchdError(f"cannot reach batchd at {url}: {exc}") from None
         elapsed = time.monotonic() - started
-        print(f"submitted {summary.tasks} task(s) from {path} in {summary.requests} request(s), "
-              f"{elapsed:.1f}s: {summary.accepted} accepted, {summary.duplicates} duplicate(s), "
-              f"{summary.retries} request(s) retried")
+        print(f"submitted {summary.tasks} task(s) from {path} as job {name} in "
+              f"{summary.requests} request(s), {elapsed:.1f}s: {summary.accepted} accepted, "
+              f"{summary.duplicates} duplicate(s), {summary.retries} request(s) retried")
         if wait is None:
             return 0
-        ids = [str(t.get("custom_id")) for t in iter_file(path)]
+        bar = JobBar(name)
         try:
-            with tqdm(total=len(set(ids)), unit="task", desc="finished", file=sys.stderr,
-                      disable=None, dynamic_ncols=True) as bar:
-                done = await client.wait(ids, timeout=wait or None,
-                                         progress=lambda n: bar.update(n - bar.n))
-        except TimeoutError as exc:
-            print(f"batchd submit: {exc}", file=sys.stderr)
+            # Duplicates stay in the job they were first sent with.
+            view = await client.wait_job(name, timeout=wait or None, progress=bar,
+                                         min_tasks=summary.accepted)
+        except JobNotFinished as exc:
+            bar.close()
+            print(f"batchd submit: {exc}\n{job_line(exc.job)}", file=sys.stderr)
             return 1
         except BatchdClientError as exc:
+            bar.close()
             raise BatchdError(str(exc)) from None
-        failed = sum(1 for v in done.values() if v["state"] == "failed")
-        print(f"finished {len(done)} task(s): {len(done) - failed} succeeded, {failed} failed"
-              + (" (see GET /v1/failed)" if failed else ""))
-        return 1 if failed else 0
+        bar.close()
+        print(job_line(view) + (" (see GET /v1/failed)" if view["failed"] else ""))
+        if out is not None:
+            lines = await client.write_job_results(name, out)
+            print(f"wrote {lines} result(s) to {out}")
+        return 1 if view["failed"] else 0
+
+
+async def _jobs(url: str, token: str | None, limit: int) -> int:
+    from batchd.client import BatchdClient, BatchdClientError
+    from batchd.progress import job_line
+
+    async with BatchdClient(url, token) as api:
+        try:
+            shown = 0
+            async for view in api.jobs(min(limit, 1000)):
+                print(job_line(view) + ("" if view["finished_at"] else " [open]"))
+                shown += 1
+                if shown >= limit:
+                    break
+        except BatchdClientError as exc:
+            raise BatchdError(str(exc)) from None
+    return 0
+
+
+async def _job(url: str, token: str | None, action: str, name: str, out: Path | None,
+               state: str | None) -> int:
+    from batchd.client import BatchdClient, BatchdClientError
+    from batchd.progress import job_line
+
+    async with BatchdClient(url, token) as api:
+        try:
+            if action == "show":
+                print(orjson.dumps(await api.get_job(name), option=orjson.OPT_INDENT_2).decode())
+            elif action == "cancel":
+                view = await api.cancel_job(name)
+                print(f"cancelled {view['cancelled_now']} queued task(s); "
+                      f"{view['submitted']} at the provider will finish\n{job_line(view)}")
+            else:
+                assert out is not None
+                lines = await api.write_job_results(name, out, state=state)
+                print(f"wrote {lines} result(s) of job {name} to {out}")
+        except BatchdClientError as exc:
+            raise BatchdError(str(exc)) from None
+    return 0
 
 
 async def _callbacks_failed(url: str, token: str | None, client: str | None) -> int:
@@ -315,8 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
     _env_option(submit, "--chunk", "BATCHD_SUBMIT_CHUNK", "tasks per request", type=int,
                 default=1000)
     _env_option(submit, "--wait", "BATCHD_SUBMIT_WAIT", "then wait up to SECONDS until every "
-                "task finished (0: no limit); exit 1 if any failed", type=float,
+                "task of the job finished (0: no limit), with one progress bar fed by one job "
+                "status request per second; exit 1 if any failed", type=float,
                 metavar="SECONDS")
+    _env_option(submit, "--job", "BATCHD_SUBMIT_JOB", "the job the file's tasks go into "
+                "(default: the file's stem and the UTC time)", metavar="NAME")
+    _env_option(submit, "--out", "BATCHD_SUBMIT_OUT", "with --wait: write the job's results "
+                "here as JSONL once it finished", type=Path, metavar="RESULTS.jsonl")
+    _env_option(submit, "--concurrency", "BATCHD_SUBMIT_CONCURRENCY", "requests in flight",
+                type=int, default=4)
+
+    jobs = sub.add_parser("jobs", help="your jobs, newest first")
+    _env_option(jobs, "--limit", "BATCHD_JOBS_LIMIT", "how many", type=int, default=20)
+    job = sub.add_parser("job", help="one job: `job NAME`, `job cancel NAME`, "
+                         "`job results NAME --out FILE`")
+    job.add_argument("words", nargs="+", metavar="[cancel|results] NAME")
+    job.add_argument("--out", type=Path, default=None,
+                     help="for `job results`: the JSONL file to write")
+    job.add_argument("--state", choices=("succeeded", "failed", "cancelled"), default=None,
+                     help="for `job results`: only tasks in this state")
+    for p in (jobs, job):
+        p.add_argument("--url", default=None,
+                       help="API base URL [env BATCHD_URL, default http://127.0.0.1:8080]")
+        p.add_argument("--token", default=None, help="bearer token [env BATCHD_TOKEN]")
 
     report = sub.add_parser("report", help="the daily report")
     _env_option(report, "--date", "BATCHD_REPORT_DATE",
@@ -374,11 +453,30 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "submit":
-            if args.chunk < 1:
-                raise ConfigError("--chunk must be at least 1")
+            if args.chunk < 1 or args.concurrency < 1:
+                raise ConfigError("--chunk and --concurrency must be at least 1")
+            if args.out is not None and args.wait is None:
+                raise ConfigError("--out needs --wait: results are written once the job "
+                                  "finished (or use `batchd job results NAME --out FILE`)")
+            if args.job is not None and job_name_problem(args.job):
+                raise ConfigError(f"--job {job_name_problem(args.job)}")
             url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")
             return _run(_submit(args.file, url, args.token or os.environ.get("BATCHD_TOKEN"),
-                                args.chunk, args.wait))
+                                args.chunk, args.wait, args.job, args.out, args.concurrency))
+        if args.command in ("jobs", "job"):
+            url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")
+            token = args.token or os.environ.get("BATCHD_TOKEN")
+            if args.command == "jobs":
+                return _run(_jobs(url, token, max(1, args.limit)))
+            words = args.words
+            action = words[0] if len(words) == 2 and words[0] in ("cancel", "results") \
+                else "show"
+            if len(words) != (1 if action == "show" else 2):
+                raise ConfigError("use `batchd job NAME`, `batchd job cancel NAME` or "
+                                  "`batchd job results NAME --out FILE`")
+            if action == "results" and args.out is None:
+                raise ConfigError("job results needs --out FILE")
+            return _run(_job(url, token, action, words[-1], args.out, args.state))
         if args.command == "callbacks":
             url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")
             token = args.token or os.environ.get("BATCHD_TOKEN")

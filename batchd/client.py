@@ -8,6 +8,15 @@ Async::
         async for result in client.results(after=cursor):  # each stored result once
             cursor = result["seq"]
 
+Jobs: a submission tracked as one thing (one status call, whatever its size)::
+
+    async with BatchdClient("http://batchd:8080", token="tok") as client:
+        await client.submit(tasks, job="eval-7", concurrency=4)
+        final = await client.wait_job("eval-7", timeout=3600)
+        async for line in client.job_results("eval-7"):   # resumes if the stream drops
+            ...
+        await client.cancel_job("eval-7")
+
 Sync (same methods, for code without an event loop)::
 
     with SyncBatchdClient("http://batchd:8080", token="tok") as client:
@@ -46,10 +55,10 @@ from batchd.signing import (
     verify,
 )
 
-__all__ = ["BatchdClient", "BatchdClientError", "SignatureError", "SubmitError",
-           "SubmitSummary", "SyncBatchdClient", "TaskNotFound", "verify_callback"]
+__all__ = ["BatchdClient", "BatchdClientError", "JobNotFinished", "SignatureError",
+           "SubmitError", "SubmitSummary", "SyncBatchdClient", "TaskNotFound", "verify_callback"]
 
-TERMINAL_STATES = frozenset({"succeeded", "failed"})
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 DEFAULT_CHUNK = 1000
 _RETRY_STATUS = frozenset({429, 502, 503, 504})
 
@@ -84,7 +93,16 @@ class BatchdClientError(Exception):
 
 
 class TaskNotFound(BatchdClientError):
-    """batchd has no task with that custom_id."""
+    """batchd has no task (or job) of yours with that name."""
+
+
+class JobNotFinished(TimeoutError):
+    """The job still had tasks queued or submitted when the wait ran out;
+    ``job`` is its last status."""
+
+    def __init__(self, message: str, job: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.job = job
 
 
 class SubmitError(BatchdClientError):
@@ -95,6 +113,7 @@ class SubmitError(BatchdClientError):
     def __init__(self, cause: BatchdClientError, *, stored: int, chunk_start: int) -> None:
         super().__init__(cause.status, cause.code, cause.message, cause.details)
         self.stored = stored
+        self.task_index_base = chunk_start
         index = cause.details.get("index")
         self.task_index = chunk_start + index if isinstance(index, int) else None
 
@@ -223,29 +242,69 @@ class BatchdClient:
 
     async def submit(self, tasks: Iterable[dict[str, Any]], *, chunk: int = DEFAULT_CHUNK,
                      progress: Callable[[int], None] | None = None,
-                     keep_states: bool = False) -> SubmitSummary:
-        """Store any number of tasks, ``chunk`` per request, in order.
+                     keep_states: bool = False, job: str | None = None,
+                     concurrency: int = 1) -> SubmitSummary:
+        """Store any number of tasks, ``chunk`` per request.
 
+        ``job`` puts every task that names no job of its own into that job.
+        ``concurrency`` requests are in flight at once (the daemon writes one
+        while it decodes the next); with 1 the tasks are stored in order.
         ``progress`` is called with the number of tasks sent so far after each
-        request. A refused chunk raises SubmitError saying how many tasks
-        before it were stored (sending the same tasks again is harmless).
+        request. A refused chunk raises SubmitError saying how many tasks were
+        stored (sending the same tasks again is harmless).
         """
-        if chunk < 1:
-            raise ValueError("chunk must be at least 1")
+        def lines(part: list[dict[str, Any]]) -> list[bytes]:
+            return [orjson.dumps({**t, "job": job} if job is not None and "job" not in t
+                                 else t) for t in part]
+        return await self.submit_lines((lines(part) for part in _chunks(tasks, chunk)),
+                                       progress=progress, keep_states=keep_states,
+                                       concurrency=concurrency)
+
+    async def submit_lines(self, chunks: Iterable[list[bytes]], *,
+                           progress: Callable[[int], None] | None = None,
+                           keep_states: bool = False, concurrency: int = 1) -> SubmitSummary:
+        """Store tasks already serialised as JSON, one request per chunk of
+        lines, ``concurrency`` requests in flight (see ``submit``)."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         total = SubmitSummary()
-        for part in _chunks(tasks, chunk):
+        failure: SubmitError | None = None
+        sent = 0  # tasks handed to requests so far: where the next chunk starts
+        feed = iter(chunks)
+
+        async def send(part: list[bytes], start: int) -> None:
+            nonlocal failure
             before = self.retried
             try:
-                reply = await self._request(
-                    "POST", "/v1/tasks", data=b"\n".join(orjson.dumps(t) for t in part),
-                    headers={"Content-Type": "application/x-ndjson"})
+                reply = await self._request("POST", "/v1/tasks", data=b"\n".join(part),
+                                            headers={"Content-Type": "application/x-ndjson"})
             except BatchdClientError as exc:
-                raise SubmitError(exc, stored=total.tasks, chunk_start=total.tasks) from None
+                if failure is None or start < failure.task_index_base:
+                    failure = SubmitError(exc, stored=0, chunk_start=start)
+                return
             states = {t["custom_id"]: t["state"] for t in reply["tasks"]} if keep_states else {}
             total.add(SubmitSummary(len(part), reply["accepted"], reply["duplicates"], 1,
                                     self.retried - before, states))
             if progress is not None:
                 progress(total.tasks)
+
+        async def worker() -> None:
+            nonlocal sent
+            while failure is None:
+                part = next(feed, None)  # one reader at a time: the loop is single-threaded
+                if part is None:
+                    return
+                start = sent
+                sent += len(part)
+                await send(part, start)
+
+        if concurrency == 1:
+            await worker()
+        else:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if failure is not None:
+            failure.stored = total.tasks
+            raise failure
         return total
 
     # --------------------------------------------------------------- reading
@@ -304,6 +363,124 @@ class BatchdClient:
                 raise TimeoutError(f"{len(pending)} task(s) not finished within {timeout:g}s")
             await asyncio.sleep(interval)
             interval = min(max_interval, interval * 1.5)
+
+    # ------------------------------------------------------------------- jobs
+
+    def _job_path(self, job: str, tail: str = "") -> str:
+        return f"/v1/jobs/{quote(job, '')}{tail}"
+
+    async def get_job(self, job: str) -> dict[str, Any]:
+        """The job's counts and money (one cheap call whatever its size);
+        TaskNotFound when you have no job of that name."""
+        view: dict[str, Any] = await self._request("GET", self._job_path(job))
+        return view
+
+    async def jobs(self, limit: int = 100) -> AsyncGenerator[dict[str, Any], None]:
+        """Your jobs, newest first."""
+        after: str | None = None
+        while True:
+            params = {"limit": str(limit), **({"after": after} if after else {})}
+            page = await self._request("GET", "/v1/jobs", params=params)
+            for row in page["jobs"]:
+                yield row
+            after = page["next"]
+            if not page["has_more"] or after is None:
+                return
+
+    async def cancel_job(self, job: str) -> dict[str, Any]:
+        """Cancel the job's queued tasks (tasks at the provider finish); the
+        job's counts after it, with ``cancelled_now``. Harmless twice."""
+        # A JSON body, empty: with no tokens configured batchd takes only
+        # JSON POSTs (no cross-site form can cancel a job).
+        view: dict[str, Any] = await self._request("POST", self._job_path(job, "/cancel"),
+                                                   json={})
+        return view
+
+    async def set_job_callback(self, job: str, url: str | None) -> dict[str, Any]:
+        """Where the job's counts are POSTed when it finishes (None: nowhere)."""
+        view: dict[str, Any] = await self._request("PUT", self._job_path(job),
+                                                   json={"callback_url": url})
+        return view
+
+    async def wait_job(self, job: str, *, timeout: float | None = None,  # noqa: ASYNC109
+                       interval: float = 1.0, min_tasks: int = 0,
+                       progress: Callable[[dict[str, Any]], None] | None = None
+                       ) -> dict[str, Any]:
+        """The job's status once no task of it is queued or submitted (and it
+        holds at least ``min_tasks`` tasks): one GET per ``interval``, however
+        big the job. ``progress`` gets each status. Raises JobNotFinished
+        after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            view = await self.get_job(job)
+            if progress is not None:
+                progress(view)
+            if view["finished_at"] is not None and view["tasks"] >= min_tasks:
+                return view
+            if deadline is not None and loop.time() + interval > deadline:
+                left = view["queued"] + view["submitted"]
+                raise JobNotFinished(f"job {job!r}: {left} task(s) not finished within "
+                                     f"{timeout:g}s", view)
+            await asyncio.sleep(interval)
+
+    async def job_result_chunks(self, job: str, *, state: str | None = None,
+                                after: str | None = None) -> AsyncGenerator[bytes, None]:
+        """The job's results stream as raw NDJSON bytes, whole lines only,
+        resumed after the last complete line if the connection drops."""
+        cursor = after
+        attempt = 0
+        while True:
+            params = {**({"state": state} if state else {}),
+                      **({"after": cursor} if cursor else {})}
+            tail = b""
+            try:
+                async with self.session.get(self.base_url + self._job_path(job, "/results"),
+                                            params=params, timeout=aiohttp.ClientTimeout(
+                                                total=None, sock_read=self.timeout.total)
+                                            ) as resp:
+                    if resp.status != 200:
+                        self._decode(resp.status, await resp.read())
+                    async for data in resp.content.iter_chunked(1 << 16):
+                        data = tail + data
+                        end = data.rfind(b"\n") + 1
+                        tail = data[end:]
+                        if end:
+                            whole = data[:end]
+                            last = whole[whole.rfind(b"\n", 0, end - 1) + 1:]
+                            cursor = orjson.loads(last)["custom_id"]
+                            attempt = 0
+                            yield whole
+                return
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                if attempt >= self.retries:
+                    raise
+            await asyncio.sleep(self._delay(attempt, None))
+            attempt += 1
+            self.retried += 1
+
+    async def job_results(self, job: str, *, state: str | None = None,
+                          after: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """Each finished task of the job once, in the order the tasks were
+        accepted: ``{"custom_id", "state", "attempts", "response" | "error"}``.
+        Memory stays flat whatever the job's size."""
+        async for chunk in self.job_result_chunks(job, state=state, after=after):
+            for line in chunk.splitlines():
+                doc: dict[str, Any] = orjson.loads(line)
+                yield doc
+
+    async def write_job_results(self, job: str, out: Path, *, state: str | None = None
+                                ) -> int:
+        """Write the job's results to ``out`` as NDJSON (through a temporary
+        file, renamed when complete); returns the number of lines."""
+        tmp = out.with_name(out.name + ".part")
+        lines = 0
+        with tmp.open("wb") as f:
+            async for chunk in self.job_result_chunks(job, state=state):
+                f.write(chunk)
+                lines += chunk.count(b"\n")
+        tmp.replace(out)
+        return lines
 
     # -------------------------------------------------------------- callbacks
 
@@ -396,6 +573,43 @@ class SyncBatchdClient:
         replayed: list[int] = self._run(self._client.replay_callbacks(ids, custom_ids))
         return replayed
 
+    def _iterate(self, gen: AsyncGenerator[T, None]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    yield self._run(gen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(gen.aclose())
+
+    def get_job(self, job: str) -> dict[str, Any]:
+        view: dict[str, Any] = self._run(self._client.get_job(job))
+        return view
+
+    def jobs(self, limit: int = 100) -> Iterator[dict[str, Any]]:
+        return self._iterate(self._client.jobs(limit))
+
+    def cancel_job(self, job: str) -> dict[str, Any]:
+        view: dict[str, Any] = self._run(self._client.cancel_job(job))
+        return view
+
+    def set_job_callback(self, job: str, url: str | None) -> dict[str, Any]:
+        view: dict[str, Any] = self._run(self._client.set_job_callback(job, url))
+        return view
+
+    def wait_job(self, job: str, **options: Any) -> dict[str, Any]:
+        view: dict[str, Any] = self._run(self._client.wait_job(job, **options))
+        return view
+
+    def job_results(self, job: str, *, state: str | None = None, after: str | None = None
+                    ) -> Iterator[dict[str, Any]]:
+        return self._iterate(self._client.job_results(job, state=state, after=after))
+
+    def write_job_results(self, job: str, out: Path, *, state: str | None = None) -> int:
+        lines: int = self._run(self._client.write_job_results(job, out, state=state))
+        return lines
+
 
 # ----------------------------------------------------------- JSONL files
 
@@ -406,7 +620,13 @@ class FileError(BatchdClientError):
 def scan_file(path: Path) -> int:
     """Count the tasks of a JSONL file and check every line parses, so a
     broken file is refused before anything is sent."""
+    return scan_file_jobs(path)[0]
+
+
+def scan_file_jobs(path: Path) -> tuple[int, bool]:
+    """scan_file, and whether any task names a job of its own."""
     count = 0
+    own_job = False
     with path.open("rb") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -418,8 +638,37 @@ def scan_file(path: Path) -> int:
                     from None
             if not isinstance(doc, dict):
                 raise FileError(400, "invalid_json", f"{path}:{n}: a task must be an object")
+            own_job = own_job or "job" in doc
             count += 1
-    return count
+    return count, own_job
+
+
+def file_chunks(path: Path, chunk: int, job: str | None = None, *, own_job: bool = True
+                ) -> Iterator[list[bytes]]:
+    """The tasks of a JSONL file as lists of ``chunk`` JSON lines, read as a
+    stream. With ``job``, each task that names no job of its own gets it;
+    when ``own_job`` is False (scan_file_jobs found none) the field is added
+    to the line's bytes, without decoding and encoding the task again."""
+    tail = b',"job":' + orjson.dumps(job) + b"}" if job is not None else b""
+    part: list[bytes] = []
+    with path.open("rb") as f:
+        for raw in f:
+            line = raw.strip()
+            if not line:
+                continue
+            if job is not None:
+                if own_job:
+                    task = orjson.loads(line)
+                    task.setdefault("job", job)
+                    line = orjson.dumps(task)
+                else:
+                    line = line[:-1] + tail if line != b"{}" else b'{"job":' + tail[7:]
+            part.append(line)
+            if len(part) == chunk:
+                yield part
+                part = []
+    if part:
+        yield part
 
 
 def iter_file(path: Path) -> Iterator[dict[str, Any]]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import text
 
-from batchd.client import BatchdClient
+from batchd.client import BatchdClient, JobNotFinished
 from batchd.config import Settings
+from batchd.progress import JobBar, job_line
 from batchd.provider.emulator import Emulator
 from batchd.report import render_table
 from batchd.service import Service, build_provider, migrate, open_engine
@@ -61,18 +62,32 @@ async def run_demo(base: Settings, *, tasks: int, give_up_after: float) -> int:
     rng = random.Random(42)
     run_tag = f"{int(time.time())}"
     t0 = time.monotonic()
+    job = f"demo-{run_tag}"
     try:
         async with BatchdClient(api) as client:
             load = [_task(i, rng) for i in range(tasks)]
             for t in load:
                 t["custom_id"] = f"{t['custom_id']}-{run_tag}"
-            for start in range(0, tasks, 500):
-                await client.submit(load[start:start + 500])
-            pending = tasks
-            while pending and time.monotonic() - t0 < give_up_after:
-                await asyncio.sleep(1.0)
-                pending = await _pending(service)
-                print(f"  {time.monotonic() - t0:5.1f}s  still queued or in flight: {pending}")
+            await client.submit(load, chunk=500, job=job, concurrency=4)
+            print(f"submitted {tasks} tasks as job {job}; `batchd job {job}` shows it")
+            bar = JobBar(job)
+            shown = [0.0]
+
+            def progress(view: dict[str, Any]) -> None:
+                bar(view)
+                if not sys.stderr.isatty() and time.monotonic() - shown[0] >= 5:
+                    shown[0] = time.monotonic()
+                    print(f"  {time.monotonic() - t0:5.1f}s  {job_line(view)}")
+
+            try:
+                view = await client.wait_job(job, timeout=max(1.0, give_up_after -
+                                                              (time.monotonic() - t0)),
+                                             progress=progress, min_tasks=tasks)
+            except JobNotFinished as exc:
+                view = exc.job
+            bar.close()
+            pending = view["queued"] + view["submitted"]
+            print(job_line(view))
         report = await service.reporter.daily()
         print()
         print(render_table(report))
@@ -85,9 +100,3 @@ async def run_demo(base: Settings, *, tasks: int, give_up_after: float) -> int:
         await engine.dispose()
         await emulator.stop()
 
-
-async def _pending(service: Service) -> int:
-    async with service.engine.connect() as conn:
-        row = await conn.execute(text(
-            "SELECT count(*) FROM tasks WHERE state IN ('queued', 'submitted')"))
-        return int(row.scalar_one())

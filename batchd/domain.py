@@ -133,6 +133,10 @@ class TaskIn:
     client: str | None = None
     # The body as compact JSON, serialised once at parse and stored as is.
     body_json: str = ""
+    # The job the task belongs to (per client), and where the job's summary
+    # is POSTed when it finishes (taken from the job's first task).
+    job: str | None = None
+    job_callback_url: str | None = None
 
 
 def input_line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
@@ -220,6 +224,17 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
     callback_url = obj.get("callback_url")
     if callback_url is not None and (not isinstance(callback_url, str) or not callback_url):
         raise InvalidTask(index, cid, "callback_url", "must be an http(s) URL string")
+    job = obj.get("job")
+    if job is not None:
+        problem = job_name_problem(job, limits)
+        if problem:
+            raise InvalidTask(index, cid, "job", problem)
+    job_callback_url = obj.get("job_callback_url")
+    if "job_callback_url" in obj and job is None:
+        raise InvalidTask(index, cid, "job_callback_url", "needs a job on the same task")
+    if job_callback_url is not None and (
+            not isinstance(job_callback_url, str) or not job_callback_url):
+        raise InvalidTask(index, cid, "job_callback_url", "must be an http(s) URL string")
     body_bytes = len(body_json)
     # len(input_line(cid, endpoint, body)) without serialising the body twice.
     line_bytes = _LINE_FIXED + len(orjson.dumps(cid)) + _ENDPOINT_BYTES[endpoint] + body_bytes
@@ -242,13 +257,28 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
         profile=profile,
         callback_url=callback_url,
         body_json=body_json.decode(),
+        job=job,
+        job_callback_url=job_callback_url,
     )
 
 
 # Fields a task object may carry. ``method`` and ``url`` let a provider input
 # line be posted as it is; ``url`` is another name for ``endpoint``.
 TASK_FIELDS = frozenset({"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
-                         "deadline", "callback_url"})
+                         "deadline", "callback_url", "job", "job_callback_url"})
+MAX_JOB_CHARS = 128
+
+
+def job_name_problem(job: Any, limits: Limits = DEFAULT_LIMITS) -> str | None:
+    """Why ``job`` cannot name a job (1-128 characters of the custom_id
+    alphabet), or None."""
+    if not isinstance(job, str) or not job:
+        return "must be a non-empty string"
+    if len(job) > MAX_JOB_CHARS:
+        return f"must be at most {MAX_JOB_CHARS} characters"
+    if not limits.custom_id_regex.fullmatch(job):
+        return f"may only hold characters matching {limits.custom_id_pattern}"
+    return None
 _NON_BLANK = re.compile(r"\S")
 MAX_MODEL = 256
 MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"

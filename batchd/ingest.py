@@ -153,6 +153,13 @@ def _too_slow(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _SLOW_SQLSTATES
 
 
+def _job_cancelled(jobs: list[tuple[str, str]]) -> IngestError:
+    names = ", ".join(repr(job) for _client, job in jobs[:5])
+    return IngestError(409, "job_cancelled", f"job {names} was cancelled; nothing of this "
+                       "request was stored. Send the tasks in a new job",
+                       {"jobs": [job for _client, job in jobs[:100]]})
+
+
 def _conflict(custom_ids: list[str]) -> IngestError:
     return IngestError(
         409, "conflict",
@@ -274,6 +281,9 @@ class Ingest:
                             await asyncio.gather(insert, return_exceptions=True)
                             raise
                         result = await insert
+                        if result.cancelled_jobs:
+                            await tx.rollback()
+                            raise _job_cancelled(result.cancelled_jobs)
                         if result.conflicts:
                             await tx.rollback()
                             raise _conflict(result.conflicts)
@@ -309,6 +319,8 @@ class Ingest:
             raise self._database_error(exc, n_tasks) from None
         finally:
             self._pending -= n_tasks
+        if result.cancelled_jobs:
+            raise _job_cancelled(result.cancelled_jobs)
         if result.conflicts:
             raise _conflict(result.conflicts)
         return self._accepted(result, {t.custom_id: t.lane for t in tasks}, n_items, client)
@@ -351,23 +363,31 @@ class Ingest:
         out = []
         for t in tasks:
             url = t.callback_url or default
-            if url is not None:
-                problem = callback_url_problem(url, self.callback_hosts)
-                if problem is None and self.clients.secret_for(name) is None:
-                    problem = (f"cannot be used: no callback secret for client "
-                               f"{name or ANONYMOUS!r} (callback_secret in "
-                               "BATCHD_INGEST_TOKENS_FILE, or BATCHD_CALLBACK_SECRET)")
+            for field, value in (("callback_url", url), ("job_callback_url", t.job_callback_url)):
+                problem = self.callback_problem(value, name)
                 if problem:
                     index = start + next((i for i, item in enumerate(items)
                                           if isinstance(item, dict)
                                           and item.get("custom_id") == t.custom_id), 0)
                     raise IngestError(400, "invalid_task",
-                                      f"task {index} ({t.custom_id!r}): callback_url {problem}",
+                                      f"task {index} ({t.custom_id!r}): {field} {problem}",
                                       {"index": index, "custom_id": t.custom_id,
-                                       "field": "callback_url"})
+                                       "field": field})
             out.append(t if url == t.callback_url and name == t.client
                        else replace(t, callback_url=url, client=name))
         return out
+
+    def callback_problem(self, url: str | None, client: str | None) -> str | None:
+        """Why ``url`` cannot receive ``client``'s callbacks (the allow-list,
+        no secret to sign with), or None."""
+        if url is None:
+            return None
+        problem = callback_url_problem(url, self.callback_hosts)
+        if problem is None and self.clients.secret_for(client) is None:
+            problem = (f"cannot be used: no callback secret for client "
+                       f"{client or ANONYMOUS!r} (callback_secret in "
+                       "BATCHD_INGEST_TOKENS_FILE, or BATCHD_CALLBACK_SECRET)")
+        return problem
 
     def _placed(self, tasks: list[TaskIn]) -> list[TaskIn]:
         """Decide each task's lane (domain.place) before it is stored."""
@@ -398,7 +418,7 @@ class Ingest:
             async with conn.begin() as tx:
                 await repo.limit_lock_wait(conn, self.timeout)
                 result = await repo.insert_tasks(conn, tasks)
-                if result.conflicts:
+                if result.conflicts or result.cancelled_jobs:
                     await tx.rollback()
         return result
 
@@ -472,7 +492,7 @@ class Ingest:
                 split = len({t.custom_id for t in everything}) != len(everything)
                 if everything and not split:
                     result = await repo.insert_tasks(conn, everything)
-                    if result.conflicts:
+                    if result.conflicts or result.cancelled_jobs:
                         await tx.rollback()
                         split = len(live) > 1
         except DBAPIError as exc:

@@ -202,4 +202,11 @@ HTTP_CONNECTIONS_REFUSED = Counter(
 WAITERS = Gauge(
     "batchd_waiters", "POST /v1/tasks?wait requests waiting for their tasks", registry=REGISTRY
 )
+JOBS_OPEN = Gauge(
+    "batchd_jobs_open", "Jobs with a task queued or submitted", registry=REGISTRY
+)
+TASKS_CANCELLED = Counter(
+    "batchd_tasks_cancelled", "Queued tasks cancelled with their job (never sent)", ["client"],
+    registry=REGISTRY,
+)
 BUILD_INFO = Info("batchd_build", "batchd version", registry=REGISTRY)

@@ -23,6 +23,7 @@ from batchd.domain import (
     ENDPOINTS,
     LANES,
     MAX_CALLBACK_URL,
+    MAX_JOB_CHARS,
     MAX_MODEL,
     MODEL_PATTERN,
     PROFILE_KEY,
@@ -48,7 +49,8 @@ MONEY: Schema = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
 UNPRICED: Schema = {"type": "boolean",
                     "description": "priced by the unknown-model rule (the price table's most "
                                    "expensive entry), not by an entry of its own"}
-STATES = ("queued", "submitted", "succeeded", "failed", "dismissed")
+STATES = ("queued", "submitted", "succeeded", "failed", "dismissed", "cancelled")
+FINISHED = ("succeeded", "failed", "dismissed", "cancelled")
 
 
 # ------------------------------------------------------------------ requests
@@ -127,7 +129,17 @@ def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                            "with HMAC-SHA256 (headers Batchd-Timestamp, Batchd-Signature; see the "
                            "taskFinished webhook); "
                            "the host must be in BATCHD_CALLBACK_ALLOWED_HOSTS"}
+        optional["job_callback_url"] = {
+            "type": ["string", "null"], "maxLength": MAX_CALLBACK_URL,
+            "pattern": CALLBACK_URL_PATTERN,
+            "description": "with job: where batchd POSTs the job's counts once none of its "
+                           "tasks is queued or submitted (the jobFinished webhook), signed as "
+                           "task callbacks; taken from the job's first task (PUT /v1/jobs/{job} "
+                           "changes it)"}
     return {
+        "job": {**job_name(limits), "type": ["string", "null"],
+                "description": "the job the task belongs to (yours only: names are per "
+                               "client); GET /v1/jobs/{job} counts it"},
         **optional,
         "custom_id": {
             "type": "string", "minLength": 1, "maxLength": limits.custom_id_chars,
@@ -151,6 +163,11 @@ def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
     }
 
 
+def job_name(limits: Limits) -> Schema:
+    return {"type": "string", "minLength": 1, "maxLength": MAX_JOB_CHARS,
+            "pattern": f"^{limits.custom_id_pattern}$"}
+
+
 def task_schema(limits: Limits, callbacks: bool) -> Schema:
     """A task: one variant per endpoint, so each body is checked for its endpoint."""
     variants = []
@@ -163,6 +180,9 @@ def task_schema(limits: Limits, callbacks: bool) -> Schema:
                            "body": ref(_body_name(endpoint))},
             "additionalProperties": False,
         }
+        if callbacks:
+            variant["dependentSchemas"] = {"job_callback_url": {
+                "required": ["job"], "properties": {"job": {"type": "string"}}}}
         if endpoint != DEFAULT_ENDPOINT:
             variant["anyOf"] = [{"required": ["endpoint"]}, {"required": ["url"]}]
         variants.append(variant)
@@ -245,9 +265,11 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
     callback: Schema = {
         "type": "object", "required": ["id", "custom_id", "url", "state", "attempts"],
         "properties": {
-            "id": {"type": "integer"}, "custom_id": {"type": "string"},
+            "id": {"type": "integer"}, "custom_id": nullable({"type": "string"}),
             "client": nullable({"type": "string"}), "url": {"type": "string"},
-            "task_state": {"enum": ["succeeded", "failed"]},
+            "task_state": {"enum": [*FINISHED, "finished"],
+                           "description": "the task's terminal state; finished for a job's"},
+            "job": nullable({"type": "string"}),
             "state": {"enum": ["pending", "delivered", "failed"]},
             "attempts": {"type": "integer", "minimum": 0},
             "last_status": nullable({"type": "integer"}),
@@ -305,7 +327,8 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
         "spend_usd": MONEY, "cost_per_task_usd": MONEY,
         "latency_p50_seconds": nullable({"type": "number"}),
         "latency_p95_seconds": nullable({"type": "number"})}}
-    counts = ("tasks_in", "succeeded", "failed", "retried", "replayed", "manual_queue")
+    counts = ("tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
+              "manual_queue")
     report: Schema = {
         "type": "object",
         "required": ["date", *counts, "failure_ratio", "post_replay_success_ratio",
@@ -385,6 +408,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "properties": {"replayed": {"type": "integer", "minimum": 0},
                            "ids": {"type": "array", "items": {"type": "integer"}}}},
         "DailyReport": report,
+        **job_schemas(limits, callbacks),
         "LaneReport": lane,
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"const": "ok"}}},
@@ -423,7 +447,7 @@ def callback_payload() -> Schema:
             "delivery_id": {"type": "string", "description": "the same on every retry of one "
                                                              "delivery: deduplicate on it"},
             "custom_id": {"type": "string"},
-            "state": {"enum": ["succeeded", "failed"]},
+            "state": {"enum": list(FINISHED)},
             "attempts": {"type": "integer", "minimum": 0,
                          "description": "the task's submissions to the provider"},
             "finished_at": TIMESTAMP,
@@ -436,6 +460,66 @@ def callback_payload() -> Schema:
                                   "description": "the provider's response body (succeeded)"}),
             "last_error": nullable({"type": "object", "description": "why it failed (failed)"}),
         },
+    }
+
+
+def job_view() -> Schema:
+    count: Schema = {"type": "integer", "minimum": 0}
+    return {
+        "type": "object",
+        "required": ["job", "tasks", "queued", "submitted", "succeeded", "failed", "cancelled",
+                     "spend_usd", "sync_equivalent_usd", "savings_usd", "created_at",
+                     "finished_at"],
+        "properties": {
+            "job": {"type": "string"},
+            "tasks": count, "queued": count, "submitted": count, "succeeded": count,
+            "failed": count, "cancelled": count,
+            "spend_usd": {**MONEY, "description": "what the job's stored results cost"},
+            "sync_equivalent_usd": {**MONEY, "description": "what they would have cost "
+                                                            "synchronously"},
+            "savings_usd": MONEY,
+            "created_at": TIMESTAMP,
+            "finished_at": nullable({**TIMESTAMP, "description": "null while any task is "
+                                                                 "queued or submitted"}),
+            "cancelled_at": nullable(TIMESTAMP),
+            "callback_url": nullable({"type": "string"}),
+        },
+    }
+
+
+def job_schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
+    url: Schema = ({"type": ["string", "null"], "maxLength": MAX_CALLBACK_URL,
+                    "pattern": CALLBACK_URL_PATTERN} if callbacks else {"type": "null"})
+    return {
+        "Job": job_view(),
+        "JobPage": {"type": "object", "required": ["jobs", "next", "has_more"],
+                    "properties": {"jobs": {"type": "array", "items": ref("Job")},
+                                   "next": nullable({"type": "string", "description":
+                                                     "pass as `after` for the next page"}),
+                                   "has_more": {"type": "boolean"}}},
+        "JobCancelled": {"allOf": [ref("Job"), {
+            "type": "object", "required": ["cancelled_now"],
+            "properties": {"cancelled_now": {"type": "integer", "minimum": 0,
+                                             "description": "queued tasks this call "
+                                                            "cancelled"}}}]},
+        "JobUpdate": {"type": "object", "required": ["callback_url"],
+                      "additionalProperties": False,
+                      "properties": {"callback_url": {
+                          **url, "description": "where the job's counts are POSTed when it "
+                                                "finishes (null: nowhere)"}}},
+        "JobResult": {
+            "type": "object", "required": ["custom_id", "state", "attempts"],
+            "description": "one line of GET /v1/jobs/{job}/results",
+            "properties": {
+                "custom_id": {"type": "string"}, "state": {"enum": list(FINISHED)},
+                "attempts": {"type": "integer", "minimum": 0},
+                "response": {"type": "object", "description": "the provider's response "
+                                                              "body (succeeded)"},
+                "error": {"type": "object", "description": "why it failed or was "
+                                                           "cancelled"}}},
+        "JobCallbackPayload": {"allOf": [ref("Job"), {
+            "type": "object", "required": ["delivery_id", "type"],
+            "properties": {"delivery_id": {"type": "string"}, "type": {"const": "job"}}}]},
     }
 
 
@@ -460,6 +544,22 @@ def webhooks() -> dict[str, Any]:
             header("Batchd-Attempt", "1 for the first attempt, then 2, 3, ...")],
         "requestBody": {"required": True, "content": {
             "application/json": {"schema": ref("CallbackPayload")}}},
+        "responses": {"2XX": {"description": "delivered; batchd stops sending it"},
+                      "default": {"description": "not delivered; batchd tries again later"}},
+    }}, "jobFinished": {"post": {
+        "operationId": "jobFinished", "tags": ["callbacks", "jobs"],
+        "summary": "batchd POSTs a job's counts to its callback_url when none of its tasks is "
+                   "queued or submitted any more",
+        "description": (
+            "Signed, retried and deduplicated as taskFinished. Sent again if the job finishes "
+            "again (tasks added to it, or failed ones replayed)."),
+        "parameters": [
+            header("Batchd-Timestamp", "unix seconds when this attempt was signed"),
+            header("Batchd-Signature", "v1=<hex HMAC-SHA256 of timestamp.body>"),
+            header("Batchd-Delivery", "the delivery id, as in the body"),
+            header("Batchd-Attempt", "1 for the first attempt, then 2, 3, ...")],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": ref("JobCallbackPayload")}}},
         "responses": {"2XX": {"description": "delivered; batchd stops sending it"},
                       "default": {"description": "not delivered; batchd tries again later"}},
     }}}
@@ -544,8 +644,9 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "401": UNAUTHORIZED,
                 "408": error("the body stopped coming for BATCHD_INGEST_TIMEOUT_SECONDS; "
                              "nothing was stored", "request_timeout"),
-                "409": error("a custom_id is already stored with a different body",
-                             "conflict"),
+                "409": error("a custom_id is already stored with a different body, or a "
+                             "task names a job that was cancelled", "conflict",
+                             "job_cancelled"),
                 "413": error("the body, the task count or one task is too large",
                              "payload_too_large", "too_many_tasks", "task_too_large"),
                 "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued, or (with "
@@ -628,6 +729,7 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                               ref("DailyReport"),
                               {"type": "array", "items": ref("DailyReport")}]}),
                           "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        **job_operations(limits),
         "/healthz": {"get": {
             **open_op, "operationId": "healthz", "tags": ["operations"],
             "summary": "Liveness: the event loop answers; never touches the database",
@@ -677,6 +779,72 @@ def with_edge_replies(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
             if method == "post":
                 op["responses"].setdefault("415", NOT_JSON)
     return paths
+
+
+def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
+    path = [{"name": "job", "in": "path", "required": True, "schema": job_name(limits)}]
+    missing = error("you have no job with that name", "not_found")
+    return {
+        "/v1/jobs": {"get": {
+            "operationId": "listJobs", "tags": ["jobs"],
+            "summary": "Your jobs, newest first, with their counts and money",
+            "parameters": [
+                query("after", job_name(limits), "the `next` of the previous page"),
+                query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                      "page size (default 100)")],
+            "responses": {"200": ok("a page of jobs", ref("JobPage")),
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/v1/jobs/{job}": {
+            "get": {
+                "operationId": "getJob", "tags": ["jobs"],
+                "summary": "One job's counts and money, kept as its tasks move (the cost of "
+                           "this call does not grow with the job)",
+                "parameters": path,
+                "responses": {"200": ok("the job", ref("Job")), "401": UNAUTHORIZED,
+                              "404": missing, "503": UNAVAILABLE}},
+            "put": {
+                "operationId": "updateJob", "tags": ["jobs"],
+                "summary": "Set or clear the job's callback_url",
+                "parameters": path,
+                "requestBody": {"required": True, "content": json_content(ref("JobUpdate"))},
+                "responses": {"200": ok("the job", ref("Job")),
+                              "400": error("the body is not a JobUpdate, or the URL cannot "
+                                           "be used", "invalid_json", "invalid_request"),
+                              "401": UNAUTHORIZED, "404": missing, "503": UNAVAILABLE}}},
+        "/v1/jobs/{job}/cancel": {"post": {
+            "operationId": "cancelJob", "tags": ["jobs"],
+            "summary": "Cancel the job's queued tasks; tasks already at the provider finish",
+            "description": (
+                "Queued tasks become cancelled: never sent, not failed, not in the manual "
+                "queue. Tasks of the job that come back to the queue later (a retry of a "
+                "task that was at the provider) are cancelled too, and no new task may "
+                "join the job (409 job_cancelled). Calling it again is harmless."),
+            "parameters": path,
+            "responses": {"200": ok("the job after the cancel", ref("JobCancelled")),
+                          "401": UNAUTHORIZED, "404": missing, "503": UNAVAILABLE}}},
+        "/v1/jobs/{job}/results": {"get": {
+            "operationId": "jobResults", "tags": ["jobs"],
+            "summary": "The job's finished tasks as NDJSON, streamed",
+            "description": (
+                "One JobResult per line, in the order the tasks were accepted (task id). "
+                "Resume an interrupted read with ?after=<the last custom_id read>. Tasks "
+                "still queued or submitted are left out."),
+            "parameters": [
+                *path,
+                query("state", {"enum": list(FINISHED)}, "only tasks in this state"),
+                query("after", {"type": "string", "pattern": f"^{limits.custom_id_pattern}$",
+                                "maxLength": limits.custom_id_chars},
+                      "resume after this task's line")],
+            "responses": {
+                "200": {"description": "the lines",
+                        "content": {"application/x-ndjson": {"schema": {
+                            "type": "array", "items": ref("JobResult"),
+                            "description": "one JobResult per line"}}}},
+                "400": BAD_PARAMETER, "401": UNAUTHORIZED,
+                "404": error("you have no job with that name, or ?after names no task of it",
+                             "not_found"),
+                "503": UNAVAILABLE}}},
+    }
 
 
 def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs
 from batchd.domain import input_line
+from batchd.store.jobs import moved_deltas
 
 log = logs.get("batchd.replay")
 
@@ -21,6 +22,7 @@ _WHY_NOT = {
     "queued": "already queued (replayed before, or retrying)",
     "submitted": "in a live batch now",
     "dismissed": "dismissed from the manual queue by an operator",
+    "cancelled": "cancelled with its job; submit it again in a new job to run it",
 }
 
 
@@ -44,14 +46,15 @@ class Replayer:
         left alone and reported with the reason."""
         outcome = ReplayOutcome()
         async with self.engine.begin() as conn:
-            rows = await conn.execute(text("""
+            rows = await conn.execute(text(f"""
                 WITH upd AS (
                     UPDATE tasks SET state = 'queued', attempts = 0,
                            replay_count = replay_count + 1, not_before = now(),
                            batch_id = NULL, finished_at = NULL, updated_at = now()
                     WHERE state = 'failed'
                       AND (CAST(:ids AS text[]) IS NULL OR custom_id = ANY(CAST(:ids AS text[])))
-                    RETURNING custom_id, replay_count, last_error
+                    RETURNING custom_id, replay_count, last_error, client, job
+                ), jd AS ({moved_deltas("upd", "'failed'", "'queued'")}
                 ), ev AS (
                     INSERT INTO task_events (custom_id, attempt, outcome, error)
                     SELECT custom_id, 0, 'replayed', last_error FROM upd

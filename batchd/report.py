@@ -24,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd.prices import round_usd
 
-FIELDS = ("date", "tasks_in", "succeeded", "failed", "retried", "replayed", "failure_ratio",
+FIELDS = ("date", "tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
+          "failure_ratio",
           "post_replay_success_ratio", "manual_queue", "spend_usd", "sync_equivalent_usd",
           "savings_usd", "unattributed_usd", "unpriced_models", "alert")
 
@@ -63,6 +64,7 @@ SELECT
     (SELECT count(*) FROM tasks, bounds WHERE created_at >= lo AND created_at < hi) AS tasks_in,
     coalesce((SELECT n FROM ev WHERE outcome = 'succeeded'), 0) AS succeeded,
     coalesce((SELECT n FROM ev WHERE outcome = 'failed'), 0) AS failed,
+    coalesce((SELECT n FROM ev WHERE outcome = 'cancelled'), 0) AS cancelled,
     coalesce((SELECT n FROM ev WHERE outcome = 'retried'), 0) AS retried,
     coalesce((SELECT n FROM ev WHERE outcome = 'replayed'), 0) AS replayed,
     (SELECT count(*) FROM finished) AS finished,
@@ -136,6 +138,7 @@ class Reporter:
             "tasks_in": int(row["tasks_in"]),
             "succeeded": succeeded,
             "failed": failed,
+            "cancelled": int(row["cancelled"]),
             "retried": int(row["retried"]),
             "replayed": int(row["replayed"]),
             "failure_ratio": failure_ratio,
@@ -179,9 +182,10 @@ def render_lanes(rows: list[dict[str, Any]]) -> str:
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    heads = ["date", "in", "ok", "failed", "retried", "replayed", "fail%", "post-replay%",
-             "manual", "spend $", "sync $", "saved $", "alert"]
-    body = [[r["date"], r["tasks_in"], r["succeeded"], r["failed"], r["retried"], r["replayed"],
+    heads = ["date", "in", "ok", "failed", "cancelled", "retried", "replayed", "fail%",
+             "post-replay%", "manual", "spend $", "sync $", "saved $", "alert"]
+    body = [[r["date"], r["tasks_in"], r["succeeded"], r["failed"], r.get("cancelled", 0),
+             r["retried"], r["replayed"],
              f"{r['failure_ratio'] * 100:.2f}", f"{r['post_replay_success_ratio'] * 100:.2f}",
              r["manual_queue"], r["spend_usd"], r["sync_equivalent_usd"], r["savings_usd"],
              "ALERT" if r["alert"] else ""] for r in rows]

@@ -28,6 +28,7 @@ from batchd.errors import ConfigError
 from batchd.estimates import Calibration
 from batchd.health import HEALTH
 from batchd.ingest import Ingest
+from batchd.jobs import Jobs
 from batchd.listener import CappedSite
 from batchd.poller import Poller
 from batchd.prices import PriceTable
@@ -150,6 +151,7 @@ class Service:
                                   self.calibration)
         self.callbacks = CallbackSender(engine, self.clients, settings)
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
+        self.jobs = Jobs(engine, self.clients)
         self.api = ApiState(
             engine=engine,
             ingest=Ingest(engine, limits=settings.limits,
@@ -164,6 +166,7 @@ class Service:
                           count_tokens=settings.any_budget),
             waiters=Waiters(engine, settings.max_waiters),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
+            jobs=self.jobs,
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds)
         self.app = build_app(self.api, settings.max_request_bytes)
@@ -214,7 +217,8 @@ class Service:
         loops = [asyncio.create_task(body(loops_stop), name=name) for name, body in (
             ("scheduler", self.scheduler.run), ("poller", self.poller.run),
             ("sync_lane", self.sync_lane.run), ("callbacks", self.callbacks.run),
-            ("snapshot", self._snapshots), ("spool_sweep", self._sweeps),
+            ("jobs", self.jobs.run), ("snapshot", self._snapshots),
+            ("spool_sweep", self._sweeps),
             ("daily", self._daily_report))]
         if started is not None:
             started.set()

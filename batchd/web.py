@@ -28,6 +28,7 @@ from batchd.ingest import (
     Ingest,
     IngestError,
 )
+from batchd.jobs import Jobs
 from batchd.replay import Replayer
 from batchd.report import Reporter
 from batchd.store import repo
@@ -48,6 +49,7 @@ class ApiState:
     replayer: Replayer
     reporter: Reporter
     clients: Clients
+    jobs: Jobs
     schema_head: str
     known_revisions: frozenset[str]
     max_queued: int | None = None
@@ -559,4 +561,7 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs/plain", docs_page)
+    from batchd import web_jobs  # it builds on this module's helpers
+
+    web_jobs.add_routes(app)
     return app

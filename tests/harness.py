@@ -69,6 +69,21 @@ class Harness:
         async with self.http.get(f"{self.base_url}{path}", params=params, headers=headers) as r:
             return r.status, await r.json(content_type=None)
 
+    async def post_json(self, path: str, doc: Any,
+                        headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with self.http.post(f"{self.base_url}{path}", json=doc, headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def put_json(self, path: str, doc: Any,
+                       headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        async with self.http.put(f"{self.base_url}{path}", json=doc, headers=headers) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def task_as(self, custom_id: str, headers: dict[str, str]) -> dict[str, Any]:
+        status, body = await self.get(f"/v1/tasks/{custom_id}", headers=headers)
+        assert status == 200, body
+        return dict(body)
+
     async def flush(self, *, drain: bool = False) -> int:
         started = await self.service.scheduler.tick(drain=drain)
         await self.service.scheduler.wait_sends()

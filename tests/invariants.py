@@ -12,7 +12,10 @@ What must hold after any crash, kill, database outage or provider fault:
   token-limited batch gives its attempt back; replays reset the count);
 * no set of tasks was created twice at the provider: one provider batch per
   batchd batch id, and every provider batch is the one recorded for it (a
-  duplicate is tolerated only if it was cancelled before any line ran).
+  duplicate is tolerated only if it was cancelled before any line ran);
+* every job's counters (its row plus the deltas not folded yet) equal its
+  tasks counted by state, and its money the sum of its results' costs; a
+  cancelled task is in no batch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 LIVE_PROVIDER = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
-TERMINAL = frozenset({"succeeded", "failed"})
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
 @dataclass
@@ -166,4 +169,54 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         r.duplicated += sum(n - a for _, a, n in under)
         r.fail(f"{len(under)} task(s) were submitted more often than counted "
                "(custom_id, attempts, submissions)", under)
+
+    # 6. Job counters.
+    for problem in await job_counter_problems(engine):
+        r.fail(problem)
+    # Attempts equal submissions (4.), so a cancelled task was sent only for
+    # attempts it made before it came back to the queue; it is in no batch.
+    in_batch = [cid for cid, t in tasks.items() if t.state == "cancelled" and t.batch_id]
+    if in_batch:
+        r.fail(f"{len(in_batch)} cancelled task(s) sit in a batch", in_batch)
     return r
+
+
+_JOB_COUNTS = ("tasks", "queued", "submitted", "succeeded", "failed", "cancelled")
+
+
+async def job_counter_problems(engine: AsyncEngine) -> list[str]:
+    """Each job whose kept counters differ from its tasks counted now."""
+    kept = {(row.client, row.job): row for row in await _rows(engine, f"""
+        SELECT j.client, j.job,
+               {", ".join(f"j.{c} + coalesce(d.{c}, 0) AS {c}" for c in _JOB_COUNTS)},
+               j.spend_usd + coalesce(d.spend, 0) AS spend,
+               j.sync_equivalent_usd + coalesce(d.sync, 0) AS sync
+        FROM jobs j LEFT JOIN (
+            SELECT client, job, {", ".join(f"sum({c}) AS {c}" for c in _JOB_COUNTS)},
+                   sum(spend_usd) AS spend, sum(sync_usd) AS sync
+            FROM job_deltas GROUP BY client, job) d USING (client, job)""")}
+    counted = {(row.client, row.job): row for row in await _rows(engine, """
+        SELECT coalesce(t.client, 'local') AS client, t.job, count(*) AS tasks,
+               count(*) FILTER (WHERE t.state = 'queued') AS queued,
+               count(*) FILTER (WHERE t.state = 'submitted') AS submitted,
+               count(*) FILTER (WHERE t.state = 'succeeded') AS succeeded,
+               count(*) FILTER (WHERE t.state IN ('failed', 'dismissed')) AS failed,
+               count(*) FILTER (WHERE t.state = 'cancelled') AS cancelled,
+               coalesce(sum(r.cost_usd), 0) AS spend, coalesce(sum(r.sync_cost_usd), 0) AS sync
+        FROM tasks t LEFT JOIN results r ON t.state = 'succeeded' AND r.custom_id = t.custom_id
+        WHERE t.job IS NOT NULL GROUP BY 1, 2""")}
+    problems = []
+    for key in sorted(kept.keys() | counted.keys()):
+        have, want = kept.get(key), counted.get(key)
+        if want is None:
+            if have is not None and any(getattr(have, c) for c in _JOB_COUNTS):
+                problems.append(f"job {key} counts tasks it does not have")
+            continue
+        if have is None:
+            problems.append(f"job {key} has tasks but no row")
+            continue
+        off = {c: (int(getattr(have, c)), int(getattr(want, c))) for c in (*_JOB_COUNTS, "spend",
+               "sync") if getattr(have, c) != getattr(want, c)}
+        if off:
+            problems.append(f"job {key} counters (kept, counted) differ: {off}")
+    return problems

@@ -1,5 +1,10 @@
 """Every SQL statement batchd runs, one function per question.
 
+Every statement that adds tasks or changes ``tasks.state`` also writes, in
+the same statement, the job deltas of what it moved (store/jobs.py
+``added_deltas``/``moved_deltas``): the job counters are kept nowhere else,
+and tests/invariants.py checks them against the tasks.
+
 Functions take an open connection; the caller owns the transaction, so a
 step that must be atomic (claim tasks + create the batch row) is one
 ``async with engine.begin()`` in the flow module. Bulk writes go through
@@ -10,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -21,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd.domain import TaskIn
 from batchd.prices import Tokens
+from batchd.store.jobs import LOCAL, added_deltas, moved_deltas, open_jobs
 
 
 def _json(value: Any) -> str | None:
@@ -34,24 +40,30 @@ class IngestResult:
     inserted: list[str]
     duplicates: dict[str, str]  # custom_id -> its current state
     conflicts: list[str]
+    # (client, job) of tasks whose job was cancelled: nothing was stored.
+    cancelled_jobs: list[tuple[str, str]] = field(default_factory=list)
 
 
-_INSERT_TASKS = text("""
+_INSERT_TASKS = text(f"""
+WITH ins AS (
 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, metadata, line_bytes,
                    est_input_tokens, est_output_tokens, lane, not_before, deadline, fallback_at,
-                   client, callback_url, fallback_action)
+                   client, callback_url, fallback_action, job)
 SELECT cid, coalesce(ep, CAST(:ep1 AS text)), coalesce(mdl, CAST(:mdl1 AS text)), bdy::jsonb,
        dg, md::jsonb, lb, ei, eo, coalesce(ln, CAST(:ln1 AS text)),
-       now() - make_interval(secs => coalesce(bd, 0)), dl, fb, cl, cb, fa
+       now() - make_interval(secs => coalesce(bd, 0)), dl, fb, cl, cb, fa,
+       coalesce(jb, CAST(:jb1 AS text))
 FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
             CAST(:bdy AS text[]), CAST(:dg AS text[]), CAST(:md AS text[]),
             CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]),
             CAST(:ln AS text[]), CAST(:bd AS float8[]), CAST(:dl AS timestamptz[]),
             CAST(:fb AS timestamptz[]), CAST(:cl AS text[]), CAST(:cb AS text[]),
-            CAST(:fa AS text[]))
-     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb, fa)
+            CAST(:fa AS text[]), CAST(:jb AS text[]))
+     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb, fa, jb)
 ON CONFLICT (custom_id) DO NOTHING
-RETURNING custom_id
+RETURNING custom_id, client, job
+), jd AS ({added_deltas("ins")})
+SELECT custom_id FROM ins
 """)
 
 _EXISTING_DIGESTS = text(
@@ -76,7 +88,7 @@ def _or_null(column: list[Any]) -> list[Any] | None:
     return column if any(v is not None for v in column) else None
 
 
-def _shared(column: list[str]) -> tuple[list[str] | None, str | None]:
+def _shared(column: list[Any]) -> tuple[list[Any] | None, Any]:
     """(NULL, the value) when every row has the same one, else (``column``, NULL)."""
     if column.count(column[0]) == len(column):
         return None, column[0]
@@ -87,9 +99,20 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
     """Insert new tasks; report the ones already stored (same or other body)."""
     if not tasks:
         return IngestResult([], {}, [])
+    jobs: dict[tuple[str, str], str | None] = {}
+    for t in tasks:
+        if t.job is not None:
+            key = (t.client or LOCAL, t.job)
+            if jobs.get(key) is None:
+                jobs[key] = t.job_callback_url
+    if jobs:
+        cancelled = await open_jobs(conn, list(jobs), list(jobs.values()))
+        if cancelled:
+            return IngestResult([], {}, [], sorted(cancelled))
     ep, ep1 = _shared([t.endpoint for t in tasks])
     mdl, mdl1 = _shared([t.model for t in tasks])
     ln, ln1 = _shared([t.lane for t in tasks])
+    jb, jb1 = _shared([t.job for t in tasks])
     rows = await conn.execute(_INSERT_TASKS, {
         "cid": [t.custom_id for t in tasks],
         "ep": ep, "ep1": ep1,
@@ -107,6 +130,7 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
         "cl": _or_null([t.client for t in tasks]),
         "cb": _or_null([t.callback_url for t in tasks]),
         "fa": _or_null([t.fallback_action for t in tasks]),
+        "jb": jb, "jb1": jb1,
     })
     inserted = [r[0] for r in rows]
     if len(inserted) == len(tasks):
@@ -169,12 +193,12 @@ def _location(lane: str, b_state: str | None, b_pid: str | None, b_status: str |
 
 async def finished_custom_ids(conn: AsyncConnection, client: str | None,
                               custom_ids: list[str]) -> set[str]:
-    """Which of ``client``'s tasks are succeeded or failed (one query for all
-    ?wait callers of one client)."""
+    """Which of ``client``'s tasks are finished: succeeded, failed, or
+    cancelled with their job (one query for all ?wait callers of one client)."""
     rows = await conn.execute(text("""
         SELECT custom_id FROM tasks
         WHERE custom_id = ANY(:ids) AND client IS NOT DISTINCT FROM :client
-          AND state IN ('succeeded', 'failed')"""),
+          AND state IN ('succeeded', 'failed', 'cancelled')"""),
         {"ids": custom_ids, "client": client})
     return {r[0] for r in rows}
 
@@ -288,7 +312,7 @@ async def claim_window(
     keeps it there until commit, and a TID fetch costs no primary-key
     descent (a sixth of the statement's buffer reads for 50,000 rows)."""
     reserve = reserve or Reserve(Decimal(1), 0, 0, None)
-    row = await conn.execute(text("""
+    row = await conn.execute(text(f"""
         WITH picked AS (
             SELECT ctid, id, line_bytes, not_before, client,
                    ceil(est_input_tokens * CAST(:factor AS numeric)) * CAST(:pin AS numeric)
@@ -323,7 +347,9 @@ async def claim_window(
             UPDATE tasks t SET state = 'submitted', batch_id = :bid, attempts = t.attempts + 1,
                    batch_line = k.line, submitted_at = now(), updated_at = now()
             FROM kept k WHERE t.ctid = k.ctid
-            RETURNING t.line_bytes, t.est_input_tokens, t.est_output_tokens, k.res, t.client
+            RETURNING t.line_bytes, t.est_input_tokens, t.est_output_tokens, k.res, t.client,
+                      t.job
+        ), jd AS ({moved_deltas("upd", "'queued'", "'submitted'")}
         )
         SELECT (SELECT count(*) FROM picked), count(*), coalesce(sum(line_bytes), 0),
                coalesce(sum(est_input_tokens), 0), coalesce(sum(est_output_tokens), 0),
@@ -603,9 +629,10 @@ WITH input AS ({input}
     -- comparisons per chunk of a 50,000-line batch. IS TRUE keeps the
     -- batch index out of reach.
     WHERE t.custom_id = i.cid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
-    RETURNING t.custom_id, t.attempts, t.replay_count, t.client, t.callback_url,
+    RETURNING t.custom_id, t.attempts, t.replay_count, t.client, t.callback_url, t.job,
               extract(epoch FROM now() - t.created_at) AS waited, t.est_input_tokens
 ), kept AS ({kept}
+), jd AS (""" + moved_deltas("kept", "'submitted'", "'succeeded'", "cost", "sync") + """
 ), ev AS (
     INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
     SELECT cid, :bid, attempts, 'succeeded' FROM kept
@@ -684,7 +711,8 @@ WITH input AS ({input}
     FROM input i
     -- By custom_id, as in _SUCCESS_SQL (IS TRUE: not the batch index).
     WHERE t.custom_id = i.cid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
-    RETURNING t.custom_id, t.attempts, t.state, t.client, t.callback_url
+    RETURNING t.custom_id, t.attempts, t.state, t.client, t.callback_url, t.job
+), jd AS (""" + moved_deltas("upd", "'submitted'", "state") + """
 ), ev AS (
     INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
     SELECT u.custom_id, :bid, u.attempts,
@@ -867,13 +895,14 @@ async def requeue_remaining(
     With ``count_attempt=False`` the submission is taken back (the provider
     never ran it through no fault of the task: never created, token cap).
     Returns how many went back, by client."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(text(f"""
         WITH upd AS (
             UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
                    attempts = CASE WHEN :count THEN attempts ELSE greatest(attempts - 1, 0) END,
                    last_error = CAST(:err AS jsonb), updated_at = now()
             WHERE batch_id = :bid AND state = 'submitted'
-            RETURNING custom_id, attempts, client
+            RETURNING custom_id, attempts, client, job
+        ), jd AS ({moved_deltas("upd", "'submitted'", "'queued'")}
         ), ev AS (
             INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
             SELECT custom_id, :bid, attempts, 'requeued', CAST(:err AS jsonb) FROM upd
@@ -920,11 +949,14 @@ async def claim_sync(conn: AsyncConnection, claim_id: str, task_ids: Sequence[in
     attempt is counted now, as for a batch."""
     if not task_ids:
         return []
-    rows = await conn.execute(text("""
-        UPDATE tasks t SET state = 'submitted', batch_id = :claim, attempts = t.attempts + 1,
-               submitted_at = now(), updated_at = now()
-        WHERE t.id = ANY(CAST(:ids AS bigint[])) AND t.state = 'queued'
-        RETURNING t.custom_id, t.endpoint, t.model, t.body, t.created_at"""),
+    rows = await conn.execute(text(f"""
+        WITH upd AS (
+            UPDATE tasks t SET state = 'submitted', batch_id = :claim, attempts = t.attempts + 1,
+                   submitted_at = now(), updated_at = now()
+            WHERE t.id = ANY(CAST(:ids AS bigint[])) AND t.state = 'queued'
+            RETURNING t.custom_id, t.endpoint, t.model, t.body, t.created_at, t.client, t.job
+        ), jd AS ({moved_deltas("upd", "'queued'", "'submitted'")})
+        SELECT custom_id, endpoint, model, body, created_at FROM upd"""),
         {"claim": claim_id, "ids": list(task_ids)})
     return [dict(r) for r in rows.mappings()]
 
@@ -1007,7 +1039,7 @@ async def fall_back(conn: AsyncConnection, window_seconds: float, margin: float,
     batch is routed, though it may still be billed) and gets that unanswered
     attempt back, so the sync call or the fresh batch never takes it past
     BATCHD_MAX_ATTEMPTS."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(text(f"""
         WITH due AS (
             SELECT id, batch_id AS left_batch, state AS was,
                    coalesce(fallback_action, 'sync') = 'sync' AS to_sync
@@ -1027,14 +1059,15 @@ async def fall_back(conn: AsyncConnection, window_seconds: float, margin: float,
                 fallback_action = CASE WHEN d.to_sync THEN t.fallback_action ELSE 'sync' END,
                 updated_at = now()
             FROM due d WHERE t.id = d.id
-            RETURNING t.custom_id, t.attempts, d.left_batch, d.to_sync
+            RETURNING t.custom_id, t.attempts, d.left_batch, d.to_sync, d.was, t.client, t.job
+        ), jd AS ({moved_deltas("upd", "was", "'queued'")}
         )
         INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
         SELECT custom_id, left_batch, attempts,
                CASE WHEN to_sync THEN 'fallback' ELSE 'resubmitted' END,
                CASE WHEN to_sync
-                    THEN '{"code": "latency_fallback", "message": "moved to the sync lane"}'
-                    ELSE '{"code": "latency_resubmit", "message": "resubmitted in a new batch"}'
+                    THEN '{{"code": "latency_fallback", "message": "moved to the sync lane"}}'
+                    ELSE '{{"code": "latency_resubmit", "message": "resubmitted in a new batch"}}'
                END::jsonb
         FROM upd RETURNING custom_id, outcome"""),
         {"lim": limit, "window": window_seconds, "margin": margin})
@@ -1054,7 +1087,7 @@ WITH claimed AS (
                    WHERE state = 'pending' AND next_attempt_at <= now()
                    ORDER BY next_attempt_at, id LIMIT :lim FOR UPDATE SKIP LOCKED)
     RETURNING c.id, c.custom_id, c.client, c.url, c.task_state, c.task_attempts, c.task_error,
-              c.finished_at, c.attempts
+              c.finished_at, c.attempts, c.job, c.job_summary
 )
 SELECT c.*, t.endpoint, t.model, t.metadata, r.status_code, r.response
 FROM claimed c

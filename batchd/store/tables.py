@@ -68,8 +68,12 @@ tasks = Table(
     # batch is built, so validation errors naming lines find their task even
     # after another task left the batch.
     Column("batch_line", Integer),
+    # The job the task belongs to (per client, DESIGN section 13); NULL: none.
+    Column("job", Text),
     # dismissed: taken out of the manual queue by an operator, not replayed.
-    CheckConstraint("state IN ('queued','submitted','succeeded','failed','dismissed')",
+    # cancelled: queued when its job was cancelled, never sent (migration 0009).
+    CheckConstraint("state IN ('queued','submitted','succeeded','failed','dismissed',"
+                    "'cancelled')",
                     name="task_state"),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
     # Windows: distinct (endpoint, model) by skip scan, then each window's
@@ -86,6 +90,8 @@ tasks = Table(
     # The console's manual queue, newest first; the report's day of finished tasks.
     Index("tasks_manual", "id", postgresql_where=text("state = 'failed'")),
     Index("tasks_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
+    # A job's tasks in id order: its results stream and its cancel (migration 0009).
+    Index("tasks_job", "client", "job", "id", postgresql_where=text("job IS NOT NULL")),
 )
 
 batches = Table(
@@ -221,9 +227,12 @@ callbacks = Table(
     "callbacks",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    Column("custom_id", Text, nullable=False),
+    Column("custom_id", Text),  # NULL for a job's callback
     Column("client", Text),
     Column("url", Text, nullable=False),
+    # A job's callback: the job and its counts when it finished.
+    Column("job", Text),
+    Column("job_summary", JSONB),
     # The terminal state as it was reached (the task may be replayed later).
     Column("task_state", Text, nullable=False),
     Column("task_attempts", Integer, nullable=False),
@@ -275,4 +284,48 @@ console_actions = Table(
     Column("detail", JSONB, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("console_actions_client", "client", "id"),
+)
+
+# One row per (client, job): its counters as of the last fold of job_deltas.
+# Every statement that adds or moves a job's tasks writes one delta row per
+# job it touched, in the same statement (store/jobs.py moved_deltas);
+# batchd.jobs folds them in; a read adds the ones not folded yet.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("client", Text, primary_key=True),
+    Column("job", Text, primary_key=True),
+    Column("tasks", BigInteger, nullable=False, server_default="0"),
+    Column("queued", BigInteger, nullable=False, server_default="0"),
+    Column("submitted", BigInteger, nullable=False, server_default="0"),
+    Column("succeeded", BigInteger, nullable=False, server_default="0"),
+    Column("failed", BigInteger, nullable=False, server_default="0"),
+    Column("cancelled", BigInteger, nullable=False, server_default="0"),
+    Column("spend_usd", MONEY, nullable=False, server_default="0"),
+    Column("sync_equivalent_usd", MONEY, nullable=False, server_default="0"),
+    Column("callback_url", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("cancelled_at", DateTime(timezone=True)),
+    Index("jobs_newest", "client", "created_at", "job"),
+    Index("jobs_open", "client", postgresql_where=text("finished_at IS NULL")),
+)
+
+job_deltas = Table(
+    "job_deltas",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("client", Text, nullable=False),
+    Column("job", Text, nullable=False),
+    Column("tasks", BigInteger, nullable=False, server_default="0"),
+    Column("queued", BigInteger, nullable=False, server_default="0"),
+    Column("submitted", BigInteger, nullable=False, server_default="0"),
+    Column("succeeded", BigInteger, nullable=False, server_default="0"),
+    Column("failed", BigInteger, nullable=False, server_default="0"),
+    Column("cancelled", BigInteger, nullable=False, server_default="0"),
+    Column("spend_usd", MONEY, nullable=False, server_default="0"),
+    Column("sync_usd", MONEY, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Index("job_deltas_job", "client", "job"),
 )

@@ -1,7 +1,9 @@
 """The chaos scenario: many tasks through several replicas while replicas are
 killed (kill -9 and crash points), PostgreSQL is restarted and the provider
-misbehaves; then the invariant checker. Used by test_chaos.py (CI size) and
-soak.py (any size).
+misbehaves; then the invariant checker. The tasks are three jobs, and the
+first of them is cancelled once it is all in, while the others still load:
+every job's counters must still equal its tasks counted at the end. Used by
+test_chaos.py (CI size) and soak.py (any size).
 
 Randomness is seeded: the same seed makes the same choices of what to kill
 and which fault to inject, while timing decides where each one lands. The
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from sqlalchemy import text
 
 from batchd.faults import EXIT_CODE
@@ -54,6 +57,13 @@ BATCH_FAULTS: list[tuple[str, dict[str, Any]]] = [
     ("token_limit_exceeded", {}),
 ]
 MAX_ATTEMPTS = 5
+CANCELLED_JOB = "chaos-a"
+
+
+def chaos_job(i: int, n: int) -> str:
+    """Task i's job: the first fifth is chaos-a (cancelled mid-run), then
+    the rest alternate between chaos-b and chaos-c."""
+    return CANCELLED_JOB if i < n // 5 else f"chaos-{'bc'[i % 2]}"
 SETTINGS = {"window_seconds": 1, "max_batch_items": 100, "poll_interval_seconds": 0.5,
             "scheduler_interval_seconds": 0.2, "retry_backoff_seconds": 0.5,
             "lease_seconds": 3, "max_attempts": MAX_ATTEMPTS, "provider_timeout_seconds": 2,
@@ -90,6 +100,7 @@ class Figures:
     lost: int = 0
     duplicated: int = 0
     wrong_state: int = 0
+    cancelled: int = 0
     violations: list[str] = field(default_factory=list)
     by_state: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -194,7 +205,7 @@ class Chaos:
         tasks = []
         for i in range(self.n_tasks):
             marker, _ = expected_outcome(i)
-            tasks.append(chat_task(f"chaos-{i}", emulate=marker))
+            tasks.append(chat_task(f"chaos-{i}", emulate=marker, job=chaos_job(i, self.n_tasks)))
         loader = Loader(self.replicas, seed=self.rng.randint(0, 1 << 30))
         supervisor = asyncio.create_task(self._supervise())
         loader_done = asyncio.Event()
@@ -207,11 +218,13 @@ class Chaos:
 
         loading = asyncio.create_task(load())
         restarting = asyncio.create_task(self._restart_pg(loader))
+        cancelling = asyncio.create_task(self._cancel_first_job(loader))
         engine = make_engine(async_url(self.db_url), pool_size=2)
         try:
             await self._havoc(loader_done)
             await loading
             await restarting
+            await cancelling
             await self._wait_settled(engine)
             self._stopping = True
             await supervisor
@@ -225,7 +238,7 @@ class Chaos:
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
-            for job in (loading, restarting):
+            for job in (loading, restarting, cancelling):
                 job.cancel()
                 with contextlib.suppress(asyncio.CancelledError, AssertionError):
                     await job
@@ -238,6 +251,24 @@ class Chaos:
         self.fig.batch_faults_applied = self._batch_scripts - len(self.emu._batch_scripts)
         self.fig.seconds = round(time.monotonic() - started, 1)
         return self.fig
+
+    async def _cancel_first_job(self, loader: Loader) -> None:
+        """Once every task of the first job is in, cancel it through whichever
+        replica answers (again until one does: replicas die meanwhile)."""
+        first = {f"chaos-{i}" for i in range(self.n_tasks) if chaos_job(i, self.n_tasks)
+                 == CANCELLED_JOB}
+        while not first <= loader.accepted:
+            await loader.wait_accepted(len(loader.accepted) + 1)
+        while True:
+            for r in [r for r in self.replicas if r.alive]:
+                try:
+                    async with loader.http.post(f"{r.url}/v1/jobs/{CANCELLED_JOB}/cancel",
+                                                json={}) as resp:
+                        if resp.status == 200:
+                            return
+                except (TimeoutError, OSError, aiohttp.ClientError):
+                    pass
+            await asyncio.sleep(0.2)
 
     async def _wait_settled(self, engine: Any) -> None:
         deadline = time.monotonic() + self.settle_within
@@ -255,7 +286,11 @@ class Chaos:
                 "SELECT custom_id, state, attempts FROM tasks"))).all()
         wrong = []
         for cid, state, attempts in rows:
-            marker, expected = expected_outcome(int(cid.rsplit("-", 1)[1]))
+            i = int(cid.rsplit("-", 1)[1])
+            marker, expected = expected_outcome(i)
+            if state == "cancelled" and chaos_job(i, self.n_tasks) == CANCELLED_JOB:
+                self.fig.cancelled += 1
+                continue  # queued when its job was cancelled (or back from a retry)
             exhausted = marker == "http_429" and attempts != MAX_ATTEMPTS
             if state != expected or exhausted:
                 wrong.append((cid, state, attempts))

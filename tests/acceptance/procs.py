@@ -222,12 +222,12 @@ def replica_env(db_url: str, emulator_url: str, **settings: Any) -> dict[str, st
 # ------------------------------------------------------------------ load client
 
 def chat_task(custom_id: str, *, emulate: str | None = None,
-              model: str = "gpt-4o-mini") -> dict[str, Any]:
+              model: str = "gpt-4o-mini", job: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": 8,
                             "messages": [{"role": "user", "content": f"task {custom_id}"}]}
     if emulate:
         body["metadata"] = {"emulate": emulate}
-    return {"custom_id": custom_id, "body": body}
+    return {"custom_id": custom_id, "body": body, **({"job": job} if job else {})}
 
 
 class Loader:

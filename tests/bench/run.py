@@ -170,8 +170,8 @@ def migrate(url: str) -> None:
 
 
 async def reset(url: str) -> None:
-    await admin(url, "TRUNCATE tasks, batches, results, task_events RESTART IDENTITY; "
-                     "CHECKPOINT")
+    await admin(url, "TRUNCATE tasks, batches, results, task_events, jobs, job_deltas, "
+                     "callbacks RESTART IDENTITY CASCADE; CHECKPOINT")
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:
@@ -1032,6 +1032,128 @@ async def bench_e2e(b: Bench) -> None:
         f"1 run; {batches} batches of <= 50,000, emulator at zero latency"))
 
 
+# ------------------------------------------------------- rows 7/8: jobs
+
+async def bench_submit_job(b: Bench) -> None:
+    """`batchd submit FILE --wait --out` as a user runs it, against the
+    pipeline's own span (first task created -> last task finished)."""
+    n = b.args.job_tasks
+    b.log(f"jobs: batchd submit --wait --out, {n:,} tasks")
+    await reset(b.db_url)
+    path = b.tmp / "job.jsonl"
+    with path.open("wb") as f:
+        for start in range(0, n, 10_000):
+            f.write(ndjson("job", start, min(10_000, n - start)) + b"\n")
+    out = b.tmp / "job-results.jsonl"
+    emulator, url = await start_emulator()
+    daemon, port = await start_daemon(
+        b.db_url, url, b.tmp / "jobs", window_seconds=2, max_batch_items=50_000,
+        poll_interval_seconds=0.5, scheduler_interval_seconds=0.25)
+    try:
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "batchd", "submit", str(path), "--url",
+            f"http://127.0.0.1:{port}", "--job", "bench", "--wait", str(b.args.e2e_timeout),
+            "--out", str(out), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
+        said, _ = await proc.communicate()
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise RuntimeError(f"batchd submit exited {proc.returncode}: {said.decode()}")
+        conn = await asyncpg.connect(b.db_url)
+        try:
+            span = await conn.fetchval("""
+                SELECT extract(epoch FROM max(finished_at) - min(created_at)) FROM tasks
+                WHERE job = 'bench'""")
+        finally:
+            await conn.close()
+    finally:
+        await daemon.stop()
+        await emulator.stop()
+    with out.open("rb") as f:
+        lines = sum(1 for _ in f)
+    if lines != n:
+        raise RuntimeError(f"--out holds {lines:,} lines, not {n:,}")
+    span = float(span)
+    extra = wall - span
+    b.log(f"  submit --wait --out took {wall:.1f} s; pipeline span {span:.1f} s")
+    b.rows.append(Row(
+        f"jobs: `batchd submit FILE --wait --out` for {n:,} tasks", f"pipeline span "
+        f"(first task created -> last finished) {span:.1f} s", f"+{extra:.1f} s",
+        f"{wall:.1f} s wall, {lines:,} result lines written", "client adds < 5 s + 10%",
+        extra < 5 + 0.1 * span,
+        "1 run; 4 requests in flight, one GET /v1/jobs/{job} a second, results streamed "
+        "from GET /v1/jobs/{job}/results; the span includes ingest"))
+
+
+async def seed_job(conn: asyncpg.Connection, name: str, n: int, deltas: int) -> None:
+    """A finished job of ``n`` tasks with results, written by SQL (not the
+    API): its counters folded, plus ``deltas`` not folded yet, as a busy
+    daemon leaves them."""
+    await conn.execute(f"""
+        WITH t AS (
+            INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes,
+                               state, attempts, finished_at, job)
+            SELECT '{name}-' || g, '{ENDPOINT}', '{MODEL}', '{{}}', 'd', 10, 'succeeded', 1,
+                   now(), '{name}' FROM generate_series(1, {n}) g
+            RETURNING custom_id)
+        INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd, sync_cost_usd)
+        SELECT custom_id, 'seed', 200, '{{}}', 0.000001, 0.000002 FROM t""")
+    await conn.execute(f"""
+        INSERT INTO jobs (client, job, tasks, succeeded, spend_usd, sync_equivalent_usd,
+                          finished_at)
+        VALUES ('local', '{name}', {n - deltas}, {n - deltas}, {n - deltas} * 0.000001,
+                {n - deltas} * 0.000002, now())""")
+    await conn.execute(f"""
+        INSERT INTO job_deltas (client, job, tasks, succeeded, spend_usd, sync_usd)
+        SELECT 'local', '{name}', 1, 1, 0.000001, 0.000002 FROM generate_series(1, {deltas})""")
+
+
+async def bench_job_status(b: Bench) -> None:
+    """GET /v1/jobs/{job} for a job of --status-tasks tasks against one of 10."""
+    a = b.args
+    big, small = a.status_tasks, 10
+    b.log(f"jobs: status of a {big:,}-task job vs a {small}-task job")
+    await reset(b.db_url)
+    conn = await asyncpg.connect(b.db_url)
+    try:
+        await seed_job(conn, "big", big, 50)
+        await seed_job(conn, "small", small, 5)
+        await conn.execute("VACUUM ANALYZE tasks, results, jobs, job_deltas")
+    finally:
+        await conn.close()
+    daemon, port = await start_daemon(b.db_url, b.provider_url, b.tmp / "status")
+    try:
+        c = await connect(port)
+        p99: dict[str, list[float]] = {"big": [], "small": []}
+        for _ in range(a.runs):
+            for name in ("small", "big"):
+                raw = (f"GET /v1/jobs/{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+                       ).encode()
+                took = []
+                for _ in range(a.status_requests):
+                    t0 = time.perf_counter()
+                    status, body = await c.request(raw)
+                    took.append(time.perf_counter() - t0)
+                    if status != 200:
+                        raise RuntimeError(f"status answered {status}: {body[:200]!r}")
+                took.sort()
+                p99[name].append(took[int(len(took) * 0.99) - 1] * 1000)
+        view = orjson.loads(body)
+        c.transport.close()  # type: ignore[union-attr]
+    finally:
+        await daemon.stop()
+    if view["tasks"] != big:
+        raise RuntimeError(f"the big job counts {view['tasks']} tasks, not {big}")
+    pb, ps = median(p99["big"]), median(p99["small"])
+    b.rows.append(Row(
+        f"jobs: GET /v1/jobs/{{job}} p99 for a {big:,}-task job", f"a {small}-task job: "
+        f"p99 {ps:.2f} ms", f"{pb / ps:.2f}x", f"p99 {pb:.2f} ms (runs: "
+        f"{', '.join(f'{x:.2f}' for x in p99['big'])})", "flat: <= 1.5x the 10-task job's",
+        pb <= ps * 1.5, f"{a.status_requests} sequential requests a job a run, over one "
+        "keep-alive connection; tasks, results and counters seeded by SQL"))
+
+
 # --------------------------------------------------------------- row 7: idle
 
 async def bench_idle(b: Bench) -> None:
@@ -1082,7 +1204,7 @@ IDLE_STATEMENTS_PER_TICK = 4
 
 def loop_ticks_per_minute() -> float:
     """How often the daemon's loops wake at the default settings with nothing to do."""
-    from batchd import callbacks, service, sync_lane
+    from batchd import callbacks, jobs, service, sync_lane
     from batchd.config import Settings
 
     s = Settings()
@@ -1092,6 +1214,7 @@ def loop_ticks_per_minute() -> float:
         60 / service._SNAPSHOT_SECONDS,
         60 / getattr(sync_lane, "_IDLE_TICK_SECONDS", sync_lane._TICK_SECONDS),
         60 / callbacks._TICK_SECONDS,
+        60 / jobs._TICK_SECONDS,
     ))
 
 
@@ -1122,7 +1245,7 @@ def table(b: Bench, started: float) -> str:
 
 
 # "bulk" is the ingest group's first row alone: a quick loop for ingest work.
-ROWS = ("ingest", "bulk", "hostile", "windows", "e2e", "idle")
+ROWS = ("ingest", "bulk", "hostile", "windows", "e2e", "jobs", "status", "idle")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1148,12 +1271,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--e2e-tasks", type=int, default=1_000_000)
     p.add_argument("--e2e-timeout", type=float, default=900)
     p.add_argument("--idle-seconds", type=float, default=600)
+    p.add_argument("--job-tasks", type=int, default=200_000)
+    p.add_argument("--status-tasks", type=int, default=1_000_000)
+    p.add_argument("--status-requests", type=int, default=2000)
     p.add_argument("--out", type=Path, help="also write the table to this file")
     a = p.parse_args(argv)
     if a.quick:
         a.runs = min(a.runs, 2)
         a.bulk_tasks, a.single_tasks, a.p99_seconds = 10_000, 5_000, 3
         a.window_lines, a.e2e_tasks, a.idle_seconds = 20_000, 100_000, 30
+        a.job_tasks, a.status_tasks, a.status_requests = 20_000, 100_000, 500
     return a
 
 
@@ -1179,6 +1306,10 @@ async def main(argv: list[str] | None = None) -> int:
             await bench_windows(b)
         if "e2e" in only:
             await bench_e2e(b)
+        if "jobs" in only:
+            await bench_submit_job(b)
+        if "status" in only:
+            await bench_job_status(b)
         if "idle" in only:
             await bench_idle(b)
     finally:

@@ -165,18 +165,31 @@ async def test_submit_command_sends_a_file_and_waits_for_it(db_url: str, tmp_pat
     async with running(db_url, tmp_path, ingest_tokens=TOKEN) as h:
         good = _write(tmp_path / "good.jsonl", _tasks("f", 12, bad={3}), blank_after=5)
         code, out, _ = await _cli(str(good), "--url", h.base_url, "--token", TOKEN,
-                                  "--chunk", "5")
+                                  "--chunk", "5", "--job", "good-run")
         assert code == 0
         assert "submitted 12 task(s)" in out and "3 request(s)" in out and "12 accepted" in out
-        assert await h.count("true") == 12
+        assert "as job good-run" in out
+        assert await h.count("job = 'good-run'") == 12
 
+        results = tmp_path / "results.jsonl"
         waiting = asyncio.create_task(_cli(str(good), "--url", h.base_url, "--token", TOKEN,
-                                           "--wait", "120"))
+                                           "--wait", "120", "--job", "good-run",
+                                           "--out", str(results)))
         await h.run_until_settled()
         code, out, _ = await waiting
         assert "0 accepted, 12 duplicate(s)" in out
-        assert "finished 12 task(s): 11 succeeded, 1 failed" in out
+        assert "job good-run: 12 task(s): 11 succeeded, 1 failed, 0 cancelled" in out
+        assert f"wrote 12 result(s) to {results}" in out
+        lines = [orjson.loads(line) for line in results.read_bytes().splitlines()]
+        assert [r["custom_id"] for r in lines] == [f"f{i}" for i in range(12)]
+        assert lines[3]["state"] == "failed" and lines[4]["response"]["object"]
         assert code == 1  # a failed task is worth a non-zero exit
+
+        # The default job is the file's stem and the time; an all-duplicate
+        # resubmission is an empty job, finished at once.
+        code, out, _ = await _cli(str(good), "--url", h.base_url, "--token", TOKEN,
+                                  "--wait", "30")
+        assert code == 0 and "as job good-20" in out and ": 0 task(s)" in out
 
         broken = _tasks("g", 8)
         broken[6]["endpoint"] = "/v1/nowhere"
@@ -185,7 +198,7 @@ async def test_submit_command_sends_a_file_and_waits_for_it(db_url: str, tmp_pat
                                   "--chunk", "4")
         assert code == 1
         assert f"{path}:8: refused (400 invalid_task)" in err and "endpoint" in err
-        assert "4 task(s) before it were stored" in err
+        assert "4 task(s) were stored" in err
 
         (tmp_path / "junk.jsonl").write_text('{"custom_id": "j1"}\n{not json\n')
         code, _, err = await _cli(str(tmp_path / "junk.jsonl"), "--url", h.base_url)
@@ -231,3 +244,88 @@ async def test_submit_command_draws_a_progress_bar_on_a_terminal(db_url: str,
         assert proc.returncode == 0 and b"submitted 30 task(s)" in out
         bar = drawn.decode(errors="replace")
         assert "submitted: 100%" in bar and "30/30" in bar, bar
+
+
+# ------------------------------------------------------------------- jobs
+
+async def _batchd(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchd", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_job_commands_show_list_cancel_and_write_results(db_url: str,
+                                                               tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        await h.post({"tasks": [chat_task(f"k{i}", job="nightly") for i in range(4)]})
+        await h.post(chat_task("other", job="older"))
+        await h.age_queue(901)
+        await h.flush()
+        await h.post({"tasks": [chat_task(f"q{i}", job="nightly") for i in range(3)]})
+        url = ["--url", h.base_url]
+        code, out, _ = await _batchd("job", "nightly", *url)
+        view = orjson.loads(out)
+        assert code == 0 and (view["tasks"], view["queued"], view["submitted"]) == (7, 3, 4)
+        code, out, _ = await _batchd("jobs", *url)
+        assert code == 0 and out.index("job older:") < out.index("job nightly:")  # newest first
+        code, out, _ = await _batchd("job", "cancel", "nightly", *url)
+        assert code == 0 and "cancelled 3 queued task(s); 4 at the provider" in out
+        await h.run_until_settled()
+        out_file = tmp_path / "nightly.jsonl"
+        code, out, _ = await _batchd("job", "results", "nightly", "--out", str(out_file), *url)
+        assert code == 0 and "wrote 7 result(s)" in out
+        states = [orjson.loads(line)["state"] for line in out_file.read_bytes().splitlines()]
+        assert states == ["succeeded"] * 4 + ["cancelled"] * 3
+        code, out, _ = await _batchd("job", "results", "nightly", "--state", "cancelled",
+                                     "--out", str(out_file), *url)
+        assert code == 0 and "wrote 3 result(s)" in out
+        code, _, err = await _batchd("job", "nobody", *url)
+        assert code == 2 and "404 not_found" in err
+        code, _, err = await _batchd("job", "results", "nightly", *url)
+        assert code == 2 and "needs --out" in err
+
+
+async def test_clients_submit_into_a_job_wait_on_it_and_iterate_its_results(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path, ingest_tokens=f"svc={TOKEN}") as h:
+        tasks = _tasks("j", 30, bad={5})
+        tasks[7]["job"] = "its-own"
+        async with BatchdClient(h.base_url, TOKEN) as client:
+            summary = await client.submit(tasks, chunk=4, job="eval", concurrency=3)
+            assert (summary.tasks, summary.accepted, summary.requests) == (30, 30, 8)
+            assert (await client.get_job("eval"))["tasks"] == 29
+            assert (await client.get_job("its-own"))["tasks"] == 1
+            seen: list[int] = []
+            settle = asyncio.create_task(h.run_until_settled())
+            final = await client.wait_job("eval", timeout=120, interval=0.05,
+                                          progress=lambda v: seen.append(v["succeeded"]))
+            await settle
+            assert (final["succeeded"], final["failed"]) == (28, 1)
+            assert seen == sorted(seen)
+            lines = [r async for r in client.job_results("eval")]
+            # In the order they were accepted: chunks in flight together may
+            # commit in any order.
+            assert sorted(r["custom_id"] for r in lines) == sorted(
+                t["custom_id"] for t in tasks if t["custom_id"] != "j7")
+            assert [r["custom_id"] async for r in client.job_results("eval", state="failed")
+                    ] == ["j5"]
+            cut = lines[20]["custom_id"]
+            rest = [r["custom_id"] async for r in client.job_results("eval", after=cut)]
+            assert rest == [r["custom_id"] for r in lines[21:]]
+            assert {j["job"] async for j in client.jobs()} == {"eval", "its-own"}
+            with pytest.raises(TaskNotFound):
+                await client.get_job("missing")
+
+        def sync_side() -> tuple[dict[str, Any], list[str], int]:
+            with SyncBatchdClient(h.base_url, TOKEN) as sync:
+                sync.submit(_tasks("s", 3), job="sync-job")
+                cancelled = sync.cancel_job("sync-job")
+                ids = [r["custom_id"] for r in sync.job_results("sync-job")]
+                n = sync.write_job_results("sync-job", tmp_path / "sync.jsonl")
+                return cancelled, ids, n
+
+        cancelled, ids, n = await asyncio.to_thread(sync_side)
+        assert cancelled["cancelled_now"] == 3 and ids == ["s0", "s1", "s2"] and n == 3

@@ -196,7 +196,8 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         past, now = days
         assert past == {
             **past, "date": yesterday.isoformat(), "tasks_in": 31, "succeeded": 29,
-            "failed": 2, "retried": 2, "replayed": 0, "failure_ratio": round(2 / 31, 6),
+            "failed": 2, "cancelled": 0, "retried": 2, "replayed": 0,
+            "failure_ratio": round(2 / 31, 6),
             "manual_queue": 2,  # bad and phoenix, as the day ended
             # All 31 finished that day; 30 have succeeded since (phoenix by replay).
             "post_replay_success_ratio": round(30 / 31, 6),
@@ -271,7 +272,7 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
     for line, day in zip(table[2:4], days, strict=True):
         cells = line.split()
         assert cells == [day["date"], *(str(day[k]) for k in (
-            "tasks_in", "succeeded", "failed", "retried", "replayed")),
+            "tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed")),
             f"{day['failure_ratio'] * 100:.2f}", f"{day['post_replay_success_ratio'] * 100:.2f}",
             str(day["manual_queue"]), day["spend_usd"], day["sync_equivalent_usd"],
             day["savings_usd"], *(["ALERT"] if day["alert"] else [])]

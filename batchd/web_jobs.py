@@ -1,0 +1,131 @@
+"""The jobs API (DESIGN section 13). Every route is scoped to the caller's
+client: a job name means the caller's job, and another client's job of the
+same name is never seen nor touched."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from batchd import logs
+from batchd.domain import job_name_problem
+from batchd.ingest import IngestError
+from batchd.jobs import view_json
+from batchd.store import jobs as store
+from batchd.store.jobs import FINISHED_STATES
+from batchd.web import STATE, _client, _int_param, error_response, json_response
+
+log = logs.get("batchd.web")
+
+_NO_JOB = "no job of yours with that name"
+
+
+def _who(request: web.Request) -> str:
+    client = _client(request)
+    return client.name if client is not None else store.LOCAL
+
+
+def _job(request: web.Request) -> str | None:
+    """The job named in the path, or None when no job could have that name."""
+    name = request.match_info["job"]
+    return None if job_name_problem(name, request.app[STATE].ingest.limits) else name
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    after = request.query.get("after")
+    if after is not None and job_name_problem(after, request.app[STATE].ingest.limits):
+        raise IngestError(400, "invalid_parameter", "after must be a job name from a "
+                          "previous page's next")
+    views = await request.app[STATE].jobs.page(_who(request), after, limit)
+    has_more = len(views) == limit
+    return json_response({"jobs": [view_json(v) for v in views],
+                          "next": views[-1].job if views and has_more else None,
+                          "has_more": has_more})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    name = _job(request)
+    view = await request.app[STATE].jobs.get(_who(request), name) if name else None
+    if view is None:
+        return error_response(404, "not_found", _NO_JOB)
+    return json_response(view_json(view))
+
+
+async def put_job(request: web.Request) -> web.Response:
+    """Set or clear the job's callback_url: ``{"callback_url": "https://..."}``."""
+    state = request.app[STATE]
+    name = _job(request)
+    raw = await request.read()
+    try:
+        doc = orjson.loads(raw) if raw.strip() else None
+    except orjson.JSONDecodeError:
+        raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
+    usage = 'send {"callback_url": "https://..."} (null clears it)'
+    if not isinstance(doc, dict) or set(doc) != {"callback_url"}:
+        raise IngestError(400, "invalid_request", usage)
+    url = doc["callback_url"]
+    if url is not None and (not isinstance(url, str) or not url):
+        raise IngestError(400, "invalid_request", usage)
+    client = _client(request)
+    problem = state.ingest.callback_problem(url, client.name if client else None)
+    if problem:
+        raise IngestError(400, "invalid_request", f"callback_url {problem}")
+    if name is None or not await state.jobs.set_callback(_who(request), name, url):
+        return error_response(404, "not_found", _NO_JOB)
+    view = await state.jobs.get(_who(request), name)
+    assert view is not None
+    return json_response(view_json(view))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    name = _job(request)
+    done = await request.app[STATE].jobs.cancel(_who(request), name) if name else None
+    if done is None:
+        return error_response(404, "not_found", _NO_JOB)
+    return json_response({**view_json(done.job), "cancelled_now": done.cancelled_now})
+
+
+async def job_results(request: web.Request) -> web.StreamResponse:
+    """The job's finished tasks as NDJSON, in the order the tasks were
+    accepted (task id). ``?after=<custom_id>`` resumes after that task's line;
+    ``?state=`` keeps one terminal state."""
+    state = request.app[STATE]
+    name = _job(request)
+    who = _who(request)
+    wanted = request.query.get("state")
+    if wanted is not None and wanted not in FINISHED_STATES:
+        raise IngestError(400, "invalid_parameter",
+                          f"state must be one of {', '.join(FINISHED_STATES)}")
+    if name is None:
+        return error_response(404, "not_found", _NO_JOB)
+    async with state.engine.connect() as conn:
+        if not await store.job_exists(conn, who, name):
+            return error_response(404, "not_found", _NO_JOB)
+        after = 0
+        cursor = request.query.get("after")
+        if cursor is not None:
+            found = (await store.task_id_in_job(conn, who, name, cursor)
+                     if state.ingest.limits.custom_id_regex.fullmatch(cursor) else None)
+            if found is None:
+                return error_response(404, "not_found", "after names no task of this job; "
+                                      "pass the custom_id of the last line you read")
+            after = found
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    lines = 0
+    async for chunk in state.jobs.results(who, name, after=after,
+                                          states=[wanted] if wanted else FINISHED_STATES):
+        await response.write(chunk)
+        lines += chunk.count(b"\n")
+    await response.write_eof()
+    log.info("job.results_sent", job=name, lines=lines)
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/jobs", list_jobs)
+    app.router.add_get("/v1/jobs/{job}", get_job)
+    app.router.add_put("/v1/jobs/{job}", put_job)
+    app.router.add_post("/v1/jobs/{job}/cancel", cancel_job)
+    app.router.add_get("/v1/jobs/{job}/results", job_results)
