@@ -980,13 +980,14 @@ async def give_back_sync_call(conn: AsyncConnection, claim_id: str, custom_id: s
                               error: dict[str, Any]) -> None:
     """A sync call the provider refused before running it (our credentials):
     back to the queue with the attempt given back, as a batch never created."""
-    await conn.execute(text("""
+    await conn.execute(text(f"""
         WITH upd AS (
             UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
                    attempts = greatest(attempts - 1, 0), last_error = CAST(:err AS jsonb),
                    updated_at = now()
             WHERE custom_id = :cid AND batch_id = :claim AND state = 'submitted'
-            RETURNING custom_id, attempts
+            RETURNING custom_id, attempts, client, job
+        ), jd AS ({moved_deltas("upd", "'submitted'", "'queued'")}
         )
         INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
         SELECT custom_id, :claim, attempts, 'requeued', CAST(:err AS jsonb) FROM upd"""),

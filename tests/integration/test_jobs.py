@@ -355,3 +355,16 @@ async def test_results_of_a_100000_task_job_stream_in_flat_memory(
         # The whole answer is 40+ MB; server and client together held a few
         # pages of it at most.
         assert peak < received / 8, (peak, received)
+
+
+async def test_a_sync_call_given_back_moves_its_job_back_to_queued(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        await h.post(chat_task("refused", lane="sync", emulate="http_401", job="rush"))
+        await h.service.sync_lane.tick()
+        await h.service.sync_lane.wait_calls()
+        task = await h.task("refused")
+        assert (task["state"], task["attempts"]) == ("queued", 0)
+        view = await job(h, "rush")
+        assert (view["queued"], view["submitted"]) == (1, 0)
+        assert await job_counter_problems(h.engine) == []
