@@ -37,6 +37,7 @@ from batchd.prices import (
     Tokens,
     cost,
     tokens_from_usage,
+    usage_of,
 )
 from batchd.provider.base import RemoteBatch
 from batchd.store import repo
@@ -219,16 +220,16 @@ class Router:
                 result = classify_line(line)
                 if result.outcome is not Outcome.SUCCESS:
                     yield (number, cid, False, None, None, None, None, None, None, None, None,
-                           result.outcome is Outcome.FINAL,
+                           None, result.outcome is Outcome.FINAL,
                            orjson.dumps(result.error or {}).decode(), random.random())
                     continue
                 body = line["response"].get("body") or {}
-                usage = body.get("usage") if isinstance(body, dict) else None
+                usage = usage_of(body)
                 tokens = tokens_from_usage(usage)
                 lines.add(tokens)
                 yield (number, cid, True, result.status_code or 200, orjson.dumps(body).decode(),
                        orjson.dumps(usage).decode() if usage is not None else None,
-                       tokens.input, tokens.cached, tokens.output,
+                       tokens.input, tokens.cached, tokens.output, tokens.cache_write,
                        rate.usd(rate.cost(tokens)), sync_rate.usd(sync_rate.cost(tokens)),
                        None, None, None)
 
@@ -279,9 +280,11 @@ class Router:
         if s.unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
         for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),
+                        ("cache_write_input", s.billed.cache_write),
                         ("output", s.billed.output)):
             metrics.TOKENS.labels(model=model, kind=kind, lane="batch").inc(n)
 
 
 def _tokens(t: Tokens) -> dict[str, int]:
-    return {"input": t.input, "cached_input": t.cached, "output": t.output}
+    return {"input": t.input, "cached_input": t.cached, "output": t.output,
+            "cache_write_input": t.cache_write}

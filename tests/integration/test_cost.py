@@ -288,9 +288,10 @@ async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list
     """Through the router's own staging and settling statements: each result
     keeps its line's exact cost (whole 1e-12 USD), so results add up to the
     exact total, and routing again stores nothing."""
-    rows = [(n + 1, f"r{n}", True, 200, "{}", None, 0, 0, 0, Decimal(usd), Decimal(usd) * 2,
+    rows = [(n + 1, f"r{n}", True, 200, "{}", None, 0, 0, 0, 0, Decimal(usd),
+             Decimal(usd) * 2,
              None, None, None) for n, usd in enumerate(exact)]
-    rows.append((len(rows) + 1, "other", True, 200, "{}", None, 0, 0, 0, Decimal("0.4"),
+    rows.append((len(rows) + 1, "other", True, 200, "{}", None, 0, 0, 0, 0, Decimal("0.4"),
                  Decimal("0.8"), None, None, None))  # its task is not in this batch
     engine = make_engine(db_url, pool_size=1)
     try:
