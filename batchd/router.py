@@ -72,6 +72,8 @@ class RouteSummary:
     waited: list[float] = field(default_factory=list)  # ingest to result, per stored task
     # The stored results' exact costs by client (client caps).
     cost_by_client: dict[str, Decimal] = field(default_factory=dict)
+    # Another replica routed the batch first (its claim outlived ours).
+    already_routed: bool = False
     # (outcome, client) -> tasks, for the client-labelled completion metric.
     by_client: dict[tuple[str, str | None], int] = field(default_factory=dict)
 
@@ -131,6 +133,14 @@ class Router:
         if summary.unpriced:
             self.prices.warn_unpriced(model, "batch")
         async with self.engine.begin() as conn:
+            # The row lock makes a second router (a replica whose lease lapsed
+            # mid-route under load) wait for the first one's commit and then
+            # see the batch routed, instead of settling it again.
+            if not await repo.lock_unrouted_batch(conn, batch_id):
+                summary.already_routed = True
+                log.warning("batch.already_routed", batch_id=batch_id,
+                            provider_batch_id=remote.id)
+                return summary
             if remote.status == "failed":
                 await self._route_failed(conn, batch_id, remote, summary)
             else:

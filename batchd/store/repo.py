@@ -914,6 +914,14 @@ async def requeue_remaining(
     return {client: int(n) for client, n in rows}
 
 
+async def lock_unrouted_batch(conn: AsyncConnection, batch_id: str) -> bool:
+    """Lock a batch row for routing until the transaction ends; False when it
+    is already routed (waiting first for any router that holds it)."""
+    state = await conn.scalar(text("SELECT state FROM batches WHERE id = :id FOR UPDATE"),
+                              {"id": batch_id})
+    return state is not None and state != "routed"
+
+
 async def settle_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:
     """Close a routed batch; the caller passes its cost columns."""
     await set_batch(conn, batch_id, state="routed", routed_at=NOW, lease_owner=None,
