@@ -1,4 +1,5 @@
-"""Command line: serve, migrate, submit, jobs, job, report, replay, failed export, demo.
+"""Command line: serve, migrate, submit, jobs, job, report, replay, failed export/dismiss,
+prune, check, stats, demo.
 
 Every option of serve/demo is a setting: ``--window-seconds`` is
 BATCHD_WINDOW_SECONDS, and ``--help`` names the variable beside each option.
@@ -168,6 +169,92 @@ async def _failed_export(settings: Settings, out: Path) -> int:
     finally:
         await engine.dispose()
     print(f"wrote {n} failed task(s) to {out}")
+    return 0
+
+
+async def _failed_dismiss(settings: Settings, exported: Path | None, ids: list[str] | None,
+                          every: bool) -> int:
+    from batchd.replay import Replayer, read_failed_export
+
+    if exported is not None:
+        try:
+            ids = [*(ids or []), *(r["custom_id"] for r in read_failed_export(exported))]
+        except (OSError, ValueError) as exc:
+            raise BatchdError(str(exc)) from None
+    engine = await _with_engine(settings)
+    try:
+        outcome = await Replayer(engine).dismiss(None if every else ids or [])
+    finally:
+        await engine.dispose()
+    print(f"dismissed {len(outcome.replayed)} task(s) from the manual queue")
+    for cid, why in outcome.skipped.items():
+        print(f"  skipped {cid}: {why}")
+    return 0
+
+
+def _retention(settings: Settings, engine: Any) -> Any:
+    from batchd.report import Reporter
+    from batchd.retention import Retention
+
+    return Retention(engine, Reporter(engine, settings.failure_alert_ratio),
+                     days=settings.retention_days, batch_rows=settings.retention_batch_rows,
+                     interval=settings.retention_interval_seconds)
+
+
+async def _prune(settings: Settings, dry_run: bool) -> int:
+    engine = await _with_engine(settings)
+    try:
+        retention = _retention(settings, engine)
+        if dry_run:
+            plan = await retention.plan()
+            if plan.cutoff is None:
+                print("nothing to prune: the database holds no history")
+                return 0
+            print(f"would delete rows finished before {plan.cutoff.isoformat()} "
+                  f"(BATCHD_RETENTION_DAYS={settings.retention_days}); nothing was changed")
+            for what, n in plan.due.items():
+                print(f"  {what}: {n}")
+            return 0
+        pruned = await retention.prune()
+    finally:
+        await engine.dispose()
+    print(f"pruned {pruned.total} row(s) (BATCHD_RETENTION_DAYS={settings.retention_days})")
+    for table, n in pruned.rows.items():
+        print(f"  {table}: {n}")
+    return 0
+
+
+async def _check(settings: Settings, as_json: bool) -> int:
+    from batchd.check import check
+
+    engine = await _with_engine(settings)
+    try:
+        breaches = await check(engine, retention_days=settings.retention_days)
+    finally:
+        await engine.dispose()
+    if as_json:
+        print(orjson.dumps({"ok": not breaches, "breaches": [b.as_json() for b in breaches]},
+                           option=orjson.OPT_INDENT_2).decode())
+    elif breaches:
+        for b in breaches:
+            print(b.line())
+    else:
+        print("all invariants hold")
+    return 1 if breaches else 0
+
+
+async def _stats(settings: Settings, as_json: bool) -> int:
+    from batchd.stats import collect, render
+
+    engine = await _with_engine(settings)
+    try:
+        stats = await collect(engine)
+    finally:
+        await engine.dispose()
+    if as_json:
+        print(orjson.dumps(stats, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render(stats))
     return 0
 
 
@@ -420,6 +507,31 @@ def build_parser() -> argparse.ArgumentParser:
     _env_option(export, "--out", "BATCHD_FAILED_OUT", "where to write the JSONL", type=Path,
                 required=True)
     _add_setting_options(export, ["database_url", "data_dir"])
+    dismiss = failed_sub.add_parser(
+        "dismiss", help="take failed tasks out of the manual queue for good (export first)")
+    _env_option(dismiss, "--exported", "BATCHD_FAILED_DISMISS_EXPORTED",
+                "dismiss the tasks of this `failed export` file", type=Path)
+    dismiss.add_argument("--custom-id", action="append", dest="custom_ids", metavar="ID",
+                         help="a failed task, repeatable")
+    _env_option(dismiss, "--all", "BATCHD_FAILED_DISMISS_ALL", "every failed task",
+                action="store_true")
+    _add_setting_options(dismiss, ["database_url", "data_dir"])
+
+    prune = sub.add_parser("prune", help="roll up closed days and delete history past "
+                           "BATCHD_RETENTION_DAYS, once")
+    _env_option(prune, "--dry-run", "BATCHD_PRUNE_DRY_RUN", "count what would go; change nothing",
+                action="store_true")
+    _add_setting_options(prune, ["database_url", "data_dir", "retention_days",
+                                 "retention_batch_rows", "failure_alert_ratio"])
+
+    check = sub.add_parser("check", help="verify the database's invariants; exit 1 naming "
+                           "each breach")
+    _env_option(check, "--json", "BATCHD_CHECK_JSON", "print JSON", action="store_true")
+    _add_setting_options(check, ["database_url", "data_dir", "retention_days"])
+
+    stats = sub.add_parser("stats", help="table sizes, tasks by state, oldest rows, bytes a task")
+    _env_option(stats, "--json", "BATCHD_STATS_JSON", "print JSON", action="store_true")
+    _add_setting_options(stats, ["database_url", "data_dir"])
 
     callbacks = sub.add_parser("callbacks", help="result deliveries that used up their attempts")
     callbacks_sub = callbacks.add_subparsers(dest="callbacks_command", required=True)
@@ -500,8 +612,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is None and not args.submit:
                 raise ConfigError("replay needs --out FILE, --submit, or both")
             return _run(_replay(settings, args.failed, args.out, args.submit))
+        if args.command == "failed" and args.failed_command == "dismiss":
+            if not (args.exported or args.custom_ids or args.all):
+                raise ConfigError("failed dismiss needs --exported FILE, --custom-id ID or --all")
+            return _run(_failed_dismiss(settings, args.exported, args.custom_ids, args.all))
         if args.command == "failed":
             return _run(_failed_export(settings, args.out))
+        if args.command == "prune":
+            return _run(_prune(settings, args.dry_run))
+        if args.command == "check":
+            return _run(_check(settings, args.json))
+        if args.command == "stats":
+            return _run(_stats(settings, args.json))
         if args.command == "demo":
             if args.setting_log_level is None and "BATCHD_LOG_LEVEL" not in os.environ:
                 # The demo prints its own progress and report; keep logs to problems.

@@ -124,6 +124,14 @@ class Settings(BaseSettings):
         None, description="client=profile pairs (1h, 6h, 24h): the latency profile of a "
         "client's tasks that name none in metadata.latency_profile")
     scheduler_interval_seconds: float = Field(1.0, gt=0, description="scheduler tick")
+    retention_days: int = Field(
+        30, ge=1, le=36_500, description="finished tasks, results, events, callbacks and "
+        "batches older than this many days are deleted (failed tasks stay in the manual queue)")
+    retention_interval_seconds: float = Field(
+        300, gt=0, description="how often the retention pass rolls up closed days and prunes")
+    retention_batch_rows: int = Field(
+        2000, ge=1, le=100_000, description="rows one retention step deletes per table "
+        "(one short transaction)")
     lease_seconds: float = Field(300, gt=0, description="how long a replica's claim lasts")
     provider_timeout_seconds: float = Field(
         120, gt=0, description="longest wait for one provider call (the SDK retries twice)")

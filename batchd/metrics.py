@@ -209,4 +209,20 @@ TASKS_CANCELLED = Counter(
     "batchd_tasks_cancelled", "Queued tasks cancelled with their job (never sent)", ["client"],
     registry=REGISTRY,
 )
+# A year of operation (DESIGN 15): what the database holds and what retention
+# took out of it; the alerts compare growth against the retention window.
+DATABASE_BYTES = Gauge(
+    "batchd_database_size_bytes", "Size of batchd's PostgreSQL database (pg_database_size)",
+    registry=REGISTRY,
+)
+ROWS_PRUNED = Counter(
+    "batchd_rows_pruned", "Rows deleted by retention", ["table"], registry=REGISTRY
+)
+RETENTION_OLDEST = Gauge(
+    "batchd_retention_oldest_finished_timestamp_seconds",
+    "Finish time of the oldest task retention may delete (0 when none)", registry=REGISTRY,
+)
+CONFIG_RETENTION_DAYS = Gauge(
+    "batchd_config_retention_days", "BATCHD_RETENTION_DAYS", registry=REGISTRY
+)
 BUILD_INFO = Info("batchd_build", "batchd version", registry=REGISTRY)

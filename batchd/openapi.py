@@ -385,6 +385,15 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                     "type": "object", "required": ["custom_id", "reason"],
                     "properties": {"custom_id": {"type": "string"},
                                    "reason": {"type": "string"}}}}}},
+        "DismissOutcome": {
+            "type": "object", "required": ["dismissed", "custom_ids", "skipped"],
+            "properties": {
+                "dismissed": {"type": "integer", "minimum": 0},
+                "custom_ids": {"type": "array", "items": {"type": "string"}},
+                "skipped": {"type": "array", "items": {
+                    "type": "object", "required": ["custom_id", "reason"],
+                    "properties": {"custom_id": {"type": "string"},
+                                   "reason": {"type": "string"}}}}}},
         "Callback": callback,
         "CallbackPayload": callback_payload(),
         "TaskCallbacks": {"type": "object", "required": ["custom_id", "callbacks"],
@@ -716,6 +725,17 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                             "content": json_content(ref("ReplayRequest"))},
             "responses": {"200": ok("what was re-queued and what was skipped, and why",
                                     ref("ReplayOutcome")),
+                          "400": error("the body names no tasks", "invalid_json",
+                                       "invalid_request"),
+                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+        "/v1/failed/dismiss": {"post": {
+            "operationId": "dismissFailed", "tags": ["manual queue"],
+            "summary": "Take chosen (or all) failed tasks out of the manual queue for good "
+                       "(export them first); retention then deletes them",
+            "requestBody": {"required": True,
+                            "content": json_content(ref("ReplayRequest"))},
+            "responses": {"200": ok("what was dismissed and what was skipped, and why",
+                                    ref("DismissOutcome")),
                           "400": error("the body names no tasks", "invalid_json",
                                        "invalid_request"),
                           "401": UNAUTHORIZED, "503": UNAVAILABLE}}},

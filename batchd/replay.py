@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs
 from batchd.domain import input_line
+from batchd.store import retention
 from batchd.store.jobs import moved_deltas
 
 log = logs.get("batchd.replay")
@@ -31,8 +32,8 @@ class ReplayOutcome:
     replayed: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
-    def as_json(self) -> dict[str, Any]:
-        return {"replayed": len(self.replayed), "custom_ids": self.replayed,
+    def as_json(self, verb: str = "replayed") -> dict[str, Any]:
+        return {verb: len(self.replayed), "custom_ids": self.replayed,
                 "skipped": [{"custom_id": k, "reason": v} for k, v in self.skipped.items()]}
 
 
@@ -70,6 +71,23 @@ class Replayer:
                 outcome.skipped = {cid: _WHY_NOT.get(states.get(cid, ""), "unknown custom_id")
                                    for cid in rest}
         log.info("tasks.replayed", replayed=len(outcome.replayed), skipped=len(outcome.skipped))
+        return outcome
+
+    async def dismiss(self, custom_ids: list[str] | None) -> ReplayOutcome:
+        """Take failed tasks (all when ``custom_ids`` is None) out of the
+        manual queue, for good: they are kept until retention deletes them
+        like any finished task, but never replayed. Export them first
+        (``batchd failed export``): the export is then their only copy."""
+        outcome = ReplayOutcome()
+        async with self.engine.begin() as conn:
+            outcome.replayed = await retention.dismiss_failed(conn, custom_ids)
+            if custom_ids is not None:
+                rest = sorted(set(custom_ids) - set(outcome.replayed))
+                states = await retention.task_states(conn, rest)
+                outcome.skipped = {cid: _WHY_NOT.get(states.get(cid, ""), "unknown custom_id")
+                                   for cid in rest}
+        log.info("tasks.dismissed", dismissed=len(outcome.replayed),
+                 skipped=len(outcome.skipped))
         return outcome
 
     async def export_failed(self, out: Path) -> int:

@@ -35,6 +35,7 @@ from batchd.prices import PriceTable
 from batchd.provider.base import Provider
 from batchd.replay import Replayer
 from batchd.report import Reporter
+from batchd.retention import Retention
 from batchd.router import Router
 from batchd.scheduler import Clock, Scheduler, utc_now
 from batchd.store import repo
@@ -152,6 +153,9 @@ class Service:
         self.callbacks = CallbackSender(engine, self.clients, settings)
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.jobs = Jobs(engine, self.clients)
+        self.retention = Retention(engine, self.reporter, days=settings.retention_days,
+                                   batch_rows=settings.retention_batch_rows,
+                                   interval=settings.retention_interval_seconds)
         self.api = ApiState(
             engine=engine,
             ingest=Ingest(engine, limits=settings.limits,
@@ -219,7 +223,7 @@ class Service:
             ("sync_lane", self.sync_lane.run), ("callbacks", self.callbacks.run),
             ("jobs", self.jobs.run), ("snapshot", self._snapshots),
             ("spool_sweep", self._sweeps),
-            ("daily", self._daily_report))]
+            ("daily", self._daily_report), ("retention", self.retention.run))]
         if started is not None:
             started.set()
         await stop.wait()

@@ -397,28 +397,40 @@ async def get_failed(request: web.Request) -> web.Response:
     return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
 
-async def post_replay(request: web.Request) -> web.Response:
+async def _manual_queue_ids(request: web.Request, verb: str) -> list[str] | None:
+    """The tasks a replay or dismissal names: a list, or None for all."""
     raw = await request.read()
     try:
         doc = orjson.loads(raw) if raw.strip() else {}
     except orjson.JSONDecodeError:
         raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
-    usage = 'name tasks with {"custom_ids": [...]} or replay all with {"all": true}'
+    usage = f'name tasks with {{"custom_ids": [...]}} or {verb} all with {{"all": true}}'
     if not isinstance(doc, dict) or set(doc) - {"custom_ids", "all"}:
         raise IngestError(400, "invalid_request", usage)
     ids = doc.get("custom_ids")
-    replay_all = doc.get("all", False)
+    every = doc.get("all", False)
     if "custom_ids" in doc and ids is None:
         raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
-    if not isinstance(replay_all, bool) or (ids is None and not replay_all):
+    if not isinstance(every, bool) or (ids is None and not every):
         raise IngestError(400, "invalid_request", usage)
     limit = request.app[STATE].ingest.limits.tasks_per_request
     if ids is not None and (not isinstance(ids, list) or len(ids) > limit or not all(
             isinstance(i, str) and len(i) <= 512 and "\x00" not in i for i in ids)):
         raise IngestError(400, "invalid_request",
                           f"custom_ids must be a list of at most {limit} custom_id strings")
+    return ids
+
+
+async def post_replay(request: web.Request) -> web.Response:
+    ids = await _manual_queue_ids(request, "replay")
     outcome = await request.app[STATE].replayer.replay(ids)
     return json_response(outcome.as_json())
+
+
+async def post_dismiss(request: web.Request) -> web.Response:
+    ids = await _manual_queue_ids(request, "dismiss")
+    outcome = await request.app[STATE].replayer.dismiss(ids)
+    return json_response(outcome.as_json("dismissed"))
 
 
 async def get_failed_callbacks(request: web.Request) -> web.Response:
@@ -555,6 +567,7 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app.router.add_get("/v1/results", get_results)
     app.router.add_get("/v1/failed", get_failed)
     app.router.add_post("/v1/failed/replay", post_replay)
+    app.router.add_post("/v1/failed/dismiss", post_dismiss)
     app.router.add_get("/v1/report/daily", get_daily_report)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

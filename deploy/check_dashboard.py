@@ -54,6 +54,11 @@ CONTRACT: dict[str, str] = {
     "batchd_callback_delivery_seconds": "histogram",
     "batchd_callbacks_pending": "gauge",
     "batchd_callbacks_failed": "gauge",
+    # DESIGN 15, a year of operation (README "Running it for a year").
+    "batchd_database_size_bytes": "gauge",
+    "batchd_rows_pruned": "counter",
+    "batchd_retention_oldest_finished_timestamp_seconds": "gauge",
+    "batchd_config_retention_days": "gauge",
 }
 
 # What prometheus-client exposes for each metric type.

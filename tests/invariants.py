@@ -1,6 +1,8 @@
 """The crash-safety invariants, checked from batchd's tables and the
 emulator's record of what it received (``Emulator.record()`` or
-``GET /_emulator/record``).
+``GET /_emulator/record``). What the database alone shows is batchd's own
+checker (``batchd check``, batchd/check.py); this adds what needs the
+provider's record.
 
 What must hold after any crash, kill, database outage or provider fault:
 
@@ -27,6 +29,8 @@ from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from batchd.check import check as batchd_check
 
 LIVE_PROVIDER = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -84,14 +88,17 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         if open_:
             r.fail(f"{len(open_)} task(s) never reached a terminal state", open_)
 
-    # 2. A submitted task sits in one live batch of ours; no custom_id in two
-    #    live provider batches.
+    # 2, 3 and the database's own invariants (one live batch per submitted
+    #    task, the ledger, results = successes stored once, no orphans, the
+    #    daily counters): what `batchd check` verifies on a live database.
+    for breach in await batchd_check(engine, retention_days=36_500):
+        if breach.code == "success_stored_twice":
+            r.duplicated += breach.count
+        r.fail(breach.line())
     batches = {row.id: row for row in await _rows(engine, """
         SELECT id, state, provider_batch_id FROM batches""")}
-    stray = [cid for cid, t in tasks.items() if t.state == "submitted" and t.lane == "batch"
-             and (t.batch_id not in batches or batches[t.batch_id].state == "routed")]
-    if stray:
-        r.fail(f"{len(stray)} submitted task(s) point at no live batch", stray)
+
+    # No custom_id in two live provider batches (only the provider's record shows it).
     live_at_provider: collections.Counter[str] = collections.Counter()
     for b in record["batches"]:
         if b["status"] in LIVE_PROVIDER:
@@ -99,23 +106,6 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
     twice_live = [cid for cid, n in live_at_provider.items() if n > 1]
     if twice_live:
         r.fail(f"{len(twice_live)} custom_id(s) live in two provider batches", twice_live)
-
-    # 3. Results ⊆ succeeded tasks; each success stored once.
-    results = [row.custom_id for row in await _rows(engine, "SELECT custom_id FROM results")]
-    not_succeeded = [cid for cid in results if cid not in tasks
-                     or tasks[cid].state != "succeeded"]
-    if not_succeeded:
-        r.fail(f"{len(not_succeeded)} result(s) for tasks not succeeded", not_succeeded)
-    without = {cid for cid, t in tasks.items() if t.state == "succeeded"} - set(results)
-    if without:
-        r.fail(f"{len(without)} succeeded task(s) without a result", sorted(without))
-    twice_ok = [row.custom_id for row in await _rows(engine, """
-        SELECT e.custom_id FROM task_events e JOIN tasks t USING (custom_id)
-        WHERE e.outcome = 'succeeded' GROUP BY e.custom_id, t.replay_count
-        HAVING count(*) > t.replay_count + 1""")]
-    r.duplicated += len(twice_ok)
-    if twice_ok:
-        r.fail(f"{len(twice_ok)} success(es) stored more than once", twice_ok)
 
     # 5. (before 4: it decides which provider batches count) One provider
     #    batch per batchd batch, and it is the recorded one.

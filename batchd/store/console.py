@@ -211,7 +211,9 @@ async def export_rows(conn: AsyncConnection, client: str | None, ids: Sequence[i
 
 DISMISS = text(f"""
 WITH upd AS (
-    UPDATE tasks SET state = 'dismissed', updated_at = now()
+    -- Retention counts from the dismissal (store/retention.py), so every
+    -- event of the task, the dismissal's too, precedes its finish time.
+    UPDATE tasks SET state = 'dismissed', finished_at = now(), updated_at = now()
     WHERE id = ANY(CAST(:ids AS bigint[])) AND state = 'failed' AND {_MINE}
     RETURNING id, custom_id, attempts, last_error
 ), ev AS (

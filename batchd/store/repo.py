@@ -617,11 +617,15 @@ async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict
 # duplicate line or a task that left for the sync lane stores nothing. Two
 # inputs fill it: parallel arrays (the sync lane, one call at a time) and the
 # lines a route staged with COPY (below), with their exact costs.
+# A batch success drops the task's body: its input file is archived, and
+# only failed tasks are ever replayed from their body (README "Running it
+# for a year"); the sync lane archives no input, so its tasks keep theirs.
+_DROP_BODY = ", body = NULL"
 _SUCCESS_SQL = """
 WITH input AS ({input}
 ), done AS (
     UPDATE tasks t SET state = 'succeeded', finished_at = now(), updated_at = now(),
-           last_error = NULL
+           last_error = NULL{drop_body}
     FROM input i
     -- One probe of the custom_id index a line. Matched on batch_id, the
     -- planner may take a fresh batch for one row (stale statistics) and
@@ -641,9 +645,11 @@ WITH input AS ({input}
     SELECT cid, client, callback_url, 'succeeded', attempts FROM kept
     WHERE callback_url IS NOT NULL
 ), res AS (
+    -- usage stays NULL: it is the response's own "usage" member, and a second
+    -- copy cost ~230 bytes a result (README "Running it for a year").
     INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
                               sync_cost_usd, replay_count, unpriced)
-    SELECT cid, :bid, status, resp::jsonb, usage::jsonb, cost, sync, replay_count, unpriced
+    SELECT cid, :bid, status, resp::jsonb, NULL, cost, sync, replay_count, unpriced
     FROM {rows}
     ON CONFLICT (custom_id) DO UPDATE SET
         batch_id = excluded.batch_id, status_code = excluded.status_code,
@@ -665,7 +671,7 @@ _UPSERT_SUCCESSES = text(_SUCCESS_SQL.format(input="""
         CAST(:unpriced AS bool[]))
         AS t(cid, status, resp, usage, cost, sync, unpriced)""", kept="""
     SELECT i.*, d.* FROM input i JOIN done d ON d.custom_id = i.cid""", rows="kept", final="""
-SELECT cid, client FROM kept"""))
+SELECT cid, client FROM kept""", drop_body=""))
 
 
 @dataclass(slots=True)
@@ -835,7 +841,7 @@ _STAGED_SUCCESSES = text(_SUCCESS_SQL.format(input="""
 SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(tcw), sum(cost),
        sum(sync),
        array_agg(waited), sum(est_input_tokens)
-FROM kept GROUP BY client"""))
+FROM kept GROUP BY client""", drop_body=_DROP_BODY))
 
 _STAGED_FAILURES = text(_FAIL_SQL.format(input="""
     SELECT DISTINCT ON (cid) cid, final, err, jitter FROM route_lines WHERE NOT ok

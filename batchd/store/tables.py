@@ -34,7 +34,9 @@ tasks = Table(
     Column("custom_id", Text, nullable=False, unique=True),
     Column("endpoint", Text, nullable=False),
     Column("model", Text, nullable=False),
-    Column("body", JSONB, nullable=False),
+    # NULL once the task succeeded in a batch: the archive holds its input
+    # line, and only failed tasks are replayed from their body (migration 0010).
+    Column("body", JSONB),
     Column("body_digest", Text, nullable=False),
     Column("metadata", JSONB),
     Column("line_bytes", Integer, nullable=False),
@@ -87,7 +89,8 @@ tasks = Table(
     Index("tasks_fallback", "fallback_at",
           postgresql_where=text("fallback_at IS NOT NULL AND state IN ('queued', 'submitted')")),
     Index("tasks_created", "created_at"),
-    # The console's manual queue, newest first; the report's day of finished tasks.
+    # The console's manual queue, newest first; the report's day of finished
+    # tasks; retention walks finished tasks oldest first.
     Index("tasks_manual", "id", postgresql_where=text("state = 'failed'")),
     Index("tasks_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
     # A job's tasks in id order: its results stream and its cancel (migration 0009).
@@ -133,6 +136,9 @@ batches = Table(
     Column("submitted_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("routed_at", DateTime(timezone=True)),
+    # Set when retention deleted some of its tasks' results: from then on its
+    # cost no longer equals the results it kept (batchd check skips it).
+    Column("pruned_at", DateTime(timezone=True)),
     CheckConstraint(
         "state IN ('building','uploading','submitted','completed','failed','expired',"
         "'cancelled','routed')",
@@ -140,6 +146,7 @@ batches = Table(
     ),
     Index("batches_live", "next_poll_at", postgresql_where=text("state <> 'routed'")),
     Index("batches_spend_day", "spend_day"),
+    Index("batches_routed", "routed_at", postgresql_where=text("state = 'routed'")),
 )
 
 results = Table(
@@ -204,6 +211,7 @@ sync_spend = Table(
     Column("settled_at", DateTime(timezone=True)),
     Index("sync_spend_day", "spend_day"),
     Index("sync_spend_claim", "claim_id", "custom_id"),
+    Index("sync_spend_settled", "settled_at"),
 )
 
 # Per-client spend for BATCHD_CLIENT_BUDGETS: a batch or sync claim reserves
@@ -328,4 +336,43 @@ job_deltas = Table(
     Column("sync_usd", MONEY, nullable=False, server_default="0"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("job_deltas_job", "client", "job"),
+)
+
+# The daily report of each closed UTC day, stored once (migration 0010): the
+# report of a day reads these rows, so it outlives the rows retention deletes.
+# Client '' holds what belongs to no client (billed lines no task kept).
+daily_rollups = Table(
+    "daily_rollups",
+    metadata,
+    Column("day", Date, primary_key=True),
+    Column("client", Text, primary_key=True),
+    Column("provider", Text, primary_key=True),
+    Column("model", Text, primary_key=True),
+    Column("lane", Text, primary_key=True),
+    Column("tasks_in", BigInteger, nullable=False, server_default="0"),
+    Column("succeeded", BigInteger, nullable=False, server_default="0"),
+    Column("failed", BigInteger, nullable=False, server_default="0"),
+    Column("cancelled", BigInteger, nullable=False, server_default="0"),
+    Column("retried", BigInteger, nullable=False, server_default="0"),
+    Column("replayed", BigInteger, nullable=False, server_default="0"),
+    Column("dismissed", BigInteger, nullable=False, server_default="0"),
+    Column("finished", BigInteger, nullable=False, server_default="0"),
+    Column("finished_ok", BigInteger, nullable=False, server_default="0"),
+    Column("spend_usd", MONEY, nullable=False, server_default="0"),
+    Column("sync_usd", MONEY, nullable=False, server_default="0"),
+    Column("unattributed_usd", MONEY, nullable=False, server_default="0"),
+    Column("unpriced", Boolean, nullable=False, server_default="false"),
+    Column("lane_succeeded", BigInteger, nullable=False, server_default="0"),
+    Column("lane_failed", BigInteger, nullable=False, server_default="0"),
+    Column("lane_spend_usd", MONEY, nullable=False, server_default="0"),
+    # Ingest-to-finish seconds as a log histogram {bucket: count}, which adds
+    # up across rows as percentiles do not (report.LATENCY_BUCKETS_PER_DOUBLING).
+    Column("latency", JSONB, nullable=False, server_default="{}"),
+)
+
+rollup_days = Table(
+    "rollup_days",
+    metadata,
+    Column("day", Date, primary_key=True),
+    Column("rolled_at", DateTime(timezone=True), nullable=False, server_default=NOW),
 )

@@ -86,12 +86,12 @@ def _fewer_submissions(rec: dict[str, Any]) -> None:
     ("UPDATE tasks SET state = 'queued', batch_id = NULL WHERE custom_id = 'b'", None, None,
      "never reached a terminal state"),
     ("UPDATE tasks SET state = 'submitted' WHERE custom_id = 'b'", None, None,
-     "point at no live batch"),
+     "task_in_two_live_batches"),
     ("INSERT INTO results (custom_id, batch_id, status_code, response) "
-     "VALUES ('b', 'bd_2', 200, '{}')", None, None, "result(s) for tasks not succeeded"),
-    ("DELETE FROM results", None, None, "succeeded task(s) without a result"),
+     "VALUES ('b', 'bd_2', 200, '{}')", None, None, "result_without_success"),
+    ("DELETE FROM results", None, None, "success_without_result"),
     ("INSERT INTO task_events (custom_id, batch_id, attempt, outcome) "
-     "VALUES ('a', 'bd_1', 1, 'succeeded')", None, None, "stored more than once"),
+     "VALUES ('a', 'bd_1', 1, 'succeeded')", None, None, "success_stored_twice"),
     (None, _fewer_submissions, None, "count attempts the provider never saw"),
     ("UPDATE tasks SET attempts = 1 WHERE custom_id = 'b'", None, None,
      "submitted more often than counted"),

@@ -1,6 +1,7 @@
-"""Every statement behind a console page reads through an index, never by
-scanning tasks (or results, or task_events): EXPLAINed on a database of
-100,000 tasks over 30 days, three clients, a queue and a manual queue."""
+"""Every statement behind a console page, the daily report's and the
+retention pass's read through an index, never by scanning tasks (or results,
+or task_events): EXPLAINed on a database of 100,000 tasks over 30 days,
+three clients, a queue and a manual queue."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd import report
 from batchd.store import console as sql
+from batchd.store import retention, rollups
 from batchd.store.engine import make_engine
 
 _FILL = [
@@ -105,10 +107,18 @@ async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
     ]
     for day in (today, today - timedelta(days=12)):
         lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        bounds = {"start": lo, "end": lo + timedelta(days=1)}
-        checks += [(f"report day {day}", report._DAY, bounds),
-                   (f"report unpriced {day}", report._UNPRICED, bounds),
-                   (f"report lanes {day}", report._LANES, bounds)]
+        bounds = {"lo": lo, "hi": lo + timedelta(days=1)}
+        checks += [(f"report {name} {day}", stmt, bounds) for name, stmt in (
+            ("tasks in", rollups._TASKS_IN), ("events", rollups._EVENTS),
+            ("money", rollups._MONEY), ("unattributed", rollups._UNATTRIBUTED),
+            ("sync unkept", rollups._SYNC_UNKEPT))]
+        checks += [(f"report lanes {day}", rollups._LANES,
+                    {**bounds, "per_doubling": report.LATENCY_BUCKETS_PER_DOUBLING})]
+    cutoff = start - timedelta(days=20)
+    checks += [("prune tasks", retention._PRUNE_TASKS, {"cutoff": cutoff, "limit": 2000}),
+               ("prune batches", retention._PRUNE_BATCHES, {"cutoff": cutoff, "limit": 2000}),
+               ("prune due", retention._COUNT_DUE, {"cutoff": cutoff,
+                                                     "cutoff_day": cutoff.date()})]
     try:
         async with engine.connect() as conn:
             found = {name: await _scans(conn, stmt, params) for name, stmt, params in checks}
