@@ -46,6 +46,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batchd.emulator.scripting import Scripted
+
 OUTCOMES = frozenset({"ok", "invalid_request", "overloaded", "api_error", "canceled",
                       "expired", "missing"})
 ROUTES = frozenset({"create", "retrieve", "list", "cancel", "results", "sync"})
@@ -125,9 +127,15 @@ def _error(etype: str, message: str) -> dict[str, Any]:
             "request_id": f"req_{uuid.uuid4().hex[:24]}"}
 
 
-class AnthropicEmulator:
+class AnthropicEmulator(Scripted):
+    OUTCOMES = OUTCOMES
+    ROUTES = ROUTES
+    FAULT_KINDS = FAULT_KINDS
+    BATCH_SCRIPTS = BATCH_SCRIPTS
+
     def __init__(self, api_key: str = "test-key", *, in_progress_seconds: float = 0.0,
                  cancelling_seconds: float = 0.0, expiry_seconds: float = 86400.0) -> None:
+        super().__init__()
         self.api_key = api_key
         self.in_progress_seconds = in_progress_seconds
         self.cancelling_seconds = cancelling_seconds
@@ -136,34 +144,12 @@ class AnthropicEmulator:
         self.submissions: collections.Counter[str] = collections.Counter()
         self.sync_submissions: collections.Counter[str] = collections.Counter()
         self.calls: collections.Counter[str] = collections.Counter()
-        self.faults_applied: collections.Counter[str] = collections.Counter()
-        self._line_scripts: dict[str, collections.deque[str]] = {}
-        self._batch_scripts: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
-        self._faults: dict[str, collections.deque[list[Any]]] = {}
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.base = ""
         self.app = self._build_app()
 
     # ---- scripting -------------------------------------------------------------------
-
-    def script_line(self, custom_id: str, *outcomes: str) -> None:
-        bad = set(outcomes) - OUTCOMES
-        if bad:
-            raise ValueError(f"unknown outcomes {sorted(bad)}; known: {sorted(OUTCOMES)}")
-        self._line_scripts.setdefault(custom_id, collections.deque()).extend(outcomes)
-
-    def script_batch(self, kind: str, **params: Any) -> None:
-        if kind not in BATCH_SCRIPTS:
-            raise ValueError(f"unknown batch script {kind!r}; known: {sorted(BATCH_SCRIPTS)}")
-        self._batch_scripts.append((kind, params))
-
-    def inject(self, route: str, fault: str, times: int = 1, **params: Any) -> None:
-        if route not in ROUTES:
-            raise ValueError(f"unknown route {route!r}; known: {sorted(ROUTES)}")
-        if fault not in FAULT_KINDS:
-            raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULT_KINDS)}")
-        self._faults.setdefault(route, collections.deque()).append([fault, times, params])
 
     def expire_now(self, batch_id: str) -> None:
         """Make the 24 hours pass for one batch."""
@@ -243,17 +229,6 @@ class AnthropicEmulator:
         except ApiError as exc:
             return self._json(_error(exc.type, exc.message), exc.status)
 
-    def _take_fault(self, route: str) -> tuple[str, dict[str, Any]] | None:
-        queue = self._faults.get(route)
-        if not queue:
-            return None
-        entry = queue[0]
-        entry[1] -= 1
-        if entry[1] <= 0:
-            queue.popleft()
-        self.faults_applied[f"{route}:{entry[0]}"] += 1
-        return entry[0], entry[2]
-
     @staticmethod
     def _json(body: Any, status: int = 200) -> web.Response:
         return web.Response(status=status, body=orjson.dumps(body),
@@ -274,9 +249,9 @@ class AnthropicEmulator:
     # ---- batches ---------------------------------------------------------------------
 
     def _resolve(self, custom_id: str, params: dict[str, Any]) -> str:
-        queue = self._line_scripts.get(custom_id)
-        if queue:
-            return queue.popleft()
+        scripted = self._scripted_outcome(custom_id)
+        if scripted is not None:
+            return scripted
         meta = params.get("metadata")
         marker = meta.get("emulate") if isinstance(meta, dict) else None
         return marker if marker in OUTCOMES else "ok"

@@ -40,6 +40,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batchd.emulator.scripting import Scripted
+
 OUTCOMES = frozenset({"ok", "invalid_argument", "resource_exhausted", "internal",
                       "unavailable", "missing"})
 ROUTES = frozenset({"upload", "download", "create", "retrieve", "list", "cancel", "sync"})
@@ -117,9 +119,15 @@ def _status(code: int, status: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message, "status": status}
 
 
-class GeminiEmulator:
+class GeminiEmulator(Scripted):
+    OUTCOMES = OUTCOMES
+    ROUTES = ROUTES
+    FAULT_KINDS = FAULT_KINDS
+    BATCH_SCRIPTS = BATCH_SCRIPTS
+
     def __init__(self, api_key: str = "test-key", *, running_seconds: float = 0.0,
                  expiry_seconds: float = 48 * 3600.0) -> None:
+        super().__init__()
         self.api_key = api_key
         self.running_seconds = running_seconds
         self.expiry_seconds = expiry_seconds
@@ -129,33 +137,11 @@ class GeminiEmulator:
         self.submissions: collections.Counter[str] = collections.Counter()
         self.sync_submissions: collections.Counter[str] = collections.Counter()
         self.calls: collections.Counter[str] = collections.Counter()
-        self.faults_applied: collections.Counter[str] = collections.Counter()
-        self._line_scripts: dict[str, collections.deque[str]] = {}
-        self._batch_scripts: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
-        self._faults: dict[str, collections.deque[list[Any]]] = {}
         self._runner: web.AppRunner | None = None
         self.base = ""
         self.app = self._build_app()
 
     # ---- scripting -------------------------------------------------------------------
-
-    def script_line(self, key: str, *outcomes: str) -> None:
-        bad = set(outcomes) - OUTCOMES
-        if bad:
-            raise ValueError(f"unknown outcomes {sorted(bad)}; known: {sorted(OUTCOMES)}")
-        self._line_scripts.setdefault(key, collections.deque()).extend(outcomes)
-
-    def script_batch(self, kind: str, **params: Any) -> None:
-        if kind not in BATCH_SCRIPTS:
-            raise ValueError(f"unknown batch script {kind!r}; known: {sorted(BATCH_SCRIPTS)}")
-        self._batch_scripts.append((kind, params))
-
-    def inject(self, route: str, fault: str, times: int = 1, **params: Any) -> None:
-        if route not in ROUTES:
-            raise ValueError(f"unknown route {route!r}; known: {sorted(ROUTES)}")
-        if fault not in FAULT_KINDS:
-            raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULT_KINDS)}")
-        self._faults.setdefault(route, collections.deque()).append([fault, times, params])
 
     def expire_now(self, name: str) -> None:
         job = self.jobs[name]
@@ -217,7 +203,7 @@ class GeminiEmulator:
         try:
             if fault is None:
                 return await handler(request)
-            kind = fault
+            kind, _ = fault
             if kind in FAULTS:
                 status, code = FAULTS[kind]
                 return self._error(status, code, f"emulated {kind}")
@@ -231,17 +217,6 @@ class GeminiEmulator:
             return resp
         except ApiError as exc:
             return self._error(exc.status, exc.code, exc.message)
-
-    def _take_fault(self, route: str) -> str | None:
-        queue = self._faults.get(route)
-        if not queue:
-            return None
-        entry = queue[0]
-        entry[1] -= 1
-        if entry[1] <= 0:
-            queue.popleft()
-        self.faults_applied[f"{route}:{entry[0]}"] += 1
-        return str(entry[0])
 
     @staticmethod
     def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None
@@ -308,9 +283,9 @@ class GeminiEmulator:
     # ---- batches ---------------------------------------------------------------------
 
     def _resolve(self, key: str, request: dict[str, Any]) -> str:
-        queue = self._line_scripts.get(key)
-        if queue:
-            return queue.popleft()
+        scripted = self._scripted_outcome(key)
+        if scripted is not None:
+            return scripted
         marker = request.get("emulate")
         return marker if marker in OUTCOMES else "ok"
 
