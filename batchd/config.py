@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535, description="ingest API port")
     ingest_tokens: SecretStr | None = Field(
         None, description="comma-separated bearer tokens; `client=token` names the client")
+    admin_tokens: SecretStr | None = Field(
+        None, description="comma-separated name=token admin tokens: they see and act on every "
+        "client's tasks (?client= narrows)")
     ingest_tokens_file: Path | None = Field(
         None, description="TOML file of clients: tokens, callback secret, default callback_url")
     callback_allowed_hosts: str | None = Field(

@@ -296,7 +296,8 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                                            "tasks": {"type": "array", "items": ref("TaskView")}}}
     result: Schema = {
         "type": "object", "required": ["seq", "custom_id", "status_code", "created_at"],
-        "properties": {"seq": {"type": "integer"}, "custom_id": {"type": "string"},
+        "properties": {"seq": {"type": "integer"}, "client": {"type": "string"},
+                       "custom_id": {"type": "string"},
                        "batch_id": nullable({"type": "string"}),
                        "status_code": nullable({"type": "integer"}),
                        "response": nullable({"type": "object"}),
@@ -306,7 +307,8 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
     }
     failed: Schema = {
         "type": "object", "required": ["id", "custom_id", "endpoint", "model", "attempts"],
-        "properties": {"id": {"type": "integer"}, "custom_id": {"type": "string"},
+        "properties": {"id": {"type": "integer"}, "client": {"type": "string"},
+                       "custom_id": {"type": "string"},
                        "endpoint": {"type": "string"}, "model": {"type": "string"},
                        "attempts": {"type": "integer"}, "replay_count": {"type": "integer"},
                        "batch_id": nullable({"type": "string"}),
@@ -594,6 +596,13 @@ UNAVAILABLE = error("the database is unreachable or too slow, or its schema is m
                     "behind (`schema_missing`: run `batchd migrate`); retry after Retry-After",
                     "unavailable", "overloaded", "schema_missing", retry_after=True)
 BAD_PARAMETER = error("a query parameter is invalid", "invalid_parameter")
+FORBIDDEN = error("?client= names another client and the token is not an admin token",
+                  "forbidden")
+CLIENT = {"name": "client", "in": "query", "required": False,
+          "schema": {"type": "string", "maxLength": 200, "pattern": NO_NUL},
+          "description": "admin tokens only (any other token may name only its own client): "
+                         "the client whose tasks to read or act on; without it, an admin "
+                         "lists every client's and names its own tasks by custom_id"}
 
 
 def query(name: str, schema: Schema, description: str) -> dict[str, Any]:
@@ -660,44 +669,46 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
         "/v1/tasks/{custom_id}": {"get": {
             "operationId": "getTask", "tags": ["tasks"],
             "summary": "One task: state, attempts, batch, timestamps, last error, response",
+            "description": "Another client's custom_id is a 404, as one never sent.",
             "parameters": [{"name": "custom_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string"}}, CLIENT],
             "responses": {"200": ok("the task", ref("TaskView")),
-                          "401": UNAUTHORIZED,
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
                           "404": error("no task with that custom_id", "not_found"),
                           "503": UNAVAILABLE}}},
         "/v1/tasks/{custom_id}/callbacks": {"get": {
             "operationId": "getTaskCallbacks", "tags": ["callbacks"],
             "summary": "Every result delivery of a task, with each attempt",
             "parameters": [{"name": "custom_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string"}}, CLIENT],
             "responses": {"200": ok("the task's deliveries", ref("TaskCallbacks")),
-                          "401": UNAUTHORIZED,
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
                           "404": error("no task with that custom_id", "not_found"),
                           "503": UNAVAILABLE}}},
         "/v1/callbacks/failed": {"get": {
             "operationId": "listFailedCallbacks", "tags": ["callbacks"],
             "summary": "Deliveries that used up their attempts, oldest first",
-            "parameters": [*cursor_params(),
-                           query("client", {"type": "string", "maxLength": 200,
-                                            "pattern": NO_NUL}, "only this client's")],
+            "parameters": [*cursor_params(), CLIENT],
             "responses": {"200": ok("a page of failed deliveries", ref("FailedCallbackPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         "/v1/callbacks/replay": {"post": {
             "operationId": "replayCallbacks", "tags": ["callbacks"],
             "summary": "Deliver failed callbacks again (by id, by task, or all)",
+            "parameters": [CLIENT],
             "requestBody": {"required": True,
                             "content": json_content(ref("CallbackReplayRequest"))},
             "responses": {"200": ok("the deliveries due again", ref("CallbackReplayOutcome")),
                           "400": error("the body names no deliveries", "invalid_json",
-                                       "invalid_request"),
-                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                                       "invalid_request", "invalid_parameter"),
+                          "401": UNAUTHORIZED, "403": FORBIDDEN, "503": UNAVAILABLE}}},
         "/v1/results": {"get": {
             "operationId": "listResults", "tags": ["results"],
             "summary": "Stored results in completion order, paged by cursor",
-            "parameters": cursor_params(),
+            "parameters": [*cursor_params(), CLIENT],
             "responses": {"200": ok("a page of results", ref("ResultPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         "/v1/failed": {"get": {
             "operationId": "listFailed", "tags": ["manual queue"],
             "summary": "The manual queue: tasks that failed for good",
@@ -706,29 +717,38 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 query("reason", {"type": "string", "maxLength": 200, "pattern": NO_NUL},
                       "only this last_error.code"),
                 query("day", DATE, "only tasks that failed on this UTC day"),
-                query("endpoint", {"enum": list(ENDPOINTS)}, "only this endpoint")],
+                query("endpoint", {"enum": list(ENDPOINTS)}, "only this endpoint"), CLIENT],
             "responses": {"200": ok("a page of failed tasks", ref("FailedPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         "/v1/failed/replay": {"post": {
             "operationId": "replayFailed", "tags": ["manual queue"],
             "summary": "Re-queue chosen (or all) failed tasks, attempts reset",
+            "description": ('custom_ids name the caller\'s own tasks (an admin\'s ?client= '
+                            'names another client\'s); {"all": true} replays all of the '
+                            "caller's failed tasks, every client's for an admin without "
+                            "?client=."),
+            "parameters": [CLIENT],
             "requestBody": {"required": True,
                             "content": json_content(ref("ReplayRequest"))},
             "responses": {"200": ok("what was re-queued and what was skipped, and why",
                                     ref("ReplayOutcome")),
                           "400": error("the body names no tasks", "invalid_json",
-                                       "invalid_request"),
-                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                                       "invalid_request", "invalid_parameter"),
+                          "401": UNAUTHORIZED, "403": FORBIDDEN, "503": UNAVAILABLE}}},
         "/v1/report/daily": {"get": {
             "operationId": "dailyReport", "tags": ["report"],
             "summary": "The daily report (one object; a list with days > 1)",
             "parameters": [query("date", DATE, "last UTC day (default today)"),
                            query("days", {"type": "integer", "minimum": 1, "maximum": 366},
-                                 "how many days up to date (default 1)")],
+                                 "how many days up to date (default 1)"), CLIENT],
+            "description": "A client's token sees its own numbers; an admin token every "
+                           "client's (and ?client= narrows).",
             "responses": {"200": ok("the report", {"anyOf": [
                               ref("DailyReport"),
                               {"type": "array", "items": ref("DailyReport")}]}),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         **job_operations(limits),
         "/healthz": {"get": {
             **open_op, "operationId": "healthz", "tags": ["operations"],

@@ -29,26 +29,33 @@ FIELDS = ("date", "tasks_in", "succeeded", "failed", "cancelled", "retried", "re
           "post_replay_success_ratio", "manual_queue", "spend_usd", "sync_equivalent_usd",
           "savings_usd", "unattributed_usd", "unpriced_models", "alert")
 
+# :client narrows every count to one client's tasks (NULL: all clients).
+# Unattributed spend (billed lines no task kept) belongs to no client, so a
+# client's report shows none; the all-clients report carries it.
 _DAY = text("""
-WITH bounds AS (SELECT CAST(:start AS timestamptz) AS lo, CAST(:end AS timestamptz) AS hi),
+WITH bounds AS (SELECT CAST(:start AS timestamptz) AS lo, CAST(:end AS timestamptz) AS hi,
+                       CAST(:client AS text) AS who),
 ev AS (
     SELECT outcome, count(*) AS n FROM task_events, bounds
-    WHERE created_at >= lo AND created_at < hi GROUP BY outcome
+    WHERE created_at >= lo AND created_at < hi AND (who IS NULL OR client = who)
+    GROUP BY outcome
 ), money AS (
     SELECT coalesce(sum(cost_usd), 0) AS spend, coalesce(sum(sync_cost_usd), 0) AS sync
-    FROM results, bounds WHERE created_at >= lo AND created_at < hi
+    FROM results, bounds
+    WHERE created_at >= lo AND created_at < hi AND (who IS NULL OR client = who)
 ), unattributed AS (
     SELECT coalesce(sum(unattributed_cost_usd), 0) AS usd FROM batches, bounds
-    WHERE routed_at >= lo AND routed_at < hi
+    WHERE routed_at >= lo AND routed_at < hi AND who IS NULL
 ), sync_unkept AS (
     -- Sync calls answered and paid whose task had moved on (no result kept).
     SELECT coalesce(sum(s.cost_usd), 0) AS usd FROM sync_spend s, bounds
-    WHERE s.settled_at >= lo AND s.settled_at < hi AND s.cost_usd > 0
+    WHERE s.settled_at >= lo AND s.settled_at < hi AND s.cost_usd > 0 AND who IS NULL
       AND NOT EXISTS (SELECT 1 FROM results r
-                      WHERE r.custom_id = s.custom_id AND r.batch_id = s.claim_id)
+                      WHERE r.task_id = s.task_id AND r.batch_id = s.claim_id)
 ), finished AS (
-    SELECT DISTINCT custom_id FROM task_events, bounds
+    SELECT DISTINCT task_id FROM task_events, bounds
     WHERE created_at >= lo AND created_at < hi AND outcome IN ('succeeded', 'failed')
+      AND (who IS NULL OR client = who)
 ), manual AS (
     -- Failed is left by a replay or a dismissal: a task is in the manual queue
     -- at the day's end when its last failure before then is newer than both.
@@ -57,20 +64,22 @@ ev AS (
                max(id) FILTER (WHERE outcome IN ('replayed', 'dismissed')) AS r
         FROM task_events, bounds
         WHERE outcome IN ('failed', 'replayed', 'dismissed') AND created_at < hi
-        GROUP BY custom_id) s
+          AND (who IS NULL OR client = who)
+        GROUP BY coalesce(task_id, -id)) s
     WHERE f IS NOT NULL AND (r IS NULL OR f > r)
 )
 SELECT
-    (SELECT count(*) FROM tasks, bounds WHERE created_at >= lo AND created_at < hi) AS tasks_in,
+    (SELECT count(*) FROM tasks, bounds WHERE created_at >= lo AND created_at < hi
+       AND (who IS NULL OR client = who)) AS tasks_in,
     coalesce((SELECT n FROM ev WHERE outcome = 'succeeded'), 0) AS succeeded,
     coalesce((SELECT n FROM ev WHERE outcome = 'failed'), 0) AS failed,
     coalesce((SELECT n FROM ev WHERE outcome = 'cancelled'), 0) AS cancelled,
     coalesce((SELECT n FROM ev WHERE outcome = 'retried'), 0) AS retried,
     coalesce((SELECT n FROM ev WHERE outcome = 'replayed'), 0) AS replayed,
     (SELECT count(*) FROM finished) AS finished,
-    -- A probe per finished task by its key (a join could hash all of tasks).
+    -- A probe per finished task by its id (a join could hash all of tasks).
     (SELECT count(*) FROM finished f
-     WHERE (SELECT t.state FROM tasks t WHERE t.custom_id = f.custom_id) = 'succeeded'
+     WHERE (SELECT t.state FROM tasks t WHERE t.id = f.task_id) = 'succeeded'
     ) AS finished_ok_now,
     (SELECT n FROM manual) AS manual_queue,
     (SELECT spend FROM money) AS spend, (SELECT sync FROM money) AS sync,
@@ -81,11 +90,12 @@ _UNPRICED = text("""
 SELECT DISTINCT model FROM (
     SELECT b.model FROM batches b
     WHERE b.unpriced AND b.routed_at >= CAST(:start AS timestamptz)
-      AND b.routed_at < CAST(:end AS timestamptz)
+      AND b.routed_at < CAST(:end AS timestamptz) AND CAST(:client AS text) IS NULL
     UNION ALL
-    SELECT t.model FROM results r JOIN tasks t ON t.custom_id = r.custom_id
+    SELECT t.model FROM results r JOIN tasks t ON t.id = r.task_id
     WHERE r.unpriced AND r.created_at >= CAST(:start AS timestamptz)
       AND r.created_at < CAST(:end AS timestamptz)
+      AND (CAST(:client AS text) IS NULL OR r.client = :client)
 ) u ORDER BY model
 """)
 
@@ -96,7 +106,7 @@ _LANES = text("""
 SELECT t.lane,
        count(*) FILTER (WHERE t.state = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE t.state = 'failed') AS failed,
-       coalesce(sum((SELECT r.cost_usd FROM results r WHERE r.custom_id = t.custom_id)), 0)
+       coalesce(sum((SELECT r.cost_usd FROM results r WHERE r.task_id = t.id)), 0)
          AS spend,
        percentile_cont(0.5) WITHIN GROUP (
            ORDER BY extract(epoch FROM t.finished_at - t.created_at)) AS p50,
@@ -105,6 +115,7 @@ SELECT t.lane,
 FROM tasks t
 WHERE t.finished_at >= CAST(:start AS timestamptz) AND t.finished_at < CAST(:end AS timestamptz)
   AND t.state IN ('succeeded', 'failed')
+  AND (CAST(:client AS text) IS NULL OR t.client = :client)
 GROUP BY t.lane
 """)
 
@@ -120,9 +131,10 @@ class Reporter:
         self.alert_ratio = alert_ratio
         self.clock = clock
 
-    async def day(self, day: date) -> dict[str, Any]:
+    async def day(self, day: date, client: str | None = None) -> dict[str, Any]:
+        """One day's report: ``client``'s numbers, or every client's (None)."""
         start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        bounds = {"start": start, "end": start + timedelta(days=1)}
+        bounds = {"start": start, "end": start + timedelta(days=1), "client": client}
         async with self.engine.connect() as conn:
             row = (await conn.execute(_DAY, bounds)).mappings().one()
             unpriced = [r[0] for r in await conn.execute(_UNPRICED, bounds)]
@@ -154,9 +166,11 @@ class Reporter:
             "lanes": lanes,
         }
 
-    async def daily(self, end: date | None = None, days: int = 1) -> list[dict[str, Any]]:
+    async def daily(self, end: date | None = None, days: int = 1, client: str | None = None
+                    ) -> list[dict[str, Any]]:
         last = end or self.clock().date()
-        return [await self.day(last - timedelta(days=i)) for i in range(days - 1, -1, -1)]
+        return [await self.day(last - timedelta(days=i), client)
+                for i in range(days - 1, -1, -1)]
 
 
 def _lane(r: Any) -> dict[str, Any]:

@@ -27,7 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics
 from batchd.clients import Clients
-from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
+from batchd.domain import (
+    MISSING_ERROR,
+    Outcome,
+    classify_batch_failure,
+    classify_line,
+    line_task_id,
+)
 from batchd.estimates import Calibration
 from batchd.faults import crash_point
 from batchd.prices import (
@@ -72,9 +78,9 @@ class RouteSummary:
     # The stored results' exact costs by client (client caps).
     cost_by_client: dict[str, Decimal] = field(default_factory=dict)
     # (outcome, client) -> tasks, for the client-labelled completion metric.
-    by_client: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    by_client: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def add(self, counts: dict[tuple[str, str | None], int]) -> None:
+    def add(self, counts: dict[tuple[str, str], int]) -> None:
         for (outcome, client), n in counts.items():
             if outcome == "retried":
                 self.retried += n
@@ -82,7 +88,7 @@ class RouteSummary:
                 self.failed += n
             self.count(outcome, client, n)
 
-    def count(self, outcome: str, client: str | None, n: int = 1) -> None:
+    def count(self, outcome: str, client: str, n: int = 1) -> None:
         self.by_client[outcome, client] = self.by_client.get((outcome, client), 0) + n
 
 
@@ -186,7 +192,11 @@ class Router:
         succeeds: that is what was paid for)."""
         rate, sync_rate = ScaledRate.of(price.batch), ScaledRate.of(price.sync)
         lines = _LineTally()
-        await repo.stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary))
+        own_ids = await repo.batch_owns_line_ids(conn, batch_id)
+        await repo.stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary,
+                                                      own_ids))
+        if not own_ids:
+            await repo.resolve_legacy_lines(conn, batch_id)
         stored = await repo.store_staged_successes(conn, batch_id, unpriced=not price.known)
         crash_point("mid_route")
         for client, n in stored.by_client.items():
@@ -206,8 +216,12 @@ class Router:
 
     @staticmethod
     def _stage_rows(files: list[Path], rate: ScaledRate, sync_rate: ScaledRate,
-                    lines: _LineTally, summary: RouteSummary) -> Iterator[tuple[Any, ...]]:
-        """repo.STAGE_COLUMNS rows of the files' lines, read as a stream."""
+                    lines: _LineTally, summary: RouteSummary, own_ids: bool
+                    ) -> Iterator[tuple[Any, ...]]:
+        """repo.STAGE_COLUMNS rows of the files' lines, read as a stream. A
+        line names its task by batchd's line id (or, in a batch built before
+        them, by the caller's custom_id: ``tid`` is filled in by SQL); a line
+        that names none settles nothing (billed if it is a success)."""
         number = 0
         for path in files:
             for line in iter_lines(path):
@@ -216,23 +230,25 @@ class Router:
                 if line is None or not isinstance(cid, str):
                     summary.malformed += 1  # its task stays unsettled: retried as missing
                     continue
+                tid = line_task_id(cid) if own_ids else None
                 result = classify_line(line)
                 if result.outcome is not Outcome.SUCCESS:
-                    yield (number, cid, False, None, None, None, None, None, None, None, None,
-                           result.outcome is Outcome.FINAL,
+                    yield (number, tid, cid, False, None, None, None, None, None, None, None,
+                           None, result.outcome is Outcome.FINAL,
                            orjson.dumps(result.error or {}).decode(), random.random())
                     continue
                 body = line["response"].get("body") or {}
                 usage = body.get("usage") if isinstance(body, dict) else None
                 tokens = tokens_from_usage(usage)
                 lines.add(tokens)
-                yield (number, cid, True, result.status_code or 200, orjson.dumps(body).decode(),
+                yield (number, tid, cid, True, result.status_code or 200,
+                       orjson.dumps(body).decode(),
                        orjson.dumps(usage).decode() if usage is not None else None,
                        tokens.input, tokens.cached, tokens.output,
                        rate.usd(rate.cost(tokens)), sync_rate.usd(sync_rate.cost(tokens)),
                        None, None, None)
 
-    async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[str],
+    async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[int],
                          finals: list[bool], errors: list[dict[str, Any]],
                          summary: RouteSummary) -> None:
         jitters = [random.random() for _ in ids]
@@ -259,7 +275,7 @@ class Router:
                 summary.count("retried", client, n)
             return
         if verdict.final_lines:
-            by_line = await repo.custom_ids_at_lines(conn, batch_id, list(verdict.final_lines))
+            by_line = await repo.tasks_at_lines(conn, batch_id, list(verdict.final_lines))
             ids = list(by_line.values())
             errors = [verdict.final_lines[line] for line in by_line]
             summary.add(await repo.store_failures(

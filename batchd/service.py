@@ -284,7 +284,8 @@ class Service:
                         "SELECT state, spend_day, provider_batch_id FROM batches WHERE id = :id"),
                         {"id": batch_id})).first()
                 done = row is not None and (
-                    row.state == "routed" or (kind == "input" and row.state == "submitted"))
+                    row.state == "routed"
+                    or (kind in ("input", "ids") and row.state == "submitted"))
                 if done and row is not None:
                     await self.archive.keep(path, row.spend_day, batch_id, kind,
                                             {"provider_batch_id": row.provider_batch_id,

@@ -9,8 +9,8 @@ them into the ``jobs`` row a bounded step at a time, and every read adds the
 deltas not folded yet, so an answer is exact as of its snapshot and costs the
 same for a job of 10 tasks or 1,000,000.
 
-Until every task carries a client (the (client, custom_id) key), a task of
-no client belongs to the client ``local``: jobs store 'local', tasks NULL.
+Every task carries its client (the (client, custom_id) key, migration
+0010): a job's tasks are found by (client, job).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def moved_deltas(source: str, old: str, new: str, cost: str = "0", sync: str = "
 def _tasks_of(client: str, alias: str = "") -> str:
     """The predicate on tasks for a client's tasks (see the module docstring)."""
     column = f"{alias}client"
-    return f"{column} IS NULL" if client == LOCAL else f"{column} = :client"
+    return f"{column} = :client"
 
 
 # --------------------------------------------------------------------- ingest
