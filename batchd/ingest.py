@@ -196,11 +196,15 @@ class Ingest:
                  timeout: float = 10.0, max_pending: int = 20_000,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_sync: Callable[[], None] | None = None,
-                 count_tokens: bool = False) -> None:
+                 count_tokens: bool = False,
+                 model_problem: Callable[[str], str | None] | None = None) -> None:
         self.engine = engine
         # With a budget to keep, each task's input tokens are counted with
         # the model's tokenizer (batchd.tokens) instead of the byte rule.
         self.count_tokens = count_tokens
+        # Why a model may not have a window of its own (None: it may); a
+        # model it refuses makes the request a 400.
+        self.model_problem = model_problem
         self.timeout = timeout
         self.max_pending = max_pending
         self._pending = 0  # tasks of requests waiting for their commit
@@ -225,11 +229,26 @@ class Ingest:
     async def prepare(self, items: list[Any], client: Client = LOCAL_CLIENT) -> list[TaskIn]:
         """Validate and place a request's tasks for ``client``, without I/O:
         the 400/409/413 verdicts."""
-        tasks = self._placed(self._with_callbacks(
-            await validate(items, self.limits, self.max_line_bytes), items, client))
+        checked = await validate(items, self.limits, self.max_line_bytes)
+        if self.model_problem is not None:
+            self._check_models(checked)
+        tasks = self._placed(self._with_callbacks(checked, items, client))
         if self.count_tokens:
             await count_input_tokens(tasks)
         return tasks
+
+    def _check_models(self, tasks: list[TaskIn]) -> None:
+        verdicts: dict[str, str | None] = {}
+        for index, t in enumerate(tasks):
+            if t.model not in verdicts:
+                assert self.model_problem is not None
+                verdicts[t.model] = self.model_problem(t.model)
+            problem = verdicts[t.model]
+            if problem is not None:
+                raise IngestError(400, "invalid_task",
+                                  f"task {index} ({t.custom_id!r}): body.model {problem}",
+                                  {"index": index, "custom_id": t.custom_id,
+                                   "field": "body.model"})
 
     async def prepare_piece(self, items: list[Any], start: int, seen: dict[str, str],
                             client: Client = LOCAL_CLIENT) -> list[TaskIn]:

@@ -348,8 +348,16 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "alert": {"type": "boolean",
                       "description": "failure ratio above BATCHD_FAILURE_ALERT_RATIO"},
             "lanes": {"type": "object", "additionalProperties": ref("LaneReport")},
+            "client": {"type": "string",
+                       "description": "whose numbers these are (a one-client report)"},
+            "clients": {"type": "object", "additionalProperties": ref("ClientReport"),
+                        "description": "each client's share (the every-client report)"},
         },
     }
+    client_report: Schema = {"type": "object", "properties": {
+        **{k: {"type": "integer", "minimum": 0} for k in counts},
+        "failure_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+        "spend_usd": MONEY, "sync_equivalent_usd": MONEY, "savings_usd": MONEY}}
     return {
         "Error": {"type": "object", "required": ["error"],
                   "properties": {"error": error_detail}},
@@ -412,6 +420,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
         "DailyReport": report,
         **job_schemas(limits, callbacks),
         "LaneReport": lane,
+        "ClientReport": client_report,
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status", "schema"],
@@ -658,9 +667,10 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                              "job_cancelled"),
                 "413": error("the body, the task count or one task is too large",
                              "payload_too_large", "too_many_tasks", "task_too_large"),
-                "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued, or (with "
-                             "?wait) BATCHD_MAX_WAITERS requests are already waiting; nothing "
-                             "was stored", "queue_full", "too_many_waiters", retry_after=True),
+                "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued, or more than "
+                             "the client's BATCHD_CLIENT_MAX_QUEUED, or (with ?wait) "
+                             "BATCHD_MAX_WAITERS requests are already waiting; nothing was "
+                             "stored", "queue_full", "too_many_waiters", retry_after=True),
                 "503": error("shutting down, or the database is unreachable or too slow, or "
                              "its schema is missing or behind (`schema_missing`: run `batchd "
                              "migrate`); nothing of the request was stored", "draining",

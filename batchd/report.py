@@ -100,6 +100,43 @@ SELECT DISTINCT model FROM (
 """)
 
 
+# Each client's numbers for the day (the all-clients report lists them).
+_BY_CLIENT = text("""
+WITH bounds AS (SELECT CAST(:start AS timestamptz) AS lo, CAST(:end AS timestamptz) AS hi),
+ins AS (
+    SELECT client, count(*) AS n FROM tasks, bounds
+    WHERE created_at >= lo AND created_at < hi GROUP BY client
+), ev AS (
+    SELECT client, count(*) FILTER (WHERE outcome = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE outcome = 'failed') AS failed,
+           count(*) FILTER (WHERE outcome = 'retried') AS retried,
+           count(*) FILTER (WHERE outcome = 'replayed') AS replayed
+    FROM task_events, bounds WHERE created_at >= lo AND created_at < hi GROUP BY client
+), money AS (
+    SELECT client, sum(cost_usd) AS spend, sum(sync_cost_usd) AS sync FROM results, bounds
+    WHERE created_at >= lo AND created_at < hi GROUP BY client
+), manual AS (
+    SELECT client, count(*) AS n FROM (
+        SELECT client, max(id) FILTER (WHERE outcome = 'failed') AS f,
+               max(id) FILTER (WHERE outcome IN ('replayed', 'dismissed')) AS r
+        FROM task_events, bounds
+        WHERE outcome IN ('failed', 'replayed', 'dismissed') AND created_at < hi
+        GROUP BY client, coalesce(task_id, -id)) s
+    WHERE f IS NOT NULL AND (r IS NULL OR f > r) GROUP BY client
+), named AS (
+    SELECT client FROM ins UNION SELECT client FROM ev UNION SELECT client FROM money
+    UNION SELECT client FROM manual
+)
+SELECT c.client, coalesce(ins.n, 0) AS tasks_in, coalesce(ev.succeeded, 0) AS succeeded,
+       coalesce(ev.failed, 0) AS failed, coalesce(ev.retried, 0) AS retried,
+       coalesce(ev.replayed, 0) AS replayed, coalesce(manual.n, 0) AS manual_queue,
+       coalesce(money.spend, 0) AS spend, coalesce(money.sync, 0) AS sync
+FROM named c LEFT JOIN ins USING (client) LEFT JOIN ev USING (client)
+LEFT JOIN money USING (client) LEFT JOIN manual USING (client)
+ORDER BY c.client
+""")
+
+
 # The two lanes side by side, for tasks that finished in the day: what a task
 # cost, how often it failed, how long it took from ingest to its result.
 _LANES = text("""
@@ -139,6 +176,9 @@ class Reporter:
             row = (await conn.execute(_DAY, bounds)).mappings().one()
             unpriced = [r[0] for r in await conn.execute(_UNPRICED, bounds)]
             lanes = {r["lane"]: _lane(r) for r in (await conn.execute(_LANES, bounds)).mappings()}
+            clients = ({} if client is not None else
+                       {r["client"]: _client(r) for r in
+                        (await conn.execute(_BY_CLIENT, bounds)).mappings()})
         succeeded, failed = int(row["succeeded"]), int(row["failed"])
         finished = int(row["finished"])
         unattributed = Decimal(row["unattributed"])
@@ -164,6 +204,9 @@ class Reporter:
             "unpriced_models": unpriced,
             "alert": failure_ratio > self.alert_ratio,
             "lanes": lanes,
+            # Every client's share (the all-clients report only); a client's
+            # spend is its results' cost: unattributed spend is no client's.
+            **({"clients": clients} if client is None else {"client": client}),
         }
 
     async def daily(self, end: date | None = None, days: int = 1, client: str | None = None
@@ -171,6 +214,27 @@ class Reporter:
         last = end or self.clock().date()
         return [await self.day(last - timedelta(days=i), client)
                 for i in range(days - 1, -1, -1)]
+
+
+def _client(r: Any) -> dict[str, Any]:
+    succeeded, failed = int(r["succeeded"]), int(r["failed"])
+    spend, sync = round_usd(Decimal(r["spend"])), round_usd(Decimal(r["sync"]))
+    return {"tasks_in": int(r["tasks_in"]), "succeeded": succeeded, "failed": failed,
+            "retried": int(r["retried"]), "replayed": int(r["replayed"]),
+            "failure_ratio": _ratio(failed, succeeded + failed),
+            "manual_queue": int(r["manual_queue"]), "spend_usd": str(spend),
+            "sync_equivalent_usd": str(sync), "savings_usd": str(sync - spend)}
+
+
+def render_clients(rows: list[dict[str, Any]]) -> str:
+    """Each client's share of each day."""
+    heads = ["date", "client", "in", "ok", "failed", "retried", "replayed", "fail%", "manual",
+             "spend $", "saved $"]
+    body = [[r["date"], name, v["tasks_in"], v["succeeded"], v["failed"], v["retried"],
+             v["replayed"], f"{v['failure_ratio'] * 100:.2f}", v["manual_queue"],
+             v["spend_usd"], v["savings_usd"]]
+            for r in rows for name, v in sorted(r.get("clients", {}).items())]
+    return _grid(heads, body)
 
 
 def _lane(r: Any) -> dict[str, Any]:
@@ -214,6 +278,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{r['date']} ${r['unattributed_usd']}" for r in wasted)
     if any(len(r.get("lanes", {})) > 1 or "sync" in r.get("lanes", {}) for r in rows):
         table += "\n\n" + render_lanes(rows)
+    # One client's share is the whole report; two or more say who sent what.
+    if any(len(r.get("clients", {})) > 1 for r in rows):
+        table += "\n\n" + render_clients(rows)
     return table
 
 

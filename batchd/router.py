@@ -290,13 +290,17 @@ class Router:
         for (outcome, client), n in s.by_client.items():
             metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
                                            lane="batch").inc(n)
-        metrics.SPEND.add(s.spend, model=model, lane="batch")
-        metrics.SAVINGS.add(s.sync_spend - s.spend, model=model, lane="batch")
+        # A priced model's table entry, else "other": bounded by the prices file.
+        label = self.prices.metric_label(model)
+        metrics.SPEND.add(s.spend, model=label, lane="batch")
+        metrics.SAVINGS.add(s.sync_spend - s.spend, model=label, lane="batch")
+        for client, usd in s.cost_by_client.items():
+            metrics.CLIENT_SPEND.add(usd, client=self.clients.label(client), lane="batch")
         if s.unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
         for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),
                         ("output", s.billed.output)):
-            metrics.TOKENS.labels(model=model, kind=kind, lane="batch").inc(n)
+            metrics.TOKENS.labels(model=label, kind=kind, lane="batch").inc(n)
 
 
 def _tokens(t: Tokens) -> dict[str, int]:

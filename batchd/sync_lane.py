@@ -274,7 +274,7 @@ class SyncLane:
 
     def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,
                         paid: Decimal, settled: list[tuple[str, str]]) -> None:
-        model = row["model"]
+        model = self.prices.metric_label(row["model"])  # bounded by the prices file
         if outcome is Outcome.SUCCESS:
             # Paid whether or not the result was kept (a fallback may have
             # moved the task meanwhile): spend and tokens count every answer.
@@ -287,6 +287,7 @@ class SyncLane:
             metrics.TASKS_COMPLETED.labels(outcome=name, client=self.clients.label(client),
                                            lane="sync").inc()
             if name == "succeeded":
+                metrics.CLIENT_SPEND.add(paid, client=self.clients.label(client), lane="sync")
                 metrics.TASK_LATENCY.labels(lane="sync").observe(
                     max(0.0, time.time() - row["created_at"].timestamp()))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -55,6 +55,10 @@ class ApiState:
     max_queued: int | None = None
     max_wait: float = 300.0
     queued_estimate: int = 0  # refreshed by the service's snapshot loop
+    # BATCHD_CLIENT_MAX_QUEUED, and each limited client's queued tasks
+    # (refreshed by the snapshot loop, counted up by ingest between).
+    client_max_queued: dict[str, int] = field(default_factory=dict)
+    client_queued: dict[str, int] = field(default_factory=dict)
     draining: bool = False
     # The port the API listens on, once bound (no-token mode checks Host against it).
     port: int | None = None
@@ -289,15 +293,8 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
     added = 0
 
     def admit(tasks: list[TaskIn]) -> list[TaskIn]:
-        # Counted before the commit, so concurrent requests cannot all pass
-        # the check on the same stale count; handed back for what was not stored.
         nonlocal added
-        if state.max_queued is not None and \
-                state.queued_estimate + len(tasks) > state.max_queued:
-            raise IngestError(429, "queue_full", f"more than {state.max_queued} tasks are "
-                              "queued; retry later",
-                              {"retry_after": QUEUE_FULL_RETRY_AFTER})
-        state.queued_estimate += len(tasks)
+        _admit(state, client.name, len(tasks))
         added += len(tasks)
         return tasks
 
@@ -312,29 +309,46 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
         head = admit(await state.ingest.prepare_piece(first, 0, seen, client))
         accepted = await state.ingest.store_stream(head, rest(), lambda: pieces.tasks, client)
     except BaseException:
-        state.queued_estimate -= added
+        _count_queued(state, client.name, -added)
         raise
-    state.queued_estimate -= added - accepted.accepted
+    _count_queued(state, client.name, accepted.accepted - added)
     return accepted
 
 
 async def _store_small(state: ApiState, items: list[Any], client: Client
                        ) -> Accepted | web.Response:
     tasks = await state.ingest.prepare(items, client)
-    if state.max_queued is not None and state.queued_estimate + len(tasks) > state.max_queued:
-        return error_response(429, "queue_full",
-                              f"more than {state.max_queued} tasks are queued; retry later",
-                              retry_after=QUEUE_FULL_RETRY_AFTER)
-    # Counted before the commit, so concurrent requests cannot all pass the
-    # check above on the same stale count; handed back for what was not stored.
-    state.queued_estimate += len(tasks)
+    _admit(state, client.name, len(tasks))
     try:
         accepted = await state.ingest.store(tasks, len(items), client)
     except BaseException:
-        state.queued_estimate -= len(tasks)
+        _count_queued(state, client.name, -len(tasks))
         raise
-    state.queued_estimate -= len(tasks) - accepted.accepted
+    _count_queued(state, client.name, accepted.accepted - len(tasks))
     return accepted
+
+
+def _admit(state: ApiState, client: str, n: int) -> None:
+    """Refuse ``n`` more queued tasks past BATCHD_MAX_QUEUED_TASKS, or past
+    this client's BATCHD_CLIENT_MAX_QUEUED (only that client waits; others go
+    on); else count them now, before the commit, so concurrent requests
+    cannot all pass on the same stale count (handed back for what was not
+    stored)."""
+    if state.max_queued is not None and state.queued_estimate + n > state.max_queued:
+        raise IngestError(429, "queue_full", f"more than {state.max_queued} tasks are "
+                          "queued; retry later", {"retry_after": QUEUE_FULL_RETRY_AFTER})
+    limit = state.client_max_queued.get(client)
+    if limit is not None and state.client_queued.get(client, 0) + n > limit:
+        raise IngestError(429, "queue_full", f"client {client!r} has more than {limit} tasks "
+                          "queued (BATCHD_CLIENT_MAX_QUEUED); retry later",
+                          {"retry_after": QUEUE_FULL_RETRY_AFTER})
+    _count_queued(state, client, n)
+
+
+def _count_queued(state: ApiState, client: str, n: int) -> None:
+    state.queued_estimate += n
+    if client in state.client_max_queued:
+        state.client_queued[client] = state.client_queued.get(client, 0) + n
 
 
 _MAX_WAITED_TASKS = 100

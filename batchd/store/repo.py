@@ -162,11 +162,11 @@ async def count_queued(conn: AsyncConnection) -> int:
     return int(row.scalar_one())
 
 
-async def count_queued_of(conn: AsyncConnection, clients: Sequence[str]) -> dict[str, int]:
-    """Queued tasks of each named client (BATCHD_CLIENT_MAX_QUEUED)."""
+async def queued_by_client(conn: AsyncConnection) -> dict[str, int]:
+    """Queued tasks of each client that has any (BATCHD_CLIENT_MAX_QUEUED, the
+    per-client queue gauge)."""
     rows = await conn.execute(text("""
-        SELECT c, (SELECT count(*) FROM tasks WHERE state = 'queued' AND client = c)
-        FROM unnest(CAST(:cl AS text[])) AS c"""), {"cl": list(clients)})
+        SELECT client, count(*) FROM tasks WHERE state = 'queued' GROUP BY client"""))
     return {c: int(n) for c, n in rows}
 
 
@@ -915,6 +915,7 @@ async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpric
         out.estimated_input += int(est_in)
         out.cost_by_client[client] = cost_usd
         out.by_client[client] = int(n)
+        out.cost_by_client[client] = cost_usd
         out.tokens += Tokens(int(tin), int(tcached), int(tout))
         out.cost += cost_usd
         out.sync_cost += sync_usd
