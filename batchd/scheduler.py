@@ -240,6 +240,11 @@ class Scheduler:
                     if await self._record_submitted(p, found, adopted=True):
                         await self._archive_adopted(p, found)
                     return
+            # Whoever writes the file to upload decides its ids: a batch an
+            # older version claimed (own_line_ids false) and this one sends
+            # carries batchd's line ids, and the router must know.
+            async with self.engine.begin() as conn:
+                await repo.set_batch(conn, p.batch_id, own_line_ids=True)
             path = await self._write_input(p)
             remote_file = await self.provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
             async with self.engine.begin() as conn:
@@ -280,7 +285,9 @@ class Scheduler:
         path = self.archive.spool_path(p.batch_id, "input")
         rebuilt = not path.exists()
         if rebuilt:
-            path = await self._write_input(p)
+            async with self.engine.connect() as conn:
+                own_ids = await repo.batch_owns_line_ids(conn, p.batch_id)
+            path = await self._write_input(p, own_ids=own_ids)
         await self.archive.keep(path, p.spend_day, p.batch_id, "input",
                                 {"provider_file_id": remote.input_file_id,
                                  "provider_batch_id": remote.id, "adopted": True,
@@ -303,11 +310,13 @@ class Scheduler:
                 "create_batch: no answer within half the claim; the batch is looked up at "
                 "the provider before it is created again", operation="create_batch") from None
 
-    async def _write_input(self, p: Pending) -> Path:
+    async def _write_input(self, p: Pending, *, own_ids: bool = True) -> Path:
         """The input file, each line under batchd's id for this attempt of its
         task (domain.line_id), and beside it (kind ``ids``) one JSON line per
         task, [line id, client, custom_id], that the archive keeps so an audit
-        joins a provider line to the caller's task without the database."""
+        joins a provider line to the caller's task without the database.
+        ``own_ids`` false rebuilds, for the archive, the file of a batch an
+        older version uploaded: its lines carry the callers' custom_ids."""
         path = self.archive.spool_path(p.batch_id, "input")
         ids_path = self.archive.spool_path(p.batch_id, "ids")
         tmp = path.with_suffix(".tmp")
@@ -322,8 +331,8 @@ class Scheduler:
                 repo.stream_batch_lines(conn, p.batch_id)) as pages:
             with tmp.open("wb") as out, ids_tmp.open("wb") as ids_out:
                 async for rows in pages:
-                    lids = [line_id(tid, replays, attempt)
-                            for tid, _, _, _, replays, attempt, _, _ in rows]
+                    lids = [line_id(tid, replays, attempt) if own_ids else cid
+                            for tid, _, _, _, replays, attempt, _, cid in rows]
                     out.write(b"".join([input_line(lid, r[1], orjson.loads(r[2]))
                                         for lid, r in zip(lids, rows, strict=True)]))
                     ids_out.write(b"".join([orjson.dumps([lid, r[6], r[7]]) + b"\n"

@@ -241,6 +241,24 @@ async def test_a_batch_sent_before_the_upgrade_still_routes_by_custom_id(
         assert (await h.task("old-2"))["state"] == "failed"
 
 
+async def test_a_batch_claimed_before_the_upgrade_and_sent_after_routes_by_line_ids(
+        db_url: str, tmp_path: Path) -> None:
+    """Claimed by an older version (own_line_ids false), uploaded by this one:
+    the file carries line ids, and the batch says so before the upload."""
+    async with running(db_url, tmp_path) as h:
+        await h.post({"tasks": [chat_task("mid-1"), chat_task("mid-2")]})
+        await h.age_queue(901)
+        pending = await h.service.scheduler._flush_one(drain=False)
+        assert pending is not None
+        await h.execute("UPDATE batches SET own_line_ids = false")
+        await h.service.scheduler.send(pending)
+        assert await h.scalar("SELECT own_line_ids FROM batches") is True
+        (sent,) = h.emulator.received_files.values()
+        assert all(line_task_id(orjson.loads(x)["custom_id"]) for x in sent.splitlines())
+        await h.cycle()
+        assert await h.count("state = 'succeeded'") == 2
+
+
 async def test_admin_tokens_are_named_and_consistent(db_url: str, tmp_path: Path) -> None:
     engine = make_engine(db_url, pool_size=1)
     provider = OpenAIProvider(api_key="k", base_url="http://127.0.0.1:9/v1")
