@@ -11,6 +11,7 @@ step; schemathesis (tests/integration/test_fuzz.py) checks the rest.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -80,10 +81,24 @@ def json_value(*, but_true: bool = False) -> Schema:
          "additionalProperties": JSON_VALUE}]}
 
 
-def body_schemas() -> dict[str, Schema]:
+def model_schema(priced: Sequence[str] | None) -> Schema:
+    """``model``: with ``priced`` (no BATCHD_ALLOWED_MODELS), one of the price
+    table's entries or an entry's dated snapshot, as ingest takes them."""
+    base: Schema = {"type": "string", "pattern": MODEL_PATTERN, "maxLength": MAX_MODEL,
+                    "description": "the model; one provider batch holds one model"}
+    if not priced:
+        return {**base, "description": base["description"] + " (the prices file's models "
+                "and those BATCHD_ALLOWED_MODELS allows)"}
+    names = "|".join(name.replace(".", "\\.") for name in priced)
+    return {**base, "anyOf": [{"enum": list(priced)},
+                              {"pattern": f"^({names})-[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$"}],
+            "description": base["description"] + ": a model of the prices file, or one of "
+            "its dated snapshots"}
+
+
+def body_schemas(priced: Sequence[str] | None = None) -> dict[str, Schema]:
     """Per endpoint, what its body needs (domain._check_body_shape)."""
-    model: Schema = {"type": "string", "pattern": MODEL_PATTERN, "maxLength": MAX_MODEL,
-                     "description": "the model; one provider batch holds one model"}
+    model = model_schema(priced)
     stream: Schema = {**json_value(but_true=True),
                       "description": "must not be true: batches cannot stream"}
     text_or_list: Schema = {"anyOf": [text(1), {"type": "array", "minItems": 1,
@@ -200,7 +215,8 @@ def _body_name(endpoint: str) -> str:
 
 # ----------------------------------------------------------------- responses
 
-def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
+def schemas(limits: Limits, callbacks: bool,
+            priced: Sequence[str] | None = None) -> dict[str, Schema]:
     error_detail: Schema = {
         "type": "object", "required": ["code", "message"],
         "properties": {
@@ -367,7 +383,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "properties": {"tasks": {"type": "array", "minItems": 1,
                                      "maxItems": limits.tasks_per_request,
                                      "items": ref("Task")}}},
-        **{_body_name(e): s for e, s in body_schemas().items()},
+        **{_body_name(e): s for e, s in body_schemas(priced).items()},
         "JsonValue": json_value(),
         "TaskState": state_row,
         "TaskView": task_view,
@@ -877,7 +893,10 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
     }
 
 
-def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
+def build(limits: Limits, *, callbacks: bool = False,
+          priced: Sequence[str] | None = None) -> dict[str, Any]:
+    """The document; ``priced`` lists the models ingest takes (with their
+    dated snapshots) when BATCHD_ALLOWED_MODELS is unset."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -898,7 +917,7 @@ def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
                 "type": "http", "scheme": "bearer",
                 "description": "one of BATCHD_INGEST_TOKENS; not needed when they are unset "
                                "(the API then listens on loopback only)"}},
-            "schemas": schemas(limits, callbacks),
+            "schemas": schemas(limits, callbacks, priced),
         },
     }
 

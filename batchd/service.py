@@ -175,7 +175,8 @@ class Service:
             jobs=self.jobs,
             schema_head=schema_head(), known_revisions=known_revisions(),
             max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds,
-            client_max_queued=max_queued)
+            client_max_queued=max_queued,
+            spec_models=None if settings.model_globs else sorted(self.prices.models))
         self.app = build_app(self.api, settings.max_request_bytes)
         console.setup(self.app, console.Console(
             engine=engine, clients=self.clients, replayer=self.api.replayer,

@@ -59,6 +59,8 @@ class ApiState:
     # (refreshed by the snapshot loop, counted up by ingest between).
     client_max_queued: dict[str, int] = field(default_factory=dict)
     client_queued: dict[str, int] = field(default_factory=dict)
+    # The models ingest takes, for the OpenAPI document (None: any allowed).
+    spec_models: list[str] | None = None
     draining: bool = False
     # The port the API listens on, once bound (no-token mode checks Host against it).
     port: int | None = None
@@ -602,7 +604,8 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
                           client_max_size=max_request_bytes)
     app[STATE] = state
     state.max_request_bytes = max_request_bytes
-    spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts))
+    spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts),
+                         priced=state.spec_models)
     app[SPEC] = orjson.dumps(spec)
     app[DOCS] = openapi.render_html(spec)
     app.router.add_post("/v1/tasks", post_tasks)
