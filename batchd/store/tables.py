@@ -58,7 +58,7 @@ tasks = Table(
     Column("deadline", DateTime(timezone=True)),
     Column("fallback_at", DateTime(timezone=True)),
     # The client whose token sent the task ('local': an anonymous token or
-    # no-token mode): with custom_id, the task's key (migration 0008). And
+    # no-token mode): with custom_id, the task's key (migration 0009). And
     # where its result is POSTed when it reaches a terminal state.
     Column("client", Text, nullable=False, server_default="local"),
     Column("callback_url", Text),
@@ -119,7 +119,7 @@ batches = Table(
     Column("token_limited", Boolean, nullable=False, server_default="false"),
     # The input file's custom_ids are batchd's per-attempt line ids
     # (domain.line_id); false for a batch built before them (migration
-    # 0008), whose lines carry the caller's custom_id.
+    # 0009), whose lines carry the caller's custom_id.
     Column("own_line_ids", Boolean, nullable=False, server_default="false"),
     # Spend ledger: reserved at submit from a high estimate, settled at routing.
     Column("spend_day", Date, nullable=False),
@@ -156,7 +156,7 @@ results = Table(
     # Completion order for GET /v1/results cursors.
     Column("seq", BigInteger, Identity(), primary_key=True),
     # The task (NULL only for a result whose task was gone before migration
-    # 0008); client and custom_id are the caller's key, kept for reading.
+    # 0009); client and custom_id are the caller's key, kept for reading.
     Column("task_id", BigInteger),
     Column("client", Text, nullable=False),
     Column("custom_id", Text, nullable=False),
@@ -184,7 +184,7 @@ task_events = Table(
     "task_events",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    Column("task_id", BigInteger),  # NULL: an event of a task gone before migration 0008
+    Column("task_id", BigInteger),  # NULL: an event of a task gone before migration 0009
     Column("client", Text, nullable=False),
     Column("custom_id", Text, nullable=False),
     Column("batch_id", Text),
