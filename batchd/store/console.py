@@ -102,7 +102,7 @@ async def live_batches(conn: AsyncConnection, client: str | None, limit: int
     return [dict(r) for r in rows.mappings()]
 
 
-# A result carries its task's client (migration 0009): no look-up in tasks.
+# A result carries its task's client (migration 0010): no look-up in tasks.
 SPEND_BY_CLIENT = text(f"""
 SELECT client, round(sum(cost_usd), 6) AS spend_usd, count(*) AS results FROM (
     SELECT r.cost_usd, r.client

@@ -858,7 +858,7 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
 
 
 async def resolve_legacy_lines(conn: AsyncConnection, batch_id: str) -> None:
-    """A batch built before batchd wrote its own line ids (migration 0009)
+    """A batch built before batchd wrote its own line ids (migration 0010)
     carries the callers' custom_ids, unique among its tasks: each staged
     line finds its task by the custom_id within the batch. So a batch in
     flight across the upgrade still routes."""

@@ -58,7 +58,7 @@ tasks = Table(
     Column("deadline", DateTime(timezone=True)),
     Column("fallback_at", DateTime(timezone=True)),
     # The client whose token sent the task ('local': an anonymous token or
-    # no-token mode): with custom_id, the task's key (migration 0009). And
+    # no-token mode): with custom_id, the task's key (migration 0010). And
     # where its result is POSTed when it reaches a terminal state.
     Column("client", Text, nullable=False, server_default="local"),
     Column("callback_url", Text),
@@ -72,7 +72,7 @@ tasks = Table(
     # The job the task belongs to (per client, DESIGN section 13); NULL: none.
     Column("job", Text),
     # dismissed: taken out of the manual queue by an operator, not replayed.
-    # cancelled: queued when its job was cancelled, never sent (migration 0009).
+    # cancelled: queued when its job was cancelled, never sent (migration 0010).
     CheckConstraint("state IN ('queued','submitted','succeeded','failed','dismissed',"
                     "'cancelled')",
                     name="task_state"),
@@ -94,7 +94,7 @@ tasks = Table(
     # The console's manual queue, newest first; the report's day of finished tasks.
     Index("tasks_manual", "id", postgresql_where=text("state = 'failed'")),
     Index("tasks_finished", "finished_at", postgresql_where=text("finished_at IS NOT NULL")),
-    # A job's tasks in id order: its results stream and its cancel (migration 0009).
+    # A job's tasks in id order: its results stream and its cancel (migration 0010).
     Index("tasks_job", "client", "job", "id", postgresql_where=text("job IS NOT NULL")),
 )
 
@@ -119,7 +119,7 @@ batches = Table(
     Column("token_limited", Boolean, nullable=False, server_default="false"),
     # The input file's custom_ids are batchd's per-attempt line ids
     # (domain.line_id); false for a batch built before them (migration
-    # 0009), whose lines carry the caller's custom_id.
+    # 0010), whose lines carry the caller's custom_id.
     Column("own_line_ids", Boolean, nullable=False, server_default="false"),
     # Spend ledger: reserved at submit from a high estimate, settled at routing.
     Column("spend_day", Date, nullable=False),
@@ -156,7 +156,7 @@ results = Table(
     # Completion order for GET /v1/results cursors.
     Column("seq", BigInteger, Identity(), primary_key=True),
     # The task (NULL only for a result whose task was gone before migration
-    # 0009); client and custom_id are the caller's key, kept for reading.
+    # 0010); client and custom_id are the caller's key, kept for reading.
     Column("task_id", BigInteger),
     Column("client", Text, nullable=False),
     Column("custom_id", Text, nullable=False),
@@ -184,7 +184,7 @@ task_events = Table(
     "task_events",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    Column("task_id", BigInteger),  # NULL: an event of a task gone before migration 0009
+    Column("task_id", BigInteger),  # NULL: an event of a task gone before migration 0010
     Column("client", Text, nullable=False),
     Column("custom_id", Text, nullable=False),
     Column("batch_id", Text),

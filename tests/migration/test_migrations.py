@@ -116,15 +116,15 @@ VALUES ('bd_1', '/v1/chat/completions', 'm', 'timeout', 2, 4, '2026-12-01');
 
 
 def test_the_client_key_migration_keeps_every_row_and_reverses(empty_db: str) -> None:
-    """0009: rows stored before clients keep their data, the anonymous ones
+    """0010: rows stored before clients keep their data, the anonymous ones
     under 'local'; every row finds its task by id; old batches route by
     custom_id; and the downgrade gives the old shape back."""
     cfg = alembic_config(async_url(empty_db))
-    command.upgrade(cfg, "0008_client_spend")
+    command.upgrade(cfg, "0009_jobs")
     for statement in _OLD_ROWS.strip().split(";"):
         if statement.strip():
             _sql(empty_db, statement)
-    command.upgrade(cfg, "0009_client_task_key")
+    command.upgrade(cfg, "0010_client_task_key")
     assert _sql(empty_db, "SELECT custom_id, client FROM tasks ORDER BY custom_id") == [
         ("anon-1", "local"), ("named-1", "billing")]
     assert _sql(empty_db, """
@@ -153,10 +153,10 @@ def test_the_client_key_migration_keeps_every_row_and_reverses(empty_db: str) ->
     # Two clients share a custom_id: the old schema cannot hold both, so the
     # downgrade refuses and changes nothing.
     with pytest.raises(RuntimeError, match="clients share custom_ids"):
-        command.downgrade(cfg, "0008_client_spend")
-    assert _version(empty_db) == "0009_client_task_key"
+        command.downgrade(cfg, "0009_jobs")
+    assert _version(empty_db) == "0010_client_task_key"
     _sql(empty_db, "DELETE FROM tasks WHERE client = 'billing' AND custom_id = 'anon-1'")
-    command.downgrade(cfg, "0008_client_spend")
+    command.downgrade(cfg, "0009_jobs")
     assert _sql(empty_db, "SELECT custom_id, client FROM tasks ORDER BY custom_id") == [
         ("anon-1", None), ("named-1", "billing")]
     assert _sql(empty_db, "SELECT count(*) FROM results") == [(2,)]

@@ -19,8 +19,8 @@ and the new unique indexes are built CONCURRENTLY before the old ones go.
 The downgrade keeps every row too, so it refuses (naming the rows) while two
 clients share a custom_id: the old schema cannot hold both.
 
-Revision ID: 0009_client_task_key
-Revises: 0008_client_spend
+Revision ID: 0010_client_task_key
+Revises: 0009_jobs
 Create Date: 2026-12-06 02:00:00
 """
 
@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from alembic import op
 from sqlalchemy import text
 
-revision: str = '0009_client_task_key'
-down_revision: str | None = '0008_client_spend'
+revision: str = '0010_client_task_key'
+down_revision: str | None = '0009_jobs'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
