@@ -183,13 +183,13 @@ def results_page_sql(client: str) -> str:
     tasks_job index (the only one in that order), never all of the job's
     tasks sorted for each page, which the planner picks for a job it has no
     statistics for yet."""
-    who = "client IS NULL AND $1::text IS NOT NULL" if client == LOCAL else "client = $1"
+    who = "client = $1"
     return f"""
         SELECT t.id, t.custom_id, t.state, t.attempts, t.last_error::text, r.response::text
         FROM (SELECT id, custom_id, state, attempts, last_error FROM tasks
               WHERE {who} AND job = $2 AND id > $3 AND state = ANY($4::text[])
               ORDER BY client, job, id LIMIT $5) t
-        LEFT JOIN results r ON t.state = 'succeeded' AND r.custom_id = t.custom_id
+        LEFT JOIN results r ON t.state = 'succeeded' AND r.task_id = t.id
         ORDER BY t.id"""
 
 
@@ -243,13 +243,15 @@ async def cancel_queued(conn: AsyncConnection, client: str, job: str, after: int
             UPDATE tasks t SET state = 'cancelled', finished_at = now(), updated_at = now(),
                    batch_id = NULL, last_error = CAST(:err AS jsonb)
             FROM picked p WHERE t.id = p.id AND t.state = 'queued'
-            RETURNING t.custom_id, t.attempts, t.client, t.callback_url, t.job
+            RETURNING t.id, t.custom_id, t.attempts, t.client, t.callback_url, t.job
         ), ev AS (
-            INSERT INTO task_events (custom_id, attempt, outcome, error)
-            SELECT custom_id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
+            INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
+            SELECT id, client, custom_id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
         ), cb AS (
-            INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts, task_error)
-            SELECT custom_id, client, callback_url, 'cancelled', attempts, CAST(:err AS jsonb)
+            INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts,
+                                   task_error)
+            SELECT id, custom_id, client, callback_url, 'cancelled', attempts,
+                   CAST(:err AS jsonb)
             FROM upd WHERE callback_url IS NOT NULL
         ), jd AS ({moved_deltas("upd", "'queued'", "'cancelled'")})
         SELECT (SELECT max(id) FROM picked) AS last_id,
