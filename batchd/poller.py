@@ -89,7 +89,12 @@ class Poller:
                 await repo.schedule_poll(conn, batch["id"], self.settings.poll_interval_seconds)
             return False
         files = await self._download(batch["id"], remote)
-        await self.router.route(batch["id"], batch["model"], remote, [p for _, p in files])
+        summary = await self.router.route(batch["id"], batch["model"], remote,
+                                          [p for _, p in files])
+        if summary.already_routed:
+            for _, path in files:
+                path.unlink(missing_ok=True)  # the router that won archived them
+            return False
         if batch["submitted_at"] is not None:
             metrics.BATCH_TURNAROUND.observe(time.time() - batch["submitted_at"].timestamp())
         for kind, path in files:

@@ -36,11 +36,17 @@ PRICE_PLACES = 6
 
 @dataclass(frozen=True, slots=True)
 class Rate:
-    """USD per 1M tokens."""
+    """USD per 1M tokens. ``cache_write_input`` is what writing a prompt cache
+    costs (Anthropic: 1.25 times input); a model without one pays input."""
 
     input: Decimal
     cached_input: Decimal
     output: Decimal
+    cache_write_input: Decimal | None = None
+
+    @property
+    def cache_write(self) -> Decimal:
+        return self.input if self.cache_write_input is None else self.cache_write_input
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,29 +59,56 @@ class ModelPrice:
 
 @dataclass(frozen=True, slots=True)
 class Tokens:
+    """``input`` counts every prompt token; ``cached`` (read from a cache) and
+    ``cache_write`` (written to one) are parts of it priced at their own rates."""
+
     input: int = 0
     cached: int = 0
     output: int = 0
+    cache_write: int = 0
 
     def __add__(self, other: Tokens) -> Tokens:
         return Tokens(self.input + other.input, self.cached + other.cached,
-                      self.output + other.output)
+                      self.output + other.output, self.cache_write + other.cache_write)
 
     def __sub__(self, other: Tokens) -> Tokens:
         return Tokens(self.input - other.input, self.cached - other.cached,
-                      self.output - other.output)
+                      self.output - other.output, self.cache_write - other.cache_write)
 
     def at_least(self, other: Tokens) -> Tokens:
         """Kind by kind, the larger of the two (the high side of two counts)."""
         return Tokens(max(self.input, other.input), max(self.cached, other.cached),
-                      max(self.output, other.output))
+                      max(self.output, other.output), max(self.cache_write, other.cache_write))
+
+
+def usage_of(body: Any) -> Any:
+    """The usage object of a response body of any provider: ``usage`` (OpenAI,
+    Anthropic) or ``usageMetadata`` (Gemini)."""
+    if not isinstance(body, dict):
+        return None
+    usage = body.get("usage")
+    return usage if usage is not None else body.get("usageMetadata")
 
 
 def tokens_from_usage(usage: Any) -> Tokens:
-    """Read chat, responses, embeddings or batch-level usage alike."""
+    """Read chat, responses, embeddings, batch-level, Anthropic and Gemini
+    usage alike."""
     if not isinstance(usage, dict):
         return Tokens()
-    if "input_tokens" in usage:  # responses API and batch-level usage
+    if "promptTokenCount" in usage or "candidatesTokenCount" in usage:
+        # Gemini: the prompt count includes cached tokens; thinking is billed
+        # as output.
+        return Tokens(int(usage.get("promptTokenCount") or 0),
+                      int(usage.get("cachedContentTokenCount") or 0),
+                      int(usage.get("candidatesTokenCount") or 0)
+                      + int(usage.get("thoughtsTokenCount") or 0))
+    if "cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage:
+        # Anthropic: input_tokens is only what neither read nor wrote a cache.
+        write = int(usage.get("cache_creation_input_tokens") or 0)
+        read = int(usage.get("cache_read_input_tokens") or 0)
+        return Tokens(int(usage.get("input_tokens") or 0) + write + read, read,
+                      int(usage.get("output_tokens") or 0), write)
+    if "input_tokens" in usage:  # responses API, batch-level usage, Anthropic without caching
         details = usage.get("input_tokens_details") or {}
         return Tokens(int(usage.get("input_tokens") or 0), int(details.get("cached_tokens") or 0),
                       int(usage.get("output_tokens") or 0))
@@ -85,9 +118,9 @@ def tokens_from_usage(usage: Any) -> Tokens:
 
 
 def cost(tokens: Tokens, rate: Rate) -> Decimal:
-    uncached = max(0, tokens.input - tokens.cached)
+    uncached = max(0, tokens.input - tokens.cached - tokens.cache_write)
     return (uncached * rate.input + tokens.cached * rate.cached_input
-            + tokens.output * rate.output) / MILLION
+            + tokens.cache_write * rate.cache_write + tokens.output * rate.output) / MILLION
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,19 +136,20 @@ class ScaledRate:
     cached_input: int
     output: int
     scale: int
+    cache_write: int = 0
 
     @classmethod
     def of(cls, rate: Rate) -> ScaledRate:
         places = max(max(0, -int(v.as_tuple().exponent))
-                     for v in (rate.input, rate.cached_input, rate.output))
+                     for v in (rate.input, rate.cached_input, rate.output, rate.cache_write))
         scale = 10 ** places
         return cls(int(rate.input * scale), int(rate.cached_input * scale),
-                   int(rate.output * scale), scale)
+                   int(rate.output * scale), scale, int(rate.cache_write * scale))
 
     def cost(self, tokens: Tokens) -> int:
-        uncached = max(0, tokens.input - tokens.cached)
+        uncached = max(0, tokens.input - tokens.cached - tokens.cache_write)
         return (uncached * self.input + tokens.cached * self.cached_input
-                + tokens.output * self.output)
+                + tokens.cache_write * self.cache_write + tokens.output * self.output)
 
     def usd(self, units: int) -> Decimal:
         """``units`` of this rate (``cost``'s figure) as exact USD."""
@@ -229,7 +263,9 @@ class PriceTable:
 
 def _rate(entry: dict[str, Any]) -> Rate:
     values = [Decimal(str(entry[k])) for k in ("input", "cached_input", "output")]
-    if any(v < 0 for v in values):
+    write = entry.get("cache_write_input")
+    cache_write = Decimal(str(write)) if write is not None else None
+    if any(v < 0 for v in values) or (cache_write is not None and cache_write < 0):
         raise ValueError("prices must not be negative")
     for v in values:
         if -int(v.normalize().as_tuple().exponent) > PRICE_PLACES:
@@ -237,4 +273,4 @@ def _rate(entry: dict[str, Any]) -> Rate:
                 f"price {v} has more than {PRICE_PLACES} decimal places (USD per 1M tokens, "
                 "so 1e-12 USD a token, is as fine as batchd keeps money exact); write it "
                 f"rounded, e.g. {v.quantize(Decimal(1).scaleb(-PRICE_PLACES)).normalize()}")
-    return Rate(*values)
+    return Rate(values[0], values[1], values[2], cache_write_input=cache_write)

@@ -43,6 +43,7 @@ from batchd.prices import (
     Tokens,
     cost,
     tokens_from_usage,
+    usage_of,
 )
 from batchd.provider.base import RemoteBatch
 from batchd.store import repo
@@ -77,6 +78,8 @@ class RouteSummary:
     waited: list[float] = field(default_factory=list)  # ingest to result, per stored task
     # The stored results' exact costs by client (client caps).
     cost_by_client: dict[str, Decimal] = field(default_factory=dict)
+    # Another replica routed the batch first (its claim outlived ours).
+    already_routed: bool = False
     # (outcome, client) -> tasks, for the client-labelled completion metric.
     by_client: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -136,6 +139,14 @@ class Router:
         if summary.unpriced:
             self.prices.warn_unpriced(model, "batch")
         async with self.engine.begin() as conn:
+            # The row lock makes a second router (a replica whose lease lapsed
+            # mid-route under load) wait for the first one's commit and then
+            # see the batch routed, instead of settling it again.
+            if not await repo.lock_unrouted_batch(conn, batch_id):
+                summary.already_routed = True
+                log.warning("batch.already_routed", batch_id=batch_id,
+                            provider_batch_id=remote.id)
+                return summary
             if remote.status == "failed":
                 await self._route_failed(conn, batch_id, remote, summary)
             else:
@@ -234,17 +245,18 @@ class Router:
                 result = classify_line(line)
                 if result.outcome is not Outcome.SUCCESS:
                     yield (number, tid, cid, False, None, None, None, None, None, None, None,
+                           None,
                            None, result.outcome is Outcome.FINAL,
                            orjson.dumps(result.error or {}).decode(), random.random())
                     continue
                 body = line["response"].get("body") or {}
-                usage = body.get("usage") if isinstance(body, dict) else None
+                usage = usage_of(body)
                 tokens = tokens_from_usage(usage)
                 lines.add(tokens)
                 yield (number, tid, cid, True, result.status_code or 200,
                        orjson.dumps(body).decode(),
                        orjson.dumps(usage).decode() if usage is not None else None,
-                       tokens.input, tokens.cached, tokens.output,
+                       tokens.input, tokens.cached, tokens.output, tokens.cache_write,
                        rate.usd(rate.cost(tokens)), sync_rate.usd(sync_rate.cost(tokens)),
                        None, None, None)
 
@@ -299,9 +311,11 @@ class Router:
         if s.unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
         for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),
+                        ("cache_write_input", s.billed.cache_write),
                         ("output", s.billed.output)):
             metrics.TOKENS.labels(model=label, kind=kind, lane="batch").inc(n)
 
 
 def _tokens(t: Tokens) -> dict[str, int]:
-    return {"input": t.input, "cached_input": t.cached, "output": t.output}
+    return {"input": t.input, "cached_input": t.cached, "output": t.output,
+            "cache_write_input": t.cache_write}

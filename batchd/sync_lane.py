@@ -35,7 +35,7 @@ from batchd.errors import ProviderError
 from batchd.estimates import Calibration
 from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
-from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage
+from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage, usage_of
 from batchd.provider.base import Provider
 from batchd.store import repo
 from batchd.store.repo import Backoff
@@ -218,7 +218,7 @@ class SyncLane:
         try:
             async with self.engine.begin() as conn:
                 if result.outcome is Outcome.SUCCESS:
-                    usage = body.get("usage") if isinstance(body, dict) else None
+                    usage = usage_of(body)
                     tokens = tokens_from_usage(usage)
                     price = self.prices.lookup(row["model"])
                     if not price.known:
@@ -281,6 +281,7 @@ class SyncLane:
             metrics.SPEND.add(paid, model=model, lane="sync")
             metrics.SAVINGS.add(Decimal(0), model=model, lane="sync")
             for kind, n in (("input", tokens.input), ("cached_input", tokens.cached),
+                            ("cache_write_input", tokens.cache_write),
                             ("output", tokens.output)):
                 metrics.TOKENS.labels(model=model, kind=kind, lane="sync").inc(n)
         for name, client in settled:  # empty: a fallback moved the task meanwhile

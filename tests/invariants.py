@@ -13,12 +13,12 @@ What must hold after any crash, kill, database outage or provider fault:
 * no set of tasks was created twice at the provider: one provider batch per
   batchd batch id, and every provider batch is the one recorded for it (a
   duplicate is tolerated only if it was cancelled before any line ran);
-* every job's counters (its row plus the deltas not folded yet) equal its
-  tasks counted by state, and its money the sum of its results' costs; a
-  cancelled task is in no batch.
 * isolation: results, events and callbacks are stored under their own task's
   (client, custom_id), and provider files carry batchd's line ids, never a
   caller's custom_id.
+* every job's counters (its row plus the deltas not folded yet) equal its
+  tasks counted by state, and its money the sum of its results' costs; a
+  cancelled task is in no batch.
 """
 
 from __future__ import annotations
@@ -200,15 +200,7 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         r.fail(f"{len(under)} task(s) were submitted more often than counted "
                "(custom_id, attempts, submissions)", under)
 
-    # 6. Job counters.
-    for problem in await job_counter_problems(engine):
-        r.fail(problem)
-    # Attempts equal submissions (4.), so a cancelled task was sent only for
-    # attempts it made before it came back to the queue; it is in no batch.
-    in_batch = [cid for cid, t in tasks.items() if t.state == "cancelled" and t.batch_id]
-    if in_batch:
-        r.fail(f"{len(in_batch)} cancelled task(s) sit in a batch", in_batch)
-    # 7. Isolation: whatever is stored about a task is under its own client
+    # 6. Isolation: whatever is stored about a task is under its own client
     #    and custom_id, so no client can read, replay or be called back with
     #    another's; and the provider never saw a caller's custom_id in a
     #    batch built with line ids.
@@ -225,8 +217,8 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         SELECT 'unkeyed ' || x.what, NULL FROM (
             SELECT 'result' AS what FROM results WHERE task_id IS NULL
             UNION ALL SELECT 'event' FROM task_events WHERE task_id IS NULL
-            UNION ALL SELECT 'callback' FROM callbacks
-                WHERE task_id IS NULL AND custom_id IS NOT NULL) x""")
+            UNION ALL SELECT 'callback' FROM callbacks WHERE task_id IS NULL AND job IS NULL
+        ) x""")
     if crossed:
         r.fail(f"{len(crossed)} row(s) stored under another task's client or custom_id",
                [(row.what, row.task_id) for row in crossed])
@@ -236,6 +228,14 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
               for c in b["custom_ids"] if line_task_id(c) is None]
     if leaked:
         r.fail(f"{len(leaked)} provider line(s) carry an id that is not batchd's", leaked)
+    # 6. Job counters.
+    for problem in await job_counter_problems(engine):
+        r.fail(problem)
+    # Attempts equal submissions (4.), so a cancelled task was sent only for
+    # attempts it made before it came back to the queue; it is in no batch.
+    in_batch = [cid for cid, t in tasks.items() if t.state == "cancelled" and t.batch_id]
+    if in_batch:
+        r.fail(f"{len(in_batch)} cancelled task(s) sit in a batch", in_batch)
     return r
 
 
@@ -261,7 +261,7 @@ async def job_counter_problems(engine: AsyncEngine) -> list[str]:
                count(*) FILTER (WHERE t.state IN ('failed', 'dismissed')) AS failed,
                count(*) FILTER (WHERE t.state = 'cancelled') AS cancelled,
                coalesce(sum(r.cost_usd), 0) AS spend, coalesce(sum(r.sync_cost_usd), 0) AS sync
-        FROM tasks t LEFT JOIN results r ON t.state = 'succeeded' AND r.custom_id = t.custom_id
+        FROM tasks t LEFT JOIN results r ON t.state = 'succeeded' AND r.task_id = t.id
         WHERE t.job IS NOT NULL GROUP BY 1, 2""")}
     problems = []
     for key in sorted(kept.keys() | counted.keys()):

@@ -1,8 +1,30 @@
 """The provider port: what batchd needs from a batch API, nothing more.
 
-Adapters (the openai SDK one, the emulator-backed tests) implement this
-Protocol. Every method raises ``ProviderError`` (see ``batchd.errors``) for a
-failure it could not settle by itself, carrying whether a retry is sensible.
+One adapter per provider SDK implements this Protocol (openai, azure and
+openai_compatible on ``openai``; anthropic on ``anthropic``; gemini on
+``google-genai``). Every method raises ``ProviderError`` (see
+``batchd.errors``) for a failure it could not settle by itself, carrying
+whether a retry is sensible.
+
+The flow above the port speaks one dialect, OpenAI's, and each adapter
+translates at its edge:
+
+* input: the scheduler writes an OpenAI-shaped JSONL input file
+  (``{"custom_id", "method", "url", "body"}`` lines); ``upload_file`` makes it
+  available to ``create_batch`` in the provider's own form (a Files upload,
+  Gemini's ``{"key", "request"}`` file, or inline requests read from the
+  local file at create time for Anthropic and small Gemini batches);
+* status: ``RemoteBatch.status`` is one of the OpenAI names below whatever the
+  provider calls it (``provider_status`` keeps the provider's own word);
+* results: ``download_file`` writes lines in batchd's line shape, the OpenAI
+  batch output shape: ``{"custom_id", "response": {"status_code", "body"} |
+  null, "error": {"code", "message"} | null}``. The body is the provider's own
+  response (an Anthropic Message, a Gemini GenerateContentResponse), so a
+  caller gets what the provider said; errors carry an HTTP-like status so one
+  classifier (domain.classify_line) decides retryable or final.
+
+Results may come back in any order from every provider: the router joins them
+by custom_id, never by position.
 """
 
 from __future__ import annotations
@@ -14,6 +36,25 @@ from typing import Any, Protocol
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 LIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderLimits:
+    """What one provider accepts, from its documentation; batchd splits and
+    holds windows to stay inside it rather than have a batch refused."""
+
+    max_lines: int
+    max_bytes: int
+    # Work that may wait at the provider at once, per model (None: no
+    # documented cap). A window waits while submitting it would pass either.
+    queued_requests: int | None = None
+    queued_tokens: int | None = None
+    # Whether a created batch carries our metadata (else reconciliation after
+    # a crash matches on creation time and request count; see scheduler).
+    batch_metadata: bool = True
+    # How long a batch may run before the provider expires it.
+    expiry_hours: int = 24
+    max_custom_id: int = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +83,8 @@ class RemoteBatch:
     usage: dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     model: str | None = None
+    # The provider's own word for the status, when it differs from ``status``.
+    provider_status: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -49,6 +92,9 @@ class RemoteBatch:
 
 
 class Provider(Protocol):
+    name: str
+    limits: ProviderLimits
+
     async def upload_file(self, path: Path, filename: str) -> RemoteFile:
         """Upload a JSONL input file with purpose=batch."""
 

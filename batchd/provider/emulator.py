@@ -121,12 +121,15 @@ class Emulator:
                  write_cancelled_lines: bool = True, known_models: set[str] | None = None,
                  failure_rates: dict[str, float] | None = None, seed: int = 0,
                  sync_latency_seconds: float | tuple[float, float] = 0.0,
-                 key_of: Callable[[str], str] | None = None) -> None:
+                 key_of: Callable[[str], str] | None = None,
+                 upper_case_statuses: bool = False) -> None:
         unknown = set(failure_rates or {}) - OUTCOMES
         if unknown:
             raise ValueError(f"unknown outcomes in failure_rates: {sorted(unknown)}")
         self.api_key = api_key
         self.key_of = key_of or script_key
+        # Together answers VALIDATING, IN_PROGRESS, COMPLETED...
+        self.upper_case_statuses = upper_case_statuses
         self.validating_seconds = validating_seconds
         self.in_progress_seconds = in_progress_seconds
         self.finalizing_seconds = finalizing_seconds
@@ -224,20 +227,30 @@ class Emulator:
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=1024**3)
         r = app.router
-        r.add_post("/v1/files", self._upload, name="upload")
-        r.add_get("/v1/files", self._list_files, name="list_files")
-        r.add_get("/v1/files/{id}", self._retrieve_file, name="retrieve_file")
-        r.add_get("/v1/files/{id}/content", self._download, name="download")
-        r.add_delete("/v1/files/{id}", self._delete, name="delete")
-        r.add_post("/v1/batches", self._create, name="create")
-        r.add_get("/v1/batches", self._list_batches, name="list_batches")
-        r.add_get("/v1/batches/{id}", self._retrieve, name="retrieve")
-        r.add_post("/v1/batches/{id}/cancel", self._cancel, name="cancel")
+        # The same API under the URL shapes of its other users: OpenAI at /v1,
+        # Groq at /openai/v1, Azure at /openai (deployments for sync calls). A
+        # route's name after "." is only its shape; faults address the route.
+        for prefix, shape in (("/v1", ""), ("/openai/v1", ".groq"), ("/openai", ".azure")):
+            r.add_post(f"{prefix}/files", self._upload, name="upload" + shape)
+            r.add_get(f"{prefix}/files", self._list_files, name="list_files" + shape)
+            r.add_get(f"{prefix}/files/{{id}}", self._retrieve_file,
+                      name="retrieve_file" + shape)
+            r.add_get(f"{prefix}/files/{{id}}/content", self._download, name="download" + shape)
+            r.add_delete(f"{prefix}/files/{{id}}", self._delete, name="delete" + shape)
+            r.add_post(f"{prefix}/batches", self._create, name="create" + shape)
+            r.add_get(f"{prefix}/batches", self._list_batches, name="list_batches" + shape)
+            r.add_get(f"{prefix}/batches/{{id}}", self._retrieve, name="retrieve" + shape)
+            r.add_post(f"{prefix}/batches/{{id}}/cancel", self._cancel, name="cancel" + shape)
+            for path in ("chat/completions", "embeddings", "responses", "completions",
+                         "moderations"):
+                sync = "sync_" + path.replace("/", "_")
+                if shape == ".azure":
+                    r.add_post(f"{prefix}/deployments/{{deployment}}/{path}", self._sync,
+                               name=sync + shape)
+                else:
+                    r.add_post(f"{prefix}/{path}", self._sync, name=sync + shape)
         r.add_get("/_emulator/record", self._admin_record, name="admin_record")
         r.add_post("/_emulator/faults", self._admin_faults, name="admin_faults")
-        for path in ("chat/completions", "embeddings", "responses", "completions",
-                     "moderations"):
-            r.add_post(f"/v1/{path}", self._sync, name="sync_" + path.replace("/", "_"))
         return app
 
     # ---- middleware: request id, auth, counters, faults, error envelope ---------------
@@ -246,7 +259,7 @@ class Emulator:
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         request_id = f"req_{uuid.uuid4().hex}"
         request[REQUEST_ID] = request_id
-        name = request.match_info.route.name
+        name = (request.match_info.route.name or "").partition(".")[0] or None
         route = "sync" if name and name.startswith("sync_") else name
         if route in ROUTES:
             self.calls[route] += 1
@@ -274,6 +287,10 @@ class Emulator:
         return resp
 
     def _authorized(self, request: web.Request) -> bool:
+        azure_key = request.headers.get("api-key")  # Azure's header
+        if azure_key is not None:
+            return self.api_key is None or hmac.compare_digest(azure_key.strip().encode(),
+                                                               self.api_key.encode())
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return False
@@ -310,11 +327,12 @@ class Emulator:
         if kind == "reset_before":
             abort_connection(request)
             return web.Response()
-        if kind == "slow" and request.match_info.route.name != "download":
+        route_name = (request.match_info.route.name or "").partition(".")[0]
+        if kind == "slow" and route_name != "download":
             await self._hang(float(params.get("seconds", 1.0)))
             return await handler(request)
         if kind in ("truncate", "slow"):
-            if request.match_info.route.name == "download":
+            if route_name == "download":
                 request[DOWNLOAD_FAULT] = fault
                 return await handler(request)
             return await send_truncated(request, await handler(request))
@@ -491,10 +509,16 @@ class Emulator:
         task = asyncio.create_task(self._lifecycle(b, source.data), name=f"emulator-{b.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return json_response(b.to_json())
+        return json_response(self._batch_json(b))
 
     async def _retrieve(self, request: web.Request) -> web.StreamResponse:
-        return json_response(self._batch(request.match_info["id"]).to_json())
+        return json_response(self._batch_json(self._batch(request.match_info["id"])))
+
+    def _batch_json(self, b: EmulatedBatch) -> dict[str, Any]:
+        view = b.to_json()
+        if self.upper_case_statuses:
+            view["status"] = str(view["status"]).upper()
+        return view
 
     def _batch(self, batch_id: str) -> EmulatedBatch:
         b = self.batches.get(batch_id)
@@ -506,7 +530,7 @@ class Emulator:
         limit = page_limit(request.query.get("limit"), default=20, most=100)
         ids = list(reversed(self.batches))  # insertion order is creation order
         page = ids_after(ids, request.query.get("after"), limit + 1)
-        return json_response(list_page([self.batches[i].to_json() for i in page], limit))
+        return json_response(list_page([self._batch_json(self.batches[i]) for i in page], limit))
 
     async def _cancel(self, request: web.Request) -> web.StreamResponse:
         b = self._batch(request.match_info["id"])
@@ -514,7 +538,7 @@ class Emulator:
             raise ApiError(409, f"Cannot cancel a batch with status '{b.status}'.")
         if b.status not in ("cancelling", "cancelled"):
             self._request_cancel(b)
-        return json_response(b.to_json())
+        return json_response(self._batch_json(b))
 
     def _request_cancel(self, b: EmulatedBatch) -> None:
         b.status = "cancelling"
@@ -748,7 +772,11 @@ class Emulator:
         ``body.metadata.custom_id``; without one, scripts and rates still apply but
         nothing is counted.
         """
-        endpoint = request.path
+        # The OpenAI name of the endpoint whatever the URL shape (Azure:
+        # /openai/deployments/{d}/chat/completions, Groq: /openai/v1/...).
+        tail = request.path.split("/deployments/", 1)[-1].split("/", 1)[-1] \
+            if "/deployments/" in request.path else request.path.split("/v1/", 1)[-1]
+        endpoint = "/v1/" + tail
         body = await json_body(request)
         if body.get("stream") is True:
             raise ApiError(400, "The emulator does not stream; send stream=false.",

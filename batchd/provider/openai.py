@@ -1,4 +1,9 @@
-"""The provider port on the official ``openai`` SDK (``AsyncOpenAI``).
+"""The provider port on the official ``openai`` SDK: OpenAI itself
+(``AsyncOpenAI``), Azure OpenAI global batch (``AsyncAzureOpenAI``, where a
+line's model is the deployment name) and OpenAI-compatible batch APIs such as
+Groq and Together (``AsyncOpenAI`` at their base URL). All three speak Files +
+Batches; they differ in limits, URL shapes (the SDK builds them) and the case
+of their status names (Together answers upper case).
 
 The SDK does the HTTP and its own bounded retries; this adapter only shapes
 calls (streamed downloads, no-retry cancel) and turns every failure into a
@@ -23,7 +28,7 @@ from openai.types import Batch, FileObject
 from batchd import metrics
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.health import HEALTH
-from batchd.provider.base import RemoteBatch, RemoteFile
+from batchd.provider.base import ProviderLimits, RemoteBatch, RemoteFile
 
 _Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings",
                     "/v1/completions", "/v1/moderations", "/v1/images/generations",
@@ -31,13 +36,37 @@ _Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings",
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 _OPERATIONS = ("upload_file", "create_batch", "get_batch", "cancel_batch", "list_batches",
                "list_files", "sync_call", "download_file")
+_MB = 1024 * 1024
+
+# openai-batch-protocol.md section 6 and shared/providers.md.
+OPENAI_LIMITS = ProviderLimits(max_lines=50_000, max_bytes=200 * _MB)
+# 100,000 lines and 200 MB a file; a queued-token quota per deployment
+# (200M by default) counts every queued job together. Jobs are not expired.
+AZURE_LIMITS = ProviderLimits(max_lines=100_000, max_bytes=200 * _MB,
+                              queued_tokens=200_000_000, expiry_hours=24 * 365)
+# Known OpenAI-compatible services by name; any other name gets OpenAI's.
+COMPATIBLE_LIMITS = {
+    # 50,000 lines / 200 MB; completion windows of 24h to 7d.
+    "groq": ProviderLimits(max_lines=50_000, max_bytes=200 * _MB),
+    # custom_id at most 64 characters, 50,000 requests / 100 MB, 30B tokens
+    # queued per model.
+    "together": ProviderLimits(max_lines=50_000, max_bytes=100 * _MB,
+                               queued_tokens=30_000_000_000, max_custom_id=64),
+}
 
 
 class OpenAIProvider:
+    name = "openai"
+    limits = OPENAI_LIMITS
+
     def __init__(self, api_key: str, base_url: str | None = None, *, timeout: float = 120.0,
-                 max_retries: int = 2) -> None:
-        self._client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, timeout=timeout,
-                                          max_retries=max_retries)
+                 max_retries: int = 2, name: str = "openai",
+                 limits: ProviderLimits | None = None,
+                 client: openai.AsyncOpenAI | None = None) -> None:
+        self.name = name
+        self.limits = limits or OPENAI_LIMITS
+        self._client = client or openai.AsyncOpenAI(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
         # For cancel (a 409 means "already terminal"; the SDK would retry it
         # twice) and create (see create_batch).
         self._no_retry = self._client.with_options(max_retries=0)
@@ -159,6 +188,24 @@ class OpenAIProvider:
         await self._client.close()
 
 
+def azure_provider(api_key: str, endpoint: str, api_version: str, *, timeout: float = 120.0,
+                   max_retries: int = 2) -> OpenAIProvider:
+    """Azure OpenAI global batch: the same protocol under ``{endpoint}/openai``
+    with ``api-version`` on every call and the deployment as a line's model."""
+    client = openai.AsyncAzureOpenAI(api_key=api_key, azure_endpoint=endpoint,
+                                     api_version=api_version, timeout=timeout,
+                                     max_retries=max_retries)
+    return OpenAIProvider(api_key, name="azure", limits=AZURE_LIMITS, client=client)
+
+
+def compatible_provider(name: str, api_key: str, base_url: str, *, timeout: float = 120.0,
+                        max_retries: int = 2) -> OpenAIProvider:
+    """An OpenAI-compatible Files + Batches service (``openai_compatible:<name>``)."""
+    limits = COMPATIBLE_LIMITS.get(name.lower(), OPENAI_LIMITS)
+    return OpenAIProvider(api_key, base_url, timeout=timeout, max_retries=max_retries,
+                          name=f"openai_compatible:{name}", limits=limits)
+
+
 def _parses(line: bytes) -> bool:
     try:
         orjson.loads(line)
@@ -261,8 +308,11 @@ def _batch(obj: Batch, operation: str) -> RemoteBatch:
         raise ProviderError(f"{operation}: the provider returned a batch without an id or "
                             "status; retry later.", operation=operation)
     errors = [e.model_dump() for e in obj.errors.data] if obj.errors and obj.errors.data else []
+    # Together answers VALIDATING, IN_PROGRESS, COMPLETED...: the same words.
+    status = obj.status.lower()
     return RemoteBatch(
-        id=obj.id, status=obj.status, endpoint=obj.endpoint,
+        id=obj.id, status=status, endpoint=obj.endpoint,
+        provider_status=obj.status if status != obj.status else None,
         input_file_id=obj.input_file_id, created_at=obj.created_at,
         output_file_id=obj.output_file_id, error_file_id=obj.error_file_id, errors=errors,
         request_counts=obj.request_counts.model_dump() if obj.request_counts else None,

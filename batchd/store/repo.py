@@ -828,7 +828,7 @@ def _count_outcomes(rows: Iterable[Any]) -> dict[tuple[str, str], int]:
 # transaction ends.
 
 STAGE_COLUMNS = ("line", "tid", "cid", "ok", "status", "resp", "usage", "tin", "tcached",
-                 "tout", "cost", "sync", "final", "err", "jitter")
+                 "tout", "tcw", "cost", "sync", "final", "err", "jitter")
 
 
 async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]]) -> None:
@@ -847,8 +847,8 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     await conn.execute(text("""
         CREATE TEMPORARY TABLE route_lines (
             line int NOT NULL, tid bigint, cid text NOT NULL, ok bool NOT NULL, status int,
-            resp jsonb, usage jsonb, tin bigint, tcached bigint, tout bigint, cost numeric,
-            sync numeric, final bool, err text, jitter float8) ON COMMIT DROP"""))
+            resp jsonb, usage jsonb, tin bigint, tcached bigint, tout bigint, tcw bigint,
+            cost numeric, sync numeric, final bool, err text, jitter float8) ON COMMIT DROP"""))
     raw = await conn.get_raw_connection()
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
         "route_lines", records=records, columns=STAGE_COLUMNS)
@@ -888,15 +888,16 @@ class StagedSuccesses:
 # keeps its first copy. Everything is sorted on narrow rows; the responses
 # join in only where the results are written.
 _STAGED_SUCCESSES = text(_SUCCESS_SQL.format(input="""
-    SELECT DISTINCT ON (tid) line, tid, status, tin, tcached, tout, cost, sync
+    SELECT DISTINCT ON (tid) line, tid, status, tin, tcached, tout, tcw, cost, sync
     FROM route_lines WHERE ok AND tid IS NOT NULL ORDER BY tid, line""", kept="""
-    SELECT i.line, i.tid, i.status, i.tin, i.tcached, i.tout, d.*,
+    SELECT i.line, i.tid, i.status, i.tin, i.tcached, i.tout, i.tcw, d.*,
            CAST(:unpriced AS bool) AS unpriced, i.cost, i.sync
     FROM input i JOIN done d ON d.task_id = i.tid""", rows="""(
         SELECT k.task_id, k.client, k.custom_id, k.status, l.resp, l.usage, k.cost, k.sync,
                k.replay_count, k.unpriced
         FROM kept k JOIN route_lines l ON l.line = k.line) AS stored""", final="""
-SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(cost), sum(sync),
+SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(tcw), sum(cost),
+       sum(sync),
        array_agg(waited), sum(est_input_tokens)
 FROM kept GROUP BY client"""))
 
@@ -911,12 +912,11 @@ async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpric
     results stored with their exact costs, events and callbacks written."""
     rows = await conn.execute(_STAGED_SUCCESSES, {"bid": batch_id, "unpriced": unpriced})
     out = StagedSuccesses({}, Tokens(), Decimal(0), {}, Decimal(0), [])
-    for client, n, tin, tcached, tout, cost_usd, sync_usd, times, est_in in rows:
+    for client, n, tin, tcached, tout, tcw, cost_usd, sync_usd, times, est_in in rows:
         out.estimated_input += int(est_in)
         out.cost_by_client[client] = cost_usd
         out.by_client[client] = int(n)
-        out.cost_by_client[client] = cost_usd
-        out.tokens += Tokens(int(tin), int(tcached), int(tout))
+        out.tokens += Tokens(int(tin), int(tcached), int(tout), int(tcw))
         out.cost += cost_usd
         out.sync_cost += sync_usd
         out.waited.extend(map(float, times))
@@ -978,6 +978,14 @@ async def requeue_remaining(
         SELECT client, count(*) FROM upd GROUP BY client"""),
         {"bid": batch_id, "err": orjson.dumps(error).decode(), "count": count_attempt})
     return {client: int(n) for client, n in rows}
+
+
+async def lock_unrouted_batch(conn: AsyncConnection, batch_id: str) -> bool:
+    """Lock a batch row for routing until the transaction ends; False when it
+    is already routed (waiting first for any router that holds it)."""
+    state = await conn.scalar(text("SELECT state FROM batches WHERE id = :id FOR UPDATE"),
+                              {"id": batch_id})
+    return state is not None and state != "routed"
 
 
 async def settle_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:

@@ -215,8 +215,8 @@ class Chaos:
         for i in range(self.n_tasks):
             marker, _ = expected_outcome(i)
             client, cid = self._key(i)
-            tasks.append(chat_task(cid, emulate=marker, job=chaos_job(i, self.n_tasks),
-                                   content=f"task {i} of {client}"))
+            tasks.append(chat_task(cid, emulate=marker, content=f"task {i} of {client}",
+                                   job=chaos_job(i, self.n_tasks)))
             owners.append(client if self.clients else None)
         loader = Loader(self.replicas, seed=self.rng.randint(0, 1 << 30), tokens=self.tokens)
         supervisor = asyncio.create_task(self._supervise())
@@ -266,30 +266,31 @@ class Chaos:
         return self.fig
 
     async def _cancel_first_job(self, loader: Loader) -> None:
-        """Once every task of the first job is in, cancel it through whichever
-        replica answers (again until one does: replicas die meanwhile)."""
-        first = {self._key(i) for i in range(self.n_tasks) if chaos_job(i, self.n_tasks)
-                 == CANCELLED_JOB}
+        """Once every task of the first job is in, cancel it (each client's:
+        job names are per client) through whichever replica answers, again
+        until one does (replicas die meanwhile)."""
+        first = set()
+        for i in range(self.n_tasks):
+            if chaos_job(i, self.n_tasks) == CANCELLED_JOB:
+                client, cid = self._key(i)
+                first.add((client if self.clients else "local", cid))
         while not first <= loader.accepted:
             await loader.wait_accepted(len(loader.accepted) + 1)
-        # Every client has a job of that name (jobs are a client's own): each
-        # cancels its own.
-        for client in self.clients or [None]:
-            headers = {"Authorization": f"Bearer {self.tokens[client]}"} if client else {}
-            done = False
-            while not done:
-                for r in [r for r in self.replicas if r.alive]:
-                    try:
-                        async with loader.http.post(
-                                f"{r.url}/v1/jobs/{CANCELLED_JOB}/cancel", json={},
-                                headers=headers) as resp:
-                            if resp.status == 200:
-                                done = True
-                                break
-                    except (TimeoutError, OSError, aiohttp.ClientError):
-                        pass
-                if not done:
-                    await asyncio.sleep(0.2)
+        for owner in self.clients or [None]:
+            headers = {"Authorization": f"Bearer {self.tokens[owner]}"} if owner else {}
+            await self._cancel_on_any(loader, headers)
+
+    async def _cancel_on_any(self, loader: Loader, headers: dict[str, str]) -> None:
+        while True:
+            for r in [r for r in self.replicas if r.alive]:
+                try:
+                    async with loader.http.post(f"{r.url}/v1/jobs/{CANCELLED_JOB}/cancel",
+                                                json={}, headers=headers) as resp:
+                        if resp.status == 200:
+                            return
+                except (TimeoutError, OSError, aiohttp.ClientError):
+                    pass
+            await asyncio.sleep(0.2)
 
     async def _wait_settled(self, engine: Any) -> None:
         deadline = time.monotonic() + self.settle_within

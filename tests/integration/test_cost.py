@@ -301,11 +301,11 @@ async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list
                     "'gpt-4o-mini', '{}', 'd', 2, 'submitted', :bid) RETURNING id"),
                     {"cid": cid, "bid": batch})).scalar_one()
         rows = [(n + 1, ids[f"r{n}"], line_id(ids[f"r{n}"], 0, 1), True, 200, "{}", None,
-                 0, 0, 0, Decimal(usd), Decimal(usd) * 2, None, None, None)
+                 0, 0, 0, 0, Decimal(usd), Decimal(usd) * 2, None, None, None)
                 for n, usd in enumerate(exact)]
         # Its task is not in this batch: stores nothing.
         rows.append((len(rows) + 1, ids["other"], line_id(ids["other"], 0, 1), True, 200, "{}",
-                     None, 0, 0, 0, Decimal("0.4"), Decimal("0.8"), None, None, None))
+                     None, 0, 0, 0, 0, Decimal("0.4"), Decimal("0.8"), None, None, None))
         total = sum((Decimal(x) for x in exact), Decimal(0))
         for attempt in range(2):  # routed again, it changes nothing
             async with engine.begin() as conn:
