@@ -1,8 +1,10 @@
 """The audit archive: every input, output and error file of every batch.
 
-Layout: ``<root>/<YYYY-MM-DD>/<batch_id>/{input,output,error}.jsonl.gz`` plus a
-``manifest.json`` per batch naming the provider's ids and each file's
-SHA-256 of the uncompressed bytes. Files are written to a temporary name,
+Layout: ``<root>/<YYYY-MM-DD>/<batch_id>/{input,ids,output,error}.jsonl.gz``
+plus a ``manifest.json`` per batch naming the provider's ids and each file's
+SHA-256 of the uncompressed bytes. ``ids`` maps the input's line ids (the
+custom_ids the provider saw and answers with) to the callers' tasks: one JSON
+array a line, ``[line_id, client, custom_id]``. Files are written to a temporary name,
 fsynced and renamed (and the folder fsynced), so a crash never leaves a
 half-written file under a real name; the spool copy is removed only after
 that. Spool files a crash or a failed write left behind are archived by the
@@ -91,7 +93,7 @@ class Archive:
                 fresh = path.stat().st_mtime > cutoff
             except FileNotFoundError:  # archived meanwhile by its own flow
                 continue
-            if kind in ("input", "output", "error") and not fresh:
+            if kind in ("input", "ids", "output", "error") and not fresh:
                 found.append((batch_id, kind, path))
         return found
 

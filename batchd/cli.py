@@ -30,7 +30,8 @@ T = TypeVar("T")
 
 # Secrets are never options: a command line shows in process listings and
 # shell history. They come from the environment (or the tokens file) only.
-_SECRET_SETTINGS = frozenset({"openai_api_key", "ingest_tokens", "callback_secret"})
+_SECRET_SETTINGS = frozenset({"openai_api_key", "ingest_tokens", "admin_tokens",
+                              "callback_secret"})
 _SETTING_OPTIONS = [name for name in Settings.model_fields if name not in _SECRET_SETTINGS]
 
 
@@ -143,12 +144,13 @@ async def _with_engine(settings: Settings) -> Any:
     return engine
 
 
-async def _report(settings: Settings, day: date | None, days: int, fmt: str) -> int:
+async def _report(settings: Settings, day: date | None, days: int, fmt: str,
+                  client: str | None) -> int:
     from batchd.report import Reporter, render_csv, render_table
 
     engine = await _with_engine(settings)
     try:
-        rows = await Reporter(engine, settings.failure_alert_ratio).daily(day, days)
+        rows = await Reporter(engine, settings.failure_alert_ratio).daily(day, days, client)
     finally:
         await engine.dispose()
     if fmt == "json":
@@ -160,12 +162,12 @@ async def _report(settings: Settings, day: date | None, days: int, fmt: str) -> 
     return 0
 
 
-async def _failed_export(settings: Settings, out: Path) -> int:
+async def _failed_export(settings: Settings, out: Path, client: str | None) -> int:
     from batchd.replay import Replayer
 
     engine = await _with_engine(settings)
     try:
-        n = await Replayer(engine).export_failed(out)
+        n = await Replayer(engine).export_failed(out, client)
     finally:
         await engine.dispose()
     print(f"wrote {n} failed task(s) to {out}")
@@ -173,17 +175,23 @@ async def _failed_export(settings: Settings, out: Path) -> int:
 
 
 async def _failed_dismiss(settings: Settings, exported: Path | None, ids: list[str] | None,
-                          every: bool) -> int:
+                          every: bool, client: str | None) -> int:
+    from batchd.domain import LOCAL
     from batchd.replay import Replayer, read_failed_export
 
+    # --custom-id names --client's tasks ('local' when none is named); an
+    # export's lines name their own client (one from before clients: 'local').
+    keys = [(client or LOCAL, cid) for cid in ids or []]
     if exported is not None:
         try:
-            ids = [*(ids or []), *(r["custom_id"] for r in read_failed_export(exported))]
+            keys += [(str(r.get("client") or LOCAL), r["custom_id"])
+                     for r in read_failed_export(exported)
+                     if client is None or (r.get("client") or LOCAL) == client]
         except (OSError, ValueError) as exc:
             raise BatchdError(str(exc)) from None
     engine = await _with_engine(settings)
     try:
-        outcome = await Replayer(engine).dismiss(None if every else ids or [])
+        outcome = await Replayer(engine).dismiss_keys(None if every else keys, client)
     finally:
         await engine.dispose()
     print(f"dismissed {len(outcome.replayed)} task(s) from the manual queue")
@@ -258,11 +266,15 @@ async def _stats(settings: Settings, as_json: bool) -> int:
     return 0
 
 
-async def _replay(settings: Settings, failed: Path, out: Path | None, submit: bool) -> int:
+async def _replay(settings: Settings, failed: Path, out: Path | None, submit: bool,
+                  client: str | None) -> int:
+    from batchd.domain import LOCAL
     from batchd.replay import Replayer, read_failed_export, write_input_file
 
     try:
-        rows = list(read_failed_export(failed))
+        # A line names its client (an export from before clients: 'local').
+        rows = [r for r in read_failed_export(failed)
+                if client is None or (r.get("client") or LOCAL) == client]
     except (OSError, ValueError) as exc:
         raise BatchdError(str(exc)) from None
     if out is not None:
@@ -271,7 +283,8 @@ async def _replay(settings: Settings, failed: Path, out: Path | None, submit: bo
     if submit:
         engine = await _with_engine(settings)
         try:
-            outcome = await Replayer(engine).replay([r["custom_id"] for r in rows])
+            outcome = await Replayer(engine).replay_keys(
+                [(str(r.get("client") or LOCAL), r["custom_id"]) for r in rows], client)
         finally:
             await engine.dispose()
         print(f"re-queued {len(outcome.replayed)} task(s)")
@@ -446,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
                            allow_abbrev=False,
                            epilog="The provider key, tokens and callback secret come from the "
                            "environment only (OPENAI_API_KEY, BATCHD_INGEST_TOKENS or "
-                           "BATCHD_INGEST_TOKENS_FILE, BATCHD_CALLBACK_SECRET).")
+                           "BATCHD_INGEST_TOKENS_FILE, BATCHD_ADMIN_TOKENS, "
+                           "BATCHD_CALLBACK_SECRET).")
     _add_setting_options(serve, _SETTING_OPTIONS)
 
     migrate = sub.add_parser("migrate", help="bring the schema to head (alembic upgrade head)")
@@ -491,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
                 type=int, default=1)
     _env_option(report, "--format", "BATCHD_REPORT_FORMAT", "output format",
                 choices=("table", "json", "csv"), default="table")
+    _env_option(report, "--client", "BATCHD_REPORT_CLIENT",
+                "one client's numbers (default: every client's)")
     _add_setting_options(report, ["database_url", "data_dir", "failure_alert_ratio"])
 
     replay = sub.add_parser("replay", help="turn a failed export into a new input file or queue")
@@ -499,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _env_option(replay, "--out", "BATCHD_REPLAY_OUT", "write a provider input file", type=Path)
     _env_option(replay, "--submit", "BATCHD_REPLAY_SUBMIT", "re-queue the tasks instead",
                 action="store_true")
+    _env_option(replay, "--client", "BATCHD_REPLAY_CLIENT",
+                "only this client's lines of the file (default: each line's own client)")
     _add_setting_options(replay, ["database_url", "data_dir"])
 
     failed = sub.add_parser("failed", help="the manual queue")
@@ -506,15 +524,20 @@ def build_parser() -> argparse.ArgumentParser:
     export = failed_sub.add_parser("export", help="write failed tasks as JSONL")
     _env_option(export, "--out", "BATCHD_FAILED_OUT", "where to write the JSONL", type=Path,
                 required=True)
+    _env_option(export, "--client", "BATCHD_FAILED_CLIENT",
+                "only this client's failed tasks (default: every client's)")
     _add_setting_options(export, ["database_url", "data_dir"])
     dismiss = failed_sub.add_parser(
         "dismiss", help="take failed tasks out of the manual queue for good (export first)")
     _env_option(dismiss, "--exported", "BATCHD_FAILED_DISMISS_EXPORTED",
                 "dismiss the tasks of this `failed export` file", type=Path)
     dismiss.add_argument("--custom-id", action="append", dest="custom_ids", metavar="ID",
-                         help="a failed task, repeatable")
-    _env_option(dismiss, "--all", "BATCHD_FAILED_DISMISS_ALL", "every failed task",
-                action="store_true")
+                         help="a failed task of --client, repeatable")
+    _env_option(dismiss, "--all", "BATCHD_FAILED_DISMISS_ALL",
+                "every failed task (--client's, or every client's)", action="store_true")
+    _env_option(dismiss, "--client", "BATCHD_FAILED_DISMISS_CLIENT",
+                "whose tasks: --custom-id names this client's ('local' when none is named); "
+                "narrows --exported and --all to it")
     _add_setting_options(dismiss, ["database_url", "data_dir"])
 
     prune = sub.add_parser("prune", help="roll up closed days and delete history past "
@@ -607,17 +630,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             if args.days < 1:
                 raise ConfigError("--days must be at least 1")
-            return _run(_report(settings, args.date, args.days, args.format))
+            return _run(_report(settings, args.date, args.days, args.format, args.client))
         if args.command == "replay":
             if args.out is None and not args.submit:
                 raise ConfigError("replay needs --out FILE, --submit, or both")
-            return _run(_replay(settings, args.failed, args.out, args.submit))
+            return _run(_replay(settings, args.failed, args.out, args.submit, args.client))
         if args.command == "failed" and args.failed_command == "dismiss":
             if not (args.exported or args.custom_ids or args.all):
                 raise ConfigError("failed dismiss needs --exported FILE, --custom-id ID or --all")
-            return _run(_failed_dismiss(settings, args.exported, args.custom_ids, args.all))
+            return _run(_failed_dismiss(settings, args.exported, args.custom_ids, args.all,
+                                        args.client))
         if args.command == "failed":
-            return _run(_failed_export(settings, args.out))
+            return _run(_failed_export(settings, args.out, args.client))
         if args.command == "prune":
             return _run(_prune(settings, args.dry_run))
         if args.command == "check":

@@ -1,20 +1,26 @@
 """Who is calling: bearer tokens, the client each one names, its callback settings.
 
-Two sources, used together:
+Three sources, used together:
 
-- ``BATCHD_INGEST_TOKENS``: comma-separated entries. A plain ``token`` is
-  anonymous (metric label ``anonymous``), as before; ``name=token`` names the
-  client. An entry whose part after the first ``=`` is empty or only ``=``
-  (base64 padding) stays a plain token, so existing tokens keep working.
+- ``BATCHD_INGEST_TOKENS``: comma-separated entries. ``name=token`` names the
+  client; a plain ``token`` (no name) belongs to the client ``local``, the
+  client of every task when no token is configured at all, so tasks stored
+  before clients existed stay readable by the same tokens. An entry whose
+  part after the first ``=`` is empty or only ``=`` (base64 padding) stays a
+  plain token, so existing tokens keep working.
+- ``BATCHD_ADMIN_TOKENS``: ``name=token`` entries of admin clients, which see
+  and act on every client's tasks (a plain token here is refused: an admin
+  must be named).
 - ``BATCHD_INGEST_TOKENS_FILE``: a TOML file, one table per client::
 
       [clients.billing]
       tokens = ["tok-new", "tok-old"]      # or token = "..."; several allow rotation
       callback_secret = "a long random string"
       callback_url = "https://billing.internal/batchd"   # optional default
+      admin = false                        # true: sees and acts on every client
 
-The ``client`` label on metrics takes only configured names, ``anonymous``
-and ``other`` (a task stored under a name no longer configured), so its
+The ``client`` label on metrics takes only configured names, ``local`` and
+``other`` (a task stored under a name no longer configured), so its
 cardinality is bounded by the configuration.
 """
 
@@ -30,11 +36,11 @@ from typing import Any
 from pydantic import SecretStr
 
 from batchd.config import MIN_SECRET_BYTES, Settings
-from batchd.domain import callback_url_problem
+from batchd.domain import LOCAL, callback_url_problem
 from batchd.errors import ConfigError
 
-ANONYMOUS = "anonymous"
 OTHER = "other"
+RESERVED = frozenset({LOCAL, OTHER, "anonymous"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -43,6 +49,16 @@ class Client:
     name: str
     callback_secret: SecretStr | None = None
     callback_url: str | None = None
+    # Sees and acts on every client's tasks (``?client=`` narrows).
+    admin: bool = False
+
+
+# Who calls with a plain token.
+LOCAL_CLIENT = Client(LOCAL)
+# Who calls when no token is configured: the one operator on loopback, whose
+# tasks are 'local' and who sees every client's (tasks stored while tokens
+# were configured stay reachable).
+NO_TOKEN_CLIENT = Client(LOCAL, admin=True)
 
 
 def parse_inline(raw: str | None) -> list[tuple[str | None, str]]:
@@ -81,12 +97,12 @@ def parse_file(text: str, allowed_hosts: tuple[str, ...]) -> list[tuple[Client, 
 def _client_from(name: str, spec: Any, allowed_hosts: tuple[str, ...]
                  ) -> tuple[Client, list[str]]:
     where = f"clients.{name}"
-    if not _NAME.fullmatch(name) or name in (ANONYMOUS, OTHER):
+    if not _NAME.fullmatch(name) or name in RESERVED:
         raise ValueError(f"{where}: a client name is 1-64 letters, digits, '_', '.', '-' and "
-                         f"not {ANONYMOUS!r} or {OTHER!r}")
+                         f"not one of {', '.join(sorted(RESERVED))}")
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must be a table")
-    unknown = set(spec) - {"token", "tokens", "callback_secret", "callback_url"}
+    unknown = set(spec) - {"token", "tokens", "callback_secret", "callback_url", "admin"}
     if unknown:
         raise ValueError(f"{where}: unknown key {sorted(unknown)[0]!r}")
     tokens = spec.get("tokens", [])
@@ -106,7 +122,10 @@ def _client_from(name: str, spec: Any, allowed_hosts: tuple[str, ...]
             "must be an http(s) URL string"
         if problem:
             raise ValueError(f"{where}: callback_url {problem}")
-    return Client(name, None if secret is None else SecretStr(secret), url), \
+    admin = spec.get("admin", False)
+    if not isinstance(admin, bool):
+        raise ValueError(f"{where}: admin must be true or false")
+    return Client(name, None if secret is None else SecretStr(secret), url, admin), \
         [t.strip() for t in tokens]
 
 
@@ -115,7 +134,7 @@ class Clients:
 
     def __init__(self, entries: Iterable[tuple[Client | None, str]],
                  default_secret: SecretStr | None = None) -> None:
-        self._tokens: list[tuple[bytes, Client | None]] = []
+        self._tokens: list[tuple[bytes, Client]] = []
         self._by_name: dict[str, Client] = {}
         seen: set[str] = set()
         for client, token in entries:
@@ -123,7 +142,7 @@ class Clients:
                 raise ConfigError("BATCHD_INGEST_TOKENS: a token is listed twice; every token "
                                   "must name one client")
             seen.add(token)
-            self._tokens.append((token.encode(), client))
+            self._tokens.append((token.encode(), client or LOCAL_CLIENT))
             if client is not None:
                 known = self._by_name.setdefault(client.name, client)
                 if known != client:
@@ -147,12 +166,23 @@ class Clients:
                 entries += [(client, t) for t in tokens]
         inline = settings.ingest_tokens
         for name, token in parse_inline(inline.get_secret_value() if inline else None):
-            if name in (ANONYMOUS, OTHER):
-                raise ConfigError(f"BATCHD_INGEST_TOKENS: {name!r} is reserved for the metric "
-                                  "label; name the client otherwise")
+            if name in RESERVED:
+                raise ConfigError(f"BATCHD_INGEST_TOKENS: {name!r} is reserved (plain tokens "
+                                  "belong to 'local'); name the client otherwise")
             # An inline name the file also configures shares its settings.
             named = None if name is None else file_clients.get(name, Client(name))
             entries.append((named, token))
+        admins = settings.admin_tokens
+        for name, token in parse_inline(admins.get_secret_value() if admins else None):
+            if name is None or name in RESERVED:
+                raise ConfigError("BATCHD_ADMIN_TOKENS: give name=token entries (a name that "
+                                  f"is not one of {', '.join(sorted(RESERVED))})")
+            known = file_clients.get(name)
+            if known is not None and not known.admin:
+                raise ConfigError(f"BATCHD_ADMIN_TOKENS: {name!r} is a client of "
+                                  "BATCHD_INGEST_TOKENS_FILE without admin = true; a name "
+                                  "is an admin everywhere or nowhere")
+            entries.append((known or Client(name, admin=True), token))
         return cls(entries, settings.callback_secret)
 
     @property
@@ -164,18 +194,19 @@ class Clients:
     def names(self) -> frozenset[str]:
         return frozenset(self._by_name)
 
-    def authenticate(self, given: str) -> tuple[bool, Client | None]:
-        """(valid, client): every token is compared, in constant time each.
-        A token that is not valid UTF-8 (aiohttp keeps such header bytes as
+    def authenticate(self, given: str) -> Client | None:
+        """The client a token names (``local`` for a plain one), None for no
+        valid token: every token is compared, in constant time each. A token
+        that is not valid UTF-8 (aiohttp keeps such header bytes as
         surrogates) matches nothing."""
         try:
             raw = given.encode()
         except UnicodeEncodeError:
-            return False, None
-        found: tuple[bool, Client | None] = (False, None)
+            return None
+        found: Client | None = None
         for token, client in self._tokens:
-            if hmac.compare_digest(raw, token) and not found[0]:
-                found = (True, client)
+            if hmac.compare_digest(raw, token) and found is None:
+                found = client
         return found
 
     def keys(self) -> list[tuple[bytes, Client | None]]:
@@ -189,8 +220,8 @@ class Clients:
 
     def label(self, name: str | None) -> str:
         """The metric label for a stored client name: bounded by configuration."""
-        if not name:
-            return ANONYMOUS
+        if not name or name == LOCAL:
+            return LOCAL
         return name if name in self._by_name else OTHER
 
     def secret_for(self, name: str | None) -> str | None:

@@ -19,6 +19,7 @@ from batchd.domain import (
     MAX_METADATA_VALUE,
     Limits,
     parse_client_budgets,
+    parse_client_numbers,
     parse_client_profiles,
 )
 from batchd.errors import ConfigError
@@ -57,6 +58,15 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535, description="ingest API port")
     ingest_tokens: SecretStr | None = Field(
         None, description="comma-separated bearer tokens; `client=token` names the client")
+    admin_tokens: SecretStr | None = Field(
+        None, description="comma-separated name=token admin tokens: they see and act on every "
+        "client's tasks (?client= narrows)")
+    client_max_queued: str | None = Field(
+        None, description="client=N pairs: past N queued tasks that client gets 429 "
+        "queue_full; others are not affected")
+    allowed_models: str | None = Field(
+        None, description="comma-separated model globs (gpt-4o*) ingest accepts besides the "
+        "models in the prices file; set, any other model is a 400")
     ingest_tokens_file: Path | None = Field(
         None, description="TOML file of clients: tokens, callback secret, default callback_url")
     callback_allowed_hosts: str | None = Field(
@@ -184,6 +194,22 @@ class Settings(BaseSettings):
             return ()
         return tuple(h.strip().lower() for h in self.callback_allowed_hosts.split(",")
                      if h.strip())
+
+    @field_validator("client_max_queued")
+    @classmethod
+    def _max_queued_parse(cls, v: str | None) -> str | None:
+        parse_client_numbers(v)
+        return v
+
+    @property
+    def max_queued_by_client(self) -> dict[str, int]:
+        return {k: int(n) for k, n in parse_client_numbers(self.client_max_queued).items()}
+
+    @property
+    def model_globs(self) -> tuple[str, ...]:
+        if not self.allowed_models:
+            return ()
+        return tuple(g.strip() for g in self.allowed_models.split(",") if g.strip())
 
     @field_validator("client_profiles")
     @classmethod

@@ -131,12 +131,14 @@ def _scope(client: Client | None) -> tuple[str, str | None]:
     """(name shown, client scope) of a token's client."""
     if client is None:
         return "admin", None
-    if getattr(client, "admin", False):
+    if client.admin:
         return client.name, None
     return client.name, client.name
 
 
 def _keys(console: Console) -> list[tuple[bytes, Client | None]]:
+    # A plain token's client is ``local`` (not admin), as in the API; no
+    # token at all (loopback only) is the operator's, who sees every client.
     if console.clients.required:
         return console.clients.keys()
     return [(console.local_key, None)]
@@ -164,8 +166,8 @@ def viewer_of(request: web.Request) -> Viewer | None:
     console = request.app[CONSOLE]
     token = bearer_token(request.headers)
     if token and console.clients.required:
-        valid, client = console.clients.authenticate(token)
-        if not valid:
+        client = console.clients.authenticate(token)
+        if client is None:
             return None
         name, scope = _scope(client)
         return Viewer(name, scope, token.encode(), "bearer")
@@ -296,12 +298,12 @@ async def login(request: web.Request) -> web.StreamResponse:
         return secure(refusal(403, "Form refused", "the login form is stale; open the login "
                               "page again"))
     token = form.get("token")
+    client: Client | None = None
     if not console.clients.required:
-        key, client = console.local_key, None
+        key = console.local_key
     else:
-        valid, client = (console.clients.authenticate(token) if isinstance(token, str)
-                         else (False, None))
-        if not valid:
+        client = console.clients.authenticate(token) if isinstance(token, str) else None
+        if client is None:
             log.info("console.login_refused")
             fresh = secrets.token_urlsafe(24)
             response = html(_login_page(fresh, target, "that token is not valid"), 401)
@@ -678,7 +680,10 @@ async def manual_action(request: web.Request, viewer: Viewer) -> web.StreamRespo
     if action == "replay":
         # Each client's tasks through the API's own replay, so the console
         # and POST /v1/failed/replay can never re-queue differently.
-        outcome = await console.replayer.replay([c["custom_id"] for c in chosen])
+        # The chosen rows are the viewer's (chosen_failed is scoped): each
+        # replayed by its own (client, custom_id).
+        outcome = await console.replayer.replay_keys(
+            [(c["client"], c["custom_id"]) for c in chosen], viewer.client)
         changed = outcome.replayed
     else:
         async with console.engine.begin() as conn:

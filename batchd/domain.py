@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import orjson
 
 DEFAULT_ENDPOINT = "/v1/chat/completions"
+# The client of anonymous tokens and of no-token mode (batchd.clients).
+LOCAL = "local"
 # Endpoint -> the body key the provider requires besides `model`.
 ENDPOINTS: dict[str, str] = {
     "/v1/chat/completions": "messages",
@@ -130,13 +132,31 @@ class TaskIn:
     # Where the result is POSTed when the task finishes (the task's own, or
     # its token's default), and the configured client its token names.
     callback_url: str | None = None
-    client: str | None = None
+    client: str = LOCAL
     # The body as compact JSON, serialised once at parse and stored as is.
     body_json: str = ""
     # The job the task belongs to (per client), and where the job's summary
     # is POSTed when it finishes (taken from the job's first task).
     job: str | None = None
     job_callback_url: str | None = None
+
+
+# The custom_id batchd writes into a provider input file for one attempt of
+# one task: never the caller's, so callers' ids never meet in a file, and
+# within every provider's rules (^[A-Za-z0-9_-]{1,64}$). It names the task
+# (tasks.id), its replay and its attempt; routing reads the task back from it.
+_LINE_ID = re.compile(r"t([0-9]{1,19})r([0-9]{1,10})a([0-9]{1,10})")
+LINE_ID_MAX_CHARS = 1 + 19 + 1 + 10 + 1 + 10
+
+
+def line_id(task_id: int, replay_count: int, attempt: int) -> str:
+    return f"t{task_id}r{replay_count}a{attempt}"
+
+
+def line_task_id(value: object) -> int | None:
+    """The task a line id names; None for anything else."""
+    match = _LINE_ID.fullmatch(value) if isinstance(value, str) else None
+    return int(match[1]) if match else None
 
 
 def input_line(custom_id: str, endpoint: str, body: dict[str, Any]) -> bytes:
@@ -236,8 +256,9 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
             not isinstance(job_callback_url, str) or not job_callback_url):
         raise InvalidTask(index, cid, "job_callback_url", "must be an http(s) URL string")
     body_bytes = len(body_json)
-    # len(input_line(cid, endpoint, body)) without serialising the body twice.
-    line_bytes = _LINE_FIXED + len(orjson.dumps(cid)) + _ENDPOINT_BYTES[endpoint] + body_bytes
+    # The most len(input_line(line_id(...), endpoint, body)) can be, without
+    # serialising the body twice: the file carries batchd's id, not the caller's.
+    line_bytes = _LINE_FIXED + _LINE_ID_BYTES + _ENDPOINT_BYTES[endpoint] + body_bytes
     if body_bytes > limits.task_body_bytes:
         raise InvalidTask(index, cid, "body", f"is {body_bytes} bytes as JSON, more than "
                           f"the {limits.task_body_bytes} a task may hold", status=413)
@@ -286,6 +307,7 @@ _MODEL = re.compile(MODEL_PATTERN[1:-1])
 # Bytes of an input line that are neither custom_id, endpoint nor body.
 # The bytes of a line besides its serialised custom_id, url and body.
 _LINE_FIXED = len(input_line("", "", {})) - len(b'""') * 2 - len(b"{}")
+_LINE_ID_BYTES = LINE_ID_MAX_CHARS + 2  # quoted
 _ENDPOINT_BYTES = {endpoint: len(orjson.dumps(endpoint)) for endpoint in ENDPOINTS}
 
 
@@ -543,6 +565,23 @@ PROFILES: dict[str, Profile] = {
     "6h": Profile(900, timedelta(hours=6), "sync", SYNC_MARGIN),
     "24h": Profile(None, timedelta(hours=24), "resubmit", RESUBMIT_MARGIN),
 }
+
+
+def parse_client_numbers(raw: str | None) -> dict[str, Decimal]:
+    """``client=N`` pairs (BATCHD_CLIENT_MAX_QUEUED, N a whole number >= 0);
+    ValueError says which pair is wrong."""
+    out: dict[str, Decimal] = {}
+    for pair in (raw or "").split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        client, sep, number = (p.strip() for p in pair.partition("="))
+        if not sep or not client or not number.isdigit():
+            raise ValueError(f"{pair!r} must look like client=1000")
+        if client in out:
+            raise ValueError(f"client {client!r} is listed twice")
+        out[client] = Decimal(number)
+    return out
 
 
 def parse_client_profiles(raw: str | None) -> dict[str, str]:

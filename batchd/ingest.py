@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics, tokens
-from batchd.clients import ANONYMOUS, Client, Clients
+from batchd.clients import LOCAL_CLIENT, Client, Clients
 from batchd.domain import (
     DEFAULT_LIMITS,
     InvalidTask,
@@ -160,7 +160,9 @@ def _job_cancelled(jobs: list[tuple[str, str]]) -> IngestError:
                        {"jobs": [job for _client, job in jobs[:100]]})
 
 
-def _conflict(custom_ids: list[str]) -> IngestError:
+def _conflict(keys: list[repo.TaskKey]) -> IngestError:
+    # Only the caller's own tasks can conflict: the key holds its client.
+    custom_ids = [cid for _, cid in keys]
     return IngestError(
         409, "conflict",
         f"{len(custom_ids)} custom_id(s) already exist with a different body: "
@@ -194,11 +196,15 @@ class Ingest:
                  timeout: float = 10.0, max_pending: int = 20_000,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_sync: Callable[[], None] | None = None,
-                 count_tokens: bool = False) -> None:
+                 count_tokens: bool = False,
+                 model_problem: Callable[[str], str | None] | None = None) -> None:
         self.engine = engine
         # With a budget to keep, each task's input tokens are counted with
         # the model's tokenizer (batchd.tokens) instead of the byte rule.
         self.count_tokens = count_tokens
+        # Why a model may not have a window of its own (None: it may); a
+        # model it refuses makes the request a 400.
+        self.model_problem = model_problem
         self.timeout = timeout
         self.max_pending = max_pending
         self._pending = 0  # tasks of requests waiting for their commit
@@ -220,17 +226,32 @@ class Ingest:
         self._streams = asyncio.Semaphore(max(2, writers * 2))
         self._writer_tasks: list[asyncio.Task[None]] = []
 
-    async def prepare(self, items: list[Any], client: Client | None = None) -> list[TaskIn]:
-        """Validate and place a request's tasks for ``client`` (None: an anonymous
-        token), without I/O: the 400/409/413 verdicts."""
-        tasks = self._placed(self._with_callbacks(
-            await validate(items, self.limits, self.max_line_bytes), items, client))
+    async def prepare(self, items: list[Any], client: Client = LOCAL_CLIENT) -> list[TaskIn]:
+        """Validate and place a request's tasks for ``client``, without I/O:
+        the 400/409/413 verdicts."""
+        checked = await validate(items, self.limits, self.max_line_bytes)
+        if self.model_problem is not None:
+            self._check_models(checked)
+        tasks = self._placed(self._with_callbacks(checked, items, client))
         if self.count_tokens:
             await count_input_tokens(tasks)
         return tasks
 
+    def _check_models(self, tasks: list[TaskIn]) -> None:
+        verdicts: dict[str, str | None] = {}
+        for index, t in enumerate(tasks):
+            if t.model not in verdicts:
+                assert self.model_problem is not None
+                verdicts[t.model] = self.model_problem(t.model)
+            problem = verdicts[t.model]
+            if problem is not None:
+                raise IngestError(400, "invalid_task",
+                                  f"task {index} ({t.custom_id!r}): body.model {problem}",
+                                  {"index": index, "custom_id": t.custom_id,
+                                   "field": "body.model"})
+
     async def prepare_piece(self, items: list[Any], start: int, seen: dict[str, str],
-                            client: Client | None = None) -> list[TaskIn]:
+                            client: Client = LOCAL_CLIENT) -> list[TaskIn]:
         """``prepare`` for one piece of a request streamed in pieces."""
         tasks = self._placed(self._with_callbacks(
             await validate_piece(items, self.limits, self.max_line_bytes, start, seen),
@@ -240,7 +261,7 @@ class Ingest:
         return tasks
 
     async def store_stream(self, first: list[TaskIn], rest: AsyncIterator[list[TaskIn]],
-                           n_items: Callable[[], int], client: Client | None = None
+                           n_items: Callable[[], int], client: Client = LOCAL_CLIENT
                            ) -> Accepted:
         """Store a request's pieces in one transaction, inserting each while
         the next is read and validated (``n_items()``: the tasks the request
@@ -257,8 +278,8 @@ class Ingest:
         except TimeoutError:
             raise overloaded("too many large requests are being stored now; nothing was "
                              "stored, retry later") from None
-        inserted: list[str] = []
-        duplicates: dict[str, str] = {}
+        inserted: list[repo.TaskKey] = []
+        duplicates: dict[repo.TaskKey, str] = {}
         lanes: dict[str, str] = {}
         counted = 0
         try:
@@ -299,10 +320,10 @@ class Ingest:
         return self._accepted(repo.IngestResult(inserted, duplicates, []), lanes, n_items(),
                               client)
 
-    async def submit(self, items: list[Any], client: Client | None = None) -> Accepted:
+    async def submit(self, items: list[Any], client: Client = LOCAL_CLIENT) -> Accepted:
         return await self.store(await self.prepare(items, client), len(items), client)
 
-    async def store(self, tasks: list[TaskIn], n_items: int, client: Client | None = None
+    async def store(self, tasks: list[TaskIn], n_items: int, client: Client = LOCAL_CLIENT
                     ) -> Accepted:
         """Commit prepared tasks; answers only once they are durable."""
         n_tasks = len(tasks)
@@ -340,26 +361,26 @@ class Ingest:
                           "stored, retry later")
 
     def _accepted(self, result: repo.IngestResult, lanes: dict[str, str], n_items: int,
-                  client: Client | None) -> Accepted:
+                  client: Client) -> Accepted:
         """The reply for stored tasks (``lanes``: each task's lane; ``n_items``:
         the tasks the request held, repeats within it included)."""
         if self.on_sync is not None and result.inserted and "sync" in lanes.values():
             self.on_sync()
-        by_lane = Counter(lanes[cid] for cid in result.inserted)
+        by_lane = Counter(lanes[cid] for _, cid in result.inserted)
         for lane, n in by_lane.items():
-            metrics.TASKS_RECEIVED.labels(client=client.name if client else ANONYMOUS,
+            metrics.TASKS_RECEIVED.labels(client=self.clients.label(client.name),
                                           lane=lane).inc(n)
-        states = [{"custom_id": cid, "state": "queued"} for cid in result.inserted]
-        states += [{"custom_id": cid, "state": st} for cid, st in result.duplicates.items()]
+        states = [{"custom_id": cid, "state": "queued"} for _, cid in result.inserted]
+        states += [{"custom_id": cid, "state": st} for (_, cid), st in result.duplicates.items()]
         n_dupes = len(result.duplicates) + (n_items - len(lanes))
         return Accepted(len(result.inserted), n_dupes, states)
 
-    def _with_callbacks(self, tasks: list[TaskIn], items: list[Any], client: Client | None,
+    def _with_callbacks(self, tasks: list[TaskIn], items: list[Any], client: Client,
                         start: int = 0) -> list[TaskIn]:
         """Stamp the client on each task and give it its token's default
         callback_url; refuse a URL the allow-list or missing secret rules out."""
-        name = client.name if client else None
-        default = client.callback_url if client else None
+        name = client.name
+        default = client.callback_url
         out = []
         for t in tasks:
             url = t.callback_url or default
@@ -385,7 +406,7 @@ class Ingest:
         problem = callback_url_problem(url, self.callback_hosts)
         if problem is None and self.clients.secret_for(client) is None:
             problem = (f"cannot be used: no callback secret for client "
-                       f"{client or ANONYMOUS!r} (callback_secret in "
+                       f"{client or LOCAL_CLIENT.name!r} (callback_secret in "
                        "BATCHD_INGEST_TOKENS_FILE, or BATCHD_CALLBACK_SECRET)")
         return problem
 
@@ -395,7 +416,7 @@ class Ingest:
         placed = []
         for t in tasks:
             # The task's own metadata.latency_profile wins over its client's.
-            profile = t.profile or self.client_profiles.get(t.client or "")
+            profile = t.profile or self.client_profiles.get(t.client)
             if profile != t.profile:  # dataclasses.replace costs microseconds a task
                 t = replace(t, profile=profile)
             p = place(t, now, self.window_seconds, self.batch_share)
@@ -489,7 +510,7 @@ class Ingest:
                 await repo.limit_lock_wait(conn, self.timeout)
                 live = self._take(group)
                 everything = [t for p in live for t in p.tasks]
-                split = len({t.custom_id for t in everything}) != len(everything)
+                split = len({(t.client, t.custom_id) for t in everything}) != len(everything)
                 if everything and not split:
                     result = await repo.insert_tasks(conn, everything)
                     if result.conflicts or result.cancelled_jobs:
@@ -520,7 +541,7 @@ class Ingest:
             return
         inserted = set(result.inserted)
         for p in live:
-            mine = [t.custom_id for t in p.tasks]
-            fresh = [cid for cid in mine if cid in inserted]
-            dupes = {cid: result.duplicates[cid] for cid in mine if cid not in inserted}
+            mine = [(t.client, t.custom_id) for t in p.tasks]
+            fresh = [key for key in mine if key in inserted]
+            dupes = {key: result.duplicates[key] for key in mine if key not in inserted}
             p.done.set_result(repo.IngestResult(fresh, dupes, []))

@@ -114,7 +114,7 @@ class Jobs:
         order they were accepted), a page at a time: memory stays flat
         whatever the job's size. Each page is its own short read, so a slow
         reader holds no snapshot or connection between pages."""
-        sql = store.results_page_sql(client)
+        sql = store.results_page_sql()
         while True:
             async with self.engine.begin() as conn:
                 await conn.execute(text(store.NO_SORT))

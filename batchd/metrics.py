@@ -71,7 +71,7 @@ _BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 29, 2))  # 1 KiB .. 256 Mi
 # Provider turnaround and task latency reach the 24 h completion window.
 _TIME_BUCKETS = (1, 10, 60, 300, 900, 1800, 3600, 7200, 14_400, 28_800, 43_200, 86_400, 172_800)
 
-# ``client`` takes configured client names, "anonymous" and "other" only
+# ``client`` takes configured client names, "local" and "other" only
 # (batchd.clients), so its cardinality is bounded by the configuration.
 # ``lane`` is "batch" or "sync": where the task was placed at ingest, and
 # where the attempt, spend, tokens and latency happened.
@@ -83,6 +83,14 @@ TASKS_COMPLETED = Counter(
     registry=REGISTRY,
 )
 QUEUE_TASKS = Gauge("batchd_queue_tasks", "Tasks by state", ["state"], registry=REGISTRY)
+CLIENT_QUEUE_TASKS = Gauge(
+    "batchd_client_queued_tasks", "Queued tasks by client (BATCHD_CLIENT_MAX_QUEUED counts these)",
+    ["client"], registry=REGISTRY,
+)
+CLIENT_SPEND = MoneyCounter(
+    "batchd_client_spend_dollars", "Spend carried by each client's stored results",
+    ["client", "lane"], registry=REGISTRY,
+)
 QUEUE_OLDEST = Gauge(
     "batchd_queue_oldest_task_created_timestamp_seconds",
     # A retried task counts from when its backoff ended, as the scheduler

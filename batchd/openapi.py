@@ -11,6 +11,7 @@ step; schemathesis (tests/integration/test_fuzz.py) checks the rest.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -80,10 +81,24 @@ def json_value(*, but_true: bool = False) -> Schema:
          "additionalProperties": JSON_VALUE}]}
 
 
-def body_schemas() -> dict[str, Schema]:
+def model_schema(priced: Sequence[str] | None) -> Schema:
+    """``model``: with ``priced`` (no BATCHD_ALLOWED_MODELS), one of the price
+    table's entries or an entry's dated snapshot, as ingest takes them."""
+    base: Schema = {"type": "string", "pattern": MODEL_PATTERN, "maxLength": MAX_MODEL,
+                    "description": "the model; one provider batch holds one model"}
+    if not priced:
+        return {**base, "description": base["description"] + " (the prices file's models "
+                "and those BATCHD_ALLOWED_MODELS allows)"}
+    names = "|".join(name.replace(".", "\\.") for name in priced)
+    return {**base, "anyOf": [{"enum": list(priced)},
+                              {"pattern": f"^({names})-[0-9]{{4}}-[0-9]{{2}}-[0-9]{{2}}$"}],
+            "description": base["description"] + ": a model of the prices file, or one of "
+            "its dated snapshots"}
+
+
+def body_schemas(priced: Sequence[str] | None = None) -> dict[str, Schema]:
     """Per endpoint, what its body needs (domain._check_body_shape)."""
-    model: Schema = {"type": "string", "pattern": MODEL_PATTERN, "maxLength": MAX_MODEL,
-                     "description": "the model; one provider batch holds one model"}
+    model = model_schema(priced)
     stream: Schema = {**json_value(but_true=True),
                       "description": "must not be true: batches cannot stream"}
     text_or_list: Schema = {"anyOf": [text(1), {"type": "array", "minItems": 1,
@@ -200,7 +215,8 @@ def _body_name(endpoint: str) -> str:
 
 # ----------------------------------------------------------------- responses
 
-def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
+def schemas(limits: Limits, callbacks: bool,
+            priced: Sequence[str] | None = None) -> dict[str, Schema]:
     error_detail: Schema = {
         "type": "object", "required": ["code", "message"],
         "properties": {
@@ -296,7 +312,8 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
                                            "tasks": {"type": "array", "items": ref("TaskView")}}}
     result: Schema = {
         "type": "object", "required": ["seq", "custom_id", "status_code", "created_at"],
-        "properties": {"seq": {"type": "integer"}, "custom_id": {"type": "string"},
+        "properties": {"seq": {"type": "integer"}, "client": {"type": "string"},
+                       "custom_id": {"type": "string"},
                        "batch_id": nullable({"type": "string"}),
                        "status_code": nullable({"type": "integer"}),
                        "response": nullable({"type": "object"}),
@@ -306,7 +323,8 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
     }
     failed: Schema = {
         "type": "object", "required": ["id", "custom_id", "endpoint", "model", "attempts"],
-        "properties": {"id": {"type": "integer"}, "custom_id": {"type": "string"},
+        "properties": {"id": {"type": "integer"}, "client": {"type": "string"},
+                       "custom_id": {"type": "string"},
                        "endpoint": {"type": "string"}, "model": {"type": "string"},
                        "attempts": {"type": "integer"}, "replay_count": {"type": "integer"},
                        "batch_id": nullable({"type": "string"}),
@@ -346,8 +364,16 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "alert": {"type": "boolean",
                       "description": "failure ratio above BATCHD_FAILURE_ALERT_RATIO"},
             "lanes": {"type": "object", "additionalProperties": ref("LaneReport")},
+            "client": {"type": "string",
+                       "description": "whose numbers these are (a one-client report)"},
+            "clients": {"type": "object", "additionalProperties": ref("ClientReport"),
+                        "description": "each client's share (the every-client report)"},
         },
     }
+    client_report: Schema = {"type": "object", "properties": {
+        **{k: {"type": "integer", "minimum": 0} for k in counts},
+        "failure_ratio": {"type": "number", "minimum": 0, "maximum": 1},
+        "spend_usd": MONEY, "sync_equivalent_usd": MONEY, "savings_usd": MONEY}}
     return {
         "Error": {"type": "object", "required": ["error"],
                   "properties": {"error": error_detail}},
@@ -357,7 +383,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
             "properties": {"tasks": {"type": "array", "minItems": 1,
                                      "maxItems": limits.tasks_per_request,
                                      "items": ref("Task")}}},
-        **{_body_name(e): s for e, s in body_schemas().items()},
+        **{_body_name(e): s for e, s in body_schemas(priced).items()},
         "JsonValue": json_value(),
         "TaskState": state_row,
         "TaskView": task_view,
@@ -419,6 +445,7 @@ def schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
         "DailyReport": report,
         **job_schemas(limits, callbacks),
         "LaneReport": lane,
+        "ClientReport": client_report,
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status", "schema"],
@@ -603,6 +630,13 @@ UNAVAILABLE = error("the database is unreachable or too slow, or its schema is m
                     "behind (`schema_missing`: run `batchd migrate`); retry after Retry-After",
                     "unavailable", "overloaded", "schema_missing", retry_after=True)
 BAD_PARAMETER = error("a query parameter is invalid", "invalid_parameter")
+FORBIDDEN = error("?client= names another client and the token is not an admin token",
+                  "forbidden")
+CLIENT = {"name": "client", "in": "query", "required": False,
+          "schema": {"type": "string", "maxLength": 200, "pattern": NO_NUL},
+          "description": "admin tokens only (any other token may name only its own client): "
+                         "the client whose tasks to read or act on; without it, an admin "
+                         "lists every client's and names its own tasks by custom_id"}
 
 
 def query(name: str, schema: Schema, description: str) -> dict[str, Any]:
@@ -658,9 +692,10 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                              "job_cancelled"),
                 "413": error("the body, the task count or one task is too large",
                              "payload_too_large", "too_many_tasks", "task_too_large"),
-                "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued, or (with "
-                             "?wait) BATCHD_MAX_WAITERS requests are already waiting; nothing "
-                             "was stored", "queue_full", "too_many_waiters", retry_after=True),
+                "429": error("more than BATCHD_MAX_QUEUED_TASKS tasks are queued, or more than "
+                             "the client's BATCHD_CLIENT_MAX_QUEUED, or (with ?wait) "
+                             "BATCHD_MAX_WAITERS requests are already waiting; nothing was "
+                             "stored", "queue_full", "too_many_waiters", retry_after=True),
                 "503": error("shutting down, or the database is unreachable or too slow, or "
                              "its schema is missing or behind (`schema_missing`: run `batchd "
                              "migrate`); nothing of the request was stored", "draining",
@@ -669,44 +704,46 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
         "/v1/tasks/{custom_id}": {"get": {
             "operationId": "getTask", "tags": ["tasks"],
             "summary": "One task: state, attempts, batch, timestamps, last error, response",
+            "description": "Another client's custom_id is a 404, as one never sent.",
             "parameters": [{"name": "custom_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string"}}, CLIENT],
             "responses": {"200": ok("the task", ref("TaskView")),
-                          "401": UNAUTHORIZED,
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
                           "404": error("no task with that custom_id", "not_found"),
                           "503": UNAVAILABLE}}},
         "/v1/tasks/{custom_id}/callbacks": {"get": {
             "operationId": "getTaskCallbacks", "tags": ["callbacks"],
             "summary": "Every result delivery of a task, with each attempt",
             "parameters": [{"name": "custom_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}],
+                            "schema": {"type": "string"}}, CLIENT],
             "responses": {"200": ok("the task's deliveries", ref("TaskCallbacks")),
-                          "401": UNAUTHORIZED,
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
                           "404": error("no task with that custom_id", "not_found"),
                           "503": UNAVAILABLE}}},
         "/v1/callbacks/failed": {"get": {
             "operationId": "listFailedCallbacks", "tags": ["callbacks"],
             "summary": "Deliveries that used up their attempts, oldest first",
-            "parameters": [*cursor_params(),
-                           query("client", {"type": "string", "maxLength": 200,
-                                            "pattern": NO_NUL}, "only this client's")],
+            "parameters": [*cursor_params(), CLIENT],
             "responses": {"200": ok("a page of failed deliveries", ref("FailedCallbackPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         "/v1/callbacks/replay": {"post": {
             "operationId": "replayCallbacks", "tags": ["callbacks"],
             "summary": "Deliver failed callbacks again (by id, by task, or all)",
+            "parameters": [CLIENT],
             "requestBody": {"required": True,
                             "content": json_content(ref("CallbackReplayRequest"))},
             "responses": {"200": ok("the deliveries due again", ref("CallbackReplayOutcome")),
                           "400": error("the body names no deliveries", "invalid_json",
-                                       "invalid_request"),
-                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                                       "invalid_request", "invalid_parameter"),
+                          "401": UNAUTHORIZED, "403": FORBIDDEN, "503": UNAVAILABLE}}},
         "/v1/results": {"get": {
             "operationId": "listResults", "tags": ["results"],
             "summary": "Stored results in completion order, paged by cursor",
-            "parameters": cursor_params(),
+            "parameters": [*cursor_params(), CLIENT],
             "responses": {"200": ok("a page of results", ref("ResultPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         "/v1/failed": {"get": {
             "operationId": "listFailed", "tags": ["manual queue"],
             "summary": "The manual queue: tasks that failed for good",
@@ -715,40 +752,51 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 query("reason", {"type": "string", "maxLength": 200, "pattern": NO_NUL},
                       "only this last_error.code"),
                 query("day", DATE, "only tasks that failed on this UTC day"),
-                query("endpoint", {"enum": list(ENDPOINTS)}, "only this endpoint")],
+                query("endpoint", {"enum": list(ENDPOINTS)}, "only this endpoint"), CLIENT],
             "responses": {"200": ok("a page of failed tasks", ref("FailedPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         "/v1/failed/replay": {"post": {
             "operationId": "replayFailed", "tags": ["manual queue"],
             "summary": "Re-queue chosen (or all) failed tasks, attempts reset",
+            "description": ('custom_ids name the caller\'s own tasks (an admin\'s ?client= '
+                            'names another client\'s); {"all": true} replays all of the '
+                            "caller's failed tasks, every client's for an admin without "
+                            "?client=."),
+            "parameters": [CLIENT],
             "requestBody": {"required": True,
                             "content": json_content(ref("ReplayRequest"))},
             "responses": {"200": ok("what was re-queued and what was skipped, and why",
                                     ref("ReplayOutcome")),
                           "400": error("the body names no tasks", "invalid_json",
-                                       "invalid_request"),
-                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                                       "invalid_request", "invalid_parameter"),
+                          "401": UNAUTHORIZED, "403": FORBIDDEN, "503": UNAVAILABLE}}},
         "/v1/failed/dismiss": {"post": {
             "operationId": "dismissFailed", "tags": ["manual queue"],
             "summary": "Take chosen (or all) failed tasks out of the manual queue for good "
                        "(export them first); retention then deletes them",
+            "description": "Chosen as replay chooses them.",
+            "parameters": [CLIENT],
             "requestBody": {"required": True,
                             "content": json_content(ref("ReplayRequest"))},
             "responses": {"200": ok("what was dismissed and what was skipped, and why",
                                     ref("DismissOutcome")),
                           "400": error("the body names no tasks", "invalid_json",
-                                       "invalid_request"),
-                          "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                                       "invalid_request", "invalid_parameter"),
+                          "401": UNAUTHORIZED, "403": FORBIDDEN, "503": UNAVAILABLE}}},
         "/v1/report/daily": {"get": {
             "operationId": "dailyReport", "tags": ["report"],
             "summary": "The daily report (one object; a list with days > 1)",
             "parameters": [query("date", DATE, "last UTC day (default today)"),
                            query("days", {"type": "integer", "minimum": 1, "maximum": 366},
-                                 "how many days up to date (default 1)")],
+                                 "how many days up to date (default 1)"), CLIENT],
+            "description": "A client's token sees its own numbers; an admin token every "
+                           "client's (and ?client= narrows).",
             "responses": {"200": ok("the report", {"anyOf": [
                               ref("DailyReport"),
                               {"type": "array", "items": ref("DailyReport")}]}),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         **job_operations(limits),
         "/healthz": {"get": {
             **open_op, "operationId": "healthz", "tags": ["operations"],
@@ -867,7 +915,10 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
     }
 
 
-def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
+def build(limits: Limits, *, callbacks: bool = False,
+          priced: Sequence[str] | None = None) -> dict[str, Any]:
+    """The document; ``priced`` lists the models ingest takes (with their
+    dated snapshots) when BATCHD_ALLOWED_MODELS is unset."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -888,7 +939,7 @@ def build(limits: Limits, *, callbacks: bool = False) -> dict[str, Any]:
                 "type": "http", "scheme": "bearer",
                 "description": "one of BATCHD_INGEST_TOKENS; not needed when they are unset "
                                "(the API then listens on loopback only)"}},
-            "schemas": schemas(limits, callbacks),
+            "schemas": schemas(limits, callbacks, priced),
         },
     }
 

@@ -15,6 +15,7 @@ to 1e-6 USD, half up, when it is shown (``round_usd``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from importlib import resources
@@ -165,6 +166,10 @@ def show_usd(value: Decimal | None) -> str | None:
     return None if value is None else str(round_usd(Decimal(value)))
 
 
+# A dated snapshot's suffix (gpt-4o-mini-2024-07-18).
+_SNAPSHOT = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 class PriceTable:
     """Prices by model; a snapshot takes its longest matching prefix.
 
@@ -188,6 +193,21 @@ class PriceTable:
             if model == name or model.startswith(name + "-") or model.startswith(name + ":"):
                 return self.models[name]
         return self._fallback
+
+    def entry(self, model: str) -> str | None:
+        """The table entry that prices ``model`` as itself or as one of its
+        dated snapshots (``gpt-4o-mini-2024-07-18``); None for anything else,
+        so an invented ``gpt-4o-mini-x1``, ``-x2``... is no entry's. This is
+        the rule for a window of its own and a ``model`` metric label."""
+        price = self.lookup(model)
+        if not price.known:
+            return None
+        rest = model[len(price.name):]
+        return price.name if not rest or _SNAPSHOT.fullmatch(rest) else None
+
+    def metric_label(self, model: str) -> str:
+        """The ``model`` label: a table entry, else ``other`` (bounded by the table)."""
+        return self.entry(model) or "other"
 
     def warn_unpriced(self, model: str, where: str) -> None:
         """Log, once per model and place per process, that a model is priced

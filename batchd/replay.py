@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs
 from batchd.domain import input_line
@@ -37,15 +37,41 @@ class ReplayOutcome:
                 "skipped": [{"custom_id": k, "reason": v} for k, v in self.skipped.items()]}
 
 
+async def _settle(conn: AsyncConnection, outcome: ReplayOutcome, done: list[tuple[str, str]],
+                  keys: list[tuple[str, str]] | None, client: str | None) -> None:
+    """Fill ``outcome``: the custom_ids acted on, and for each named task
+    left alone the reason. Another client's custom_id reads as unknown."""
+    outcome.replayed = [cid for _, cid in done]
+    if keys is None:
+        return
+    rest = sorted(set(keys) - set(done))
+    states = await retention.task_states(conn, rest)
+    outcome.skipped = {cid: _WHY_NOT.get(states.get((cl, cid), ""), "unknown custom_id")
+                       for cl, cid in rest if client is None or cl == client}
+
+
 class Replayer:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
-    async def replay(self, custom_ids: list[str] | None) -> ReplayOutcome:
-        """Re-queue failed tasks (all when ``custom_ids`` is None) with their
-        attempts reset and ``replay_count + 1``. Tasks that are not failed are
-        left alone and reported with the reason."""
+    async def replay(self, client: str | None, custom_ids: list[str] | None) -> ReplayOutcome:
+        """Re-queue failed tasks with their attempts reset and ``replay_count +
+        1``: the named custom_ids of ``client``, or (``custom_ids`` None) all
+        of ``client``'s failed tasks, every client's when ``client`` is None.
+        Tasks that are not failed are left alone and reported with the
+        reason; another client's custom_id is as unknown as one never sent."""
+        if custom_ids is not None and client is None:
+            raise ValueError("name the client whose tasks these custom_ids are")
+        keys = None if custom_ids is None else [(client or "", c) for c in custom_ids]
+        return await self.replay_keys(keys, client)
+
+    async def replay_keys(self, keys: list[tuple[str, str]] | None, client: str | None = None
+                          ) -> ReplayOutcome:
+        """As ``replay``, the tasks named by (client, custom_id) keys (all of
+        ``client``'s, or everyone's, when ``keys`` is None)."""
         outcome = ReplayOutcome()
+        clients = None if keys is None else [k[0] for k in keys]
+        cids = None if keys is None else [k[1] for k in keys]
         async with self.engine.begin() as conn:
             rows = await conn.execute(text(f"""
                 WITH upd AS (
@@ -53,59 +79,63 @@ class Replayer:
                            replay_count = replay_count + 1, not_before = now(),
                            batch_id = NULL, finished_at = NULL, updated_at = now()
                     WHERE state = 'failed'
-                      AND (CAST(:ids AS text[]) IS NULL OR custom_id = ANY(CAST(:ids AS text[])))
-                    RETURNING custom_id, replay_count, last_error, client, job
+                      AND (CAST(:client AS text) IS NULL OR client = :client)
+                      AND (CAST(:cids AS text[]) IS NULL OR (client, custom_id) IN (
+                           SELECT * FROM unnest(CAST(:cls AS text[]), CAST(:cids AS text[]))))
+                    RETURNING id, client, custom_id, replay_count, last_error, job
                 ), jd AS ({moved_deltas("upd", "'failed'", "'queued'")}
                 ), ev AS (
-                    INSERT INTO task_events (custom_id, attempt, outcome, error)
-                    SELECT custom_id, 0, 'replayed', last_error FROM upd
+                    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
+                    SELECT id, client, custom_id, 0, 'replayed', last_error FROM upd
                 )
-                SELECT custom_id FROM upd"""), {"ids": custom_ids})
-            outcome.replayed = [r[0] for r in rows]
-            if custom_ids is not None:
-                rest = sorted(set(custom_ids) - set(outcome.replayed))
-                found = await conn.execute(text(
-                    "SELECT custom_id, state FROM tasks WHERE custom_id = ANY(CAST(:ids AS text[]))"
-                ), {"ids": rest})
-                states: dict[str, str] = dict(found.all())
-                outcome.skipped = {cid: _WHY_NOT.get(states.get(cid, ""), "unknown custom_id")
-                                   for cid in rest}
+                SELECT client, custom_id FROM upd"""),
+                {"client": client, "cls": clients, "cids": cids})
+            await _settle(conn, outcome, [(r[0], r[1]) for r in rows], keys, client)
         log.info("tasks.replayed", replayed=len(outcome.replayed), skipped=len(outcome.skipped))
         return outcome
 
-    async def dismiss(self, custom_ids: list[str] | None) -> ReplayOutcome:
-        """Take failed tasks (all when ``custom_ids`` is None) out of the
-        manual queue, for good: they are kept until retention deletes them
+    async def dismiss(self, client: str | None, custom_ids: list[str] | None
+                      ) -> ReplayOutcome:
+        """Take failed tasks out of the manual queue, for good, chosen as
+        ``replay`` chooses them: they are kept until retention deletes them
         like any finished task, but never replayed. Export them first
         (``batchd failed export``): the export is then their only copy."""
+        if custom_ids is not None and client is None:
+            raise ValueError("name the client whose tasks these custom_ids are")
+        keys = None if custom_ids is None else [(client or "", c) for c in custom_ids]
+        return await self.dismiss_keys(keys, client)
+
+    async def dismiss_keys(self, keys: list[tuple[str, str]] | None, client: str | None = None
+                           ) -> ReplayOutcome:
+        """As ``dismiss``, the tasks named by (client, custom_id) keys (all of
+        ``client``'s, or everyone's, when ``keys`` is None)."""
         outcome = ReplayOutcome()
         async with self.engine.begin() as conn:
-            outcome.replayed = await retention.dismiss_failed(conn, custom_ids)
-            if custom_ids is not None:
-                rest = sorted(set(custom_ids) - set(outcome.replayed))
-                states = await retention.task_states(conn, rest)
-                outcome.skipped = {cid: _WHY_NOT.get(states.get(cid, ""), "unknown custom_id")
-                                   for cid in rest}
+            done = await retention.dismiss_failed(conn, client, keys)
+            await _settle(conn, outcome, done, keys, client)
         log.info("tasks.dismissed", dismissed=len(outcome.replayed),
                  skipped=len(outcome.skipped))
         return outcome
 
-    async def export_failed(self, out: Path) -> int:
-        """Write the manual queue as JSONL: the original request and the last error."""
+    async def export_failed(self, out: Path, client: str | None = None) -> int:
+        """Write the manual queue (``client``'s, or every client's) as JSONL:
+        the original request, whose task it is, and the last error."""
         n = 0
         tmp = out.with_name(out.name + ".tmp")
         with tmp.open("wb") as f:
-            async for row in self._failed_rows():
+            async for row in self._failed_rows(client):
                 f.write(orjson.dumps(row) + b"\n")
                 n += 1
         tmp.replace(out)
         return n
 
-    async def _failed_rows(self) -> AsyncIterator[dict[str, Any]]:
+    async def _failed_rows(self, client: str | None) -> AsyncIterator[dict[str, Any]]:
         async with self.engine.connect() as conn:
             result = await conn.stream(text("""
-                SELECT custom_id, endpoint, body, metadata, attempts, replay_count, batch_id,
-                       last_error, finished_at FROM tasks WHERE state = 'failed' ORDER BY id"""))
+                SELECT client, custom_id, endpoint, body, metadata, attempts, replay_count,
+                       batch_id, last_error, finished_at FROM tasks
+                WHERE state = 'failed' AND (CAST(:client AS text) IS NULL OR client = :client)
+                ORDER BY id"""), {"client": client})
             async for part in result.mappings().partitions(1000):
                 for r in part:
                     yield export_line(r)
@@ -113,8 +143,9 @@ class Replayer:
 
 def export_line(r: Mapping[Any, Any]) -> dict[str, Any]:
     """One line of a failed export (``batchd failed export``, the console's
-    export): the original request and how it failed."""
-    return {"custom_id": r["custom_id"], "method": "POST", "url": r["endpoint"],
+    export): whose task it is, the original request and how it failed."""
+    return {"client": r["client"], "custom_id": r["custom_id"], "method": "POST",
+            "url": r["endpoint"],
             "body": r["body"], "metadata": r["metadata"],
             "attempts": r["attempts"], "replay_count": r["replay_count"],
             "batch_id": r["batch_id"], "last_error": r["last_error"],

@@ -128,13 +128,22 @@ class Reporter:
                 day += timedelta(days=1)
         for day, rows in live.items():
             if day < first:  # not rolled up yet, before the range: the queue only
-                manual += _manual_delta(rows)
+                _add_manual(manual, rows)
         out = []
         day = first
         while day <= last:
             rows = live.get(day, by_day.get(day, []))
-            manual += _manual_delta(rows)
-            out.append(self._render(day, rows, manual))
+            _add_manual(manual, rows)
+            report = self._render(day, rows, sum(manual.values()))
+            if client is None:
+                # Every client's share; unattributed spend (client '') is no one's.
+                report["clients"] = {
+                    name: _client([r for r in rows if r["client"] == name], manual.get(name, 0))
+                    for name in sorted({str(r["client"]) for r in rows} | set(manual))
+                    if name and (manual.get(name) or any(r["client"] == name for r in rows))}
+            else:
+                report["client"] = client
+            out.append(report)
             day += timedelta(days=1)
         return out
 
@@ -176,9 +185,41 @@ class Reporter:
         }
 
 
-def _manual_delta(rows: list[dict[str, Any]]) -> int:
-    """How the manual queue moved in a day: failures in, replays and dismissals out."""
-    return sum(int(r["failed"]) - int(r["replayed"]) - int(r["dismissed"]) for r in rows)
+def _add_manual(manual: dict[str, int], rows: list[dict[str, Any]]) -> None:
+    """Move each client's manual queue by a day: failures in, replays and
+    dismissals out."""
+    for r in rows:
+        moved = int(r["failed"]) - int(r["replayed"]) - int(r["dismissed"])
+        if moved:
+            manual[str(r["client"])] = manual.get(str(r["client"]), 0) + moved
+
+
+def _client(rows: list[dict[str, Any]], manual: int) -> dict[str, Any]:
+    """One client's share of a day. Its spend is its results' cost and its
+    own sync calls paid for nothing; billed batch lines no task kept are
+    no client's."""
+    succeeded = sum(int(r["succeeded"]) for r in rows)
+    failed = sum(int(r["failed"]) for r in rows)
+    spend = round_usd(sum((Decimal(r["spend_usd"]) + Decimal(r["unattributed_usd"])
+                           for r in rows), Decimal(0)))
+    sync = round_usd(sum((Decimal(r["sync_usd"]) for r in rows), Decimal(0)))
+    return {"tasks_in": sum(int(r["tasks_in"]) for r in rows), "succeeded": succeeded,
+            "failed": failed, "retried": sum(int(r["retried"]) for r in rows),
+            "replayed": sum(int(r["replayed"]) for r in rows),
+            "failure_ratio": _ratio(failed, succeeded + failed), "manual_queue": manual,
+            "spend_usd": str(spend), "sync_equivalent_usd": str(sync),
+            "savings_usd": str(sync - spend)}
+
+
+def render_clients(rows: list[dict[str, Any]]) -> str:
+    """Each client's share of each day."""
+    heads = ["date", "client", "in", "ok", "failed", "retried", "replayed", "fail%", "manual",
+             "spend $", "saved $"]
+    body = [[r["date"], name, v["tasks_in"], v["succeeded"], v["failed"], v["retried"],
+             v["replayed"], f"{v['failure_ratio'] * 100:.2f}", v["manual_queue"],
+             v["spend_usd"], v["savings_usd"]]
+            for r in rows for name, v in sorted(r.get("clients", {}).items())]
+    return _grid(heads, body)
 
 
 def _percentile(hist: dict[int, int], q: float) -> float | None:
@@ -242,6 +283,9 @@ def render_table(rows: list[dict[str, Any]]) -> str:
             f"{r['date']} ${r['unattributed_usd']}" for r in wasted)
     if any(len(r.get("lanes", {})) > 1 or "sync" in r.get("lanes", {}) for r in rows):
         table += "\n\n" + render_lanes(rows)
+    # One client's share is the whole report; two or more say who sent what.
+    if any(len(r.get("clients", {})) > 1 for r in rows):
+        table += "\n\n" + render_clients(rows)
     return table
 
 

@@ -27,7 +27,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics
 from batchd.clients import Clients
-from batchd.domain import MISSING_ERROR, Outcome, classify_batch_failure, classify_line
+from batchd.domain import (
+    MISSING_ERROR,
+    Outcome,
+    classify_batch_failure,
+    classify_line,
+    line_task_id,
+)
 from batchd.estimates import Calibration
 from batchd.faults import crash_point
 from batchd.prices import (
@@ -75,9 +81,9 @@ class RouteSummary:
     # Another replica routed the batch first (its claim outlived ours).
     already_routed: bool = False
     # (outcome, client) -> tasks, for the client-labelled completion metric.
-    by_client: dict[tuple[str, str | None], int] = field(default_factory=dict)
+    by_client: dict[tuple[str, str], int] = field(default_factory=dict)
 
-    def add(self, counts: dict[tuple[str, str | None], int]) -> None:
+    def add(self, counts: dict[tuple[str, str], int]) -> None:
         for (outcome, client), n in counts.items():
             if outcome == "retried":
                 self.retried += n
@@ -85,7 +91,7 @@ class RouteSummary:
                 self.failed += n
             self.count(outcome, client, n)
 
-    def count(self, outcome: str, client: str | None, n: int = 1) -> None:
+    def count(self, outcome: str, client: str, n: int = 1) -> None:
         self.by_client[outcome, client] = self.by_client.get((outcome, client), 0) + n
 
 
@@ -197,7 +203,11 @@ class Router:
         succeeds: that is what was paid for)."""
         rate, sync_rate = ScaledRate.of(price.batch), ScaledRate.of(price.sync)
         lines = _LineTally()
-        await repo.stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary))
+        own_ids = await repo.batch_owns_line_ids(conn, batch_id)
+        await repo.stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary,
+                                                      own_ids))
+        if not own_ids:
+            await repo.resolve_legacy_lines(conn, batch_id)
         stored = await repo.store_staged_successes(conn, batch_id, unpriced=not price.known)
         crash_point("mid_route")
         for client, n in stored.by_client.items():
@@ -217,8 +227,12 @@ class Router:
 
     @staticmethod
     def _stage_rows(files: list[Path], rate: ScaledRate, sync_rate: ScaledRate,
-                    lines: _LineTally, summary: RouteSummary) -> Iterator[tuple[Any, ...]]:
-        """repo.STAGE_COLUMNS rows of the files' lines, read as a stream."""
+                    lines: _LineTally, summary: RouteSummary, own_ids: bool
+                    ) -> Iterator[tuple[Any, ...]]:
+        """repo.STAGE_COLUMNS rows of the files' lines, read as a stream. A
+        line names its task by batchd's line id (or, in a batch built before
+        them, by the caller's custom_id: ``tid`` is filled in by SQL); a line
+        that names none settles nothing (billed if it is a success)."""
         number = 0
         for path in files:
             for line in iter_lines(path):
@@ -227,9 +241,11 @@ class Router:
                 if line is None or not isinstance(cid, str):
                     summary.malformed += 1  # its task stays unsettled: retried as missing
                     continue
+                tid = line_task_id(cid) if own_ids else None
                 result = classify_line(line)
                 if result.outcome is not Outcome.SUCCESS:
-                    yield (number, cid, False, None, None, None, None, None, None, None, None,
+                    yield (number, tid, cid, False, None, None, None, None, None, None, None,
+                           None,
                            None, result.outcome is Outcome.FINAL,
                            orjson.dumps(result.error or {}).decode(), random.random())
                     continue
@@ -237,13 +253,14 @@ class Router:
                 usage = usage_of(body)
                 tokens = tokens_from_usage(usage)
                 lines.add(tokens)
-                yield (number, cid, True, result.status_code or 200, orjson.dumps(body).decode(),
+                yield (number, tid, cid, True, result.status_code or 200,
+                       orjson.dumps(body).decode(),
                        orjson.dumps(usage).decode() if usage is not None else None,
                        tokens.input, tokens.cached, tokens.output, tokens.cache_write,
                        rate.usd(rate.cost(tokens)), sync_rate.usd(sync_rate.cost(tokens)),
                        None, None, None)
 
-    async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[str],
+    async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[int],
                          finals: list[bool], errors: list[dict[str, Any]],
                          summary: RouteSummary) -> None:
         jitters = [random.random() for _ in ids]
@@ -270,7 +287,7 @@ class Router:
                 summary.count("retried", client, n)
             return
         if verdict.final_lines:
-            by_line = await repo.custom_ids_at_lines(conn, batch_id, list(verdict.final_lines))
+            by_line = await repo.tasks_at_lines(conn, batch_id, list(verdict.final_lines))
             ids = list(by_line.values())
             errors = [verdict.final_lines[line] for line in by_line]
             summary.add(await repo.store_failures(
@@ -285,14 +302,18 @@ class Router:
         for (outcome, client), n in s.by_client.items():
             metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
                                            lane="batch").inc(n)
-        metrics.SPEND.add(s.spend, model=model, lane="batch")
-        metrics.SAVINGS.add(s.sync_spend - s.spend, model=model, lane="batch")
+        # A priced model's table entry, else "other": bounded by the prices file.
+        label = self.prices.metric_label(model)
+        metrics.SPEND.add(s.spend, model=label, lane="batch")
+        metrics.SAVINGS.add(s.sync_spend - s.spend, model=label, lane="batch")
+        for client, usd in s.cost_by_client.items():
+            metrics.CLIENT_SPEND.add(usd, client=self.clients.label(client), lane="batch")
         if s.unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
         for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),
                         ("cache_write_input", s.billed.cache_write),
                         ("output", s.billed.output)):
-            metrics.TOKENS.labels(model=model, kind=kind, lane="batch").inc(n)
+            metrics.TOKENS.labels(model=label, kind=kind, lane="batch").inc(n)
 
 
 def _tokens(t: Tokens) -> dict[str, int]:

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.archive import Archive
 from batchd.config import Settings
-from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line
+from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line, line_id
 from batchd.errors import ProviderError
 from batchd.estimates import Calibration
 from batchd.faults import crash_point
@@ -240,6 +240,11 @@ class Scheduler:
                     if await self._record_submitted(p, found, adopted=True):
                         await self._archive_adopted(p, found)
                     return
+            # Whoever writes the file to upload decides its ids: a batch an
+            # older version claimed (own_line_ids false) and this one sends
+            # carries batchd's line ids, and the router must know.
+            async with self.engine.begin() as conn:
+                await repo.set_batch(conn, p.batch_id, own_line_ids=True)
             path = await self._write_input(p)
             remote_file = await self.provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
             async with self.engine.begin() as conn:
@@ -262,7 +267,16 @@ class Scheduler:
             await self.archive.keep(path, p.spend_day, p.batch_id, "input",
                                     {"provider_file_id": remote_file.id,
                                      "provider_batch_id": remote.id})
+            await self._archive_ids(p)
         path.unlink(missing_ok=True)
+
+    async def _archive_ids(self, p: Pending) -> None:
+        """The input's line ids beside the callers' keys, for audits."""
+        ids = self.archive.spool_path(p.batch_id, "ids")
+        if ids.exists():
+            await self.archive.keep(ids, p.spend_day, p.batch_id, "ids",
+                                    {"columns": ["line_id", "client", "custom_id"]})
+            ids.unlink(missing_ok=True)
 
     async def _archive_adopted(self, p: Pending, remote: RemoteBatch) -> None:
         """An adopted batch's input is the file an earlier attempt wrote and
@@ -271,11 +285,14 @@ class Scheduler:
         path = self.archive.spool_path(p.batch_id, "input")
         rebuilt = not path.exists()
         if rebuilt:
-            path = await self._write_input(p)
+            async with self.engine.connect() as conn:
+                own_ids = await repo.batch_owns_line_ids(conn, p.batch_id)
+            path = await self._write_input(p, own_ids=own_ids)
         await self.archive.keep(path, p.spend_day, p.batch_id, "input",
                                 {"provider_file_id": remote.input_file_id,
                                  "provider_batch_id": remote.id, "adopted": True,
                                  "rebuilt": rebuilt})
+        await self._archive_ids(p)
         path.unlink(missing_ok=True)
 
     async def _create(self, p: Pending, input_file_id: str) -> RemoteBatch:
@@ -293,9 +310,17 @@ class Scheduler:
                 "create_batch: no answer within half the claim; the batch is looked up at "
                 "the provider before it is created again", operation="create_batch") from None
 
-    async def _write_input(self, p: Pending) -> Path:
+    async def _write_input(self, p: Pending, *, own_ids: bool = True) -> Path:
+        """The input file, each line under batchd's id for this attempt of its
+        task (domain.line_id), and beside it (kind ``ids``) one JSON line per
+        task, [line id, client, custom_id], that the archive keeps so an audit
+        joins a provider line to the caller's task without the database.
+        ``own_ids`` false rebuilds, for the archive, the file of a batch an
+        older version uploaded: its lines carry the callers' custom_ids."""
         path = self.archive.spool_path(p.batch_id, "input")
+        ids_path = self.archive.spool_path(p.batch_id, "ids")
         tmp = path.with_suffix(".tmp")
+        ids_tmp = ids_path.with_suffix(".tmp")
         # Line numbers were fixed at claim time; a task that left the batch
         # since (a latency fallback) closes up the file, so the tasks after
         # it take their new numbers before the file can be named in errors.
@@ -304,11 +329,15 @@ class Scheduler:
         line_no = 0
         async with self.engine.connect() as conn, aclosing(
                 repo.stream_batch_lines(conn, p.batch_id)) as pages:
-            with tmp.open("wb") as out:
+            with tmp.open("wb") as out, ids_tmp.open("wb") as ids_out:
                 async for rows in pages:
-                    out.write(b"".join([input_line(cid, ep, orjson.loads(body))
-                                        for cid, ep, body, _, _ in rows]))
-                    for _, _, _, task_id, stored_line in rows:
+                    lids = [line_id(tid, replays, attempt) if own_ids else cid
+                            for tid, _, _, _, replays, attempt, _, cid in rows]
+                    out.write(b"".join([input_line(lid, r[1], orjson.loads(r[2]))
+                                        for lid, r in zip(lids, rows, strict=True)]))
+                    ids_out.write(b"".join([orjson.dumps([lid, r[6], r[7]]) + b"\n"
+                                            for lid, r in zip(lids, rows, strict=True)]))
+                    for task_id, _, _, stored_line, _, _, _, _ in rows:
                         line_no += 1
                         if stored_line != line_no:
                             moved_ids.append(task_id)
@@ -316,6 +345,7 @@ class Scheduler:
         if moved_ids:
             async with self.engine.begin() as conn:
                 await repo.renumber_batch_lines(conn, moved_ids, moved_lines)
+        ids_tmp.replace(ids_path)
         tmp.replace(path)
         return path
 

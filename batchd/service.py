@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import ipaddress
 import os
 import socket
@@ -23,7 +24,7 @@ from batchd.archive import Archive
 from batchd.callbacks import CallbackSender
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import file_byte_budget
+from batchd.domain import LOCAL, file_byte_budget
 from batchd.errors import ConfigError
 from batchd.estimates import Calibration
 from batchd.health import HEALTH
@@ -126,10 +127,14 @@ class Service:
             raise ConfigError("BATCHD_INGEST_TOKENS is unset, so the API listens on loopback "
                               "only: set tokens or BATCHD_HTTP_HOST=127.0.0.1")
         profiles = settings.profiles_by_client
-        unknown = sorted(set(profiles) - self.clients.names)
-        if unknown:
-            raise ConfigError(f"BATCHD_CLIENT_PROFILES: {unknown[0]!r} is no client named in "
-                              "BATCHD_INGEST_TOKENS (name=token) or BATCHD_INGEST_TOKENS_FILE")
+        max_queued = settings.max_queued_by_client
+        for name, per_client in (("BATCHD_CLIENT_PROFILES", profiles),
+                                 ("BATCHD_CLIENT_MAX_QUEUED", max_queued)):
+            unknown = sorted(set(per_client) - self.clients.names - {LOCAL})
+            if unknown:
+                raise ConfigError(f"{name}: {unknown[0]!r} is no client named in "
+                                  "BATCHD_INGEST_TOKENS (name=token), BATCHD_ADMIN_TOKENS or "
+                                  "BATCHD_INGEST_TOKENS_FILE (nor 'local')")
         unknown = sorted(set(settings.budgets_by_client) - self.clients.names)
         if unknown:
             raise ConfigError(f"BATCHD_CLIENT_BUDGETS: {unknown[0]!r} is no client named in "
@@ -167,12 +172,15 @@ class Service:
                           timeout=settings.ingest_timeout_seconds,
                           max_pending=settings.max_pending_tasks, clock=clock,
                           on_sync=self.sync_lane.wake,
-                          count_tokens=settings.any_budget),
+                          count_tokens=settings.any_budget,
+                          model_problem=self._model_problem),
             waiters=Waiters(engine, settings.max_waiters),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             jobs=self.jobs,
             schema_head=schema_head(), known_revisions=known_revisions(),
-            max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds)
+            max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds,
+            client_max_queued=max_queued,
+            spec_models=None if settings.model_globs else sorted(self.prices.models))
         self.app = build_app(self.api, settings.max_request_bytes)
         console.setup(self.app, console.Console(
             engine=engine, clients=self.clients, replayer=self.api.replayer,
@@ -182,6 +190,7 @@ class Service:
                 max_batch_items=settings.max_batch_items,
                 daily_budget_usd=settings.daily_budget_usd,
                 alert_ratio=settings.failure_alert_ratio)))
+        self._client_labels: set[str] = set()
         self.port: int | None = None
         metrics.CONFIG_WINDOW.set(settings.window_seconds)
         metrics.CONFIG_MAX_TASKS.set(settings.max_batch_items)
@@ -196,6 +205,17 @@ class Service:
             # Ingest counts tokens from the first request on: load the
             # vocabularies now (a second or so), not inside a request.
             tokens.preload(sorted(self.prices.models))
+
+    def _model_problem(self, model: str) -> str | None:
+        """A window (and a provider batch) per (endpoint, model) only for
+        models the prices file prices or BATCHD_ALLOWED_MODELS allows: an
+        invented model string must not become a batch, or a metric label, of
+        its own."""
+        if self.prices.entry(model) is not None or any(
+                fnmatch.fnmatchcase(model, glob) for glob in self.settings.model_globs):
+            return None
+        return ("names a model batchd has no price for; price it in BATCHD_PRICES_FILE or "
+                "allow it with BATCHD_ALLOWED_MODELS")
 
     async def start_api(self) -> web.AppRunner:
         runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
@@ -288,7 +308,8 @@ class Service:
                         "SELECT state, spend_day, provider_batch_id FROM batches WHERE id = :id"),
                         {"id": batch_id})).first()
                 done = row is not None and (
-                    row.state == "routed" or (kind == "input" and row.state == "submitted"))
+                    row.state == "routed"
+                    or (kind in ("input", "ids") and row.state == "submitted"))
                 if done and row is not None:
                     await self.archive.keep(path, row.spend_day, batch_id, kind,
                                             {"provider_batch_id": row.provider_batch_id,
@@ -354,6 +375,15 @@ class Service:
         self.api.queued_estimate = int(row["queued"])
         async with self.engine.connect() as conn:
             backlog = await repo.callback_backlog(conn)
+            queued_of = await repo.queued_by_client(conn)
+        self.api.client_queued = {c: queued_of.get(c, 0) for c in self.api.client_max_queued}
+        labelled: dict[str, int] = dict.fromkeys(self._client_labels, 0)
+        for name, n in queued_of.items():
+            label = self.clients.label(name)
+            labelled[label] = labelled.get(label, 0) + n
+        for label, n in labelled.items():
+            metrics.CLIENT_QUEUE_TASKS.labels(client=label).set(n)
+        self._client_labels = set(labelled)
         metrics.CALLBACKS_PENDING.set(backlog["pending"])
         metrics.CALLBACKS_FAILED.set(backlog["failed"])
 

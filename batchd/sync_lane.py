@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
-from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line, client_fit
+from batchd.domain import SYNC_MARGIN, Outcome, budget_fit, classify_line, client_fit, line_id
 from batchd.errors import ProviderError
 from batchd.estimates import Calibration
 from batchd.health import AUTH_STATUSES, auth_backoff
@@ -126,14 +126,14 @@ class SyncLane:
         counted: it is retried like a line that never came back, or fails
         once BATCHD_MAX_ATTEMPTS is used up. Its ledger row keeps the
         reservation (what it cost is unknown)."""
-        lost: dict[tuple[str, str | None], int] = {}
+        lost: dict[tuple[str, str], int] = {}
         async with self.engine.begin() as conn:
             moved = await repo.fall_back(conn, self.window_seconds, SYNC_MARGIN.total_seconds())
             stale = await repo.stale_sync_calls(conn, _STALE_AFTER_SECONDS)
-            for claim, cids in stale.items():
+            for claim, ids in stale.items():
                 counts = await repo.store_failures(
-                    conn, claim, cids, [False] * len(cids), [_LOST] * len(cids),
-                    [random.random() for _ in cids], self.backoff)
+                    conn, claim, ids, [False] * len(ids), [_LOST] * len(ids),
+                    [random.random() for _ in ids], self.backoff)
                 for key, n in counts.items():
                     lost[key] = lost.get(key, 0) + n
         for (outcome, client), n in lost.items():
@@ -170,17 +170,16 @@ class SyncLane:
             reserved = [estimates[n] for n in within[:fit]]
             rows = await repo.claim_sync(conn, claim_id, [c["id"] for c in taken])
             await repo.reserve_sync_spend(conn, claim_id, today,
-                                          [c["custom_id"] for c in taken],
+                                          [c["id"] for c in taken],
                                           [c["model"] for c in taken], reserved)
             shares: dict[str, Decimal] = {}
             for c, est in zip(taken, reserved, strict=True):
                 if c["client"] in self.client_caps:
                     shares[c["client"]] = shares.get(c["client"], Decimal(0)) + est
             await repo.reserve_client_spend(conn, today, claim_id, shares)
-        by_id = {c["custom_id"]: (c["client"], est) for c, est in zip(taken, reserved,
-                                                                      strict=True)}
+        by_id = {c["id"]: (c["client"], est) for c, est in zip(taken, reserved, strict=True)}
         for row in rows:
-            row["client"], row["reserved"] = by_id[row["custom_id"]]
+            row["client"], row["reserved"] = by_id[row["id"]]
         if len(taken) < len(candidates):
             waiting = [n for n in range(len(candidates)) if n not in set(within[:fit])]
             self._held(len(waiting), spent, estimates[waiting[0]])
@@ -195,7 +194,9 @@ class SyncLane:
                         next_estimate_usd=str(next_estimate), budget_usd=str(self.budget))
 
     async def _call(self, claim_id: str, row: dict[str, Any]) -> None:
-        cid: str = row["custom_id"]
+        tid: int = row["id"]
+        # The provider sees batchd's id for this attempt, as in a batch file.
+        cid = line_id(tid, row["replay_count"], row["attempts"])
         answered = True
         try:
             status, body = await self.provider.call_sync(row["endpoint"], row["body"], cid)
@@ -225,31 +226,31 @@ class SyncLane:
                     # Exact, as a batch's cost: rounded only where it is shown.
                     paid = cost(tokens, price.sync)
                     stored = await repo.store_successes(conn, claim_id, repo.SuccessRows(
-                        [cid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
+                        [tid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
                         [paid], [paid], [not price.known]))
                     unpriced = bool(stored) and not price.known
                     settled = [("succeeded", client) for client in stored.values()]
                 else:
                     counts = await repo.store_failures(
-                        conn, claim_id, [cid], [result.outcome is Outcome.FINAL],
+                        conn, claim_id, [tid], [result.outcome is Outcome.FINAL],
                         [result.error or {}], [random.random()], self.backoff)
                     settled = list(counts)
                 # An error the provider answered is not billed; a call that got
                 # no answer may have been, so it keeps its reservation.
                 if answered:
-                    await repo.settle_sync_spend(conn, claim_id, cid, paid)
+                    await repo.settle_sync_spend(conn, claim_id, tid, paid)
                     if row["client"] in self.client_caps:
                         await repo.settle_client_call(conn, claim_id, row["client"],
                                                       row["reserved"], paid)
         except Exception:
             # The call happened but its outcome is not stored: the stale sweep
             # re-queues the task; log loudly, as it may be paid twice.
-            log.exception("sync_lane.store_failed", custom_id=cid)
+            log.exception("sync_lane.store_failed", task_id=tid)
             return
         if unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="sync").inc()
         self._record_metrics(row, result.outcome, tokens, paid, settled)
-        log.debug("sync_lane.called", custom_id=cid, status=result.status_code,
+        log.debug("sync_lane.called", task_id=tid, status=result.status_code,
                   outcome=settled[0][0] if settled else None)
 
     async def _credentials_refused(self, claim_id: str, row: dict[str, Any], status: int
@@ -263,17 +264,17 @@ class SyncLane:
         error = {"code": "provider_credentials_rejected", "status": status,
                  "message": f"the provider refused batchd's credentials (HTTP {status}); "
                             "the task waits until the key is fixed", "operation": "sync_call"}
-        cid = row["custom_id"]
+        tid: int = row["id"]
         async with self.engine.begin() as conn:
-            await repo.give_back_sync_call(conn, claim_id, cid, error)
-            await repo.settle_sync_spend(conn, claim_id, cid, Decimal(0))
+            await repo.give_back_sync_call(conn, claim_id, tid, error)
+            await repo.settle_sync_spend(conn, claim_id, tid, Decimal(0))
             if row["client"] in self.client_caps:
                 await repo.settle_client_call(conn, claim_id, row["client"], row["reserved"],
                                               Decimal(0))
 
     def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,
-                        paid: Decimal, settled: list[tuple[str, str | None]]) -> None:
-        model = row["model"]
+                        paid: Decimal, settled: list[tuple[str, str]]) -> None:
+        model = self.prices.metric_label(row["model"])  # bounded by the prices file
         if outcome is Outcome.SUCCESS:
             # Paid whether or not the result was kept (a fallback may have
             # moved the task meanwhile): spend and tokens count every answer.
@@ -287,6 +288,7 @@ class SyncLane:
             metrics.TASKS_COMPLETED.labels(outcome=name, client=self.clients.label(client),
                                            lane="sync").inc()
             if name == "succeeded":
+                metrics.CLIENT_SPEND.add(paid, client=self.clients.label(client), lane="sync")
                 metrics.TASK_LATENCY.labels(lane="sync").observe(
                     max(0.0, time.time() - row["created_at"].timestamp()))
 

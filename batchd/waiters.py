@@ -31,7 +31,7 @@ _MAX_DELAY = 0.5
 
 @dataclass(eq=False, slots=True)
 class _Waiter:
-    client: str | None  # whose custom_ids these are
+    client: str  # whose custom_ids these are
     pending: set[str]
     gone: Callable[[], bool]
     done: asyncio.Future[bool] = field(
@@ -67,7 +67,7 @@ class Waiters:
         self._reserved -= 1
         metrics.WAITERS.set(self.count)
 
-    async def wait(self, client: str | None, custom_ids: list[str], seconds: float,
+    async def wait(self, client: str, custom_ids: list[str], seconds: float,
                    gone: Callable[[], bool]) -> bool:
         """Wait (on a place reserved) until every one of ``client``'s tasks is
         finished: True, or False on timeout or once ``gone()`` says the caller
@@ -122,12 +122,12 @@ class Waiters:
                     waiter.done.set_result(False)
             elif not waiter.done.done():
                 live.append(waiter)
-        wanted: dict[str | None, set[str]] = {}
+        wanted: dict[str, set[str]] = {}
         for waiter in live:
             wanted.setdefault(waiter.client, set()).update(waiter.pending)
         if not wanted:
             return
-        finished: dict[str | None, set[str]] = {}
+        finished: dict[str, set[str]] = {}
         # One query per client waiting (custom_ids are a client's own).
         async with self.engine.connect() as conn:
             for client, ids in wanted.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -19,7 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import decode, logs, metrics, openapi
-from batchd.clients import Client, Clients
+from batchd.clients import NO_TOKEN_CLIENT, Client, Clients
 from batchd.domain import ENDPOINTS, TaskIn
 from batchd.health import HEALTH
 from batchd.ingest import (
@@ -55,6 +55,12 @@ class ApiState:
     max_queued: int | None = None
     max_wait: float = 300.0
     queued_estimate: int = 0  # refreshed by the service's snapshot loop
+    # BATCHD_CLIENT_MAX_QUEUED, and each limited client's queued tasks
+    # (refreshed by the snapshot loop, counted up by ingest between).
+    client_max_queued: dict[str, int] = field(default_factory=dict)
+    client_queued: dict[str, int] = field(default_factory=dict)
+    # The models ingest takes, for the OpenAPI document (None: any allowed).
+    spec_models: list[str] | None = None
     draining: bool = False
     # The port the API listens on, once bound (no-token mode checks Host against it).
     port: int | None = None
@@ -62,7 +68,8 @@ class ApiState:
 
 
 STATE = web.AppKey("state", ApiState)
-# The Client the request's bearer token names; absent for an anonymous token.
+# The Client the request's bearer token names (``local`` for a plain token
+# and in no-token mode); every read and action is scoped by it.
 CLIENT = web.RequestKey("client", Client)
 
 
@@ -98,7 +105,7 @@ def schema_missing(exc: BaseException) -> bool:
         exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
 
 
@@ -147,12 +154,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
             return refusal
     # The console checks its own session cookie (or the same bearer token).
     elif request.path not in _OPEN_PATHS and not is_console_path(request.path):
-        valid, client = clients.authenticate(bearer_token(request.headers))
-        if not valid:
+        client = clients.authenticate(bearer_token(request.headers))
+        if client is None:
             return error_response(401, "unauthorized",
                                   "send Authorization: Bearer <token> with a valid ingest token")
-        if client is not None:
-            request[CLIENT] = client
+        request[CLIENT] = client
     return await handler(request)
 
 
@@ -194,8 +200,39 @@ def _local_only_problem(request: web.Request, port: int | None) -> web.Response 
     return None
 
 
-def _client(request: web.Request) -> Client | None:
-    return request.get(CLIENT)
+
+def _client(request: web.Request) -> Client:
+    client: Client = request.get(CLIENT, NO_TOKEN_CLIENT)
+    return client
+
+
+def _client_param(request: web.Request) -> str | None:
+    """``?client=``: only an admin token may name a client other than its own."""
+    raw = request.query.get("client")
+    if raw is None or raw == "":
+        return None
+    caller = _client(request)
+    if raw != caller.name and not caller.admin:
+        # Says nothing about whether that client or its tasks exist.
+        raise web.HTTPForbidden(text="only an admin token may pass another client's name; "
+                                "leave out ?client= to see your own")
+    if len(raw) > 200 or "\x00" in raw:
+        raise IngestError(400, "invalid_parameter", "client must be a client name")
+    return raw
+
+
+def _scope(request: web.Request) -> str | None:
+    """Whose tasks a listing shows: the caller's own; for an admin every
+    client's (None) unless ``?client=`` names one."""
+    named = _client_param(request)
+    caller = _client(request)
+    return named if caller.admin else caller.name
+
+
+def _owner(request: web.Request) -> str:
+    """Whose custom_ids a request names: the caller's own; an admin's
+    ``?client=`` names another client's."""
+    return _client_param(request) or _client(request).name
 
 
 async def post_tasks(request: web.Request) -> web.Response:
@@ -218,13 +255,13 @@ async def post_tasks(request: web.Request) -> web.Response:
         if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
             waited = True
             ids = [t["custom_id"] for t in accepted.tasks]
-            client = _client(request)
-            owner = client.name if client else None  # as ingest stored them
-            if await state.waiters.wait(owner, ids, wait, lambda: _gone(request)):
+            mine = _client(request).name  # the caller waits on its own tasks only
+            if await state.waiters.wait(mine, ids, wait, lambda: _gone(request)):
                 async with state.engine.connect() as conn:
-                    views = [await repo.get_task(conn, cid) for cid in ids]
+                    found = await repo.get_tasks(conn, mine, ids)
                 return json_response({**accepted.as_json(),
-                                      "tasks": [v for v in views if v is not None]}, status=200)
+                                      "tasks": [found[c] for c in ids if c in found]},
+                                     status=200)
     finally:
         if wait and not waited:
             state.waiters.release()
@@ -258,15 +295,8 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
     added = 0
 
     def admit(tasks: list[TaskIn]) -> list[TaskIn]:
-        # Counted before the commit, so concurrent requests cannot all pass
-        # the check on the same stale count; handed back for what was not stored.
         nonlocal added
-        if state.max_queued is not None and \
-                state.queued_estimate + len(tasks) > state.max_queued:
-            raise IngestError(429, "queue_full", f"more than {state.max_queued} tasks are "
-                              "queued; retry later",
-                              {"retry_after": QUEUE_FULL_RETRY_AFTER})
-        state.queued_estimate += len(tasks)
+        _admit(state, client.name, len(tasks))
         added += len(tasks)
         return tasks
 
@@ -281,29 +311,46 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
         head = admit(await state.ingest.prepare_piece(first, 0, seen, client))
         accepted = await state.ingest.store_stream(head, rest(), lambda: pieces.tasks, client)
     except BaseException:
-        state.queued_estimate -= added
+        _count_queued(state, client.name, -added)
         raise
-    state.queued_estimate -= added - accepted.accepted
+    _count_queued(state, client.name, accepted.accepted - added)
     return accepted
 
 
-async def _store_small(state: ApiState, items: list[Any], client: Client | None
+async def _store_small(state: ApiState, items: list[Any], client: Client
                        ) -> Accepted | web.Response:
     tasks = await state.ingest.prepare(items, client)
-    if state.max_queued is not None and state.queued_estimate + len(tasks) > state.max_queued:
-        return error_response(429, "queue_full",
-                              f"more than {state.max_queued} tasks are queued; retry later",
-                              retry_after=QUEUE_FULL_RETRY_AFTER)
-    # Counted before the commit, so concurrent requests cannot all pass the
-    # check above on the same stale count; handed back for what was not stored.
-    state.queued_estimate += len(tasks)
+    _admit(state, client.name, len(tasks))
     try:
         accepted = await state.ingest.store(tasks, len(items), client)
     except BaseException:
-        state.queued_estimate -= len(tasks)
+        _count_queued(state, client.name, -len(tasks))
         raise
-    state.queued_estimate -= len(tasks) - accepted.accepted
+    _count_queued(state, client.name, accepted.accepted - len(tasks))
     return accepted
+
+
+def _admit(state: ApiState, client: str, n: int) -> None:
+    """Refuse ``n`` more queued tasks past BATCHD_MAX_QUEUED_TASKS, or past
+    this client's BATCHD_CLIENT_MAX_QUEUED (only that client waits; others go
+    on); else count them now, before the commit, so concurrent requests
+    cannot all pass on the same stale count (handed back for what was not
+    stored)."""
+    if state.max_queued is not None and state.queued_estimate + n > state.max_queued:
+        raise IngestError(429, "queue_full", f"more than {state.max_queued} tasks are "
+                          "queued; retry later", {"retry_after": QUEUE_FULL_RETRY_AFTER})
+    limit = state.client_max_queued.get(client)
+    if limit is not None and state.client_queued.get(client, 0) + n > limit:
+        raise IngestError(429, "queue_full", f"client {client!r} has more than {limit} tasks "
+                          "queued (BATCHD_CLIENT_MAX_QUEUED); retry later",
+                          {"retry_after": QUEUE_FULL_RETRY_AFTER})
+    _count_queued(state, client, n)
+
+
+def _count_queued(state: ApiState, client: str, n: int) -> None:
+    state.queued_estimate += n
+    if client in state.client_max_queued:
+        state.client_queued[client] = state.client_queued.get(client, 0) + n
 
 
 _MAX_WAITED_TASKS = 100
@@ -334,9 +381,11 @@ async def get_task(request: web.Request) -> web.Response:
     if not state.ingest.limits.custom_id_regex.fullmatch(custom_id):
         # Ingest never stores such an id, and a NUL would not even reach the query.
         return error_response(404, "not_found", "no task with that custom_id")
+    owner = _owner(request)
     async with state.engine.connect() as conn:
-        task = await repo.get_task(conn, custom_id)
+        task = await repo.get_task(conn, owner, custom_id)
     if task is None:
+        # Another client's custom_id reads exactly like one never sent.
         return error_response(404, "not_found", "no task with that custom_id")
     return json_response(task)
 
@@ -373,8 +422,9 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
 async def get_results(request: web.Request) -> web.Response:
     after = _int_param(request, "after", 0, 0, 2**62)
     limit = _int_param(request, "limit", 100, 1, 1000)
+    client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
-        rows = await repo.page_results(conn, after, limit)
+        rows = await repo.page_results(conn, after, limit, client)
     nxt = rows[-1]["seq"] if rows else after
     return json_response({"results": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
@@ -390,9 +440,10 @@ async def get_failed(request: web.Request) -> web.Response:
     if endpoint is not None and endpoint not in ENDPOINTS:
         raise IngestError(400, "invalid_parameter",
                           f"endpoint must be one of {', '.join(ENDPOINTS)}")
+    client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
         rows = await repo.page_failed(conn, after, limit, reason=reason, day=day,
-                                      endpoint=endpoint)
+                                      endpoint=endpoint, client=client)
     nxt = rows[-1]["id"] if rows else after
     return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
@@ -421,24 +472,28 @@ async def _manual_queue_ids(request: web.Request, verb: str) -> list[str] | None
     return ids
 
 
+def _manual_queue_scope(request: web.Request, ids: list[str] | None) -> str | None:
+    """Named tasks are the caller's own (an admin's ?client= names another's);
+    "all" is all of the caller's, every client's for an admin without ?client=."""
+    return _owner(request) if ids is not None else _scope(request)
+
+
 async def post_replay(request: web.Request) -> web.Response:
     ids = await _manual_queue_ids(request, "replay")
-    outcome = await request.app[STATE].replayer.replay(ids)
+    outcome = await request.app[STATE].replayer.replay(_manual_queue_scope(request, ids), ids)
     return json_response(outcome.as_json())
 
 
 async def post_dismiss(request: web.Request) -> web.Response:
     ids = await _manual_queue_ids(request, "dismiss")
-    outcome = await request.app[STATE].replayer.dismiss(ids)
+    outcome = await request.app[STATE].replayer.dismiss(_manual_queue_scope(request, ids), ids)
     return json_response(outcome.as_json("dismissed"))
 
 
 async def get_failed_callbacks(request: web.Request) -> web.Response:
     after = _int_param(request, "after", 0, 0, 2**62)
     limit = _int_param(request, "limit", 100, 1, 1000)
-    client = request.query.get("client") or None
-    if client is not None and (len(client) > 200 or "\x00" in client):
-        raise IngestError(400, "invalid_parameter", "client must be a client name")
+    client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
         rows = await repo.page_failed_callbacks(conn, after, limit, client=client)
     nxt = rows[-1]["id"] if rows else after
@@ -449,10 +504,11 @@ async def get_task_callbacks(request: web.Request) -> web.Response:
     custom_id = request.match_info["custom_id"]
     if not request.app[STATE].ingest.limits.custom_id_regex.fullmatch(custom_id):
         return error_response(404, "not_found", "no task with that custom_id")
+    owner = _owner(request)
     async with request.app[STATE].engine.connect() as conn:
-        if await repo.get_task(conn, custom_id) is None:
+        if await repo.get_task(conn, owner, custom_id) is None:
             return error_response(404, "not_found", "no task with that custom_id")
-        rows = await repo.callbacks_of_task(conn, custom_id)
+        rows = await repo.callbacks_of_task(conn, owner, custom_id)
     return json_response({"custom_id": custom_id, "callbacks": rows})
 
 
@@ -482,9 +538,13 @@ async def post_callbacks_replay(request: web.Request) -> web.Response:
     if cids is not None and (not isinstance(cids, list) or not all(
             isinstance(i, str) and len(i) <= 512 and "\x00" not in i for i in cids)):
         raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
+    # Delivery ids and "all" reach only deliveries the caller may see;
+    # custom_ids name the caller's own tasks (an admin's ?client=, another's).
+    scope, owner = _scope(request), _owner(request)
     async with request.app[STATE].engine.begin() as conn:
         replayed = await repo.replay_callbacks(conn, ids or [], cids or [],
-                                               everything=ids is None and cids is None)
+                                               everything=ids is None and cids is None,
+                                               client=scope, owner=owner)
     log.info("callbacks.replayed", count=len(replayed))
     return json_response({"replayed": len(replayed), "ids": replayed})
 
@@ -493,7 +553,7 @@ async def get_daily_report(request: web.Request) -> web.Response:
     reporter = request.app[STATE].reporter
     days = _int_param(request, "days", 1, 1, 366)
     end = _date_param(request, "date")
-    rows = await reporter.daily(end, days)
+    rows = await reporter.daily(end, days, _scope(request))
     return json_response(rows[0] if days == 1 else rows)
 
 
@@ -556,7 +616,8 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
                           client_max_size=max_request_bytes)
     app[STATE] = state
     state.max_request_bytes = max_request_bytes
-    spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts))
+    spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts),
+                         priced=state.spec_models)
     app[SPEC] = orjson.dumps(spec)
     app[DOCS] = openapi.render_html(spec)
     app.router.add_post("/v1/tasks", post_tasks)

@@ -150,6 +150,14 @@ class Harness:
         await self.execute("UPDATE tasks SET not_before = not_before - make_interval(secs => :s)"
                            " WHERE state = 'queued'", s=seconds)
 
+    async def key(self, custom_id: str, client: str = "local") -> str:
+        """The emulator's script and submission key of a task: batchd sends it
+        under its own line ids, which the emulator counts per task."""
+        task_id = await self.scalar("SELECT id FROM tasks WHERE client = :cl AND custom_id = :cid",
+                                    cl=client, cid=custom_id)
+        assert task_id is not None, (client, custom_id)
+        return f"t{task_id}"
+
     async def task(self, custom_id: str) -> dict[str, Any]:
         status, body = await self.get(f"/v1/tasks/{custom_id}")
         assert status == 200, body

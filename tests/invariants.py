@@ -8,13 +8,16 @@ What must hold after any crash, kill, database outage or provider fault:
 
 * every accepted task is stored, and the counts by state add up to them;
   once ``settled``, every task is in exactly one terminal state;
-* no custom_id is live in two batches (ours or the provider's);
+* no task is live in two batches (ours or the provider's);
 * results are a subset of the succeeded tasks, and each success is stored once;
 * ``attempts`` equals the submissions the provider saw for that task (a
   token-limited batch gives its attempt back; replays reset the count);
 * no set of tasks was created twice at the provider: one provider batch per
   batchd batch id, and every provider batch is the one recorded for it (a
   duplicate is tolerated only if it was cancelled before any line ran);
+* isolation: results, events and callbacks are stored under their own task's
+  (client, custom_id), and provider files carry batchd's line ids, never a
+  caller's custom_id.
 * every job's counters (its row plus the deltas not folded yet) equal its
   tasks counted by state, and its money the sum of its results' costs; a
   cancelled task is in no batch.
@@ -31,6 +34,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd.check import check as batchd_check
+from batchd.domain import line_task_id
 
 LIVE_PROVIDER = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -65,25 +69,44 @@ async def _rows(engine: AsyncEngine, sql: str) -> list[Any]:
         return list(await conn.execute(text(sql)))
 
 
+Key = tuple[str, str]  # (client, custom_id): a task as its caller names it
+
+
+def _key(item: str | Key) -> Key:
+    return ("local", item) if isinstance(item, str) else item
+
+
 async def check(engine: AsyncEngine, record: dict[str, Any], *,
-                accepted: Iterable[str] | None = None, settled: bool = True) -> Report:
-    """Every invariant above; ``accepted`` is the custom_ids callers got a 202 for."""
+                accepted: Iterable[str | Key] | None = None, settled: bool = True) -> Report:
+    """Every invariant above; ``accepted`` is what callers got a 202 for: custom_ids
+    (client ``local``) or (client, custom_id) keys."""
     r = Report()
-    tasks = {row.custom_id: row for row in await _rows(engine, """
-        SELECT custom_id, state, attempts, batch_id, replay_count, lane FROM tasks""")}
+    by_id = {row.id: row for row in await _rows(engine, """
+        SELECT id, client, custom_id, state, attempts, batch_id, replay_count, lane
+        FROM tasks""")}
+    tasks = {(t.client, t.custom_id): t for t in by_id.values()}
     r.tasks = len(tasks)
     r.by_state = dict(collections.Counter(t.state for t in tasks.values()))
 
+    def task_of(provider_id: str) -> int | None:
+        """The task a provider line names: batchd's line id, or (a batch sent
+        before line ids) the one task with that custom_id."""
+        tid = line_task_id(provider_id)
+        if tid is not None:
+            return tid if tid in by_id else None
+        found = [t.id for t in by_id.values() if t.custom_id == provider_id]
+        return found[0] if len(found) == 1 else None
+
     # 1. Nothing accepted is missing; states add up; terminal once settled.
     if accepted is not None:
-        missing = set(accepted) - tasks.keys()
+        missing = {_key(a) for a in accepted} - tasks.keys()
         r.lost += len(missing)
         if missing:
             r.fail(f"{len(missing)} accepted task(s) are not stored", sorted(missing))
     if sum(r.by_state.values()) != r.tasks:
         r.fail("task counts by state do not add up")
     if settled:
-        open_ = [cid for cid, t in tasks.items() if t.state not in TERMINAL]
+        open_ = [key for key, t in tasks.items() if t.state not in TERMINAL]
         r.lost += len(open_)
         if open_:
             r.fail(f"{len(open_)} task(s) never reached a terminal state", open_)
@@ -99,13 +122,13 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         SELECT id, state, provider_batch_id FROM batches""")}
 
     # No custom_id in two live provider batches (only the provider's record shows it).
-    live_at_provider: collections.Counter[str] = collections.Counter()
+    live_at_provider: collections.Counter[int | str] = collections.Counter()
     for b in record["batches"]:
         if b["status"] in LIVE_PROVIDER:
-            live_at_provider.update(set(b["custom_ids"]))
-    twice_live = [cid for cid, n in live_at_provider.items() if n > 1]
+            live_at_provider.update({task_of(c) or c for c in b["custom_ids"]})
+    twice_live = [k for k, n in live_at_provider.items() if n > 1]
     if twice_live:
-        r.fail(f"{len(twice_live)} custom_id(s) live in two provider batches", twice_live)
+        r.fail(f"{len(twice_live)} task(s) live in two provider batches", twice_live)
 
     # 5. (before 4: it decides which provider batches count) One provider
     #    batch per batchd batch, and it is the recorded one.
@@ -138,20 +161,26 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
 
     # 4. attempts == submissions the provider saw (token-limited batches give
     #    the attempt back; a replay resets the count, so it may only be lower).
-    seen: collections.Counter[str] = collections.Counter(record.get("sync_submissions") or {})
+    sent: collections.Counter[str] = collections.Counter(record.get("sync_submissions") or {})
     for b in counted:
         if "token_limit_exceeded" in (b.get("error_codes") or []):
             continue
-        seen.update(b["custom_ids"])
-    for cid in seen.keys() - tasks.keys():
-        r.fail(f"the provider saw {cid!r}, which batchd never stored")
-    over, under = [], []
-    for cid, t in tasks.items():
-        n = seen.get(cid, 0)
+        sent.update(b["custom_ids"])
+    seen: collections.Counter[int] = collections.Counter()
+    for cid, n in sent.items():
+        tid = task_of(cid)
+        if tid is None:
+            r.fail(f"the provider saw {cid!r}, which names no task batchd stored")
+        else:
+            seen[tid] += n
+    over: list[tuple[str, int, int]] = []
+    under: list[tuple[str, int, int]] = []
+    for tid, t in by_id.items():
+        n = seen.get(tid, 0)
         if t.replay_count == 0 and t.attempts != n:
-            (over if t.attempts > n else under).append((cid, t.attempts, n))
+            (over if t.attempts > n else under).append((t.custom_id, t.attempts, n))
         elif t.replay_count > 0 and t.attempts > n:
-            over.append((cid, t.attempts, n))
+            over.append((t.custom_id, t.attempts, n))
     if over:
         r.fail(f"{len(over)} task(s) count attempts the provider never saw "
                "(custom_id, attempts, submissions)", over)
@@ -160,6 +189,34 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         r.fail(f"{len(under)} task(s) were submitted more often than counted "
                "(custom_id, attempts, submissions)", under)
 
+    # 6. Isolation: whatever is stored about a task is under its own client
+    #    and custom_id, so no client can read, replay or be called back with
+    #    another's; and the provider never saw a caller's custom_id in a
+    #    batch built with line ids.
+    crossed = await _rows(engine, """
+        SELECT 'result' AS what, r.task_id FROM results r JOIN tasks t ON t.id = r.task_id
+        WHERE r.client <> t.client OR r.custom_id <> t.custom_id
+        UNION ALL
+        SELECT 'event', e.task_id FROM task_events e JOIN tasks t ON t.id = e.task_id
+        WHERE e.client <> t.client OR e.custom_id <> t.custom_id
+        UNION ALL
+        SELECT 'callback', c.task_id FROM callbacks c JOIN tasks t ON t.id = c.task_id
+        WHERE c.client IS DISTINCT FROM t.client OR c.custom_id <> t.custom_id
+        UNION ALL
+        SELECT 'unkeyed ' || x.what, NULL FROM (
+            SELECT 'result' AS what FROM results WHERE task_id IS NULL
+            UNION ALL SELECT 'event' FROM task_events WHERE task_id IS NULL
+            UNION ALL SELECT 'callback' FROM callbacks WHERE task_id IS NULL AND job IS NULL
+        ) x""")
+    if crossed:
+        r.fail(f"{len(crossed)} row(s) stored under another task's client or custom_id",
+               [(row.what, row.task_id) for row in crossed])
+    own = {row.id for row in await _rows(engine, "SELECT id FROM batches WHERE own_line_ids")}
+    leaked = [c for b in record["batches"]
+              if (b.get("metadata") or {}).get("batchd_batch_id") in own
+              for c in b["custom_ids"] if line_task_id(c) is None]
+    if leaked:
+        r.fail(f"{len(leaked)} provider line(s) carry an id that is not batchd's", leaked)
     # 6. Job counters.
     for problem in await job_counter_problems(engine):
         r.fail(problem)
@@ -193,7 +250,7 @@ async def job_counter_problems(engine: AsyncEngine) -> list[str]:
                count(*) FILTER (WHERE t.state IN ('failed', 'dismissed')) AS failed,
                count(*) FILTER (WHERE t.state = 'cancelled') AS cancelled,
                coalesce(sum(r.cost_usd), 0) AS spend, coalesce(sum(r.sync_cost_usd), 0) AS sync
-        FROM tasks t LEFT JOIN results r ON t.state = 'succeeded' AND r.custom_id = t.custom_id
+        FROM tasks t LEFT JOIN results r ON t.state = 'succeeded' AND r.task_id = t.id
         WHERE t.job IS NOT NULL GROUP BY 1, 2""")}
     problems = []
     for key in sorted(kept.keys() | counted.keys()):

@@ -16,7 +16,10 @@ Three scripting layers decide what happens, all deterministic:
 
 A *submission* is a ``custom_id`` appearing in the input file of a created
 batch (whether or not the batch later runs) or a synchronous call naming it;
-each submission consumes one scripted outcome.
+each submission consumes one scripted outcome. Scripts and submission counts
+are kept per *key*: a custom_id's own value, except that batchd's per-attempt
+line ids (``t<task>r<replay>a<attempt>``, batchd.domain.line_id) count per
+task, ``t<task>``, so a ``*N`` marker means the task's first N submissions.
 
 ``record()`` (also ``GET /_emulator/record``) is what the emulator received:
 every created batch with its custom_ids and status, synchronous submissions,
@@ -46,6 +49,7 @@ from typing import Any
 import orjson
 from aiohttp import BodyPartReader, web
 
+from batchd.domain import line_task_id
 from batchd.provider.emulator_lines import (
     ENDPOINTS,
     HTTP_ERRORS,
@@ -104,6 +108,12 @@ _HANG_DEFAULT = 3600.0
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def script_key(custom_id: str) -> str:
+    """What scripts and submission counts are kept by (module docstring)."""
+    task = line_task_id(custom_id)
+    return custom_id if task is None else f"t{task}"
+
+
 class Emulator:
     def __init__(self, api_key: str | None = "test-key", *, validating_seconds: float = 0,
                  in_progress_seconds: float = 0, finalizing_seconds: float = 0,
@@ -111,11 +121,13 @@ class Emulator:
                  write_cancelled_lines: bool = True, known_models: set[str] | None = None,
                  failure_rates: dict[str, float] | None = None, seed: int = 0,
                  sync_latency_seconds: float | tuple[float, float] = 0.0,
+                 key_of: Callable[[str], str] | None = None,
                  upper_case_statuses: bool = False) -> None:
         unknown = set(failure_rates or {}) - OUTCOMES
         if unknown:
             raise ValueError(f"unknown outcomes in failure_rates: {sorted(unknown)}")
         self.api_key = api_key
+        self.key_of = key_of or script_key
         # Together answers VALIDATING, IN_PROGRESS, COMPLETED...
         self.upper_case_statuses = upper_case_statuses
         self.validating_seconds = validating_seconds
@@ -586,8 +598,9 @@ class Emulator:
                     f"The custom_id '{custom_id}' appears more than once in this file.")
                 continue
             seen.add(custom_id)
-            self.submissions[custom_id] += 1
-            outcome = self._resolve(custom_id, body)
+            key = self.key_of(custom_id)
+            self.submissions[key] += 1
+            outcome = self._resolve(key, body)
             plan = LinePlan(custom_id, outcome, model)
             if outcome in SUCCESS_OUTCOMES:
                 plan.tokens = tokens_for(endpoint, body)
@@ -777,10 +790,12 @@ class Emulator:
         meta = body.get("metadata")
         custom_id = request.headers.get("x-custom-id") or (
             meta.get("custom_id") if isinstance(meta, dict) else None)
+        key = ""
         if isinstance(custom_id, str):
-            self.submissions[custom_id] += 1
+            key = self.key_of(custom_id)
+            self.submissions[key] += 1
             self.sync_submissions[custom_id] += 1
-        outcome = self._resolve(custom_id if isinstance(custom_id, str) else "", body)
+        outcome = self._resolve(key, body)
         latency = self.sync_latency_seconds
         delay = self._rng.uniform(*latency) if isinstance(latency, tuple) else latency
         if delay > 0:

@@ -19,7 +19,8 @@ class Invariant:
 INVARIANTS = (
     Invariant("task_in_two_live_batches",
               "each submitted batch-lane task sits in exactly one live batch of ours", """
-        SELECT t.custom_id AS item FROM tasks t LEFT JOIN batches b ON b.id = t.batch_id
+        SELECT t.client || '/' || t.custom_id AS item FROM tasks t
+        LEFT JOIN batches b ON b.id = t.batch_id
         WHERE t.state = 'submitted' AND t.lane = 'batch'
           AND (b.id IS NULL OR b.state = 'routed')"""),
     Invariant("ledger_not_results",
@@ -32,22 +33,24 @@ INVARIANTS = (
         GROUP BY b.id HAVING b.cost_usd <> coalesce(sum(r.cost_usd), 0) + b.unattributed_cost_usd
         """),
     Invariant("result_without_success", "every result belongs to a succeeded task", """
-        SELECT r.custom_id AS item FROM results r LEFT JOIN tasks t ON t.custom_id = r.custom_id
+        SELECT r.client || '/' || r.custom_id AS item FROM results r
+        LEFT JOIN tasks t ON t.id = r.task_id
         WHERE t.id IS NULL OR t.state <> 'succeeded'"""),
     Invariant("success_without_result", "every succeeded task has its result", """
-        SELECT t.custom_id AS item FROM tasks t
+        SELECT t.client || '/' || t.custom_id AS item FROM tasks t
         WHERE t.state = 'succeeded'
-          AND NOT EXISTS (SELECT 1 FROM results r WHERE r.custom_id = t.custom_id)"""),
+          AND NOT EXISTS (SELECT 1 FROM results r WHERE r.task_id = t.id)"""),
     Invariant("success_stored_twice", "a success is stored once per replay", """
-        SELECT e.custom_id AS item FROM task_events e JOIN tasks t ON t.custom_id = e.custom_id
-        WHERE e.outcome = 'succeeded' GROUP BY e.custom_id, t.replay_count
+        SELECT t.client || '/' || t.custom_id AS item FROM task_events e
+        JOIN tasks t ON t.id = e.task_id
+        WHERE e.outcome = 'succeeded' GROUP BY t.id, t.client, t.custom_id, t.replay_count
         HAVING count(*) > t.replay_count + 1"""),
     Invariant("orphan_event", "every task event belongs to a stored task", """
-        SELECT DISTINCT e.custom_id AS item FROM task_events e
-        WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.custom_id = e.custom_id)"""),
+        SELECT DISTINCT e.client || '/' || e.custom_id AS item FROM task_events e
+        WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id)"""),
     Invariant("orphan_callback", "every callback belongs to a stored task", """
-        SELECT c.id::text || ' ' || c.custom_id AS item FROM callbacks c
-        WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.custom_id = c.custom_id)"""),
+        SELECT c.id::text || ' ' || c.client || '/' || c.custom_id AS item FROM callbacks c
+        WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = c.task_id)"""),
     Invariant("rollup_gap", "the rolled-up days run without a gap (the manual queue adds up)", """
         SELECT d::date::text AS item
         FROM generate_series((SELECT min(day) FROM rollup_days),

@@ -102,12 +102,10 @@ async def live_batches(conn: AsyncConnection, client: str | None, limit: int
     return [dict(r) for r in rows.mappings()]
 
 
-# The client of each of the day's results is looked up by the task's key, one
-# probe per result: a join would let the planner hash the whole tasks table.
+# A result carries its task's client (migration 0011): no look-up in tasks.
 SPEND_BY_CLIENT = text(f"""
 SELECT client, round(sum(cost_usd), 6) AS spend_usd, count(*) AS results FROM (
-    SELECT r.cost_usd,
-           (SELECT t.client FROM tasks t WHERE t.custom_id = r.custom_id) AS client
+    SELECT r.cost_usd, r.client
     FROM results r WHERE r.created_at >= :lo AND r.created_at < :hi) s
 WHERE {_MINE}
 GROUP BY client ORDER BY sum(cost_usd) DESC, client LIMIT 100
@@ -116,7 +114,7 @@ GROUP BY client ORDER BY sum(cost_usd) DESC, client LIMIT 100
 
 async def spend_by_client(conn: AsyncConnection, client: str | None, day: date
                           ) -> list[dict[str, Any]]:
-    """What each client's results stored on ``day`` cost (client NULL: anonymous)."""
+    """What each client's results stored on ``day`` cost."""
     lo, hi = _day_bounds(day)
     rows = await conn.execute(SPEND_BY_CLIENT, {"client": client, "lo": lo, "hi": hi})
     return [dict(r) for r in rows.mappings()]
@@ -215,10 +213,10 @@ WITH upd AS (
     -- event of the task, the dismissal's too, precedes its finish time.
     UPDATE tasks SET state = 'dismissed', finished_at = now(), updated_at = now()
     WHERE id = ANY(CAST(:ids AS bigint[])) AND state = 'failed' AND {_MINE}
-    RETURNING id, custom_id, attempts, last_error
+    RETURNING id, client, custom_id, attempts, last_error
 ), ev AS (
-    INSERT INTO task_events (custom_id, attempt, outcome, error)
-    SELECT custom_id, attempts, 'dismissed', last_error FROM upd
+    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
+    SELECT id, client, custom_id, attempts, 'dismissed', last_error FROM upd
 )
 SELECT id, custom_id FROM upd ORDER BY id
 """)
@@ -268,7 +266,7 @@ ORDER BY id LIMIT 20
 
 EVENTS = text("""
 SELECT id, batch_id, attempt, outcome, error, created_at FROM task_events
-WHERE custom_id = :cid ORDER BY id DESC LIMIT :lim
+WHERE task_id = :tid ORDER BY id DESC LIMIT :lim
 """)
 
 BATCHES_BY_ID = text("""
@@ -280,7 +278,7 @@ FROM batches WHERE id = ANY(CAST(:ids AS text[])) ORDER BY created_at
 RESULT = text("""
 SELECT seq, batch_id, status_code, round(cost_usd, 6) AS cost_usd,
        round(sync_cost_usd, 6) AS sync_cost_usd, usage, replay_count, created_at
-FROM results WHERE custom_id = :cid
+FROM results WHERE task_id = :tid
 """)
 
 
@@ -293,12 +291,12 @@ async def task_history(conn: AsyncConnection, client: str | None, custom_id: str
              .mappings()]
     for task in found:
         events = [dict(r) for r in (await conn.execute(
-            EVENTS, {"cid": task["custom_id"], "lim": event_limit})).mappings()]
+            EVENTS, {"tid": task["id"], "lim": event_limit})).mappings()]
         batch_ids = sorted({e["batch_id"] for e in events if e["batch_id"]}
                            | ({task["batch_id"]} if task["batch_id"] else set()))
         batches = [dict(r) for r in (await conn.execute(
             BATCHES_BY_ID, {"ids": batch_ids})).mappings()] if batch_ids else []
-        result = (await conn.execute(RESULT, {"cid": task["custom_id"]})).mappings().first()
+        result = (await conn.execute(RESULT, {"tid": task["id"]})).mappings().first()
         task.update(events=events, batches=batches, result=dict(result) if result else None)
     return found
 

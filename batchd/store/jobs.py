@@ -8,9 +8,6 @@ cancels of one job never wait on a shared counter row; ``fold_deltas`` adds
 them into the ``jobs`` row a bounded step at a time, and every read adds the
 deltas not folded yet, so an answer is exact as of its snapshot and costs the
 same for a job of 10 tasks or 1,000,000.
-
-Until every task carries a client (the (client, custom_id) key), a task of
-no client belongs to the client ``local``: jobs store 'local', tasks NULL.
 """
 
 from __future__ import annotations
@@ -50,12 +47,6 @@ def moved_deltas(source: str, old: str, new: str, cost: str = "0", sync: str = "
     SELECT coalesce(client, '{LOCAL}'), job, {diffs},
            coalesce(sum({cost}), 0), coalesce(sum({sync}), 0)
     FROM {source} WHERE job IS NOT NULL AND {old} IS DISTINCT FROM {new} GROUP BY 1, 2"""
-
-
-def _tasks_of(client: str, alias: str = "") -> str:
-    """The predicate on tasks for a client's tasks (see the module docstring)."""
-    column = f"{alias}client"
-    return f"{column} IS NULL" if client == LOCAL else f"{column} = :client"
 
 
 # --------------------------------------------------------------------- ingest
@@ -168,14 +159,14 @@ async def job_exists(conn: AsyncConnection, client: str, job: str) -> bool:
 async def task_id_in_job(conn: AsyncConnection, client: str, job: str, custom_id: str
                          ) -> int | None:
     """The id of a job's task (a results cursor), or None."""
-    row = await conn.execute(text(f"""
-        SELECT id FROM tasks WHERE {_tasks_of(client)} AND custom_id = :cid AND job = :job"""),
+    row = await conn.execute(text("""
+        SELECT id FROM tasks WHERE client = :client AND custom_id = :cid AND job = :job"""),
         {"client": client, "job": job, "cid": custom_id})
     found = row.scalar_one_or_none()
     return int(found) if found is not None else None
 
 
-def results_page_sql(client: str) -> str:
+def results_page_sql() -> str:
     """Driver-level SQL for one page of a job's finished tasks in task id
     order ($1 client, $2 job, $3 after id, $4 states, $5 limit), response and
     error as JSON text, so the stream copies them without decoding. Run it
@@ -183,13 +174,12 @@ def results_page_sql(client: str) -> str:
     tasks_job index (the only one in that order), never all of the job's
     tasks sorted for each page, which the planner picks for a job it has no
     statistics for yet."""
-    who = "client IS NULL AND $1::text IS NOT NULL" if client == LOCAL else "client = $1"
-    return f"""
+    return """
         SELECT t.id, t.custom_id, t.state, t.attempts, t.last_error::text, r.response::text
         FROM (SELECT id, custom_id, state, attempts, last_error FROM tasks
-              WHERE {who} AND job = $2 AND id > $3 AND state = ANY($4::text[])
+              WHERE client = $1 AND job = $2 AND id > $3 AND state = ANY($4::text[])
               ORDER BY client, job, id LIMIT $5) t
-        LEFT JOIN results r ON t.state = 'succeeded' AND r.custom_id = t.custom_id
+        LEFT JOIN results r ON t.state = 'succeeded' AND r.task_id = t.id
         ORDER BY t.id"""
 
 
@@ -237,19 +227,21 @@ async def cancel_queued(conn: AsyncConnection, client: str, job: str, after: int
     row = (await conn.execute(text(f"""
         WITH picked AS (
             SELECT id FROM tasks
-            WHERE {_tasks_of(client)} AND job = :job AND id > :after AND state = 'queued'
+            WHERE client = :client AND job = :job AND id > :after AND state = 'queued'
             ORDER BY client, job, id LIMIT :lim FOR UPDATE
         ), upd AS (
             UPDATE tasks t SET state = 'cancelled', finished_at = now(), updated_at = now(),
                    batch_id = NULL, last_error = CAST(:err AS jsonb)
             FROM picked p WHERE t.id = p.id AND t.state = 'queued'
-            RETURNING t.custom_id, t.attempts, t.client, t.callback_url, t.job
+            RETURNING t.id, t.custom_id, t.attempts, t.client, t.callback_url, t.job
         ), ev AS (
-            INSERT INTO task_events (custom_id, attempt, outcome, error)
-            SELECT custom_id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
+            INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
+            SELECT id, client, custom_id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
         ), cb AS (
-            INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts, task_error)
-            SELECT custom_id, client, callback_url, 'cancelled', attempts, CAST(:err AS jsonb)
+            INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts,
+                                   task_error)
+            SELECT id, custom_id, client, callback_url, 'cancelled', attempts,
+                   CAST(:err AS jsonb)
             FROM upd WHERE callback_url IS NOT NULL
         ), jd AS ({moved_deltas("upd", "'queued'", "'cancelled'")})
         SELECT (SELECT max(id) FROM picked) AS last_id,
@@ -337,7 +329,7 @@ async def fold_deltas(conn: AsyncConnection, limit: int) -> Fold:
         ), cb AS (
             INSERT INTO callbacks (client, url, job, job_summary, task_state, task_attempts,
                                    finished_at)
-            SELECT CASE WHEN client = '{LOCAL}' THEN NULL ELSE client END, callback_url, job,
+            SELECT client, callback_url, job,
                    {_SUMMARY}, 'finished', 0, finished_at
             FROM folded WHERE finished_at IS NOT NULL AND callback_url IS NOT NULL
         )

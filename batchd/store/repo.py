@@ -35,11 +35,15 @@ def _json(value: Any) -> str | None:
 
 # --------------------------------------------------------------------- ingest
 
+# A task as its caller names it: (client, custom_id).
+TaskKey = tuple[str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class IngestResult:
-    inserted: list[str]
-    duplicates: dict[str, str]  # custom_id -> its current state
-    conflicts: list[str]
+    inserted: list[TaskKey]
+    duplicates: dict[TaskKey, str]  # -> its current state
+    conflicts: list[TaskKey]
     # (client, job) of tasks whose job was cancelled: nothing was stored.
     cancelled_jobs: list[tuple[str, str]] = field(default_factory=list)
 
@@ -51,8 +55,8 @@ INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, metadata, line
                    client, callback_url, fallback_action, job)
 SELECT cid, coalesce(ep, CAST(:ep1 AS text)), coalesce(mdl, CAST(:mdl1 AS text)), bdy::jsonb,
        dg, md::jsonb, lb, ei, eo, coalesce(ln, CAST(:ln1 AS text)),
-       now() - make_interval(secs => coalesce(bd, 0)), dl, fb, cl, cb, fa,
-       coalesce(jb, CAST(:jb1 AS text))
+       now() - make_interval(secs => coalesce(bd, 0)), dl, fb,
+       coalesce(cl, CAST(:cl1 AS text)), cb, fa, coalesce(jb, CAST(:jb1 AS text))
 FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
             CAST(:bdy AS text[]), CAST(:dg AS text[]), CAST(:md AS text[]),
             CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]),
@@ -60,15 +64,16 @@ FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
             CAST(:fb AS timestamptz[]), CAST(:cl AS text[]), CAST(:cb AS text[]),
             CAST(:fa AS text[]), CAST(:jb AS text[]))
      AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb, fa, jb)
-ON CONFLICT (custom_id) DO NOTHING
+ON CONFLICT (client, custom_id) DO NOTHING
 RETURNING custom_id, client, job
 ), jd AS ({added_deltas("ins")})
-SELECT custom_id FROM ins
+SELECT client, custom_id FROM ins
 """)
 
-_EXISTING_DIGESTS = text(
-    "SELECT custom_id, body_digest, state FROM tasks WHERE custom_id = ANY(CAST(:ids AS text[]))"
-)
+_EXISTING_DIGESTS = text("""
+    SELECT t.client, t.custom_id, t.body_digest, t.state
+    FROM unnest(CAST(:cl AS text[]), CAST(:ids AS text[])) AS k(cl, cid)
+    JOIN tasks t ON t.client = k.cl AND t.custom_id = k.cid""")
 
 
 async def limit_lock_wait(conn: AsyncConnection, seconds: float) -> None:
@@ -113,6 +118,7 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
     mdl, mdl1 = _shared([t.model for t in tasks])
     ln, ln1 = _shared([t.lane for t in tasks])
     jb, jb1 = _shared([t.job for t in tasks])
+    cl, cl1 = _shared([t.client for t in tasks])
     rows = await conn.execute(_INSERT_TASKS, {
         "cid": [t.custom_id for t in tasks],
         "ep": ep, "ep1": ep1,
@@ -127,21 +133,27 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
         "bd": _or_null([t.backdate_seconds or None for t in tasks]),
         "dl": _or_null([t.deadline for t in tasks]),
         "fb": _or_null([t.fallback_at for t in tasks]),
-        "cl": _or_null([t.client for t in tasks]),
+        "cl": cl, "cl1": cl1,
         "cb": _or_null([t.callback_url for t in tasks]),
         "fa": _or_null([t.fallback_action for t in tasks]),
         "jb": jb, "jb1": jb1,
     })
-    inserted = [r[0] for r in rows]
+    inserted: list[TaskKey] = [(r[0], r[1]) for r in rows]
     if len(inserted) == len(tasks):
         return IngestResult(inserted, {}, [])
     fresh = set(inserted)
-    others = [t for t in tasks if t.custom_id not in fresh]
-    found = await conn.execute(_EXISTING_DIGESTS, {"ids": [t.custom_id for t in others]})
-    stored = {cid: (digest, state) for cid, digest, state in found}
-    duplicates = {t.custom_id: stored[t.custom_id][1] for t in others
-                  if t.custom_id in stored and stored[t.custom_id][0] == t.digest}
-    conflicts = [t.custom_id for t in others if t.custom_id not in duplicates]
+    others = [t for t in tasks if (t.client, t.custom_id) not in fresh]
+    found = await conn.execute(_EXISTING_DIGESTS, {"cl": [t.client for t in others],
+                                                   "ids": [t.custom_id for t in others]})
+    stored = {(cl, cid): (digest, state) for cl, cid, digest, state in found}
+    duplicates: dict[TaskKey, str] = {}
+    conflicts: list[TaskKey] = []
+    for t in others:
+        key = (t.client, t.custom_id)
+        if key in stored and stored[key][0] == t.digest:
+            duplicates[key] = stored[key][1]
+        else:
+            conflicts.append(key)
     return IngestResult(inserted, duplicates, conflicts)
 
 
@@ -150,7 +162,16 @@ async def count_queued(conn: AsyncConnection) -> int:
     return int(row.scalar_one())
 
 
-async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | None:
+async def queued_by_client(conn: AsyncConnection) -> dict[str, int]:
+    """Queued tasks of each client that has any (BATCHD_CLIENT_MAX_QUEUED, the
+    per-client queue gauge)."""
+    rows = await conn.execute(text("""
+        SELECT client, count(*) FROM tasks WHERE state = 'queued' GROUP BY client"""))
+    return {c: int(n) for c, n in rows}
+
+
+async def get_task(conn: AsyncConnection, client: str, custom_id: str) -> dict[str, Any] | None:
+    """A task by its caller's key: another client's custom_id is not found."""
     row = await conn.execute(text("""
         SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
                t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
@@ -158,9 +179,9 @@ async def get_task(conn: AsyncConnection, custom_id: str) -> dict[str, Any] | No
                r.status_code, r.response, round(r.cost_usd, 6) AS cost_usd, r.unpriced,
                t.lane, b.state AS b_state, b.provider_batch_id AS b_pid,
                b.provider_status AS b_status
-        FROM tasks t LEFT JOIN results r ON r.custom_id = t.custom_id AND t.state = 'succeeded'
+        FROM tasks t LEFT JOIN results r ON r.task_id = t.id AND t.state = 'succeeded'
         LEFT JOIN batches b ON b.id = t.batch_id AND t.state = 'submitted'
-        WHERE t.custom_id = :cid"""), {"cid": custom_id})
+        WHERE t.client = :cl AND t.custom_id = :cid"""), {"cl": client, "cid": custom_id})
     found = row.mappings().first()
     if not found:
         return None
@@ -191,41 +212,61 @@ def _location(lane: str, b_state: str | None, b_pid: str | None, b_status: str |
             "provider_batch_id": b_pid, "provider_status": b_status}
 
 
-async def finished_custom_ids(conn: AsyncConnection, client: str | None,
+async def finished_custom_ids(conn: AsyncConnection, client: str,
                               custom_ids: list[str]) -> set[str]:
     """Which of ``client``'s tasks are finished: succeeded, failed, or
     cancelled with their job (one query for all ?wait callers of one client)."""
     rows = await conn.execute(text("""
         SELECT custom_id FROM tasks
-        WHERE custom_id = ANY(:ids) AND client IS NOT DISTINCT FROM :client
+        WHERE client = :client AND custom_id = ANY(:ids)
           AND state IN ('succeeded', 'failed', 'cancelled')"""),
         {"ids": custom_ids, "client": client})
     return {r[0] for r in rows}
 
 
-async def page_results(conn: AsyncConnection, after: int, limit: int) -> list[dict[str, Any]]:
+async def get_tasks(conn: AsyncConnection, client: str, custom_ids: Sequence[str]
+                    ) -> dict[str, dict[str, Any]]:
+    """Several of one client's tasks (as get_task), by custom_id, in one query."""
     rows = await conn.execute(text("""
-        SELECT seq, custom_id, batch_id, status_code, response,
+        SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
+               t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
+               t.submitted_at, t.finished_at, t.not_before, t.client, t.callback_url,
+               r.status_code, r.response, round(r.cost_usd, 6) AS cost_usd, r.unpriced
+        FROM tasks t LEFT JOIN results r ON r.task_id = t.id AND t.state = 'succeeded'
+        WHERE t.client = :cl AND t.custom_id = ANY(CAST(:cids AS text[]))"""),
+        {"cl": client, "cids": list(custom_ids)})
+    return {r["custom_id"]: dict(r) for r in rows.mappings()}
+
+
+async def page_results(conn: AsyncConnection, after: int, limit: int,
+                       client: str | None = None) -> list[dict[str, Any]]:
+    """Results in completion order: one client's, or (None) every client's."""
+    rows = await conn.execute(text("""
+        SELECT seq, client, custom_id, batch_id, status_code, response,
                round(cost_usd, 6) AS cost_usd, unpriced, created_at
-        FROM results WHERE seq > :after ORDER BY seq LIMIT :limit"""),
-        {"after": after, "limit": limit})
+        FROM results WHERE seq > :after
+          AND (CAST(:client AS text) IS NULL OR client = :client)
+        ORDER BY seq LIMIT :limit"""),
+        {"after": after, "limit": limit, "client": client})
     return [dict(r) for r in rows.mappings()]
 
 
 async def page_failed(
     conn: AsyncConnection, after: int, limit: int, *, reason: str | None = None,
-    day: date | None = None, endpoint: str | None = None,
+    day: date | None = None, endpoint: str | None = None, client: str | None = None,
 ) -> list[dict[str, Any]]:
     rows = await conn.execute(text("""
-        SELECT id, custom_id, endpoint, model, attempts, replay_count, batch_id, last_error,
-               created_at, finished_at
+        SELECT id, client, custom_id, endpoint, model, attempts, replay_count, batch_id,
+               last_error, created_at, finished_at
         FROM tasks
         WHERE state = 'failed' AND id > :after
+          AND (CAST(:client AS text) IS NULL OR client = :client)
           AND (CAST(:reason AS text) IS NULL OR last_error->>'code' = :reason)
           AND (CAST(:day AS date) IS NULL OR (finished_at AT TIME ZONE 'UTC')::date = :day)
           AND (CAST(:endpoint AS text) IS NULL OR endpoint = :endpoint)
         ORDER BY id LIMIT :limit"""),
-        {"after": after, "limit": limit, "reason": reason, "day": day, "endpoint": endpoint})
+        {"after": after, "limit": limit, "reason": reason, "day": day, "endpoint": endpoint,
+         "client": client})
     return [dict(r) for r in rows.mappings()]
 
 
@@ -375,9 +416,9 @@ async def insert_batch(
 ) -> None:
     await conn.execute(text("""
         INSERT INTO batches (id, endpoint, model, state, flush_reason, item_count, input_bytes,
-                             spend_day, reserved_usd, lease_owner, lease_until)
+                             spend_day, reserved_usd, lease_owner, lease_until, own_line_ids)
         VALUES (:id, :ep, :mdl, 'building', :reason, :n, :nb, :day, :res, :owner,
-                now() + make_interval(secs => :lease))"""),
+                now() + make_interval(secs => :lease), true)"""),
         {"id": batch_id, "ep": endpoint, "mdl": model, "reason": reason, "n": claim.count,
          "nb": claim.input_bytes, "day": spend_day, "res": reserved_usd, "owner": owner,
          "lease": lease_seconds})
@@ -457,7 +498,8 @@ async def token_held_models(conn: AsyncConnection) -> set[str]:
 
 
 _BATCH_LINES_PAGE = """
-    SELECT custom_id, endpoint, body::text, id, batch_line FROM tasks
+    SELECT id, endpoint, body::text, batch_line, replay_count, attempts, client, custom_id
+    FROM tasks
     WHERE batch_id = $1 AND id > $2 AND state = 'submitted'
     ORDER BY batch_id, id LIMIT $3"""
 
@@ -465,9 +507,10 @@ _BATCH_LINES_PAGE = """
 async def stream_batch_lines(
     conn: AsyncConnection, batch_id: str, chunk: int = 2000
 ) -> AsyncGenerator[Sequence[Any], None]:
-    """The tasks of a batch in file order, in chunks of (custom_id, endpoint,
-    body as JSON text, id, batch_line) records. Close it (``aclosing``)
-    before the connection: a page may still be in flight.
+    """The tasks of a batch in file order, in chunks of (id, endpoint, body as
+    JSON text, batch_line, replay_count, attempts, client, custom_id)
+    records. Close it (``aclosing``) before the connection: a page may still
+    be in flight.
 
     Each chunk is the next range of the ``tasks_batch`` index, read in file
     order. A bitmap scan, which the planner takes for a batch it has no
@@ -486,7 +529,7 @@ async def stream_batch_lines(
         while rows:
             if len(rows) == chunk:
                 ahead = asyncio.ensure_future(
-                    driver.fetch(_BATCH_LINES_PAGE, batch_id, rows[-1][3], chunk))
+                    driver.fetch(_BATCH_LINES_PAGE, batch_id, rows[-1][0], chunk))
                 await asyncio.sleep(0)  # the query goes out before the caller's work
             yield rows
             rows = await ahead if ahead is not None else []
@@ -533,6 +576,14 @@ async def set_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None
             params[key] = value
     sql = f"UPDATE batches SET {', '.join(assigns)}, updated_at = now() WHERE id = :_id"
     await conn.execute(text(sql), params)
+
+
+async def batch_owns_line_ids(conn: AsyncConnection, batch_id: str) -> bool:
+    """Whether the batch's input file carries batchd's line ids (see
+    resolve_legacy_lines for one that does not)."""
+    row = await conn.execute(text("SELECT own_line_ids FROM batches WHERE id = :id"),
+                             {"id": batch_id})
+    return bool(row.scalar_one_or_none())
 
 
 async def renew_claim(conn: AsyncConnection, batch_id: str, owner: str, seconds: float) -> bool:
@@ -627,31 +678,33 @@ WITH input AS ({input}
     UPDATE tasks t SET state = 'succeeded', finished_at = now(), updated_at = now(),
            last_error = NULL{drop_body}
     FROM input i
-    -- One probe of the custom_id index a line. Matched on batch_id, the
-    -- planner may take a fresh batch for one row (stale statistics) and
-    -- rescan the whole input for each of the batch's tasks: 100,000,000
-    -- comparisons per chunk of a 50,000-line batch. IS TRUE keeps the
-    -- batch index out of reach.
-    WHERE t.custom_id = i.cid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
-    RETURNING t.custom_id, t.attempts, t.replay_count, t.client, t.callback_url, t.job,
-              extract(epoch FROM now() - t.created_at) AS waited, t.est_input_tokens
+    -- One probe of the primary key a line (the line names its task). Matched
+    -- on batch_id, the planner may take a fresh batch for one row (stale
+    -- statistics) and rescan the whole input for each of the batch's tasks:
+    -- 100,000,000 comparisons per chunk of a 50,000-line batch. IS TRUE keeps
+    -- the batch index out of reach.
+    WHERE t.id = i.tid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
+    RETURNING t.id AS task_id, t.client, t.custom_id, t.attempts, t.replay_count,
+              t.callback_url, t.job, extract(epoch FROM now() - t.created_at) AS waited,
+              t.est_input_tokens
 ), kept AS ({kept}
 ), jd AS (""" + moved_deltas("kept", "'submitted'", "'succeeded'", "cost", "sync") + """
 ), ev AS (
-    INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
-    SELECT cid, :bid, attempts, 'succeeded' FROM kept
+    INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome)
+    SELECT task_id, client, custom_id, :bid, attempts, 'succeeded' FROM kept
 ), cb AS (
-    INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts)
-    SELECT cid, client, callback_url, 'succeeded', attempts FROM kept
+    INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts)
+    SELECT task_id, custom_id, client, callback_url, 'succeeded', attempts FROM kept
     WHERE callback_url IS NOT NULL
 ), res AS (
     -- usage stays NULL: it is the response's own "usage" member, and a second
     -- copy cost ~230 bytes a result (README "Running it for a year").
-    INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage, cost_usd,
-                              sync_cost_usd, replay_count, unpriced)
-    SELECT cid, :bid, status, resp::jsonb, NULL, cost, sync, replay_count, unpriced
+    INSERT INTO results AS r (task_id, client, custom_id, batch_id, status_code, response,
+                              usage, cost_usd, sync_cost_usd, replay_count, unpriced)
+    SELECT task_id, client, custom_id, :bid, status, resp::jsonb, NULL, cost, sync,
+           replay_count, unpriced
     FROM {rows}
-    ON CONFLICT (custom_id) DO UPDATE SET
+    ON CONFLICT (task_id) DO UPDATE SET
         batch_id = excluded.batch_id, status_code = excluded.status_code,
         response = excluded.response, usage = excluded.usage, cost_usd = excluded.cost_usd,
         sync_cost_usd = excluded.sync_cost_usd, replay_count = excluded.replay_count,
@@ -665,18 +718,18 @@ WITH input AS ({input}
 """
 
 _UPSERT_SUCCESSES = text(_SUCCESS_SQL.format(input="""
-    SELECT DISTINCT ON (cid) * FROM unnest(
-        CAST(:cid AS text[]), CAST(:status AS int[]), CAST(:resp AS text[]),
+    SELECT DISTINCT ON (tid) * FROM unnest(
+        CAST(:tid AS bigint[]), CAST(:status AS int[]), CAST(:resp AS text[]),
         CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]),
         CAST(:unpriced AS bool[]))
-        AS t(cid, status, resp, usage, cost, sync, unpriced)""", kept="""
-    SELECT i.*, d.* FROM input i JOIN done d ON d.custom_id = i.cid""", rows="kept", final="""
-SELECT cid, client FROM kept""", drop_body=""))
+        AS t(tid, status, resp, usage, cost, sync, unpriced)""", kept="""
+    SELECT i.*, d.* FROM input i JOIN done d ON d.task_id = i.tid""", rows="kept", final="""
+SELECT tid, client FROM kept""", drop_body=""))
 
 
 @dataclass(slots=True)
 class SuccessRows:
-    custom_ids: list[str]
+    task_ids: list[int]
     status: list[int]
     responses: list[str]
     usages: list[str | None]
@@ -686,18 +739,18 @@ class SuccessRows:
 
 
 async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRows
-                          ) -> dict[str, str | None]:
+                          ) -> dict[int, str]:
     """Mark tasks succeeded and upsert their results: a line routed twice
     changes nothing the second time (the task is no longer submitted). A task
     with a callback_url gets its outbox row in the same statement.
-    Returns the custom_ids this call settled, with their client."""
-    if not rows.custom_ids:
+    Returns the task ids this call settled, with their client."""
+    if not rows.task_ids:
         return {}
     stored = await conn.execute(_UPSERT_SUCCESSES, {
-        "bid": batch_id, "cid": rows.custom_ids, "status": rows.status,
+        "bid": batch_id, "tid": rows.task_ids, "status": rows.status,
         "resp": rows.responses, "usage": rows.usages, "cost": rows.costs,
         "sync": rows.sync_costs, "unpriced": rows.unpriced})
-    return {cid: client for cid, client in stored}
+    return {int(tid): client for tid, client in stored}
 
 
 # Backoff in SQL mirrors domain.backoff_seconds: the attempt count lives in the
@@ -715,27 +768,28 @@ WITH input AS ({input}
         finished_at = CASE WHEN i.final OR t.attempts >= :max_attempts THEN now() END,
         last_error = i.err::jsonb, updated_at = now()
     FROM input i
-    -- By custom_id, as in _SUCCESS_SQL (IS TRUE: not the batch index).
-    WHERE t.custom_id = i.cid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
-    RETURNING t.custom_id, t.attempts, t.state, t.client, t.callback_url, t.job
+    -- By the task's id, as in _SUCCESS_SQL (IS TRUE: not the batch index).
+    WHERE t.id = i.tid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
+    RETURNING t.id, t.client, t.custom_id, t.attempts, t.state, t.callback_url, t.job
 ), jd AS (""" + moved_deltas("upd", "'submitted'", "state") + """
 ), ev AS (
-    INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
-    SELECT u.custom_id, :bid, u.attempts,
+    INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome, error)
+    SELECT u.id, u.client, u.custom_id, :bid, u.attempts,
            CASE WHEN u.state = 'failed' THEN 'failed' ELSE 'retried' END, i.err::jsonb
-    FROM upd u JOIN input i ON i.cid = u.custom_id
+    FROM upd u JOIN input i ON i.tid = u.id
 ), cb AS (
-    INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts, task_error)
-    SELECT u.custom_id, u.client, u.callback_url, 'failed', u.attempts, i.err::jsonb
-    FROM upd u JOIN input i ON i.cid = u.custom_id
+    INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts,
+                           task_error)
+    SELECT u.id, u.custom_id, u.client, u.callback_url, 'failed', u.attempts, i.err::jsonb
+    FROM upd u JOIN input i ON i.tid = u.id
     WHERE u.state = 'failed' AND u.callback_url IS NOT NULL
 )
 SELECT CASE WHEN state = 'failed' THEN 'failed' ELSE 'retried' END, client FROM upd
 """
 _FAIL_LINES = text(_FAIL_SQL.format(input="""
-    SELECT DISTINCT ON (cid) * FROM unnest(
-        CAST(:cid AS text[]), CAST(:final AS bool[]), CAST(:err AS text[]),
-        CAST(:jitter AS float8[])) AS t(cid, final, err, jitter)"""))
+    SELECT DISTINCT ON (tid) * FROM unnest(
+        CAST(:tid AS bigint[]), CAST(:final AS bool[]), CAST(:err AS text[]),
+        CAST(:jitter AS float8[])) AS t(tid, final, err, jitter)"""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -746,15 +800,15 @@ class Backoff:
 
 
 async def store_failures(
-    conn: AsyncConnection, batch_id: str, custom_ids: Sequence[str], finals: Sequence[bool],
+    conn: AsyncConnection, batch_id: str, task_ids: Sequence[int], finals: Sequence[bool],
     errors: Sequence[dict[str, Any]], jitters: Sequence[float], backoff: Backoff,
-) -> dict[tuple[str, str | None], int]:
-    """Retry or fail lines (a failed task with a callback_url gets its outbox
+) -> dict[tuple[str, str], int]:
+    """Retry or fail tasks (a failed task with a callback_url gets its outbox
     row in the same statement); returns counts by (outcome, client)."""
-    if not custom_ids:
+    if not task_ids:
         return {}
     rows = await conn.execute(_FAIL_LINES, {
-        "bid": batch_id, "cid": list(custom_ids), "final": list(finals),
+        "bid": batch_id, "tid": list(task_ids), "final": list(finals),
         "err": [orjson.dumps(e).decode() for e in errors], "jitter": list(jitters),
         **_backoff_params(backoff)})
     return _count_outcomes(rows)
@@ -764,8 +818,8 @@ def _backoff_params(backoff: Backoff) -> dict[str, Any]:
     return {"max_attempts": backoff.max_attempts, "base": backoff.base, "cap": backoff.cap}
 
 
-def _count_outcomes(rows: Iterable[Any]) -> dict[tuple[str, str | None], int]:
-    counts: dict[tuple[str, str | None], int] = {}
+def _count_outcomes(rows: Iterable[Any]) -> dict[tuple[str, str], int]:
+    counts: dict[tuple[str, str], int] = {}
     for outcome, client in rows:
         counts[outcome, client] = counts.get((outcome, client), 0) + 1
     return counts
@@ -779,8 +833,8 @@ def _count_outcomes(rows: Iterable[Any]) -> dict[tuple[str, str | None], int]:
 # with its exact cost, stored as it is. The table lives until the route's
 # transaction ends.
 
-STAGE_COLUMNS = ("line", "cid", "ok", "status", "resp", "usage", "tin", "tcached", "tout",
-                 "tcw", "cost", "sync", "final", "err", "jitter")
+STAGE_COLUMNS = ("line", "tid", "cid", "ok", "status", "resp", "usage", "tin", "tcached",
+                 "tout", "tcw", "cost", "sync", "final", "err", "jitter")
 
 
 async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]]) -> None:
@@ -798,23 +852,32 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     await conn.execute(text("SET LOCAL work_mem = '64MB'"))
     await conn.execute(text("""
         CREATE TEMPORARY TABLE route_lines (
-            line int NOT NULL, cid text NOT NULL, ok bool NOT NULL, status int, resp jsonb,
-            usage jsonb, tin bigint, tcached bigint, tout bigint, tcw bigint, cost numeric,
-            sync numeric,
-            final bool, err text, jitter float8) ON COMMIT DROP"""))
+            line int NOT NULL, tid bigint, cid text NOT NULL, ok bool NOT NULL, status int,
+            resp jsonb, usage jsonb, tin bigint, tcached bigint, tout bigint, tcw bigint,
+            cost numeric, sync numeric, final bool, err text, jitter float8) ON COMMIT DROP"""))
     raw = await conn.get_raw_connection()
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
         "route_lines", records=records, columns=STAGE_COLUMNS)
-    # The row count and custom_id statistics, so the settling statements plan
+    # The row count and task id statistics, so the settling statements plan
     # for the real size (the wide columns are left out: they cost the most).
-    await conn.execute(text("ANALYZE route_lines (cid)"))
+    await conn.execute(text("ANALYZE route_lines (tid)"))
+
+
+async def resolve_legacy_lines(conn: AsyncConnection, batch_id: str) -> None:
+    """A batch built before batchd wrote its own line ids (migration 0011)
+    carries the callers' custom_ids, unique among its tasks: each staged
+    line finds its task by the custom_id within the batch. So a batch in
+    flight across the upgrade still routes."""
+    await conn.execute(text("""
+        UPDATE route_lines l SET tid = t.id FROM tasks t
+        WHERE t.batch_id = :bid AND t.custom_id = l.cid"""), {"bid": batch_id})
 
 
 @dataclass(slots=True)
 class StagedSuccesses:
     """What settling a route's staged success lines stored."""
 
-    by_client: dict[str | None, int]
+    by_client: dict[str, int]
     tokens: Tokens  # of the stored lines
     cost: Decimal  # the stored results' exact costs, summed
     cost_by_client: dict[str | None, Decimal]
@@ -831,12 +894,13 @@ class StagedSuccesses:
 # keeps its first copy. Everything is sorted on narrow rows; the responses
 # join in only where the results are written.
 _STAGED_SUCCESSES = text(_SUCCESS_SQL.format(input="""
-    SELECT DISTINCT ON (cid) line, cid, status, tin, tcached, tout, tcw, cost, sync
-    FROM route_lines WHERE ok ORDER BY cid, line""", kept="""
-    SELECT i.line, i.cid, i.status, i.tin, i.tcached, i.tout, i.tcw, d.*,
+    SELECT DISTINCT ON (tid) line, tid, status, tin, tcached, tout, tcw, cost, sync
+    FROM route_lines WHERE ok AND tid IS NOT NULL ORDER BY tid, line""", kept="""
+    SELECT i.line, i.tid, i.status, i.tin, i.tcached, i.tout, i.tcw, d.*,
            CAST(:unpriced AS bool) AS unpriced, i.cost, i.sync
-    FROM input i JOIN done d ON d.custom_id = i.cid""", rows="""(
-        SELECT k.cid, k.status, l.resp, l.usage, k.cost, k.sync, k.replay_count, k.unpriced
+    FROM input i JOIN done d ON d.task_id = i.tid""", rows="""(
+        SELECT k.task_id, k.client, k.custom_id, k.status, l.resp, l.usage, k.cost, k.sync,
+               k.replay_count, k.unpriced
         FROM kept k JOIN route_lines l ON l.line = k.line) AS stored""", final="""
 SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(tcw), sum(cost),
        sum(sync),
@@ -844,8 +908,8 @@ SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(tcw), sum(cost),
 FROM kept GROUP BY client""", drop_body=_DROP_BODY))
 
 _STAGED_FAILURES = text(_FAIL_SQL.format(input="""
-    SELECT DISTINCT ON (cid) cid, final, err, jitter FROM route_lines WHERE NOT ok
-    ORDER BY cid, line"""))
+    SELECT DISTINCT ON (tid) tid, final, err, jitter FROM route_lines
+    WHERE NOT ok AND tid IS NOT NULL ORDER BY tid, line"""))
 
 
 async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpriced: bool
@@ -866,38 +930,38 @@ async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpric
 
 
 async def store_staged_failures(conn: AsyncConnection, batch_id: str, backoff: Backoff
-                                ) -> dict[tuple[str, str | None], int]:
+                                ) -> dict[tuple[str, str], int]:
     """Retry or fail the staged failure lines, as store_failures."""
     rows = await conn.execute(_STAGED_FAILURES, {"bid": batch_id, **_backoff_params(backoff)})
     return _count_outcomes(rows)
 
 
-async def unsettled_in_batch(conn: AsyncConnection, batch_id: str, limit: int) -> list[str]:
-    """custom_ids of a batch's tasks that no line has settled yet (up to ``limit``)."""
+async def unsettled_in_batch(conn: AsyncConnection, batch_id: str, limit: int) -> list[int]:
+    """Ids of a batch's tasks that no line has settled yet (up to ``limit``)."""
     rows = await conn.execute(text("""
-        SELECT custom_id FROM tasks WHERE batch_id = :bid AND state = 'submitted'
+        SELECT id FROM tasks WHERE batch_id = :bid AND state = 'submitted'
         ORDER BY id LIMIT :lim"""), {"bid": batch_id, "lim": limit})
-    return [r[0] for r in rows]
+    return [int(r[0]) for r in rows]
 
 
-async def custom_ids_at_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[int]
-                              ) -> dict[int, str]:
+async def tasks_at_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[int]
+                         ) -> dict[int, int]:
     """Map 1-based input-file line numbers back to the batch's tasks by the
     line each was given when the file was built, so a task that left the
     batch since (a fallback) shifts nobody. A line whose task left maps to
     nothing. Batches built before batch_line existed count rows in id order."""
     rows = await conn.execute(text("""
-        SELECT line, custom_id FROM (
-            SELECT custom_id,
+        SELECT line, id FROM (
+            SELECT id,
                    coalesce(batch_line, row_number() OVER (ORDER BY id)) AS line FROM tasks
             WHERE batch_id = :bid AND state = 'submitted') s
         WHERE line = ANY(CAST(:lines AS bigint[]))"""), {"bid": batch_id, "lines": list(lines)})
-    return {int(line): cid for line, cid in rows}
+    return {int(line): int(tid) for line, tid in rows}
 
 
 async def requeue_remaining(
     conn: AsyncConnection, batch_id: str, error: dict[str, Any], *, count_attempt: bool
-) -> dict[str | None, int]:
+) -> dict[str, int]:
     """Put every still-submitted task of a batch back in the queue at once.
 
     With ``count_attempt=False`` the submission is taken back (the provider
@@ -909,11 +973,13 @@ async def requeue_remaining(
                    attempts = CASE WHEN :count THEN attempts ELSE greatest(attempts - 1, 0) END,
                    last_error = CAST(:err AS jsonb), updated_at = now()
             WHERE batch_id = :bid AND state = 'submitted'
-            RETURNING custom_id, attempts, client, job
+            RETURNING id, client, custom_id, attempts, job
         ), jd AS ({moved_deltas("upd", "'submitted'", "'queued'")}
         ), ev AS (
-            INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
-            SELECT custom_id, :bid, attempts, 'requeued', CAST(:err AS jsonb) FROM upd
+            INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome,
+                                     error)
+            SELECT id, client, custom_id, :bid, attempts, 'requeued', CAST(:err AS jsonb)
+            FROM upd
         )
         SELECT client, count(*) FROM upd GROUP BY client"""),
         {"bid": batch_id, "err": orjson.dumps(error).decode(), "count": count_attempt})
@@ -970,29 +1036,31 @@ async def claim_sync(conn: AsyncConnection, claim_id: str, task_ids: Sequence[in
             UPDATE tasks t SET state = 'submitted', batch_id = :claim, attempts = t.attempts + 1,
                    submitted_at = now(), updated_at = now()
             WHERE t.id = ANY(CAST(:ids AS bigint[])) AND t.state = 'queued'
-            RETURNING t.custom_id, t.endpoint, t.model, t.body, t.created_at, t.client, t.job
+            RETURNING t.id, t.client, t.custom_id, t.endpoint, t.model, t.body, t.created_at,
+                      t.replay_count, t.attempts, t.job
         ), jd AS ({moved_deltas("upd", "'queued'", "'submitted'")})
-        SELECT custom_id, endpoint, model, body, created_at FROM upd"""),
+        SELECT id, client, custom_id, endpoint, model, body, created_at, replay_count, attempts
+        FROM upd"""),
         {"claim": claim_id, "ids": list(task_ids)})
     return [dict(r) for r in rows.mappings()]
 
 
 async def reserve_sync_spend(conn: AsyncConnection, claim_id: str, day: date,
-                             custom_ids: Sequence[str], models: Sequence[str],
+                             task_ids: Sequence[int], models: Sequence[str],
                              reserved: Sequence[Decimal]) -> None:
     """One ledger row per claimed call, holding its high-side estimate."""
-    if not custom_ids:
+    if not task_ids:
         return
     await conn.execute(text("""
-        INSERT INTO sync_spend (claim_id, custom_id, model, spend_day, reserved_usd)
-        SELECT :claim, cid, mdl, :day, res
-        FROM unnest(CAST(:cid AS text[]), CAST(:mdl AS text[]), CAST(:res AS numeric[]))
-             AS u(cid, mdl, res)"""),
-        {"claim": claim_id, "day": day, "cid": list(custom_ids), "mdl": list(models),
+        INSERT INTO sync_spend (claim_id, task_id, custom_id, model, spend_day, reserved_usd)
+        SELECT :claim, u.tid, t.custom_id, u.mdl, :day, u.res
+        FROM unnest(CAST(:tid AS bigint[]), CAST(:mdl AS text[]), CAST(:res AS numeric[]))
+             AS u(tid, mdl, res) JOIN tasks t ON t.id = u.tid"""),
+        {"claim": claim_id, "day": day, "tid": list(task_ids), "mdl": list(models),
          "res": list(reserved)})
 
 
-async def give_back_sync_call(conn: AsyncConnection, claim_id: str, custom_id: str,
+async def give_back_sync_call(conn: AsyncConnection, claim_id: str, task_id: int,
                               error: dict[str, Any]) -> None:
     """A sync call the provider refused before running it (our credentials):
     back to the queue with the attempt given back, as a batch never created."""
@@ -1001,36 +1069,37 @@ async def give_back_sync_call(conn: AsyncConnection, claim_id: str, custom_id: s
             UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
                    attempts = greatest(attempts - 1, 0), last_error = CAST(:err AS jsonb),
                    updated_at = now()
-            WHERE custom_id = :cid AND batch_id = :claim AND state = 'submitted'
-            RETURNING custom_id, attempts, client, job
+            WHERE id = :tid AND batch_id = :claim AND state = 'submitted'
+            RETURNING id, client, custom_id, attempts, job
         ), jd AS ({moved_deltas("upd", "'submitted'", "'queued'")}
         )
-        INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
-        SELECT custom_id, :claim, attempts, 'requeued', CAST(:err AS jsonb) FROM upd"""),
-        {"cid": custom_id, "claim": claim_id, "err": orjson.dumps(error).decode()})
+        INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome, error)
+        SELECT id, client, custom_id, :claim, attempts, 'requeued', CAST(:err AS jsonb)
+        FROM upd"""),
+        {"tid": task_id, "claim": claim_id, "err": orjson.dumps(error).decode()})
 
 
-async def settle_sync_spend(conn: AsyncConnection, claim_id: str, custom_id: str,
+async def settle_sync_spend(conn: AsyncConnection, claim_id: str, task_id: int,
                             cost_usd: Decimal) -> None:
     """A finished call's ledger row takes its real cost in place of the estimate."""
     await conn.execute(text("""
         UPDATE sync_spend SET cost_usd = :cost, settled_at = now()
-        WHERE claim_id = :claim AND custom_id = :cid AND cost_usd IS NULL"""),
-        {"claim": claim_id, "cid": custom_id, "cost": cost_usd})
+        WHERE claim_id = :claim AND task_id = :tid AND cost_usd IS NULL"""),
+        {"claim": claim_id, "tid": task_id, "cost": cost_usd})
 
 
 async def stale_sync_calls(conn: AsyncConnection, older_than: float, limit: int = 1000
-                           ) -> dict[str, list[str]]:
-    """Sync calls whose replica died mid-call (claim id -> custom_ids),
+                           ) -> dict[str, list[int]]:
+    """Sync calls whose replica died mid-call (claim id -> task ids),
     row-locked so the caller settles them in the same transaction."""
     rows = await conn.execute(text("""
-        SELECT batch_id, custom_id FROM tasks
+        SELECT batch_id, id FROM tasks
         WHERE lane = 'sync' AND state = 'submitted' AND batch_id LIKE 'sync\\_%'
           AND submitted_at < now() - make_interval(secs => :s)
         ORDER BY id LIMIT :lim FOR UPDATE SKIP LOCKED"""), {"s": older_than, "lim": limit})
-    out: dict[str, list[str]] = {}
-    for claim, cid in rows:
-        out.setdefault(claim, []).append(cid)
+    out: dict[str, list[int]] = {}
+    for claim, tid in rows:
+        out.setdefault(claim, []).append(int(tid))
     return out
 
 
@@ -1076,11 +1145,12 @@ async def fall_back(conn: AsyncConnection, window_seconds: float, margin: float,
                 fallback_action = CASE WHEN d.to_sync THEN t.fallback_action ELSE 'sync' END,
                 updated_at = now()
             FROM due d WHERE t.id = d.id
-            RETURNING t.custom_id, t.attempts, d.left_batch, d.to_sync, d.was, t.client, t.job
+            RETURNING t.id, t.client, t.custom_id, t.attempts, d.left_batch, d.to_sync, d.was,
+                      t.job
         ), jd AS ({moved_deltas("upd", "was", "'queued'")}
         )
-        INSERT INTO task_events (custom_id, batch_id, attempt, outcome, error)
-        SELECT custom_id, left_batch, attempts,
+        INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome, error)
+        SELECT id, client, custom_id, left_batch, attempts,
                CASE WHEN to_sync THEN 'fallback' ELSE 'resubmitted' END,
                CASE WHEN to_sync
                     THEN '{{"code": "latency_fallback", "message": "moved to the sync lane"}}'
@@ -1103,13 +1173,13 @@ WITH claimed AS (
     WHERE c.id IN (SELECT id FROM callbacks
                    WHERE state = 'pending' AND next_attempt_at <= now()
                    ORDER BY next_attempt_at, id LIMIT :lim FOR UPDATE SKIP LOCKED)
-    RETURNING c.id, c.custom_id, c.client, c.url, c.task_state, c.task_attempts, c.task_error,
-              c.finished_at, c.attempts, c.job, c.job_summary
+    RETURNING c.id, c.task_id, c.custom_id, c.client, c.url, c.task_state, c.task_attempts,
+              c.task_error, c.finished_at, c.attempts, c.job, c.job_summary
 )
 SELECT c.*, t.endpoint, t.model, t.metadata, r.status_code, r.response
 FROM claimed c
-LEFT JOIN tasks t ON t.custom_id = c.custom_id
-LEFT JOIN results r ON r.custom_id = c.custom_id AND c.task_state = 'succeeded'
+LEFT JOIN tasks t ON t.id = c.task_id
+LEFT JOIN results r ON r.task_id = c.task_id AND c.task_state = 'succeeded'
 ORDER BY c.id
 """)
 
@@ -1166,7 +1236,8 @@ async def page_failed_callbacks(conn: AsyncConnection, after: int, limit: int,
     return [dict(r) for r in rows.mappings()]
 
 
-async def callbacks_of_task(conn: AsyncConnection, custom_id: str) -> list[dict[str, Any]]:
+async def callbacks_of_task(conn: AsyncConnection, client: str, custom_id: str
+                            ) -> list[dict[str, Any]]:
     """Every delivery of a task with each of its attempts."""
     rows = await conn.execute(text(f"""
         SELECT {", ".join("c." + c.strip() for c in _CALLBACK_COLUMNS.split(","))},
@@ -1176,21 +1247,29 @@ async def callbacks_of_task(conn: AsyncConnection, custom_id: str) -> list[dict[
                             'at', a.created_at) ORDER BY a.id)
                          FROM callback_attempts a WHERE a.callback_id = c.id), '[]'::jsonb)
                  AS attempt_log
-        FROM callbacks c WHERE c.custom_id = :cid ORDER BY c.id"""), {"cid": custom_id})
+        FROM callbacks c JOIN tasks t ON t.id = c.task_id
+        WHERE t.client = :cl AND t.custom_id = :cid ORDER BY c.id"""),
+        {"cl": client, "cid": custom_id})
     return [dict(r) for r in rows.mappings()]
 
 
 async def replay_callbacks(conn: AsyncConnection, ids: Sequence[int], custom_ids: Sequence[str],
-                           *, everything: bool = False) -> list[int]:
+                           *, everything: bool = False, client: str | None = None,
+                           owner: str | None = None) -> list[int]:
     """Failed deliveries (by id or task, or all) due again now, with a fresh
-    set of attempts; the attempt log is kept."""
+    set of attempts; the attempt log is kept. Only ``client``'s deliveries
+    (None: every client's) are touched; ``custom_ids`` name tasks of
+    ``owner``."""
     rows = await conn.execute(text("""
-        UPDATE callbacks SET state = 'pending', attempts = 0, next_attempt_at = now(),
-               replay_count = replay_count + 1, updated_at = now()
-        WHERE state = 'failed'
-          AND (:all OR id = ANY(CAST(:ids AS bigint[]))
-               OR custom_id = ANY(CAST(:cids AS text[])))
-        RETURNING id"""), {"ids": list(ids), "cids": list(custom_ids), "all": everything})
+        UPDATE callbacks c SET state = 'pending', attempts = 0, next_attempt_at = now(),
+               replay_count = c.replay_count + 1, updated_at = now()
+        WHERE c.state = 'failed'
+          AND (CAST(:client AS text) IS NULL OR c.client = :client)
+          AND (:all OR c.id = ANY(CAST(:ids AS bigint[]))
+               OR c.task_id IN (SELECT id FROM tasks WHERE client = :owner
+                                AND custom_id = ANY(CAST(:cids AS text[]))))
+        RETURNING c.id"""), {"ids": list(ids), "cids": list(custom_ids), "all": everything,
+                             "client": client, "owner": owner})
     return sorted(r[0] for r in rows)
 
 

@@ -28,14 +28,14 @@ PRUNED_TABLES = ("tasks", "results", "task_events", "callbacks", "callback_attem
 
 _PRUNE_TASKS = text("""
 WITH victims AS (
-    SELECT t.id, t.custom_id, t.batch_id FROM tasks t
+    SELECT t.id, t.batch_id FROM tasks t
     WHERE t.state IN ('succeeded', 'dismissed', 'cancelled') AND t.finished_at < :cutoff
       AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = t.batch_id AND b.state <> 'routed')
       AND NOT EXISTS (SELECT 1 FROM callbacks c
-                      WHERE c.custom_id = t.custom_id AND c.state = 'pending')
+                      WHERE c.task_id = t.id AND c.state = 'pending')
       -- A job still open keeps all its tasks (its results stream reads them).
       AND (t.job IS NULL OR NOT EXISTS (
-          SELECT 1 FROM jobs j WHERE j.client = coalesce(t.client, 'local') AND j.job = t.job
+          SELECT 1 FROM jobs j WHERE j.client = t.client AND j.job = t.job
             AND j.finished_at IS NULL))
     ORDER BY t.finished_at LIMIT :limit
     FOR UPDATE OF t SKIP LOCKED
@@ -48,14 +48,13 @@ WITH victims AS (
 ), ids AS (
     -- Each table's rows found by its index, one probe a victim: a join
     -- could hash the whole table instead (a scan of every result a step).
-    SELECT ARRAY(SELECT id FROM victims) AS task_ids,
-           ARRAY(SELECT custom_id FROM victims) AS custom_ids
+    SELECT ARRAY(SELECT id FROM victims) AS task_ids
 ), r AS (
-    DELETE FROM results x USING ids WHERE x.custom_id = ANY(ids.custom_ids) RETURNING 1
+    DELETE FROM results x USING ids WHERE x.task_id = ANY(ids.task_ids) RETURNING 1
 ), e AS (
-    DELETE FROM task_events x USING ids WHERE x.custom_id = ANY(ids.custom_ids) RETURNING 1
+    DELETE FROM task_events x USING ids WHERE x.task_id = ANY(ids.task_ids) RETURNING 1
 ), cb AS (
-    SELECT ARRAY(SELECT c.id FROM callbacks c, ids WHERE c.custom_id = ANY(ids.custom_ids))
+    SELECT ARRAY(SELECT c.id FROM callbacks c, ids WHERE c.task_id = ANY(ids.task_ids))
         AS callback_ids
 ), ca AS (
     DELETE FROM callback_attempts a USING cb WHERE a.callback_id = ANY(cb.callback_ids)
@@ -106,9 +105,9 @@ SELECT
    WHERE t.state IN ('succeeded', 'dismissed', 'cancelled') AND t.finished_at < :cutoff
      AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = t.batch_id AND b.state <> 'routed')
      AND NOT EXISTS (SELECT 1 FROM callbacks c
-                     WHERE c.custom_id = t.custom_id AND c.state = 'pending')
+                     WHERE c.task_id = t.id AND c.state = 'pending')
      AND (t.job IS NULL OR NOT EXISTS (
-         SELECT 1 FROM jobs j WHERE j.client = coalesce(t.client, 'local') AND j.job = t.job
+         SELECT 1 FROM jobs j WHERE j.client = t.client AND j.job = t.job
            AND j.finished_at IS NULL))) AS tasks,
   (SELECT count(*) FROM batches b WHERE b.state = 'routed' AND b.routed_at < :cutoff) AS batches,
   (SELECT count(*) FROM sync_spend
@@ -175,31 +174,42 @@ async def database_bytes(conn: AsyncConnection) -> int:
 
 # ------------------------------------------------------------ manual queue
 
-async def dismiss_failed(conn: AsyncConnection, custom_ids: list[str] | None) -> list[str]:
-    """Take failed tasks (all when ``custom_ids`` is None) out of the manual
-    queue: they become ``dismissed``, a ``dismissed`` event is written, and
-    retention deletes them like any finished task. Others are left alone."""
+async def dismiss_failed(conn: AsyncConnection, client: str | None,
+                         keys: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    """Take failed tasks out of the manual queue: those named by (client,
+    custom_id) ``keys``, or (``keys`` None) all of ``client``'s, every
+    client's when ``client`` is None. They become ``dismissed``, a
+    ``dismissed`` event is written, and retention deletes them like any
+    finished task. Others are left alone. Returns the keys dismissed."""
     rows = await conn.execute(text("""
         WITH upd AS (
             -- Retention counts from the dismissal, so the task's events
             -- (the dismissal's among them) all precede its finish time.
             UPDATE tasks SET state = 'dismissed', finished_at = now(), updated_at = now()
             WHERE state = 'failed'
-              AND (CAST(:ids AS text[]) IS NULL OR custom_id = ANY(CAST(:ids AS text[])))
-            RETURNING custom_id, attempts, last_error
+              AND (CAST(:client AS text) IS NULL OR client = :client)
+              AND (CAST(:cids AS text[]) IS NULL OR (client, custom_id) IN (
+                   SELECT * FROM unnest(CAST(:cls AS text[]), CAST(:cids AS text[]))))
+            RETURNING id, client, custom_id, attempts, last_error
         ), ev AS (
-            INSERT INTO task_events (custom_id, attempt, outcome, error)
-            SELECT custom_id, attempts, 'dismissed', last_error FROM upd
+            INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
+            SELECT id, client, custom_id, attempts, 'dismissed', last_error FROM upd
         )
-        SELECT custom_id FROM upd"""), {"ids": custom_ids})
-    return [r[0] for r in rows]
+        SELECT client, custom_id FROM upd"""),
+        {"client": client, "cls": None if keys is None else [k[0] for k in keys],
+         "cids": None if keys is None else [k[1] for k in keys]})
+    return [(r[0], r[1]) for r in rows]
 
 
-async def task_states(conn: AsyncConnection, custom_ids: list[str]) -> dict[str, str]:
-    rows = await conn.execute(text(
-        "SELECT custom_id, state FROM tasks WHERE custom_id = ANY(CAST(:ids AS text[]))"),
-        {"ids": custom_ids})
-    return {r[0]: r[1] for r in rows}
+async def task_states(conn: AsyncConnection, keys: list[tuple[str, str]]
+                      ) -> dict[tuple[str, str], str]:
+    """The state of each task named by a (client, custom_id) key that exists."""
+    rows = await conn.execute(text("""
+        SELECT t.client, t.custom_id, t.state FROM tasks t
+        JOIN unnest(CAST(:cls AS text[]), CAST(:cids AS text[])) AS k(cl, cid)
+          ON t.client = k.cl AND t.custom_id = k.cid"""),
+        {"cls": [k[0] for k in keys], "cids": [k[1] for k in keys]})
+    return {(r[0], r[1]): r[2] for r in rows}
 
 
 # ------------------------------------------------------------------ stats

@@ -5,12 +5,11 @@ stored once when the day has closed (``daily_rollups``, ``rollup_days``).
 Each measure is its own query over an indexed day range (tasks by
 created_at, events by created_at, results by created_at, batches by
 routed_at, sync_spend by settled_at, finished tasks by finished_at), each row
-finding its task by one probe of the custom_id index (LIMIT 1 keeps the
+finding its task by one probe of the primary key (LIMIT 1 keeps the
 planner from hashing the whole of tasks instead); the caller merges them by
-dimension. Tasks without a client belong to 'local'
-(the clients workstream's default); every task is 'openai' until tasks carry
-a provider. Client '' holds what belongs to no task: billed lines no task
-kept.
+dimension. Every task is 'openai' until tasks carry a provider. Client ''
+holds what belongs to no task: billed lines no task kept, and events or
+results of tasks gone before migration 0011 gave them a task id.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ COUNTS = ("tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
           "finished", "finished_ok", "lane_succeeded", "lane_failed")
 MONEY = ("spend_usd", "sync_usd", "unattributed_usd", "lane_spend_usd")
 
-_T_DIMS = "coalesce(t.client, 'local') AS client, 'openai' AS provider, t.model, t.lane"
+_T_DIMS = "t.client, 'openai' AS provider, t.model, t.lane"
 
 _TASKS_IN = text(f"""
 SELECT {_T_DIMS}, count(*) AS tasks_in FROM tasks t
@@ -44,11 +43,11 @@ SELECT {_T_DIMS},
        count(*) FILTER (WHERE e.outcome = 'retried') AS retried,
        count(*) FILTER (WHERE e.outcome = 'replayed') AS replayed,
        count(*) FILTER (WHERE e.outcome = 'dismissed') AS dismissed,
-       count(DISTINCT e.custom_id) FILTER (WHERE e.outcome IN ('succeeded', 'failed'))
+       count(DISTINCT e.task_id) FILTER (WHERE e.outcome IN ('succeeded', 'failed'))
            AS finished,
-       count(DISTINCT e.custom_id) FILTER (WHERE e.outcome IN ('succeeded', 'failed')
-                                           AND t.state = 'succeeded') AS finished_ok
-FROM task_events e, LATERAL (SELECT * FROM tasks t WHERE t.custom_id = e.custom_id LIMIT 1) t
+       count(DISTINCT e.task_id) FILTER (WHERE e.outcome IN ('succeeded', 'failed')
+                                         AND t.state = 'succeeded') AS finished_ok
+FROM task_events e, LATERAL (SELECT * FROM tasks t WHERE t.id = e.task_id LIMIT 1) t
 WHERE e.created_at >= :lo AND e.created_at < :hi
   AND e.outcome IN ('succeeded', 'failed', 'cancelled', 'retried', 'replayed', 'dismissed')
 GROUP BY 1, 2, 3, 4
@@ -57,7 +56,7 @@ GROUP BY 1, 2, 3, 4
 _MONEY = text(f"""
 SELECT {_T_DIMS}, sum(r.cost_usd) AS spend_usd, sum(r.sync_cost_usd) AS sync_usd,
        bool_or(r.unpriced) AS unpriced
-FROM results r, LATERAL (SELECT * FROM tasks t WHERE t.custom_id = r.custom_id LIMIT 1) t
+FROM results r, LATERAL (SELECT * FROM tasks t WHERE t.id = r.task_id LIMIT 1) t
 WHERE r.created_at >= :lo AND r.created_at < :hi GROUP BY 1, 2, 3, 4
 """)
 
@@ -71,13 +70,13 @@ GROUP BY 1, 2, 3, 4
 
 # Sync calls answered and paid whose task had moved on (no result kept).
 _SYNC_UNKEPT = text("""
-SELECT coalesce(t.client, 'local') AS client, 'openai' AS provider, s.model, 'sync' AS lane,
+SELECT coalesce(t.client, '') AS client, 'openai' AS provider, s.model, 'sync' AS lane,
        sum(s.cost_usd) AS unattributed_usd
 FROM sync_spend s LEFT JOIN LATERAL (
-    SELECT * FROM tasks t WHERE t.custom_id = s.custom_id LIMIT 1) t ON true
+    SELECT * FROM tasks t WHERE t.id = s.task_id LIMIT 1) t ON true
 WHERE s.settled_at >= :lo AND s.settled_at < :hi AND s.cost_usd > 0
   AND NOT EXISTS (SELECT 1 FROM results r
-                  WHERE r.custom_id = s.custom_id AND r.batch_id = s.claim_id)
+                  WHERE r.task_id = s.task_id AND r.batch_id = s.claim_id)
 GROUP BY 1, 2, 3, 4
 """)
 
@@ -90,7 +89,7 @@ SELECT {_T_DIMS}, bucket,
        count(*) FILTER (WHERE t.state = 'failed') AS lane_failed,
        coalesce(sum(r.cost_usd), 0) AS lane_spend_usd, count(*) AS n
 FROM tasks t LEFT JOIN LATERAL (
-         SELECT cost_usd FROM results r WHERE r.custom_id = t.custom_id LIMIT 1) r ON true,
+         SELECT cost_usd FROM results r WHERE r.task_id = t.id LIMIT 1) r ON true,
      LATERAL (SELECT greatest(0, floor(:per_doubling * log(2.0, greatest(
          extract(epoch FROM t.finished_at - t.created_at), 0.01) / 0.01)))::int AS bucket) h
 WHERE t.finished_at >= :lo AND t.finished_at < :hi AND t.state IN ('succeeded', 'failed')
@@ -212,10 +211,13 @@ async def stored_rows(conn: AsyncConnection, first: date, last: date, client: st
     return [dict(r) for r in rows.mappings()]
 
 
-async def manual_queue_before(conn: AsyncConnection, day: date, client: str | None) -> int:
-    """Tasks in the manual queue when ``day`` began, from the stored days:
-    every failure enters it once, every replay or dismissal leaves it once."""
-    return int((await conn.execute(text("""
-        SELECT coalesce(sum(failed - replayed - dismissed), 0) FROM daily_rollups
-        WHERE day < :day AND (CAST(:client AS text) IS NULL OR client = :client)"""),
-        {"day": day, "client": client})).scalar_one())
+async def manual_queue_before(conn: AsyncConnection, day: date, client: str | None
+                              ) -> dict[str, int]:
+    """Each client's tasks in the manual queue when ``day`` began, from the
+    stored days: every failure enters it once, every replay or dismissal
+    leaves it once."""
+    rows = await conn.execute(text("""
+        SELECT client, sum(failed - replayed - dismissed) FROM daily_rollups
+        WHERE day < :day AND (CAST(:client AS text) IS NULL OR client = :client)
+        GROUP BY client"""), {"day": day, "client": client})
+    return {r[0]: int(r[1]) for r in rows if r[1]}

@@ -31,7 +31,7 @@ tasks = Table(
     "tasks",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    Column("custom_id", Text, nullable=False, unique=True),
+    Column("custom_id", Text, nullable=False),
     Column("endpoint", Text, nullable=False),
     Column("model", Text, nullable=False),
     # NULL once the task succeeded in a batch: the archive holds its input
@@ -59,9 +59,10 @@ tasks = Table(
     Column("lane", Text, nullable=False, server_default="batch"),
     Column("deadline", DateTime(timezone=True)),
     Column("fallback_at", DateTime(timezone=True)),
-    # The configured client whose token sent the task (NULL: anonymous), and
+    # The client whose token sent the task ('local': an anonymous token or
+    # no-token mode): with custom_id, the task's key (migration 0011). And
     # where its result is POSTed when it reaches a terminal state.
-    Column("client", Text),
+    Column("client", Text, nullable=False, server_default="local"),
     Column("callback_url", Text),
     # What happens at fallback_at: 'sync' (call it synchronously) or
     # 'resubmit' (into a fresh batch); NULL reads as 'sync'.
@@ -83,7 +84,10 @@ tasks = Table(
     Index("tasks_queued_lane", "endpoint", "model", "lane", "not_before", "id",
           postgresql_where=text("state = 'queued'")),
     Index("tasks_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
+    Index("tasks_client_custom_id", "client", "custom_id", unique=True),
     Index("tasks_failed", "finished_at", postgresql_where=text("state = 'failed'")),
+    # A client's manual queue, paged by id.
+    Index("tasks_failed_client", "client", "id", postgresql_where=text("state = 'failed'")),
     Index("tasks_sync_queue", "not_before", "id",
           postgresql_where=text("state = 'queued' AND lane = 'sync'")),
     Index("tasks_fallback", "fallback_at",
@@ -116,6 +120,10 @@ batches = Table(
     Column("usage", JSONB),
     Column("errors", JSONB),
     Column("token_limited", Boolean, nullable=False, server_default="false"),
+    # The input file's custom_ids are batchd's per-attempt line ids
+    # (domain.line_id); false for a batch built before them (migration
+    # 0010), whose lines carry the caller's custom_id.
+    Column("own_line_ids", Boolean, nullable=False, server_default="false"),
     # Spend ledger: reserved at submit from a high estimate, settled at routing.
     Column("spend_day", Date, nullable=False),
     Column("reserved_usd", MONEY, nullable=False, server_default="0"),
@@ -154,7 +162,11 @@ results = Table(
     metadata,
     # Completion order for GET /v1/results cursors.
     Column("seq", BigInteger, Identity(), primary_key=True),
-    Column("custom_id", Text, nullable=False, unique=True),
+    # The task (NULL only for a result whose task was gone before migration
+    # 0010); client and custom_id are the caller's key, kept for reading.
+    Column("task_id", BigInteger),
+    Column("client", Text, nullable=False),
+    Column("custom_id", Text, nullable=False),
     Column("batch_id", Text, nullable=False),
     Column("status_code", Integer, nullable=False),
     Column("response", JSONB, nullable=False),
@@ -170,12 +182,17 @@ results = Table(
     Index("results_batch", "batch_id"),
     # A day of the report reads that day's results only.
     Index("results_created", "created_at"),
+    Index("results_task", "task_id", unique=True),
+    # A client's results in completion order (GET /v1/results).
+    Index("results_client", "client", "seq"),
 )
 
 task_events = Table(
     "task_events",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
+    Column("task_id", BigInteger),  # NULL: an event of a task gone before migration 0011
+    Column("client", Text, nullable=False),
     Column("custom_id", Text, nullable=False),
     Column("batch_id", Text),
     Column("attempt", Integer, nullable=False),
@@ -186,9 +203,10 @@ task_events = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("task_events_custom_id", "custom_id"),
     Index("task_events_day", "created_at", "outcome"),
+    Index("task_events_task", "task_id"),
     # The manual queue as of any day's end: each task's last failure, and the
     # last replay or dismissal that took it out again.
-    Index("task_events_left_manual", "custom_id", "id",
+    Index("task_events_left_manual_task", "task_id", "id",
           postgresql_where=text("outcome IN ('failed', 'replayed', 'dismissed')")),
 )
 
@@ -202,6 +220,7 @@ sync_spend = Table(
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("claim_id", Text, nullable=False),
+    Column("task_id", BigInteger),
     Column("custom_id", Text, nullable=False),
     Column("model", Text, nullable=False),
     Column("spend_day", Date, nullable=False),
@@ -210,7 +229,7 @@ sync_spend = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("settled_at", DateTime(timezone=True)),
     Index("sync_spend_day", "spend_day"),
-    Index("sync_spend_claim", "claim_id", "custom_id"),
+    Index("sync_spend_claim_task", "claim_id", "task_id"),
     Index("sync_spend_settled", "settled_at"),
 )
 
@@ -235,6 +254,7 @@ callbacks = Table(
     "callbacks",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
+    Column("task_id", BigInteger),
     Column("custom_id", Text),  # NULL for a job's callback
     Column("client", Text),
     Column("url", Text, nullable=False),
@@ -261,6 +281,7 @@ callbacks = Table(
     Index("callbacks_due", "next_attempt_at", postgresql_where=text("state = 'pending'")),
     Index("callbacks_failed", "id", postgresql_where=text("state = 'failed'")),
     Index("callbacks_custom_id", "custom_id"),
+    Index("callbacks_task", "task_id"),
 )
 
 callback_attempts = Table(

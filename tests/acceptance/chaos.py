@@ -87,6 +87,7 @@ def expected_outcome(i: int) -> tuple[str | None, str]:
 class Figures:
     tasks: int = 0
     replicas: int = 0
+    clients: int = 1
     kills: int = 0
     sigkills: int = 0
     crash_point_exits: int = 0
@@ -116,14 +117,21 @@ class Chaos:
     def __init__(self, pg: PrivatePostgres, db_url: str, emulator: Emulator, emulator_url: str,
                  workdir: Path, *, tasks: int = 5000, replicas: int = 3, kills: int = 10,
                  pg_restarts: int = 1, seed: int = 4, kill_every: tuple[float, float] = (1.5, 3),
-                 settle_within: float = 240) -> None:
+                 settle_within: float = 240, clients: int = 1) -> None:
         self.pg, self.db_url, self.emu = pg, db_url, emulator
         self.n_tasks, self.n_kills, self.n_pg = tasks, kills, pg_restarts
         self.kill_every, self.settle_within = kill_every, settle_within
         self.rng = random.Random(seed)
-        env = replica_env(db_url, emulator_url, **SETTINGS)
+        # With clients > 1, task i belongs to client c<i % clients> under the
+        # custom_id chaos-<i // clients>: every custom_id is shared by all of
+        # them, each with its own body and outcome.
+        self.clients = [f"c{k}" for k in range(clients)] if clients > 1 else []
+        self.tokens = {c: f"tok-{c}-{seed}" for c in self.clients}
+        extra = ({"ingest_tokens": ",".join(f"{c}={t}" for c, t in self.tokens.items())}
+                 if self.clients else {})
+        env = replica_env(db_url, emulator_url, **SETTINGS, **extra)
         self.replicas = [Replica(f"chaos{i}", env, workdir) for i in range(replicas)]
-        self.fig = Figures(tasks=tasks, replicas=replicas)
+        self.fig = Figures(tasks=tasks, replicas=replicas, clients=max(1, clients))
         self._locks = {r.name: asyncio.Lock() for r in self.replicas}
         self._stopping = False
         self._batch_scripts = 0
@@ -203,16 +211,21 @@ class Chaos:
         for r in self.replicas:
             await r.start()
         tasks = []
+        owners: list[str | None] = []
         for i in range(self.n_tasks):
             marker, _ = expected_outcome(i)
-            tasks.append(chat_task(f"chaos-{i}", emulate=marker, job=chaos_job(i, self.n_tasks)))
-        loader = Loader(self.replicas, seed=self.rng.randint(0, 1 << 30))
+            client, cid = self._key(i)
+            tasks.append(chat_task(cid, emulate=marker, content=f"task {i} of {client}",
+                                   job=chaos_job(i, self.n_tasks)))
+            owners.append(client if self.clients else None)
+        loader = Loader(self.replicas, seed=self.rng.randint(0, 1 << 30), tokens=self.tokens)
         supervisor = asyncio.create_task(self._supervise())
         loader_done = asyncio.Event()
 
         async def load() -> None:
             try:
-                await loader.post_all(tasks, chunk=50, concurrency=2, pause=0.4)
+                await loader.post_all(tasks, chunk=50, concurrency=2, pause=0.4,
+                                      clients=owners)
             finally:
                 loader_done.set()
 
@@ -253,17 +266,26 @@ class Chaos:
         return self.fig
 
     async def _cancel_first_job(self, loader: Loader) -> None:
-        """Once every task of the first job is in, cancel it through whichever
-        replica answers (again until one does: replicas die meanwhile)."""
-        first = {f"chaos-{i}" for i in range(self.n_tasks) if chaos_job(i, self.n_tasks)
-                 == CANCELLED_JOB}
+        """Once every task of the first job is in, cancel it (each client's:
+        job names are per client) through whichever replica answers, again
+        until one does (replicas die meanwhile)."""
+        first = set()
+        for i in range(self.n_tasks):
+            if chaos_job(i, self.n_tasks) == CANCELLED_JOB:
+                client, cid = self._key(i)
+                first.add((client if self.clients else "local", cid))
         while not first <= loader.accepted:
             await loader.wait_accepted(len(loader.accepted) + 1)
+        for owner in self.clients or [None]:
+            headers = {"Authorization": f"Bearer {self.tokens[owner]}"} if owner else {}
+            await self._cancel_on_any(loader, headers)
+
+    async def _cancel_on_any(self, loader: Loader, headers: dict[str, str]) -> None:
         while True:
             for r in [r for r in self.replicas if r.alive]:
                 try:
                     async with loader.http.post(f"{r.url}/v1/jobs/{CANCELLED_JOB}/cancel",
-                                                json={}) as resp:
+                                                json={}, headers=headers) as resp:
                         if resp.status == 200:
                             return
                 except (TimeoutError, OSError, aiohttp.ClientError):
@@ -280,13 +302,26 @@ class Chaos:
         raise AssertionError(f"not settled in {self.settle_within}s: "
                              f"{await open_count(engine)} open\n{tails}")
 
+    def _key(self, i: int) -> tuple[str, str]:
+        """(client, custom_id) of task i."""
+        if not self.clients:
+            return "local", f"chaos-{i}"
+        n = len(self.clients)
+        return self.clients[i % n], f"chaos-{i // n}"
+
+    def _index(self, client: str, custom_id: str) -> int:
+        number = int(custom_id.rsplit("-", 1)[1])
+        if not self.clients:
+            return number
+        return number * len(self.clients) + self.clients.index(client)
+
     async def _check_outcomes(self, engine: Any, report: invariants.Report) -> None:
         async with engine.connect() as conn:
             rows = (await conn.execute(text(
-                "SELECT custom_id, state, attempts FROM tasks"))).all()
+                "SELECT client, custom_id, state, attempts FROM tasks"))).all()
         wrong = []
-        for cid, state, attempts in rows:
-            i = int(cid.rsplit("-", 1)[1])
+        for client, cid, state, attempts in rows:
+            i = self._index(client, cid)
             marker, expected = expected_outcome(i)
             if state == "cancelled" and chaos_job(i, self.n_tasks) == CANCELLED_JOB:
                 self.fig.cancelled += 1

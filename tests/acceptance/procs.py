@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import itertools
 import os
 import pwd
 import random
@@ -222,9 +223,10 @@ def replica_env(db_url: str, emulator_url: str, **settings: Any) -> dict[str, st
 # ------------------------------------------------------------------ load client
 
 def chat_task(custom_id: str, *, emulate: str | None = None,
-              model: str = "gpt-4o-mini", job: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": 8,
-                            "messages": [{"role": "user", "content": f"task {custom_id}"}]}
+              model: str = "gpt-4o-mini", job: str | None = None,
+              content: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "max_tokens": 8, "messages": [
+        {"role": "user", "content": content or f"task {custom_id}"}]}
     if emulate:
         body["metadata"] = {"emulate": emulate}
     return {"custom_id": custom_id, "body": body, **({"job": job} if job else {})}
@@ -235,10 +237,13 @@ class Loader:
     answers 202: a 503, a refused connection or a dropped request is retried
     with the same tasks (a duplicate is stored once)."""
 
-    def __init__(self, replicas: Sequence[Replica], seed: int = 0) -> None:
+    def __init__(self, replicas: Sequence[Replica], seed: int = 0,
+                 tokens: dict[str, str] | None = None) -> None:
         self.replicas = list(replicas)  # tests append the replicas they start later
         self.rng = random.Random(seed)
-        self.accepted: set[str] = set()
+        self.tokens = tokens or {}  # client name -> its bearer token
+        # (client, custom_id) of every task a replica answered 202 for.
+        self.accepted: set[tuple[str, str]] = set()
         self.answers: dict[int | str, int] = {}
         self._progress = asyncio.Event()
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
@@ -246,8 +251,13 @@ class Loader:
     def _note(self, key: int | str) -> None:
         self.answers[key] = self.answers.get(key, 0) + 1
 
-    async def post(self, tasks: list[dict[str, Any]], *, give_up_after: float = 180) -> None:
+    async def post(self, tasks: list[dict[str, Any]], *, give_up_after: float = 180,
+                   client: str | None = None) -> None:
+        """Post as ``client`` (its token), or with no token (client ``local``)."""
         body = orjson.dumps({"tasks": tasks})
+        headers = {"Content-Type": "application/json"}
+        if client is not None:
+            headers["Authorization"] = f"Bearer {self.tokens[client]}"
         deadline = time.monotonic() + give_up_after
         while time.monotonic() < deadline:
             live = [r for r in self.replicas if r.alive]
@@ -257,13 +267,13 @@ class Loader:
             target = self.rng.choice(live)
             try:
                 async with self.http.post(f"{target.url}/v1/tasks", data=body,
-                                          headers={"Content-Type": "application/json"}) as resp:
+                                          headers=headers) as resp:
                     self._note(resp.status)
                     if resp.status == 202:
                         doc = await resp.json()
                         got = {t["custom_id"] for t in doc["tasks"]}
                         assert got == {t["custom_id"] for t in tasks}, doc
-                        self.accepted |= got
+                        self.accepted |= {(client or "local", c) for c in got}
                         self._progress.set()
                         return
                     assert resp.status in (503, 429), (resp.status, await resp.text())
@@ -279,16 +289,26 @@ class Loader:
             await self._progress.wait()
 
     async def post_all(self, tasks: list[dict[str, Any]], chunk: int = 100,
-                       concurrency: int = 4, pause: float = 0.0) -> None:
-        chunks = [tasks[i:i + chunk] for i in range(0, len(tasks), chunk)]
+                       concurrency: int = 4, pause: float = 0.0,
+                       clients: Sequence[str | None] | None = None) -> None:
+        """Post every task, ``clients[i]`` (default: no token) sending task i;
+        each chunk is one client's, the clients' chunks taking turns."""
+        owners = list(clients) if clients is not None else [None] * len(tasks)
+        by_client: dict[str | None, list[dict[str, Any]]] = {}
+        for task, owner in zip(tasks, owners, strict=True):
+            by_client.setdefault(owner, []).append(task)
+        per_client = [[(owner, mine[i:i + chunk]) for i in range(0, len(mine), chunk)]
+                      for owner, mine in by_client.items()]
+        chunks = [c for turn in itertools.zip_longest(*per_client) for c in turn
+                  if c is not None]
         slots = asyncio.Semaphore(concurrency)
 
-        async def one(c: list[dict[str, Any]]) -> None:
+        async def one(owner: str | None, c: list[dict[str, Any]]) -> None:
             async with slots:
-                await self.post(c)
+                await self.post(c, client=owner)
                 await asyncio.sleep(pause)
 
-        await asyncio.gather(*(one(c) for c in chunks))
+        await asyncio.gather(*(one(owner, c) for owner, c in chunks))
 
     async def close(self) -> None:
         await self.http.close()

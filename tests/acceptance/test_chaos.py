@@ -1,7 +1,9 @@
-"""The acceptance chaos run: 5,000 tasks through 3 replicas while replicas
-are killed at random at least 10 times (kill -9 and crash points), the
-database restarts once and the provider injects faults on every call; then
-zero lost, zero duplicated, every task in its expected terminal state.
+"""The acceptance chaos run: 5,000 tasks from 3 clients sharing every
+custom_id, through 3 replicas, while replicas are killed at random at least
+10 times (kill -9 and crash points), the database restarts once and the
+provider injects faults on every call; then zero lost, zero duplicated, every
+task in its expected terminal state, and no client's task touched by another's
+(the isolation invariant).
 
 The figures are printed (``-s``) and written to ``chaos-summary.json`` in
 the test's tmp dir; ``BATCHD_CHAOS_SUMMARY=path`` writes them there too.
@@ -27,7 +29,7 @@ async def test_chaos_loses_nothing_and_pays_nothing_twice(
     emu, url = emulator
     emu.in_progress_seconds = 0.5  # batches stay live while replicas die around them
     chaos = Chaos(private_pg, private_db, emu, url, tmp_path, tasks=5000, replicas=3,
-                  kills=10, pg_restarts=1, seed=4)
+                  kills=10, pg_restarts=1, seed=4, clients=3)
     fig = await chaos.run()
     summary = orjson.dumps(asdict(fig), option=orjson.OPT_INDENT_2)
     for path in [tmp_path / "chaos-summary.json", os.environ.get("BATCHD_CHAOS_SUMMARY")]:
@@ -37,5 +39,6 @@ async def test_chaos_loses_nothing_and_pays_nothing_twice(
     assert not fig.violations, fig.violations
     assert fig.lost == 0 and fig.duplicated == 0 and fig.wrong_state == 0
     assert fig.tasks == 5000 and sum(fig.by_state.values()) == 5000
+    assert fig.clients == 3
     assert fig.kills >= 10 and fig.pg_restarts == 1 and fig.provider_faults_applied > 0
     assert fig.sigterm_exit_codes == [0, 0, 0]

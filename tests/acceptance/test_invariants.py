@@ -46,11 +46,12 @@ async def engine(db_url: str) -> AsyncIterator[AsyncEngine]:
                    ('bd_2', '/v1/chat/completions', 'm', 'routed', 'cap', 1, 10, now(),
                     'batch_2')"""))
         await conn.execute(text("""
-            INSERT INTO results (custom_id, batch_id, status_code, response)
-            VALUES ('a', 'bd_1', 200, '{}')"""))
+            INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response)
+            SELECT id, client, custom_id, 'bd_1', 200, '{}' FROM tasks WHERE custom_id = 'a'"""))
         await conn.execute(text("""
-            INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
-            VALUES ('a', 'bd_1', 1, 'succeeded')"""))
+            INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome)
+            SELECT id, client, custom_id, 'bd_1', 1, 'succeeded' FROM tasks
+            WHERE custom_id = 'a'"""))
     yield engine
     await engine.dispose()
 
@@ -87,11 +88,20 @@ def _fewer_submissions(rec: dict[str, Any]) -> None:
      "never reached a terminal state"),
     ("UPDATE tasks SET state = 'submitted' WHERE custom_id = 'b'", None, None,
      "task_in_two_live_batches"),
-    ("INSERT INTO results (custom_id, batch_id, status_code, response) "
-     "VALUES ('b', 'bd_2', 200, '{}')", None, None, "result_without_success"),
+    ("INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response) "
+     "SELECT id, client, custom_id, 'bd_2', 200, '{}' FROM tasks WHERE custom_id = 'b'",
+     None, None, "result_without_success"),
     ("DELETE FROM results", None, None, "success_without_result"),
-    ("INSERT INTO task_events (custom_id, batch_id, attempt, outcome) "
-     "VALUES ('a', 'bd_1', 1, 'succeeded')", None, None, "success_stored_twice"),
+    ("INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome) "
+     "SELECT id, client, custom_id, 'bd_1', 1, 'succeeded' FROM tasks WHERE custom_id = 'a'",
+     None, None, "success_stored_twice"),
+    # Isolation: another client's row under this task, or a caller's id sent.
+    ("UPDATE results SET client = 'beta'", None, None, "under another task's client"),
+    ("INSERT INTO task_events (task_id, client, custom_id, attempt, outcome) "
+     "SELECT id, 'beta', custom_id, 1, 'retried' FROM tasks WHERE custom_id = 'b'", None, None,
+     "under another task's client"),
+    ("UPDATE batches SET own_line_ids = true WHERE id = 'bd_1'", None, None,
+     "carry an id that is not batchd's"),
     (None, _fewer_submissions, None, "count attempts the provider never saw"),
     ("UPDATE tasks SET attempts = 1 WHERE custom_id = 'b'", None, None,
      "submitted more often than counted"),

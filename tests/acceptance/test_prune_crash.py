@@ -33,14 +33,16 @@ async def _seed_old(h: Harness) -> None:
         SELECT 'old-' || i, '/v1/chat/completions', 'gpt-4o-mini', NULL, 'd', 1, 'succeeded',
                1, 'old-b' || (i / 500), now() - interval '40 days', now() - interval '40 days'
         FROM generate_series(0, {OLD - 1}) i""")
-    await h.execute(f"""
-        INSERT INTO results (custom_id, batch_id, status_code, response, created_at)
-        SELECT 'old-' || i, 'old-b' || (i / 500), 200, '{{}}', now() - interval '40 days'
-        FROM generate_series(0, {OLD - 1}) i""")
-    await h.execute(f"""
-        INSERT INTO task_events (custom_id, batch_id, attempt, outcome, created_at)
-        SELECT 'old-' || i, 'old-b' || (i / 500), 1, 'succeeded', now() - interval '40 days'
-        FROM generate_series(0, {OLD - 1}) i""")
+    await h.execute("""
+        INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response,
+                             created_at)
+        SELECT id, client, custom_id, batch_id, 200, '{}', now() - interval '40 days'
+        FROM tasks WHERE custom_id LIKE 'old-%'""")
+    await h.execute("""
+        INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome,
+                                 created_at)
+        SELECT id, client, custom_id, batch_id, 1, 'succeeded', now() - interval '40 days'
+        FROM tasks WHERE custom_id LIKE 'old-%'""")
 
 
 async def test_prune_killed_under_ingest_loses_nothing_and_leaves_nothing_half_done(

@@ -40,7 +40,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from batchd.domain import TaskIn, input_line, parse_task  # noqa: E402
+from batchd.domain import TaskIn, input_line, line_task_id, parse_task  # noqa: E402
 
 DEFAULT_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ENDPOINT = "/v1/chat/completions"
@@ -354,7 +354,7 @@ def multi_row_insert(n: int) -> str:
         "(" + ",".join(f"${r * 9 + c + 1}" + ("::jsonb" if c == 3 else "") for c in range(9))
         + ")" for r in range(n))
     return (f"INSERT INTO tasks ({_RAW_INSERT_COLS}) VALUES {values} "
-            "ON CONFLICT (custom_id) DO NOTHING")
+            "ON CONFLICT (client, custom_id) DO NOTHING")
 
 
 async def raw_bulk(url: str, requests: list[list[tuple[Any, ...]]], concurrency: int) -> float:
@@ -802,20 +802,24 @@ def chunks_of_lines(prefix: str, n: int, size: int = 2000) -> Iterator[bytes]:
                        for i in range(s, min(n, s + size)))
 
 
+# Keyed as batchd keys them: the line's id names the task (tasks.id).
 _RAW_RESULTS_UPSERT = """
-    INSERT INTO results AS r (custom_id, batch_id, status_code, response, usage)
-    SELECT c, 'ref', s, b::jsonb, u::jsonb
-    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[]) AS t(c, s, b, u)
-    ON CONFLICT (custom_id) DO UPDATE SET status_code = excluded.status_code,
+    INSERT INTO results AS r (task_id, client, custom_id, batch_id, status_code, response,
+                              usage)
+    SELECT i, 'local', c, 'ref', s, b::jsonb, u::jsonb
+    FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[])
+         AS t(i, c, s, b, u)
+    ON CONFLICT (task_id) DO UPDATE SET status_code = excluded.status_code,
       response = excluded.response, usage = excluded.usage, updated_at = now()"""
 # What a route cannot do without, per line, besides the result: its task
 # leaves 'submitted' (the exactly-once guard) and its attempt is recorded.
 _RAW_TASKS_SETTLE = """
     UPDATE tasks SET state = 'succeeded', finished_at = now(), updated_at = now()
-    WHERE custom_id = ANY($1::text[])"""
+    WHERE id = ANY($1::bigint[])"""
 _RAW_EVENTS = """
-    INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
-    SELECT c, 'ref', 1, 'succeeded' FROM unnest($1::text[]) AS t(c)"""
+    INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome)
+    SELECT i, 'local', c, 'ref', 1, 'succeeded'
+    FROM unnest($1::bigint[], $2::text[]) AS t(i, c)"""
 
 
 async def raw_unnest_upsert(url: str, path: Path) -> tuple[float, float]:
@@ -823,14 +827,15 @@ async def raw_unnest_upsert(url: str, path: Path) -> tuple[float, float]:
     transaction: (the output file's rows upserted into results, the issue's
     reference; the same plus each task settled and its event written, rolled
     back: PostgreSQL alone doing the writes a route must make)."""
-    cols: list[list[Any]] = [[], [], [], []]
+    cols: list[list[Any]] = [[], [], [], [], []]
     for raw in (await asyncio.to_thread(path.read_bytes)).splitlines():
         line = orjson.loads(raw)
         body = line["response"]["body"]
-        cols[0].append(line["custom_id"])
-        cols[1].append(line["response"]["status_code"])
-        cols[2].append(orjson.dumps(body).decode())
-        cols[3].append(orjson.dumps(body.get("usage")).decode())
+        cols[0].append(line_task_id(line["custom_id"]))
+        cols[1].append(line["custom_id"])
+        cols[2].append(line["response"]["status_code"])
+        cols[3].append(orjson.dumps(body).decode())
+        cols[4].append(orjson.dumps(body.get("usage")).decode())
     conn = await asyncpg.connect(url)
     try:
         await conn.execute("TRUNCATE results")
@@ -847,7 +852,7 @@ async def raw_unnest_upsert(url: str, path: Path) -> tuple[float, float]:
         for s in range(0, len(cols[0]), 5000):
             await conn.execute(_RAW_RESULTS_UPSERT, *(c[s:s + 5000] for c in cols))
             await conn.execute(_RAW_TASKS_SETTLE, cols[0][s:s + 5000])
-            await conn.execute(_RAW_EVENTS, cols[0][s:s + 5000])
+            await conn.execute(_RAW_EVENTS, cols[0][s:s + 5000], cols[1][s:s + 5000])
         writes = time.perf_counter() - t0
         await tx.rollback()
         return results_only, writes

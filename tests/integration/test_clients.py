@@ -39,7 +39,7 @@ async def test_tokens_name_the_client_on_tasks_and_metrics(db_url: str, tmp_path
         stored = {r["custom_id"]: r["client"] for r in await h.rows(
             "SELECT custom_id, client FROM tasks")}
         assert stored == {"b1": "billing", "b2": "billing", "b3": "billing", "s1": "search",
-                          "p1": None, "p-bad": None}
+                          "p1": "local", "p-bad": "local"}
         await h.run_until_settled()
         after = await _metrics(h)
 
@@ -50,14 +50,14 @@ async def test_tokens_name_the_client_on_tasks_and_metrics(db_url: str, tmp_path
     received = "batchd_tasks_received_total"
     assert delta(received, client="billing", lane="batch") == 3
     assert delta(received, client="search", lane="batch") == 1
-    assert delta(received, client="anonymous", lane="batch") == 2
+    assert delta(received, client="local", lane="batch") == 2
     completed = "batchd_tasks_completed_total"
     assert delta(completed, client="billing", outcome="succeeded", lane="batch") == 3
-    assert delta(completed, client="anonymous", outcome="succeeded", lane="batch") == 1
-    assert delta(completed, client="anonymous", outcome="failed", lane="batch") == 1
+    assert delta(completed, client="local", outcome="succeeded", lane="batch") == 1
+    assert delta(completed, client="local", outcome="failed", lane="batch") == 1
     moved = {dict(k[1]).get("client") for k, v in after.items()
              if k[0] in (received, completed) and v != before.get(k, 0)}
-    assert moved == {"billing", "search", "anonymous"}
+    assert moved == {"billing", "search", "local"}
 
 
 async def test_a_bad_tokens_file_stops_the_start_naming_the_variable(

@@ -98,7 +98,8 @@ def daemon(pg_admin_url: str, template_db: str,
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     cm = running(async_url(_with_db(pg_admin_url, name)), tmp_path_factory.mktemp("console"),
-                 ingest_tokens=f"{ADMIN},billing={BILLING},search={SEARCH}")
+                 ingest_tokens=f"billing={BILLING},search={SEARCH}",
+                 admin_tokens=f"admin={ADMIN}")
     h = asyncio.run_coroutine_threadsafe(cm.__aenter__(), loop).result(60)
     d = Daemon(h, loop)
     try:
@@ -223,7 +224,7 @@ def test_overview_and_report_numbers_equal_the_api(daemon: Daemon,
     failed = daemon.api("/v1/failed", limit="1000")["failed"]
     visit(browser, daemon.url + "/ui/failed")
     assert text_of(browser, "#manual-total") == str(len(failed))
-    task = daemon.api("/v1/tasks/s-bad-1")
+    task = daemon.api("/v1/tasks/s-bad-1", client="search")
     visit(browser, daemon.url + "/ui/task?custom_id=s-bad-1")
     assert text_of(browser, "#task-state") == task["state"] == "failed"
     assert text_of(browser, "#task-attempts") == str(task["attempts"])

@@ -34,11 +34,14 @@ _FILL = [
               CASE WHEN g % 50 = 7 THEN 'sync' ELSE 'batch' END, now(),
               CASE WHEN g % 10 = 3 AND g > 99000 THEN 'live-1' ELSE 'old-' || (g / 500) END
        FROM generate_series(1, 100000) g""",
-    """INSERT INTO results (custom_id, batch_id, status_code, response, created_at)
-       SELECT custom_id, batch_id, 200, '{}'::jsonb, finished_at FROM tasks
+    """INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response,
+                            created_at)
+       SELECT id, client, custom_id, batch_id, 200, '{}'::jsonb, finished_at FROM tasks
        WHERE state = 'succeeded'""",
-    """INSERT INTO task_events (custom_id, batch_id, attempt, outcome, created_at)
-       SELECT custom_id, batch_id, 1, CASE state WHEN 'failed' THEN 'failed' ELSE 'succeeded' END,
+    """INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome,
+                                created_at)
+       SELECT id, client, custom_id, batch_id, 1,
+              CASE state WHEN 'failed' THEN 'failed' ELSE 'succeeded' END,
               finished_at FROM tasks WHERE finished_at IS NOT NULL""",
     """INSERT INTO batches (id, endpoint, model, state, flush_reason, item_count, input_bytes,
                             spend_day)
@@ -101,9 +104,9 @@ async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
             ("batch_detail", sql.BATCH_DETAIL, {"client": client, "bid": "live-1"}),
         ]
     checks += [
-        ("events", sql.EVENTS, {"cid": "t4242", "lim": 200}),
+        ("events", sql.EVENTS, {"tid": 4242, "lim": 200}),
         ("batches", sql.BATCHES_BY_ID, {"ids": ["old-8", "live-1"]}),
-        ("result", sql.RESULT, {"cid": "t4242"}),
+        ("result", sql.RESULT, {"tid": 4242}),
     ]
     for day in (today, today - timedelta(days=12)):
         lo = datetime(day.year, day.month, day.day, tzinfo=UTC)

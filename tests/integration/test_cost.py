@@ -21,6 +21,7 @@ from sqlalchemy import text
 from structlog.testing import capture_logs
 
 from batchd import metrics
+from batchd.domain import line_id
 from batchd.errors import ConfigError
 from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.provider.emulator_lines import SUCCESS_OUTCOMES, usage_for
@@ -152,12 +153,12 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
     flaky = chat_task("flaky", emulate="http_500*1")  # retried once
     garbled = chat_task("garbled", emulate="malformed*1")  # billed, unreadable, retried
     bad = chat_task("bad", emulate="http_400")  # final: stays in the manual queue
-    phoenix = chat_task("phoenix")  # fails final, replayed the next day, succeeds
+    # Fails final (404 on its first submission), replayed the next day, succeeds.
+    phoenix = chat_task("phoenix", emulate="http_404*1")
     rush1 = chat_task("rush1", content="now " * 13, lane="sync")  # the sync lane, day 1
     rush2 = chat_task("rush2", content="again " * 7, lane="sync")  # and day 2
     counters_before = _money_counters()
     async with running(db_url, tmp_path) as h:
-        h.emulator.script_line("phoenix", "http_404", "ok")
         await h.post({"tasks": [*mini, *nano, dup, flaky, garbled, bad, phoenix, rush1]})
         with capture_logs() as logs:
             await h.drain_sync()
@@ -288,20 +289,23 @@ async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list
     """Through the router's own staging and settling statements: each result
     keeps its line's exact cost (whole 1e-12 USD), so results add up to the
     exact total, and routing again stores nothing."""
-    rows = [(n + 1, f"r{n}", True, 200, "{}", None, 0, 0, 0, 0, Decimal(usd),
-             Decimal(usd) * 2,
-             None, None, None) for n, usd in enumerate(exact)]
-    rows.append((len(rows) + 1, "other", True, 200, "{}", None, 0, 0, 0, 0, Decimal("0.4"),
-                 Decimal("0.8"), None, None, None))  # its task is not in this batch
     engine = make_engine(db_url, pool_size=1)
+    ids: dict[str, int] = {}
     try:
         async with engine.begin() as conn:
             for cid, batch in [*((f"r{n}", "bd_t") for n in range(len(exact))),
                                ("other", "bd_other")]:
-                await conn.execute(text(
+                ids[cid] = (await conn.execute(text(
                     "INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, "
                     "line_bytes, state, batch_id) VALUES (:cid, '/v1/chat/completions', "
-                    "'gpt-4o-mini', '{}', 'd', 2, 'submitted', :bid)"), {"cid": cid, "bid": batch})
+                    "'gpt-4o-mini', '{}', 'd', 2, 'submitted', :bid) RETURNING id"),
+                    {"cid": cid, "bid": batch})).scalar_one()
+        rows = [(n + 1, ids[f"r{n}"], line_id(ids[f"r{n}"], 0, 1), True, 200, "{}", None,
+                 0, 0, 0, 0, Decimal(usd), Decimal(usd) * 2, None, None, None)
+                for n, usd in enumerate(exact)]
+        # Its task is not in this batch: stores nothing.
+        rows.append((len(rows) + 1, ids["other"], line_id(ids["other"], 0, 1), True, 200, "{}",
+                     None, 0, 0, 0, 0, Decimal("0.4"), Decimal("0.8"), None, None, None))
         total = sum((Decimal(x) for x in exact), Decimal(0))
         for attempt in range(2):  # routed again, it changes nothing
             async with engine.begin() as conn:
@@ -414,7 +418,9 @@ async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
     before = (sample("batchd_unpriced_results_total", lane="batch"),
               sample("batchd_unpriced_results_total", lane="sync"),
               sample("batchd_unpriced_estimates_total"))
-    async with running(db_url, tmp_path, daily_budget_usd="5") as h:
+    # An operator lets models the prices file does not know yet have windows.
+    async with running(db_url, tmp_path, daily_budget_usd="5",
+                       allowed_models="brand-new-*,other-new-*") as h:
         await h.post({"tasks": [chat_task("mystery", "brand-new-model"),
                                 chat_task("rushed", "other-new-model", lane="sync"),
                                 chat_task("known")]})
@@ -531,8 +537,7 @@ def _cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_failed_task_goes_back_to_success_with_the_cli_alone(
         db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
-        h.emulator.script_line("phoenix", "http_404", "ok")
-        await h.post(chat_task("phoenix"))
+        await h.post(chat_task("phoenix", emulate="http_404*1"))
         await h.run_until_settled()
         assert (await h.task("phoenix"))["state"] == "failed"
 

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from batchd.client import verify_callback
+from batchd.domain import line_task_id
 from tests.harness import Harness, chat_task, running
 from tests.integration.test_callbacks import AUTH, SECRET, callback_settings
 from tests.invariants import job_counter_problems
@@ -29,6 +30,14 @@ async def job(h: Harness, name: str, headers: dict[str, str] | None = None) -> d
 
 def counts(view: dict[str, Any]) -> dict[str, int]:
     return {k: view[k] for k in COUNTS}
+
+
+async def sent_custom_ids(h: Harness) -> list[str]:
+    """The custom_ids of every line the provider received (files carry
+    batchd's line ids, which name the task)."""
+    ids = [line_task_id(c) for b in h.emulator.record()["batches"] for c in b["custom_ids"]]
+    names = {r["id"]: r["custom_id"] for r in await h.rows("SELECT id, custom_id FROM tasks")}
+    return [names[i] for i in ids if i is not None]
 
 
 async def results(h: Harness, name: str, headers: dict[str, str] | None = None,
@@ -151,8 +160,7 @@ async def test_cancel_stops_queued_tasks_for_good_and_twice_is_harmless(
         view = await job(h, "backfill")
         assert counts(view) == {"tasks": 7, "queued": 0, "submitted": 0, "succeeded": 3,
                                 "failed": 0, "cancelled": 4}
-        sent = [cid for b in h.emulator.record()["batches"] for cid in b["custom_ids"]]
-        assert sorted(sent) == ["sent-0", "sent-1", "sent-2"]
+        assert sorted(await sent_custom_ids(h)) == ["sent-0", "sent-1", "sent-2"]
         task = await h.task("wait-0")
         assert task["state"] == "cancelled" and task["attempts"] == 0
         assert task["last_error"]["code"] == "cancelled"
@@ -200,7 +208,7 @@ async def test_cancel_racing_a_flush_never_leaves_a_cancelled_task_in_a_batch(
             status, body = await cancel
             assert status == 200, body
         await h.run_until_settled()
-        sent = {cid for b in h.emulator.record()["batches"] for cid in b["custom_ids"]}
+        sent = set(await sent_custom_ids(h))
         rows = await h.rows("SELECT custom_id, state, batch_id, attempts FROM tasks")
         cancelled = {r["custom_id"] for r in rows if r["state"] == "cancelled"}
         assert cancelled and not cancelled & sent
@@ -321,9 +329,10 @@ async def seed_job(h: Harness, name: str, n: int, response_bytes: int = 50) -> N
                                state, attempts, finished_at, job)
             SELECT '{name}-' || g, '/v1/chat/completions', 'gpt-4o-mini', '{{}}', 'd', 10,
                    'succeeded', 1, now(), '{name}' FROM generate_series(1, {n}) g
-            RETURNING custom_id)
-        INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd, sync_cost_usd)
-        SELECT custom_id, 'seed', 200,
+            RETURNING id, client, custom_id)
+        INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response,
+                             cost_usd, sync_cost_usd)
+        SELECT id, client, custom_id, 'seed', 200,
                jsonb_build_object('object', 'chat.completion',
                                   'pad', repeat('x', {response_bytes})),
                0.000001, 0.000002 FROM t""")

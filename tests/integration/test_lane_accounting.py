@@ -114,8 +114,8 @@ async def test_a_sync_call_without_an_answer_keeps_its_reservation(
 async def test_both_lanes_feed_the_lane_labelled_metrics(db_url: str, tmp_path: Path) -> None:
     tasks = [chat_task("b1"), chat_task("b2"), chat_task("s1", lane="sync"),
              chat_task("s-bad", lane="sync", emulate="http_400")]
-    labels_b = {"client": "anonymous", "lane": "batch"}
-    labels_s = {"client": "anonymous", "lane": "sync"}
+    labels_b = {"client": "local", "lane": "batch"}
+    labels_s = {"client": "local", "lane": "sync"}
     names = [("batchd_tasks_received_total", labels_b), ("batchd_tasks_received_total", labels_s),
              ("batchd_tasks_completed_total", {**labels_b, "outcome": "succeeded"}),
              ("batchd_tasks_completed_total", {**labels_s, "outcome": "succeeded"}),

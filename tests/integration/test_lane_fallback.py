@@ -101,7 +101,7 @@ async def test_a_task_leaving_before_upload_renumbers_the_file(
         assert lines == {"w1": 1, "w3": 2, "w4": 3}
         (sent,) = h.emulator.received_files.values()
         assert [orjson.loads(line)["custom_id"] for line in sent.splitlines()] == [
-            "w1", "w3", "w4"]
+            await h.key(c) + "r0a1" for c in ("w1", "w3", "w4")]
         await h.make_polls_due()
         await h.service.poller.tick()
         states = {cid: s for cid, (s, _) in (await _states(h)).items()}
@@ -183,7 +183,7 @@ async def test_a_resubmitted_task_is_stored_once_when_both_batches_answer(
         second = await h.scalar("SELECT batch_id FROM tasks WHERE custom_id = 'twice'")
         assert second != first
         await h.cycle()  # both batches answer; the old one still holds a line for it
-        assert h.emulator.submissions["twice"] == 2
+        assert h.emulator.submissions[await h.key("twice")] == 2
         rows = await h.rows("SELECT custom_id, batch_id FROM results ORDER BY custom_id")
         assert rows == [{"custom_id": "once", "batch_id": first},
                         {"custom_id": "twice", "batch_id": second}]

@@ -66,16 +66,16 @@ async def test_scrape_shows_every_design_metric_matching_the_database(
         reserved = await h.scalar("SELECT sum(reserved_usd) FROM batches")
         assert abs(now[("batchd_budget_spent_dollars", ())] - float(reserved)) < 1e-9
         assert now[("batchd_config_max_batch_tasks", ())] == 4
-        received = ("batchd_tasks_received_total", (("client", "anonymous"), ("lane", "batch")))
+        received = ("batchd_tasks_received_total", (("client", "local"), ("lane", "batch")))
         assert now[received] - before.get(received, 0) == 7
 
         await h.run_until_settled()
         await h.service.snapshot()
         after = _samples((await _scrape(h))[1])
         succeeded = ("batchd_tasks_completed_total",
-                     (("client", "anonymous"), ("lane", "batch"), ("outcome", "succeeded")))
+                     (("client", "local"), ("lane", "batch"), ("outcome", "succeeded")))
         failed = ("batchd_tasks_completed_total",
-                  (("client", "anonymous"), ("lane", "batch"), ("outcome", "failed")))
+                  (("client", "local"), ("lane", "batch"), ("outcome", "failed")))
         assert after[succeeded] - before.get(succeeded, 0) == 6
         assert after[failed] - before.get(failed, 0) == 1
         spend = ("batchd_spend_dollars_total", (("lane", "batch"), ("model", "gpt-4o-mini")))

@@ -4,6 +4,7 @@ openai SDK → poll → route → results, on real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 from collections import Counter
 from contextlib import aclosing
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import orjson
 from sqlalchemy import text
 
-from batchd.domain import input_line
+from batchd.domain import input_line, line_id
 from batchd.provider.emulator import Emulator
 from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
@@ -62,13 +63,23 @@ async def test_input_file_holds_every_task_of_its_batch_in_line_order(
         await h.age_queue(901)
         assert await h.flush() == 1
         batch = (await h.rows("SELECT id, input_file_id FROM batches"))[0]
-        tasks = await h.rows("SELECT custom_id, endpoint, body, batch_line FROM tasks ORDER BY id")
+        tasks = await h.rows("SELECT id, client, custom_id, endpoint, body, batch_line, "
+                             "replay_count, attempts FROM tasks ORDER BY id")
         assert [t["batch_line"] for t in tasks] == list(range(1, 8))
-        expected = b"".join(input_line(t["custom_id"], t["endpoint"], t["body"]) for t in tasks)
+        # Each line under batchd's id for this attempt, never the caller's custom_id.
+        ids = [line_id(t["id"], t["replay_count"], t["attempts"]) for t in tasks]
+        expected = b"".join(input_line(lid, t["endpoint"], t["body"])
+                            for lid, t in zip(ids, tasks, strict=True))
         assert h.emulator.received_files[batch["input_file_id"]] == expected
+        # The archive keeps the mapping back to each caller's task.
+        archived = h.service.archive.find(batch["id"], "ids")
+        assert archived is not None
+        with gzip.open(archived) as f:
+            assert [orjson.loads(line) for line in f] == [
+                [lid, t["client"], t["custom_id"]] for lid, t in zip(ids, tasks, strict=True)]
         # Read in pages smaller than the batch, the lines still come whole and in order.
         async with h.engine.connect() as conn:
-            pages = [[r[0] for r in rows]
+            pages = [[r[7] for r in rows]
                      async for rows in repo.stream_batch_lines(conn, batch["id"], chunk=3)]
         assert pages == [["f0", "f1", "f2"], ["f3", "f4", "f5"], ["f6"]]
         # Left after one page, the stream takes back the page it was reading
@@ -165,7 +176,7 @@ async def test_retry_succeeds_on_second_and_third_attempt(db_url: str, tmp_path:
             "SELECT custom_id, state, attempts FROM tasks")}
         assert attempts == {"first": ("succeeded", 1), "second": ("succeeded", 2),
                             "third": ("succeeded", 3)}
-        assert h.emulator.submissions["third"] == 3
+        assert h.emulator.submissions[await h.key("third")] == 3
         outcomes = [r["outcome"] for r in await h.rows(
             "SELECT outcome FROM task_events WHERE custom_id = 'third' ORDER BY id")]
         assert outcomes == ["retried", "retried", "succeeded"]
@@ -189,7 +200,7 @@ async def test_always_retryable_task_fails_after_exactly_three_attempts(
         task = await h.task("doomed")
         assert (task["state"], task["attempts"]) == ("failed", 3)
         assert task["last_error"]["status"] == 503
-        assert h.emulator.submissions["doomed"] == 3
+        assert h.emulator.submissions[await h.key("doomed")] == 3
         status, page = await h.get("/v1/failed")
         assert status == 200
         assert [r["custom_id"] for r in page["failed"]] == ["doomed"]
@@ -207,8 +218,7 @@ async def test_bad_request_line_fails_at_once(db_url: str, tmp_path: Path) -> No
 
 async def test_missing_lines_are_retried(db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
-        h.emulator.script_line("ghost", "missing")
-        await h.post({"tasks": [chat_task("ghost"), chat_task("here")]})
+        await h.post({"tasks": [chat_task("ghost", emulate="missing*1"), chat_task("here")]})
         await h.age_queue(901)
         await h.cycle()
         ghost = await h.task("ghost")
@@ -279,8 +289,7 @@ async def test_expired_batch_keeps_partial_output_and_retries_the_rest(
 async def test_duplicate_lines_and_reroutes_store_each_result_once(
         db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
-        h.emulator.script_line("twice", "duplicate")
-        await h.post({"tasks": [chat_task("twice"), chat_task("once")]})
+        await h.post({"tasks": [chat_task("twice", emulate="duplicate"), chat_task("once")]})
         await h.age_queue(901)
         await h.cycle()
         assert await h.count("true", "results") == 2

@@ -61,8 +61,10 @@ async def _old_history(h: Harness) -> None:
     await h.run_until_settled()
     await h.post({"tasks": [chat_task("calling", model="gpt-4.1")]})
     await h.run_until_settled()
-    await h.execute("""INSERT INTO callbacks (custom_id, url, task_state, task_attempts)
-                       VALUES ('calling', 'http://127.0.0.1:9/x', 'succeeded', 1)""")
+    await h.execute("""INSERT INTO callbacks (task_id, client, custom_id, url, task_state,
+                                              task_attempts)
+                       SELECT id, client, custom_id, 'http://127.0.0.1:9/x', 'succeeded', 1
+                       FROM tasks WHERE custom_id = 'calling'""")
     await _age_everything(h, OLD_DAYS)
 
 
@@ -165,15 +167,18 @@ BREACHES: list[tuple[str, str]] = [
     ("ledger_not_results",
      "UPDATE batches SET cost_usd = cost_usd + 1 WHERE id = "
      "(SELECT batch_id FROM tasks WHERE custom_id = 'ok1')"),
-    ("result_without_success", "INSERT INTO results (custom_id, batch_id, status_code, "
-                               "response) VALUES ('stray', 'bd_x', 200, '{}')"),
+    ("result_without_success", "INSERT INTO results (task_id, client, custom_id, batch_id, "
+                               "status_code, response) SELECT id, client, custom_id, 'bd_x', "
+                               "200, '{}' FROM tasks WHERE custom_id = 'stray'"),
     ("success_without_result", "UPDATE tasks SET state = 'succeeded' WHERE custom_id = 'stray'"),
-    ("success_stored_twice", "INSERT INTO task_events (custom_id, attempt, outcome) "
-                             "VALUES ('ok4', 1, 'succeeded')"),
-    ("orphan_event", "INSERT INTO task_events (custom_id, attempt, outcome) "
-                     "VALUES ('never-stored', 1, 'retried')"),
-    ("orphan_callback", "INSERT INTO callbacks (custom_id, url, task_state, task_attempts) "
-                        "VALUES ('never-stored', 'http://x/', 'succeeded', 1)"),
+    ("success_stored_twice", "INSERT INTO task_events (task_id, client, custom_id, attempt, "
+                             "outcome) SELECT id, client, custom_id, 1, 'succeeded' FROM tasks "
+                             "WHERE custom_id = 'ok4'"),
+    ("orphan_event", "INSERT INTO task_events (task_id, client, custom_id, attempt, outcome) "
+                     "VALUES (-1, 'local', 'never-stored', 1, 'retried')"),
+    ("orphan_callback", "INSERT INTO callbacks (task_id, client, custom_id, url, task_state, "
+                        "task_attempts) VALUES (-1, 'local', 'never-stored', 'http://x/', "
+                        "'succeeded', 1)"),
     ("rollup_gap", "INSERT INTO rollup_days (day) VALUES (current_date - 100), "
                    "(current_date - 98)"),
     ("rollup_without_day", "INSERT INTO daily_rollups (day, client, provider, model, lane) "
@@ -210,7 +215,7 @@ async def test_check_names_each_kind_of_breach(db_url: str, tmp_path: Path) -> N
     as_json = json.loads(_cli(db_url, "check", "--json").stdout)
     assert as_json["ok"] is False
     assert [(b["code"], b["examples"]) for b in as_json["breaches"]] == [
-        ("success_without_result", ["stray"])]
+        ("success_without_result", ["local/stray"])]
 
 
 def test_stats_shows_sizes_states_and_bytes_a_task(db_url: str) -> None:

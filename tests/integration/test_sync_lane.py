@@ -68,7 +68,7 @@ async def test_sync_failures_follow_the_batch_rules(db_url: str, tmp_path: Path)
             "SELECT custom_id, state, attempts FROM tasks")}
         assert states == {"flaky": ("succeeded", 2), "broken": ("failed", 1),
                           "doomed": ("failed", 3)}
-        assert h.emulator.submissions["doomed"] == 3
+        assert h.emulator.submissions[await h.key("doomed")] == 3
 
 
 async def test_profile_falls_back_to_sync_when_the_batch_is_late(

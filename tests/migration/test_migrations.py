@@ -79,3 +79,84 @@ def test_every_migration_downgrades_and_upgrades_again(empty_db: str) -> None:
     command.upgrade(cfg, "head")
     assert _diff(empty_db) == []
     assert _version(empty_db) == schema_head()
+
+
+def _sql(url: str, sql: str) -> list[tuple[object, ...]]:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def run() -> list[tuple[object, ...]]:
+        engine = create_async_engine(async_url(url))
+        async with engine.begin() as conn:
+            result = await conn.execute(text(sql))
+            rows = [tuple(r) for r in result] if result.returns_rows else []
+        await engine.dispose()
+        return rows
+    return asyncio.run(run())
+
+
+_OLD_ROWS = """
+INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes, state, client,
+                   callback_url)
+VALUES ('anon-1', '/v1/chat/completions', 'm', '{}', 'd', 2, 'succeeded', NULL,
+        'http://127.0.0.1/cb'),
+       ('named-1', '/v1/chat/completions', 'm', '{}', 'd', 2, 'failed', 'billing', NULL);
+INSERT INTO results (custom_id, batch_id, status_code, response)
+VALUES ('anon-1', 'bd_1', 200, '{}'), ('gone', 'bd_1', 200, '{}');
+INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
+VALUES ('anon-1', 'bd_1', 1, 'succeeded'), ('named-1', 'bd_1', 1, 'failed'),
+       ('gone', 'bd_1', 1, 'succeeded');
+INSERT INTO callbacks (custom_id, client, url, task_state, task_attempts)
+VALUES ('anon-1', NULL, 'http://127.0.0.1/cb', 'succeeded', 1);
+INSERT INTO sync_spend (claim_id, custom_id, model, spend_day, reserved_usd)
+VALUES ('sync_1', 'named-1', 'm', '2026-12-01', 0.5);
+INSERT INTO batches (id, endpoint, model, flush_reason, item_count, input_bytes, spend_day)
+VALUES ('bd_1', '/v1/chat/completions', 'm', 'timeout', 2, 4, '2026-12-01');
+"""
+
+
+def test_the_client_key_migration_keeps_every_row_and_reverses(empty_db: str) -> None:
+    """0011: rows stored before clients keep their data, the anonymous ones
+    under 'local'; every row finds its task by id; old batches route by
+    custom_id; and the downgrade gives the old shape back."""
+    cfg = alembic_config(async_url(empty_db))
+    command.upgrade(cfg, "0010_retention")
+    for statement in _OLD_ROWS.strip().split(";"):
+        if statement.strip():
+            _sql(empty_db, statement)
+    command.upgrade(cfg, "0011_client_task_key")
+    assert _sql(empty_db, "SELECT custom_id, client FROM tasks ORDER BY custom_id") == [
+        ("anon-1", "local"), ("named-1", "billing")]
+    assert _sql(empty_db, """
+        SELECT r.custom_id, r.client, t.custom_id FROM results r
+        LEFT JOIN tasks t ON t.id = r.task_id ORDER BY r.custom_id""") == [
+        ("anon-1", "local", "anon-1"), ("gone", "local", None)]
+    assert _sql(empty_db, """
+        SELECT e.custom_id, e.client, t.custom_id FROM task_events e
+        LEFT JOIN tasks t ON t.id = e.task_id ORDER BY e.custom_id""") == [
+        ("anon-1", "local", "anon-1"), ("gone", "local", None), ("named-1", "billing", "named-1")]
+    assert _sql(empty_db, """
+        SELECT c.client, t.custom_id FROM callbacks c JOIN tasks t ON t.id = c.task_id""") == [
+        ("local", "anon-1")]
+    assert _sql(empty_db, """
+        SELECT t.custom_id FROM sync_spend s JOIN tasks t ON t.id = s.task_id""") == [
+        ("named-1",)]
+    assert _sql(empty_db, "SELECT own_line_ids FROM batches") == [(False,)]
+    # The new key: the same custom_id under another client is a new task.
+    _sql(empty_db, """
+        INSERT INTO tasks (client, custom_id, endpoint, model, body, body_digest, line_bytes)
+        VALUES ('billing', 'anon-1', '/v1/chat/completions', 'm', '{}', 'd', 2)""")
+    with pytest.raises(Exception, match="tasks_client_custom_id"):
+        _sql(empty_db, """
+            INSERT INTO tasks (client, custom_id, endpoint, model, body, body_digest, line_bytes)
+            VALUES ('billing', 'anon-1', '/v1/chat/completions', 'm', '{}', 'd', 2)""")
+    # Two clients share a custom_id: the old schema cannot hold both, so the
+    # downgrade refuses and changes nothing.
+    with pytest.raises(RuntimeError, match="clients share custom_ids"):
+        command.downgrade(cfg, "0010_retention")
+    assert _version(empty_db) == "0011_client_task_key"
+    _sql(empty_db, "DELETE FROM tasks WHERE client = 'billing' AND custom_id = 'anon-1'")
+    command.downgrade(cfg, "0010_retention")
+    assert _sql(empty_db, "SELECT custom_id, client FROM tasks ORDER BY custom_id") == [
+        ("anon-1", None), ("named-1", "billing")]
+    assert _sql(empty_db, "SELECT count(*) FROM results") == [(2,)]

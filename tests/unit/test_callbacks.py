@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 from pydantic import SecretStr
 
-from batchd.clients import ANONYMOUS, OTHER, Client, Clients, parse_file, parse_inline
+from batchd.clients import LOCAL, LOCAL_CLIENT, OTHER, Client, Clients, parse_file, parse_inline
 from batchd.domain import callback_address_problem, callback_url_problem
 from batchd.errors import ConfigError
 from batchd.signing import SignatureError, sign, verify
@@ -124,12 +124,13 @@ def test_clients_authenticate_label_and_secret() -> None:
     clients = Clients([(billing, "tb"), (None, "plain")],
                       default_secret=SecretStr("fallback-secret"))
     # Bytes that are not UTF-8 reach us as surrogates: no match, no exception.
-    assert clients.authenticate(b"t\xffb".decode(errors="surrogateescape")) == (False, None)
-    assert clients.authenticate("tb") == (True, billing)
-    assert clients.authenticate("plain") == (True, None)
-    assert clients.authenticate("nope") == (False, None)
-    assert [clients.label(n) for n in ("billing", None, "retired")] == [
-        "billing", ANONYMOUS, OTHER]
+    assert clients.authenticate(b"t\xffb".decode(errors="surrogateescape")) is None
+    assert clients.authenticate("tb") == billing
+    # A plain token is the client 'local', as no-token mode is.
+    assert clients.authenticate("plain") == LOCAL_CLIENT
+    assert clients.authenticate("nope") is None
+    assert [clients.label(n) for n in ("billing", LOCAL, "retired")] == [
+        "billing", LOCAL, OTHER]
     assert clients.secret_for("billing") == "s" * 32
     assert "s" * 32 not in repr(billing)
     assert clients.secret_for(None) == "fallback-secret"

@@ -18,6 +18,8 @@ from batchd.domain import (
     file_byte_budget,
     flush_reason,
     input_line,
+    line_id,
+    line_task_id,
     parse_task,
     tick_delay,
 )
@@ -218,9 +220,14 @@ def test_a_provider_input_line_can_be_posted_as_it_is() -> None:
     assert parse_task(line, 0).endpoint == "/v1/embeddings"
 
 
-def test_parse_task_measures_the_exact_input_line() -> None:
+def test_parse_task_measures_the_longest_input_line_batchd_can_write() -> None:
     task = parse_task(_task(), 0)
-    assert task.line_bytes == len(input_line("a", "/v1/chat/completions", task.body))
+    # The file carries batchd's line id, never the caller's custom_id: the
+    # longest one bounds the line, whatever the caller's id.
+    longest = line_id(2**63 - 1, 2**31 - 1, 2**31 - 1)
+    assert len(longest) <= 64 and line_task_id(longest) == 2**63 - 1
+    assert task.line_bytes == len(input_line(longest, "/v1/chat/completions", task.body))
+    assert parse_task(_task(custom_id="x" * 512), 0).line_bytes == task.line_bytes
     assert task.endpoint == "/v1/chat/completions"
     assert task.est_output_tokens == 4096
 
@@ -239,7 +246,8 @@ def test_line_bytes_and_stored_body_match_the_input_line(custom_id: str, content
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}],
             "max_tokens": 5, "temperature": 0.25}
     task = parse_task({"custom_id": custom_id, "body": body}, 0)
-    assert task.line_bytes == len(input_line(custom_id, task.endpoint, body))
+    longest = line_id(2**63 - 1, 2**31 - 1, 2**31 - 1)
+    assert task.line_bytes == len(input_line(longest, task.endpoint, body))
     assert task.body_json == orjson.dumps(body).decode()
 
 
