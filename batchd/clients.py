@@ -53,6 +53,11 @@ class Client:
     admin: bool = False
 
 
+def is_client_name(name: str) -> bool:
+    """Whether ``name`` could name a client (a configured one, or ``local``)."""
+    return _NAME.fullmatch(name) is not None
+
+
 # Who calls with a plain token.
 LOCAL_CLIENT = Client(LOCAL)
 # Who calls when no token is configured: the one operator on loopback, whose

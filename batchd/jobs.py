@@ -78,6 +78,11 @@ class Jobs:
         async with self.engine.connect() as conn:
             return await store.list_jobs(conn, client, after, limit)
 
+    async def page_all(self, after: tuple[str, str] | None, limit: int) -> list[JobView]:
+        """Every client's jobs, newest first (an admin's view)."""
+        async with self.engine.connect() as conn:
+            return await store.list_all_jobs(conn, after, limit)
+
     async def cancel(self, client: str, job: str) -> Cancelled | None:
         """Mark the job cancelled and cancel its queued tasks, a bounded step
         per transaction; tasks at the provider finish. None: no such job.

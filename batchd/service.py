@@ -19,7 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from batchd import __version__, console, logs, metrics, tokens
+from batchd import __version__, console, console_jobs, logs, metrics, tokens
 from batchd.archive import Archive
 from batchd.callbacks import CallbackSender
 from batchd.clients import Clients
@@ -184,12 +184,13 @@ class Service:
         self.app = build_app(self.api, settings.max_request_bytes)
         console.setup(self.app, console.Console(
             engine=engine, clients=self.clients, replayer=self.api.replayer,
-            reporter=self.reporter, local_key=os.urandom(32),
+            reporter=self.reporter, local_key=os.urandom(32), jobs=True,
             config=console.ConsoleConfig(
                 window_seconds=settings.window_seconds,
                 max_batch_items=settings.max_batch_items,
                 daily_budget_usd=settings.daily_budget_usd,
                 alert_ratio=settings.failure_alert_ratio)))
+        console_jobs.setup(self.app, self.jobs)
         self._client_labels: set[str] = set()
         self.port: int | None = None
         metrics.CONFIG_WINDOW.set(settings.window_seconds)

@@ -82,7 +82,7 @@ _COUNTS = ("tasks", *_STATES)
 def _merged(alias: str = "j") -> str:
     """The job columns with its unfolded deltas added (LATERAL ``d``)."""
     counts = ", ".join(f"{alias}.{c} + d.{c} AS {c}" for c in _COUNTS)
-    return f"""{alias}.job, {counts},
+    return f"""{alias}.client, {alias}.job, {counts},
         {alias}.spend_usd + d.spend_usd AS spend_usd,
         {alias}.sync_equivalent_usd + d.sync_usd AS sync_equivalent_usd,
         {alias}.created_at, {alias}.cancelled_at, {alias}.callback_url,
@@ -101,6 +101,7 @@ _PENDING = f"""LATERAL (
 
 @dataclass(frozen=True, slots=True)
 class JobView:
+    client: str
     job: str
     tasks: int
     queued: int
@@ -123,30 +124,70 @@ class JobView:
 def _view(row: Any) -> JobView:
     m = row._mapping
     return JobView(
-        job=m["job"], **{c: int(m[c]) for c in _COUNTS},
+        client=m["client"], job=m["job"], **{c: int(m[c]) for c in _COUNTS},
         spend_usd=Decimal(m["spend_usd"]), sync_equivalent_usd=Decimal(m["sync_equivalent_usd"]),
         created_at=m["created_at"], finished_at=m["finished_at"],
         cancelled_at=m["cancelled_at"], callback_url=m["callback_url"])
 
 
+GET_JOB = text(f"""
+SELECT {_merged()} FROM jobs j, {_PENDING}
+WHERE j.client = :client AND j.job = :job""")
+
+
 async def get_job(conn: AsyncConnection, client: str, job: str) -> JobView | None:
     """One job's counts: its row plus its deltas not folded yet."""
-    row = (await conn.execute(text(f"""
-        SELECT {_merged()} FROM jobs j, {_PENDING}
-        WHERE j.client = :client AND j.job = :job"""), {"client": client, "job": job})).first()
+    row = (await conn.execute(GET_JOB, {"client": client, "job": job})).first()
     return _view(row) if row is not None else None
+
+
+LIST_JOBS = text(f"""
+SELECT {_merged()} FROM jobs j, {_PENDING}
+WHERE j.client = :client
+  AND (CAST(:after AS text) IS NULL OR (j.created_at, j.job) < (
+       SELECT created_at, job FROM jobs WHERE client = :client AND job = :after))
+ORDER BY j.created_at DESC, j.job DESC LIMIT :lim""")
 
 
 async def list_jobs(conn: AsyncConnection, client: str, after: str | None, limit: int
                     ) -> list[JobView]:
     """A client's jobs, newest first, from after the job named ``after``."""
-    rows = await conn.execute(text(f"""
-        SELECT {_merged()} FROM jobs j, {_PENDING}
-        WHERE j.client = :client
-          AND (CAST(:after AS text) IS NULL OR (j.created_at, j.job) < (
-               SELECT created_at, job FROM jobs WHERE client = :client AND job = :after))
-        ORDER BY j.created_at DESC, j.job DESC LIMIT :lim"""),
-        {"client": client, "after": after, "lim": limit})
+    rows = await conn.execute(LIST_JOBS, {"client": client, "after": after, "lim": limit})
+    return [_view(r) for r in rows]
+
+
+# Every client's jobs newest first, without an index in that order: each
+# client's newest ``lim`` (jobs_newest, found by skipping from one client to
+# the next) merged, so the page reads at most clients x ``lim`` index rows.
+LIST_ALL_JOBS = text(f"""
+WITH RECURSIVE clients AS (
+    (SELECT client FROM jobs ORDER BY client LIMIT 1)
+    UNION ALL
+    SELECT nxt.client FROM clients c, LATERAL (
+        SELECT client FROM jobs WHERE client > c.client ORDER BY client LIMIT 1) nxt
+), cursor AS (
+    SELECT created_at, client, job FROM jobs
+    WHERE client = CAST(:after_client AS text) AND job = CAST(:after AS text)
+), newest AS (
+    SELECT top.* FROM clients c, LATERAL (
+        SELECT j.* FROM jobs j
+        WHERE j.client = c.client
+          AND (CAST(:after AS text) IS NULL
+               OR (j.created_at, j.client, j.job) < (SELECT * FROM cursor))
+        ORDER BY j.created_at DESC, j.job DESC LIMIT :lim) top
+    ORDER BY top.created_at DESC, top.client DESC, top.job DESC LIMIT :lim
+)
+SELECT {_merged()} FROM newest j, {_PENDING}
+ORDER BY j.created_at DESC, j.client DESC, j.job DESC""")
+
+
+async def list_all_jobs(conn: AsyncConnection, after: tuple[str, str] | None, limit: int
+                        ) -> list[JobView]:
+    """Every client's jobs (an admin's view), newest first, from after the
+    (client, job) ``after``."""
+    rows = await conn.execute(LIST_ALL_JOBS, {
+        "after_client": after[0] if after else None, "after": after[1] if after else None,
+        "lim": limit})
     return [_view(r) for r in rows]
 
 
@@ -215,6 +256,31 @@ class CancelStep:
     by_client: dict[str | None, int]
 
 
+CANCEL_QUEUED = text(f"""
+WITH picked AS (
+    SELECT id FROM tasks
+    WHERE client = :client AND job = :job AND id > :after AND state = 'queued'
+    ORDER BY client, job, id LIMIT :lim FOR UPDATE
+), upd AS (
+    UPDATE tasks t SET state = 'cancelled', finished_at = now(), updated_at = now(),
+           batch_id = NULL, last_error = CAST(:err AS jsonb)
+    FROM picked p WHERE t.id = p.id AND t.state = 'queued'
+    RETURNING t.id, t.custom_id, t.attempts, t.client, t.callback_url, t.job
+), ev AS (
+    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
+    SELECT id, client, custom_id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
+), cb AS (
+    INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts,
+                           task_error)
+    SELECT id, custom_id, client, callback_url, 'cancelled', attempts,
+           CAST(:err AS jsonb)
+    FROM upd WHERE callback_url IS NOT NULL
+), jd AS ({moved_deltas("upd", "'queued'", "'cancelled'")})
+SELECT (SELECT max(id) FROM picked) AS last_id,
+       (SELECT coalesce(jsonb_object_agg(coalesce(client, ''), n), '{{}}')
+        FROM (SELECT client, count(*) AS n FROM upd GROUP BY client) c) AS by_client""")
+
+
 async def cancel_queued(conn: AsyncConnection, client: str, job: str, after: int, limit: int
                         ) -> CancelStep:
     """Cancel up to ``limit`` queued tasks of a job with ids above ``after``.
@@ -224,31 +290,9 @@ async def cancel_queued(conn: AsyncConnection, client: str, job: str, after: int
     queued once its lock is free is cancelled. The flush's claim skips
     locked rows, so a task the cancel holds never joins a batch."""
     await conn.execute(text(NO_SORT))  # the next stretch of tasks_job (results_page_sql)
-    row = (await conn.execute(text(f"""
-        WITH picked AS (
-            SELECT id FROM tasks
-            WHERE client = :client AND job = :job AND id > :after AND state = 'queued'
-            ORDER BY client, job, id LIMIT :lim FOR UPDATE
-        ), upd AS (
-            UPDATE tasks t SET state = 'cancelled', finished_at = now(), updated_at = now(),
-                   batch_id = NULL, last_error = CAST(:err AS jsonb)
-            FROM picked p WHERE t.id = p.id AND t.state = 'queued'
-            RETURNING t.id, t.custom_id, t.attempts, t.client, t.callback_url, t.job
-        ), ev AS (
-            INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
-            SELECT id, client, custom_id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
-        ), cb AS (
-            INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts,
-                                   task_error)
-            SELECT id, custom_id, client, callback_url, 'cancelled', attempts,
-                   CAST(:err AS jsonb)
-            FROM upd WHERE callback_url IS NOT NULL
-        ), jd AS ({moved_deltas("upd", "'queued'", "'cancelled'")})
-        SELECT (SELECT max(id) FROM picked) AS last_id,
-               (SELECT coalesce(jsonb_object_agg(coalesce(client, ''), n), '{{}}')
-                FROM (SELECT client, count(*) AS n FROM upd GROUP BY client) c) AS by_client
-        """), {"client": client, "job": job, "after": after, "lim": limit,
-               "err": orjson.dumps(CANCELLED_ERROR).decode()})).one()
+    row = (await conn.execute(CANCEL_QUEUED, {
+        "client": client, "job": job, "after": after, "lim": limit,
+        "err": orjson.dumps(CANCELLED_ERROR).decode()})).one()
     by_client = {(k or None): int(v) for k, v in (row.by_client or {}).items()}
     return CancelStep(row.last_id, sum(by_client.values()), by_client)
 

@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,6 +75,11 @@ async def _load(h: Harness) -> None:
     for token, prefix, ok, bad in ((BILLING, "b", 6, 4), (SEARCH, "s", 4, 3), (ADMIN, "a", 2, 1)):
         tasks = [chat_task(f"{prefix}-ok-{i}") for i in range(ok)]
         tasks += [chat_task(f"{prefix}-bad-{i}", emulate="http_400") for i in range(bad)]
+        if prefix == "b":  # billing's nightly job: three that succeed, one that fails
+            tasks += [chat_task(f"n-ok-{i}", job="nightly") for i in range(3)]
+            tasks += [chat_task("n-bad-0", job="nightly", emulate="http_400")]
+        if prefix == "s":  # search's own job of the same name
+            tasks += [chat_task(f"sn-ok-{i}", job="nightly") for i in range(2)]
         status, body = await h.post({"tasks": tasks}, headers={"Authorization": f"Bearer {token}"})
         assert status == 202, body
     await h.run_until_settled()
@@ -85,6 +91,11 @@ async def _load(h: Harness) -> None:
     # Left queued: the overview's windows.
     status, _ = await h.post({"tasks": [chat_task(f"b-wait-{i}", model="gpt-4o")
                                         for i in range(3)]},
+                             headers={"Authorization": f"Bearer {BILLING}"})
+    assert status == 202
+    # Billing's backfill, queued in a window of its own: a job left to cancel.
+    status, _ = await h.post({"tasks": [chat_task(f"bf-{i}", model="gpt-4.1", job="backfill")
+                                        for i in range(2)]},
                              headers={"Authorization": f"Bearer {BILLING}"})
     assert status == 202
 
@@ -175,7 +186,8 @@ def test_every_console_page_renders_without_console_errors(daemon: Daemon,
     batch = daemon.run(daemon.h.scalar("SELECT id FROM batches ORDER BY created_at LIMIT 1"))
     pages = {"overview": "/ui", "report": "/ui/report", "report-day": f"/ui/report/{today}",
              "manual-queue": "/ui/failed", "task": "/ui/task?custom_id=b-bad-0",
-             "batch": f"/ui/batch?id={batch}", "login": "/ui/login"}
+             "batch": f"/ui/batch?id={batch}", "jobs": "/ui/jobs",
+             "job": "/ui/jobs/nightly?client=billing", "login": "/ui/login"}
     for shot, path in pages.items():
         page = visit(browser, daemon.url + path, shot)
         assert "<h1>" in page, path
@@ -439,3 +451,110 @@ def test_console_without_a_session_sends_the_browser_to_log_in(daemon: Daemon,
     browser.find_element(By.CSS_SELECTOR, "form.login button").click()
     WebDriverWait(browser, 10).until(lambda drv: drv.current_url.endswith("/ui/failed"))
     assert "billing" in text_of(browser, "header .who")
+
+
+def _job_rows(driver: webdriver.Chrome) -> list[list[str]]:
+    return [[c.text for c in r.find_elements(By.TAG_NAME, "td")]
+            for r in driver.find_elements(By.CSS_SELECTOR, "table.jobs tbody tr")]
+
+
+def test_jobs_pages_show_the_api_numbers_each_client_its_own(
+        daemon: Daemon, browser: webdriver.Chrome) -> None:
+    login(browser, daemon, BILLING)
+    visit(browser, daemon.url + "/ui/jobs", "jobs-billing")
+    assert sorted(r[0] for r in _job_rows(browser)) == ["backfill", "nightly"]
+    for token, owner in ((BILLING, "billing"), (SEARCH, "search")):
+        login(browser, daemon, token)
+        api = daemon.api("/v1/jobs/nightly", token)
+        # A client token's job is its own, whatever ?client= says.
+        visit(browser, daemon.url + "/ui/jobs/nightly?client=billing")
+        assert text_of(browser, "#job-client") == owner
+        for key in ("tasks", "queued", "submitted", "succeeded", "failed", "cancelled"):
+            assert text_of(browser, f"#job-{key}") == f"{api[key]:,}", (owner, key)
+        assert text_of(browser, "#job-spend") == f"${Decimal(api['spend_usd']):.6f}"
+    assert text_of(browser, "#job-tasks") == "2"  # search's nightly, not billing's four
+    visit(browser, daemon.url + "/ui/jobs/backfill?client=billing", not_found=True)
+    assert "No such job" in browser.title
+    # The admin sees every client's jobs, and one client's when it picks one.
+    login(browser, daemon, ADMIN)
+    visit(browser, daemon.url + "/ui/jobs", "jobs")
+    assert {(r[0], r[1]) for r in _job_rows(browser)} == {
+        ("billing", "nightly"), ("billing", "backfill"), ("search", "nightly")}
+    visit(browser, daemon.url + "/ui/jobs?client=search")
+    assert [r[0] for r in _job_rows(browser)] == ["nightly"]
+
+
+def test_job_results_download_equals_the_api_stream(daemon: Daemon) -> None:
+    async def both() -> tuple[bytes, bytes, int]:
+        async with daemon.h.http.get(f"{daemon.url}/v1/jobs/nightly/results",
+                                     headers={"Authorization": f"Bearer {BILLING}"}) as r:
+            assert r.status == 200
+            api = await r.read()
+        http, _ = await _session(daemon, ADMIN)
+        try:
+            async with http.get(f"{daemon.url}/ui/jobs/nightly/results",
+                                params={"client": "billing"}) as r:
+                assert r.status == 200
+                assert r.headers["Content-Disposition"].startswith("attachment")
+                page = await r.read()
+            async with http.get(f"{daemon.url}/ui/jobs/nightly/results",
+                                params={"client": "billing", "state": "nonsense"}) as r:
+                bad = r.status
+        finally:
+            await http.close()
+        return api, page, bad
+    api, page, bad = daemon.run(both())
+    assert page == api and api.count(b"\n") == 4
+    assert bad == 400
+
+
+def test_job_cancel_refuses_forms_without_csrf_and_other_clients_jobs(daemon: Daemon) -> None:
+    async def attempts() -> list[int]:
+        statuses = []
+        url = f"{daemon.url}/ui/jobs/backfill/cancel"
+        admin, _ = await _session(daemon, ADMIN)
+        search, search_csrf = await _session(daemon, SEARCH)
+        try:
+            for data in ({"confirm": "yes"}, {"confirm": "yes", "csrf": "forged"}):
+                async with admin.post(url, params={"client": "billing"}, data=data) as r:
+                    statuses.append(r.status)
+            # Search names billing's job: its token's jobs are its own, and it has no backfill.
+            async with search.post(url, params={"client": "billing"},
+                                   data={"confirm": "yes", "csrf": search_csrf}) as r:
+                statuses.append(r.status)
+        finally:
+            await admin.close()
+            await search.close()
+        return statuses
+    assert daemon.run(attempts()) == [403, 403, 404]
+    job = daemon.api("/v1/jobs/backfill", BILLING)
+    assert (job["queued"], job["cancelled"]) == (2, 0)
+
+
+def test_admin_cancels_a_clients_job_from_the_page_after_confirming(
+        daemon: Daemon, browser: webdriver.Chrome) -> None:
+    login(browser, daemon, ADMIN)
+    visit(browser, daemon.url + "/ui/jobs/backfill?client=billing")
+    assert text_of(browser, "#job-client") == "billing"
+    browser.find_element(By.CSS_SELECTOR, "form[action*='/cancel'] button").click()
+    WebDriverWait(browser, 10).until(lambda drv: "Confirm cancel" in drv.title)
+    assert text_of(browser, "#confirm-count") == "2"
+    browser.save_screenshot(str(SHOTS / "confirm-cancel-job.png"))
+    assert daemon.api("/v1/jobs/backfill", BILLING)["cancelled"] == 0
+    browser.find_element(By.CSS_SELECTOR, "button.danger").click()
+    WebDriverWait(browser, 10).until(lambda drv: drv.find_elements(By.ID, "action-result"))
+    assert "Cancelled 2 queued tasks" in text_of(browser, "#action-result")
+    after = daemon.api("/v1/jobs/backfill", BILLING)
+    assert (after["queued"], after["cancelled"]) == (0, 2)
+    states = daemon.run(daemon.h.rows(
+        "SELECT custom_id, state FROM tasks WHERE job = 'backfill'"))
+    assert {r["custom_id"]: r["state"] for r in states} == {"bf-0": "cancelled",
+                                                            "bf-1": "cancelled"}
+    audit = daemon.run(daemon.h.rows(
+        "SELECT actor, client, requested, affected, detail FROM console_actions "
+        "WHERE action = 'cancel_job'"))
+    assert [(a["actor"], a["client"], a["requested"], a["affected"], a["detail"])
+            for a in audit] == [("admin", "billing", 2, 2, {"job": "backfill"})]
+    # Nothing is left to cancel: the page says so instead of offering the form.
+    visit(browser, daemon.url + "/ui/jobs/backfill?client=billing")
+    assert not browser.find_elements(By.CSS_SELECTOR, "form[action*='/cancel']")

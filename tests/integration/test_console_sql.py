@@ -1,7 +1,8 @@
 """Every statement behind a console page, the daily report's and the
 retention pass's read through an index, never by scanning tasks (or results,
 or task_events): EXPLAINed on a database of 100,000 tasks over 30 days,
-three clients, a queue and a manual queue."""
+three clients, a queue, a manual queue and jobs (the jobs pages ask what the
+jobs API asks: batchd/store/jobs.py)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd import report
 from batchd.store import console as sql
-from batchd.store import retention, rollups
+from batchd.store import jobs, retention, rollups
 from batchd.store.engine import make_engine
 
 _FILL = [
     """INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes, state,
                           attempts, client, created_at, finished_at, last_error, lane,
-                          not_before, batch_id)
+                          not_before, batch_id, job)
        SELECT 't' || g, '/v1/chat/completions',
               (ARRAY['gpt-4o-mini', 'gpt-4o', 'gpt-4.1'])[1 + g % 3], '{}'::jsonb, 'd', 100,
               CASE WHEN g % 25 = 0 THEN 'failed' WHEN g % 10 = 1 THEN 'queued'
@@ -32,8 +33,16 @@ _FILL = [
                    ELSE now() - (g % 30) * interval '1 day' + interval '1 minute' END,
               CASE WHEN g % 25 = 0 THEN '{"code": "invalid_request_error"}'::jsonb END,
               CASE WHEN g % 50 = 7 THEN 'sync' ELSE 'batch' END, now(),
-              CASE WHEN g % 10 = 3 AND g > 99000 THEN 'live-1' ELSE 'old-' || (g / 500) END
+              CASE WHEN g % 10 = 3 AND g > 99000 THEN 'live-1' ELSE 'old-' || (g / 500) END,
+              CASE WHEN g % 7 = 0 THEN 'nightly-' || (g % 4) END
        FROM generate_series(1, 100000) g""",
+    # Each client's jobs: the tasks' own, and 300 older ones of a task each.
+    """INSERT INTO jobs (client, job, tasks, queued, created_at)
+       SELECT client, job, count(*), count(*) FILTER (WHERE state = 'queued'), min(created_at)
+       FROM tasks WHERE job IS NOT NULL GROUP BY client, job
+       UNION ALL
+       SELECT c, 'old-job-' || g, 1, 0, now() - interval '40 days' + g * interval '1 minute'
+       FROM unnest(ARRAY['billing', 'search', 'ops']) c, generate_series(1, 300) g""",
     """INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response,
                             created_at)
        SELECT id, client, custom_id, batch_id, 200, '{}'::jsonb, finished_at FROM tasks
@@ -60,13 +69,16 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from _nodes(child)
 
 
-async def _scans(conn: AsyncConnection, stmt: TextClause, params: dict[str, Any]) -> list[str]:
-    """The tables of ``_WATCHED`` the statement's plan reads by a sequential scan."""
-    row = await conn.execute(text("EXPLAIN (FORMAT JSON) " + stmt.text), params)
-    doc = row.scalar_one()
-    plan = (orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"]
+def _seq_scanned(plan: dict[str, Any]) -> list[str]:
+    """The tables of ``_WATCHED`` a plan reads by a sequential scan."""
     return [n["Relation Name"] for n in _nodes(plan)
             if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in _WATCHED]
+
+
+async def _scans(conn: AsyncConnection, stmt: TextClause, params: dict[str, Any]) -> list[str]:
+    row = await conn.execute(text("EXPLAIN (FORMAT JSON) " + stmt.text), params)
+    doc = row.scalar_one()
+    return _seq_scanned((orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"])
 
 
 async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
@@ -122,9 +134,34 @@ async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
                ("prune batches", retention._PRUNE_BATCHES, {"cutoff": cutoff, "limit": 2000}),
                ("prune due", retention._COUNT_DUE, {"cutoff": cutoff,
                                                      "cutoff_day": cutoff.date()})]
+    checks += [
+        ("get_job", jobs.GET_JOB, {"client": "billing", "job": "nightly-1"}),
+        ("list_jobs", jobs.LIST_JOBS, {"client": "billing", "after": None, "lim": 51}),
+        ("list_jobs after", jobs.LIST_JOBS, {"client": "billing", "after": "old-job-200",
+                                             "lim": 51}),
+        ("list_all_jobs", jobs.LIST_ALL_JOBS, {"after_client": None, "after": None,
+                                               "lim": 51}),
+        ("list_all_jobs after", jobs.LIST_ALL_JOBS, {"after_client": "search",
+                                                     "after": "old-job-200", "lim": 51}),
+    ]
+    # Run as batchd runs them, with sorting off (store/jobs.py NO_SORT).
+    unsorted = [("cancel_queued", jobs.CANCEL_QUEUED, {
+        "client": "billing", "job": "nightly-1", "after": 0, "lim": 5000,
+        "err": orjson.dumps(jobs.CANCELLED_ERROR).decode()})]
     try:
         async with engine.connect() as conn:
             found = {name: await _scans(conn, stmt, params) for name, stmt, params in checks}
+            await conn.rollback()
+            await conn.execute(text(jobs.NO_SORT))
+            found |= {name: await _scans(conn, stmt, params)
+                      for name, stmt, params in unsorted}
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            for state in (["succeeded"], list(jobs.FINISHED_STATES)):
+                doc = await raw.fetchval("EXPLAIN (FORMAT JSON) " + jobs.results_page_sql(),
+                                         "billing", "nightly-1", 0, state, 1000)
+                plan = (orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"]
+                found[f"job results {state}"] = _seq_scanned(plan)
             await conn.rollback()
     finally:
         await engine.dispose()

@@ -11,9 +11,12 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from sqlalchemy import text
 
 from batchd.client import verify_callback
 from batchd.domain import line_task_id
+from batchd.jobs import Jobs
+from batchd.store.engine import make_engine
 from tests.harness import Harness, chat_task, running
 from tests.integration.test_callbacks import AUTH, SECRET, callback_settings
 from tests.invariants import job_counter_problems
@@ -112,6 +115,33 @@ async def test_jobs_list_newest_first_and_page_by_name(db_url: str, tmp_path: Pa
         assert names == [f"run-{n}" for n in range(4, -1, -1)]
         assert (await h.get("/v1/jobs/nope"))[0] == 404
         assert (await h.get("/v1/jobs", after="bad name!"))[0] == 400
+
+
+async def test_every_clients_jobs_page_newest_first_through_ties(db_url: str) -> None:
+    """The admin's listing (the console's): each client's newest merged, and
+    a (client, job) cursor that neither skips nor repeats jobs created in
+    the same instant by different clients."""
+    engine = make_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("""
+                INSERT INTO jobs (client, job, created_at)
+                SELECT c, 'run-' || g, timestamptz '2026-12-01' + (g / 2) * interval '1 hour'
+                FROM unnest(ARRAY['alpha', 'beta', 'local']) c, generate_series(1, 7) g"""))
+        jobs = Jobs(engine)
+        seen: list[tuple[str, str]] = []
+        after: tuple[str, str] | None = None
+        while True:
+            page = await jobs.page_all(after, 4)
+            seen += [(j.client, j.job) for j in page]
+            if len(page) < 4:
+                break
+            after = (page[-1].client, page[-1].job)
+    finally:
+        await engine.dispose()
+    expected = sorted(((c, f"run-{g}") for c in ("alpha", "beta", "local") for g in range(1, 8)),
+                      key=lambda k: (int(k[1][4:]) // 2, k[0], k[1]), reverse=True)
+    assert seen == expected
 
 
 async def test_results_stream_in_task_order_filter_by_state_and_resume(
