@@ -42,6 +42,7 @@ from batchd import __version__, logs, metrics
 from batchd.clients import Clients
 from batchd.config import Settings
 from batchd.domain import backoff_seconds, callback_address_problem, callback_url_problem
+from batchd.errors import BatchdError
 from batchd.loops import run_ticks
 from batchd.signing import (
     ATTEMPT_HEADER,
@@ -58,7 +59,7 @@ _TICK_SECONDS = 1.0
 _BACKOFF_CAP_SECONDS = 3600.0
 
 
-class AddressRefused(aiohttp.ClientError):
+class AddressRefused(BatchdError, aiohttp.ClientError):
     """The callback host resolves to an address batchd may not connect to."""
 
 

@@ -36,8 +36,6 @@ import asyncio
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from itertools import islice
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +45,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from batchd.backoff import equal_jitter, exponential, retry_after
+from batchd.errors import BatchdError
 from batchd.signing import (
     DEFAULT_TOLERANCE_SECONDS,
     SIGNATURE_HEADER,
@@ -80,7 +80,7 @@ def verify_callback(secret: str, headers: Mapping[str, str], body: bytes, *,
     return doc
 
 
-class BatchdClientError(Exception):
+class BatchdClientError(BatchdError):
     """batchd refused a request; ``status``, ``code`` and ``details`` come from its reply."""
 
     def __init__(self, status: int, code: str, message: str,
@@ -96,7 +96,7 @@ class TaskNotFound(BatchdClientError):
     """batchd has no task (or job) of yours with that name."""
 
 
-class JobNotFinished(TimeoutError):
+class JobNotFinished(BatchdError, TimeoutError):
     """The job still had tasks queued or submitted when the wait ran out;
     ``job`` is its last status."""
 
@@ -134,21 +134,6 @@ class SubmitSummary:
         self.requests += other.requests
         self.retries += other.retries
         self.states.update(other.states)
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -195,8 +180,7 @@ class BatchdClient:
     def _delay(self, attempt: int, hint: float | None) -> float:
         if hint is not None:
             return min(hint, self.max_wait)
-        full = min(self.max_wait, self.backoff * 2.0 ** attempt)
-        return full / 2 + random.random() * full / 2
+        return equal_jitter(exponential(attempt, self.backoff, self.max_wait), random.random())
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
         """One call; 429/502/503/504, timeouts and dropped connections are
@@ -209,7 +193,7 @@ class BatchdClient:
                     body = await resp.read()
                     if resp.status not in _RETRY_STATUS or attempt >= self.retries:
                         return self._decode(resp.status, body)
-                    hint = _retry_after(resp.headers.get("Retry-After"))
+                    hint = retry_after(resp.headers.get("Retry-After"))
             except (aiohttp.ClientConnectionError, TimeoutError):
                 if attempt >= self.retries:
                     raise

@@ -40,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import console_views as v
 from batchd import logs
 from batchd.clients import Client, Clients
+from batchd.errors import BatchdError
 from batchd.replay import Replayer, export_line
 from batchd.report import Reporter
 from batchd.store import console as sql
@@ -544,7 +545,7 @@ class Filters:
         return {k: val for k, val in out.items() if val}
 
 
-class BadFilter(ValueError):
+class BadFilter(BatchdError, ValueError):
     """A filter value the page cannot use."""
 
 

@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from batchd.backoff import equal_jitter, exponential
+from batchd.errors import BatchdError
+
 DEFAULT_ENDPOINT = "/v1/chat/completions"
 # The client of anonymous tokens and of no-token mode (batchd.clients).
 LOCAL = "local"
@@ -60,7 +63,7 @@ class FlushReason(StrEnum):
     DRAIN = "drain"
 
 
-class InvalidTask(ValueError):
+class InvalidTask(BatchdError, ValueError):
     """A task in the request is invalid; the message names it and the field.
     ``status`` is 413 for a task over a size limit, else 400."""
 
@@ -758,8 +761,7 @@ def backoff_seconds(attempts: int, base: float, jitter: float, cap: float = 86_4
     Doubles per attempt already made; "equal jitter" (half fixed, half random,
     ``jitter`` in [0, 1)) spreads retries of one failed batch over time.
     """
-    full: float = min(cap, base * 2.0 ** max(0, attempts - 1))
-    return full / 2 + full / 2 * jitter
+    return equal_jitter(exponential(attempts - 1, base, cap), jitter)
 
 
 def tick_delay(failures: int, interval: float, jitter: float, cap: float = 10.0) -> float:
@@ -769,8 +771,7 @@ def tick_delay(failures: int, interval: float, jitter: float, cap: float = 10.0)
     and never shorter than the interval."""
     if failures <= 0:
         return interval
-    full = min(cap, max(interval, 0.5) * 2.0 ** (failures - 1))
-    return max(interval, full / 2 + full / 2 * jitter)
+    return max(interval, equal_jitter(exponential(failures - 1, max(interval, 0.5), cap), jitter))
 
 
 class Outcome(StrEnum):

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from batchd import logs
+from batchd.backoff import exponential
 
 log = logs.get("batchd.health")
 
@@ -35,7 +36,7 @@ _FIX = {
 
 def auth_backoff(refusals: int) -> float:
     """Seconds to wait after ``refusals`` refused sends in a row."""
-    return min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2.0 ** min(refusals - 1, 16))
+    return exponential(min(refusals - 1, 16), FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS)
 
 
 @dataclass(slots=True)

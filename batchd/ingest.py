@@ -23,6 +23,7 @@ from batchd.domain import (
     parse_task,
     place,
 )
+from batchd.errors import BatchdError
 from batchd.store import repo
 
 log = logs.get("batchd.ingest")
@@ -32,7 +33,7 @@ log = logs.get("batchd.ingest")
 OVERLOADED_RETRY_AFTER = 2
 
 
-class IngestError(Exception):
+class IngestError(BatchdError):
     """A request the API refuses; ``status`` and ``code`` go into the reply."""
 
     def __init__(self, status: int, code: str, message: str,

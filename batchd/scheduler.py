@@ -32,9 +32,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
 from batchd.archive import Archive
+from batchd.backoff import exponential
 from batchd.config import Settings
 from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line, line_id
-from batchd.errors import ProviderError
+from batchd.errors import BatchdError, ProviderError
 from batchd.estimates import Calibration
 from batchd.faults import crash_point
 from batchd.health import AUTH_STATUSES, auth_backoff
@@ -63,7 +64,7 @@ def new_batch_id() -> str:
     return f"bd_{secrets.token_hex(12)}"
 
 
-class BudgetHold(Exception):
+class BudgetHold(BatchdError):
     """The daily budget would be passed; the window waits."""
 
 
@@ -414,7 +415,7 @@ class Scheduler:
             return
         # The provider's retry-after wins; else five scheduler ticks, doubling.
         first = 5.0 * self.settings.scheduler_interval_seconds
-        delay = exc.retry_after or min(300.0, first * 2 ** p.submit_attempts)
+        delay = exc.retry_after or exponential(p.submit_attempts, first, 300.0)
         delay *= 1 + random.random() * 0.2
         log.warning("batch.send_failed", batch_id=p.batch_id, operation=exc.operation,
                     status=exc.status, code=exc.code, retry_in=round(delay, 1),

@@ -16,6 +16,8 @@ import hashlib
 import hmac
 import time
 
+from batchd.errors import BatchdError
+
 TIMESTAMP_HEADER = "Batchd-Timestamp"
 SIGNATURE_HEADER = "Batchd-Signature"
 DELIVERY_HEADER = "Batchd-Delivery"
@@ -24,7 +26,7 @@ SCHEME = "v1"
 DEFAULT_TOLERANCE_SECONDS = 300
 
 
-class SignatureError(ValueError):
+class SignatureError(BatchdError, ValueError):
     """The callback's signature does not verify; do not trust its body."""
 
 

@@ -29,6 +29,8 @@ import orjson
 import tiktoken
 from tiktoken.model import encoding_name_for_model
 
+from batchd.errors import BatchdError
+
 # tiktoken's own pins for the files it would download.
 _HASHES = {
     "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
@@ -61,7 +63,7 @@ _lock = threading.Lock()
 _loaded: dict[str, tiktoken.Encoding] = {}
 
 
-class VocabularyError(RuntimeError):
+class VocabularyError(BatchdError, RuntimeError):
     """A shipped tokenizer vocabulary is damaged (its SHA-256 does not match)."""
 
 

@@ -41,7 +41,8 @@ def _admin_url(tmp_root: Path) -> str:
         return _LOCAL
     import pgserver
 
-    server = pgserver.get_server(str(tmp_root / "pg"), cleanup_mode="stop")
+    server = pgserver.get_server(str(tmp_root / "pg"),  # type: ignore[attr-defined]
+                                 cleanup_mode="stop")
     uri: str = server.get_uri()
     return uri
 

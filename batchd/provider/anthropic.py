@@ -37,9 +37,9 @@ import orjson
 from anthropic.types.messages import MessageBatch
 
 from batchd import metrics
+from batchd.backoff import retry_after_headers
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.provider.base import ProviderLimits, RemoteBatch, RemoteFile
-from batchd.provider.openai import _retry_after
 
 MESSAGES = "/v1/messages"
 INLINE = "inline:"
@@ -296,7 +296,7 @@ def _status_error(operation: str, exc: anthropic.APIStatusError) -> ProviderErro
     return ProviderError(
         f"{operation}: Anthropic answered HTTP {status}{f' ({etype})' if etype else ''}: "
         f"{str(exc.message)[:300]}; {advice}.", operation=operation, status=status,
-        code=etype, retryable=retryable, retry_after=_retry_after(exc.response.headers))
+        code=etype, retryable=retryable, retry_after=retry_after_headers(exc.response.headers))
 
 
 def _error_body(exc: anthropic.APIStatusError) -> dict[str, Any]:

@@ -13,9 +13,7 @@ calls (streamed downloads, no-retry cancel) and turns every failure into a
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import json
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +24,7 @@ import orjson
 from openai.types import Batch, FileObject
 
 from batchd import metrics
+from batchd.backoff import retry_after_headers
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.health import HEALTH
 from batchd.provider.base import ProviderLimits, RemoteBatch, RemoteFile
@@ -266,35 +265,13 @@ def _status_error(operation: str, exc: openai.APIStatusError) -> ProviderError:
         f"{operation}: the provider answered HTTP {status}"
         f"{f' ({code})' if code else ''}: {message[:300]}; {advice}.",
         operation=operation, status=status, code=code, retryable=retryable,
-        retry_after=_retry_after(headers))
+        retry_after=retry_after_headers(headers))
 
 
 def _error_body(exc: openai.APIStatusError) -> dict[str, Any]:
     if isinstance(exc.body, dict):
         return {"error": exc.body}
     return {"error": {"message": str(exc.message)[:500], "code": None}}
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` or ``retry-after`` (seconds or HTTP-date)."""
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000)
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _file(obj: FileObject) -> RemoteFile:

@@ -24,6 +24,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from batchd.backoff import sql_equal_jitter, sql_exponential
 from batchd.domain import TaskIn
 from batchd.prices import Tokens
 from batchd.store.jobs import LOCAL, added_deltas, moved_deltas, open_jobs
@@ -753,8 +754,10 @@ async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRow
     return {int(tid): client for tid, client in stored}
 
 
-# Backoff in SQL mirrors domain.backoff_seconds: the attempt count lives in the
-# row, the jitter comes from the caller so tests can pin it.
+# Backoff in SQL is domain.backoff_seconds (batchd/backoff.py writes both): the
+# attempt count lives in the row, the jitter comes from the caller so tests
+# can pin it.
+_RETRY_DELAY = sql_equal_jitter(sql_exponential("t.attempts - 1"), "i.jitter")
 _FAIL_SQL = """
 WITH input AS ({input}
 ), upd AS (
@@ -762,9 +765,7 @@ WITH input AS ({input}
         state = CASE WHEN i.final OR t.attempts >= :max_attempts THEN 'failed' ELSE 'queued' END,
         batch_id = CASE WHEN i.final OR t.attempts >= :max_attempts THEN t.batch_id END,
         not_before = CASE WHEN i.final OR t.attempts >= :max_attempts THEN t.not_before
-            ELSE now() + make_interval(secs =>
-                 least(:cap, :base * power(2, greatest(t.attempts - 1, 0)))
-                 * (0.5 + 0.5 * i.jitter)) END,
+            ELSE now() + make_interval(secs => """ + _RETRY_DELAY + """) END,
         finished_at = CASE WHEN i.final OR t.attempts >= :max_attempts THEN now() END,
         last_error = i.err::jsonb, updated_at = now()
     FROM input i

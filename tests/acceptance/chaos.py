@@ -276,7 +276,8 @@ class Chaos:
                 first.add((client if self.clients else "local", cid))
         while not first <= loader.accepted:
             await loader.wait_accepted(len(loader.accepted) + 1)
-        for owner in self.clients or [None]:
+        owners: list[str | None] = [*self.clients] or [None]
+        for owner in owners:
             headers = {"Authorization": f"Bearer {self.tokens[owner]}"} if owner else {}
             await self._cancel_on_any(loader, headers)
 

@@ -61,7 +61,7 @@ def find_pg_bindir() -> Path | None:
         if (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
             return Path(c)
     with contextlib.suppress(ImportError):
-        from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
+        from pgserver._commands import POSTGRES_BIN_PATH
         if (Path(POSTGRES_BIN_PATH) / "pg_ctl").exists():
             return Path(POSTGRES_BIN_PATH)
     return None

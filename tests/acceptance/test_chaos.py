@@ -17,10 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import orjson
+import pytest
 
 from batchd.provider.emulator import Emulator
 from tests.acceptance.chaos import Chaos
 from tests.acceptance.procs import PrivatePostgres
+
+pytestmark = pytest.mark.chaos
 
 
 async def test_chaos_loses_nothing_and_pays_nothing_twice(

@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from batchd.faults import EXIT_CODE
 from batchd.provider.emulator import Emulator
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for
 from tests.acceptance.procs import Loader, chat_task, wait_settled
+
+pytestmark = pytest.mark.chaos
 
 
 async def _crash_then_recover(shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster,

@@ -13,11 +13,14 @@ import time
 
 import aiohttp
 import orjson
+import pytest
 
 from batchd.provider.emulator import Emulator
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for
 from tests.acceptance.procs import Loader, PrivatePostgres, chat_task, wait_settled
+
+pytestmark = pytest.mark.chaos
 
 
 async def test_database_down_means_503_then_everything_resumes(

@@ -23,7 +23,7 @@ def _batch(pid: str, ours: str, ids: list[str], status: str = "completed",
             "cancel_requested": False, **extra}
 
 
-CLEAN = {"batches": [_batch("batch_1", "bd_1", ["a", "b"]),
+CLEAN: dict[str, Any] = {"batches": [_batch("batch_1", "bd_1", ["a", "b"]),
                      _batch("batch_2", "bd_2", ["b"])],
          "sync_submissions": {}}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from sqlalchemy import text
 
 from batchd.provider.emulator import Emulator
@@ -27,6 +28,8 @@ from tests.acceptance.procs import (
     provider_requests,
     wait_settled,
 )
+
+pytestmark = pytest.mark.chaos
 
 # Exhausting the SDK's own two retries makes a fault reach the daemon.
 SDK_TRIES = 3

@@ -9,10 +9,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from batchd.check import check
 from batchd.report import Reporter
 from batchd.store.engine import make_engine
 from tests.harness import Harness, chat_task, running
+
+pytestmark = pytest.mark.chaos
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = 6000

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 
+import pytest
 from sqlalchemy import text
 
 from batchd.faults import EXIT_CODE
@@ -13,6 +14,8 @@ from batchd.provider.emulator import Emulator
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for
 from tests.acceptance.procs import Loader, chat_task, wait_settled
+
+pytestmark = pytest.mark.chaos
 
 LEASE = 2.0
 

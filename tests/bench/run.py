@@ -494,7 +494,7 @@ async def procrastinate_defer(url: str, n: int, clients: int, pool_size: int) ->
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(
         conninfo=url, min_size=pool_size, max_size=pool_size))
 
-    @app.task(name="batchd_bench")
+    @app.task(name="batchd_bench")  # type: ignore[untyped-decorator]
     async def job(body: str) -> None:  # never run: only enqueue is measured
         pass
 

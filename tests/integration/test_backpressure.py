@@ -95,7 +95,8 @@ async def test_requests_queued_behind_slow_commits_get_503_and_are_never_stored(
         first = []
         for i in range(2):  # one for each writer, so both are busy
             first.append(asyncio.create_task(_post(h, [f"w{i}"])))
-            await _until(lambda n=i + 1: not ingest._queue.qsize() and ingest._pending >= n)
+            await _until(lambda n=i + 1: (not ingest._queue.qsize()  # type: ignore[misc]
+                                          and ingest._pending >= n))
         queued = await asyncio.gather(*(_post(h, [f"late{i}"]) for i in range(10)))
         assert {(s, b["error"]["code"], ra) for s, b, ra in queued} == {(503, "overloaded", "2")}
         assert [(await t)[0] for t in first] == [202, 202]

@@ -22,7 +22,8 @@ from tests.harness import Harness, chat_task, running
 ALPHA = {"Authorization": "Bearer tok-alpha"}
 BETA = {"Authorization": "Bearer tok-beta"}
 ADMIN = {"Authorization": "Bearer tok-ops"}
-TOKENS = {"ingest_tokens": "alpha=tok-alpha,beta=tok-beta", "admin_tokens": "ops=tok-ops"}
+TOKENS: dict[str, Any] = {"ingest_tokens": "alpha=tok-alpha,beta=tok-beta",
+                          "admin_tokens": "ops=tok-ops"}
 
 
 async def _scrape(h: Harness) -> tuple[int, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
@@ -139,7 +140,7 @@ async def test_invented_models_make_no_batches_and_no_metric_labels(
         await h.run_until_settled()
         assert await h.count("true", "batches") == 3
         size_after, scraped = await _scrape(h)
-        models = {dict(k[1]).get("model") for k in scraped if "model" in dict(k[1])}
+        models = {str(dict(k[1])["model"]) for k in scraped if "model" in dict(k[1])}
         assert models - labelled <= {"gpt-4o-mini", "other"}
         # The snapshot counts under its table entry, the allowed model as "other".
         assert "other" in models

@@ -162,11 +162,12 @@ def visit(driver: webdriver.Chrome, url: str, shot: str | None = None, *,
           not_found: bool = False) -> str:
     """Open a page; fail on any console message at error level (but the
     page's own 404 when ``not_found``); screenshot it."""
-    driver.get_log("browser")  # drop what earlier pages left
+    driver.get_log("browser")  # type: ignore[no-untyped-call]  # drop what earlier pages left
     driver.get(url)
     WebDriverWait(driver, 10).until(
         lambda drv: drv.execute_script("return document.readyState") == "complete")
-    errors = [m for m in driver.get_log("browser") if m["level"] == "SEVERE"
+    errors = [m for m in driver.get_log("browser")  # type: ignore[no-untyped-call]
+              if m["level"] == "SEVERE"
               and not (not_found and m["message"].startswith(f"{url} - ")
                        and "(Not Found)" in m["message"])]
     assert not errors, errors
@@ -435,7 +436,8 @@ def test_api_reference_renders_the_document_and_tries_it_with_a_token(
                              ".live-responses-table tbody .response-col_status")
     assert status.text.strip().startswith("200")
     browser.save_screenshot(str(SHOTS / "docs-try-it.png"))
-    errors = [m for m in browser.get_log("browser") if m["level"] == "SEVERE"]
+    errors = [m for m in browser.get_log("browser")  # type: ignore[no-untyped-call]
+              if m["level"] == "SEVERE"]
     assert not errors, errors
 
 

@@ -230,8 +230,8 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
             if not page["has_more"]:
                 break
         assert len(results) == 31
-        for r in results:
-            assert r["cost_usd"] == str(round_usd(exact[r["custom_id"]]))
+        for row in results:
+            assert row["cost_usd"] == str(round_usd(exact[row["custom_id"]]))
         stored = await h.rows("SELECT custom_id, cost_usd FROM results")
         assert {r["custom_id"]: r["cost_usd"] for r in stored} == exact
         ledger = await h.rows("""
@@ -248,14 +248,14 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
 
         # The spend counters grew by the same exact amounts, and what a
         # scrape shows is that total, rounded once.
-        after = _money_counters()
-        grown = {k: after[k] - counters_before[k] for k in after}
+        counters_after = _money_counters()
+        grown = {k: counters_after[k] - counters_before[k] for k in counters_after}
         assert grown[("gpt-4o-mini", "batch")] == sum(
             (_exact(t) for t in [*mini, flaky, garbled, garbled, phoenix]), Decimal(0))
         assert grown[("gpt-4.1-nano", "batch")] == sum(
             (_exact(t) for t in [*nano, dup, dup]), Decimal(0))
         assert grown[("gpt-4o-mini", "sync")] == _exact(rush1, "sync") + _exact(rush2, "sync")
-        for (model, lane), total in after.items():
+        for (model, lane), total in counters_after.items():
             shown = metrics.REGISTRY.get_sample_value(
                 "batchd_spend_dollars_total", {"model": model, "lane": lane})
             assert shown is not None and round_usd(Decimal(repr(shown))) == round_usd(total)

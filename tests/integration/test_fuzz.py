@@ -14,7 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.harness import running
+
+pytestmark = pytest.mark.fuzz
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLER = "fuzz-caller"  # the bearer token schemathesis sends

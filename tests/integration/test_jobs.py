@@ -106,7 +106,7 @@ async def test_jobs_list_newest_first_and_page_by_name(db_url: str, tmp_path: Pa
         after: str | None = None
         while True:
             params = {"limit": "2", **({"after": after} if after else {})}
-            status, page = await h.get("/v1/jobs", **params)
+            status, page = await h.get("/v1/jobs", None, **params)
             assert status == 200
             names += [j["job"] for j in page["jobs"]]
             after = page["next"]

@@ -80,7 +80,7 @@ class PeakRss:
     def stop(self) -> int:
         self._stop.set()
         self._thread.join()
-        return self.peak - self.base
+        return int(self.peak - self.base)
 
 
 async def send_raw(port: int, content_type: bytes, body: bytes) -> tuple[int, bytes]:

@@ -8,8 +8,8 @@ import ipaddress
 import pytest
 from pydantic import SecretStr
 
-from batchd.clients import LOCAL, LOCAL_CLIENT, OTHER, Client, Clients, parse_file, parse_inline
-from batchd.domain import callback_address_problem, callback_url_problem
+from batchd.clients import LOCAL_CLIENT, OTHER, Client, Clients, parse_file, parse_inline
+from batchd.domain import LOCAL, callback_address_problem, callback_url_problem
 from batchd.errors import ConfigError
 from batchd.signing import SignatureError, sign, verify
 
@@ -153,4 +153,4 @@ def test_signature_round_trip_and_what_breaks_it() -> None:
         (("secret", body, "soon", header), 1_700_000_000),
     ):
         with pytest.raises(SignatureError):
-            verify(*args, now=now)  # type: ignore[arg-type]
+            verify(*args, now=now)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from batchd.cli import build_parser, main
@@ -72,10 +74,10 @@ def test_log_level_and_format_ignore_case(monkeypatch: pytest.MonkeyPatch) -> No
 def _option_help_lines(command: list[str]) -> list[str]:
     """Option lines of a subcommand's --help (an option's help may wrap)."""
     parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    sub: Any = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     target = sub[command[0]]
     for name in command[1:]:
-        target = target._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
+        target = target._subparsers._group_actions[0].choices[name]
     return [a.help or "" for a in target._actions if a.option_strings and a.dest != "help"]
 
 
@@ -106,7 +108,8 @@ def test_ingest_limits_are_read_and_shown_in_help(monkeypatch: pytest.MonkeyPatc
     assert limits.custom_id_regex.fullmatch("abc") and not limits.custom_id_regex.fullmatch("A")
     from batchd.cli import build_parser
 
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    choices: Any = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    serve = choices["serve"]
     text = serve.format_help()
     for var in ("BATCHD_MAX_REQUEST_BYTES", "BATCHD_MAX_TASKS_PER_REQUEST",
                 "BATCHD_MAX_CUSTOM_ID_CHARS", "BATCHD_CUSTOM_ID_PATTERN",
