@@ -45,6 +45,7 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
+from batchd import jsonl
 from batchd.backoff import equal_jitter, exponential, retry_after
 from batchd.errors import BatchdError
 from batchd.signing import (
@@ -611,19 +612,13 @@ def scan_file_jobs(path: Path) -> tuple[int, bool]:
     """scan_file, and whether any task names a job of its own."""
     count = 0
     own_job = False
-    with path.open("rb") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise FileError(400, "invalid_json", f"{path}:{n}: not valid JSON ({exc})") \
-                    from None
-            if not isinstance(doc, dict):
-                raise FileError(400, "invalid_json", f"{path}:{n}: a task must be an object")
+    try:
+        for _, doc in jsonl.objects(path):
             own_job = own_job or "job" in doc
             count += 1
+    except jsonl.JsonlError as exc:
+        raise FileError(400, "invalid_json", f"{exc}; a task is one JSON object a line") \
+            from None
     return count, own_job
 
 
@@ -657,11 +652,8 @@ def file_chunks(path: Path, chunk: int, job: str | None = None, *, own_job: bool
 
 def iter_file(path: Path) -> Iterator[dict[str, Any]]:
     """The tasks of a JSONL file, read as a stream."""
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                task: dict[str, Any] = orjson.loads(line)
-                yield task
+    for _, task in jsonl.objects(path):
+        yield task
 
 
 def line_of_task(path: Path, index: int) -> int | None:

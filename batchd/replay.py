@@ -11,7 +11,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from batchd import logs
+from batchd import jsonl, logs
 from batchd.domain import input_line
 from batchd.store import retention
 from batchd.store.jobs import moved_deltas
@@ -153,18 +153,12 @@ def export_line(r: Mapping[Any, Any]) -> dict[str, Any]:
 
 
 def read_failed_export(path: Path) -> Iterable[dict[str, Any]]:
-    """Lines of a ``failed export`` file; a bad line stops with its number."""
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                raise ValueError(f"{path}:{n} is not valid JSON") from None
-            if not isinstance(row, dict) or not isinstance(row.get("custom_id"), str):
-                raise ValueError(f"{path}:{n} has no custom_id; is this a failed export?")
-            yield row
+    """Lines of a ``failed export`` file; a bad line stops with its number
+    (JsonlError, a ValueError)."""
+    for n, row in jsonl.objects(path):
+        if not isinstance(row.get("custom_id"), str):
+            raise jsonl.JsonlError(path, n, "has no custom_id; is this a failed export?")
+        yield row
 
 
 def write_input_file(rows: Iterable[dict[str, Any]], out: Path) -> int:
