@@ -678,17 +678,16 @@ async def manual_action(request: web.Request, viewer: Viewer) -> web.StreamRespo
                                   console.jobs))
     if action == "export":
         return await _export(request, viewer, ids)
+    # Through the API's own replay and dismissal, so the console and POST
+    # /v1/failed/replay or /dismiss can never act differently. The chosen
+    # rows are the viewer's (chosen_failed is scoped): each named by its own
+    # (client, custom_id).
+    keys = [(c["client"], c["custom_id"]) for c in chosen]
     if action == "replay":
-        # Each client's tasks through the API's own replay, so the console
-        # and POST /v1/failed/replay can never re-queue differently.
-        # The chosen rows are the viewer's (chosen_failed is scoped): each
-        # replayed by its own (client, custom_id).
-        outcome = await console.replayer.replay_keys(
-            [(c["client"], c["custom_id"]) for c in chosen], viewer.client)
-        changed = outcome.replayed
+        outcome = await console.replayer.replay_keys(keys, viewer.client)
     else:
-        async with console.engine.begin() as conn:
-            changed = [r["custom_id"] for r in await sql.dismiss(conn, viewer.client, ids)]
+        outcome = await console.replayer.dismiss_keys(keys, viewer.client)
+    changed = outcome.replayed
     async with console.engine.begin() as conn:
         audit_id = await sql.record_action(
             conn, actor=viewer.name, client=viewer.client, action=str(action),

@@ -8,13 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import jsonl, logs
 from batchd.domain import input_line
-from batchd.store import retention
-from batchd.store.jobs import moved_deltas
+from batchd.store import manual_queue
 
 log = logs.get("batchd.replay")
 
@@ -45,7 +43,7 @@ async def _settle(conn: AsyncConnection, outcome: ReplayOutcome, done: list[tupl
     if keys is None:
         return
     rest = sorted(set(keys) - set(done))
-    states = await retention.task_states(conn, rest)
+    states = await manual_queue.task_states(conn, rest)
     outcome.skipped = {cid: _WHY_NOT.get(states.get((cl, cid), ""), "unknown custom_id")
                        for cl, cid in rest if client is None or cl == client}
 
@@ -70,27 +68,9 @@ class Replayer:
         """As ``replay``, the tasks named by (client, custom_id) keys (all of
         ``client``'s, or everyone's, when ``keys`` is None)."""
         outcome = ReplayOutcome()
-        clients = None if keys is None else [k[0] for k in keys]
-        cids = None if keys is None else [k[1] for k in keys]
         async with self.engine.begin() as conn:
-            rows = await conn.execute(text(f"""
-                WITH upd AS (
-                    UPDATE tasks SET state = 'queued', attempts = 0,
-                           replay_count = replay_count + 1, not_before = now(),
-                           batch_id = NULL, finished_at = NULL, updated_at = now()
-                    WHERE state = 'failed'
-                      AND (CAST(:client AS text) IS NULL OR client = :client)
-                      AND (CAST(:cids AS text[]) IS NULL OR (client, custom_id) IN (
-                           SELECT * FROM unnest(CAST(:cls AS text[]), CAST(:cids AS text[]))))
-                    RETURNING id, client, custom_id, replay_count, last_error, job
-                ), jd AS ({moved_deltas("upd", "'failed'", "'queued'")}
-                ), ev AS (
-                    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
-                    SELECT id, client, custom_id, 0, 'replayed', last_error FROM upd
-                )
-                SELECT client, custom_id FROM upd"""),
-                {"client": client, "cls": clients, "cids": cids})
-            await _settle(conn, outcome, [(r[0], r[1]) for r in rows], keys, client)
+            done = await manual_queue.replay_failed(conn, client, keys)
+            await _settle(conn, outcome, done, keys, client)
         log.info("tasks.replayed", replayed=len(outcome.replayed), skipped=len(outcome.skipped))
         return outcome
 
@@ -111,7 +91,7 @@ class Replayer:
         ``client``'s, or everyone's, when ``keys`` is None)."""
         outcome = ReplayOutcome()
         async with self.engine.begin() as conn:
-            done = await retention.dismiss_failed(conn, client, keys)
+            done = await manual_queue.dismiss_failed(conn, client, keys)
             await _settle(conn, outcome, done, keys, client)
         log.info("tasks.dismissed", dismissed=len(outcome.replayed),
                  skipped=len(outcome.skipped))
@@ -131,14 +111,8 @@ class Replayer:
 
     async def _failed_rows(self, client: str | None) -> AsyncIterator[dict[str, Any]]:
         async with self.engine.connect() as conn:
-            result = await conn.stream(text("""
-                SELECT client, custom_id, endpoint, body, metadata, attempts, replay_count,
-                       batch_id, last_error, finished_at FROM tasks
-                WHERE state = 'failed' AND (CAST(:client AS text) IS NULL OR client = :client)
-                ORDER BY id"""), {"client": client})
-            async for part in result.mappings().partitions(1000):
-                for r in part:
-                    yield export_line(r)
+            async for r in manual_queue.stream_failed(conn, client):
+                yield export_line(r)
 
 
 def export_line(r: Mapping[Any, Any]) -> dict[str, Any]:

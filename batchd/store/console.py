@@ -207,28 +207,6 @@ async def export_rows(conn: AsyncConnection, client: str | None, ids: Sequence[i
     return [dict(r) for r in rows.mappings()]
 
 
-DISMISS = text(f"""
-WITH upd AS (
-    -- Retention counts from the dismissal (store/retention.py), so every
-    -- event of the task, the dismissal's too, precedes its finish time.
-    UPDATE tasks SET state = 'dismissed', finished_at = now(), updated_at = now()
-    WHERE id = ANY(CAST(:ids AS bigint[])) AND state = 'failed' AND {_MINE}
-    RETURNING id, client, custom_id, attempts, last_error
-), ev AS (
-    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
-    SELECT id, client, custom_id, attempts, 'dismissed', last_error FROM upd
-)
-SELECT id, custom_id FROM upd ORDER BY id
-""")
-
-
-async def dismiss(conn: AsyncConnection, client: str | None, ids: Sequence[int]
-                  ) -> list[dict[str, Any]]:
-    """Take the chosen failed tasks out of the manual queue, each with an event."""
-    rows = await conn.execute(DISMISS, {"client": client, "ids": list(ids)})
-    return [dict(r) for r in rows.mappings()]
-
-
 async def record_action(conn: AsyncConnection, *, actor: str, client: str | None,
                         action: str, requested: int, affected: int,
                         detail: dict[str, Any]) -> int:

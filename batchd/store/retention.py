@@ -1,5 +1,5 @@
-"""Every statement retention, the manual queue's dismissal and ``batchd stats``
-run: bounded deletes of finished history and the sizes of what is kept.
+"""Every statement retention and ``batchd stats`` run: bounded deletes of
+finished history and the sizes of what is kept.
 
 A prune step is one short transaction over at most ``limit`` rows of its
 table, claimed with SKIP LOCKED, so ingest, routing and other replicas'
@@ -170,46 +170,6 @@ async def oldest_prunable(conn: AsyncConnection) -> datetime | None:
 async def database_bytes(conn: AsyncConnection) -> int:
     return int((await conn.execute(text("SELECT pg_database_size(current_database())"))
                 ).scalar_one())
-
-
-# ------------------------------------------------------------ manual queue
-
-async def dismiss_failed(conn: AsyncConnection, client: str | None,
-                         keys: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
-    """Take failed tasks out of the manual queue: those named by (client,
-    custom_id) ``keys``, or (``keys`` None) all of ``client``'s, every
-    client's when ``client`` is None. They become ``dismissed``, a
-    ``dismissed`` event is written, and retention deletes them like any
-    finished task. Others are left alone. Returns the keys dismissed."""
-    rows = await conn.execute(text("""
-        WITH upd AS (
-            -- Retention counts from the dismissal, so the task's events
-            -- (the dismissal's among them) all precede its finish time.
-            UPDATE tasks SET state = 'dismissed', finished_at = now(), updated_at = now()
-            WHERE state = 'failed'
-              AND (CAST(:client AS text) IS NULL OR client = :client)
-              AND (CAST(:cids AS text[]) IS NULL OR (client, custom_id) IN (
-                   SELECT * FROM unnest(CAST(:cls AS text[]), CAST(:cids AS text[]))))
-            RETURNING id, client, custom_id, attempts, last_error
-        ), ev AS (
-            INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
-            SELECT id, client, custom_id, attempts, 'dismissed', last_error FROM upd
-        )
-        SELECT client, custom_id FROM upd"""),
-        {"client": client, "cls": None if keys is None else [k[0] for k in keys],
-         "cids": None if keys is None else [k[1] for k in keys]})
-    return [(r[0], r[1]) for r in rows]
-
-
-async def task_states(conn: AsyncConnection, keys: list[tuple[str, str]]
-                      ) -> dict[tuple[str, str], str]:
-    """The state of each task named by a (client, custom_id) key that exists."""
-    rows = await conn.execute(text("""
-        SELECT t.client, t.custom_id, t.state FROM tasks t
-        JOIN unnest(CAST(:cls AS text[]), CAST(:cids AS text[])) AS k(cl, cid)
-          ON t.client = k.cl AND t.custom_id = k.cid"""),
-        {"cls": [k[0] for k in keys], "cids": [k[1] for k in keys]})
-    return {(r[0], r[1]): r[2] for r in rows}
 
 
 # ------------------------------------------------------------------ stats

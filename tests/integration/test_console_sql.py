@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd import report
 from batchd.store import console as sql
-from batchd.store import jobs, retention, rollups
+from batchd.store import jobs, manual_queue, retention, rollups
 from batchd.store.engine import make_engine
 
 _FILL = [
@@ -110,7 +110,10 @@ async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
             ("manual_ids", sql.MANUAL_IDS, {**manual, "client": client, "lim": 1000}),
             ("chosen_failed", sql.CHOSEN_FAILED, {"client": client, "ids": [25, 50, 75]}),
             ("export_rows", sql.EXPORT_ROWS, {"client": client, "ids": [25, 50, 75]}),
-            ("dismiss", sql.DISMISS, {"client": client, "ids": [25, 50]}),
+            ("dismiss", manual_queue._DISMISS, {"client": client, "cls": ["billing", "local"],
+                                                "cids": ["t25", "t50"]}),
+            ("replay", manual_queue._REPLAY, {"client": client, "cls": ["billing"],
+                                              "cids": ["t25"]}),
             ("recent_actions", sql.RECENT_ACTIONS, {"client": client, "lim": 10}),
             ("task", sql.TASKS_BY_CUSTOM_ID, {"client": client, "cid": "t4242"}),
             ("batch_detail", sql.BATCH_DETAIL, {"client": client, "bid": "live-1"}),
