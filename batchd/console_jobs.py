@@ -21,6 +21,7 @@ from batchd import logs
 from batchd.clients import is_client_name
 from batchd.console import CONSOLE, Viewer, html, page, refusal, secure
 from batchd.domain import job_name_problem
+from batchd.errors import BatchdError
 from batchd.jobs import Jobs
 from batchd.store import console as sql
 from batchd.store.jobs import FINISHED_STATES, JobView
@@ -33,7 +34,7 @@ PAGE = 50
 _NO_JOB = "no job of this client with that name"
 
 
-class BadClient(ValueError):
+class BadClient(BatchdError, ValueError):
     """client must be a client's name (letters, digits, '_', '.', '-')"""
 
 
