@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fnmatch
 import ipaddress
 import os
 import socket
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from aiohttp import web
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import __version__, console, console_jobs, logs, metrics, tokens
@@ -24,6 +21,7 @@ from batchd.archive import Archive
 from batchd.callbacks import CallbackSender
 from batchd.clients import Clients
 from batchd.config import Settings
+from batchd.daily import DailyReport
 from batchd.domain import LOCAL, file_byte_budget
 from batchd.errors import ConfigError
 from batchd.estimates import Calibration
@@ -39,6 +37,8 @@ from batchd.report import Reporter
 from batchd.retention import Retention
 from batchd.router import Router
 from batchd.scheduler import Clock, Scheduler, utc_now
+from batchd.snapshots import Snapshots
+from batchd.spool_sweep import SpoolSweep
 from batchd.store import repo
 from batchd.store.engine import make_engine, resolve_url
 from batchd.store.repo import Backoff
@@ -49,14 +49,6 @@ from batchd.web import ApiState, build_app
 log = logs.get("batchd.service")
 
 _ROOT = Path(__file__).resolve().parent.parent
-_SNAPSHOT_SECONDS = 5.0
-# The snapshot counts the queue, so its cost grows with it: on a deep queue it
-# runs less often, never taking more than 1/_SNAPSHOT_DUTY of the time.
-_SNAPSHOT_DUTY = 20
-# The spool sweep: how often, and how long a file must sit untouched first so
-# the sweep does not race the flow that is about to archive it.
-_SWEEP_SECONDS = 60.0
-_SWEEP_MIN_AGE_SECONDS = 60.0
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -191,7 +183,14 @@ class Service:
                 daily_budget_usd=settings.daily_budget_usd,
                 alert_ratio=settings.failure_alert_ratio)))
         console_jobs.setup(self.app, self.jobs)
-        self._client_labels: set[str] = set()
+        self.snapshots = Snapshots(engine, self.clients, self.api, settings.budgets_by_client,
+                                   clock)
+        self.spool = SpoolSweep(engine, self.archive)
+        self.daily = DailyReport(self.reporter, self.archive, settings.archive_retention_days,
+                                 clock)
+        # What tests and tools call directly.
+        self.snapshot = self.snapshots.tick
+        self.sweep_spool = self.spool.sweep
         self.port: int | None = None
         metrics.CONFIG_WINDOW.set(settings.window_seconds)
         metrics.CONFIG_MAX_TASKS.set(settings.max_batch_items)
@@ -230,7 +229,7 @@ class Service:
         return runner
 
     async def run(self, stop: asyncio.Event, started: asyncio.Event | None = None) -> None:
-        await self.sweep_spool()
+        await self.spool.sweep()
         runner = await self.start_api()
         if not self.clients.required:
             log.warning("service.auth_off", host=self.settings.http_host, port=self.port,
@@ -242,9 +241,9 @@ class Service:
         loops = [asyncio.create_task(body(loops_stop), name=name) for name, body in (
             ("scheduler", self.scheduler.run), ("poller", self.poller.run),
             ("sync_lane", self.sync_lane.run), ("callbacks", self.callbacks.run),
-            ("jobs", self.jobs.run), ("snapshot", self._snapshots),
-            ("spool_sweep", self._sweeps),
-            ("daily", self._daily_report), ("retention", self.retention.run))]
+            ("jobs", self.jobs.run), ("snapshot", self.snapshots.run),
+            ("spool_sweep", self.spool.run),
+            ("daily", self.daily.run), ("retention", self.retention.run))]
         if started is not None:
             started.set()
         await stop.wait()
@@ -284,45 +283,6 @@ class Service:
         except Exception as exc:
             log.warning("service.drain_flush_failed", error=type(exc).__name__)
 
-    async def _sweeps(self, stop: asyncio.Event) -> None:
-        """Sweep the spool now and then, not only at start: an archive write
-        that failed (disk full, a crash of the flow that owned it) is retried."""
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), _SWEEP_SECONDS)
-            if stop.is_set():
-                return
-            try:
-                await self.sweep_spool(_SWEEP_MIN_AGE_SECONDS)
-            except OSError as exc:
-                log.warning("archive.sweep_failed", error=type(exc).__name__)
-
-    async def sweep_spool(self, min_age_seconds: float = 0.0) -> int:
-        """Archive spool files whose batch is past the step that wrote them
-        (the input once submitted, output and error once routed); the rest
-        are rebuilt by the normal flow. Returns how many were archived."""
-        archived = 0
-        for batch_id, kind, path in self.archive.leftovers(min_age_seconds):
-            try:
-                async with self.engine.connect() as conn:
-                    row = (await conn.execute(text(
-                        "SELECT state, spend_day, provider_batch_id FROM batches WHERE id = :id"),
-                        {"id": batch_id})).first()
-                done = row is not None and (
-                    row.state == "routed"
-                    or (kind in ("input", "ids") and row.state == "submitted"))
-                if done and row is not None:
-                    await self.archive.keep(path, row.spend_day, batch_id, kind,
-                                            {"provider_batch_id": row.provider_batch_id,
-                                             "recovered": True})
-                    path.unlink(missing_ok=True)
-                    archived += 1
-                    log.info("archive.recovered", batch_id=batch_id, kind=kind)
-            except Exception as exc:
-                log.warning("archive.recover_failed", batch_id=batch_id, kind=kind,
-                            error=type(exc).__name__)
-        return archived
-
     async def _release_claims(self) -> None:
         """Hand our leases back so another replica need not wait them out."""
         try:
@@ -331,81 +291,3 @@ class Service:
             log.info("service.claims_released", batches=released)
         except Exception as exc:
             log.warning("service.release_failed", error=type(exc).__name__)
-
-    async def _snapshots(self, stop: asyncio.Event) -> None:
-        """Queue and budget gauges from one cheap query every few seconds,
-        so scrapes never touch the database."""
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                await self.snapshot()
-            except Exception as exc:
-                log.warning("snapshot.failed", error=type(exc).__name__)
-            took = time.monotonic() - started
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(_SNAPSHOT_SECONDS, took * _SNAPSHOT_DUTY))
-
-    async def snapshot(self) -> None:
-        today = self.clock().date()
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(text(f"""
-                SELECT
-                  (SELECT count(*) FROM tasks WHERE state = 'queued') AS queued,
-                  (SELECT count(*) FROM tasks WHERE state = 'submitted') AS submitted,
-                  (SELECT count(*) FROM tasks WHERE state = 'failed') AS failed,
-                  (SELECT extract(epoch FROM min(not_before)) FROM tasks
-                     WHERE state = 'queued') AS oldest,
-                  (SELECT count(*) FROM batches WHERE state <> 'routed') AS in_flight,
-                  (SELECT extract(epoch FROM min(submitted_at)) FROM batches
-                     WHERE state = 'submitted') AS oldest_batch,
-                  {repo.DAY_SPEND_SQL} AS spent
-            """), {"day": today})).mappings().one()
-        for state in ("queued", "submitted", "failed"):
-            metrics.QUEUE_TASKS.labels(state=state).set(row[state])
-        metrics.QUEUE_OLDEST.set(float(row["oldest"] or 0))
-        metrics.BATCHES_IN_FLIGHT.set(row["in_flight"])
-        metrics.BATCH_OLDEST_IN_FLIGHT.set(float(row["oldest_batch"] or 0))
-        metrics.BUDGET_SPENT.set(float(row["spent"]))
-        caps = self.settings.budgets_by_client
-        if caps:
-            async with self.engine.connect() as conn:
-                by_client = await repo.client_day_spend(conn, today)
-            for client in caps:
-                metrics.CLIENT_BUDGET_SPENT.labels(client=client).set(
-                    float(by_client.get(client, 0)))
-        self.api.queued_estimate = int(row["queued"])
-        async with self.engine.connect() as conn:
-            backlog = await repo.callback_backlog(conn)
-            queued_of = await repo.queued_by_client(conn)
-        self.api.client_queued = {c: queued_of.get(c, 0) for c in self.api.client_max_queued}
-        labelled: dict[str, int] = dict.fromkeys(self._client_labels, 0)
-        for name, n in queued_of.items():
-            label = self.clients.label(name)
-            labelled[label] = labelled.get(label, 0) + n
-        for label, n in labelled.items():
-            metrics.CLIENT_QUEUE_TASKS.labels(client=label).set(n)
-        self._client_labels = set(labelled)
-        metrics.CALLBACKS_PENDING.set(backlog["pending"])
-        metrics.CALLBACKS_FAILED.set(backlog["failed"])
-
-    async def _daily_report(self, stop: asyncio.Event) -> None:
-        """After each UTC midnight, log the day before as one event."""
-        while not stop.is_set():
-            now = self.clock()
-            tomorrow = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
-            wait = max(1.0, (tomorrow - now).total_seconds() + 5)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait)
-            if stop.is_set():
-                return
-            try:
-                day = self.clock().date() - timedelta(days=1)
-                report = await self.reporter.day(day)
-                log.info("report.daily", **report)
-                if self.settings.archive_retention_days:
-                    removed = await asyncio.to_thread(
-                        self.archive.prune, self.settings.archive_retention_days,
-                        self.clock().date())
-                    log.info("archive.pruned", days_removed=len(removed))
-            except Exception:
-                log.exception("report.daily_failed")
