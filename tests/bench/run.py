@@ -1210,18 +1210,19 @@ IDLE_STATEMENTS_PER_TICK = 4
 
 def loop_ticks_per_minute() -> float:
     """How often the daemon's loops wake at the default settings with nothing to do."""
-    from batchd import callbacks, jobs, service, sync_lane
+    from batchd import callbacks, jobs, snapshots, sync_lane
     from batchd.config import Settings
 
     s = Settings()
-    return sum((
+    per_minute: tuple[float, ...] = (
         60 / s.scheduler_interval_seconds,
         60 / min(s.poll_interval_seconds, 5.0),
-        60 / service._SNAPSHOT_SECONDS,
+        60 / snapshots.SNAPSHOT_SECONDS,
         60 / getattr(sync_lane, "_IDLE_TICK_SECONDS", sync_lane._TICK_SECONDS),
         60 / callbacks._TICK_SECONDS,
         60 / jobs._TICK_SECONDS,
-    ))
+    )
+    return sum(per_minute)
 
 
 # -------------------------------------------------------------------- output
