@@ -48,6 +48,15 @@ async def _settle(conn: AsyncConnection, outcome: ReplayOutcome, done: list[tupl
                        for cl, cid in rest if client is None or cl == client}
 
 
+def _keys(client: str | None, custom_ids: list[str] | None) -> list[tuple[str, str]] | None:
+    """``client``'s custom_ids as task keys; None (all) when none are named."""
+    if custom_ids is None:
+        return None
+    if client is None:
+        raise ValueError("name the client whose tasks these custom_ids are")
+    return [(client, c) for c in custom_ids]
+
+
 class Replayer:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
@@ -58,10 +67,7 @@ class Replayer:
         of ``client``'s failed tasks, every client's when ``client`` is None.
         Tasks that are not failed are left alone and reported with the
         reason; another client's custom_id is as unknown as one never sent."""
-        if custom_ids is not None and client is None:
-            raise ValueError("name the client whose tasks these custom_ids are")
-        keys = None if custom_ids is None else [(client or "", c) for c in custom_ids]
-        return await self.replay_keys(keys, client)
+        return await self.replay_keys(_keys(client, custom_ids), client)
 
     async def replay_keys(self, keys: list[tuple[str, str]] | None, client: str | None = None
                           ) -> ReplayOutcome:
@@ -80,10 +86,7 @@ class Replayer:
         ``replay`` chooses them: they are kept until retention deletes them
         like any finished task, but never replayed. Export them first
         (``batchd failed export``): the export is then their only copy."""
-        if custom_ids is not None and client is None:
-            raise ValueError("name the client whose tasks these custom_ids are")
-        keys = None if custom_ids is None else [(client or "", c) for c in custom_ids]
-        return await self.dismiss_keys(keys, client)
+        return await self.dismiss_keys(_keys(client, custom_ids), client)
 
     async def dismiss_keys(self, keys: list[tuple[str, str]] | None, client: str | None = None
                            ) -> ReplayOutcome:

@@ -98,8 +98,13 @@ class PrivatePostgres:
         kw: dict[str, Any] = {}
         if self.user is not None:
             kw = {"user": self.user.pw_uid, "group": self.user.pw_gid}
-        return subprocess.run([str(self.bindir / args[0]), *args[1:]], capture_output=True,
-                              text=True, check=check, cwd=self.root, timeout=120, **kw)
+        done = subprocess.run([str(self.bindir / args[0]), *args[1:]], capture_output=True,
+                              text=True, check=False, cwd=self.root, timeout=120, **kw)
+        if check and done.returncode:
+            # What the server tools said, not only that they failed.
+            raise RuntimeError(f"{args[0]} exited {done.returncode}: "
+                               f"{(done.stderr or done.stdout).strip()[-2000:]}")
+        return done
 
     def init(self) -> None:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
