@@ -46,7 +46,11 @@ INVARIANTS = (
         WHERE e.outcome = 'succeeded' GROUP BY t.id, t.client, t.custom_id, t.replay_count
         HAVING count(*) > t.replay_count + 1"""),
     Invariant("orphan_event", "every task event belongs to a stored task", """
-        SELECT DISTINCT e.client || '/' || e.custom_id AS item FROM task_events e
+        -- The task is gone, and with it the key (events since migration 0012
+        -- do not copy it): the task id names it.
+        SELECT DISTINCT coalesce(e.client || '/' || e.custom_id,
+                                 'task ' || coalesce(e.task_id::text, '?')) AS item
+        FROM task_events e
         WHERE NOT EXISTS (SELECT 1 FROM tasks t WHERE t.id = e.task_id)"""),
     Invariant("orphan_callback", "every callback belongs to a stored task", """
         SELECT c.id::text || ' ' || c.client || '/' || c.custom_id AS item FROM callbacks c

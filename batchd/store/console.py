@@ -25,6 +25,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 # Two ways to say "this client only, or everyone when :client is NULL".
 _MINE = "(CAST(:client AS text) IS NULL OR client = CAST(:client AS text))"
 _MINE_T = "(CAST(:client AS text) IS NULL OR t.client = CAST(:client AS text))"
+# Batch b holds one of the viewer's tasks: one not succeeded (tasks_batch_held
+# indexes only those) or one that succeeded in it (its result names the batch).
+_HOLDS_MINE = """(EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = b.id AND t.state <> 'succeeded'
+                    AND t.client = CAST(:client AS text))
+     OR EXISTS (SELECT 1 FROM results r WHERE r.batch_id = b.id
+                AND r.client = CAST(:client AS text)))"""
 
 
 def _day_bounds(day: date) -> tuple[datetime, datetime]:
@@ -87,8 +93,7 @@ SELECT b.id, b.provider_batch_id, b.endpoint, b.model, b.state, b.provider_statu
        now() AS now
 FROM batches b
 WHERE b.state <> 'routed'
-  AND (CAST(:client AS text) IS NULL OR EXISTS (
-       SELECT 1 FROM tasks t WHERE t.batch_id = b.id AND {_MINE_T}))
+  AND (CAST(:client AS text) IS NULL OR {_HOLDS_MINE})
 ORDER BY b.created_at, b.id
 LIMIT :lim
 """)
@@ -286,8 +291,7 @@ SELECT b.id, b.provider_batch_id, b.endpoint, b.model, b.state, b.provider_statu
        round(b.sync_cost_usd, 6) AS sync_cost_usd, b.spend_day, b.created_at,
        b.submitted_at, b.finished_at, b.routed_at
 FROM batches b
-WHERE b.id = :bid AND (CAST(:client AS text) IS NULL OR EXISTS (
-       SELECT 1 FROM tasks t WHERE t.batch_id = b.id AND {_MINE_T}))
+WHERE b.id = :bid AND (CAST(:client AS text) IS NULL OR {_HOLDS_MINE})
 """)
 
 

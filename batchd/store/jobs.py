@@ -267,8 +267,8 @@ WITH picked AS (
     FROM picked p WHERE t.id = p.id AND t.state = 'queued'
     RETURNING t.id, t.custom_id, t.attempts, t.client, t.callback_url, t.job
 ), ev AS (
-    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
-    SELECT id, client, custom_id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
+    INSERT INTO task_events (task_id, attempt, outcome, error)
+    SELECT id, attempts, 'cancelled', CAST(:err AS jsonb) FROM upd
 ), cb AS (
     INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts,
                            task_error)

@@ -38,8 +38,8 @@ WITH upd AS (
     RETURNING id, client, custom_id, replay_count, last_error, job
 ), jd AS ({moved_deltas("upd", "'failed'", "'queued'")}
 ), ev AS (
-    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
-    SELECT id, client, custom_id, 0, 'replayed', last_error FROM upd
+    INSERT INTO task_events (task_id, attempt, outcome, error)
+    SELECT id, 0, 'replayed', last_error FROM upd
 )
 SELECT client, custom_id FROM upd""")
 
@@ -59,8 +59,8 @@ WITH upd AS (
     WHERE {_CHOSEN}
     RETURNING id, client, custom_id, attempts, last_error
 ), ev AS (
-    INSERT INTO task_events (task_id, client, custom_id, attempt, outcome, error)
-    SELECT id, client, custom_id, attempts, 'dismissed', last_error FROM upd
+    INSERT INTO task_events (task_id, attempt, outcome, error)
+    SELECT id, attempts, 'dismissed', last_error FROM upd
 )
 SELECT client, custom_id FROM upd""")
 

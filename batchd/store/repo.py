@@ -513,8 +513,8 @@ async def stream_batch_lines(
     records. Close it (``aclosing``) before the connection: a page may still
     be in flight.
 
-    Each chunk is the next range of the ``tasks_batch`` index, read in file
-    order. A bitmap scan, which the planner takes for a batch it has no
+    Each chunk is the next range of the ``tasks_batch_held`` index, read in
+    file order. A bitmap scan, which the planner takes for a batch it has no
     statistics for yet, loses that order and sorts the bodies on disk (30 MB
     for 50,000 lines), so it is off for this read. The rows come straight
     from the driver, bodies as text: SQLAlchemy's row layer and per-value
@@ -691,8 +691,8 @@ WITH input AS ({input}
 ), kept AS ({kept}
 ), jd AS (""" + moved_deltas("kept", "'submitted'", "'succeeded'", "cost", "sync") + """
 ), ev AS (
-    INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome)
-    SELECT task_id, client, custom_id, :bid, attempts, 'succeeded' FROM kept
+    INSERT INTO task_events (task_id, batch_id, attempt, outcome)
+    SELECT task_id, :bid, attempts, 'succeeded' FROM kept
 ), cb AS (
     INSERT INTO callbacks (task_id, custom_id, client, url, task_state, task_attempts)
     SELECT task_id, custom_id, client, callback_url, 'succeeded', attempts FROM kept
@@ -774,8 +774,8 @@ WITH input AS ({input}
     RETURNING t.id, t.client, t.custom_id, t.attempts, t.state, t.callback_url, t.job
 ), jd AS (""" + moved_deltas("upd", "'submitted'", "state") + """
 ), ev AS (
-    INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome, error)
-    SELECT u.id, u.client, u.custom_id, :bid, u.attempts,
+    INSERT INTO task_events (task_id, batch_id, attempt, outcome, error)
+    SELECT u.id, :bid, u.attempts,
            CASE WHEN u.state = 'failed' THEN 'failed' ELSE 'retried' END, i.err::jsonb
     FROM upd u JOIN input i ON i.tid = u.id
 ), cb AS (
@@ -871,7 +871,12 @@ async def resolve_legacy_lines(conn: AsyncConnection, batch_id: str) -> None:
     flight across the upgrade still routes."""
     await conn.execute(text("""
         UPDATE route_lines l SET tid = t.id FROM tasks t
-        WHERE t.batch_id = :bid AND t.custom_id = l.cid"""), {"bid": batch_id})
+        WHERE t.custom_id = l.cid AND t.id IN (
+            -- The batch's tasks: those not succeeded by tasks_batch_held, the
+            -- ones that did by their results (a route resumed after a crash).
+            SELECT id FROM tasks WHERE batch_id = :bid AND state <> 'succeeded'
+            UNION ALL SELECT task_id FROM results WHERE batch_id = :bid)"""),
+        {"bid": batch_id})
 
 
 @dataclass(slots=True)
@@ -977,9 +982,8 @@ async def requeue_remaining(
             RETURNING id, client, custom_id, attempts, job
         ), jd AS ({moved_deltas("upd", "'submitted'", "'queued'")}
         ), ev AS (
-            INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome,
-                                     error)
-            SELECT id, client, custom_id, :bid, attempts, 'requeued', CAST(:err AS jsonb)
+            INSERT INTO task_events (task_id, batch_id, attempt, outcome, error)
+            SELECT id, :bid, attempts, 'requeued', CAST(:err AS jsonb)
             FROM upd
         )
         SELECT client, count(*) FROM upd GROUP BY client"""),
@@ -1074,8 +1078,8 @@ async def give_back_sync_call(conn: AsyncConnection, claim_id: str, task_id: int
             RETURNING id, client, custom_id, attempts, job
         ), jd AS ({moved_deltas("upd", "'submitted'", "'queued'")}
         )
-        INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome, error)
-        SELECT id, client, custom_id, :claim, attempts, 'requeued', CAST(:err AS jsonb)
+        INSERT INTO task_events (task_id, batch_id, attempt, outcome, error)
+        SELECT id, :claim, attempts, 'requeued', CAST(:err AS jsonb)
         FROM upd"""),
         {"tid": task_id, "claim": claim_id, "err": orjson.dumps(error).decode()})
 
@@ -1149,15 +1153,17 @@ async def fall_back(conn: AsyncConnection, window_seconds: float, margin: float,
             RETURNING t.id, t.client, t.custom_id, t.attempts, d.left_batch, d.to_sync, d.was,
                       t.job
         ), jd AS ({moved_deltas("upd", "was", "'queued'")}
-        )
-        INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome, error)
-        SELECT id, client, custom_id, left_batch, attempts,
+        ), ev AS (
+        INSERT INTO task_events (task_id, batch_id, attempt, outcome, error)
+        SELECT id, left_batch, attempts,
                CASE WHEN to_sync THEN 'fallback' ELSE 'resubmitted' END,
                CASE WHEN to_sync
                     THEN '{{"code": "latency_fallback", "message": "moved to the sync lane"}}'
                     ELSE '{{"code": "latency_resubmit", "message": "resubmitted in a new batch"}}'
                END::jsonb
-        FROM upd RETURNING custom_id, outcome"""),
+        FROM upd RETURNING task_id, outcome
+        )
+        SELECT u.custom_id, e.outcome FROM ev e JOIN upd u ON u.id = e.task_id"""),
         {"lim": limit, "window": window_seconds, "margin": margin})
     moved = Moved([], [])
     for cid, outcome in rows:

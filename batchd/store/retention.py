@@ -70,12 +70,13 @@ SELECT (SELECT count(*) FROM t) AS tasks, (SELECT count(*) FROM r) AS results,
 """)
 
 # A routed batch goes once no task and no result points at it any more (a
-# failed task in the manual queue keeps its batch).
+# failed task in the manual queue keeps its batch). A succeeded task points
+# at it through its result (tasks_batch_held leaves succeeded tasks out).
 _PRUNE_BATCHES = text("""
 DELETE FROM batches WHERE id IN (
     SELECT b.id FROM batches b
     WHERE b.state = 'routed' AND b.routed_at < :cutoff
-      AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = b.id)
+      AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.batch_id = b.id AND t.state <> 'succeeded')
       AND NOT EXISTS (SELECT 1 FROM results r WHERE r.batch_id = b.id)
     ORDER BY b.routed_at LIMIT :limit
     FOR UPDATE OF b SKIP LOCKED)

@@ -83,7 +83,11 @@ tasks = Table(
     # batch-lane tasks oldest first, counted index-only (migration 0004).
     Index("tasks_queued_lane", "endpoint", "model", "lane", "not_before", "id",
           postgresql_where=text("state = 'queued'")),
-    Index("tasks_batch", "batch_id", "id", postgresql_where=text("batch_id IS NOT NULL")),
+    # A batch's tasks still in it, failed in it or dismissed: a succeeded task
+    # is found through its result, so its entry does not outlive it (~110
+    # bytes a settled task, migration 0012).
+    Index("tasks_batch_held", "batch_id", "id",
+          postgresql_where=text("batch_id IS NOT NULL AND state <> 'succeeded'")),
     Index("tasks_client_custom_id", "client", "custom_id", unique=True),
     Index("tasks_failed", "finished_at", postgresql_where=text("state = 'failed'")),
     # A client's manual queue, paged by id.
@@ -163,7 +167,9 @@ results = Table(
     # Completion order for GET /v1/results cursors.
     Column("seq", BigInteger, Identity(), primary_key=True),
     # The task (NULL only for a result whose task was gone before migration
-    # 0010); client and custom_id are the caller's key, kept for reading.
+    # 0010); client and custom_id are the caller's key, kept for reading (a
+    # replica of the release before reads them from here while an upgrade
+    # rolls out, so they stay written).
     Column("task_id", BigInteger),
     Column("client", Text, nullable=False),
     Column("custom_id", Text, nullable=False),
@@ -192,8 +198,10 @@ task_events = Table(
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("task_id", BigInteger),  # NULL: an event of a task gone before migration 0011
-    Column("client", Text, nullable=False),
-    Column("custom_id", Text, nullable=False),
+    # The task's key, copied by rows stored before migration 0012 only:
+    # readers join tasks by task_id.
+    Column("client", Text),
+    Column("custom_id", Text),
     Column("batch_id", Text),
     Column("attempt", Integer, nullable=False),
     # accepted | succeeded | retried | failed | requeued | replayed | fallback |
@@ -201,7 +209,6 @@ task_events = Table(
     Column("outcome", Text, nullable=False),
     Column("error", JSONB),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
-    Index("task_events_custom_id", "custom_id"),
     Index("task_events_day", "created_at", "outcome"),
     Index("task_events_task", "task_id"),
     # The manual queue as of any day's end: each task's last failure, and the

@@ -147,9 +147,10 @@ async def bench_storage(b: r.Bench) -> None:
 
 async def seed_history(url: str, n: int, *, days_ago: float, spread_days: float,
                        prefix: str = "hist") -> float:
-    """n finished tasks, each with its result and two events ('accepted' is not
+    """n finished tasks, each with its result and its events ('accepted' is not
     stored; 'succeeded' and, every tenth, a 'retried' first), in batches of
-    50,000, finished over ``spread_days`` ending ``days_ago`` days back. Written
+    50,000, finished over ``spread_days`` ending ``days_ago`` days back, rows
+    as batchd writes them (results and events find their task by id). Written
     by INSERT ... SELECT from generate_series on the server (as fast as COPY
     and nothing crosses the wire). Returns seconds taken."""
     conn = await asyncpg.connect(url)
@@ -158,6 +159,9 @@ async def seed_history(url: str, n: int, *, days_ago: float, spread_days: float,
     start = end - timedelta(days=spread_days)
     span = (end - start).total_seconds()
     try:
+        # Task ids are given (base + i) so results and events name their task
+        # without a join; the sequence moves past them at the end.
+        base = int(await conn.fetchval("SELECT coalesce(max(id), 0) + 1 FROM tasks"))
         step = 500_000
         for lo in range(0, n, step):
             hi = min(n, lo + step)
@@ -173,28 +177,31 @@ async def seed_history(url: str, n: int, *, days_ago: float, spread_days: float,
                      LATERAL (SELECT $1::timestamptz + make_interval(
                          secs => j * 50000 * {span} / {n}) AS w) t""", start)
             await conn.execute(f"""
-                INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes,
+                INSERT INTO tasks (id, custom_id, endpoint, model, body, body_digest, line_bytes,
                     est_input_tokens, est_output_tokens, state, attempts, batch_id,
                     created_at, updated_at, submitted_at, finished_at, not_before)
-                SELECT '{prefix}-' || i, '/v1/chat/completions', 'gpt-4o-mini', NULL,
+                SELECT {base} + i, '{prefix}-' || i, '/v1/chat/completions', 'gpt-4o-mini', NULL,
                        md5(i::text) || md5((i + 1)::text), 560, 120, 16, 'succeeded', 1,
                        '{prefix}-b' || (i / 50000), w - interval '20 minutes', w,
                        w - interval '10 minutes', w, w - interval '20 minutes'
                 FROM generate_series({lo}, {hi - 1}) i, LATERAL (SELECT {when} AS w) t""",
                 start)
             await conn.execute(f"""
-                INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd,
-                    sync_cost_usd, created_at, updated_at)
-                SELECT '{prefix}-' || i, '{prefix}-b' || (i / 50000), 200, {_RESPONSE},
+                INSERT INTO results (task_id, client, custom_id, batch_id, status_code,
+                    response, cost_usd, sync_cost_usd, created_at, updated_at)
+                SELECT {base} + i, 'local', '{prefix}-' || i, '{prefix}-b' || (i / 50000), 200,
+                       {_RESPONSE},
                        0.000014, 0.000028, w, w
                 FROM generate_series({lo}, {hi - 1}) i, LATERAL (SELECT {when} AS w) t""",
                 start)
             await conn.execute(f"""
-                INSERT INTO task_events (custom_id, batch_id, attempt, outcome, created_at)
-                SELECT '{prefix}-' || i, '{prefix}-b' || (i / 50000), 1, o, w
+                INSERT INTO task_events (task_id, batch_id, attempt, outcome, created_at)
+                SELECT {base} + i, '{prefix}-b' || (i / 50000), 1, o, w
                 FROM generate_series({lo}, {hi - 1}) i, LATERAL (SELECT {when} AS w) t,
                      unnest(CASE WHEN i % 10 = 0 THEN ARRAY['retried', 'succeeded']
                                  ELSE ARRAY['succeeded'] END) o""", start)
+        await conn.execute("SELECT setval(pg_get_serial_sequence('tasks', 'id'), max(id)) "
+                           "FROM tasks")
         await conn.execute("UPDATE batches b SET cost_usd = s.c, sync_cost_usd = s.y "
                            "FROM (SELECT batch_id, sum(cost_usd) c, sum(sync_cost_usd) y "
                            f"FROM results WHERE batch_id LIKE '{prefix}-b%' "
@@ -279,12 +286,17 @@ HOT_QUERIES: dict[str, str] = {
     "ingest insert (ON CONFLICT probe)":
         "EXPLAIN INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes) "
         "VALUES ('explain-1', '/v1/chat/completions', 'm', '{}', 'd', 1) "
-        "ON CONFLICT (custom_id) DO NOTHING",
+        "ON CONFLICT (client, custom_id) DO NOTHING",
     "queued windows": "EXPLAIN SELECT endpoint, model, count(*), min(not_before) FROM tasks "
                       "WHERE state = 'queued' AND lane = 'batch' GROUP BY endpoint, model",
     "route: settle a task": "EXPLAIN UPDATE tasks SET state = 'succeeded' "
-                            "WHERE custom_id = 'x' AND state = 'submitted'",
-    "batch's tasks": "EXPLAIN SELECT id FROM tasks WHERE batch_id = 'x' ORDER BY id",
+                            "WHERE id = 1 AND state = 'submitted'",
+    "batch's tasks": "EXPLAIN SELECT id FROM tasks WHERE batch_id = 'x' AND id > 0 "
+                     "AND state = 'submitted' ORDER BY batch_id, id LIMIT 2000",
+    "a client's results page": "EXPLAIN SELECT seq FROM results WHERE client = 'local' "
+                               "AND seq > 0 ORDER BY seq LIMIT 1000",
+    "retention: a batch still held": "EXPLAIN SELECT 1 FROM tasks WHERE batch_id = 'x' "
+                                     "AND state <> 'succeeded'",
     "report today: tasks in": "EXPLAIN SELECT count(*) FROM tasks "
                               "WHERE created_at >= current_date AND created_at < current_date + 1",
     "report today: events": "EXPLAIN SELECT outcome, count(*) FROM task_events "

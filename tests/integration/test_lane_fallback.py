@@ -54,7 +54,9 @@ async def test_a_lost_sync_call_is_retried_then_failed_within_max_attempts(
         task = await h.task("lost")
         assert task["last_error"]["code"] == "sync_call_lost"
         events = [r["outcome"] for r in await h.rows(
-            "SELECT outcome FROM task_events WHERE custom_id = 'lost' ORDER BY id")]
+            "SELECT outcome FROM task_events "
+            "WHERE task_id = (SELECT id FROM tasks WHERE custom_id = 'lost') "
+            "ORDER BY id")]
         assert events == ["retried", "failed"]
         # Nobody knows what the lost calls cost: their reservations stay.
         assert await h.count("cost_usd IS NULL", "sync_spend") == 2
@@ -146,8 +148,9 @@ async def test_a_token_selects_the_profile_and_24h_resubmits_a_late_batch(
                 "queued", "batch", 0, None)
         assert (moved["r1"]["fallback_at"], moved["r1"]["fallback_action"]) == (None, "sync")
         assert moved["r-dl"]["fallback_at"] == deadline - SYNC_MARGIN
-        events = await h.rows("SELECT custom_id, batch_id, outcome FROM task_events "
-                              "WHERE outcome = 'resubmitted' ORDER BY custom_id")
+        events = await h.rows("SELECT t.custom_id, e.batch_id, e.outcome FROM task_events e "
+                              "JOIN tasks t ON t.id = e.task_id "
+                              "WHERE e.outcome = 'resubmitted' ORDER BY t.custom_id")
         assert [(e["custom_id"], e["batch_id"]) for e in events] == [
             ("r-dl", first), ("r1", first)]
 

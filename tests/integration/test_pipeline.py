@@ -178,7 +178,9 @@ async def test_retry_succeeds_on_second_and_third_attempt(db_url: str, tmp_path:
                             "third": ("succeeded", 3)}
         assert h.emulator.submissions[await h.key("third")] == 3
         outcomes = [r["outcome"] for r in await h.rows(
-            "SELECT outcome FROM task_events WHERE custom_id = 'third' ORDER BY id")]
+            "SELECT outcome FROM task_events "
+            "WHERE task_id = (SELECT id FROM tasks WHERE custom_id = 'third') "
+            "ORDER BY id")]
         assert outcomes == ["retried", "retried", "succeeded"]
 
 

@@ -93,7 +93,9 @@ async def test_profile_falls_back_to_sync_when_the_batch_is_late(
         # The unanswered batch attempt was given back; the sync call counted.
         assert (tight["state"], tight["attempts"]) == ("succeeded", 1)
         events = [r["outcome"] for r in await h.rows(
-            "SELECT outcome FROM task_events WHERE custom_id = 'tight' ORDER BY id")]
+            "SELECT outcome FROM task_events "
+            "WHERE task_id = (SELECT id FROM tasks WHERE custom_id = 'tight') "
+            "ORDER BY id")]
         assert events == ["fallback", "succeeded"]
         assert await h.scalar("SELECT state FROM tasks WHERE custom_id = 'relaxed'") == \
             "submitted"

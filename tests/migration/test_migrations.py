@@ -160,3 +160,55 @@ def test_the_client_key_migration_keeps_every_row_and_reverses(empty_db: str) ->
     assert _sql(empty_db, "SELECT custom_id, client FROM tasks ORDER BY custom_id") == [
         ("anon-1", None), ("named-1", "billing")]
     assert _sql(empty_db, "SELECT count(*) FROM results") == [(2,)]
+
+
+def _indexes(url: str, table: str) -> set[str]:
+    found = _sql(url, f"SELECT indexname FROM pg_indexes WHERE tablename = '{table}'")
+    return {str(r[0]) for r in found}
+
+
+def test_the_lean_rows_migration_keeps_old_copies_and_gives_them_back(empty_db: str) -> None:
+    """0012: events stored before keep their copies of the task's key, events
+    after need none, succeeded tasks leave the batch index; the downgrade
+    refills every copy from its task and rebuilds the old indexes."""
+    cfg = alembic_config(async_url(empty_db))
+    command.upgrade(cfg, "0011_client_task_key")
+    _sql(empty_db, """
+        INSERT INTO tasks (id, custom_id, endpoint, model, body, body_digest, line_bytes, state,
+                           client, batch_id)
+        VALUES (1, 'old', '/v1/chat/completions', 'm', NULL, 'd', 2, 'succeeded', 'billing',
+                'bd_1'),
+               (2, 'new', '/v1/chat/completions', 'm', NULL, 'd', 2, 'succeeded', 'local',
+                'bd_1'),
+               (3, 'held', '/v1/chat/completions', 'm', '{}', 'd', 2, 'failed', 'local',
+                'bd_1')""")
+    _sql(empty_db, """
+        INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response)
+        VALUES (1, 'billing', 'old', 'bd_1', 200, '{}')""")
+    _sql(empty_db, """
+        INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome)
+        VALUES (1, 'billing', 'old', 'bd_1', 1, 'succeeded')""")
+    command.upgrade(cfg, "0012_lean_rows")
+    assert "tasks_batch" not in _indexes(empty_db, "tasks")
+    assert "task_events_custom_id" not in _indexes(empty_db, "task_events")
+    # What batchd writes from now on: no copies of the key.
+    _sql(empty_db, """
+        INSERT INTO task_events (task_id, batch_id, attempt, outcome)
+        VALUES (2, 'bd_1', 1, 'succeeded'), (3, 'bd_1', 1, 'failed')""")
+    # The batch index holds the task that did not succeed, not the two that did.
+    assert _sql(empty_db, """
+        SELECT count(*) FROM tasks WHERE batch_id = 'bd_1' AND state <> 'succeeded'""") == [(1,)]
+    assert _sql(empty_db, "SELECT custom_id FROM task_events ORDER BY id") == [
+        ("old",), (None,), (None,)]
+    command.downgrade(cfg, "0011_client_task_key")
+    assert _sql(empty_db, "SELECT custom_id, client FROM task_events ORDER BY task_id") == [
+        ("old", "billing"), ("new", "local"), ("held", "local")]
+    assert {"tasks_batch"} <= _indexes(empty_db, "tasks")
+    assert "tasks_batch_held" not in _indexes(empty_db, "tasks")
+    assert "task_events_custom_id" in _indexes(empty_db, "task_events")
+    with pytest.raises(Exception, match="custom_id"):
+        _sql(empty_db, """
+            INSERT INTO task_events (task_id, client, batch_id, attempt, outcome)
+            VALUES (3, 'local', 'bd_1', 1, 'failed')""")
+    command.upgrade(cfg, "head")
+    assert _diff(empty_db) == []
