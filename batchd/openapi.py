@@ -849,9 +849,17 @@ def with_edge_replies(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     return paths
 
 
+# A job is (client, name): ?client= names whose job, for admin tokens.
+JOB_CLIENT = {**CLIENT, "description": (
+    "admin tokens only (any other token may name only its own client): the client whose "
+    "jobs these are. Without it a job name means the caller's own job, an admin's too.")}
+
+
 def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
-    path = [{"name": "job", "in": "path", "required": True, "schema": job_name(limits)}]
-    missing = error("you have no job with that name", "not_found")
+    path = [{"name": "job", "in": "path", "required": True, "schema": job_name(limits)},
+            JOB_CLIENT]
+    missing = error("you (or the client ?client= names) have no job with that name",
+                    "not_found")
     return {
         "/v1/jobs": {"get": {
             "operationId": "listJobs", "tags": ["jobs"],
@@ -859,17 +867,19 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "parameters": [
                 query("after", job_name(limits), "the `next` of the previous page"),
                 query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
-                      "page size (default 100)")],
+                      "page size (default 100)"), JOB_CLIENT],
             "responses": {"200": ok("a page of jobs", ref("JobPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "503": UNAVAILABLE}}},
         "/v1/jobs/{job}": {
             "get": {
                 "operationId": "getJob", "tags": ["jobs"],
                 "summary": "One job's counts and money, kept as its tasks move (the cost of "
                            "this call does not grow with the job)",
                 "parameters": path,
-                "responses": {"200": ok("the job", ref("Job")), "401": UNAUTHORIZED,
-                              "404": missing, "503": UNAVAILABLE}},
+                "responses": {"200": ok("the job", ref("Job")), "400": BAD_PARAMETER,
+                              "401": UNAUTHORIZED, "403": FORBIDDEN, "404": missing,
+                              "503": UNAVAILABLE}},
             "put": {
                 "operationId": "updateJob", "tags": ["jobs"],
                 "summary": "Set or clear the job's callback_url",
@@ -877,8 +887,12 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "requestBody": {"required": True, "content": json_content(ref("JobUpdate"))},
                 "responses": {"200": ok("the job", ref("Job")),
                               "400": error("the body is not a JobUpdate, or the URL cannot "
-                                           "be used", "invalid_json", "invalid_request"),
-                              "401": UNAUTHORIZED, "404": missing, "503": UNAVAILABLE}}},
+                                           "be used (it is checked against the job's "
+                                           "client's callback settings), or ?client= is "
+                                           "not a client name", "invalid_json",
+                                           "invalid_request", "invalid_parameter"),
+                              "401": UNAUTHORIZED, "403": FORBIDDEN, "404": missing,
+                              "503": UNAVAILABLE}}},
         "/v1/jobs/{job}/cancel": {"post": {
             "operationId": "cancelJob", "tags": ["jobs"],
             "summary": "Cancel the job's queued tasks; tasks already at the provider finish",
@@ -889,7 +903,8 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "join the job (409 job_cancelled). Calling it again is harmless."),
             "parameters": path,
             "responses": {"200": ok("the job after the cancel", ref("JobCancelled")),
-                          "401": UNAUTHORIZED, "404": missing, "503": UNAVAILABLE}}},
+                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          "404": missing, "503": UNAVAILABLE}}},
         "/v1/jobs/{job}/results": {"get": {
             "operationId": "jobResults", "tags": ["jobs"],
             "summary": "The job's finished tasks as NDJSON, streamed",
@@ -908,9 +923,9 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
                         "content": {"application/x-ndjson": {"schema": {
                             "type": "array", "items": ref("JobResult"),
                             "description": "one JobResult per line"}}}},
-                "400": BAD_PARAMETER, "401": UNAUTHORIZED,
-                "404": error("you have no job with that name, or ?after names no task of it",
-                             "not_found"),
+                "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                "404": error("you (or the client ?client= names) have no job with that "
+                             "name, or ?after names no task of it", "not_found"),
                 "503": UNAVAILABLE}}},
     }
 

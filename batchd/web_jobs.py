@@ -1,6 +1,9 @@
-"""The jobs API (DESIGN section 13). Every route is scoped to the caller's
-client: a job name means the caller's job, and another client's job of the
-same name is never seen nor touched."""
+"""The jobs API (DESIGN section 13). Every route is scoped to one client: a
+job name means the caller's job, and another client's job of the same name
+is never seen nor touched. An admin token names another client's jobs with
+``?client=`` (listed, read, updated, cancelled, results fetched as that
+client's); any other token passing another client's name gets 403, as on
+every route (web._owner)."""
 
 from __future__ import annotations
 
@@ -13,16 +16,16 @@ from batchd.ingest import IngestError
 from batchd.jobs import view_json
 from batchd.store import jobs as store
 from batchd.store.jobs import FINISHED_STATES
-from batchd.web import STATE, _client, _int_param, error_response, json_response
+from batchd.web import STATE, _client, _int_param, _owner, error_response, json_response
 
 log = logs.get("batchd.web")
 
-_NO_JOB = "no job of yours with that name"
+_NO_JOB = "no job of yours (or of the client ?client= names) with that name"
 
 
 def _who(request: web.Request) -> str:
-    client = _client(request)
-    return client.name if client is not None else store.LOCAL
+    """Whose jobs the request names: the caller's, or an admin's ?client=."""
+    return _owner(request)
 
 
 def _job(request: web.Request) -> str | None:
@@ -32,12 +35,13 @@ def _job(request: web.Request) -> str | None:
 
 
 async def list_jobs(request: web.Request) -> web.Response:
+    who = _who(request)
     limit = _int_param(request, "limit", 100, 1, 1000)
     after = request.query.get("after")
     if after is not None and job_name_problem(after, request.app[STATE].ingest.limits):
         raise IngestError(400, "invalid_parameter", "after must be a job name from a "
                           "previous page's next")
-    views = await request.app[STATE].jobs.page(_who(request), after, limit)
+    views = await request.app[STATE].jobs.page(who, after, limit)
     has_more = len(views) == limit
     return json_response({"jobs": [view_json(v) for v in views],
                           "next": views[-1].job if views and has_more else None,
@@ -45,8 +49,9 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 async def get_job(request: web.Request) -> web.Response:
+    who = _who(request)
     name = _job(request)
-    view = await request.app[STATE].jobs.get(_who(request), name) if name else None
+    view = await request.app[STATE].jobs.get(who, name) if name else None
     if view is None:
         return error_response(404, "not_found", _NO_JOB)
     return json_response(view_json(view))
@@ -55,6 +60,7 @@ async def get_job(request: web.Request) -> web.Response:
 async def put_job(request: web.Request) -> web.Response:
     """Set or clear the job's callback_url: ``{"callback_url": "https://..."}``."""
     state = request.app[STATE]
+    who = _who(request)
     name = _job(request)
     raw = await request.read()
     try:
@@ -67,22 +73,25 @@ async def put_job(request: web.Request) -> web.Response:
     url = doc["callback_url"]
     if url is not None and (not isinstance(url, str) or not url):
         raise IngestError(400, "invalid_request", usage)
-    client = _client(request)
-    problem = state.ingest.callback_problem(url, client.name if client else None)
+    # The job's client signs the callback, whoever sets the URL.
+    problem = state.ingest.callback_problem(url, who)
     if problem:
         raise IngestError(400, "invalid_request", f"callback_url {problem}")
-    if name is None or not await state.jobs.set_callback(_who(request), name, url):
+    if name is None or not await state.jobs.set_callback(who, name, url):
         return error_response(404, "not_found", _NO_JOB)
-    view = await state.jobs.get(_who(request), name)
+    view = await state.jobs.get(who, name)
     assert view is not None
     return json_response(view_json(view))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
+    who = _who(request)
     name = _job(request)
-    done = await request.app[STATE].jobs.cancel(_who(request), name) if name else None
+    done = await request.app[STATE].jobs.cancel(who, name) if name else None
     if done is None:
         return error_response(404, "not_found", _NO_JOB)
+    log.info("job.cancel_requested", client=who, job=name, by=_client(request).name,
+             cancelled=done.cancelled_now)
     return json_response({**view_json(done.job), "cancelled_now": done.cancelled_now})
 
 
@@ -91,8 +100,8 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     accepted (task id). ``?after=<custom_id>`` resumes after that task's line;
     ``?state=`` keeps one terminal state."""
     state = request.app[STATE]
-    name = _job(request)
     who = _who(request)
+    name = _job(request)
     wanted = request.query.get("state")
     if wanted is not None and wanted not in FINISHED_STATES:
         raise IngestError(400, "invalid_parameter",

@@ -361,3 +361,56 @@ def _report_to(path: Path, argv: list[str]) -> int:
 
     with path.open("w") as f, contextlib.redirect_stdout(f):
         return cli_main(argv)
+
+
+async def test_an_admin_reaches_another_clients_job_with_client_and_no_one_else_does(
+        db_url: str, tmp_path: Path) -> None:
+    """Before: a job name always meant the caller's job, so an admin could not
+    read, cancel or fetch the results of a client's job at all."""
+    async with running(db_url, tmp_path, **clients_settings(tmp_path)) as h:
+        await h.post({"tasks": [chat_task(f"a-{i}", job="nightly") for i in range(3)]},
+                     headers=ALPHA)
+        await h.post({"tasks": [chat_task("b-0", job="nightly")]}, headers=BETA)
+
+        async def call(method: str, path: str, auth: dict[str, str], body: Any = None,
+                       **params: str) -> tuple[int, bytes]:
+            async with h.http.request(method, f"{h.base_url}{path}", headers=auth,
+                                      params=params, json=body) as r:
+                return r.status, await r.read()
+
+        routes = [("GET", "/v1/jobs", None), ("GET", "/v1/jobs/nightly", None),
+                  ("PUT", "/v1/jobs/nightly", {"callback_url": None}),
+                  ("POST", "/v1/jobs/nightly/cancel", {}),
+                  ("GET", "/v1/jobs/nightly/results", None)]
+        # Beta naming alpha is refused on every route, as on the task routes.
+        for method, path, body in routes:
+            status, raw = await call(method, path, BETA, body, client="alpha")
+            assert status == 403, (method, path)
+            assert orjson.loads(raw)["error"]["code"] == "forbidden"
+        # Naming itself is its own job.
+        status, raw = await call("GET", "/v1/jobs/nightly", BETA, client="beta")
+        assert status == 200 and orjson.loads(raw)["tasks"] == 1
+        # The admin's own jobs without ?client= (it has none); alpha's with it.
+        assert (await call("GET", "/v1/jobs/nightly", ADMIN))[0] == 404
+        status, raw = await call("GET", "/v1/jobs", ADMIN, client="alpha")
+        assert [j["job"] for j in orjson.loads(raw)["jobs"]] == ["nightly"]
+        status, raw = await call("GET", "/v1/jobs/nightly", ADMIN, client="alpha")
+        assert orjson.loads(raw)["tasks"] == 3
+        status, raw = await call("PUT", "/v1/jobs/nightly", ADMIN,
+                                 {"callback_url": "http://127.0.0.1:9/done"}, client="alpha")
+        assert status == 200 and orjson.loads(raw)["callback_url"] == "http://127.0.0.1:9/done"
+        status, raw = await call("POST", "/v1/jobs/nightly/cancel", ADMIN, {}, client="alpha")
+        assert status == 200 and orjson.loads(raw)["cancelled_now"] == 3
+        status, raw = await call("GET", "/v1/jobs/nightly/results", ADMIN, client="alpha",
+                                 state="cancelled")
+        assert [orjson.loads(line)["custom_id"] for line in raw.splitlines()] == [
+            "a-0", "a-1", "a-2"]
+        status, raw = await call("GET", "/v1/jobs/nightly/results", ADMIN, client="alpha",
+                                 after="a-0")
+        assert [orjson.loads(line)["custom_id"] for line in raw.splitlines()] == ["a-1", "a-2"]
+        # Beta's job of the same name was not touched.
+        beta = orjson.loads((await call("GET", "/v1/jobs/nightly", BETA))[1])
+        assert (beta["queued"], beta["cancelled"], beta["callback_url"]) == (1, 0, None)
+        assert (await h.task_as("b-0", BETA))["state"] == "queued"
+        # A name no client could have is a 400, not a look-up.
+        assert (await call("GET", "/v1/jobs/nightly", ADMIN, client="x\x00"))[0] == 400
