@@ -388,13 +388,17 @@ class BatchdClient:
         return view
 
     async def wait_job(self, job: str, *, timeout: float | None = None,  # noqa: ASYNC109
-                       interval: float = 1.0, min_tasks: int = 0,
+                       interval: float = 0.25, min_tasks: int = 0,
                        progress: Callable[[dict[str, Any]], None] | None = None
                        ) -> dict[str, Any]:
         """The job's status once no task of it is queued or submitted (and it
         holds at least ``min_tasks`` tasks): one GET per ``interval``, however
         big the job. ``progress`` gets each status. Raises JobNotFinished
         after ``timeout`` seconds."""
+        # A quarter second: the status is one row and its unfolded deltas,
+        # whatever the job's size, so four calls a second cost the daemon
+        # little, and the caller learns of the end an eighth of a second
+        # after it on average (half a second at one call a second).
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -426,7 +430,9 @@ class BatchdClient:
                                             ) as resp:
                     if resp.status != 200:
                         self._decode(resp.status, await resp.read())
-                    async for data in resp.content.iter_chunked(1 << 16):
+                    # Big reads: the lines are copied whole, and the cursor is
+                    # decoded from the last line of each read only.
+                    async for data in resp.content.iter_chunked(1 << 20):
                         data = tail + data
                         end = data.rfind(b"\n") + 1
                         tail = data[end:]

@@ -1088,8 +1088,8 @@ async def bench_submit_job(b: Bench) -> None:
         f"(first task created -> last finished) {span:.1f} s", f"+{extra:.1f} s",
         f"{wall:.1f} s wall, {lines:,} result lines written", "client adds < 5 s + 10%",
         extra < 5 + 0.1 * span,
-        "1 run; 4 requests in flight, one GET /v1/jobs/{job} a second, results streamed "
-        "from GET /v1/jobs/{job}/results; the span includes ingest"))
+        "1 run; 4 requests in flight, one GET /v1/jobs/{job} every 0.25 s, results "
+        "streamed from GET /v1/jobs/{job}/results; the span includes ingest"))
 
 
 async def seed_job(conn: asyncpg.Connection, name: str, n: int, deltas: int) -> None:
@@ -1102,9 +1102,10 @@ async def seed_job(conn: asyncpg.Connection, name: str, n: int, deltas: int) -> 
                                state, attempts, finished_at, job)
             SELECT '{name}-' || g, '{ENDPOINT}', '{MODEL}', '{{}}', 'd', 10, 'succeeded', 1,
                    now(), '{name}' FROM generate_series(1, {n}) g
-            RETURNING custom_id)
-        INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd, sync_cost_usd)
-        SELECT custom_id, 'seed', 200, '{{}}', 0.000001, 0.000002 FROM t""")
+            RETURNING id, client, custom_id)
+        INSERT INTO results (task_id, client, custom_id, batch_id, status_code, response,
+                             cost_usd, sync_cost_usd)
+        SELECT id, client, custom_id, 'seed', 200, '{{}}', 0.000001, 0.000002 FROM t""")
     await conn.execute(f"""
         INSERT INTO jobs (client, job, tasks, succeeded, spend_usd, sync_equivalent_usd,
                           finished_at)

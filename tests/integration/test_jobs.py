@@ -117,6 +117,31 @@ async def test_jobs_list_newest_first_and_page_by_name(db_url: str, tmp_path: Pa
         assert (await h.get("/v1/jobs", after="bad name!"))[0] == 400
 
 
+async def test_results_read_in_pages_are_every_line_once_in_order(
+        db_url: str, tmp_path: Path) -> None:
+    async with running(db_url, tmp_path) as h:
+        tasks = [chat_task(f"p{i}", job="paged", emulate="http_400" if i % 4 == 1 else None)
+                 for i in range(23)]
+        assert (await h.post({"tasks": tasks}))[0] == 202
+        await h.run_until_settled()
+        assert (await h.post({"tasks": [chat_task("late", job="paged")]}))[0] == 202
+        _, whole = await results(h, "paged")
+        assert [x["custom_id"] for x in whole] == [f"p{i}" for i in range(23)]
+
+        async def read(**options: Any) -> list[bytes]:
+            return b"".join([c async for c in h.service.jobs.results(
+                "local", "paged", **options)]).splitlines()
+        one_page = await read(page=1000)
+        assert [orjson.loads(x) for x in one_page] == whole
+        for page in (1, 2, 5, 23, 24):
+            assert await read(page=page) == one_page, page
+        failed = await read(page=2, states=["failed"])
+        assert [orjson.loads(x)["custom_id"] for x in failed] == [
+            f"p{i}" for i in range(1, 23, 4)]
+        ids = await h.rows("SELECT id FROM tasks WHERE job = 'paged' ORDER BY id")
+        assert await read(page=3, after=ids[9]["id"]) == one_page[10:]
+
+
 async def test_every_clients_jobs_page_newest_first_through_ties(db_url: str) -> None:
     """The admin's listing (the console's): each client's newest merged, and
     a (client, job) cursor that neither skips nor repeats jobs created in
