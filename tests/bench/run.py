@@ -1253,9 +1253,10 @@ def table(b: Bench, started: float) -> str:
 
 
 # "bulk" is the ingest group's first row alone: a quick loop for ingest work.
-# storage, prune and history are a year of operation's rows (tests/bench/year.py).
+# storage, prune, history and migrations are a year of operation's rows
+# (tests/bench/year.py).
 ROWS = ("ingest", "bulk", "hostile", "windows", "e2e", "jobs", "status", "idle", "storage",
-        "prune", "history")
+        "prune", "history", "migrations")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1294,6 +1295,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         a.window_lines, a.e2e_tasks, a.idle_seconds = 20_000, 100_000, 30
         a.job_tasks, a.status_tasks, a.status_requests = 20_000, 100_000, 500
         a.storage_tasks, a.prune_rows, a.history = 40_000, 300_000, 300_000
+        a.migration_tasks = 300_000
     return a
 
 
@@ -1332,6 +1334,8 @@ async def main(argv: list[str] | None = None) -> int:
             await year.bench_prune(b)
         if "history" in only:
             await year.bench_history(b)
+        if "migrations" in only:
+            await year.bench_migrations(b)
     finally:
         await b.emulator.stop()
         await b.drop_dbs()

@@ -7,7 +7,10 @@
 * ``history``: --history finished tasks of history seeded into the database,
   then the bulk-ingest, flush, route and report figures again, each against
   the same figure on an empty database in the same run; and EXPLAIN of the
-  hot queries on the seeded database, written beside the table.
+  hot queries on the seeded database, written beside the table;
+* ``migrations``: --migration-tasks finished tasks seeded at the schema
+  before this issue, then each of its migrations while inserts go on: the
+  longest an insert waited (the longest lock it met) and how long each took.
 """
 
 from __future__ import annotations
@@ -481,9 +484,120 @@ async def bench_history(b: r.Bench) -> None:
         "plans written beside the table (--out FILE: FILE.explain.txt)"))
 
 
+# --------------------------------------------------------------- migrations
+
+# This issue's migrations, each run on the seeded table in turn.
+MIGRATIONS = ("0010_retention", "0011_client_task_key", "0012_lean_rows")
+_BEFORE = "0009_jobs"
+
+
+async def seed_before(url: str, n: int) -> float:
+    """n finished tasks as the schema before this issue held them (0009):
+    anonymous (no client), bodies kept (a few bytes each: no migration reads
+    them), a result and an event each keyed by custom_id. Returns seconds."""
+    conn = await asyncpg.connect(url)
+    t0 = time.perf_counter()
+    try:
+        step = 500_000
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            series = f"generate_series({lo}, {hi - 1}) i"
+            await conn.execute(f"""
+                INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes,
+                    est_input_tokens, est_output_tokens, state, attempts, batch_id,
+                    created_at, updated_at, submitted_at, finished_at, not_before)
+                SELECT 'old-' || i, '/v1/chat/completions', 'gpt-4o-mini',
+                       '{{"model": "gpt-4o-mini"}}', md5(i::text), 560, 120, 16, 'succeeded',
+                       1, 'old-b' || (i / 50000), now(), now(), now(), now(), now()
+                FROM {series}""")
+            await conn.execute(f"""
+                INSERT INTO results (custom_id, batch_id, status_code, response, cost_usd,
+                    sync_cost_usd)
+                SELECT 'old-' || i, 'old-b' || (i / 50000), 200, {_RESPONSE}, 0.000014, 0.000028
+                FROM {series}""")
+            await conn.execute(f"""
+                INSERT INTO task_events (custom_id, batch_id, attempt, outcome)
+                SELECT 'old-' || i, 'old-b' || (i / 50000), 1, 'succeeded' FROM {series}""")
+        for t in ("tasks", "results", "task_events"):
+            await conn.execute(f"VACUUM (ANALYZE) {t}")
+    finally:
+        await conn.close()
+    return time.perf_counter() - t0
+
+
+async def _insert_until(url: str, done: asyncio.Event, sql: str, tag: str) -> list[float]:
+    """One insert after another (5 ms apart) until ``done``: each one's seconds."""
+    conn = await asyncpg.connect(url)
+    waits: list[float] = []
+    try:
+        i = 0
+        while not done.is_set():
+            t0 = time.perf_counter()
+            await conn.execute(sql, f"{tag}-{i}")
+            waits.append(time.perf_counter() - t0)
+            i += 1
+            await asyncio.sleep(0.005)
+    finally:
+        await conn.close()
+    return waits
+
+
+_INGEST = ("INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes) "
+           "VALUES ($1, '/v1/chat/completions', 'gpt-4o-mini', '{}', 'd', 10)")
+# An event as routing writes one, valid before and after 0012 (it gives the
+# copies 0012 makes optional).
+_EVENT = ("INSERT INTO task_events (task_id, client, custom_id, batch_id, attempt, outcome) "
+          "VALUES (1, 'local', $1, 'b', 1, 'retried')")
+
+
+def _upgrade(url: str, target: str) -> None:
+    from alembic import command
+
+    from batchd.service import alembic_config
+    from batchd.store.engine import async_url
+    command.upgrade(alembic_config(async_url(url)), target)
+
+
+async def bench_migrations(b: r.Bench) -> None:
+    a = b.args
+    n = a.migration_tasks
+    url = await b.new_db("migrations", batchd_schema=False)
+    await asyncio.to_thread(_upgrade, url, _BEFORE)
+    b.log(f"migrations: seeding {n:,} finished tasks (with a result and an event each) "
+          f"at {_BEFORE}")
+    took = await seed_before(url, n)
+    b.log(f"  seeded in {took:.0f} s, {sum((await table_bytes(url)).values()) / 2**30:.1f} GiB")
+    for target in MIGRATIONS:
+        done = asyncio.Event()
+        writers = [asyncio.create_task(_insert_until(url, done, _INGEST, f"in-{target}"))]
+        if target >= "0012":
+            writers.append(asyncio.create_task(_insert_until(url, done, _EVENT, f"ev-{target}")))
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(_upgrade, url, target)
+        finally:
+            done.set()
+            waits = [await w for w in writers]
+        spent = time.perf_counter() - t0
+        worst = max(max(w) for w in waits)
+        ingest = sorted(waits[0])
+        what = "single-task inserts" + (" and event inserts" if len(waits) > 1 else "")
+        b.log(f"  {target}: {spent:.0f} s; longest insert {worst * 1000:.0f} ms over "
+              f"{sum(map(len, waits)):,} inserts")
+        b.rows.append(r.Row(
+            f"migration {target} on {n:,} finished tasks while {what} go on",
+            f"an insert's median during it: {r.median(ingest) * 1000:.1f} ms",
+            f"{worst / r.median(ingest):,.0f}x", f"longest insert {worst * 1000:,.0f} ms "
+            f"(p99 {_p99(ingest):,.1f} ms over {sum(map(len, waits)):,} inserts); the "
+            f"migration took {spent:,.0f} s", "no insert waits 0.5 s (no long lock)",
+            worst < 0.5, f"seeded at {_BEFORE} in {took:.0f} s, then each migration in turn"))
+
+
 def add_arguments(p: Any) -> None:
     p.add_argument("--storage-tasks", type=int, default=200_000)
     p.add_argument("--storage-rounds", type=int, default=4)
     p.add_argument("--prune-rows", type=int, default=5_000_000)
     p.add_argument("--history", type=int, default=10_000_000,
                    help="finished tasks of history for the history rows")
+    p.add_argument("--migration-tasks", type=int, default=10_000_000,
+                   help="finished tasks on which the migrations row runs this issue's migrations")
