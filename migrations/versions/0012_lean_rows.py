@@ -69,7 +69,10 @@ def _in_steps(sql: str) -> None:
 
 
 def _not_null(table: str, column: str) -> None:
+    """As 0011's: inside an autocommit block, so ADD CONSTRAINT's exclusive
+    lock is not held through VALIDATE's scan."""
     name = f"{table}_{column}_not_null"
+    op.execute(f"ALTER TABLE {table} DROP CONSTRAINT IF EXISTS {name}")
     op.execute(f"ALTER TABLE {table} ADD CONSTRAINT {name} CHECK ({column} IS NOT NULL) "
                "NOT VALID")
     op.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {name}")
@@ -93,7 +96,9 @@ def downgrade() -> None:
                                   'local')
             WHERE e.id IN (SELECT id FROM task_events
                            WHERE custom_id IS NULL OR client IS NULL LIMIT :step)""")
-    _not_null("task_events", "custom_id")
-    _not_null("task_events", "client")
     with op.get_context().autocommit_block():
+        op.execute("SET lock_timeout = '5s'")
+        _not_null("task_events", "custom_id")
+        _not_null("task_events", "client")
+        op.execute("RESET lock_timeout")
         op.execute("DROP INDEX CONCURRENTLY IF EXISTS tasks_batch_held")
