@@ -253,9 +253,13 @@ async def bench_prune(b: r.Bench) -> None:
         env = {k: v for k, v in r.os.environ.items() if not k.startswith("BATCHD_")}
         env.update({"BATCHD_DATABASE_URL": url, "BATCHD_LOG_LEVEL": "warning"})
         t0 = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(
-            r.sys.executable, "-m", "batchd", "prune", env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        # Its output goes to a file: a pipe nobody reads until the end fills
+        # up (a log line a step) and stops the prune mid-way.
+        out_path = b.tmp / "prune.out"
+        with out_path.open("wb") as out_file:
+            proc = await asyncio.create_subprocess_exec(
+                r.sys.executable, "-m", "batchd", "prune", env=env,
+                stdout=out_file, stderr=asyncio.subprocess.STDOUT)
         during: list[float] = []
         k = 0
         while proc.returncode is None:
@@ -265,8 +269,9 @@ async def bench_prune(b: r.Bench) -> None:
                 await asyncio.wait_for(proc.wait(), 0.01)
             except TimeoutError:
                 pass
-        out = (await proc.communicate())[0].decode()
+        await proc.wait()
         prune_s = time.perf_counter() - t0
+        out = out_path.read_text()
         if proc.returncode != 0:
             raise RuntimeError(f"batchd prune failed:\n{out}")
     finally:
