@@ -67,13 +67,16 @@ def _not_null(table: str, column: str) -> None:
 
 
 def upgrade() -> None:
-    op.execute("ALTER TABLE results ADD COLUMN task_id bigint, ADD COLUMN client text")
-    op.execute("ALTER TABLE task_events ADD COLUMN task_id bigint, ADD COLUMN client text")
-    op.execute("ALTER TABLE callbacks ADD COLUMN task_id bigint")
-    op.execute("ALTER TABLE sync_spend ADD COLUMN task_id bigint")
+    op.execute("ALTER TABLE results ADD COLUMN IF NOT EXISTS task_id bigint, "
+               "ADD COLUMN IF NOT EXISTS client text")
+    op.execute("ALTER TABLE task_events ADD COLUMN IF NOT EXISTS task_id bigint, "
+               "ADD COLUMN IF NOT EXISTS client text")
+    op.execute("ALTER TABLE callbacks ADD COLUMN IF NOT EXISTS task_id bigint")
+    op.execute("ALTER TABLE sync_spend ADD COLUMN IF NOT EXISTS task_id bigint")
     # A constant default is stored in the catalog, not written to each row;
     # it is false, so a batch an older replica builds still routes by custom_id.
-    op.execute("ALTER TABLE batches ADD COLUMN own_line_ids boolean NOT NULL DEFAULT false")
+    op.execute("ALTER TABLE batches ADD COLUMN IF NOT EXISTS own_line_ids boolean NOT NULL "
+               "DEFAULT false")
     op.execute("ALTER TABLE tasks ALTER COLUMN client SET DEFAULT 'local'")
     with op.get_context().autocommit_block():
         _in_steps("""
