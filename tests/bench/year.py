@@ -16,13 +16,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import orjson
 
+from batchd.domain import parse_task
 from tests.bench import run as r
 
 # The tables a task's rows live in (each with its indexes and TOAST).
@@ -95,7 +100,7 @@ async def bench_storage(b: r.Bench) -> None:
         sent = 0
         for k in range(rounds):
             bodies = [r.ndjson(f"st{k}", s, 1000) for s in range(0, per_round, 1000)]
-            body_bytes += sum(len(r.orjson.dumps(r.make_body(i))) for i in range(per_round))
+            body_bytes += sum(len(orjson.dumps(r.make_body(i))) for i in range(per_round))
             await r.http_bulk(port, bodies, a.bulk_concurrency)
             sent += per_round
             await wait_results(url, sent, a.e2e_timeout)
@@ -250,7 +255,7 @@ async def bench_prune(b: r.Bench) -> None:
     try:
         await r.http_single(port, [r.task_json("warm", i) for i in range(2000)], 16)
         quiet = await p99_ms(port, "quiet", a.p99_rate, a.p99_seconds)
-        env = {k: v for k, v in r.os.environ.items() if not k.startswith("BATCHD_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
         env.update({"BATCHD_DATABASE_URL": url, "BATCHD_LOG_LEVEL": "warning"})
         t0 = time.perf_counter()
         # Its output goes to a file: a pipe nobody reads until the end fills
@@ -258,7 +263,7 @@ async def bench_prune(b: r.Bench) -> None:
         out_path = b.tmp / "prune.out"
         with out_path.open("wb") as out_file:
             proc = await asyncio.create_subprocess_exec(
-                r.sys.executable, "-m", "batchd", "prune", env=env,
+                sys.executable, "-m", "batchd", "prune", env=env,
                 stdout=out_file, stderr=asyncio.subprocess.STDOUT)
         during: list[float] = []
         k = 0
@@ -276,7 +281,10 @@ async def bench_prune(b: r.Bench) -> None:
             raise RuntimeError(f"batchd prune failed:\n{out}")
     finally:
         await daemon.stop()
-    pruned = int(r.re.search(r"^pruned (\d+) row", out, r.re.M).group(1))  # type: ignore[union-attr]
+    found = re.search(r"^pruned (\d+) row", out, re.M)
+    if found is None:
+        raise RuntimeError(f"batchd prune printed no count:\n{out}")
+    pruned = int(found.group(1))
     q, d = _p99(quiet), _p99(during)
     b.log(f"  pruned {pruned:,} rows in {prune_s:.0f} s; p99 {q:.1f} ms quiet, {d:.1f} ms during")
     b.rows.append(r.Row(
@@ -384,7 +392,7 @@ async def bulk_rate(b: r.Bench, url: str, tag: str) -> float:
 async def _seed_queue(url: str, tag: str, n: int) -> None:
     """n queued tasks, due, written straight in (setup, not measured); only
     they are touched, whatever history the table holds."""
-    tasks = [r.parse_task(r.orjson.loads(r.task_json(tag, i)), i) for i in range(n)]
+    tasks = [parse_task(orjson.loads(r.task_json(tag, i)), i) for i in range(n)]
     conn = await asyncpg.connect(url)
     try:
         await conn.copy_records_to_table(
