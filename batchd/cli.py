@@ -32,7 +32,8 @@ T = TypeVar("T")
 # shell history. They come from the environment (or the tokens file) only.
 _SECRET_SETTINGS = frozenset({"openai_api_key", "ingest_tokens", "admin_tokens",
                               "callback_secret"})
-_SETTING_OPTIONS = [name for name in Settings.model_fields if name not in _SECRET_SETTINGS]
+_SETTING_OPTIONS = [name for name in Settings.model_fields
+                    if name not in _SECRET_SETTINGS and not name.endswith("_api_key")]
 
 
 def _add_setting_options(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -437,28 +438,38 @@ async def _callbacks_replay(url: str, token: str | None, ids: list[int] | None,
     return 0
 
 
-async def _demo(settings: Settings, tasks: int, seconds: float) -> int:
-    from batchd.demo import run_demo
+async def _demo(settings: Settings, tasks: int, seconds: float, providers: str) -> int:
+    from batchd.demo import DEMO_PROVIDERS, run_demo
 
+    names = [p.strip() for p in providers.split(",") if p.strip()]
+    unknown = sorted(set(names) - set(DEMO_PROVIDERS))
+    if unknown or not names:
+        raise ConfigError(f"--providers: {', '.join(unknown) or 'none given'}; choose from "
+                          f"{', '.join(DEMO_PROVIDERS)}")
     logs.configure(settings.log_level, settings.log_format)
-    return await run_demo(settings, tasks=tasks, give_up_after=seconds)
+    return await run_demo(settings, tasks=tasks, give_up_after=seconds, providers=names)
 
 
 # ------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="batchd", description="Windowed batching daemon for the OpenAI Batch API.",
-        epilog="The provider key is read from OPENAI_API_KEY only (never an option, so it "
-               "stays out of process listings).")
+        prog="batchd", description="Windowed batching daemon for the batch APIs of OpenAI, "
+        "Anthropic, Gemini, Azure OpenAI and OpenAI-compatible providers.",
+        epilog="Provider keys are read from the environment only (OPENAI_API_KEY, "
+               "ANTHROPIC_API_KEY, GEMINI_API_KEY, AZURE_OPENAI_API_KEY, "
+               "BATCHD_PROVIDER_<NAME>_API_KEY; never options, so they stay out of process "
+               "listings).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     # No abbreviations: `--ingest-tokens x` must be an error, not the
     # tokens file option it abbreviates.
     serve = sub.add_parser("serve", help="run API, scheduler, poller and router",
                            allow_abbrev=False,
-                           epilog="The provider key, tokens and callback secret come from the "
-                           "environment only (OPENAI_API_KEY, BATCHD_INGEST_TOKENS or "
+                           epilog="Provider keys, tokens and the callback secret come from the "
+                           "environment only (OPENAI_API_KEY, ANTHROPIC_API_KEY, "
+                           "GEMINI_API_KEY, AZURE_OPENAI_API_KEY, "
+                           "BATCHD_PROVIDER_<NAME>_API_KEY, BATCHD_INGEST_TOKENS or "
                            "BATCHD_INGEST_TOKENS_FILE, BATCHD_ADMIN_TOKENS, "
                            "BATCHD_CALLBACK_SECRET).")
     _add_setting_options(serve, _SETTING_OPTIONS)
@@ -580,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
                 default=2000)
     _env_option(demo, "--timeout", "BATCHD_DEMO_TIMEOUT", "give up after this many s",
                 type=float, default=300)
+    _env_option(demo, "--providers", "BATCHD_DEMO_PROVIDERS",
+                "comma-separated providers to load through their emulators "
+                "(openai, anthropic, gemini)", default="openai")
     _add_setting_options(demo, _SETTING_OPTIONS)
     return parser
 
@@ -653,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The demo prints its own progress and report; keep logs to problems.
                 settings = settings.model_copy(update={"log_level": "warning",
                                                        "log_format": "console"})
-            return _run(_demo(settings, args.tasks, args.timeout))
+            return _run(_demo(settings, args.tasks, args.timeout, args.providers))
     except BatchdError as exc:
         print(f"batchd: {exc}", file=sys.stderr)
         return 2

@@ -13,14 +13,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batchd.domain import (
     DEFAULT_LIMITS,
+    DEFAULT_MODEL_ROUTES,
     MAX_CUSTOM_ID,
     MAX_METADATA_KEY,
     MAX_METADATA_PAIRS,
     MAX_METADATA_VALUE,
+    PROVIDER_NAME,
+    PROVIDER_NAMES,
     Limits,
     parse_client_budgets,
     parse_client_numbers,
     parse_client_profiles,
+    parse_model_routes,
 )
 from batchd.errors import ConfigError
 
@@ -88,6 +92,35 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("OPENAI_API_KEY", "BATCHD_OPENAI_API_KEY")
     )
     openai_base_url: str | None = Field(None, description="provider base URL ending in /v1")
+    anthropic_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "BATCHD_ANTHROPIC_API_KEY"))
+    anthropic_base_url: str | None = Field(
+        None, description="Anthropic base URL (an emulator's; the SDK's default when unset)")
+    gemini_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("GEMINI_API_KEY", "BATCHD_GEMINI_API_KEY"))
+    gemini_base_url: str | None = Field(
+        None, description="Gemini API base URL (an emulator's; the SDK's default when unset)")
+    gemini_inline_max_bytes: int = Field(
+        20 * 1024 * 1024, ge=0, le=20 * 1024 * 1024,
+        description="Gemini batches up to this many input bytes go inline, larger ones as an "
+        "uploaded JSONL file")
+    azure_openai_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("AZURE_OPENAI_API_KEY", "BATCHD_AZURE_OPENAI_API_KEY"))
+    azure_openai_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("AZURE_OPENAI_ENDPOINT",
+                                            "BATCHD_AZURE_OPENAI_ENDPOINT"),
+        description="https://<resource>.openai.azure.com")
+    azure_api_version: str = Field("2024-10-21", min_length=1,
+                                   description="Azure OpenAI api-version of every call")
+    model_routes: str = Field(
+        DEFAULT_MODEL_ROUTES, description="comma-separated glob=provider, first match wins, "
+        "for tasks naming no provider on an OpenAI endpoint")
+    queued_requests: str | None = Field(
+        None, description="provider=N: requests that may wait at a provider per model "
+        "(default: the provider's documented cap, e.g. anthropic=100000)")
+    queued_tokens: str | None = Field(
+        None, description="provider=N: input tokens that may wait at a provider per model "
+        "(default: the provider's documented cap, e.g. azure=200000000)")
     shutdown_grace_seconds: float = Field(30, gt=0, description="SIGTERM drain limit")
     flush_on_shutdown: bool = Field(
         False, description="on SIGTERM, send every queued window now (flush reason drain)")
@@ -175,6 +208,22 @@ class Settings(BaseSettings):
             raise ValueError(f"not a regular expression ({exc})") from None
         return v
 
+    @field_validator("model_routes")
+    @classmethod
+    def _routes_parse(cls, v: str) -> str:
+        parse_model_routes(v)
+        return v
+
+    @field_validator("queued_requests", "queued_tokens")
+    @classmethod
+    def _queued_parse(cls, v: str | None) -> str | None:
+        parse_provider_counts(v)
+        return v
+
+    @property
+    def routes(self) -> tuple[tuple[str, str], ...]:
+        return parse_model_routes(self.model_routes)
+
     @property
     def limits(self) -> Limits:
         return Limits(
@@ -244,10 +293,48 @@ class Settings(BaseSettings):
         return self.data_dir / "spool"
 
 
+def parse_provider_counts(raw: str | None) -> dict[str, int]:
+    """``provider=N`` pairs (BATCHD_QUEUED_REQUESTS, BATCHD_QUEUED_TOKENS)."""
+    out: dict[str, int] = {}
+    for pair in (raw or "").split(","):
+        if not pair.strip():
+            continue
+        name, eq, value = pair.strip().rpartition("=")
+        name = name.strip().lower()
+        if not eq or not PROVIDER_NAME.match(name):
+            raise ValueError(f"{pair.strip()!r} is not provider=N ({PROVIDER_NAMES})")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            raise ValueError(f"{pair.strip()!r}: {value!r} is not a whole number") from None
+        if out[name] < 1:
+            raise ValueError(f"{pair.strip()!r}: must be at least 1")
+    return out
+
+
+_COMPATIBLE = re.compile(r"^BATCHD_PROVIDER_([A-Z0-9_]{1,32})_BASE_URL$")
+
+
+def compatible_providers(environ: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    """OpenAI-compatible services named by ``BATCHD_PROVIDER_<NAME>_BASE_URL``
+    (with ``BATCHD_PROVIDER_<NAME>_API_KEY``): name -> (base URL, key)."""
+    env = os.environ if environ is None else environ
+    out = {}
+    for key, url in env.items():
+        m = _COMPATIBLE.match(key)
+        if m and url.strip():
+            name = m.group(1)
+            out[name.lower()] = (url.strip(), env.get(f"BATCHD_PROVIDER_{name}_API_KEY", ""))
+    return out
+
+
+_ALIASES = {"openai_api_key": "OPENAI_API_KEY", "anthropic_api_key": "ANTHROPIC_API_KEY",
+            "gemini_api_key": "GEMINI_API_KEY", "azure_openai_api_key": "AZURE_OPENAI_API_KEY",
+            "azure_openai_endpoint": "AZURE_OPENAI_ENDPOINT"}
+
+
 def env_name(field: str) -> str:
-    if field == "openai_api_key":
-        return "OPENAI_API_KEY"
-    return f"BATCHD_{field.upper()}"
+    return _ALIASES.get(field, f"BATCHD_{field.upper()}")
 
 
 def load_settings(**overrides: object) -> Settings:

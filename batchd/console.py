@@ -360,9 +360,11 @@ async def overview(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         else:
             wait = cfg.window_seconds - age
             flush = "now" if wait <= 0 else f"in {v.duration(wait)}"
-        rows.append([v.e(w["endpoint"]), v.e(w["model"]), f'<span class="n">{count(w["n"])}</span>',
+        rows.append([v.e(w["provider"]), v.e(w["endpoint"]), v.e(w["model"]),
+                     f'<span class="n">{count(w["n"])}</span>',
                      v.e(count(w["due"])), v.e(v.duration(age)), v.e(flush)])
-    queue = v.table(["endpoint", "model", "queued", "may join now", "oldest", "flushes"], rows,
+    queue = v.table(["provider", "endpoint", "model", "queued", "may join now", "oldest",
+                     "flushes"], rows,
                     cls="windows", empty="no task is queued for a batch")
     sync_line = (f'<p>Synchronous lane: <span class="n" id="sync-queued">'
                  f'{count(int(sync_q["n"]))}</span> queued')

@@ -3,6 +3,7 @@ means, how long to back off. No I/O here, so each rule has a table-driven test."
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import hashlib
 import ipaddress
@@ -31,7 +32,59 @@ ENDPOINTS: dict[str, str] = {
     "/v1/embeddings": "input",
     "/v1/completions": "prompt",
     "/v1/moderations": "input",
+    "/v1/messages": "messages",  # Anthropic Messages API
+    "/v1beta/generateContent": "contents",  # Gemini GenerateContentRequest
 }
+MESSAGES = "/v1/messages"
+GENERATE_CONTENT = "/v1beta/generateContent"
+# DESIGN section 14: an endpoint only one provider family speaks routes there.
+ENDPOINT_PROVIDER = {MESSAGES: "anthropic", GENERATE_CONTENT: "gemini"}
+OPENAI_ENDPOINTS = frozenset(ENDPOINTS) - frozenset(ENDPOINT_PROVIDER)
+PROVIDER_NAME = re.compile(r"^(openai|azure|anthropic|gemini|openai_compatible:[a-z0-9_]{1,32})$")
+PROVIDER_NAMES = "openai, azure, anthropic, gemini or openai_compatible:<name>"
+DEFAULT_MODEL_ROUTES = "*=openai"
+
+
+def provider_endpoints(provider: str) -> frozenset[str]:
+    """The task endpoints a provider runs."""
+    if provider == "anthropic":
+        return frozenset({MESSAGES})
+    if provider == "gemini":
+        return frozenset({GENERATE_CONTENT})
+    return OPENAI_ENDPOINTS
+
+
+def parse_model_routes(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """``BATCHD_MODEL_ROUTES``: comma-separated ``glob=provider``, first match
+    wins; ``*=openai`` is always the last resort."""
+    routes: list[tuple[str, str]] = []
+    for pair in (raw or "").split(","):
+        if not pair.strip():
+            continue
+        glob, eq, provider = pair.rpartition("=")
+        glob, provider = glob.strip(), provider.strip().lower()
+        if not eq or not glob:
+            raise ValueError(f"{pair.strip()!r} is not glob=provider")
+        if not PROVIDER_NAME.match(provider):
+            raise ValueError(f"{provider!r} is not a provider ({PROVIDER_NAMES})")
+        routes.append((glob, provider))
+    routes.append(("*", "openai"))
+    return tuple(routes)
+
+
+def route_provider(requested: str | None, endpoint: str, model: str,
+                   routes: tuple[tuple[str, str], ...]) -> str:
+    """The provider a task goes to: its own ``provider``; else the endpoint's
+    family; else the first model glob that matches."""
+    if requested:
+        return requested
+    family = ENDPOINT_PROVIDER.get(endpoint)
+    if family:
+        return family
+    for glob, provider in routes:
+        if fnmatch.fnmatchcase(model, glob):
+            return provider
+    return "openai"
 # Provider limits: no setting may raise a limit past these.
 MAX_CUSTOM_ID = 512
 MAX_METADATA_PAIRS = 16
@@ -142,6 +195,8 @@ class TaskIn:
     # is POSTed when it finishes (taken from the job's first task).
     job: str | None = None
     job_callback_url: str | None = None
+    # The provider the caller asked for, then the one routing chose (ingest).
+    provider: str | None = None
 
 
 # The custom_id batchd writes into a provider input file for one attempt of
@@ -182,6 +237,12 @@ def estimate_tokens(endpoint: str, body: dict[str, Any], body_bytes: int) -> tup
     est_in = math.ceil(body_bytes / 2)
     if endpoint in ("/v1/embeddings", "/v1/moderations"):
         return est_in, 0
+    if endpoint == GENERATE_CONTENT:
+        config = body.get("generationConfig")
+        out = config.get("maxOutputTokens") if isinstance(config, dict) else None
+        n = config.get("candidateCount") if isinstance(config, dict) else None
+        est_out = out if isinstance(out, int) and out > 0 else DEFAULT_OUTPUT_ESTIMATE
+        return est_in, est_out * (n if isinstance(n, int) and n > 1 else 1)
     out = body.get("max_completion_tokens") or body.get("max_output_tokens") or body.get(
         "max_tokens"
     )
@@ -190,6 +251,42 @@ def estimate_tokens(endpoint: str, body: dict[str, Any], body_bytes: int) -> tup
     if isinstance(n, int) and n > 1:
         est_out *= n
     return est_in, est_out
+
+
+def provider_settings(provider: str) -> str:
+    """The environment a provider needs, as a user reads it."""
+    if provider == "openai":
+        return "OPENAI_API_KEY (or BATCHD_OPENAI_BASE_URL for an emulator)"
+    if provider == "azure":
+        return "AZURE_OPENAI_API_KEY and AZURE_OPENAI_ENDPOINT"
+    if provider == "anthropic":
+        return "ANTHROPIC_API_KEY (or BATCHD_ANTHROPIC_BASE_URL for an emulator)"
+    if provider == "gemini":
+        return "GEMINI_API_KEY (or BATCHD_GEMINI_BASE_URL for an emulator)"
+    name = provider.partition(":")[2].upper()
+    return f"BATCHD_PROVIDER_{name}_BASE_URL and BATCHD_PROVIDER_{name}_API_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """Which provider each task goes to (DESIGN section 14), and which are
+    configured: a task routed to one that is not is refused at ingest."""
+
+    configured: frozenset[str] = frozenset({"openai"})
+    routes: tuple[tuple[str, str], ...] = (("*", "openai"),)
+
+    def route(self, task: TaskIn, index: int) -> str:
+        provider = route_provider(task.provider, task.endpoint, task.model, self.routes)
+        if provider not in self.configured:
+            raise InvalidTask(index, task.custom_id, "provider",
+                              f"the task routes to provider {provider}, which is not "
+                              f"configured here; set {provider_settings(provider)}, or send "
+                              "the task to a configured provider")
+        if task.endpoint not in provider_endpoints(provider):
+            raise InvalidTask(index, task.custom_id, "provider",
+                              f"the task routes to provider {provider}, which does not run "
+                              f"{task.endpoint}; set provider or BATCHD_MODEL_ROUTES")
+        return provider
 
 
 def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
@@ -214,6 +311,12 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
         unknown = set(obj) - TASK_FIELDS
         raise InvalidTask(index, cid, sorted(unknown)[0], "is not a known task field")
     endpoint = _endpoint(obj, index, cid)
+    provider = obj.get("provider")
+    if provider is not None:
+        if not isinstance(provider, str) or not PROVIDER_NAME.match(provider):
+            raise InvalidTask(index, cid, "provider", f"must be {PROVIDER_NAMES}")
+        if endpoint not in provider_endpoints(provider):
+            raise InvalidTask(index, cid, "provider", f"{provider} does not run {endpoint}")
     if obj.get("method", "POST") != "POST":
         raise InvalidTask(index, cid, "method", 'must be "POST" (the only method batches run)')
     body = obj.get("body")
@@ -283,13 +386,15 @@ def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
         body_json=body_json.decode(),
         job=job,
         job_callback_url=job_callback_url,
+        provider=provider,
     )
 
 
 # Fields a task object may carry. ``method`` and ``url`` let a provider input
 # line be posted as it is; ``url`` is another name for ``endpoint``.
 TASK_FIELDS = frozenset({"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
-                         "deadline", "callback_url", "job", "job_callback_url"})
+                         "deadline", "callback_url", "job", "job_callback_url",
+                         "provider"})
 MAX_JOB_CHARS = 128
 
 
@@ -367,6 +472,20 @@ def _check_body_shape(endpoint: str, body: dict[str, Any], index: int, cid: str)
     elif endpoint == "/v1/completions":
         if not isinstance(value, str | list):
             raise InvalidTask(index, cid, field, "must be a string or a list")
+    elif endpoint == MESSAGES:
+        if not isinstance(value, list) or not value:
+            raise InvalidTask(index, cid, field, "must be a non-empty list of message objects")
+        for n, msg in enumerate(value):
+            if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
+                raise InvalidTask(index, cid, f"{field}[{n}].role",
+                                  "must be user or assistant (the system prompt is body.system)")
+        if not _is_int(body.get("max_tokens")) or body["max_tokens"] < 1:
+            raise InvalidTask(index, cid, "body.max_tokens",
+                              f"is required for {MESSAGES} and must be a positive integer")
+    elif endpoint == GENERATE_CONTENT:
+        if not isinstance(value, list) or not value or not all(
+                isinstance(c, dict) for c in value):
+            raise InvalidTask(index, cid, field, "must be a non-empty list of Content objects")
     elif not ((isinstance(value, str) and value != "") or (isinstance(value, list) and value)):
         raise InvalidTask(index, cid, field, "must be a non-empty string or a non-empty list")
 

@@ -18,6 +18,7 @@ from batchd.domain import (
     DEFAULT_LIMITS,
     InvalidTask,
     Limits,
+    Routing,
     TaskIn,
     callback_url_problem,
     parse_task,
@@ -60,18 +61,20 @@ class Accepted:
 VALIDATE_SLICE = 250
 
 
-async def validate(items: list[Any], limits: Limits, max_line_bytes: int) -> list[TaskIn]:
-    """Parse every task; the first invalid one refuses the whole request."""
+async def validate(items: list[Any], limits: Limits, max_line_bytes: int,
+                   routing: Routing | None = None) -> list[TaskIn]:
+    """Parse and route every task; the first invalid one refuses the whole request."""
     if not items:
         raise IngestError(400, "invalid_request", "the request holds no tasks")
     if len(items) > limits.tasks_per_request:
         raise IngestError(413, "too_many_tasks", f"a request may hold at most "
                           f"{limits.tasks_per_request} tasks; split it")
-    return await validate_piece(items, limits, max_line_bytes, 0, {})
+    return await validate_piece(items, limits, max_line_bytes, 0, {}, routing)
 
 
 async def validate_piece(items: list[Any], limits: Limits, max_line_bytes: int, start: int,
-                         seen: dict[str, str]) -> list[TaskIn]:
+                         seen: dict[str, str], routing: Routing | None = None
+                         ) -> list[TaskIn]:
     """Parse a piece of a request whose first task is number ``start``.
     ``seen`` maps the custom_ids of the request's earlier pieces to their
     digests: one repeated with the same body is dropped (a duplicate), with
@@ -83,6 +86,8 @@ async def validate_piece(items: list[Any], limits: Limits, max_line_bytes: int, 
         index = start + offset
         try:
             task = parse_task(item, index, limits)
+            if routing is not None:
+                task.provider = routing.route(task, index)
         except InvalidTask as exc:
             code = "task_too_large" if exc.status == 413 else "invalid_task"
             raise IngestError(exc.status, code, str(exc),
@@ -198,8 +203,11 @@ class Ingest:
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_sync: Callable[[], None] | None = None,
                  count_tokens: bool = False,
-                 model_problem: Callable[[str], str | None] | None = None) -> None:
+                 model_problem: Callable[[str], str | None] | None = None,
+                 routing: Routing | None = None) -> None:
         self.engine = engine
+        # Which provider each task goes to, and which are configured here.
+        self.routing = routing or Routing()
         # With a budget to keep, each task's input tokens are counted with
         # the model's tokenizer (batchd.tokens) instead of the byte rule.
         self.count_tokens = count_tokens
@@ -230,7 +238,7 @@ class Ingest:
     async def prepare(self, items: list[Any], client: Client = LOCAL_CLIENT) -> list[TaskIn]:
         """Validate and place a request's tasks for ``client``, without I/O:
         the 400/409/413 verdicts."""
-        checked = await validate(items, self.limits, self.max_line_bytes)
+        checked = await validate(items, self.limits, self.max_line_bytes, self.routing)
         if self.model_problem is not None:
             self._check_models(checked)
         tasks = self._placed(self._with_callbacks(checked, items, client))
@@ -255,7 +263,8 @@ class Ingest:
                             client: Client = LOCAL_CLIENT) -> list[TaskIn]:
         """``prepare`` for one piece of a request streamed in pieces."""
         tasks = self._placed(self._with_callbacks(
-            await validate_piece(items, self.limits, self.max_line_bytes, start, seen),
+            await validate_piece(items, self.limits, self.max_line_bytes, start, seen,
+                                 self.routing),
             items, client, start))
         if self.count_tokens:
             await count_input_tokens(tasks)

@@ -114,7 +114,7 @@ BATCH_OLDEST_IN_FLIGHT = Gauge(
     "Submission time of the oldest live batch (0 when none)", registry=REGISTRY,
 )
 BATCHES_FINISHED = Counter(
-    "batchd_batches_finished", "Batches routed, by provider status", ["status"],
+    "batchd_batches_finished", "Batches routed, by provider and status", ["provider", "status"],
     registry=REGISTRY,
 )
 BATCH_TURNAROUND = Histogram(
@@ -128,29 +128,30 @@ TASK_LATENCY = Histogram(
 PROVIDER_REQUESTS = Counter(
     "batchd_provider_requests", "Provider API calls", ["operation", "code"], registry=REGISTRY
 )
-TOKENS = Counter("batchd_tokens", "Tokens used", ["model", "kind", "lane"], registry=REGISTRY)
+TOKENS = Counter("batchd_tokens", "Tokens used", ["provider", "model", "kind", "lane"],
+                 registry=REGISTRY)
 SPEND = MoneyCounter(
     "batchd_spend_dollars", "Spend: batch price in the batch lane, sync price in the sync lane",
-    ["model", "lane"], registry=REGISTRY,
+    ["provider", "model", "lane"], registry=REGISTRY,
 )
 SAVINGS = MoneyCounter(
     "batchd_savings_dollars", "Synchronous price minus what was paid (0 in the sync lane)",
-    ["model", "lane"], registry=REGISTRY,
+    ["provider", "model", "lane"], registry=REGISTRY,
 )
 LANES = ("batch", "sync")
 TOKEN_KINDS = ("input", "cached_input", "output")
 
 
-def start_model_series(models: list[str]) -> None:
+def start_model_series(models: list[tuple[str, str]]) -> None:
     """Every priced model's spend, savings and token series at 0 from the
-    start, so a dashboard or rate() shows 0 before the first spend rather
-    than nothing."""
-    for model in models:
+    start, at the provider it routes to (``(provider, model)`` pairs), so a
+    dashboard or rate() shows 0 before the first spend rather than nothing."""
+    for provider, model in models:
         for lane in LANES:
-            SPEND.add(Decimal(0), model=model, lane=lane)
-            SAVINGS.add(Decimal(0), model=model, lane=lane)
+            SPEND.add(Decimal(0), provider=provider, model=model, lane=lane)
+            SAVINGS.add(Decimal(0), provider=provider, model=model, lane=lane)
             for kind in TOKEN_KINDS:
-                TOKENS.labels(model=model, kind=kind, lane=lane)
+                TOKENS.labels(provider=provider, model=model, kind=kind, lane=lane)
 # Priced by the unknown-model rule (the table's most expensive entry), never
 # as zero; the report's unpriced_models names the models.
 UNPRICED_RESULTS = Counter(

@@ -26,10 +26,12 @@ from batchd.domain import (
     MAX_CALLBACK_URL,
     MAX_JOB_CHARS,
     MAX_MODEL,
+    MESSAGES,
     MODEL_PATTERN,
     PROFILE_KEY,
     PROFILES,
     Limits,
+    provider_endpoints,
 )
 
 Schema = dict[str, Any]
@@ -115,13 +117,27 @@ def body_schemas(priced: Sequence[str] | None = None) -> dict[str, Schema]:
             {"type": "array", "minItems": 1, "items": {"anyOf": [text(1), token_array()]}}]},
         "/v1/completions": {"anyOf": [text(), {"type": "array", "items": JSON_VALUE}]},
         "/v1/moderations": text_or_list,
+        MESSAGES: {
+            "type": "array", "minItems": 1,
+            "items": {"type": "object", "required": ["role"],
+                      "properties": {"role": {"enum": ["user", "assistant"]}},
+                      "additionalProperties": JSON_VALUE}},
+        "/v1beta/generateContent": {"type": "array", "minItems": 1,
+                                    "items": {"type": "object",
+                                              "additionalProperties": JSON_VALUE}},
     }
     out = {}
     for endpoint, key in ENDPOINTS.items():
+        props: dict[str, Schema] = {"model": model, "stream": stream,
+                                    key: required_value[endpoint]}
+        required = ["model", key]
+        if endpoint == MESSAGES:
+            props["max_tokens"] = {"type": "integer", "minimum": 1}
+            required.append("max_tokens")
         out[endpoint] = {
-            "type": "object", "required": ["model", key],
+            "type": "object", "required": required,
             "description": f"the request body of POST {endpoint}, as the provider takes it",
-            "properties": {"model": model, "stream": stream, key: required_value[endpoint]},
+            "properties": props,
             "propertyNames": {"pattern": NO_NUL},
             "additionalProperties": JSON_VALUE,
         }
@@ -183,14 +199,23 @@ def job_name(limits: Limits) -> Schema:
             "pattern": f"^{limits.custom_id_pattern}$"}
 
 
-def task_schema(limits: Limits, callbacks: bool) -> Schema:
-    """A task: one variant per endpoint, so each body is checked for its endpoint."""
+def task_schema(limits: Limits, callbacks: bool,
+                providers: frozenset[str] = frozenset({"openai"})) -> Schema:
+    """A task: one variant per endpoint a configured provider runs, so each
+    body is checked for its endpoint."""
     variants = []
     for endpoint in ENDPOINTS:
+        serving = sorted(p for p in providers if endpoint in provider_endpoints(p))
+        if not serving:
+            continue
         this: Schema = {"const": endpoint}
+        provider: Schema = {"enum": [*serving, None],
+                            "description": "the provider to run it (DESIGN section 14); "
+                                           "default: by endpoint, then BATCHD_MODEL_ROUTES"}
         variant: Schema = {
             "type": "object", "required": ["custom_id", "body"],
             "properties": {**task_fields(limits, callbacks), "endpoint": this,
+                           "provider": provider,
                            "url": {**this, "description": "another name for endpoint"},
                            "body": ref(_body_name(endpoint))},
             "additionalProperties": False,
@@ -216,7 +241,8 @@ def _body_name(endpoint: str) -> str:
 # ----------------------------------------------------------------- responses
 
 def schemas(limits: Limits, callbacks: bool,
-            priced: Sequence[str] | None = None) -> dict[str, Schema]:
+            priced: Sequence[str] | None = None,
+            providers: frozenset[str] = frozenset({"openai"})) -> dict[str, Schema]:
     error_detail: Schema = {
         "type": "object", "required": ["code", "message"],
         "properties": {
@@ -368,6 +394,9 @@ def schemas(limits: Limits, callbacks: bool,
                        "description": "whose numbers these are (a one-client report)"},
             "clients": {"type": "object", "additionalProperties": ref("ClientReport"),
                         "description": "each client's share (the every-client report)"},
+            "providers": {"type": "object", "additionalProperties": ref("ProviderReport"),
+                          "description": "the day by provider; their spend adds up to "
+                                         "spend_usd"},
         },
     }
     client_report: Schema = {"type": "object", "properties": {
@@ -377,7 +406,7 @@ def schemas(limits: Limits, callbacks: bool,
     return {
         "Error": {"type": "object", "required": ["error"],
                   "properties": {"error": error_detail}},
-        "Task": task_schema(limits, callbacks),
+        "Task": task_schema(limits, callbacks, providers),
         "TaskList": {
             "type": "object", "required": ["tasks"], "additionalProperties": False,
             "properties": {"tasks": {"type": "array", "minItems": 1,
@@ -446,6 +475,14 @@ def schemas(limits: Limits, callbacks: bool,
         **job_schemas(limits, callbacks),
         "LaneReport": lane,
         "ClientReport": client_report,
+        "ProviderReport": {
+            "type": "object",
+            "required": ["succeeded", "failed", "spend_usd", "sync_equivalent_usd",
+                         "savings_usd"],
+            "properties": {"succeeded": {"type": "integer", "minimum": 0},
+                           "failed": {"type": "integer", "minimum": 0},
+                           "spend_usd": MONEY, "sync_equivalent_usd": MONEY,
+                           "savings_usd": MONEY}},
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"const": "ok"}}},
         "Ready": {"type": "object", "required": ["status", "schema"],
@@ -931,9 +968,11 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
 
 
 def build(limits: Limits, *, callbacks: bool = False,
-          priced: Sequence[str] | None = None) -> dict[str, Any]:
+          priced: Sequence[str] | None = None,
+          providers: frozenset[str] = frozenset({"openai"})) -> dict[str, Any]:
     """The document; ``priced`` lists the models ingest takes (with their
-    dated snapshots) when BATCHD_ALLOWED_MODELS is unset."""
+    dated snapshots) when BATCHD_ALLOWED_MODELS is unset; ``providers`` the
+    configured providers, whose endpoints tasks may name."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -941,7 +980,8 @@ def build(limits: Limits, *, callbacks: bool = False,
             "version": __version__,
             "description": (
                 "Takes offline LLM tasks over HTTP, stores them durably and runs them on the "
-                "OpenAI Batch API at half the synchronous price. Every error is "
+                "batch APIs of OpenAI, Anthropic, Gemini, Azure OpenAI and OpenAI-compatible "
+                "providers at half the synchronous price. Every error is "
                 '`{"error": {"code": "...", "message": "..."}}`; 429 and 503 carry '
                 "Retry-After."),
         },
@@ -954,7 +994,7 @@ def build(limits: Limits, *, callbacks: bool = False,
                 "type": "http", "scheme": "bearer",
                 "description": "one of BATCHD_INGEST_TOKENS; not needed when they are unset "
                                "(the API then listens on loopback only)"}},
-            "schemas": schemas(limits, callbacks, priced),
+            "schemas": schemas(limits, callbacks, priced, providers),
         },
     }
 

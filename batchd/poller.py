@@ -22,7 +22,7 @@ from batchd.archive import Archive
 from batchd.config import Settings
 from batchd.errors import ProviderError
 from batchd.loops import run_ticks
-from batchd.provider.base import Provider, RemoteBatch
+from batchd.provider.base import Providers, RemoteBatch, pick
 from batchd.router import Router
 from batchd.store import repo
 from batchd.store.repo import NOW
@@ -33,10 +33,10 @@ _CHECK_CONCURRENCY = 4
 
 
 class Poller:
-    def __init__(self, engine: AsyncEngine, provider: Provider, router: Router,
+    def __init__(self, engine: AsyncEngine, providers: Providers, router: Router,
                  settings: Settings, archive: Archive, owner: str) -> None:
         self.engine = engine
-        self.provider = provider
+        self.providers = providers
         self.router = router
         self.settings = settings
         self.archive = archive
@@ -80,7 +80,8 @@ class Poller:
             return None
 
     async def check(self, batch: dict[str, Any]) -> bool:
-        remote = await self.provider.get_batch(batch["provider_batch_id"])
+        provider = pick(self.providers, batch["provider"], "get_batch")
+        remote = await provider.get_batch(batch["provider_batch_id"])
         if not remote.terminal:
             async with self.engine.begin() as conn:
                 await repo.set_batch(
@@ -88,9 +89,9 @@ class Poller:
                     request_counts=remote.request_counts, lease_owner=None, lease_until=None)
                 await repo.schedule_poll(conn, batch["id"], self.settings.poll_interval_seconds)
             return False
-        files = await self._download(batch["id"], remote)
+        files = await self._download(batch["id"], batch["provider"], remote)
         summary = await self.router.route(batch["id"], batch["model"], remote,
-                                          [p for _, p in files])
+                                          [p for _, p in files], provider=batch["provider"])
         if summary.already_routed:
             for _, path in files:
                 path.unlink(missing_ok=True)  # the router that won archived them
@@ -103,14 +104,16 @@ class Poller:
             path.unlink(missing_ok=True)
         return True
 
-    async def _download(self, batch_id: str, remote: RemoteBatch) -> list[tuple[str, Path]]:
+    async def _download(self, batch_id: str, provider_name: str, remote: RemoteBatch
+                        ) -> list[tuple[str, Path]]:
+        provider = pick(self.providers, provider_name, "download_file")
         files = []
         for kind, file_id in (("output", remote.output_file_id), ("error", remote.error_file_id)):
             if not file_id:
                 continue
             path = self.archive.spool_path(batch_id, kind)
             try:
-                await self.provider.download_file(file_id, path)
+                await provider.download_file(file_id, path)
             except ProviderError as exc:
                 if exc.status != 404:
                     raise

@@ -182,6 +182,7 @@ class Reporter:
             "unpriced_models": sorted({str(r["model"]) for r in rows if r["unpriced"]}),
             "alert": failure_ratio > self.alert_ratio,
             "lanes": lanes,
+            "providers": _providers(rows),
         }
 
 
@@ -255,6 +256,36 @@ def _lane(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _providers(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The day by provider: its results and failures, and its spend as the
+    day's total counts it (results, billed lines no task kept, unkept sync
+    calls), so the providers' exact spend adds up to spend_usd."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted({str(r["provider"]) for r in rows}):
+        mine = [r for r in rows if r["provider"] == name]
+        succeeded = sum(int(r["succeeded"]) for r in mine)
+        failed = sum(int(r["failed"]) for r in mine)
+        spend = sum((Decimal(r["spend_usd"]) + Decimal(r["unattributed_usd"]) for r in mine),
+                    Decimal(0))
+        sync = sum((Decimal(r["sync_usd"]) for r in mine), Decimal(0))
+        if not (succeeded or failed or spend):
+            continue  # tasks only arrived: nothing finished or paid there yet
+        out[name] = {"succeeded": succeeded, "failed": failed,
+                     "spend_usd": str(round_usd(spend)),
+                     "sync_equivalent_usd": str(round_usd(sync)),
+                     "savings_usd": str(round_usd(sync - spend))}
+    return out
+
+
+def render_providers(rows: list[dict[str, Any]]) -> str:
+    """Each provider's share of each day."""
+    heads = ["date", "provider", "ok", "failed", "spend $", "sync $", "saved $"]
+    body = [[r["date"], name, v["succeeded"], v["failed"], v["spend_usd"],
+             v["sync_equivalent_usd"], v["savings_usd"]]
+            for r in rows for name, v in sorted(r.get("providers", {}).items())]
+    return _grid(heads, body)
+
+
 def render_lanes(rows: list[dict[str, Any]]) -> str:
     """Batch against sync, per day: the numbers a switch-over is decided on."""
     heads = ["date", "lane", "finished", "fail%", "$/task", "p50 s", "p95 s"]
@@ -286,6 +317,8 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     # One client's share is the whole report; two or more say who sent what.
     if any(len(r.get("clients", {})) > 1 for r in rows):
         table += "\n\n" + render_clients(rows)
+    if any(set(r.get("providers", {})) - {"openai"} for r in rows):
+        table += "\n\n" + render_providers(rows)
     return table
 
 

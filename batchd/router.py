@@ -132,7 +132,7 @@ class Router:
         self.backoff = backoff
 
     async def route(self, batch_id: str, model: str, remote: RemoteBatch,
-                    files: list[Path]) -> RouteSummary:
+                    files: list[Path], provider: str = "openai") -> RouteSummary:
         summary = RouteSummary()
         price = self.prices.lookup(model)
         summary.unpriced = not price.known
@@ -165,7 +165,7 @@ class Router:
                 unattributed_lines=summary.orphan_lines + summary.malformed,
                 unpriced=summary.unpriced)
         crash_point("after_route")
-        self._record_metrics(model, remote.status, summary)
+        self._record_metrics(provider, model, remote.status, summary)
         log.info("batch.routed", batch_id=batch_id, provider_batch_id=remote.id,
                  status=remote.status, succeeded=summary.succeeded, retried=summary.retried,
                  failed=summary.failed, requeued=summary.requeued, malformed=summary.malformed,
@@ -294,8 +294,8 @@ class Router:
                 conn, batch_id, ids, [True] * len(ids), errors, [0.0] * len(ids), self.backoff))
         await self._fail_remaining(conn, batch_id, verdict.other_error, summary)
 
-    def _record_metrics(self, model: str, status: str, s: RouteSummary) -> None:
-        metrics.BATCHES_FINISHED.labels(status=status).inc()
+    def _record_metrics(self, provider: str, model: str, status: str, s: RouteSummary) -> None:
+        metrics.BATCHES_FINISHED.labels(provider=provider, status=status).inc()
         latency = metrics.TASK_LATENCY.labels(lane="batch")
         for seconds in s.waited:
             latency.observe(seconds)
@@ -304,8 +304,8 @@ class Router:
                                            lane="batch").inc(n)
         # A priced model's table entry, else "other": bounded by the prices file.
         label = self.prices.metric_label(model)
-        metrics.SPEND.add(s.spend, model=label, lane="batch")
-        metrics.SAVINGS.add(s.sync_spend - s.spend, model=label, lane="batch")
+        metrics.SPEND.add(s.spend, provider=provider, model=label, lane="batch")
+        metrics.SAVINGS.add(s.sync_spend - s.spend, provider=provider, model=label, lane="batch")
         for client, usd in s.cost_by_client.items():
             metrics.CLIENT_SPEND.add(usd, client=self.clients.label(client), lane="batch")
         if s.unpriced:
@@ -313,7 +313,7 @@ class Router:
         for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),
                         ("cache_write_input", s.billed.cache_write),
                         ("output", s.billed.output)):
-            metrics.TOKENS.labels(model=label, kind=kind, lane="batch").inc(n)
+            metrics.TOKENS.labels(provider=provider, model=label, kind=kind, lane="batch").inc(n)
 
 
 def _tokens(t: Tokens) -> dict[str, int]:

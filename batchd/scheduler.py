@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import random
 import secrets
-from collections.abc import Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.archive import Archive
 from batchd.backoff import exponential
-from batchd.config import Settings
+from batchd.config import Settings, parse_provider_counts
 from batchd.domain import FlushReason, file_byte_budget, flush_reason, input_line, line_id
 from batchd.errors import BatchdError, ProviderError
 from batchd.estimates import Calibration
@@ -41,7 +41,7 @@ from batchd.faults import crash_point
 from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
 from batchd.prices import PriceTable
-from batchd.provider.base import Provider, RemoteBatch
+from batchd.provider.base import Provider, Providers, RemoteBatch, pick
 from batchd.store import repo
 from batchd.store.repo import NOW
 
@@ -68,34 +68,49 @@ class BudgetHold(BatchdError):
     """The daily budget would be passed; the window waits."""
 
 
+class QueueFull(BatchdError):
+    """The window would pass the provider's queued-token cap; ``fits`` tasks would not."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__(f"{fits} tasks fit")
+        self.fits = fits
+
+
 @dataclass(frozen=True, slots=True)
 class Pending:
     batch_id: str
+    provider: str
     endpoint: str
     model: str
     spend_day: date
     created_at: datetime
     submit_attempts: int
+    item_count: int
 
 
 class Scheduler:
     def __init__(
-        self, engine: AsyncEngine, provider: Provider, settings: Settings, prices: PriceTable,
+        self, engine: AsyncEngine, providers: Providers, settings: Settings, prices: PriceTable,
         archive: Archive, owner: str, clock: Clock = utc_now,
         calibration: Calibration | None = None,
     ) -> None:
         self.engine = engine
-        self.provider = provider
+        self.providers = providers
+        # Queued-work caps per provider (per model at it): settings over the
+        # provider's documented default.
+        self._queued_requests = parse_provider_counts(settings.queued_requests)
+        self._queued_tokens = parse_provider_counts(settings.queued_tokens)
         self.settings = settings
         self.prices = prices
         self.archive = archive
         self.owner = owner
         self.clock = clock
-        self._held: dict[tuple[str, str], datetime] = {}
-        # While the provider refuses our key (401/403) nothing is flushed:
-        # every send would fail the same way. Backs off, doubling.
-        self._auth_refusals = 0
-        self._auth_hold_until: datetime | None = None
+        self._held: dict[tuple[str, str, str], datetime] = {}
+        # While a provider refuses our key (401/403) nothing is flushed to it:
+        # every send would fail the same way. Backs off, doubling; by provider,
+        # so one provider's bad key holds none of the others' windows.
+        self._auth_refusals: dict[str, int] = {}
+        self._auth_hold_until: dict[str, datetime] = {}
         self.calibration = calibration or Calibration()
         self._sends: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_SEND_CONCURRENCY)
@@ -129,33 +144,59 @@ class Scheduler:
 
     # ------------------------------------------------------------- flushing
 
+    def _caps(self, provider: str) -> tuple[int, int, int | None, int | None]:
+        """A provider's (lines, bytes, queued requests, queued tokens) caps."""
+        s = self.settings
+        limits = self.providers[provider].limits
+        return (min(s.max_batch_items, limits.max_lines),
+                min(file_byte_budget(s.max_file_bytes), file_byte_budget(limits.max_bytes)),
+                self._queued_requests.get(provider, limits.queued_requests),
+                self._queued_tokens.get(provider, limits.queued_tokens))
+
     async def _flush_one(self, drain: bool) -> Pending | None:
         s = self.settings
-        if self._auth_hold_until is not None and self._auth_hold_until > self.clock():
+        now = self.clock()
+        held_providers = {p for p, until in self._auth_hold_until.items() if until > now}
+        if held_providers >= set(self.providers):
             return None
         async with self.engine.connect() as conn:
             windows = await repo.queued_windows(conn, s.max_batch_items)
             held_models = await repo.token_held_models(conn) if windows else set()
+            inflight = await repo.in_flight(conn) if windows else {}
         for w in windows:
+            if w.provider not in self.providers or w.provider in held_providers:
+                continue  # unconfigured since routed, or refusing our key: it waits
+            max_items, max_bytes, max_requests, max_tokens = self._caps(w.provider)
             age = (w.now - w.oldest).total_seconds()
             reason = FlushReason.DRAIN if drain else flush_reason(
-                w.count, age, s.window_seconds, s.max_batch_items,
-                w.input_bytes, file_byte_budget(s.max_file_bytes))
-            if reason is None or w.model in held_models:
+                w.count, age, s.window_seconds, max_items, w.input_bytes, max_bytes)
+            if reason is None or (w.provider, w.model) in held_models:
                 continue
-            held_until = self._held.get((w.endpoint, w.model))
+            held_until = self._held.get((w.provider, w.endpoint, w.model))
             if held_until is not None and held_until > self.clock():
                 continue
-            pending = await self._claim(w.endpoint, w.model, reason)
+            busy = inflight.get((w.provider, w.model), repo.InFlight())
+            room = max_items if max_requests is None else min(max_items,
+                                                             max_requests - busy.requests)
+            if room < 1 or (max_tokens is not None and busy.input_tokens >= max_tokens):
+                # The provider's queue for this model is full: wait for a batch
+                # to finish rather than be refused for it.
+                log.debug("window.queue_full", provider=w.provider, model=w.model,
+                         queued_requests=busy.requests, queued_tokens=busy.input_tokens)
+                continue
+            token_room = None if max_tokens is None else max_tokens - busy.input_tokens
+            pending = await self._claim(w.provider, w.endpoint, w.model, reason, room,
+                                        max_bytes, token_room)
             if pending is not None:
                 return pending
         return None
 
-    async def _claim(self, endpoint: str, model: str, reason: FlushReason) -> Pending | None:
+    async def _claim(self, provider: str, endpoint: str, model: str, reason: FlushReason,
+                     max_items: int, max_bytes: int, token_room: int | None
+                     ) -> Pending | None:
         s = self.settings
         batch_id = new_batch_id()
         today = self.clock().date()
-        max_bytes = file_byte_budget(s.max_file_bytes)
         pin, pout = self.prices.pico_rates(model, sync=False)
         factor = self.calibration.factor(model)
         try:
@@ -173,14 +214,19 @@ class Scheduler:
                     client_left = {c: int((cap - by_client.get(c, Decimal(0))).scaleb(12))
                                    for c, cap in caps.items()}
                 claim = await repo.claim_window(
-                    conn, batch_id=batch_id, endpoint=endpoint, model=model,
-                    limit=s.max_batch_items, max_bytes=max_bytes,
+                    conn, batch_id=batch_id, provider=provider, endpoint=endpoint, model=model,
+                    limit=max_items, max_bytes=max_bytes,
                     reserve=repo.Reserve(factor, pin, pout, left, client_left))
                 if claim.count == 0:
                     if claim.budget_cut:
                         raise BudgetHold("the oldest task's reservation passes what is left "
                                          "today of the daily budget or its client's own")
                     return None
+                if token_room is not None and claim.est_input_tokens > token_room \
+                        and claim.count > 1:
+                    # Past the provider's queued-token cap: take nothing now
+                    # (rolled back) and come back with a smaller window.
+                    raise QueueFull(max(1, claim.count * token_room // claim.est_input_tokens))
                 if claim.budget_cut:
                     # The part of the window that fits goes now (the flush
                     # keeps its reason: the window was due); the rest waits.
@@ -195,23 +241,31 @@ class Scheduler:
                         c: Decimal(v).scaleb(-12) for c, v in (claim.by_client or {}).items()
                         if c is not None})
                 await repo.insert_batch(
-                    conn, batch_id=batch_id, endpoint=endpoint, model=model, reason=reason,
+                    conn, batch_id=batch_id, provider=provider, endpoint=endpoint, model=model,
+                    reason=reason,
                     claim=claim, spend_day=today, reserved_usd=reserved, owner=self.owner,
                     lease_seconds=s.lease_seconds)
+        except QueueFull as full:
+            if full.fits >= max_items:
+                return None
+            return await self._claim(provider, endpoint, model, FlushReason.LIMIT, full.fits,
+                                     max_bytes, token_room)
         except BudgetHold as hold:
             # Look again in a minute: the day may turn or the cap be raised.
-            self._held[(endpoint, model)] = self.clock() + timedelta(seconds=60)
-            log.warning("budget.hold", endpoint=endpoint, model=model, detail=str(hold),
+            self._held[(provider, endpoint, model)] = self.clock() + timedelta(seconds=60)
+            log.warning("budget.hold", provider=provider, endpoint=endpoint, model=model,
+                        detail=str(hold),
                         budget_usd=str(s.daily_budget_usd))
             return None
         metrics.FLUSHES.labels(reason=reason.value).inc()
         metrics.BATCH_TASKS.observe(claim.count)
         metrics.BATCH_INPUT_BYTES.observe(claim.input_bytes)
-        log.info("batch.flushed", batch_id=batch_id, endpoint=endpoint, model=model,
+        log.info("batch.flushed", batch_id=batch_id, provider=provider, endpoint=endpoint,
+                 model=model,
                  reason=reason.value, tasks=claim.count, input_bytes=claim.input_bytes,
                  reserved_usd=str(reserved))
-        return Pending(batch_id, endpoint, model, today, self.clock(), 0)
-
+        return Pending(batch_id, provider, endpoint, model, today, self.clock(), 0,
+                       claim.count)
 
     # -------------------------------------------------------------- sending
 
@@ -228,8 +282,40 @@ class Scheduler:
                 log.exception("batch.send_crashed", batch_id=pending.batch_id)
                 await self._retry_later(pending, 30.0)
 
+    def _provider(self, p: Pending) -> Provider:
+        return pick(self.providers, p.provider, "create_batch")
+
+    @asynccontextmanager
+    async def _turn_to_create(self, p: Pending) -> AsyncIterator[bool]:
+        """Whether this send may go on. At a provider whose batches carry no
+        metadata (Anthropic), creates are one at a time across replicas (a
+        session advisory lock, gone with the connection if we die), from the
+        lookup through the record: so a batch created but not recorded was
+        created by the one send whose recorded create start came last before
+        it, and its row, not another one retrying, adopts it."""
+        if self._provider(p).limits.batch_metadata:
+            yield True
+            return
+        key = f"batchd.create.{p.provider}"
+        async with self.engine.connect() as conn:
+            if not await repo.try_session_lock(conn, key):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                await repo.session_unlock(conn, key)
+
     async def send(self, p: Pending) -> None:
         """Upload and create the provider batch for a claimed batch row."""
+        async with self._turn_to_create(p) as turn:
+            if not turn:
+                # Another send is creating at this provider: look again soon.
+                await self._retry_later(p, 0.5 + random.random())
+                return
+            await self._send(p)
+
+    async def _send(self, p: Pending) -> None:
         async with self.engine.begin() as conn:
             await repo.set_batch(conn, p.batch_id, state="uploading",
                                  submit_attempts=p.submit_attempts + 1)
@@ -246,10 +332,13 @@ class Scheduler:
             # carries batchd's line ids, and the router must know.
             async with self.engine.begin() as conn:
                 await repo.set_batch(conn, p.batch_id, own_line_ids=True)
+            provider = self._provider(p)
             path = await self._write_input(p)
-            remote_file = await self.provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
+            remote_file = await provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
             async with self.engine.begin() as conn:
-                await repo.set_batch(conn, p.batch_id, input_file_id=remote_file.id)
+                # create_started_at: which send a batch without metadata came from.
+                await repo.set_batch(conn, p.batch_id, input_file_id=remote_file.id,
+                                     create_started_at=NOW)
                 # The create below must happen under a claim that outlives it.
                 ours = await repo.renew_claim(conn, p.batch_id, self.owner,
                                               self.settings.lease_seconds)
@@ -263,7 +352,8 @@ class Scheduler:
         except ProviderError as exc:
             await self._send_failed(p, exc)
             return
-        self._auth_refusals, self._auth_hold_until = 0, None
+        self._auth_refusals.pop(p.provider, None)
+        self._auth_hold_until.pop(p.provider, None)
         if await self._record_submitted(p, remote, adopted=False):
             await self.archive.keep(path, p.spend_day, p.batch_id, "input",
                                     {"provider_file_id": remote_file.id,
@@ -303,7 +393,7 @@ class Scheduler:
         # our id before anyone creates again.
         try:
             async with asyncio.timeout(self.settings.lease_seconds / 2):
-                return await self.provider.create_batch(
+                return await self._provider(p).create_batch(
                     input_file_id, p.endpoint, self.settings.completion_window,
                     {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
         except TimeoutError:
@@ -352,13 +442,32 @@ class Scheduler:
 
     async def _find_remote(self, p: Pending) -> RemoteBatch | None:
         """A batch of ours the provider may have created before we heard back."""
+        provider = self._provider(p)
         horizon = int((p.created_at - _ADOPT_LOOKBACK).timestamp())
         matches: list[RemoteBatch] = []
-        async for remote in self.provider.list_batches():
+        unlabelled: list[RemoteBatch] = []
+        async for remote in provider.list_batches():
             if remote.created_at < horizon:
                 break
             if (remote.metadata or {}).get("batchd_batch_id") == p.batch_id:
                 matches.append(remote)
+            elif not provider.limits.batch_metadata and _same_size(remote, p.item_count) \
+                    and remote.created_at >= int(p.created_at.timestamp()) - 1:
+                unlabelled.append(remote)
+        if not matches and unlabelled:
+            # A provider whose batches carry no metadata (Anthropic): creates
+            # there are serialised (_turn_to_create), so an unrecorded batch is
+            # ours when our create was the last one started before it.
+            async with self.engine.connect() as conn:
+                known = await repo.recorded_provider_batches(conn, [b.id for b in unlabelled])
+                for b in sorted(unlabelled, key=lambda b: (b.created_at, b.id)):
+                    if b.id in known:
+                        continue
+                    owner = await repo.creation_owner(
+                        conn, p.provider,
+                        b.created_exact if b.created_exact is not None else b.created_at)
+                    if owner == p.batch_id:
+                        matches.append(b)
         if not matches:
             return None
         # Duplicates can only come from retried creates: keep the oldest one
@@ -367,7 +476,7 @@ class Scheduler:
         keep, *extra = sorted(standing or matches, key=lambda b: (b.created_at, b.id))
         for dup in extra:
             log.warning("batch.duplicate_cancelled", batch_id=p.batch_id, provider_batch_id=dup.id)
-            await self.provider.cancel_batch(dup.id)
+            await provider.cancel_batch(dup.id)
         return keep
 
     async def _record_submitted(self, p: Pending, remote: RemoteBatch, *, adopted: bool) -> bool:
@@ -385,7 +494,7 @@ class Scheduler:
             log.warning("batch.duplicate_cancelled", batch_id=p.batch_id,
                         provider_batch_id=remote.id, kept=earlier)
             try:
-                await self.provider.cancel_batch(remote.id)
+                await self._provider(p).cancel_batch(remote.id)
             except ProviderError as exc:
                 log.error("batch.duplicate_cancel_failed", batch_id=p.batch_id,
                           provider_batch_id=remote.id, status=exc.status, code=exc.code)
@@ -428,9 +537,9 @@ class Scheduler:
         tasks go back to the queue with their attempt given back and the
         batch is closed unsent; flushing pauses, doubling, until a send gets
         through."""
-        self._auth_refusals += 1
-        delay = auth_backoff(self._auth_refusals)
-        self._auth_hold_until = self.clock() + timedelta(seconds=delay)
+        refusals = self._auth_refusals[p.provider] = self._auth_refusals.get(p.provider, 0) + 1
+        delay = auth_backoff(refusals)
+        self._auth_hold_until[p.provider] = self.clock() + timedelta(seconds=delay)
         error = {"code": exc.code or "provider_credentials_rejected",
                  "message": "the provider refused batchd's credentials (HTTP "
                             f"{exc.status}); the task waits until the key is fixed",
@@ -441,7 +550,8 @@ class Scheduler:
                                     errors=[error], finished_at=NOW,
                                     cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
             await repo.settle_client_spend(conn, p.batch_id, {})
-        log.warning("batch.credentials_rejected", batch_id=p.batch_id, status=exc.status,
+        log.warning("batch.credentials_rejected", batch_id=p.batch_id, provider=p.provider,
+                    status=exc.status,
                     operation=exc.operation, requeued=requeued, retry_in=delay)
 
     async def _retry_later(self, p: Pending, delay: float) -> None:
@@ -450,5 +560,13 @@ class Scheduler:
 
     @staticmethod
     def _pending(row: dict[str, Any]) -> Pending:
-        return Pending(row["id"], row["endpoint"], row["model"], row["spend_day"],
-                       row["created_at"], row["submit_attempts"])
+        return Pending(row["id"], row["provider"], row["endpoint"], row["model"],
+                       row["spend_day"], row["created_at"], row["submit_attempts"],
+                       row["item_count"])
+
+
+def _same_size(remote: RemoteBatch, items: int) -> bool:
+    """Whether a batch could hold our row's tasks: as many, or fewer when some
+    left the batch (a fallback) before its input was written."""
+    total = (remote.request_counts or {}).get("total")
+    return isinstance(total, int) and 1 <= total <= items

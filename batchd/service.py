@@ -20,9 +20,9 @@ from batchd import __version__, console, console_jobs, logs, metrics, tokens
 from batchd.archive import Archive
 from batchd.callbacks import CallbackSender
 from batchd.clients import Clients
-from batchd.config import Settings
+from batchd.config import Settings, compatible_providers
 from batchd.daily import DailyReport
-from batchd.domain import LOCAL, file_byte_budget
+from batchd.domain import DEFAULT_ENDPOINT, LOCAL, Routing, file_byte_budget, route_provider
 from batchd.errors import ConfigError
 from batchd.estimates import Calibration
 from batchd.health import HEALTH
@@ -31,7 +31,7 @@ from batchd.jobs import Jobs
 from batchd.listener import CappedSite
 from batchd.poller import Poller
 from batchd.prices import PriceTable
-from batchd.provider.base import Provider
+from batchd.provider.base import Provider, Providers, registry
 from batchd.replay import Replayer
 from batchd.report import Reporter
 from batchd.retention import Retention
@@ -94,26 +94,56 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def build_provider(settings: Settings) -> Provider:
-    """The SDK adapter; refuses to start without a key unless aimed at an emulator."""
-    from batchd.provider.openai import OpenAIProvider
+def build_provider(settings: Settings) -> dict[str, Provider]:
+    """Every configured provider's SDK adapter, by name (DESIGN section 14).
 
-    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
-    if not key:
-        base = settings.openai_base_url
-        if not base:
-            raise ConfigError("OPENAI_API_KEY is unset: set it, or point BATCHD_OPENAI_BASE_URL "
-                              "at an emulator, or run `batchd demo`")
-        key = "emulator"
-    return OpenAIProvider(api_key=key, base_url=settings.openai_base_url,
-                          timeout=settings.provider_timeout_seconds)
+    A provider is configured by its key, or by a base URL alone (an
+    emulator). Refuses to start when none is, in one line that says how.
+    Each SDK is imported only when its provider is configured: anthropic and
+    google-genai take seconds to import, and a replica should start fast."""
+    from batchd.provider.openai import OpenAIProvider, azure_provider, compatible_provider
+
+    timeout = settings.provider_timeout_seconds
+    out: dict[str, Provider] = {}
+    openai_key, azure_key, anthropic_key, gemini_key = (
+        k.get_secret_value() if k else None
+        for k in (settings.openai_api_key, settings.azure_openai_api_key,
+                  settings.anthropic_api_key, settings.gemini_api_key))
+    if openai_key or settings.openai_base_url:
+        out["openai"] = OpenAIProvider(api_key=openai_key or "emulator",
+                                       base_url=settings.openai_base_url, timeout=timeout)
+    if azure_key or settings.azure_openai_endpoint:
+        if not (azure_key and settings.azure_openai_endpoint):
+            raise ConfigError("AZURE_OPENAI_API_KEY and AZURE_OPENAI_ENDPOINT: set both to use "
+                              "Azure OpenAI, or neither")
+        out["azure"] = azure_provider(azure_key, settings.azure_openai_endpoint,
+                                      settings.azure_api_version, timeout=timeout)
+    if anthropic_key or settings.anthropic_base_url:
+        from batchd.provider.anthropic import AnthropicProvider
+
+        out["anthropic"] = AnthropicProvider(anthropic_key or "emulator",
+                                             settings.anthropic_base_url, timeout=timeout)
+    if gemini_key or settings.gemini_base_url:
+        from batchd.provider.gemini import GeminiProvider
+
+        out["gemini"] = GeminiProvider(gemini_key or "emulator",
+                                       settings.gemini_base_url, timeout=timeout,
+                                       inline_max_bytes=settings.gemini_inline_max_bytes)
+    for name, (url, key) in compatible_providers().items():
+        out[f"openai_compatible:{name}"] = compatible_provider(name, key or "none", url,
+                                                               timeout=timeout)
+    if not out:
+        raise ConfigError("OPENAI_API_KEY is unset: set it, or point BATCHD_OPENAI_BASE_URL "
+                          "at an emulator, or run `batchd demo` (or configure another "
+                          "provider: ANTHROPIC_API_KEY, GEMINI_API_KEY, AZURE_OPENAI_API_KEY)")
+    return out
 
 
 class Service:
     """Everything one replica runs: API, scheduler, poller (with router), snapshots."""
 
-    def __init__(self, settings: Settings, engine: AsyncEngine, provider: Provider,
-                 clock: Clock = utc_now) -> None:
+    def __init__(self, settings: Settings, engine: AsyncEngine,
+                 provider: Provider | Providers, clock: Clock = utc_now) -> None:
         self.clients = Clients.from_settings(settings)
         if not self.clients.required and not is_loopback(settings.http_host):
             raise ConfigError("BATCHD_INGEST_TOKENS is unset, so the API listens on loopback "
@@ -133,7 +163,7 @@ class Service:
                               "BATCHD_INGEST_TOKENS (name=token) or BATCHD_INGEST_TOKENS_FILE")
         self.settings = settings
         self.engine = engine
-        self.provider = provider
+        self.providers = registry(provider)
         self.clock = clock
         self.owner = owner_id()
         self.prices = PriceTable.load(settings.prices_file)
@@ -142,11 +172,12 @@ class Service:
         # Learned from routed batches, read by the budget's reservations.
         self.calibration = Calibration()
         self.router = Router(engine, self.prices, backoff, self.clients, self.calibration)
-        self.scheduler = Scheduler(engine, provider, settings, self.prices, self.archive,
+        self.scheduler = Scheduler(engine, self.providers, settings, self.prices, self.archive,
                                    self.owner, clock, self.calibration)
-        self.poller = Poller(engine, provider, self.router, settings, self.archive, self.owner)
-        self.sync_lane = SyncLane(engine, provider, settings, self.prices, self.clients, clock,
-                                  self.calibration)
+        self.poller = Poller(engine, self.providers, self.router, settings, self.archive,
+                             self.owner)
+        self.sync_lane = SyncLane(engine, self.providers, settings, self.prices, self.clients,
+                                  clock, self.calibration)
         self.callbacks = CallbackSender(engine, self.clients, settings)
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.jobs = Jobs(engine, self.clients)
@@ -165,7 +196,8 @@ class Service:
                           max_pending=settings.max_pending_tasks, clock=clock,
                           on_sync=self.sync_lane.wake,
                           count_tokens=settings.any_budget,
-                          model_problem=self._model_problem),
+                          model_problem=self._model_problem,
+                          routing=Routing(frozenset(self.providers), settings.routes)),
             waiters=Waiters(engine, settings.max_waiters),
             replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
             jobs=self.jobs,
@@ -196,7 +228,7 @@ class Service:
         metrics.CONFIG_MAX_TASKS.set(settings.max_batch_items)
         metrics.BUDGET_LIMIT.set(float(settings.daily_budget_usd or 0))
         metrics.BUILD_INFO.info({"version": __version__})
-        metrics.start_model_series(sorted(self.prices.models))
+        metrics.start_model_series(self._priced_series())
         HEALTH.reset()  # what this service's provider says, from its first call on
         for client, cap in settings.budgets_by_client.items():
             metrics.CLIENT_BUDGET_LIMIT.labels(client=client).set(float(cap))
@@ -205,6 +237,15 @@ class Service:
             # Ingest counts tokens from the first request on: load the
             # vocabularies now (a second or so), not inside a request.
             tokens.preload(sorted(self.prices.models))
+
+    def _priced_series(self) -> list[tuple[str, str]]:
+        """(provider, model) of each priced model at the provider it goes to:
+        Claude models to Anthropic, Gemini models to Gemini (their endpoints'
+        families), the rest by BATCHD_MODEL_ROUTES."""
+        return [("anthropic" if model.startswith("claude") else
+                 "gemini" if model.startswith("gemini") else
+                 route_provider(None, DEFAULT_ENDPOINT, model, self.settings.routes), model)
+                for model in sorted(self.prices.models)]
 
     def _model_problem(self, model: str) -> str | None:
         """A window (and a provider batch) per (endpoint, model) only for
@@ -268,7 +309,10 @@ class Service:
         await runner.cleanup()
         await self.api.ingest.close()
         await self.api.waiters.close()
-        await asyncio.wait_for(self.provider.close(), max(0.1, deadline - time.monotonic()))
+        await asyncio.wait_for(
+            asyncio.gather(*(p.close() for p in self.providers.values()),
+                           return_exceptions=True),
+            max(0.1, deadline - time.monotonic()))
         log.info("service.stopped", cancelled_loops=[t.get_name() for t in pending])
 
     async def _flush_all(self, deadline: float) -> None:

@@ -36,7 +36,7 @@ from batchd.estimates import Calibration
 from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
 from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage, usage_of
-from batchd.provider.base import Provider
+from batchd.provider.base import Providers, pick
 from batchd.store import repo
 from batchd.store.repo import Backoff
 
@@ -63,14 +63,14 @@ def _utc_now() -> datetime:
 
 
 class SyncLane:
-    def __init__(self, engine: AsyncEngine, provider: Provider, settings: Settings,
+    def __init__(self, engine: AsyncEngine, providers: Providers, settings: Settings,
                  prices: PriceTable, clients: Clients,
                  clock: Callable[[], datetime] = _utc_now,
                  calibration: Calibration | None = None) -> None:
         self.calibration = calibration or Calibration()
         self.engine = engine
         self.clients = clients
-        self.provider = provider
+        self.providers = providers
         self.prices = prices
         self.clock = clock
         self.concurrency = settings.sync_concurrency
@@ -83,8 +83,9 @@ class SyncLane:
         self._hold_until = 0.0
         self._hold_logged = 0.0
         self._woken = asyncio.Event()
-        self._auth_refusals = 0
-        self._auth_hold_until: datetime | None = None
+        # By provider: one provider refusing our key holds only its calls.
+        self._auth_refusals: dict[str, int] = {}
+        self._auth_hold_until: dict[str, datetime] = {}
 
     def wake(self) -> None:
         """Look for due sync tasks now (ingest calls it after storing some)."""
@@ -109,10 +110,13 @@ class SyncLane:
         free = self.concurrency - len(self._running)
         if free <= 0 or loop.time() < self._hold_until:
             return 0
-        if self._auth_hold_until is not None and self.clock() < self._auth_hold_until:
+        now = self.clock()
+        ready = [p for p in self.providers
+                 if p not in self._auth_hold_until or self._auth_hold_until[p] <= now]
+        if not ready:
             return 0
         claim_id = f"sync_{secrets.token_hex(8)}"
-        rows = await self._claim(claim_id, free)
+        rows = await self._claim(claim_id, free, ready)
         for row in rows:
             task = asyncio.create_task(self._call(claim_id, row))
             self._running.add(task)
@@ -144,14 +148,16 @@ class SyncLane:
                      resubmitted=len(moved.resubmitted), lost_calls=sum(lost.values()))
 
 
-    async def _claim(self, claim_id: str, limit: int) -> list[dict[str, Any]]:
-        """Claim due calls, in order, as far as the daily budget allows, each
-        with its reservation in the ledger; the rest stay queued."""
+    async def _claim(self, claim_id: str, limit: int, providers: list[str]
+                     ) -> list[dict[str, Any]]:
+        """Claim due calls at ``providers``, in order, as far as the daily
+        budget allows, each with its reservation in the ledger; the rest stay
+        queued."""
         today = self.clock().date()
         async with self.engine.begin() as conn:
             if self.budget is not None or self.client_caps:
                 await repo.lock_budget(conn)
-            candidates = await repo.sync_candidates(conn, limit)
+            candidates = await repo.sync_candidates(conn, limit, providers)
             if not candidates:
                 return []
             estimates = [self.prices.reservation(
@@ -199,7 +205,8 @@ class SyncLane:
         cid = line_id(tid, row["replay_count"], row["attempts"])
         answered = True
         try:
-            status, body = await self.provider.call_sync(row["endpoint"], row["body"], cid)
+            provider = pick(self.providers, row["provider"], "sync_call")
+            status, body = await provider.call_sync(row["endpoint"], row["body"], cid)
             line: dict[str, Any] = {"custom_id": cid,
                                     "response": {"status_code": status, "body": body}}
         except ProviderError as exc:
@@ -210,7 +217,8 @@ class SyncLane:
             await self._credentials_refused(claim_id, row, status)
             return
         if answered:
-            self._auth_refusals, self._auth_hold_until = 0, None
+            self._auth_refusals.pop(row["provider"], None)
+            self._auth_hold_until.pop(row["provider"], None)
         result = classify_line(line)
         tokens = Tokens()
         paid = Decimal(0)
@@ -258,9 +266,10 @@ class SyncLane:
         """A 401/403 is our configuration, not the task's fault (batchd.health
         logs it once): the task goes back to the queue with its attempt given
         back, the call costs nothing, and the lane pauses, doubling."""
-        self._auth_refusals += 1
-        delay = auth_backoff(self._auth_refusals)
-        self._auth_hold_until = self.clock() + timedelta(seconds=delay)
+        provider = row["provider"]
+        refusals = self._auth_refusals[provider] = self._auth_refusals.get(provider, 0) + 1
+        delay = auth_backoff(refusals)
+        self._auth_hold_until[provider] = self.clock() + timedelta(seconds=delay)
         error = {"code": "provider_credentials_rejected", "status": status,
                  "message": f"the provider refused batchd's credentials (HTTP {status}); "
                             "the task waits until the key is fixed", "operation": "sync_call"}
@@ -275,15 +284,17 @@ class SyncLane:
     def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,
                         paid: Decimal, settled: list[tuple[str, str]]) -> None:
         model = self.prices.metric_label(row["model"])  # bounded by the prices file
+        provider = row["provider"]
         if outcome is Outcome.SUCCESS:
             # Paid whether or not the result was kept (a fallback may have
             # moved the task meanwhile): spend and tokens count every answer.
-            metrics.SPEND.add(paid, model=model, lane="sync")
-            metrics.SAVINGS.add(Decimal(0), model=model, lane="sync")
+            metrics.SPEND.add(paid, provider=provider, model=model, lane="sync")
+            metrics.SAVINGS.add(Decimal(0), provider=provider, model=model, lane="sync")
             for kind, n in (("input", tokens.input), ("cached_input", tokens.cached),
                             ("cache_write_input", tokens.cache_write),
                             ("output", tokens.output)):
-                metrics.TOKENS.labels(model=model, kind=kind, lane="sync").inc(n)
+                metrics.TOKENS.labels(provider=provider, model=model, kind=kind,
+                                      lane="sync").inc(n)
         for name, client in settled:  # empty: a fallback moved the task meanwhile
             metrics.TASKS_COMPLETED.labels(outcome=name, client=self.clients.label(client),
                                            lane="sync").inc()

@@ -617,7 +617,7 @@ def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
     app[STATE] = state
     state.max_request_bytes = max_request_bytes
     spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts),
-                         priced=state.spec_models)
+                         priced=state.spec_models, providers=state.ingest.routing.configured)
     app[SPEC] = orjson.dumps(spec)
     app[DOCS] = openapi.render_html(spec)
     app.router.add_post("/v1/tasks", post_tasks)

@@ -22,6 +22,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd.config import Settings, load_settings
+from batchd.provider.base import Provider
 from batchd.provider.emulator import Emulator
 from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
@@ -176,8 +177,11 @@ def chat_task(custom_id: str, model: str = "gpt-4o-mini", *, emulate: str | None
 @asynccontextmanager
 async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = None,
                   clock: Callable[[], datetime] | None = None,
+                  providers: dict[str, Provider] | None = None,
                   **overrides: Any) -> AsyncIterator[Harness]:
-    """A batchd with its API on a free loopback port and an emulator beside it."""
+    """A batchd with its API on a free loopback port and an emulator beside it;
+    ``providers`` adds other configured providers (the caller runs their
+    emulators and closes nothing: the service closes every provider)."""
     emu = emulator or Emulator(api_key=API_KEY)
     emu_url = await emu.start()
     settings_kw: dict[str, Any] = {
@@ -189,7 +193,7 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
     engine = make_engine(db_url, pool_size=5, pool_timeout=settings.ingest_timeout_seconds)
     provider = OpenAIProvider(api_key=API_KEY, base_url=emu_url, max_retries=0)
     kwargs = {"clock": clock} if clock else {}
-    service = Service(settings, engine, provider, **kwargs)
+    service = Service(settings, engine, {"openai": provider, **(providers or {})}, **kwargs)
     # Outermost, so it sees each reply as the caller does.
     spec = SpecCheck(orjson.loads(service.app[SPEC]))
     service.app.middlewares.insert(0, spec.middleware())
@@ -208,6 +212,7 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
         await runner.cleanup()
         await service.api.ingest.close()
         await service.api.waiters.close()
-        await provider.close()
+        for p in service.providers.values():
+            await p.close()
         await engine.dispose()
         await emu.stop()

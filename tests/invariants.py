@@ -1,6 +1,7 @@
-"""The crash-safety invariants, checked from batchd's tables and the
+"""The crash-safety invariants, checked from batchd's tables and each
 emulator's record of what it received (``Emulator.record()`` or
-``GET /_emulator/record``). What the database alone shows is batchd's own
+``GET /_emulator/record``; the Anthropic and Gemini emulators' too, by
+provider name). What the database alone shows is batchd's own
 checker (``batchd check``, batchd/check.py); this adds what needs the
 provider's record.
 
@@ -36,7 +37,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd.check import check as batchd_check
 from batchd.domain import line_task_id
 
-LIVE_PROVIDER = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
+# Live at the provider, in each emulator's words (OpenAI's, Anthropic's, Gemini's).
+LIVE_PROVIDER = frozenset({"validating", "in_progress", "finalizing", "cancelling",
+                           "canceling", "BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"})
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -69,6 +72,30 @@ async def _rows(engine: AsyncEngine, sql: str) -> list[Any]:
         return list(await conn.execute(text(sql)))
 
 
+def _ours(provider: str, b: dict[str, Any], by_remote: dict[str, str]) -> str | None:
+    """The batchd batch id a provider batch was created for: its metadata
+    (OpenAI family), its display name (Gemini), or, where a batch carries
+    neither (Anthropic), the batch row that recorded it."""
+    if provider == "gemini":
+        name = str(b.get("display_name") or "")
+        return name.removeprefix("batchd-") if name.startswith("batchd-") else None
+    if provider == "anthropic":
+        return by_remote.get(b["id"])
+    return (b.get("metadata") or {}).get("batchd_batch_id")
+
+
+def _ran_nothing(b: dict[str, Any]) -> bool:
+    if "billed" in b:
+        return not b["billed"]
+    return bool(b["request_counts"].get("completed", 0) == 0)
+
+
+def _cancelled(b: dict[str, Any]) -> bool:
+    status = str(b["status"])
+    return bool(b.get("cancel_requested")) and (
+        status in ("cancelling", "cancelled", "canceling", "ended", "BATCH_STATE_CANCELLED"))
+
+
 Key = tuple[str, str]  # (client, custom_id): a task as its caller names it
 
 
@@ -79,7 +106,10 @@ def _key(item: str | Key) -> Key:
 async def check(engine: AsyncEngine, record: dict[str, Any], *,
                 accepted: Iterable[str | Key] | None = None, settled: bool = True) -> Report:
     """Every invariant above; ``accepted`` is what callers got a 202 for: custom_ids
-    (client ``local``) or (client, custom_id) keys."""
+    (client ``local``) or (client, custom_id) keys. ``record`` is one OpenAI
+    emulator's record, or records by provider name."""
+    records: dict[str, dict[str, Any]] = (
+        {"openai": record} if "batches" in record else record)
     r = Report()
     by_id = {row.id: row for row in await _rows(engine, """
         SELECT id, client, custom_id, state, attempts, batch_id, replay_count, lane
@@ -120,10 +150,14 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         r.fail(breach.line())
     batches = {row.id: row for row in await _rows(engine, """
         SELECT id, state, provider_batch_id FROM batches""")}
+    by_remote = {row.provider_batch_id: row.id for row in batches.values()
+                 if row.provider_batch_id}
+    provider_batches = [(provider, b) for provider, rec in records.items()
+                        for b in rec["batches"]]
 
-    # No custom_id in two live provider batches (only the provider's record shows it).
+    # No task in two live provider batches (only the providers' records show it).
     live_at_provider: collections.Counter[int | str] = collections.Counter()
-    for b in record["batches"]:
+    for _, b in provider_batches:
         if b["status"] in LIVE_PROVIDER:
             live_at_provider.update({task_of(c) or c for c in b["custom_ids"]})
     twice_live = [k for k, n in live_at_provider.items() if n > 1]
@@ -132,11 +166,12 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
 
     # 5. (before 4: it decides which provider batches count) One provider
     #    batch per batchd batch, and it is the recorded one.
-    r.provider_batches = len(record["batches"])
+    r.provider_batches = len(provider_batches)
     by_ours: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-    for b in record["batches"]:
-        ours = (b.get("metadata") or {}).get("batchd_batch_id")
-        by_ours[str(ours)].append(b)
+    ours_of: dict[str, str | None] = {}
+    for provider, b in provider_batches:
+        ours_of[b["id"]] = _ours(provider, b, by_remote)
+        by_ours[str(ours_of[b["id"]])].append(b)
     counted: list[dict[str, Any]] = []
     for ours, group in by_ours.items():
         row = batches.get(ours)
@@ -145,13 +180,14 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
             if b["id"] == recorded:
                 counted.append(b)
                 continue
+            if (row is None or recorded is None) and _cancelled(b) and _ran_nothing(b):
+                continue  # an orphan cancelled before any line ran costs nothing
             if row is None or recorded is None:
                 # Created at the provider, never adopted: its tasks were sent again.
                 r.duplicated += 1
                 r.fail(f"provider batch {b['id']} ({ours}) is not recorded in batches")
                 counted.append(b)
-            elif b["status"] in ("cancelling", "cancelled") and b["cancel_requested"] \
-                    and b["request_counts"].get("completed", 0) == 0:
+            elif _cancelled(b) and _ran_nothing(b):
                 continue  # a duplicate cancelled before any line ran costs nothing
             else:
                 r.duplicated += 1
@@ -161,7 +197,9 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
 
     # 4. attempts == submissions the provider saw (token-limited batches give
     #    the attempt back; a replay resets the count, so it may only be lower).
-    sent: collections.Counter[str] = collections.Counter(record.get("sync_submissions") or {})
+    sent: collections.Counter[str] = collections.Counter()
+    for rec in records.values():
+        sent.update(rec.get("sync_submissions") or {})
     for b in counted:
         if "token_limit_exceeded" in (b.get("error_codes") or []):
             continue
@@ -212,8 +250,7 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         r.fail(f"{len(crossed)} row(s) stored under another task's client or custom_id",
                [(row.what, row.task_id) for row in crossed])
     own = {row.id for row in await _rows(engine, "SELECT id FROM batches WHERE own_line_ids")}
-    leaked = [c for b in record["batches"]
-              if (b.get("metadata") or {}).get("batchd_batch_id") in own
+    leaked = [c for _, b in provider_batches if ours_of[b["id"]] in own
               for c in b["custom_ids"] if line_task_id(c) is None]
     if leaked:
         r.fail(f"{len(leaked)} provider line(s) carry an id that is not batchd's", leaked)

@@ -10,7 +10,8 @@ the sync lane. Auth is the ``x-api-key`` header or a bearer token.
 Scripting, all deterministic:
 
 * per request: ``script_line(custom_id, *outcomes)`` or a marker in the
-  request's ``params.metadata.emulate``; outcomes are ``ok``,
+  request's ``params.metadata.emulate`` (``outcome``, or ``outcome*N`` for the
+  first N submissions of that request); outcomes are ``ok``,
   ``invalid_request`` (errored, ``invalid_request_error``), ``overloaded``
   (``overloaded_error``), ``api_error``, ``canceled``, ``expired`` and
   ``missing`` (no result line at all). Each submission consumes one.
@@ -253,8 +254,8 @@ class AnthropicEmulator(Scripted):
         if scripted is not None:
             return scripted
         meta = params.get("metadata")
-        marker = meta.get("emulate") if isinstance(meta, dict) else None
-        return marker if marker in OUTCOMES else "ok"
+        return self._marked_outcome(meta.get("emulate") if isinstance(meta, dict) else None,
+                                    params)
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -14,7 +14,8 @@
 * ``POST /v1beta/models/{model}:generateContent`` for the sync lane.
 
 Auth is the ``x-goog-api-key`` header. Scripting as the other emulators:
-``script_line(key, *outcomes)`` (or ``"emulate"`` in a file line's request;
+``script_line(key, *outcomes)`` (or ``"emulate"`` in a file line's request:
+``outcome``, or ``outcome*N`` for the first N submissions of that request;
 outcomes ``ok``, ``invalid_argument``, ``resource_exhausted``, ``internal``,
 ``unavailable``, ``missing``), ``script_batch`` (``hold``, ``expire`` /
 ``cancelled_keeps`` with ``ran=N``, ``fail``), ``inject(route, fault)`` and
@@ -286,8 +287,7 @@ class GeminiEmulator(Scripted):
         scripted = self._scripted_outcome(key)
         if scripted is not None:
             return scripted
-        marker = request.get("emulate")
-        return marker if marker in OUTCOMES else "ok"
+        return self._marked_outcome(request.get("emulate"), request)
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
         model = "models/" + request.match_info["model"].removeprefix("models/")

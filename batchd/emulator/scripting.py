@@ -7,6 +7,8 @@ from __future__ import annotations
 import collections
 from typing import Any, ClassVar
 
+import orjson
+
 
 class Scripted:
     OUTCOMES: ClassVar[frozenset[str]]
@@ -19,6 +21,7 @@ class Scripted:
         self._line_scripts: dict[str, collections.deque[str]] = {}
         self._batch_scripts: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self._faults: dict[str, collections.deque[list[Any]]] = {}
+        self._marked: collections.Counter[bytes] = collections.Counter()
 
     def script_line(self, key: str, *outcomes: str) -> None:
         """Queue outcomes for the next submissions of ``key``, one each."""
@@ -42,6 +45,10 @@ class Scripted:
             raise ValueError(f"unknown fault {fault!r}; known: {sorted(self.FAULT_KINDS)}")
         self._faults.setdefault(route, collections.deque()).append([fault, times, params])
 
+    def clear_faults(self) -> None:
+        """Drop the faults not applied yet: the provider has recovered."""
+        self._faults.clear()
+
     def _take_fault(self, route: str) -> tuple[str, dict[str, Any]] | None:
         """The fault due for this request to ``route``, if any (and count it)."""
         queue = self._faults.get(route)
@@ -58,3 +65,19 @@ class Scripted:
         """The next queued outcome for ``key``, if one was scripted."""
         queue = self._line_scripts.get(key)
         return queue.popleft() if queue else None
+
+    def _marked_outcome(self, marker: Any, request: dict[str, Any]) -> str:
+        """A body marker: ``outcome`` every time, or ``outcome*N`` for the first
+        N submissions of the same request, then ``ok`` (so a retried request
+        can succeed). Counted by the request's content, which stays the same
+        across attempts while batchd's line id changes."""
+        if not isinstance(marker, str):
+            return "ok"
+        name, star, count = marker.partition("*")
+        if name not in self.OUTCOMES:
+            return "ok"
+        if not star:
+            return name
+        digest = orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
+        self._marked[digest] += 1
+        return name if self._marked[digest] <= (int(count) if count.isdigit() else 1) else "ok"

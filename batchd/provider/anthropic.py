@@ -123,7 +123,9 @@ class AnthropicProvider:
         # No SDK retries: a resent POST may be billed twice.
         try:
             with _translated("sync_call"):
-                data = await self._no_retry.post(MESSAGES, body=body, cast_to=object)
+                data = await self._no_retry.post(
+                    MESSAGES, body=body, cast_to=object,
+                    options={"headers": {"x-custom-id": custom_id}})
         except ProviderError as exc:
             cause = exc.__cause__
             if isinstance(cause, anthropic.APIStatusError):
@@ -240,6 +242,7 @@ def _batch(obj: MessageBatch) -> RemoteBatch:
     return RemoteBatch(
         id=obj.id, status=status, endpoint=MESSAGES, input_file_id="",
         created_at=int(obj.created_at.timestamp()),
+        created_exact=obj.created_at.timestamp(),
         output_file_id=obj.id if obj.results_url else None,
         request_counts={"total": total, "completed": counts.succeeded,
                         "failed": counts.errored + counts.canceled + counts.expired,

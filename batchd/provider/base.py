@@ -29,10 +29,12 @@ by custom_id, never by position.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from batchd.errors import ProviderError
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 LIVE_STATUSES = frozenset({"validating", "in_progress", "finalizing", "cancelling"})
@@ -85,6 +87,8 @@ class RemoteBatch:
     model: str | None = None
     # The provider's own word for the status, when it differs from ``status``.
     provider_status: str | None = None
+    # created_at to the microsecond, where the provider gives it (Anthropic).
+    created_exact: float | None = None
 
     @property
     def terminal(self) -> bool:
@@ -127,3 +131,23 @@ class Provider(Protocol):
         """Stream a file's content to ``dest``; return the bytes written."""
 
     async def close(self) -> None: ...
+
+
+Providers = Mapping[str, Provider]
+
+
+def registry(providers: Provider | Providers) -> dict[str, Provider]:
+    """Providers by name; one adapter stands for itself."""
+    if isinstance(providers, Mapping):
+        return dict(providers)
+    return {providers.name: providers}
+
+
+def pick(providers: Providers, name: str, operation: str) -> Provider:
+    """The adapter of a configured provider. A batch or task of one no longer
+    configured waits (retryable) until it is configured again."""
+    found = providers.get(name)
+    if found is None:
+        raise ProviderError(f"{operation}: provider {name} is not configured here; configure "
+                            "it again to finish its work", operation=operation, code="unconfigured")
+    return found

@@ -194,7 +194,8 @@ class GeminiProvider:
         try:
             with _translated("sync_call"):
                 resp = await self._client._api_client.async_request(
-                    "post", f"models/{model}:generateContent", request, None)
+                    "post", f"models/{model}:generateContent", request,
+                    types.HttpOptions(headers={"x-custom-id": custom_id}))
         except ProviderError as exc:
             cause = exc.__cause__
             if isinstance(cause, genai_errors.APIError):

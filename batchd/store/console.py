@@ -42,19 +42,21 @@ def _day_bounds(day: date) -> tuple[datetime, datetime]:
 
 QUEUE_WINDOWS = text(f"""
 WITH RECURSIVE keys AS (
-    (SELECT endpoint, model FROM tasks WHERE state = 'queued'
-     ORDER BY endpoint, model LIMIT 1)
+    (SELECT provider, endpoint, model FROM tasks WHERE state = 'queued'
+     ORDER BY provider, endpoint, model LIMIT 1)
     UNION ALL
-    SELECT nxt.endpoint, nxt.model FROM keys k, LATERAL (
-        SELECT endpoint, model FROM tasks
-        WHERE state = 'queued' AND (endpoint, model) > (k.endpoint, k.model)
-        ORDER BY endpoint, model LIMIT 1) nxt
+    SELECT nxt.provider, nxt.endpoint, nxt.model FROM keys k, LATERAL (
+        SELECT provider, endpoint, model FROM tasks
+        WHERE state = 'queued'
+          AND (provider, endpoint, model) > (k.provider, k.endpoint, k.model)
+        ORDER BY provider, endpoint, model LIMIT 1) nxt
 )
-SELECT k.endpoint, k.model, w.n, w.oldest, w.due, now() AS now FROM keys k, LATERAL (
+SELECT k.provider, k.endpoint, k.model, w.n, w.oldest, w.due, now() AS now
+FROM keys k, LATERAL (
     SELECT count(*) AS n, min(not_before) AS oldest,
            count(*) FILTER (WHERE not_before <= now()) AS due FROM (
         SELECT not_before FROM tasks
-        WHERE state = 'queued' AND lane = 'batch'
+        WHERE state = 'queued' AND lane = 'batch' AND provider = k.provider
           AND endpoint = k.endpoint AND model = k.model AND {_MINE}
         ORDER BY not_before LIMIT :cap) s
 ) w
@@ -66,7 +68,7 @@ LIMIT 200
 
 async def queue_windows(conn: AsyncConnection, client: str | None, cap: int
                         ) -> list[dict[str, Any]]:
-    """Per (endpoint, model) window of the batch lane: queued tasks (counted
+    """Per (provider, endpoint, model) window of the batch lane: queued tasks (counted
     up to ``cap``), how many may join a batch now (the rest wait out a
     retry's backoff) and the oldest ``not_before``, from which the window's
     age and flush time are measured."""

@@ -54,18 +54,19 @@ _INSERT_TASKS = text(f"""
 WITH ins AS (
 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, metadata, line_bytes,
                    est_input_tokens, est_output_tokens, lane, not_before, deadline, fallback_at,
-                   client, callback_url, fallback_action, job)
+                   client, callback_url, fallback_action, job, provider)
 SELECT cid, coalesce(ep, CAST(:ep1 AS text)), coalesce(mdl, CAST(:mdl1 AS text)), bdy::jsonb,
        dg, md::jsonb, lb, ei, eo, coalesce(ln, CAST(:ln1 AS text)),
        now() - make_interval(secs => coalesce(bd, 0)), dl, fb,
-       coalesce(cl, CAST(:cl1 AS text)), cb, fa, coalesce(jb, CAST(:jb1 AS text))
+       coalesce(cl, CAST(:cl1 AS text)), cb, fa, coalesce(jb, CAST(:jb1 AS text)),
+       coalesce(pv, CAST(:pv1 AS text))
 FROM unnest(CAST(:cid AS text[]), CAST(:ep AS text[]), CAST(:mdl AS text[]),
             CAST(:bdy AS text[]), CAST(:dg AS text[]), CAST(:md AS text[]),
             CAST(:lb AS int[]), CAST(:ei AS int[]), CAST(:eo AS int[]),
             CAST(:ln AS text[]), CAST(:bd AS float8[]), CAST(:dl AS timestamptz[]),
             CAST(:fb AS timestamptz[]), CAST(:cl AS text[]), CAST(:cb AS text[]),
-            CAST(:fa AS text[]), CAST(:jb AS text[]))
-     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb, fa, jb)
+            CAST(:fa AS text[]), CAST(:jb AS text[]), CAST(:pv AS text[]))
+     AS t(cid, ep, mdl, bdy, dg, md, lb, ei, eo, ln, bd, dl, fb, cl, cb, fa, jb, pv)
 ON CONFLICT (client, custom_id) DO NOTHING
 RETURNING custom_id, client, job
 ), jd AS ({added_deltas("ins")})
@@ -121,7 +122,9 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
     ln, ln1 = _shared([t.lane for t in tasks])
     jb, jb1 = _shared([t.job for t in tasks])
     cl, cl1 = _shared([t.client for t in tasks])
+    pv, pv1 = _shared([t.provider or "openai" for t in tasks])
     rows = await conn.execute(_INSERT_TASKS, {
+        "pv": pv, "pv1": pv1,
         "cid": [t.custom_id for t in tasks],
         "ep": ep, "ep1": ep1,
         "mdl": mdl, "mdl1": mdl1,
@@ -276,6 +279,7 @@ async def page_failed(
 
 @dataclass(frozen=True, slots=True)
 class WindowStat:
+    provider: str
     endpoint: str
     model: str
     count: int
@@ -285,27 +289,30 @@ class WindowStat:
 
 
 async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
-    """Each window key with eligible tasks: how many (counted up to ``cap``),
-    the oldest one's ``not_before`` and the input bytes of those counted.
+    """Each window key (provider, endpoint, model) with eligible tasks: how
+    many (counted up to ``cap``), the oldest one's ``not_before`` and the input
+    bytes of those counted.
 
     The distinct keys come from a skip scan over the partial index, and each
     window is counted only up to the cap, so a deep queue stays cheap.
     """
     rows = await conn.execute(text("""
         WITH RECURSIVE keys AS (
-            (SELECT endpoint, model FROM tasks WHERE state = 'queued'
-             ORDER BY endpoint, model LIMIT 1)
+            (SELECT provider, endpoint, model FROM tasks WHERE state = 'queued'
+             ORDER BY provider, endpoint, model LIMIT 1)
             UNION ALL
-            SELECT nxt.endpoint, nxt.model FROM keys k, LATERAL (
-                SELECT endpoint, model FROM tasks
-                WHERE state = 'queued' AND (endpoint, model) > (k.endpoint, k.model)
-                ORDER BY endpoint, model LIMIT 1) nxt
+            SELECT nxt.provider, nxt.endpoint, nxt.model FROM keys k, LATERAL (
+                SELECT provider, endpoint, model FROM tasks
+                WHERE state = 'queued'
+                  AND (provider, endpoint, model) > (k.provider, k.endpoint, k.model)
+                ORDER BY provider, endpoint, model LIMIT 1) nxt
         )
-        SELECT k.endpoint, k.model, w.n, w.oldest, w.nbytes, now() AS now FROM keys k, LATERAL (
+        SELECT k.provider, k.endpoint, k.model, w.n, w.oldest, w.nbytes, now() AS now
+        FROM keys k, LATERAL (
             SELECT count(*) AS n, min(not_before) AS oldest,
                    coalesce(sum(line_bytes), 0) AS nbytes FROM (
                 SELECT not_before, line_bytes FROM tasks
-                WHERE state = 'queued' AND lane = 'batch'
+                WHERE state = 'queued' AND lane = 'batch' AND provider = k.provider
                   AND endpoint = k.endpoint AND model = k.model
                   AND not_before <= now()
                 ORDER BY not_before LIMIT :cap) s
@@ -344,7 +351,7 @@ class Reserve:
 
 async def claim_window(
     conn: AsyncConnection, *, batch_id: str, endpoint: str, model: str, limit: int,
-    max_bytes: int, reserve: Reserve | None = None,
+    max_bytes: int, reserve: Reserve | None = None, provider: str = "openai",
 ) -> Claim:
     """Assign up to ``limit`` eligible tasks of a window to ``batch_id``,
     oldest first, stopping before the input file would pass ``max_bytes``
@@ -361,8 +368,8 @@ async def claim_window(
                    ceil(est_input_tokens * CAST(:factor AS numeric)) * CAST(:pin AS numeric)
                      + est_output_tokens * CAST(:pout AS numeric) AS res
             FROM tasks
-            WHERE state = 'queued' AND lane = 'batch' AND endpoint = :ep AND model = :mdl
-              AND not_before <= now()
+            WHERE state = 'queued' AND lane = 'batch' AND provider = :pv AND endpoint = :ep
+              AND model = :mdl AND not_before <= now()
             ORDER BY not_before, id LIMIT :lim
             FOR UPDATE SKIP LOCKED
         ), own AS (
@@ -402,7 +409,8 @@ async def claim_window(
                (SELECT coalesce(jsonb_agg(jsonb_build_array(client, s)), '[]')
                 FROM (SELECT client, sum(res) AS s FROM upd GROUP BY client) g)
         FROM upd"""),
-        {"ep": endpoint, "mdl": model, "lim": limit, "bid": batch_id, "maxb": max_bytes,
+        {"pv": provider, "ep": endpoint, "mdl": model, "lim": limit, "bid": batch_id,
+         "maxb": max_bytes,
          "factor": reserve.factor, "pin": reserve.input_pico, "pout": reserve.output_pico,
          "left": reserve.left_pico, "cap_names": list((reserve.client_left or {}).keys()),
          "cap_left": list((reserve.client_left or {}).values())})
@@ -413,15 +421,18 @@ async def claim_window(
 
 
 async def insert_batch(
-    conn: AsyncConnection, *, batch_id: str, endpoint: str, model: str, reason: str,
-    claim: Claim, spend_day: date, reserved_usd: Decimal, owner: str, lease_seconds: float,
+    conn: AsyncConnection, *, batch_id: str, provider: str, endpoint: str, model: str,
+    reason: str, claim: Claim, spend_day: date, reserved_usd: Decimal, owner: str,
+    lease_seconds: float,
 ) -> None:
     await conn.execute(text("""
-        INSERT INTO batches (id, endpoint, model, state, flush_reason, item_count, input_bytes,
-                             spend_day, reserved_usd, lease_owner, lease_until, own_line_ids)
-        VALUES (:id, :ep, :mdl, 'building', :reason, :n, :nb, :day, :res, :owner,
+        INSERT INTO batches (id, provider, endpoint, model, state, flush_reason, item_count,
+                             input_bytes, est_input_tokens, spend_day, reserved_usd,
+                             lease_owner, lease_until, own_line_ids)
+        VALUES (:id, :pv, :ep, :mdl, 'building', :reason, :n, :nb, :ei, :day, :res, :owner,
                 now() + make_interval(secs => :lease), true)"""),
-        {"id": batch_id, "ep": endpoint, "mdl": model, "reason": reason, "n": claim.count,
+        {"id": batch_id, "pv": provider, "ep": endpoint, "mdl": model, "reason": reason,
+         "n": claim.count, "ei": claim.est_input_tokens,
          "nb": claim.input_bytes, "day": spend_day, "res": reserved_usd, "owner": owner,
          "lease": lease_seconds})
 
@@ -486,17 +497,38 @@ async def lock_budget(conn: AsyncConnection) -> None:
     await conn.execute(text("SELECT pg_advisory_xact_lock(hashtext('batchd.budget'))"))
 
 
-async def token_held_models(conn: AsyncConnection) -> set[str]:
-    """Models whose last batch hit the provider's enqueued-token cap and that
-    still have a live batch: their windows wait for one to finish."""
+async def token_held_models(conn: AsyncConnection) -> set[tuple[str, str]]:
+    """(provider, model) pairs whose last batch hit the provider's
+    enqueued-token cap and that still have a live batch there: their windows
+    wait for one to finish."""
     rows = await conn.execute(text("""
-        SELECT DISTINCT b.model FROM batches b
+        SELECT DISTINCT b.provider, b.model FROM batches b
         WHERE b.token_limited AND b.routed_at > now() - interval '1 day'
           AND NOT EXISTS (SELECT 1 FROM batches o WHERE o.model = b.model
+                          AND o.provider = b.provider
                           AND o.finished_at > b.routed_at AND NOT o.token_limited)
-          AND EXISTS (SELECT 1 FROM batches l WHERE l.model = b.model AND l.state = 'submitted')
+          AND EXISTS (SELECT 1 FROM batches l WHERE l.model = b.model
+                      AND l.provider = b.provider AND l.state = 'submitted')
     """))
-    return {r[0] for r in rows}
+    return {(r[0], r[1]) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    requests: int = 0
+    input_tokens: int = 0
+
+
+async def in_flight(conn: AsyncConnection) -> dict[tuple[str, str], InFlight]:
+    """Requests and estimated input tokens of the batches not yet finished
+    at each provider, by (provider, model): what waits in its queue. Read
+    every scheduler tick, so through the live-batch index (its predicate,
+    state <> 'routed', spelled out): a year of routed batches is never read."""
+    rows = await conn.execute(text("""
+        SELECT provider, model, sum(item_count), sum(est_input_tokens) FROM batches
+        WHERE state <> 'routed' AND state IN ('building', 'uploading', 'submitted')
+        GROUP BY provider, model"""))
+    return {(r[0], r[1]): InFlight(int(r[2]), int(r[3])) for r in rows}
 
 
 _BATCH_LINES_PAGE = """
@@ -554,8 +586,8 @@ async def renumber_batch_lines(conn: AsyncConnection, task_ids: Sequence[int],
 
 # ---------------------------------------------------------- batch bookkeeping
 
-BATCH_COLUMNS = """id, provider_batch_id, endpoint, model, state, provider_status, flush_reason,
-    item_count, input_bytes, input_file_id, submit_attempts, created_at, submitted_at,
+BATCH_COLUMNS = """id, provider_batch_id, provider, endpoint, model, state, provider_status,
+    flush_reason, item_count, input_bytes, input_file_id, submit_attempts, created_at, submitted_at,
     spend_day, reserved_usd"""
 
 
@@ -624,6 +656,39 @@ async def release_batch(conn: AsyncConnection, batch_id: str, owner: str, retry_
                lease_until = now() + make_interval(secs => :s), updated_at = now()
         WHERE id = :id AND lease_owner = :owner"""),
         {"id": batch_id, "owner": owner, "s": retry_in})
+
+
+async def recorded_provider_batches(conn: AsyncConnection, ids: Sequence[str]) -> set[str]:
+    """Which of these provider batch ids a batch row of ours has recorded."""
+    rows = await conn.execute(text(
+        "SELECT provider_batch_id FROM batches WHERE provider_batch_id = ANY(CAST(:ids AS text[]))"
+    ), {"ids": list(ids)})
+    return {r[0] for r in rows}
+
+
+async def creation_owner(conn: AsyncConnection, provider: str, created_at: float
+                         ) -> str | None:
+    """The batch whose create at ``provider`` was the last to start at or
+    before ``created_at`` (a Unix time, as the provider stamps its batches)."""
+    row = await conn.execute(text("""
+        SELECT id FROM batches
+        WHERE provider = :pv AND create_started_at <= to_timestamp(:ts)
+        ORDER BY create_started_at DESC LIMIT 1"""), {"pv": provider, "ts": created_at})
+    found = row.scalar()
+    return str(found) if found is not None else None
+
+
+async def try_session_lock(conn: AsyncConnection, key: str) -> bool:
+    """A session advisory lock, held until ``session_unlock`` or the connection
+    ends (a crashed replica's is gone with it); False when someone holds it."""
+    got = await conn.scalar(text("SELECT pg_try_advisory_lock(hashtext(:k))"), {"k": key})
+    await conn.commit()
+    return bool(got)
+
+
+async def session_unlock(conn: AsyncConnection, key: str) -> None:
+    await conn.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"), {"k": key})
+    await conn.commit()
 
 
 async def claim_unsent_batches(
@@ -1038,13 +1103,17 @@ async def release_owner(conn: AsyncConnection, owner: str) -> int:
 
 # ----------------------------------------------------------------- sync lane
 
-async def sync_candidates(conn: AsyncConnection, limit: int) -> list[dict[str, Any]]:
-    """Due sync-lane tasks in order, row-locked (SKIP LOCKED) until the
-    transaction ends, with what the budget check needs."""
+async def sync_candidates(conn: AsyncConnection, limit: int,
+                          providers: Sequence[str] = ("openai",)) -> list[dict[str, Any]]:
+    """Due sync-lane tasks at ``providers`` in order, row-locked (SKIP LOCKED)
+    until the transaction ends, with what the budget check needs."""
     rows = await conn.execute(text("""
-        SELECT id, custom_id, model, est_input_tokens, est_output_tokens, client FROM tasks
+        SELECT id, custom_id, provider, model, est_input_tokens, est_output_tokens, client
+        FROM tasks
         WHERE state = 'queued' AND lane = 'sync' AND not_before <= now()
-        ORDER BY not_before, id LIMIT :lim FOR UPDATE SKIP LOCKED"""), {"lim": limit})
+          AND provider = ANY(CAST(:pvs AS text[]))
+        ORDER BY not_before, id LIMIT :lim FOR UPDATE SKIP LOCKED"""),
+        {"lim": limit, "pvs": list(providers)})
     return [dict(r) for r in rows.mappings()]
 
 
@@ -1059,10 +1128,11 @@ async def claim_sync(conn: AsyncConnection, claim_id: str, task_ids: Sequence[in
             UPDATE tasks t SET state = 'submitted', batch_id = :claim, attempts = t.attempts + 1,
                    submitted_at = now(), updated_at = now()
             WHERE t.id = ANY(CAST(:ids AS bigint[])) AND t.state = 'queued'
-            RETURNING t.id, t.client, t.custom_id, t.endpoint, t.model, t.body, t.created_at,
-                      t.replay_count, t.attempts, t.job
+            RETURNING t.id, t.client, t.custom_id, t.provider, t.endpoint, t.model, t.body,
+                      t.created_at, t.replay_count, t.attempts, t.job
         ), jd AS ({moved_deltas("upd", "'queued'", "'submitted'")})
-        SELECT id, client, custom_id, endpoint, model, body, created_at, replay_count, attempts
+        SELECT id, client, custom_id, provider, endpoint, model, body, created_at, replay_count,
+               attempts
         FROM upd"""),
         {"claim": claim_id, "ids": list(task_ids)})
     return [dict(r) for r in rows.mappings()]

@@ -7,7 +7,8 @@ created_at, events by created_at, results by created_at, batches by
 routed_at, sync_spend by settled_at, finished tasks by finished_at), each row
 finding its task by one probe of the primary key (LIMIT 1 keeps the
 planner from hashing the whole of tasks instead); the caller merges them by
-dimension. Every task is 'openai' until tasks carry a provider. Client ''
+dimension. The provider is the task's (routed at ingest, migration 0013), or
+for billed lines no task kept the batch's. Client ''
 holds what belongs to no task: billed lines no task kept, and events or
 results of tasks gone before migration 0011 gave them a task id.
 """
@@ -28,7 +29,7 @@ COUNTS = ("tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
           "finished", "finished_ok", "lane_succeeded", "lane_failed")
 MONEY = ("spend_usd", "sync_usd", "unattributed_usd", "lane_spend_usd")
 
-_T_DIMS = "t.client, 'openai' AS provider, t.model, t.lane"
+_T_DIMS = "t.client, t.provider, t.model, t.lane"
 
 _TASKS_IN = text(f"""
 SELECT {_T_DIMS}, count(*) AS tasks_in FROM tasks t
@@ -61,16 +62,19 @@ WHERE r.created_at >= :lo AND r.created_at < :hi GROUP BY 1, 2, 3, 4
 """)
 
 _UNATTRIBUTED = text("""
-SELECT '' AS client, 'openai' AS provider, b.model, 'batch' AS lane,
+SELECT '' AS client, b.provider, b.model, 'batch' AS lane,
        sum(b.unattributed_cost_usd) AS unattributed_usd, bool_or(b.unpriced) AS unpriced
 FROM batches b
 WHERE b.state = 'routed' AND b.routed_at >= :lo AND b.routed_at < :hi
 GROUP BY 1, 2, 3, 4
 """)
 
-# Sync calls answered and paid whose task had moved on (no result kept).
+# Sync calls answered and paid whose task had moved on (no result kept). A
+# task pruned since leaves its call to no client, at 'openai' (its provider
+# is not kept beside the call).
 _SYNC_UNKEPT = text("""
-SELECT coalesce(t.client, '') AS client, 'openai' AS provider, s.model, 'sync' AS lane,
+SELECT coalesce(t.client, '') AS client, coalesce(t.provider, 'openai') AS provider, s.model,
+       'sync' AS lane,
        sum(s.cost_usd) AS unattributed_usd
 FROM sync_spend s LEFT JOIN LATERAL (
     SELECT * FROM tasks t WHERE t.id = s.task_id LIMIT 1) t ON true

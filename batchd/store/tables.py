@@ -73,15 +73,17 @@ tasks = Table(
     Column("batch_line", Integer),
     # The job the task belongs to (per client, DESIGN section 13); NULL: none.
     Column("job", Text),
+    # The provider the task was routed to at ingest (DESIGN section 14).
+    Column("provider", Text, nullable=False, server_default="openai"),
     # dismissed: taken out of the manual queue by an operator, not replayed.
     # cancelled: queued when its job was cancelled, never sent (migration 0009).
     CheckConstraint("state IN ('queued','submitted','succeeded','failed','dismissed',"
                     "'cancelled')",
                     name="task_state"),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
-    # Windows: distinct (endpoint, model) by skip scan, then each window's
-    # batch-lane tasks oldest first, counted index-only (migration 0004).
-    Index("tasks_queued_lane", "endpoint", "model", "lane", "not_before", "id",
+    # Windows: distinct (provider, endpoint, model) by skip scan, then each
+    # window's batch-lane tasks oldest first, counted index-only (migration 0013).
+    Index("tasks_queued_provider", "provider", "endpoint", "model", "lane", "not_before", "id",
           postgresql_where=text("state = 'queued'")),
     # A batch's tasks still in it, failed in it or dismissed: a succeeded task
     # is found through its result, so its entry does not outlive it (~110
@@ -110,6 +112,7 @@ batches = Table(
     metadata,
     Column("id", Text, primary_key=True),  # ours: goes into file name and metadata
     Column("provider_batch_id", Text, unique=True),
+    Column("provider", Text, nullable=False, server_default="openai"),
     Column("endpoint", Text, nullable=False),
     Column("model", Text, nullable=False),
     Column("state", Text, nullable=False, server_default="building"),
@@ -117,6 +120,11 @@ batches = Table(
     Column("flush_reason", Text, nullable=False),
     Column("item_count", Integer, nullable=False),
     Column("input_bytes", BigInteger, nullable=False),
+    # What the batch holds for the provider's queued-token cap (estimated).
+    Column("est_input_tokens", BigInteger, nullable=False, server_default="0"),
+    # When its latest create call started: a provider batch without metadata
+    # (Anthropic) is told apart by it (scheduler._find_remote).
+    Column("create_started_at", DateTime(timezone=True)),
     Column("input_file_id", Text),
     Column("output_file_id", Text),
     Column("error_file_id", Text),
@@ -157,6 +165,10 @@ batches = Table(
         name="batch_state",
     ),
     Index("batches_live", "next_poll_at", postgresql_where=text("state <> 'routed'")),
+    # Which row's create at a provider started last before a time (a batch
+    # without metadata, scheduler._find_remote; migration 0013).
+    Index("batches_create_started", "provider", "create_started_at",
+          postgresql_where=text("create_started_at IS NOT NULL")),
     Index("batches_spend_day", "spend_day"),
     Index("batches_routed", "routed_at", postgresql_where=text("state = 'routed'")),
 )

@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 from sqlalchemy import text
 
+from batchd.emulator.anthropic import AnthropicEmulator
+from batchd.emulator.gemini import GeminiEmulator
 from batchd.faults import EXIT_CODE
 from batchd.provider.emulator import Emulator
 from batchd.store.engine import async_url, make_engine
@@ -32,6 +34,8 @@ from tests.acceptance.procs import (
     PrivatePostgres,
     Replica,
     chat_task,
+    claude_task,
+    gemini_task,
     open_count,
     replica_env,
 )
@@ -56,6 +60,24 @@ BATCH_FAULTS: list[tuple[str, dict[str, Any]]] = [
     ("expire", {"run_fraction": 0.5}), ("stuck_finalizing", {"seconds": 3}),
     ("token_limit_exceeded", {}),
 ]
+# The same kinds of fault at the other providers (the route names are theirs).
+# A list fault hits one call: only a send that retries lists, and a queue of
+# them would fail each retry while its backoff grows past the settle window.
+ANTHROPIC_FAULTS: list[tuple[str, str, int]] = [
+    ("create", "http_529", 1), ("create", "reset_after", 1), ("create", "http_500", 1),
+    ("retrieve", "http_500", 3), ("retrieve", "http_529", 3), ("results", "http_500", 3),
+    ("list", "http_500", 1), ("cancel", "http_500", 1),
+]
+GEMINI_FAULTS: list[tuple[str, str, int]] = [
+    ("upload", "http_500", 1), ("create", "http_503", 1), ("create", "reset_after", 1),
+    ("retrieve", "http_503", 3), ("download", "http_500", 3), ("download", "truncate", 1),
+    ("list", "http_500", 1),
+]
+# A marker of expected_outcome as each provider's emulator spells it.
+MARKERS = {"anthropic": {"http_400": "invalid_request", "http_429": "overloaded",
+                         "http_500*2": "api_error*2", "missing*1": "missing*1"},
+           "gemini": {"http_400": "invalid_argument", "http_429": "resource_exhausted",
+                      "http_500*2": "internal*2", "missing*1": "missing*1"}}
 MAX_ATTEMPTS = 5
 CANCELLED_JOB = "chaos-a"
 
@@ -106,6 +128,7 @@ class Figures:
     by_state: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     sigterm_exit_codes: list[int] = field(default_factory=list)
+    by_provider: dict[str, dict[str, int]] = field(default_factory=dict)
     unexpected_exits: list[tuple[str, int]] = field(default_factory=list)
 
     def line(self) -> str:
@@ -117,8 +140,15 @@ class Chaos:
     def __init__(self, pg: PrivatePostgres, db_url: str, emulator: Emulator, emulator_url: str,
                  workdir: Path, *, tasks: int = 5000, replicas: int = 3, kills: int = 10,
                  pg_restarts: int = 1, seed: int = 4, kill_every: tuple[float, float] = (1.5, 3),
-                 settle_within: float = 240, clients: int = 1) -> None:
+                 settle_within: float = 240, clients: int = 1,
+                 anthropic: AnthropicEmulator | None = None,
+                 gemini: GeminiEmulator | None = None) -> None:
+        """With ``anthropic`` and/or ``gemini`` (started emulators), the load is
+        spread over those providers too, and so are the faults."""
         self.pg, self.db_url, self.emu = pg, db_url, emulator
+        self.anthropic, self.gemini = anthropic, gemini
+        self.providers = ["openai"] + [n for n, e in (("anthropic", anthropic),
+                                                      ("gemini", gemini)) if e is not None]
         self.n_tasks, self.n_kills, self.n_pg = tasks, kills, pg_restarts
         self.kill_every, self.settle_within = kill_every, settle_within
         self.rng = random.Random(seed)
@@ -129,7 +159,9 @@ class Chaos:
         self.tokens = {c: f"tok-{c}-{seed}" for c in self.clients}
         extra = ({"ingest_tokens": ",".join(f"{c}={t}" for c, t in self.tokens.items())}
                  if self.clients else {})
-        env = replica_env(db_url, emulator_url, **SETTINGS, **extra)
+        env = replica_env(db_url, emulator_url,
+                          anthropic_url=anthropic.base if anthropic else None,
+                          gemini_url=gemini.base if gemini else None, **SETTINGS, **extra)
         self.replicas = [Replica(f"chaos{i}", env, workdir) for i in range(replicas)]
         self.fig = Figures(tasks=tasks, replicas=replicas, clients=max(1, clients))
         self._locks = {r.name: asyncio.Lock() for r in self.replicas}
@@ -165,7 +197,14 @@ class Chaos:
             await asyncio.sleep(0.1)
 
     def _inject(self) -> None:
-        if self.rng.random() < 0.15:
+        target = self.rng.choice(self.providers)
+        if target == "anthropic" and self.anthropic is not None:
+            route, fault, times = self.rng.choice(ANTHROPIC_FAULTS)
+            self.anthropic.inject(route, fault, times)
+        elif target == "gemini" and self.gemini is not None:
+            route, fault, times = self.rng.choice(GEMINI_FAULTS)
+            self.gemini.inject(route, fault, times)
+        elif self.rng.random() < 0.15:
             kind, params = self.rng.choice(BATCH_FAULTS)
             self.emu.script_batch(kind, **params)
             self._batch_scripts += 1
@@ -215,8 +254,12 @@ class Chaos:
         for i in range(self.n_tasks):
             marker, _ = expected_outcome(i)
             client, cid = self._key(i)
-            tasks.append(chat_task(cid, emulate=marker, content=f"task {i} of {client}",
-                                   job=chaos_job(i, self.n_tasks)))
+            provider = self.provider_of(i)
+            make = {"anthropic": claude_task, "gemini": gemini_task}.get(provider, chat_task)
+            if provider != "openai":
+                marker = MARKERS[provider].get(marker or "", marker)
+            tasks.append(make(cid, emulate=marker, content=f"task {i} of {client}",
+                              job=chaos_job(i, self.n_tasks)))
             owners.append(client if self.clients else None)
         loader = Loader(self.replicas, seed=self.rng.randint(0, 1 << 30), tokens=self.tokens)
         supervisor = asyncio.create_task(self._supervise())
@@ -238,13 +281,24 @@ class Chaos:
             await loading
             await restarting
             await cancelling
+            # The havoc is over: faults queued at the other providers and not
+            # applied yet would only stretch the settle with growing backoffs.
+            for other in (self.anthropic, self.gemini):
+                if other is not None:
+                    other.clear_faults()
             await self._wait_settled(engine)
             self._stopping = True
             await supervisor
             for r in self.replicas:
                 if r.proc is not None and r.proc.returncode is None:
                     self.fig.sigterm_exit_codes.append(await r.terminate(within=60))
-            report = await invariants.check(engine, self.emu.record(), accepted=loader.accepted)
+            records = {"openai": self.emu.record()}
+            if self.anthropic is not None:
+                records["anthropic"] = self.anthropic.record()
+            if self.gemini is not None:
+                records["gemini"] = self.gemini.record()
+            report = await invariants.check(engine, records, accepted=loader.accepted)
+            self.fig.by_provider = await self._by_provider(engine)
             await self._check_outcomes(engine, report)
         finally:
             self._stopping = True
@@ -260,7 +314,8 @@ class Chaos:
             await loader.close()
             await engine.dispose()
         self.fig.ingest_503 = loader.answers.get(503, 0)
-        self.fig.provider_faults_applied = sum(self.emu.faults_applied.values())
+        self.fig.provider_faults_applied = sum(self.emu.faults_applied.values()) + sum(
+            sum(e.faults_applied.values()) for e in (self.anthropic, self.gemini) if e)
         self.fig.batch_faults_applied = self._batch_scripts - len(self.emu._batch_scripts)
         self.fig.seconds = round(time.monotonic() - started, 1)
         return self.fig
@@ -292,6 +347,20 @@ class Chaos:
                 except (TimeoutError, OSError, aiohttp.ClientError):
                     pass
             await asyncio.sleep(0.2)
+
+    def provider_of(self, i: int) -> str:
+        """Task i's provider: round robin, so every marker meets every provider."""
+        return self.providers[(i // 50) % len(self.providers)]
+
+    @staticmethod
+    async def _by_provider(engine: Any) -> dict[str, dict[str, int]]:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text(
+                "SELECT provider, state, count(*) FROM tasks GROUP BY 1, 2"))).all()
+        out: dict[str, dict[str, int]] = {}
+        for provider, state, n in rows:
+            out.setdefault(provider, {})[state] = int(n)
+        return out
 
     async def _wait_settled(self, engine: Any) -> None:
         deadline = time.monotonic() + self.settle_within

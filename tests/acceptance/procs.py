@@ -214,9 +214,14 @@ class Replica:
         return await self.wait(within)
 
 
-def replica_env(db_url: str, emulator_url: str, **settings: Any) -> dict[str, str]:
+def replica_env(db_url: str, emulator_url: str, *, anthropic_url: str | None = None,
+                gemini_url: str | None = None, **settings: Any) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BATCHD_", "OPENAI_"))}
+           if not k.startswith(("BATCHD_", "OPENAI_", "ANTHROPIC_", "GEMINI_", "AZURE_OPENAI_"))}
+    if anthropic_url:
+        env.update({"BATCHD_ANTHROPIC_BASE_URL": anthropic_url, "ANTHROPIC_API_KEY": API_KEY})
+    if gemini_url:
+        env.update({"BATCHD_GEMINI_BASE_URL": gemini_url, "GEMINI_API_KEY": API_KEY})
     env.update({"BATCHD_DATABASE_URL": db_url, "BATCHD_OPENAI_BASE_URL": emulator_url,
                 "OPENAI_API_KEY": API_KEY, "BATCHD_HTTP_PORT": "0",
                 "BATCHD_LOG_FORMAT": "json", "BATCHD_LOG_LEVEL": "info",
@@ -235,6 +240,28 @@ def chat_task(custom_id: str, *, emulate: str | None = None,
     if emulate:
         body["metadata"] = {"emulate": emulate}
     return {"custom_id": custom_id, "body": body, **({"job": job} if job else {})}
+
+
+def claude_task(custom_id: str, *, emulate: str | None = None, job: str | None = None,
+                content: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [
+        {"role": "user", "content": content or f"task {custom_id}"}]}
+    if emulate:
+        body["metadata"] = {"emulate": emulate}
+    return {"custom_id": custom_id, "endpoint": "/v1/messages", "body": body,
+            **({"job": job} if job else {})}
+
+
+def gemini_task(custom_id: str, *, emulate: str | None = None, job: str | None = None,
+                content: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "gemini-2.5-flash",
+                            "contents": [{"role": "user",
+                                          "parts": [{"text": content or custom_id}]}],
+                            "generationConfig": {"maxOutputTokens": 8}}
+    if emulate:
+        body["emulate"] = emulate
+    return {"custom_id": custom_id, "endpoint": "/v1beta/generateContent", "body": body,
+            **({"job": job} if job else {})}
 
 
 class Loader:

@@ -303,8 +303,9 @@ HOT_QUERIES: dict[str, str] = {
         "EXPLAIN INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes) "
         "VALUES ('explain-1', '/v1/chat/completions', 'm', '{}', 'd', 1) "
         "ON CONFLICT (client, custom_id) DO NOTHING",
-    "queued windows": "EXPLAIN SELECT endpoint, model, count(*), min(not_before) FROM tasks "
-                      "WHERE state = 'queued' AND lane = 'batch' GROUP BY endpoint, model",
+    "queued windows": "EXPLAIN SELECT provider, endpoint, model, count(*), min(not_before) "
+                      "FROM tasks WHERE state = 'queued' AND lane = 'batch' "
+                      "GROUP BY provider, endpoint, model",
     "route: settle a task": "EXPLAIN UPDATE tasks SET state = 'succeeded' "
                             "WHERE id = 1 AND state = 'submitted'",
     "batch's tasks": "EXPLAIN SELECT id FROM tasks WHERE batch_id = 'x' AND id > 0 "

@@ -224,8 +224,8 @@ def test_overview_and_report_numbers_equal_the_api(daemon: Daemon,
     assert text_of(browser, "#manual-queue") == str(day["manual_queue"])
     live = browser.find_elements(By.CSS_SELECTOR, "table.batches tbody tr")
     assert len(live) == 1 and "0/5" in live[0].text
-    queued = {(w.find_elements(By.TAG_NAME, "td")[1].text,
-               w.find_elements(By.TAG_NAME, "td")[2].text)
+    queued = {(w.find_elements(By.TAG_NAME, "td")[2].text,
+               w.find_elements(By.TAG_NAME, "td")[3].text)
               for w in browser.find_elements(By.CSS_SELECTOR, "table.windows tbody tr")}
     assert ("gpt-4o", "3") in queued
     visit(browser, daemon.url + "/ui/report")

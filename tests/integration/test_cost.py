@@ -133,7 +133,7 @@ def _billed_by_emulator(h: Any) -> Decimal:
 
 
 def _money_counters() -> dict[tuple[str, str], Decimal]:
-    return {(m, lane): metrics.SPEND.exact(model=m, lane=lane)
+    return {(m, lane): metrics.SPEND.exact(provider="openai", model=m, lane=lane)
             for m in ("gpt-4o-mini", "gpt-4.1-nano") for lane in ("batch", "sync")}
 
 
@@ -257,7 +257,7 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         assert grown[("gpt-4o-mini", "sync")] == _exact(rush1, "sync") + _exact(rush2, "sync")
         for (model, lane), total in counters_after.items():
             shown = metrics.REGISTRY.get_sample_value(
-                "batchd_spend_dollars_total", {"model": model, "lane": lane})
+                "batchd_spend_dollars_total", {"provider": "openai", "model": model, "lane": lane})
             assert shown is not None and round_usd(Decimal(repr(shown))) == round_usd(total)
 
     # The command line says the same as the API, in each format.

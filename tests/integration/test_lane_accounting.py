@@ -116,15 +116,16 @@ async def test_both_lanes_feed_the_lane_labelled_metrics(db_url: str, tmp_path: 
              chat_task("s-bad", lane="sync", emulate="http_400")]
     labels_b = {"client": "local", "lane": "batch"}
     labels_s = {"client": "local", "lane": "sync"}
+    oa = {"provider": "openai", "model": "gpt-4o-mini"}
     names = [("batchd_tasks_received_total", labels_b), ("batchd_tasks_received_total", labels_s),
              ("batchd_tasks_completed_total", {**labels_b, "outcome": "succeeded"}),
              ("batchd_tasks_completed_total", {**labels_s, "outcome": "succeeded"}),
              ("batchd_tasks_completed_total", {**labels_s, "outcome": "failed"}),
-             ("batchd_spend_dollars_total", {"model": "gpt-4o-mini", "lane": "batch"}),
-             ("batchd_spend_dollars_total", {"model": "gpt-4o-mini", "lane": "sync"}),
-             ("batchd_savings_dollars_total", {"model": "gpt-4o-mini", "lane": "batch"}),
-             ("batchd_savings_dollars_total", {"model": "gpt-4o-mini", "lane": "sync"}),
-             ("batchd_tokens_total", {"model": "gpt-4o-mini", "kind": "output", "lane": "sync"}),
+             ("batchd_spend_dollars_total", {**oa, "lane": "batch"}),
+             ("batchd_spend_dollars_total", {**oa, "lane": "sync"}),
+             ("batchd_savings_dollars_total", {**oa, "lane": "batch"}),
+             ("batchd_savings_dollars_total", {**oa, "lane": "sync"}),
+             ("batchd_tokens_total", {**oa, "kind": "output", "lane": "sync"}),
              ("batchd_task_latency_seconds_count", {"lane": "batch"}),
              ("batchd_task_latency_seconds_count", {"lane": "sync"})]
     async with running(db_url, tmp_path) as h:

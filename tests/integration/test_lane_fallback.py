@@ -47,7 +47,7 @@ async def test_a_lost_sync_call_is_retried_then_failed_within_max_attempts(
         for attempt in (1, 2):
             # A replica claims the call, then dies before storing anything.
             await h.expire_backoffs()
-            assert len(await h.service.sync_lane._claim(f"sync_dead{attempt}", 8)) == 1
+            assert len(await h.service.sync_lane._claim(f"sync_dead{attempt}", 8, ["openai"])) == 1
             await h.execute("UPDATE tasks SET submitted_at = now() - interval '1 hour'")
             await _sweep(h)
         assert await _states(h) == {"lost": ("failed", 2)}

@@ -78,7 +78,8 @@ async def test_scrape_shows_every_design_metric_matching_the_database(
                   (("client", "local"), ("lane", "batch"), ("outcome", "failed")))
         assert after[succeeded] - before.get(succeeded, 0) == 6
         assert after[failed] - before.get(failed, 0) == 1
-        spend = ("batchd_spend_dollars_total", (("lane", "batch"), ("model", "gpt-4o-mini")))
+        spend = ("batchd_spend_dollars_total",
+                 (("lane", "batch"), ("model", "gpt-4o-mini"), ("provider", "openai")))
         cost = await h.scalar("SELECT sum(cost_usd) FROM results")
         assert abs(after[spend] - before.get(spend, 0) - float(cost)) < 1e-9
         assert after[("batchd_queue_tasks", (("state", "failed"),))] == 1

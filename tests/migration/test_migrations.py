@@ -212,3 +212,27 @@ def test_the_lean_rows_migration_keeps_old_copies_and_gives_them_back(empty_db: 
             VALUES (3, 'local', 'bd_1', 1, 'failed')""")
     command.upgrade(cfg, "head")
     assert _diff(empty_db) == []
+
+
+def test_the_providers_migration_keeps_old_rows_at_openai_and_reverses(empty_db: str) -> None:
+    """0013: every task and batch stored before providers was OpenAI's and
+    stays so (a constant default, no rewrite); the window index leads with
+    the provider; the downgrade gives the old index back."""
+    cfg = alembic_config(async_url(empty_db))
+    command.upgrade(cfg, "0012_lean_rows")
+    _sql(empty_db, """
+        INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes)
+        VALUES ('old-1', '/v1/chat/completions', 'm', '{}', 'd', 2)""")
+    _sql(empty_db, """
+        INSERT INTO batches (id, endpoint, model, flush_reason, item_count, input_bytes,
+                             spend_day)
+        VALUES ('bd_old', '/v1/chat/completions', 'm', 'timeout', 1, 2, '2026-12-01')""")
+    command.upgrade(cfg, "0013_providers")
+    assert _sql(empty_db, "SELECT custom_id, provider FROM tasks") == [("old-1", "openai")]
+    assert _sql(empty_db, "SELECT provider, est_input_tokens, create_started_at FROM batches"
+                ) == [("openai", 0, None)]
+    indexes = "SELECT indexname FROM pg_indexes WHERE indexname LIKE 'tasks_queued%'"
+    assert _sql(empty_db, indexes) == [("tasks_queued_provider",)]
+    command.downgrade(cfg, "0012_lean_rows")
+    assert _sql(empty_db, indexes) == [("tasks_queued_lane",)]
+    assert _sql(empty_db, "SELECT custom_id FROM tasks") == [("old-1",)]

@@ -1,6 +1,7 @@
 """Migrations run online: on a table with history, the retention migration
-(0010) and the smaller-rows one (0012) never hold ingest back longer than a
-bound while they change the catalog and build or drop indexes, and they keep
+(0010), the smaller-rows one (0012) and the providers one (0013) never hold
+ingest back longer than a bound while they change the catalog and build or
+drop indexes, and they keep
 every row through a downgrade and back. (The same at 10,000,000 tasks, with
 0011 too: the benchmark's migrations row.)"""
 
@@ -145,3 +146,22 @@ def test_the_lean_rows_migration_never_blocks_ingest_beyond_a_bound(seeded_db: s
     found = asyncio.run(indexes())
     assert "tasks_batch_held" in found
     assert not found & {"tasks_batch", "task_events_custom_id"}
+
+
+def test_the_providers_migration_never_blocks_ingest_beyond_a_bound(seeded_db: str) -> None:
+    command.upgrade(alembic_config(async_url(seeded_db)), "0012_lean_rows")
+    waits, took = _upgrade_while_inserting(seeded_db, "0013_providers")
+    assert waits and max(waits) < BOUND_SECONDS, (waits, took)
+
+    async def state() -> tuple[int, set[str]]:
+        conn = await asyncpg.connect(_plain(seeded_db))
+        try:
+            # Every task stored before, and during, the upgrade is OpenAI's.
+            return (await conn.fetchval("SELECT count(*) FROM tasks WHERE provider <> 'openai'"),
+                    {r[0] for r in await conn.fetch(
+                        "SELECT indexname FROM pg_indexes WHERE tablename = 'tasks'")})
+        finally:
+            await conn.close()
+
+    others, found = asyncio.run(state())
+    assert others == 0 and "tasks_queued_provider" in found and "tasks_queued_lane" not in found
