@@ -36,7 +36,6 @@ import collections
 import contextlib
 import hmac
 import re
-import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -48,6 +47,7 @@ import orjson
 from aiohttp import web
 
 from batchd.emulator.scripting import Scripted
+from batchd.provider.emulator_wire import serve_until_signalled
 
 OUTCOMES = frozenset({"ok", "invalid_request", "overloaded", "api_error", "canceled",
                       "expired", "missing"})
@@ -420,17 +420,8 @@ class AnthropicEmulator(Scripted):
 
 async def _serve(args: argparse.Namespace) -> None:
     emulator = AnthropicEmulator(args.api_key, in_progress_seconds=args.in_progress_seconds)
-    url = await emulator.start(args.host, args.port)
-    print(f"batchd Anthropic emulator listening on {url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await emulator.stop()
+    await serve_until_signalled(emulator.start(args.host, args.port), emulator.stop,
+                                "Anthropic emulator")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import contextlib
 import hmac
-import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -42,6 +40,7 @@ import orjson
 from aiohttp import web
 
 from batchd.emulator.scripting import Scripted
+from batchd.provider.emulator_wire import serve_until_signalled
 
 OUTCOMES = frozenset({"ok", "invalid_argument", "resource_exhausted", "internal",
                       "unavailable", "missing"})
@@ -439,17 +438,8 @@ class GeminiEmulator(Scripted):
 
 async def _serve(args: argparse.Namespace) -> None:
     emulator = GeminiEmulator(args.api_key, running_seconds=args.running_seconds)
-    url = await emulator.start(args.host, args.port)
-    print(f"batchd Gemini emulator listening on {url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await emulator.stop()
+    await serve_until_signalled(emulator.start(args.host, args.port), emulator.stop,
+                                "Gemini emulator")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,7 +40,6 @@ import contextlib
 import hmac
 import math
 import random
-import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -89,6 +88,7 @@ from batchd.provider.emulator_wire import (
     list_page,
     page_limit,
     send_truncated,
+    serve_until_signalled,
 )
 from batchd.tokens import preload
 
@@ -831,17 +831,8 @@ async def _serve(args: argparse.Namespace) -> None:
         write_cancelled_lines=not args.omit_cancelled_lines,
         known_models=set(args.known_model) if args.known_model else None,
         failure_rates=_parse_rates(args.failure_rate), seed=args.seed)
-    url = await emulator.start(args.host, args.port)
-    print(f"batchd emulator listening on {url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await emulator.stop()
+    await serve_until_signalled(emulator.start(args.host, args.port), emulator.stop,
+                                "emulator")
 
 
 def main(argv: list[str] | None = None) -> None:
