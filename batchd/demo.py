@@ -17,8 +17,8 @@ from batchd.client import BatchdClient, JobNotFinished
 from batchd.config import Settings
 from batchd.emulator.anthropic import AnthropicEmulator
 from batchd.emulator.gemini import GeminiEmulator
+from batchd.emulator.openai import Emulator
 from batchd.progress import JobBar, job_line
-from batchd.provider.emulator import Emulator
 from batchd.report import render_table
 from batchd.service import Service, build_provider, migrate, open_engine
 

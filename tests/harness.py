@@ -22,8 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd.config import Settings, load_settings
+from batchd.emulator.openai import Emulator
 from batchd.provider.base import Provider
-from batchd.provider.emulator import Emulator
 from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
 from batchd.store.engine import make_engine

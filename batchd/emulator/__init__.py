@@ -1,5 +1,7 @@
 """One emulator per provider protocol family (tests, benchmarks, ``batchd demo``).
 
-The OpenAI Files + Batches emulator lives at ``batchd.provider.emulator``; Azure and
-OpenAI-compatible services are served by it under their URL shapes.
+``openai`` serves the Files + Batches API (Azure and OpenAI-compatible services
+use it under their URL shapes; ``openai_wire`` and ``openai_lines`` hold its wire
+objects and result lines), ``anthropic`` the Message Batches API, ``gemini`` the
+Batch Mode API. ``scripting`` is the fault and outcome script they share.
 """

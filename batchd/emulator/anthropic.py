@@ -46,8 +46,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from batchd.emulator.openai_wire import serve_until_signalled
 from batchd.emulator.scripting import Scripted
-from batchd.provider.emulator_wire import serve_until_signalled
 
 OUTCOMES = frozenset({"ok", "invalid_request", "overloaded", "api_error", "canceled",
                       "expired", "missing"})

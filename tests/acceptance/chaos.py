@@ -25,8 +25,8 @@ from sqlalchemy import text
 
 from batchd.emulator.anthropic import AnthropicEmulator
 from batchd.emulator.gemini import GeminiEmulator
+from batchd.emulator.openai import Emulator
 from batchd.faults import EXIT_CODE
-from batchd.provider.emulator import Emulator
 from batchd.store.engine import async_url, make_engine
 from tests import invariants
 from tests.acceptance.procs import (

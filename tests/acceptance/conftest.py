@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from alembic import command
 
-from batchd.provider.emulator import Emulator
+from batchd.emulator.openai import Emulator
 from batchd.store.engine import async_url, make_engine
 from tests.acceptance.procs import (
     API_KEY,

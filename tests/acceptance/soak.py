@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 from alembic import command
 
-from batchd.provider.emulator import Emulator
+from batchd.emulator.openai import Emulator
 from batchd.service import alembic_config
 from batchd.store.engine import async_url
 from tests.acceptance.chaos import Chaos

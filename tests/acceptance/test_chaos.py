@@ -23,7 +23,7 @@ import pytest
 
 from batchd.emulator.anthropic import AnthropicEmulator
 from batchd.emulator.gemini import GeminiEmulator
-from batchd.provider.emulator import Emulator
+from batchd.emulator.openai import Emulator
 from tests.acceptance.chaos import Chaos
 from tests.acceptance.procs import API_KEY, PrivatePostgres
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from batchd.emulator.openai import Emulator
 from batchd.faults import EXIT_CODE
-from batchd.provider.emulator import Emulator
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for
 from tests.acceptance.procs import Loader, chat_task, wait_settled

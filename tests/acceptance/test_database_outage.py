@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from batchd.provider.emulator import Emulator
+from batchd.emulator.openai import Emulator
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for
 from tests.acceptance.procs import Loader, PrivatePostgres, chat_task, wait_settled

@@ -1,5 +1,5 @@
 """Issue 3's closing check, as processes: ``batchd serve`` pointed at a
-standalone emulator (``python -m batchd.provider.emulator``) with a 2 s window
+standalone emulator (``python -m batchd.emulator.openai``) with a 2 s window
 and a cap of 40 takes 400 mixed tasks to the right terminal state, and no
 batch is ever over the cap."""
 
@@ -31,7 +31,7 @@ MIX = {  # marker → (state, attempts, last error code)
 async def standalone_emulator() -> AsyncIterator[str]:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "batchd.provider.emulator", "--port", str(port),
+        sys.executable, "-m", "batchd.emulator.openai", "--port", str(port),
         "--api-key", API_KEY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)

@@ -76,7 +76,7 @@ async def _until(http: aiohttp.ClientSession, url: str, ok: Any, within: float) 
 
 async def test_the_readme_emulator_commands_run_a_task(shared_db: str, tmp_path: Path) -> None:
     emulator_cmd, serve_cmd = readme_commands()
-    assert emulator_cmd == "python -m batchd.provider.emulator --port 8099"
+    assert emulator_cmd == "python -m batchd.emulator.openai --port 8099"
     assert serve_cmd == "BATCHD_OPENAI_BASE_URL=http://127.0.0.1:8099/v1 batchd serve"
     # The shell a newcomer has after `. .venv/bin/activate`: no key, no
     # batchd settings but the database (the README's serve would start an

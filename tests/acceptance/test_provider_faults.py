@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from batchd.provider.emulator import Emulator
+from batchd.emulator.openai import Emulator
 from batchd.provider.openai import OpenAIProvider
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for

@@ -9,8 +9,8 @@ import collections
 import pytest
 from sqlalchemy import text
 
+from batchd.emulator.openai import Emulator
 from batchd.faults import EXIT_CODE
-from batchd.provider.emulator import Emulator
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for
 from tests.acceptance.procs import Loader, chat_task, wait_settled

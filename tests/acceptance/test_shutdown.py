@@ -8,7 +8,7 @@ import time
 
 from sqlalchemy import text
 
-from batchd.provider.emulator import Emulator
+from batchd.emulator.openai import Emulator
 from tests import invariants
 from tests.acceptance.conftest import Cluster, engine_for
 from tests.acceptance.procs import Loader, chat_task, until, wait_settled

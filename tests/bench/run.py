@@ -264,7 +264,7 @@ class Proc:
 
 
 async def start_emulator() -> tuple[Proc, str]:
-    proc = Proc([sys.executable, "-m", "batchd.provider.emulator", "--port", "0",
+    proc = Proc([sys.executable, "-m", "batchd.emulator.openai", "--port", "0",
                  "--api-key", API_KEY], dict(os.environ))
     url = await proc.wait_for(r"listening on (\S+)")
     return proc, url

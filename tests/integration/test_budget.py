@@ -14,9 +14,9 @@ from structlog.testing import capture_logs
 
 from batchd import metrics
 from batchd.domain import parse_task
+from batchd.emulator.openai_lines import tokens_for, usage_for
 from batchd.errors import ConfigError
 from batchd.prices import PriceTable, cost, tokens_from_usage
-from batchd.provider.emulator_lines import tokens_for, usage_for
 from batchd.tokens import count_input_tokens
 from tests.harness import FakeClock, Harness, chat_task, running
 

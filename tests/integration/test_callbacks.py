@@ -16,8 +16,8 @@ from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchd.client import SignatureError, verify_callback
+from batchd.emulator.openai import Emulator
 from batchd.faults import EXIT_CODE
-from batchd.provider.emulator import Emulator
 from tests.harness import API_KEY, Harness, chat_task, running
 from tests.receiver import Receiver
 from tests.spec import SpecCheck

@@ -22,9 +22,9 @@ from structlog.testing import capture_logs
 
 from batchd import metrics
 from batchd.domain import line_id
+from batchd.emulator.openai_lines import SUCCESS_OUTCOMES, usage_for
 from batchd.errors import ConfigError
 from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
-from batchd.provider.emulator_lines import SUCCESS_OUTCOMES, usage_for
 from batchd.report import FIELDS
 from batchd.store import repo
 from batchd.store.engine import make_engine

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from multidict import CIMultiDict
 
+from batchd.emulator.openai import Emulator, usage_for
 from batchd.errors import ProviderError
 from batchd.provider.base import RemoteBatch
-from batchd.provider.emulator import Emulator, usage_for
 from batchd.provider.openai import OpenAIProvider
 
 API_KEY = "test-key"

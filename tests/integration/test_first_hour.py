@@ -10,9 +10,9 @@ from alembic import command
 from prometheus_client.parser import text_string_to_metric_families
 
 from batchd import metrics
+from batchd.emulator.openai import Emulator
 from batchd.health import HEALTH
 from batchd.prices import PriceTable
-from batchd.provider.emulator import Emulator
 from batchd.service import alembic_config
 from batchd.store.engine import async_url
 from tests.conftest import _admin, _with_db

@@ -10,9 +10,9 @@ from structlog.testing import capture_logs
 
 from batchd import metrics
 from batchd.domain import parse_task
+from batchd.emulator.openai_lines import usage_for
 from batchd.estimates import Calibration
 from batchd.prices import PriceTable, cost, tokens_from_usage
-from batchd.provider.emulator_lines import usage_for
 from batchd.tokens import count_input_tokens
 from tests.harness import FakeClock, Harness, chat_task, running
 

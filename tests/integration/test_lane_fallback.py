@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from batchd.domain import RESUBMIT_MARGIN, SYNC_MARGIN
+from batchd.emulator.openai import Emulator
 from batchd.errors import ConfigError
-from batchd.provider.emulator import Emulator
 from tests.harness import API_KEY, Harness, chat_task, running
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
+from batchd.emulator.openai import Emulator
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.provider.base import RemoteBatch
-from batchd.provider.emulator import Emulator
 from batchd.provider.openai import OpenAIProvider
 
 API_KEY = "test-key"

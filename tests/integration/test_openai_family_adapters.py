@@ -15,9 +15,9 @@ import orjson
 import pytest
 
 from batchd.domain import Outcome, classify_line
+from batchd.emulator.openai import Emulator
 from batchd.errors import ProviderError
 from batchd.provider.base import RemoteBatch
-from batchd.provider.emulator import Emulator
 from batchd.provider.openai import OpenAIProvider, azure_provider, compatible_provider
 
 KEY = "test-key"

@@ -13,7 +13,7 @@ import orjson
 from sqlalchemy import text
 
 from batchd.domain import input_line, line_id
-from batchd.provider.emulator import Emulator
+from batchd.emulator.openai import Emulator
 from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
 from batchd.store import repo

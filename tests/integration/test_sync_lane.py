@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+from batchd.emulator.openai import Emulator
+from batchd.emulator.openai_lines import usage_for
 from batchd.prices import PriceTable, cost, round_usd, tokens_from_usage
-from batchd.provider.emulator import Emulator
-from batchd.provider.emulator_lines import usage_for
 from tests.harness import API_KEY, chat_task, running
 
 

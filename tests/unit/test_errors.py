@@ -14,7 +14,7 @@ from batchd.errors import BatchdError
 # The emulators stand in for providers: their errors are the providers' HTTP
 # replies, raised and caught inside the emulator, never seen by batchd's code.
 EMULATED = {"batchd.emulator.anthropic.ApiError", "batchd.emulator.gemini.ApiError",
-            "batchd.provider.emulator_wire.ApiError"}
+            "batchd.emulator.openai_wire.ApiError"}
 
 
 def test_every_exception_batchd_defines_is_a_batchd_error() -> None:

@@ -27,7 +27,7 @@ calls and faults applied; the crash-safety invariant checker compares it with
 batchd's tables. ``POST /_emulator/faults`` injects a fault from outside the
 process (same fields as ``inject``).
 
-Run standalone: ``python -m batchd.provider.emulator --port 8099`` (any key; ``--api-key x``
+Run standalone: ``python -m batchd.emulator.openai --port 8099`` (any key; ``--api-key x``
 to require one).
 """
 
@@ -49,7 +49,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from batchd.domain import line_task_id
-from batchd.provider.emulator_lines import (
+from batchd.emulator.openai_lines import (
     ENDPOINTS,
     HTTP_ERRORS,
     NEVER_RAN_MESSAGES,
@@ -67,7 +67,7 @@ from batchd.provider.emulator_lines import (
     tokens_for,
     usage_for,
 )
-from batchd.provider.emulator_wire import (
+from batchd.emulator.openai_wire import (
     CHUNK,
     DOWNLOAD_FAULT,
     FILE_TTL,
@@ -836,7 +836,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m batchd.provider.emulator",
+    p = argparse.ArgumentParser(prog="python -m batchd.emulator.openai",
                                 description="An in-memory OpenAI Files + Batches API.")
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (loopback unless you say otherwise)")

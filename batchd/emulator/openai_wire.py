@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from batchd.provider.emulator_lines import LinePlan, error_body
+from batchd.emulator.openai_lines import LinePlan, error_body
 
 FILE_TTL = 30 * 86400
 CHUNK = 256 * 1024
