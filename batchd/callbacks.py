@@ -1,7 +1,7 @@
 """Result callbacks: the outbox → signed POSTs to each task's callback_url.
 
 The router and the sync lane write an outbox row in the transaction that
-makes a task terminal (repo.store_successes / store_failures), so a crash
+makes a task terminal (store_successes / store_failures), so a crash
 never loses a delivery. Every replica runs this loop: it claims due rows with
 ``FOR UPDATE SKIP LOCKED`` under a lease, POSTs each one, and records every
 attempt. Delivery is at least once: a receiver that answered 2xx but whose
@@ -51,7 +51,7 @@ from batchd.signing import (
     TIMESTAMP_HEADER,
     sign,
 )
-from batchd.store import repo
+from batchd.store.callbacks import claim_callbacks, record_callback_attempt
 
 log = logs.get("batchd.callbacks")
 
@@ -169,7 +169,7 @@ class CallbackSender:
         if free <= 0:
             return 0
         async with self.engine.begin() as conn:
-            rows = await repo.claim_callbacks(conn, free, self.lease_seconds)
+            rows = await claim_callbacks(conn, free, self.lease_seconds)
         for row in rows:
             task = asyncio.create_task(self._deliver(row))
             self._running.add(task)
@@ -220,7 +220,7 @@ class CallbackSender:
                                        _BACKOFF_CAP_SECONDS)
         try:
             async with self.engine.begin() as conn:
-                state = await repo.record_callback_attempt(
+                state = await record_callback_attempt(
                     conn, row["id"], attempt, status=status, error=error, duration=duration,
                     delivered=delivered, retry_in=retry_in)
         except Exception:

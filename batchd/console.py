@@ -44,7 +44,7 @@ from batchd.errors import BatchdError
 from batchd.replay import Replayer, export_line
 from batchd.report import Reporter
 from batchd.store import console as sql
-from batchd.store import repo
+from batchd.store.spend import day_spend
 from batchd.web import bearer_token
 
 log = logs.get("batchd.console")
@@ -343,7 +343,7 @@ async def overview(request: web.Request, viewer: Viewer) -> web.StreamResponse:
         sync_q = await sql.sync_queue(conn, viewer.client, QUEUE_COUNT_CAP)
         batches = await sql.live_batches(conn, viewer.client, 100)
         by_client = await sql.spend_by_client(conn, viewer.client, today)
-        spent = await repo.day_spend(conn, today) if viewer.admin else None
+        spent = await day_spend(conn, today) if viewer.admin else None
     report = await console.reporter.day(today) if viewer.admin else None
 
     def count(n: int) -> str:

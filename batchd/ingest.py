@@ -25,7 +25,7 @@ from batchd.domain import (
     place,
 )
 from batchd.errors import BatchdError
-from batchd.store import repo
+from batchd.store.tasks import IngestResult, TaskKey, insert_tasks, limit_lock_wait
 
 log = logs.get("batchd.ingest")
 
@@ -126,7 +126,7 @@ async def count_input_tokens(tasks: list[TaskIn]) -> None:
 @dataclass(slots=True)
 class _Pending:
     tasks: list[TaskIn]
-    done: asyncio.Future[repo.IngestResult]
+    done: asyncio.Future[IngestResult]
     # Set when a transaction takes the request: from then on its caller waits
     # for the commit however long it takes, since only the commit can say
     # whether the tasks are stored.
@@ -166,7 +166,7 @@ def _job_cancelled(jobs: list[tuple[str, str]]) -> IngestError:
                        {"jobs": [job for _client, job in jobs[:100]]})
 
 
-def _conflict(keys: list[repo.TaskKey]) -> IngestError:
+def _conflict(keys: list[TaskKey]) -> IngestError:
     # Only the caller's own tasks can conflict: the key holds its client.
     custom_ids = [cid for _, cid in keys]
     return IngestError(
@@ -288,14 +288,14 @@ class Ingest:
         except TimeoutError:
             raise overloaded("too many large requests are being stored now; nothing was "
                              "stored, retry later") from None
-        inserted: list[repo.TaskKey] = []
-        duplicates: dict[repo.TaskKey, str] = {}
+        inserted: list[TaskKey] = []
+        duplicates: dict[TaskKey, str] = {}
         lanes: dict[str, str] = {}
         counted = 0
         try:
             async with self.engine.connect() as conn:
                 async with conn.begin() as tx:
-                    await repo.limit_lock_wait(conn, self.timeout)
+                    await limit_lock_wait(conn, self.timeout)
                     tasks: list[TaskIn] | None = first
                     while tasks is not None:
                         if self._pending + len(tasks) > self.max_pending:
@@ -303,7 +303,7 @@ class Ingest:
                                              "the database; retry later")
                         self._pending += len(tasks)
                         counted += len(tasks)
-                        insert = asyncio.ensure_future(repo.insert_tasks(conn, tasks))
+                        insert = asyncio.ensure_future(insert_tasks(conn, tasks))
                         try:
                             # The next piece is read and validated while this
                             # one is in the database's hands.
@@ -327,7 +327,7 @@ class Ingest:
         finally:
             self._pending -= counted
             self._streams.release()
-        return self._accepted(repo.IngestResult(inserted, duplicates, []), lanes, n_items(),
+        return self._accepted(IngestResult(inserted, duplicates, []), lanes, n_items(),
                               client)
 
     async def submit(self, items: list[Any], client: Client = LOCAL_CLIENT) -> Accepted:
@@ -370,7 +370,7 @@ class Ingest:
         return overloaded("the task store is too slow to take this now; nothing was "
                           "stored, retry later")
 
-    def _accepted(self, result: repo.IngestResult, lanes: dict[str, str], n_items: int,
+    def _accepted(self, result: IngestResult, lanes: dict[str, str], n_items: int,
                   client: Client) -> Accepted:
         """The reply for stored tasks (``lanes``: each task's lane; ``n_items``:
         the tasks the request held, repeats within it included)."""
@@ -443,21 +443,21 @@ class Ingest:
         await asyncio.gather(*self._writer_tasks, return_exceptions=True)
         self._writer_tasks.clear()
 
-    async def _store_alone(self, tasks: list[TaskIn]) -> repo.IngestResult:
+    async def _store_alone(self, tasks: list[TaskIn]) -> IngestResult:
         """One request, one transaction; rolled back whole on a conflict."""
         async with self.engine.connect() as conn:
             async with conn.begin() as tx:
-                await repo.limit_lock_wait(conn, self.timeout)
-                result = await repo.insert_tasks(conn, tasks)
+                await limit_lock_wait(conn, self.timeout)
+                result = await insert_tasks(conn, tasks)
                 if result.conflicts or result.cancelled_jobs:
                     await tx.rollback()
         return result
 
-    async def _store_grouped(self, tasks: list[TaskIn]) -> repo.IngestResult:
+    async def _store_grouped(self, tasks: list[TaskIn]) -> IngestResult:
         if not self._writer_tasks:
             self._writer_tasks = [asyncio.create_task(self._writer(), name=f"ingest-writer-{i}")
                                   for i in range(self.writers)]
-        done: asyncio.Future[repo.IngestResult] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(tasks, done)
         self._queue.put_nowait(pending)
         try:
@@ -512,17 +512,17 @@ class Ingest:
         return live
 
     async def _write_group(self, conn: AsyncConnection, group: list[_Pending]) -> None:
-        result = repo.IngestResult([], {}, [])
+        result = IngestResult([], {}, [])
         live: list[_Pending] = []
         split = False
         try:
             async with conn.begin() as tx:
-                await repo.limit_lock_wait(conn, self.timeout)
+                await limit_lock_wait(conn, self.timeout)
                 live = self._take(group)
                 everything = [t for p in live for t in p.tasks]
                 split = len({(t.client, t.custom_id) for t in everything}) != len(everything)
                 if everything and not split:
-                    result = await repo.insert_tasks(conn, everything)
+                    result = await insert_tasks(conn, everything)
                     if result.conflicts or result.cancelled_jobs:
                         await tx.rollback()
                         split = len(live) > 1
@@ -554,4 +554,4 @@ class Ingest:
             mine = [(t.client, t.custom_id) for t in p.tasks]
             fresh = [key for key in mine if key in inserted]
             dupes = {key: result.duplicates[key] for key in mine if key not in inserted}
-            p.done.set_result(repo.IngestResult(fresh, dupes, []))
+            p.done.set_result(IngestResult(fresh, dupes, []))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
@@ -119,13 +118,9 @@ class Jobs:
         order they were accepted), a page at a time: memory stays flat
         whatever the job's size. Each page is its own short read, so a slow
         reader holds no snapshot or connection between pages."""
-        sql = store.results_page_sql()
         while True:
             async with self.engine.begin() as conn:
-                await conn.execute(text(store.NO_SORT))
-                raw = (await conn.get_raw_connection()).driver_connection
-                assert raw is not None
-                rows = await raw.fetch(sql, client, job, after, list(states), page)
+                rows = await store.results_page(conn, client, job, after, states, page)
             if not rows:
                 return
             yield b"".join(result_line(r) for r in rows)

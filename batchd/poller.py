@@ -24,8 +24,8 @@ from batchd.errors import ProviderError
 from batchd.loops import run_ticks
 from batchd.provider.base import Providers, RemoteBatch, pick
 from batchd.router import Router
-from batchd.store import repo
-from batchd.store.repo import NOW
+from batchd.store.batches import NOW, claim_due_batches, release_batch, set_batch
+from batchd.store.routing import schedule_poll
 
 log = logs.get("batchd.poller")
 
@@ -53,7 +53,7 @@ class Poller:
     async def tick(self) -> int:
         """Check every due batch once; returns how many were routed."""
         async with self.engine.begin() as conn:
-            due = await repo.claim_due_batches(conn, self.owner, self.settings.lease_seconds)
+            due = await claim_due_batches(conn, self.owner, self.settings.lease_seconds)
         results = await asyncio.gather(*(self._check_guarded(b) for b in due))
         # A tick counts as a success only if it reached the provider (or had
         # nothing to ask): a poller whose every check fails must look stuck.
@@ -74,9 +74,9 @@ class Poller:
                 delay = self.settings.poll_interval_seconds
                 log.exception("batch.check_crashed", batch_id=batch["id"])
             async with self.engine.begin() as conn:
-                await repo.release_batch(conn, batch["id"], self.owner,
+                await release_batch(conn, batch["id"], self.owner,
                                          delay * (1 + random.random() * 0.2))
-                await repo.set_batch(conn, batch["id"], next_poll_at=NOW)
+                await set_batch(conn, batch["id"], next_poll_at=NOW)
             return None
 
     async def check(self, batch: dict[str, Any]) -> bool:
@@ -84,10 +84,10 @@ class Poller:
         remote = await provider.get_batch(batch["provider_batch_id"])
         if not remote.terminal:
             async with self.engine.begin() as conn:
-                await repo.set_batch(
+                await set_batch(
                     conn, batch["id"], provider_status=remote.status,
                     request_counts=remote.request_counts, lease_owner=None, lease_until=None)
-                await repo.schedule_poll(conn, batch["id"], self.settings.poll_interval_seconds)
+                await schedule_poll(conn, batch["id"], self.settings.poll_interval_seconds)
             return False
         files = await self._download(batch["id"], batch["provider"], remote)
         summary = await self.router.route(batch["id"], batch["model"], remote,

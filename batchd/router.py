@@ -3,7 +3,7 @@
 A terminal batch is routed in one transaction: every line of its output and
 error files is classified (domain.classify_line) and streamed into a
 temporary table by COPY, then all successes are settled by one statement and
-all failures by another (store.repo, "staged routes"); tasks no line
+all failures by another (store/routing.py); tasks no line
 mentioned are treated as retryable; the batch is settled with its cost (see
 prices.py for the rounding rule): the tokens the provider billed, from the
 batch's ``usage`` when it reports one, cross-checked against the lines. A
@@ -46,8 +46,21 @@ from batchd.prices import (
     usage_of,
 )
 from batchd.provider.base import RemoteBatch
-from batchd.store import repo
-from batchd.store.repo import NOW, Backoff
+from batchd.store.batches import NOW, batch_owns_line_ids
+from batchd.store.routing import (
+    Backoff,
+    lock_unrouted_batch,
+    requeue_remaining,
+    resolve_legacy_lines,
+    settle_batch,
+    stage_lines,
+    store_failures,
+    store_staged_failures,
+    store_staged_successes,
+    tasks_at_lines,
+    unsettled_in_batch,
+)
+from batchd.store.spend import settle_client_spend
 
 log = logs.get("batchd.router")
 
@@ -142,7 +155,7 @@ class Router:
             # The row lock makes a second router (a replica whose lease lapsed
             # mid-route under load) wait for the first one's commit and then
             # see the batch routed, instead of settling it again.
-            if not await repo.lock_unrouted_batch(conn, batch_id):
+            if not await lock_unrouted_batch(conn, batch_id):
                 summary.already_routed = True
                 log.warning("batch.already_routed", batch_id=batch_id,
                             provider_batch_id=remote.id)
@@ -154,8 +167,8 @@ class Router:
                 missing = {**MISSING_ERROR, "batch_status": remote.status}
                 await self._fail_remaining(conn, batch_id, missing, summary)
             self._settle_cost(batch_id, price, remote, summary)
-            await repo.settle_client_spend(conn, batch_id, summary.cost_by_client)
-            await repo.settle_batch(
+            await settle_client_spend(conn, batch_id, summary.cost_by_client)
+            await settle_batch(
                 conn, batch_id, provider_status=remote.status,
                 output_file_id=remote.output_file_id, error_file_id=remote.error_file_id,
                 request_counts=remote.request_counts, usage=remote.usage,
@@ -203,12 +216,12 @@ class Router:
         succeeds: that is what was paid for)."""
         rate, sync_rate = ScaledRate.of(price.batch), ScaledRate.of(price.sync)
         lines = _LineTally()
-        own_ids = await repo.batch_owns_line_ids(conn, batch_id)
-        await repo.stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary,
+        own_ids = await batch_owns_line_ids(conn, batch_id)
+        await stage_lines(conn, self._stage_rows(files, rate, sync_rate, lines, summary,
                                                       own_ids))
         if not own_ids:
-            await repo.resolve_legacy_lines(conn, batch_id)
-        stored = await repo.store_staged_successes(conn, batch_id, unpriced=not price.known)
+            await resolve_legacy_lines(conn, batch_id)
+        stored = await store_staged_successes(conn, batch_id, unpriced=not price.known)
         crash_point("mid_route")
         for client, n in stored.by_client.items():
             summary.count("succeeded", client, n)
@@ -223,13 +236,13 @@ class Router:
         # sync lane or had already succeeded, or the line is a duplicate.
         summary.orphan_lines = lines.ok - stored.stored
         summary.orphan_tokens = lines.tokens - stored.tokens
-        summary.add(await repo.store_staged_failures(conn, batch_id, self.backoff))
+        summary.add(await store_staged_failures(conn, batch_id, self.backoff))
 
     @staticmethod
     def _stage_rows(files: list[Path], rate: ScaledRate, sync_rate: ScaledRate,
                     lines: _LineTally, summary: RouteSummary, own_ids: bool
                     ) -> Iterator[tuple[Any, ...]]:
-        """repo.STAGE_COLUMNS rows of the files' lines, read as a stream. A
+        """STAGE_COLUMNS rows of the files' lines, read as a stream. A
         line names its task by batchd's line id (or, in a batch built before
         them, by the caller's custom_id: ``tid`` is filled in by SQL); a line
         that names none settles nothing (billed if it is a success)."""
@@ -264,13 +277,13 @@ class Router:
                          finals: list[bool], errors: list[dict[str, Any]],
                          summary: RouteSummary) -> None:
         jitters = [random.random() for _ in ids]
-        summary.add(await repo.store_failures(conn, batch_id, ids, finals, errors, jitters,
+        summary.add(await store_failures(conn, batch_id, ids, finals, errors, jitters,
                                               self.backoff))
 
     async def _fail_remaining(self, conn: AsyncConnection, batch_id: str,
                               error: dict[str, Any], summary: RouteSummary) -> None:
         """Tasks of the batch no line settled: retryable (they never ran)."""
-        while ids := await repo.unsettled_in_batch(conn, batch_id, CHUNK_LINES):
+        while ids := await unsettled_in_batch(conn, batch_id, CHUNK_LINES):
             await self._flush_bad(conn, batch_id, ids, [False] * len(ids),
                                   [error] * len(ids), summary)
 
@@ -280,17 +293,17 @@ class Router:
         if verdict.token_limited:
             # Not the tasks' fault: back to the queue, attempt taken back.
             summary.token_limited = True
-            requeued = await repo.requeue_remaining(
+            requeued = await requeue_remaining(
                 conn, batch_id, verdict.other_error, count_attempt=False)
             summary.requeued = sum(requeued.values())
             for client, n in requeued.items():
                 summary.count("retried", client, n)
             return
         if verdict.final_lines:
-            by_line = await repo.tasks_at_lines(conn, batch_id, list(verdict.final_lines))
+            by_line = await tasks_at_lines(conn, batch_id, list(verdict.final_lines))
             ids = list(by_line.values())
             errors = [verdict.final_lines[line] for line in by_line]
-            summary.add(await repo.store_failures(
+            summary.add(await store_failures(
                 conn, batch_id, ids, [True] * len(ids), errors, [0.0] * len(ids), self.backoff))
         await self._fail_remaining(conn, batch_id, verdict.other_error, summary)
 

@@ -42,8 +42,39 @@ from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
 from batchd.prices import PriceTable
 from batchd.provider.base import Provider, Providers, RemoteBatch, pick
-from batchd.store import repo
-from batchd.store.repo import NOW
+from batchd.store.batches import (
+    NOW,
+    batch_owns_line_ids,
+    claim_unsent_batches,
+    creation_owner,
+    record_submitted,
+    recorded_provider_batches,
+    release_batch,
+    release_unsent_tasks,
+    renew_claim,
+    session_unlock,
+    set_batch,
+    try_session_lock,
+)
+from batchd.store.routing import settle_batch
+from batchd.store.spend import (
+    client_day_spend,
+    day_spend,
+    lock_budget,
+    reserve_client_spend,
+    settle_client_spend,
+)
+from batchd.store.windows import (
+    InFlight,
+    Reserve,
+    claim_window,
+    in_flight,
+    insert_batch,
+    queued_windows,
+    renumber_batch_lines,
+    stream_batch_lines,
+    token_held_models,
+)
 
 log = logs.get("batchd.scheduler")
 
@@ -129,7 +160,7 @@ class Scheduler:
         """One pass; returns how many batches it started sending."""
         started = 0
         async with self.engine.begin() as conn:
-            leftovers = await repo.claim_unsent_batches(
+            leftovers = await claim_unsent_batches(
                 conn, self.owner, self.settings.lease_seconds)
         for row in leftovers:
             self._spawn(self._pending(row))
@@ -160,9 +191,9 @@ class Scheduler:
         if held_providers >= set(self.providers):
             return None
         async with self.engine.connect() as conn:
-            windows = await repo.queued_windows(conn, s.max_batch_items)
-            held_models = await repo.token_held_models(conn) if windows else set()
-            inflight = await repo.in_flight(conn) if windows else {}
+            windows = await queued_windows(conn, s.max_batch_items)
+            held_models = await token_held_models(conn) if windows else set()
+            inflight = await in_flight(conn) if windows else {}
         for w in windows:
             if w.provider not in self.providers or w.provider in held_providers:
                 continue  # unconfigured since routed, or refusing our key: it waits
@@ -175,7 +206,7 @@ class Scheduler:
             held_until = self._held.get((w.provider, w.endpoint, w.model))
             if held_until is not None and held_until > self.clock():
                 continue
-            busy = inflight.get((w.provider, w.model), repo.InFlight())
+            busy = inflight.get((w.provider, w.model), InFlight())
             room = max_items if max_requests is None else min(max_items,
                                                              max_requests - busy.requests)
             if room < 1 or (max_tokens is not None and busy.input_tokens >= max_tokens):
@@ -204,19 +235,19 @@ class Scheduler:
                 left: int | None = None
                 client_left: dict[str, int] | None = None
                 if s.any_budget:
-                    await repo.lock_budget(conn)
+                    await lock_budget(conn)
                 if s.daily_budget_usd is not None:
-                    spent = await repo.day_spend(conn, today)
+                    spent = await day_spend(conn, today)
                     left = int((s.daily_budget_usd - spent).scaleb(12))
                 caps = s.budgets_by_client
                 if caps:
-                    by_client = await repo.client_day_spend(conn, today)
+                    by_client = await client_day_spend(conn, today)
                     client_left = {c: int((cap - by_client.get(c, Decimal(0))).scaleb(12))
                                    for c, cap in caps.items()}
-                claim = await repo.claim_window(
+                claim = await claim_window(
                     conn, batch_id=batch_id, provider=provider, endpoint=endpoint, model=model,
                     limit=max_items, max_bytes=max_bytes,
-                    reserve=repo.Reserve(factor, pin, pout, left, client_left))
+                    reserve=Reserve(factor, pin, pout, left, client_left))
                 if claim.count == 0:
                     if claim.budget_cut:
                         raise BudgetHold("the oldest task's reservation passes what is left "
@@ -237,10 +268,10 @@ class Scheduler:
                     reason = FlushReason.LIMIT
                 reserved = Decimal(claim.reserved_pico).scaleb(-12)
                 if caps:
-                    await repo.reserve_client_spend(conn, today, batch_id, {
+                    await reserve_client_spend(conn, today, batch_id, {
                         c: Decimal(v).scaleb(-12) for c, v in (claim.by_client or {}).items()
                         if c is not None})
-                await repo.insert_batch(
+                await insert_batch(
                     conn, batch_id=batch_id, provider=provider, endpoint=endpoint, model=model,
                     reason=reason,
                     claim=claim, spend_day=today, reserved_usd=reserved, owner=self.owner,
@@ -298,13 +329,13 @@ class Scheduler:
             return
         key = f"batchd.create.{p.provider}"
         async with self.engine.connect() as conn:
-            if not await repo.try_session_lock(conn, key):
+            if not await try_session_lock(conn, key):
                 yield False
                 return
             try:
                 yield True
             finally:
-                await repo.session_unlock(conn, key)
+                await session_unlock(conn, key)
 
     async def send(self, p: Pending) -> None:
         """Upload and create the provider batch for a claimed batch row."""
@@ -317,7 +348,7 @@ class Scheduler:
 
     async def _send(self, p: Pending) -> None:
         async with self.engine.begin() as conn:
-            await repo.set_batch(conn, p.batch_id, state="uploading",
+            await set_batch(conn, p.batch_id, state="uploading",
                                  submit_attempts=p.submit_attempts + 1)
         crash_point("after_claim")
         try:
@@ -331,16 +362,16 @@ class Scheduler:
             # older version claimed (own_line_ids false) and this one sends
             # carries batchd's line ids, and the router must know.
             async with self.engine.begin() as conn:
-                await repo.set_batch(conn, p.batch_id, own_line_ids=True)
+                await set_batch(conn, p.batch_id, own_line_ids=True)
             provider = self._provider(p)
             path = await self._write_input(p)
             remote_file = await provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
             async with self.engine.begin() as conn:
                 # create_started_at: which send a batch without metadata came from.
-                await repo.set_batch(conn, p.batch_id, input_file_id=remote_file.id,
+                await set_batch(conn, p.batch_id, input_file_id=remote_file.id,
                                      create_started_at=NOW)
                 # The create below must happen under a claim that outlives it.
-                ours = await repo.renew_claim(conn, p.batch_id, self.owner,
+                ours = await renew_claim(conn, p.batch_id, self.owner,
                                               self.settings.lease_seconds)
             if not ours:
                 # The spool may be shared: the file is the new owner's now.
@@ -377,7 +408,7 @@ class Scheduler:
         rebuilt = not path.exists()
         if rebuilt:
             async with self.engine.connect() as conn:
-                own_ids = await repo.batch_owns_line_ids(conn, p.batch_id)
+                own_ids = await batch_owns_line_ids(conn, p.batch_id)
             path = await self._write_input(p, own_ids=own_ids)
         await self.archive.keep(path, p.spend_day, p.batch_id, "input",
                                 {"provider_file_id": remote.input_file_id,
@@ -419,7 +450,7 @@ class Scheduler:
         moved_lines: list[int] = []
         line_no = 0
         async with self.engine.connect() as conn, aclosing(
-                repo.stream_batch_lines(conn, p.batch_id)) as pages:
+                stream_batch_lines(conn, p.batch_id)) as pages:
             with tmp.open("wb") as out, ids_tmp.open("wb") as ids_out:
                 async for rows in pages:
                     lids = [line_id(tid, replays, attempt) if own_ids else cid
@@ -435,7 +466,7 @@ class Scheduler:
                             moved_lines.append(line_no)
         if moved_ids:
             async with self.engine.begin() as conn:
-                await repo.renumber_batch_lines(conn, moved_ids, moved_lines)
+                await renumber_batch_lines(conn, moved_ids, moved_lines)
         ids_tmp.replace(ids_path)
         tmp.replace(path)
         return path
@@ -459,11 +490,11 @@ class Scheduler:
             # there are serialised (_turn_to_create), so an unrecorded batch is
             # ours when our create was the last one started before it.
             async with self.engine.connect() as conn:
-                known = await repo.recorded_provider_batches(conn, [b.id for b in unlabelled])
+                known = await recorded_provider_batches(conn, [b.id for b in unlabelled])
                 for b in sorted(unlabelled, key=lambda b: (b.created_at, b.id)):
                     if b.id in known:
                         continue
-                    owner = await repo.creation_owner(
+                    owner = await creation_owner(
                         conn, p.provider,
                         b.created_exact if b.created_exact is not None else b.created_at)
                     if owner == p.batch_id:
@@ -483,7 +514,7 @@ class Scheduler:
         """Record the provider batch, unless another replica recorded one first
         (our claim lapsed mid-send); a different one of ours is then cancelled."""
         async with self.engine.begin() as conn:
-            earlier = await repo.record_submitted(
+            earlier = await record_submitted(
                 conn, p.batch_id, provider_batch_id=remote.id, provider_status=remote.status,
                 input_file_id=remote.input_file_id)
         if earlier is None:
@@ -514,11 +545,11 @@ class Scheduler:
             error = {"code": exc.code or "submit_rejected", "message": str(exc),
                      "status": exc.status, "operation": exc.operation}
             async with self.engine.begin() as conn:
-                requeued = await repo.release_unsent_tasks(conn, p.batch_id, error)
-                await repo.settle_batch(conn, p.batch_id, provider_status="not_submitted",
+                requeued = await release_unsent_tasks(conn, p.batch_id, error)
+                await settle_batch(conn, p.batch_id, provider_status="not_submitted",
                                         errors=[error], finished_at=NOW,
                                         cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
-                await repo.settle_client_spend(conn, p.batch_id, {})
+                await settle_client_spend(conn, p.batch_id, {})
             log.error("batch.rejected", batch_id=p.batch_id, operation=exc.operation,
                       status=exc.status, code=exc.code, requeued=requeued)
             return
@@ -545,18 +576,18 @@ class Scheduler:
                             f"{exc.status}); the task waits until the key is fixed",
                  "status": exc.status, "operation": exc.operation}
         async with self.engine.begin() as conn:
-            requeued = await repo.release_unsent_tasks(conn, p.batch_id, error)
-            await repo.settle_batch(conn, p.batch_id, provider_status="not_submitted",
+            requeued = await release_unsent_tasks(conn, p.batch_id, error)
+            await settle_batch(conn, p.batch_id, provider_status="not_submitted",
                                     errors=[error], finished_at=NOW,
                                     cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
-            await repo.settle_client_spend(conn, p.batch_id, {})
+            await settle_client_spend(conn, p.batch_id, {})
         log.warning("batch.credentials_rejected", batch_id=p.batch_id, provider=p.provider,
                     status=exc.status,
                     operation=exc.operation, requeued=requeued, retry_in=delay)
 
     async def _retry_later(self, p: Pending, delay: float) -> None:
         async with self.engine.begin() as conn:
-            await repo.release_batch(conn, p.batch_id, self.owner, delay)
+            await release_batch(conn, p.batch_id, self.owner, delay)
 
     @staticmethod
     def _pending(row: dict[str, Any]) -> Pending:

@@ -39,9 +39,8 @@ from batchd.router import Router
 from batchd.scheduler import Clock, Scheduler, utc_now
 from batchd.snapshots import Snapshots
 from batchd.spool_sweep import SpoolSweep
-from batchd.store import repo
 from batchd.store.engine import make_engine, resolve_url
-from batchd.store.repo import Backoff
+from batchd.store.routing import Backoff, release_owner
 from batchd.sync_lane import SyncLane
 from batchd.waiters import Waiters
 from batchd.web import ApiState, build_app
@@ -331,7 +330,7 @@ class Service:
         """Hand our leases back so another replica need not wait them out."""
         try:
             async with self.engine.begin() as conn:
-                released = await repo.release_owner(conn, self.owner)
+                released = await release_owner(conn, self.owner)
             log.info("service.claims_released", batches=released)
         except Exception as exc:
             log.warning("service.release_failed", error=type(exc).__name__)

@@ -16,7 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.loops import run_ticks
-from batchd.store import gauges, repo
+from batchd.store import gauges
+from batchd.store.callbacks import callback_backlog
+from batchd.store.spend import client_day_spend
+from batchd.store.tasks import queued_by_client
 from batchd.web import ApiState
 
 log = logs.get("batchd.snapshots")
@@ -60,14 +63,14 @@ class Snapshots:
         metrics.BUDGET_SPENT.set(float(row["spent"]))
         if self.budgets_by_client:
             async with self.engine.connect() as conn:
-                by_client = await repo.client_day_spend(conn, today)
+                by_client = await client_day_spend(conn, today)
             for client in self.budgets_by_client:
                 metrics.CLIENT_BUDGET_SPENT.labels(client=client).set(
                     float(by_client.get(client, 0)))
         self.api.queued_estimate = int(row["queued"])
         async with self.engine.connect() as conn:
-            backlog = await repo.callback_backlog(conn)
-            queued_of = await repo.queued_by_client(conn)
+            backlog = await callback_backlog(conn)
+            queued_of = await queued_by_client(conn)
         self.api.client_queued = {c: queued_of.get(c, 0) for c in self.api.client_max_queued}
         labelled: dict[str, int] = dict.fromkeys(self._client_labels, 0)
         for name, n in queued_of.items():

@@ -37,8 +37,23 @@ from batchd.health import AUTH_STATUSES, auth_backoff
 from batchd.loops import run_ticks
 from batchd.prices import PriceTable, Tokens, cost, tokens_from_usage, usage_of
 from batchd.provider.base import Providers, pick
-from batchd.store import repo
-from batchd.store.repo import Backoff
+from batchd.store.routing import Backoff, SuccessRows, store_failures, store_successes
+from batchd.store.spend import (
+    client_day_spend,
+    day_spend,
+    lock_budget,
+    reserve_client_spend,
+    settle_client_call,
+)
+from batchd.store.sync import (
+    claim_sync,
+    fall_back,
+    give_back_sync_call,
+    reserve_sync_spend,
+    settle_sync_spend,
+    stale_sync_calls,
+    sync_candidates,
+)
 
 log = logs.get("batchd.sync_lane")
 
@@ -132,10 +147,10 @@ class SyncLane:
         reservation (what it cost is unknown)."""
         lost: dict[tuple[str, str], int] = {}
         async with self.engine.begin() as conn:
-            moved = await repo.fall_back(conn, self.window_seconds, SYNC_MARGIN.total_seconds())
-            stale = await repo.stale_sync_calls(conn, _STALE_AFTER_SECONDS)
+            moved = await fall_back(conn, self.window_seconds, SYNC_MARGIN.total_seconds())
+            stale = await stale_sync_calls(conn, _STALE_AFTER_SECONDS)
             for claim, ids in stale.items():
-                counts = await repo.store_failures(
+                counts = await store_failures(
                     conn, claim, ids, [False] * len(ids), [_LOST] * len(ids),
                     [random.random() for _ in ids], self.backoff)
                 for key, n in counts.items():
@@ -156,33 +171,33 @@ class SyncLane:
         today = self.clock().date()
         async with self.engine.begin() as conn:
             if self.budget is not None or self.client_caps:
-                await repo.lock_budget(conn)
-            candidates = await repo.sync_candidates(conn, limit, providers)
+                await lock_budget(conn)
+            candidates = await sync_candidates(conn, limit, providers)
             if not candidates:
                 return []
             estimates = [self.prices.reservation(
                 c["model"], self.calibration.reserved_input(c["model"], c["est_input_tokens"]),
                 c["est_output_tokens"], sync=True)
                          for c in candidates]
-            spent = await repo.day_spend(conn, today) if self.budget is not None else Decimal(0)
+            spent = await day_spend(conn, today) if self.budget is not None else Decimal(0)
             within = list(range(len(candidates)))
             if self.client_caps:
-                used = await repo.client_day_spend(conn, today)
+                used = await client_day_spend(conn, today)
                 within = client_fit(estimates, [c["client"] for c in candidates],
                                     {c: cap - used.get(c, Decimal(0))
                                      for c, cap in self.client_caps.items()})
             fit = budget_fit(spent, [estimates[n] for n in within], self.budget)
             taken = [candidates[n] for n in within[:fit]]
             reserved = [estimates[n] for n in within[:fit]]
-            rows = await repo.claim_sync(conn, claim_id, [c["id"] for c in taken])
-            await repo.reserve_sync_spend(conn, claim_id, today,
+            rows = await claim_sync(conn, claim_id, [c["id"] for c in taken])
+            await reserve_sync_spend(conn, claim_id, today,
                                           [c["id"] for c in taken],
                                           [c["model"] for c in taken], reserved)
             shares: dict[str, Decimal] = {}
             for c, est in zip(taken, reserved, strict=True):
                 if c["client"] in self.client_caps:
                     shares[c["client"]] = shares.get(c["client"], Decimal(0)) + est
-            await repo.reserve_client_spend(conn, today, claim_id, shares)
+            await reserve_client_spend(conn, today, claim_id, shares)
         by_id = {c["id"]: (c["client"], est) for c, est in zip(taken, reserved, strict=True)}
         for row in rows:
             row["client"], row["reserved"] = by_id[row["id"]]
@@ -233,22 +248,22 @@ class SyncLane:
                         self.prices.warn_unpriced(row["model"], "sync")
                     # Exact, as a batch's cost: rounded only where it is shown.
                     paid = cost(tokens, price.sync)
-                    stored = await repo.store_successes(conn, claim_id, repo.SuccessRows(
+                    stored = await store_successes(conn, claim_id, SuccessRows(
                         [tid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
                         [paid], [paid], [not price.known]))
                     unpriced = bool(stored) and not price.known
                     settled = [("succeeded", client) for client in stored.values()]
                 else:
-                    counts = await repo.store_failures(
+                    counts = await store_failures(
                         conn, claim_id, [tid], [result.outcome is Outcome.FINAL],
                         [result.error or {}], [random.random()], self.backoff)
                     settled = list(counts)
                 # An error the provider answered is not billed; a call that got
                 # no answer may have been, so it keeps its reservation.
                 if answered:
-                    await repo.settle_sync_spend(conn, claim_id, tid, paid)
+                    await settle_sync_spend(conn, claim_id, tid, paid)
                     if row["client"] in self.client_caps:
-                        await repo.settle_client_call(conn, claim_id, row["client"],
+                        await settle_client_call(conn, claim_id, row["client"],
                                                       row["reserved"], paid)
         except Exception:
             # The call happened but its outcome is not stored: the stale sweep
@@ -275,10 +290,10 @@ class SyncLane:
                             "the task waits until the key is fixed", "operation": "sync_call"}
         tid: int = row["id"]
         async with self.engine.begin() as conn:
-            await repo.give_back_sync_call(conn, claim_id, tid, error)
-            await repo.settle_sync_spend(conn, claim_id, tid, Decimal(0))
+            await give_back_sync_call(conn, claim_id, tid, error)
+            await settle_sync_spend(conn, claim_id, tid, Decimal(0))
             if row["client"] in self.client_caps:
-                await repo.settle_client_call(conn, claim_id, row["client"], row["reserved"],
+                await settle_client_call(conn, claim_id, row["client"], row["reserved"],
                                               Decimal(0))
 
     def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,

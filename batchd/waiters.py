@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import logs, metrics
-from batchd.store import repo
+from batchd.store.tasks import finished_custom_ids
 
 log = logs.get("batchd.waiters")
 
@@ -131,7 +131,7 @@ class Waiters:
         # One query per client waiting (custom_ids are a client's own).
         async with self.engine.connect() as conn:
             for client, ids in wanted.items():
-                finished[client] = await repo.finished_custom_ids(conn, client, sorted(ids))
+                finished[client] = await finished_custom_ids(conn, client, sorted(ids))
         for waiter in live:
             waiter.pending -= finished[waiter.client]
             if not waiter.pending and not waiter.done.done():

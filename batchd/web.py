@@ -13,7 +13,6 @@ import orjson
 from aiohttp import web
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,7 +30,10 @@ from batchd.ingest import (
 from batchd.jobs import Jobs
 from batchd.replay import Replayer
 from batchd.report import Reporter
-from batchd.store import repo
+from batchd.store.callbacks import callbacks_of_task, page_failed_callbacks, replay_callbacks
+from batchd.store.engine import schema_version
+from batchd.store.tasks import get_task as read_task
+from batchd.store.tasks import get_tasks, page_failed, page_results
 from batchd.waiters import Waiters
 
 log = logs.get("batchd.web")
@@ -258,7 +260,7 @@ async def post_tasks(request: web.Request) -> web.Response:
             mine = _client(request).name  # the caller waits on its own tasks only
             if await state.waiters.wait(mine, ids, wait, lambda: _gone(request)):
                 async with state.engine.connect() as conn:
-                    found = await repo.get_tasks(conn, mine, ids)
+                    found = await get_tasks(conn, mine, ids)
                 return json_response({**accepted.as_json(),
                                       "tasks": [found[c] for c in ids if c in found]},
                                      status=200)
@@ -383,7 +385,7 @@ async def get_task(request: web.Request) -> web.Response:
         return error_response(404, "not_found", "no task with that custom_id")
     owner = _owner(request)
     async with state.engine.connect() as conn:
-        task = await repo.get_task(conn, owner, custom_id)
+        task = await read_task(conn, owner, custom_id)
     if task is None:
         # Another client's custom_id reads exactly like one never sent.
         return error_response(404, "not_found", "no task with that custom_id")
@@ -424,7 +426,7 @@ async def get_results(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 100, 1, 1000)
     client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
-        rows = await repo.page_results(conn, after, limit, client)
+        rows = await page_results(conn, after, limit, client)
     nxt = rows[-1]["seq"] if rows else after
     return json_response({"results": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
@@ -442,7 +444,7 @@ async def get_failed(request: web.Request) -> web.Response:
                           f"endpoint must be one of {', '.join(ENDPOINTS)}")
     client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
-        rows = await repo.page_failed(conn, after, limit, reason=reason, day=day,
+        rows = await page_failed(conn, after, limit, reason=reason, day=day,
                                       endpoint=endpoint, client=client)
     nxt = rows[-1]["id"] if rows else after
     return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
@@ -495,7 +497,7 @@ async def get_failed_callbacks(request: web.Request) -> web.Response:
     limit = _int_param(request, "limit", 100, 1, 1000)
     client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
-        rows = await repo.page_failed_callbacks(conn, after, limit, client=client)
+        rows = await page_failed_callbacks(conn, after, limit, client=client)
     nxt = rows[-1]["id"] if rows else after
     return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
@@ -506,9 +508,9 @@ async def get_task_callbacks(request: web.Request) -> web.Response:
         return error_response(404, "not_found", "no task with that custom_id")
     owner = _owner(request)
     async with request.app[STATE].engine.connect() as conn:
-        if await repo.get_task(conn, owner, custom_id) is None:
+        if await read_task(conn, owner, custom_id) is None:
             return error_response(404, "not_found", "no task with that custom_id")
-        rows = await repo.callbacks_of_task(conn, owner, custom_id)
+        rows = await callbacks_of_task(conn, owner, custom_id)
     return json_response({"custom_id": custom_id, "callbacks": rows})
 
 
@@ -542,7 +544,7 @@ async def post_callbacks_replay(request: web.Request) -> web.Response:
     # custom_ids name the caller's own tasks (an admin's ?client=, another's).
     scope, owner = _scope(request), _owner(request)
     async with request.app[STATE].engine.begin() as conn:
-        replayed = await repo.replay_callbacks(conn, ids or [], cids or [],
+        replayed = await replay_callbacks(conn, ids or [], cids or [],
                                                everything=ids is None and cids is None,
                                                client=scope, owner=owner)
     log.info("callbacks.replayed", count=len(replayed))
@@ -565,8 +567,7 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
         async with state.engine.connect() as conn:
-            row = await conn.execute(text("SELECT version_num FROM alembic_version"))
-            version = row.scalar_one_or_none()
+            version = await schema_version(conn)
     except Exception as exc:
         if schema_missing(exc):
             return error_response(503, "schema_missing", "the database has no batchd schema "

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy import make_url, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from batchd.errors import ConfigError
 
@@ -72,3 +72,9 @@ def make_engine(url: str, pool_size: int = 10, pool_timeout: float = 30.0) -> As
         connect_args={"server_settings": {"application_name": "batchd", "jit": "off"},
                       "timeout": 10},
     )
+
+
+async def schema_version(conn: AsyncConnection) -> str | None:
+    """The newest migration applied to this database (None: stamped with none)."""
+    row = await conn.execute(text("SELECT version_num FROM alembic_version"))
+    return row.scalar_one_or_none()

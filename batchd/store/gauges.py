@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from batchd.store.repo import DAY_SPEND_SQL
+from batchd.store.spend import DAY_SPEND_SQL
 
 _QUEUE = text(f"""
 SELECT

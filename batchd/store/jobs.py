@@ -3,11 +3,11 @@
 A job's counters are never counted from its tasks. Every statement that adds
 or moves tasks writes, in the same statement, one ``job_deltas`` row per job
 it touched (``added_deltas``/``moved_deltas`` below, used by every such
-statement in repo.py). Appending rows means concurrent ingest, routing and
-cancels of one job never wait on a shared counter row; ``fold_deltas`` adds
-them into the ``jobs`` row a bounded step at a time, and every read adds the
-deltas not folded yet, so an answer is exact as of its snapshot and costs the
-same for a job of 10 tasks or 1,000,000.
+statement in store/tasks.py, windows.py, routing.py and sync.py). Appending
+rows means concurrent ingest, routing and cancels of one job never wait on a
+shared counter row; ``fold_deltas`` adds them into the ``jobs`` row a bounded
+step at a time, and every read adds the deltas not folded yet, so an answer is
+exact as of its snapshot and costs the same for a job of 10 tasks or 1,000,000.
 """
 
 from __future__ import annotations
@@ -227,6 +227,17 @@ def results_page_sql() -> str:
 # Sorting off for one transaction, and JIT with it: the cost a disabled
 # sort adds (of the 1,000 rows of a page) would otherwise buy a JIT compile.
 NO_SORT = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
+
+
+async def results_page(conn: AsyncConnection, client: str, job: str, after: int,
+                       states: Sequence[str], limit: int) -> list[Any]:
+    """One page of a job's finished tasks after task id ``after`` (rows of
+    results_page_sql), read through the driver so the response and error
+    stay JSON text for the stream to copy."""
+    await conn.execute(text(NO_SORT))
+    raw = (await conn.get_raw_connection()).driver_connection
+    assert raw is not None
+    return list(await raw.fetch(results_page_sql(), client, job, after, list(states), limit))
 
 
 # --------------------------------------------------------------------- cancel

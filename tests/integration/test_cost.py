@@ -26,8 +26,9 @@ from batchd.emulator.openai_lines import SUCCESS_OUTCOMES, usage_for
 from batchd.errors import ConfigError
 from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.report import FIELDS
-from batchd.store import repo
 from batchd.store.engine import make_engine
+from batchd.store.routing import stage_lines, store_staged_successes
+from batchd.store.spend import day_spend
 from tests.harness import FakeClock, chat_task, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -309,8 +310,8 @@ async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list
         total = sum((Decimal(x) for x in exact), Decimal(0))
         for attempt in range(2):  # routed again, it changes nothing
             async with engine.begin() as conn:
-                await repo.stage_lines(conn, rows)
-                stored = await repo.store_staged_successes(conn, "bd_t", unpriced=False)
+                await stage_lines(conn, rows)
+                stored = await store_staged_successes(conn, "bd_t", unpriced=False)
                 got = (await conn.execute(text(
                     "SELECT cost_usd, sync_cost_usd FROM results WHERE batch_id = 'bd_t' "
                     "ORDER BY custom_id"))).all()
@@ -378,7 +379,7 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
         assert report["spend_usd"] == str(round_usd(expected["spend"] + sync_paid))
         assert report["unattributed_usd"] == str(round_usd(expected["unattributed"]))
         async with h.engine.connect() as conn:  # the budget counts both payments
-            assert await repo.day_spend(conn, batch["spend_day"]) == expected["spend"] + sync_paid
+            assert await day_spend(conn, batch["spend_day"]) == expected["spend"] + sync_paid
 
 
 async def test_a_sync_call_answered_after_its_task_moved_on_is_spend(

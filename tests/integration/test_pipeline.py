@@ -16,7 +16,7 @@ from batchd.domain import input_line, line_id
 from batchd.emulator.openai import Emulator
 from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
-from batchd.store import repo
+from batchd.store.windows import stream_batch_lines
 from tests.harness import API_KEY, chat_task, running
 
 
@@ -80,12 +80,12 @@ async def test_input_file_holds_every_task_of_its_batch_in_line_order(
         # Read in pages smaller than the batch, the lines still come whole and in order.
         async with h.engine.connect() as conn:
             pages = [[r[7] for r in rows]
-                     async for rows in repo.stream_batch_lines(conn, batch["id"], chunk=3)]
+                     async for rows in stream_batch_lines(conn, batch["id"], chunk=3)]
         assert pages == [["f0", "f1", "f2"], ["f3", "f4", "f5"], ["f6"]]
         # Left after one page, the stream takes back the page it was reading
         # ahead, and the connection is free for the next statement.
         async with h.engine.connect() as conn:
-            async with aclosing(repo.stream_batch_lines(conn, batch["id"], chunk=3)) as stream:
+            async with aclosing(stream_batch_lines(conn, batch["id"], chunk=3)) as stream:
                 async for _rows in stream:
                     break
             assert (await conn.execute(text("SELECT count(*) FROM tasks"))).scalar() == 7
