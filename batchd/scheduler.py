@@ -50,13 +50,12 @@ from batchd.store.batches import (
     record_submitted,
     recorded_provider_batches,
     release_batch,
-    release_unsent_tasks,
     renew_claim,
     session_unlock,
     set_batch,
     try_session_lock,
 )
-from batchd.store.routing import settle_batch
+from batchd.store.routing import release_unsent_tasks, settle_batch
 from batchd.store.spend import (
     client_day_spend,
     day_spend,

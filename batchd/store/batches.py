@@ -8,7 +8,6 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from batchd.store.routing import requeue_remaining
 from batchd.store.tasks import json_text
 
 BATCH_COLUMNS = """id, provider_batch_id, provider, endpoint, model, state, provider_status,
@@ -145,9 +144,3 @@ async def claim_due_batches(
                      ORDER BY next_poll_at LIMIT :lim FOR UPDATE SKIP LOCKED)
         RETURNING {BATCH_COLUMNS}"""), {"owner": owner, "lease": lease_seconds, "lim": limit})
     return [dict(r) for r in rows.mappings()]
-
-
-async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict[str, Any]) -> int:
-    """A batch the provider never created: its tasks go back to the queue and
-    the attempt that did not happen is taken back."""
-    return sum((await requeue_remaining(conn, batch_id, error, count_attempt=False)).values())

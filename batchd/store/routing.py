@@ -360,6 +360,12 @@ async def requeue_remaining(
     return {client: int(n) for client, n in rows}
 
 
+async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict[str, Any]) -> int:
+    """A batch the provider never created: its tasks go back to the queue and
+    the attempt that did not happen is taken back."""
+    return sum((await requeue_remaining(conn, batch_id, error, count_attempt=False)).values())
+
+
 async def lock_unrouted_batch(conn: AsyncConnection, batch_id: str) -> bool:
     """Lock a batch row for routing until the transaction ends; False when it
     is already routed (waiting first for any router that holds it)."""
