@@ -3,5 +3,6 @@
 ``openai`` serves the Files + Batches API (Azure and OpenAI-compatible services
 use it under their URL shapes; ``openai_wire`` and ``openai_lines`` hold its wire
 objects and result lines), ``anthropic`` the Message Batches API, ``gemini`` the
-Batch Mode API. ``scripting`` is the fault and outcome script they share.
+Batch Mode API. ``base`` is what they share: the command-line runner, and for
+Anthropic and Gemini the server lifecycle, admin routes and fault scripts.
 """

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import hmac
 import re
@@ -40,14 +39,18 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from batchd.emulator.openai_wire import serve_until_signalled
-from batchd.emulator.scripting import Scripted
+from batchd.emulator.base import (
+    ScriptedEmulator,
+    as_dict,
+    iso,
+    json_response,
+    serve_until_signalled,
+)
 
 OUTCOMES = frozenset({"ok", "invalid_request", "overloaded", "api_error", "canceled",
                       "expired", "missing"})
@@ -95,20 +98,13 @@ class Batch:
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace(
-        "+00:00", "Z")
 
 
 def usage_for(params: dict[str, Any]) -> dict[str, int]:
     """Tokens a succeeded request reports: input = len(compact JSON of
     ``messages``) // 4 (at least 1), output = ``max_tokens``; cache tokens from
     ``metadata.cache_write_tokens`` / ``metadata.cache_read_tokens``."""
-    meta = _dict(params.get("metadata"))
+    meta = as_dict(params.get("metadata"))
     max_tokens = params.get("max_tokens")
     return {"input_tokens": max(1, len(orjson.dumps(params.get("messages", []))) // 4),
             "output_tokens": max_tokens if isinstance(max_tokens, int) and max_tokens > 0
@@ -128,7 +124,7 @@ def _error(etype: str, message: str) -> dict[str, Any]:
             "request_id": f"req_{uuid.uuid4().hex[:24]}"}
 
 
-class AnthropicEmulator(Scripted):
+class AnthropicEmulator(ScriptedEmulator):
     OUTCOMES = OUTCOMES
     ROUTES = ROUTES
     FAULT_KINDS = FAULT_KINDS
@@ -136,19 +132,11 @@ class AnthropicEmulator(Scripted):
 
     def __init__(self, api_key: str = "test-key", *, in_progress_seconds: float = 0.0,
                  cancelling_seconds: float = 0.0, expiry_seconds: float = 86400.0) -> None:
-        super().__init__()
-        self.api_key = api_key
         self.in_progress_seconds = in_progress_seconds
         self.cancelling_seconds = cancelling_seconds
         self.expiry_seconds = expiry_seconds
         self.batches: dict[str, Batch] = {}
-        self.submissions: collections.Counter[str] = collections.Counter()
-        self.sync_submissions: collections.Counter[str] = collections.Counter()
-        self.calls: collections.Counter[str] = collections.Counter()
-        self._closing = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self.base = ""
-        self.app = self._build_app()
+        super().__init__(api_key)
 
     # ---- scripting -------------------------------------------------------------------
 
@@ -171,20 +159,10 @@ class AnthropicEmulator(Scripted):
         return {"batches": out, "sync_submissions": dict(self.sync_submissions),
                 "calls": dict(self.calls), "faults_applied": dict(self.faults_applied)}
 
+    def _bad_request(self, message: str) -> Exception:
+        return ApiError(400, "invalid_request_error", message)
+
     # ---- server ----------------------------------------------------------------------
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.base = f"http://{host}:{self._runner.addresses[0][1]}"
-        return self.base
-
-    async def stop(self) -> None:
-        self._closing.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=1024**3)
@@ -209,7 +187,7 @@ class AnthropicEmulator(Scripted):
         scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
         key = request.headers.get("x-api-key") or (bearer if scheme.lower() == "bearer" else "")
         if route in ROUTES and not hmac.compare_digest(key.encode(), self.api_key.encode()):
-            return self._json(_error("authentication_error", "invalid x-api-key"), 401)
+            return json_response(_error("authentication_error", "invalid x-api-key"), 401)
         fault = self._take_fault(route)
         try:
             if fault is None:
@@ -217,35 +195,18 @@ class AnthropicEmulator(Scripted):
             kind, params = fault
             if kind in FAULTS:
                 status, etype, message = FAULTS[kind]
-                return self._json(_error(etype, message), status)
+                return json_response(_error(etype, message), status)
             if kind == "hang":
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), float(params.get("seconds",
                                                                                   3600)))
-                return self._json(_error("api_error", "hung"), 504)
+                return json_response(_error("api_error", "hung"), 504)
             resp = await handler(request)  # reset_after: the work is done, the answer lost
             if request.transport is not None:
                 request.transport.abort()
             return resp
         except ApiError as exc:
-            return self._json(_error(exc.type, exc.message), exc.status)
-
-    @staticmethod
-    def _json(body: Any, status: int = 200) -> web.Response:
-        return web.Response(status=status, body=orjson.dumps(body),
-                            content_type="application/json")
-
-    async def _admin_record(self, _request: web.Request) -> web.StreamResponse:
-        return self._json(self.record())
-
-    async def _admin_faults(self, request: web.Request) -> web.StreamResponse:
-        body = orjson.loads(await request.read())
-        try:
-            self.inject(str(body.get("route")), str(body.get("fault")),
-                        int(body.get("times", 1)), **(body.get("params") or {}))
-        except (ValueError, TypeError) as exc:
-            raise ApiError(400, "invalid_request_error", str(exc)) from None
-        return self._json({"queued": True})
+            return json_response(_error(exc.type, exc.message), exc.status)
 
     # ---- batches ---------------------------------------------------------------------
 
@@ -293,7 +254,7 @@ class AnthropicEmulator(Scripted):
         if script and script[0] == "expire":
             b.expired = True
         self.batches[b.id] = b
-        return self._json(self._view(b))
+        return json_response(self._view(b))
 
     def _batch(self, request: web.Request) -> Batch:
         b = self.batches.get(request.match_info["id"])
@@ -302,7 +263,7 @@ class AnthropicEmulator(Scripted):
         return b
 
     async def _retrieve(self, request: web.Request) -> web.StreamResponse:
-        return self._json(self._view(self._batch(request)))
+        return json_response(self._view(self._batch(request)))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         limit = min(1000, max(1, int(request.query.get("limit", "20"))))
@@ -316,7 +277,7 @@ class AnthropicEmulator(Scripted):
             ordered = ordered[:ids.index(before)][-limit:]
         page = ordered[:limit]
         data = [self._view(b) for b in page]
-        return self._json({"data": data, "has_more": len(ordered) > limit,
+        return json_response({"data": data, "has_more": len(ordered) > limit,
                            "first_id": data[0]["id"] if data else None,
                            "last_id": data[-1]["id"] if data else None})
 
@@ -326,7 +287,7 @@ class AnthropicEmulator(Scripted):
         if b.ended_at is None and b.cancel_at is None:
             b.cancel_at = time.time()
         self._advance(b)
-        return self._json(self._view(b))
+        return json_response(self._view(b))
 
     async def _results(self, request: web.Request) -> web.StreamResponse:
         b = self._batch(request)
@@ -344,17 +305,17 @@ class AnthropicEmulator(Scripted):
 
     async def _sync(self, request: web.Request) -> web.StreamResponse:
         params = orjson.loads(await request.read())
-        meta = _dict(params.get("metadata"))
+        meta = as_dict(params.get("metadata"))
         key = str(meta.get("batchd_custom_id") or request.headers.get("x-custom-id") or "")
         self.sync_submissions[key] += 1
         outcome = self._resolve(key, params)
         if outcome in _ERRORED:
             etype, message = _ERRORED[outcome]
             status = {"invalid_request_error": 400, "overloaded_error": 529}.get(etype, 500)
-            return self._json(_error(etype, message), status)
+            return json_response(_error(etype, message), status)
         if outcome != "ok":
-            return self._json(_error("overloaded_error", "Overloaded"), 529)
-        return self._json(message_for(params))
+            return json_response(_error("overloaded_error", "Overloaded"), 529)
+        return json_response(message_for(params))
 
     # ---- lifecycle (computed on access) ---------------------------------------------
 
@@ -410,10 +371,10 @@ class AnthropicEmulator(Scripted):
         status = "ended" if ended else ("canceling" if b.cancel_at is not None else
                                         "in_progress")
         return {"id": b.id, "type": "message_batch", "processing_status": status,
-                "request_counts": self._counts(b), "ended_at": _iso(b.ended_at),
-                "created_at": _iso(b.created_at),
-                "expires_at": _iso(b.created_at + 86400), "archived_at": None,
-                "cancel_initiated_at": _iso(b.cancel_at),
+                "request_counts": self._counts(b), "ended_at": iso(b.ended_at),
+                "created_at": iso(b.created_at),
+                "expires_at": iso(b.created_at + 86400), "archived_at": None,
+                "cancel_initiated_at": iso(b.cancel_at),
                 "results_url": f"{self.base}/v1/messages/batches/{b.id}/results"
                 if ended else None}
 

@@ -27,20 +27,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import hmac
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from batchd.emulator.openai_wire import serve_until_signalled
-from batchd.emulator.scripting import Scripted
+from batchd.emulator.base import (
+    ScriptedEmulator,
+    as_dict,
+    iso,
+    json_response,
+    serve_until_signalled,
+)
 
 OUTCOMES = frozenset({"ok", "invalid_argument", "resource_exhausted", "internal",
                       "unavailable", "missing"})
@@ -88,20 +91,13 @@ class Job:
     output: dict[str, Any] | None = None
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace(
-        "+00:00", "Z")
 
 
 def usage_for(request: dict[str, Any]) -> dict[str, int]:
     """promptTokenCount = len(compact JSON of ``contents``) // 4 (at least 1);
     candidatesTokenCount = ``generationConfig.maxOutputTokens`` or 16."""
     prompt = max(1, len(orjson.dumps(request.get("contents", []))) // 4)
-    gen = _dict(request.get("generationConfig"))
+    gen = as_dict(request.get("generationConfig"))
     out = gen.get("maxOutputTokens")
     out = out if isinstance(out, int) and out > 0 else 16
     return {"promptTokenCount": prompt, "candidatesTokenCount": out,
@@ -119,7 +115,7 @@ def _status(code: int, status: str, message: str) -> dict[str, Any]:
     return {"code": code, "message": message, "status": status}
 
 
-class GeminiEmulator(Scripted):
+class GeminiEmulator(ScriptedEmulator):
     OUTCOMES = OUTCOMES
     ROUTES = ROUTES
     FAULT_KINDS = FAULT_KINDS
@@ -127,19 +123,12 @@ class GeminiEmulator(Scripted):
 
     def __init__(self, api_key: str = "test-key", *, running_seconds: float = 0.0,
                  expiry_seconds: float = 48 * 3600.0) -> None:
-        super().__init__()
-        self.api_key = api_key
         self.running_seconds = running_seconds
         self.expiry_seconds = expiry_seconds
         self.jobs: dict[str, Job] = {}
         self.files: dict[str, bytes] = {}
         self._uploads: dict[str, tuple[dict[str, Any], bytearray]] = {}
-        self.submissions: collections.Counter[str] = collections.Counter()
-        self.sync_submissions: collections.Counter[str] = collections.Counter()
-        self.calls: collections.Counter[str] = collections.Counter()
-        self._runner: web.AppRunner | None = None
-        self.base = ""
-        self.app = self._build_app()
+        super().__init__(api_key)
 
     # ---- scripting -------------------------------------------------------------------
 
@@ -160,19 +149,10 @@ class GeminiEmulator(Scripted):
         return {"batches": out, "sync_submissions": dict(self.sync_submissions),
                 "calls": dict(self.calls), "faults_applied": dict(self.faults_applied)}
 
+    def _bad_request(self, message: str) -> Exception:
+        return ApiError(400, "INVALID_ARGUMENT", message)
+
     # ---- server ----------------------------------------------------------------------
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, host, port).start()
-        self.base = f"http://{host}:{self._runner.addresses[0][1]}"
-        return self.base
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
 
     def _build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=1024**3)
@@ -218,32 +198,14 @@ class GeminiEmulator(Scripted):
         except ApiError as exc:
             return self._error(exc.status, exc.code, exc.message)
 
-    @staticmethod
-    def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None
-              ) -> web.Response:
-        return web.Response(status=status, body=orjson.dumps(body), headers=headers,
-                            content_type="application/json")
-
     def _error(self, status: int, code: str, message: str) -> web.Response:
-        return self._json({"error": {"code": status, "message": message, "status": code}},
+        return json_response({"error": {"code": status, "message": message, "status": code}},
                           status)
-
-    async def _admin_record(self, _request: web.Request) -> web.StreamResponse:
-        return self._json(self.record())
-
-    async def _admin_faults(self, request: web.Request) -> web.StreamResponse:
-        body = orjson.loads(await request.read())
-        try:
-            self.inject(str(body.get("route")), str(body.get("fault")),
-                        int(body.get("times", 1)))
-        except (ValueError, TypeError) as exc:
-            raise ApiError(400, "INVALID_ARGUMENT", str(exc)) from None
-        return self._json({"queued": True})
 
     # ---- files -----------------------------------------------------------------------
 
     def _file_view(self, name: str, display: str, size: int) -> dict[str, Any]:
-        now = _iso(time.time())
+        now = iso(time.time())
         return {"name": name, "displayName": display, "mimeType": "application/jsonl",
                 "sizeBytes": str(size), "createTime": now, "updateTime": now,
                 "state": "ACTIVE", "uri": f"{self.base}/v1beta/{name}", "source": "UPLOADED"}
@@ -256,7 +218,7 @@ class GeminiEmulator(Scripted):
             upload_id = uuid.uuid4().hex
             self._uploads[upload_id] = (meta, bytearray())
             url = f"{self.base}/upload/v1beta/files?upload_id={upload_id}"
-            return self._json({}, headers={"X-Goog-Upload-URL": url,
+            return json_response({}, headers={"X-Goog-Upload-URL": url,
                                            "X-Goog-Upload-Status": "active"})
         if upload_id not in self._uploads:
             raise ApiError(404, "NOT_FOUND", "unknown upload session")
@@ -266,11 +228,11 @@ class GeminiEmulator(Scripted):
             raise ApiError(400, "INVALID_ARGUMENT", f"offset {offset} != {len(data)}")
         data.extend(await request.read())
         if "finalize" not in command:
-            return self._json({}, headers={"X-Goog-Upload-Status": "active"})
+            return json_response({}, headers={"X-Goog-Upload-Status": "active"})
         del self._uploads[upload_id]
         name = f"files/{uuid.uuid4().hex[:16]}"
         self.files[name] = bytes(data)
-        return self._json({"file": self._file_view(name, str(meta.get("displayName", "")),
+        return json_response({"file": self._file_view(name, str(meta.get("displayName", "")),
                                                    len(data))},
                           headers={"X-Goog-Upload-Status": "final"})
 
@@ -327,7 +289,7 @@ class GeminiEmulator(Scripted):
                   script=self._batch_scripts.popleft() if self._batch_scripts else None,
                   ends_at=now + self.running_seconds)
         self.jobs[job.name] = job
-        return self._json(self._view(job))
+        return json_response(self._view(job))
 
     def _job(self, request: web.Request) -> Job:
         job = self.jobs.get(f"batches/{request.match_info['id']}")
@@ -336,7 +298,7 @@ class GeminiEmulator(Scripted):
         return job
 
     async def _retrieve(self, request: web.Request) -> web.StreamResponse:
-        return self._json(self._view(self._job(request)))
+        return json_response(self._view(self._job(request)))
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         size = min(1000, max(1, int(request.query.get("pageSize", "50"))))
@@ -346,7 +308,7 @@ class GeminiEmulator(Scripted):
         body: dict[str, Any] = {"operations": [self._view(j) for j in page]}
         if start + size < len(ordered):
             body["nextPageToken"] = str(start + size)
-        return self._json(body)
+        return json_response(body)
 
     async def _cancel(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)
@@ -354,7 +316,7 @@ class GeminiEmulator(Scripted):
         if job.ended_at is None:
             job.cancelled = True
             self._advance(job)
-        return self._json({})
+        return json_response({})
 
     async def _sync(self, request: web.Request) -> web.StreamResponse:
         model = request.match_info["model"]
@@ -367,7 +329,7 @@ class GeminiEmulator(Scripted):
             return self._error(_HTTP_OF[code], status, message)
         if outcome != "ok":
             return self._error(503, "UNAVAILABLE", "The service is currently unavailable.")
-        return self._json(response_for(body, model))
+        return json_response(response_for(body, model))
 
     # ---- lifecycle (computed on access) ---------------------------------------------
 
@@ -424,13 +386,13 @@ class GeminiEmulator(Scripted):
             "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta."
                      "GenerateContentBatch",
             "model": job.model, "displayName": job.display_name, "name": job.name,
-            "createTime": _iso(job.created_at), "updateTime": _iso(time.time()),
+            "createTime": iso(job.created_at), "updateTime": iso(time.time()),
             "state": job.state,
             "batchStats": {"requestCount": str(len(job.items)),
                            "successfulRequestCount": str(ok),
                            "pendingRequestCount": "0" if done else str(len(job.items))}}
         if done:
-            meta["endTime"] = _iso(job.ended_at)
+            meta["endTime"] = iso(job.ended_at)
             if job.output is not None:
                 meta["output"] = job.output
         return {"name": job.name, "metadata": meta, "done": done}

@@ -49,6 +49,7 @@ import orjson
 from aiohttp import BodyPartReader, web
 
 from batchd.domain import line_task_id
+from batchd.emulator.base import serve_until_signalled
 from batchd.emulator.openai_lines import (
     ENDPOINTS,
     HTTP_ERRORS,
@@ -88,7 +89,6 @@ from batchd.emulator.openai_wire import (
     list_page,
     page_limit,
     send_truncated,
-    serve_until_signalled,
 )
 from batchd.tokens import preload
 

@@ -4,9 +4,6 @@ the error envelope, request checks, pagination and canned fault responses."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import signal
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,19 +234,3 @@ def list_page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}
 
-
-async def serve_until_signalled(start: Awaitable[str], stop: Callable[[], Awaitable[None]],
-                                name: str) -> None:
-    """Run an emulator from the command line: start it, say where it listens,
-    and stop it cleanly on SIGINT or SIGTERM."""
-    url = await start
-    print(f"batchd {name} listening on {url}", flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stopping.set)
-    try:
-        await stopping.wait()
-    finally:
-        await stop()
