@@ -37,7 +37,6 @@ import hmac
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +44,7 @@ import orjson
 from aiohttp import web
 
 from batchd.emulator.base import (
+    Handler,
     ScriptedEmulator,
     as_dict,
     iso,
@@ -68,7 +68,6 @@ MAX_REQUESTS = 100_000
 _ERRORED = {"invalid_request": ("invalid_request_error", "messages: field required"),
             "overloaded": ("overloaded_error", "Overloaded"),
             "api_error": ("api_error", "Internal server error")}
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):
@@ -146,7 +145,7 @@ class AnthropicEmulator(ScriptedEmulator):
         b.expired = True
         self._advance(b)
 
-    def record(self) -> dict[str, Any]:
+    def _batches(self) -> list[dict[str, Any]]:
         out = []
         for b in self.batches.values():
             self._advance(b)
@@ -156,29 +155,23 @@ class AnthropicEmulator(ScriptedEmulator):
                         "billed": [r.custom_id for r in b.requests if r.result == "succeeded"],
                         "request_counts": self._counts(b),
                         "cancel_requested": b.cancel_at is not None})
-        return {"batches": out, "sync_submissions": dict(self.sync_submissions),
-                "calls": dict(self.calls), "faults_applied": dict(self.faults_applied)}
+        return out
 
     def _bad_request(self, message: str) -> Exception:
         return ApiError(400, "invalid_request_error", message)
 
     # ---- server ----------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=1024**3)
-        r = app.router
+    def _add_routes(self, r: web.UrlDispatcher) -> None:
         r.add_post("/v1/messages/batches", self._create, name="create")
         r.add_get("/v1/messages/batches", self._list, name="list")
         r.add_get("/v1/messages/batches/{id}", self._retrieve, name="retrieve")
         r.add_post("/v1/messages/batches/{id}/cancel", self._cancel, name="cancel")
         r.add_get("/v1/messages/batches/{id}/results", self._results, name="results")
         r.add_post("/v1/messages", self._sync, name="sync")
-        r.add_get("/_emulator/record", self._admin_record, name="admin_record")
-        r.add_post("/_emulator/faults", self._admin_faults, name="admin_faults")
-        return app
 
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name or ""
         if route in ROUTES:
             self.calls[route] += 1

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 import orjson
 from aiohttp import web
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
 
 def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
@@ -74,12 +76,30 @@ class ScriptedEmulator:
 
     # ---- what each emulator defines ---------------------------------------------------
 
-    def _build_app(self) -> web.Application:
+    def _add_routes(self, router: web.UrlDispatcher) -> None:
+        """The provider's API routes, each named (the names fault scripts use)."""
+        raise NotImplementedError
+
+    async def _middleware(self, request: web.Request, handler: Handler
+                          ) -> web.StreamResponse:
+        raise NotImplementedError
+
+    def _batches(self) -> list[dict[str, Any]]:
+        """Each batch as ``GET /_emulator/record`` shows it."""
         raise NotImplementedError
 
     def record(self) -> dict[str, Any]:
         """What the emulator received and billed (``GET /_emulator/record``)."""
-        raise NotImplementedError
+        return {"batches": self._batches(), "sync_submissions": dict(self.sync_submissions),
+                "calls": dict(self.calls), "faults_applied": dict(self.faults_applied)}
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=1024**3)
+        self._add_routes(app.router)
+        app.router.add_get("/_emulator/record", self._admin_record, name="admin_record")
+        app.router.add_post("/_emulator/faults", self._admin_faults, name="admin_faults")
+        return app
 
     def _bad_request(self, message: str) -> Exception:
         """The emulator's own 400 error, for a malformed admin request."""

@@ -30,7 +30,6 @@ import asyncio
 import hmac
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +37,7 @@ import orjson
 from aiohttp import web
 
 from batchd.emulator.base import (
+    Handler,
     ScriptedEmulator,
     as_dict,
     iso,
@@ -58,7 +58,6 @@ _ERRORS = {"invalid_argument": (3, "INVALID_ARGUMENT", "Request contains an inva
            "internal": (13, "INTERNAL", "An internal error has occurred."),
            "unavailable": (14, "UNAVAILABLE", "The service is currently unavailable.")}
 _HTTP_OF = {3: 400, 8: 429, 13: 500, 14: 503}
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):
@@ -138,7 +137,7 @@ class GeminiEmulator(ScriptedEmulator):
         job.ends_at = 0
         self._advance(job)
 
-    def record(self) -> dict[str, Any]:
+    def _batches(self) -> list[dict[str, Any]]:
         out = []
         for job in self.jobs.values():
             self._advance(job)
@@ -146,17 +145,14 @@ class GeminiEmulator(ScriptedEmulator):
                         "created_at": job.created_at, "custom_ids": [i.key for i in job.items],
                         "billed": [i.key for i in job.items if i.billed],
                         "cancel_requested": job.cancelled})
-        return {"batches": out, "sync_submissions": dict(self.sync_submissions),
-                "calls": dict(self.calls), "faults_applied": dict(self.faults_applied)}
+        return out
 
     def _bad_request(self, message: str) -> Exception:
         return ApiError(400, "INVALID_ARGUMENT", message)
 
     # ---- server ----------------------------------------------------------------------
 
-    def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=1024**3)
-        r = app.router
+    def _add_routes(self, r: web.UrlDispatcher) -> None:
         r.add_post("/upload/v1beta/files", self._upload, name="upload")
         r.add_get("/v1beta/files/{id}:download", self._download, name="download")
         r.add_post("/v1beta/models/{model}:batchGenerateContent", self._create, name="create")
@@ -164,12 +160,9 @@ class GeminiEmulator(ScriptedEmulator):
         r.add_get("/v1beta/batches", self._list, name="list")
         r.add_post("/v1beta/batches/{id}:cancel", self._cancel, name="cancel")
         r.add_get("/v1beta/batches/{id}", self._retrieve, name="retrieve")
-        r.add_get("/_emulator/record", self._admin_record, name="admin_record")
-        r.add_post("/_emulator/faults", self._admin_faults, name="admin_faults")
-        return app
 
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name or ""
         if route in ROUTES:
             self.calls[route] += 1
