@@ -9,12 +9,12 @@ import hashlib
 import ipaddress
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -689,63 +689,60 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def parse_client_numbers(raw: str | None) -> dict[str, Decimal]:
-    """``client=N`` pairs (BATCHD_CLIENT_MAX_QUEUED, N a whole number >= 0);
-    ValueError says which pair is wrong."""
-    out: dict[str, Decimal] = {}
+T = TypeVar("T")
+
+
+def _client_pairs(raw: str | None, example: str, value: Callable[[str, str], T]
+                  ) -> dict[str, T]:
+    """``client=value`` pairs, comma-separated; ``value(pair, text)`` reads one
+    value or raises ValueError naming the pair."""
+    out: dict[str, T] = {}
     for pair in (raw or "").split(","):
         pair = pair.strip()
         if not pair:
             continue
-        client, sep, number = (p.strip() for p in pair.partition("="))
-        if not sep or not client or not number.isdigit():
-            raise ValueError(f"{pair!r} must look like client=1000")
+        client, sep, text = (p.strip() for p in pair.partition("="))
+        if not sep or not client:
+            raise ValueError(f"{pair!r} must look like {example}")
+        parsed = value(pair, text)
         if client in out:
             raise ValueError(f"client {client!r} is listed twice")
-        out[client] = Decimal(number)
+        out[client] = parsed
     return out
+
+
+def parse_client_numbers(raw: str | None) -> dict[str, Decimal]:
+    """``client=N`` pairs (BATCHD_CLIENT_MAX_QUEUED, N a whole number >= 0);
+    ValueError says which pair is wrong."""
+    def number(pair: str, text: str) -> Decimal:
+        if not text.isdigit():
+            raise ValueError(f"{pair!r} must look like client=1000")
+        return Decimal(text)
+    return _client_pairs(raw, "client=1000", number)
 
 
 def parse_client_profiles(raw: str | None) -> dict[str, str]:
     """``client=profile`` pairs (BATCHD_CLIENT_PROFILES); ValueError says which
     pair is wrong."""
-    out: dict[str, str] = {}
-    for pair in (raw or "").split(","):
-        pair = pair.strip()
-        if not pair:
-            continue
-        client, sep, profile = (p.strip() for p in pair.partition("="))
-        if not sep or not client:
-            raise ValueError(f"{pair!r} must look like client=6h")
-        if profile not in PROFILES:
+    def profile(pair: str, text: str) -> str:
+        if text not in PROFILES:
             raise ValueError(f"{pair!r}: the profile must be one of {', '.join(PROFILES)}")
-        if client in out:
-            raise ValueError(f"client {client!r} is listed twice")
-        out[client] = profile
-    return out
+        return text
+    return _client_pairs(raw, "client=6h", profile)
 
 
 def parse_client_budgets(raw: str | None) -> dict[str, Decimal]:
     """``client=USD`` pairs (BATCHD_CLIENT_BUDGETS); ValueError says which
     pair is wrong."""
-    out: dict[str, Decimal] = {}
-    for pair in (raw or "").split(","):
-        pair = pair.strip()
-        if not pair:
-            continue
-        client, sep, amount = (p.strip() for p in pair.partition("="))
-        if not sep or not client:
-            raise ValueError(f"{pair!r} must look like client=50 (USD a UTC day)")
+    def budget(pair: str, text: str) -> Decimal:
         try:
-            usd = Decimal(amount)
+            usd = Decimal(text)
         except ArithmeticError:
             raise ValueError(f"{pair!r}: the budget must be a number of USD") from None
         if not usd.is_finite() or usd < 0:
             raise ValueError(f"{pair!r}: the budget must be 0 or more USD")
-        if client in out:
-            raise ValueError(f"client {client!r} is listed twice")
-        out[client] = usd
-    return out
+        return usd
+    return _client_pairs(raw, "client=50 (USD a UTC day)", budget)
 
 
 @dataclass(frozen=True, slots=True)

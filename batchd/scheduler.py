@@ -543,12 +543,7 @@ class Scheduler:
             # the queue and the attempt that never happened is taken back.
             error = {"code": exc.code or "submit_rejected", "message": str(exc),
                      "status": exc.status, "operation": exc.operation}
-            async with self.engine.begin() as conn:
-                requeued = await release_unsent_tasks(conn, p.batch_id, error)
-                await settle_batch(conn, p.batch_id, provider_status="not_submitted",
-                                        errors=[error], finished_at=NOW,
-                                        cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
-                await settle_client_spend(conn, p.batch_id, {})
+            requeued = await self._close_unsent(p.batch_id, error)
             log.error("batch.rejected", batch_id=p.batch_id, operation=exc.operation,
                       status=exc.status, code=exc.code, requeued=requeued)
             return
@@ -560,6 +555,18 @@ class Scheduler:
                     status=exc.status, code=exc.code, retry_in=round(delay, 1),
                     submit_attempts=p.submit_attempts + 1)
         await self._retry_later(p, delay)
+
+    async def _close_unsent(self, batch_id: str, error: dict[str, Any]) -> int:
+        """Close a batch the provider never created: its tasks go back to the
+        queue with their attempt given back, it costs nothing. Returns how
+        many tasks went back."""
+        async with self.engine.begin() as conn:
+            requeued = await release_unsent_tasks(conn, batch_id, error)
+            await settle_batch(conn, batch_id, provider_status="not_submitted",
+                               errors=[error], finished_at=NOW,
+                               cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
+            await settle_client_spend(conn, batch_id, {})
+        return requeued
 
     async def _credentials_refused(self, p: Pending, exc: ProviderError) -> None:
         """The provider refused our key: a configuration error (batchd.health
@@ -574,12 +581,7 @@ class Scheduler:
                  "message": "the provider refused batchd's credentials (HTTP "
                             f"{exc.status}); the task waits until the key is fixed",
                  "status": exc.status, "operation": exc.operation}
-        async with self.engine.begin() as conn:
-            requeued = await release_unsent_tasks(conn, p.batch_id, error)
-            await settle_batch(conn, p.batch_id, provider_status="not_submitted",
-                                    errors=[error], finished_at=NOW,
-                                    cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
-            await settle_client_spend(conn, p.batch_id, {})
+        requeued = await self._close_unsent(p.batch_id, error)
         log.warning("batch.credentials_rejected", batch_id=p.batch_id, provider=p.provider,
                     status=exc.status,
                     operation=exc.operation, requeued=requeued, retry_in=delay)

@@ -26,9 +26,8 @@ Anthropic's own truth, from the SDK (``anthropic.types.messages``):
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +39,7 @@ from batchd import metrics
 from batchd.backoff import retry_after_headers
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.provider.base import ProviderLimits, RemoteBatch, RemoteFile
+from batchd.provider.sdk_errors import SdkErrors, translated
 
 MESSAGES = "/v1/messages"
 INLINE = "inline:"
@@ -250,29 +250,8 @@ def _batch(obj: MessageBatch) -> RemoteBatch:
         provider_status=obj.processing_status)
 
 
-@contextmanager
-def _translated(operation: str) -> Iterator[None]:
-    try:
-        yield
-    except anthropic.APIStatusError as exc:
-        _count(operation, str(exc.status_code))
-        raise _status_error(operation, exc) from exc
-    except anthropic.APITimeoutError as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: Anthropic did not answer in time; retry later.",
-                            operation=operation) from exc
-    except anthropic.APIConnectionError as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: could not reach Anthropic ({exc.message}); "
-                            "retry later.", operation=operation) from exc
-    except (json.JSONDecodeError, orjson.JSONDecodeError) as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: Anthropic answered with invalid JSON; retry later.",
-                            operation=operation) from exc
-    except TruncatedFileError:
-        _count(operation, "error")
-        raise
-    _count(operation, "200")
+def _translated(operation: str) -> AbstractContextManager[None]:
+    return translated(operation, _SDK)
 
 
 def _count(operation: str, code: str) -> None:
@@ -305,3 +284,10 @@ def _status_error(operation: str, exc: anthropic.APIStatusError) -> ProviderErro
 def _error_body(exc: anthropic.APIStatusError) -> dict[str, Any]:
     etype = _error_type(exc) or "api_error"
     return {"error": {"type": etype, "code": etype, "message": str(exc.message)[:500]}}
+
+
+_SDK = SdkErrors(
+    name="Anthropic", status=anthropic.APIStatusError, timeout=(anthropic.APITimeoutError,),
+    connection=(anthropic.APIConnectionError,), status_code=lambda exc: str(exc.status_code),
+    status_error=lambda operation, exc: _status_error(operation, exc),
+    reason=lambda exc: exc.message, count=lambda operation, code: _count(operation, code))

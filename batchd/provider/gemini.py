@@ -30,9 +30,8 @@ Gemini's own truth, from the SDK (``google.genai.batches``, ``types``):
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ from google.genai import types
 from batchd import metrics
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.provider.base import ProviderLimits, RemoteBatch, RemoteFile
+from batchd.provider.sdk_errors import SdkErrors, translated
 
 GENERATE = "/v1beta/generateContent"
 INLINE = "inline:"
@@ -342,29 +342,8 @@ def _batch(obj: types.BatchJob, input_file_id: str = "") -> RemoteBatch:
         model=obj.model, provider_status=raw_state)
 
 
-@contextmanager
-def _translated(operation: str) -> Iterator[None]:
-    try:
-        yield
-    except genai_errors.APIError as exc:
-        _count(operation, str(exc.code))
-        raise _status_error(operation, exc) from exc
-    except TruncatedFileError:
-        _count(operation, "error")
-        raise
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: Gemini did not answer in time; retry later.",
-                            operation=operation) from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: could not reach Gemini ({type(exc).__name__}); "
-                            "retry later.", operation=operation) from exc
-    except (json.JSONDecodeError, orjson.JSONDecodeError) as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: Gemini answered with invalid JSON; retry later.",
-                            operation=operation) from exc
-    _count(operation, "200")
+def _translated(operation: str) -> AbstractContextManager[None]:
+    return translated(operation, _SDK)
 
 
 def _count(operation: str, code: str) -> None:
@@ -380,3 +359,11 @@ def _status_error(operation: str, exc: genai_errors.APIError) -> ProviderError:
         f"{operation}: Gemini answered HTTP {status}{f' ({code})' if code else ''}: "
         f"{str(exc.message)[:300]}; {advice}.", operation=operation, status=status, code=code,
         retryable=retryable)
+
+
+_SDK = SdkErrors(
+    name="Gemini", status=genai_errors.APIError,
+    timeout=(TimeoutError, aiohttp.ServerTimeoutError),
+    connection=(aiohttp.ClientError, OSError), status_code=lambda exc: str(exc.code),
+    status_error=lambda operation, exc: _status_error(operation, exc),
+    reason=lambda exc: type(exc).__name__, count=lambda operation, code: _count(operation, code))

@@ -13,9 +13,8 @@ calls (streamed downloads, no-retry cancel) and turns every failure into a
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -28,6 +27,7 @@ from batchd.backoff import retry_after_headers
 from batchd.errors import ProviderError, TruncatedFileError
 from batchd.health import HEALTH
 from batchd.provider.base import ProviderLimits, RemoteBatch, RemoteFile
+from batchd.provider.sdk_errors import SdkErrors, translated
 
 _Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings",
                     "/v1/completions", "/v1/moderations", "/v1/images/generations",
@@ -213,31 +213,8 @@ def _parses(line: bytes) -> bool:
     return True
 
 
-@contextmanager
-def _translated(operation: str) -> Iterator[None]:
-    """Re-raise SDK and decoding failures as ``ProviderError``, counting each call
-    in ``batchd_provider_requests_total`` (code ``error`` when nothing answered)."""
-    try:
-        yield
-    except openai.APIStatusError as exc:
-        _count(operation, str(exc.status_code))
-        raise _status_error(operation, exc) from exc
-    except openai.APITimeoutError as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: the provider did not answer in time; retry later.",
-                            operation=operation) from exc
-    except openai.APIConnectionError as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: could not reach the provider ({exc.message}); "
-                            "retry later.", operation=operation) from exc
-    except (json.JSONDecodeError, orjson.JSONDecodeError) as exc:
-        _count(operation, "error")
-        raise ProviderError(f"{operation}: the provider answered with invalid JSON; "
-                            "retry later.", operation=operation) from exc
-    except TruncatedFileError:
-        _count(operation, "error")
-        raise
-    _count(operation, "200")
+def _translated(operation: str) -> AbstractContextManager[None]:
+    return translated(operation, _SDK)
 
 
 PROVIDER = "openai"
@@ -295,3 +272,10 @@ def _batch(obj: Batch, operation: str) -> RemoteBatch:
         request_counts=obj.request_counts.model_dump() if obj.request_counts else None,
         usage=obj.usage.model_dump() if obj.usage else None,
         metadata=dict(obj.metadata) if obj.metadata else None, model=obj.model)
+
+
+_SDK = SdkErrors(
+    name="the provider", status=openai.APIStatusError, timeout=(openai.APITimeoutError,),
+    connection=(openai.APIConnectionError,), status_code=lambda exc: str(exc.status_code),
+    status_error=lambda operation, exc: _status_error(operation, exc),
+    reason=lambda exc: exc.message, count=lambda operation, code: _count(operation, code))

@@ -22,6 +22,8 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from batchd.store.windows import QUEUED_KEYS
+
 # Two ways to say "this client only, or everyone when :client is NULL".
 _MINE = "(CAST(:client AS text) IS NULL OR client = CAST(:client AS text))"
 _MINE_T = "(CAST(:client AS text) IS NULL OR t.client = CAST(:client AS text))"
@@ -40,17 +42,7 @@ def _day_bounds(day: date) -> tuple[datetime, datetime]:
 
 # ------------------------------------------------------------------ overview
 
-QUEUE_WINDOWS = text(f"""
-WITH RECURSIVE keys AS (
-    (SELECT provider, endpoint, model FROM tasks WHERE state = 'queued'
-     ORDER BY provider, endpoint, model LIMIT 1)
-    UNION ALL
-    SELECT nxt.provider, nxt.endpoint, nxt.model FROM keys k, LATERAL (
-        SELECT provider, endpoint, model FROM tasks
-        WHERE state = 'queued'
-          AND (provider, endpoint, model) > (k.provider, k.endpoint, k.model)
-        ORDER BY provider, endpoint, model LIMIT 1) nxt
-)
+QUEUE_WINDOWS = text(QUEUED_KEYS + f"""
 SELECT k.provider, k.endpoint, k.model, w.n, w.oldest, w.due, now() AS now
 FROM keys k, LATERAL (
     SELECT count(*) AS n, min(not_before) AS oldest,

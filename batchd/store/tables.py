@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -21,11 +23,18 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeEngine
 
 metadata = MetaData()
 
 NOW = text("now()")
 MONEY = Numeric(24, 12)
+
+
+def zeros(kind: type[TypeEngine[Any]] | TypeEngine[Any], *names: str) -> list[Column[Any]]:
+    """Counter or money columns that start at zero (jobs, their deltas, rollups)."""
+    return [Column(name, kind, nullable=False, server_default="0") for name in names]
+
 
 tasks = Table(
     "tasks",
@@ -343,14 +352,8 @@ jobs = Table(
     metadata,
     Column("client", Text, primary_key=True),
     Column("job", Text, primary_key=True),
-    Column("tasks", BigInteger, nullable=False, server_default="0"),
-    Column("queued", BigInteger, nullable=False, server_default="0"),
-    Column("submitted", BigInteger, nullable=False, server_default="0"),
-    Column("succeeded", BigInteger, nullable=False, server_default="0"),
-    Column("failed", BigInteger, nullable=False, server_default="0"),
-    Column("cancelled", BigInteger, nullable=False, server_default="0"),
-    Column("spend_usd", MONEY, nullable=False, server_default="0"),
-    Column("sync_equivalent_usd", MONEY, nullable=False, server_default="0"),
+    *zeros(BigInteger, "tasks", "queued", "submitted", "succeeded", "failed", "cancelled"),
+    *zeros(MONEY, "spend_usd", "sync_equivalent_usd"),
     Column("callback_url", Text),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
@@ -366,14 +369,8 @@ job_deltas = Table(
     Column("id", BigInteger, Identity(), primary_key=True),
     Column("client", Text, nullable=False),
     Column("job", Text, nullable=False),
-    Column("tasks", BigInteger, nullable=False, server_default="0"),
-    Column("queued", BigInteger, nullable=False, server_default="0"),
-    Column("submitted", BigInteger, nullable=False, server_default="0"),
-    Column("succeeded", BigInteger, nullable=False, server_default="0"),
-    Column("failed", BigInteger, nullable=False, server_default="0"),
-    Column("cancelled", BigInteger, nullable=False, server_default="0"),
-    Column("spend_usd", MONEY, nullable=False, server_default="0"),
-    Column("sync_usd", MONEY, nullable=False, server_default="0"),
+    *zeros(BigInteger, "tasks", "queued", "submitted", "succeeded", "failed", "cancelled"),
+    *zeros(MONEY, "spend_usd", "sync_usd"),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Index("job_deltas_job", "client", "job"),
 )
@@ -389,22 +386,12 @@ daily_rollups = Table(
     Column("provider", Text, primary_key=True),
     Column("model", Text, primary_key=True),
     Column("lane", Text, primary_key=True),
-    Column("tasks_in", BigInteger, nullable=False, server_default="0"),
-    Column("succeeded", BigInteger, nullable=False, server_default="0"),
-    Column("failed", BigInteger, nullable=False, server_default="0"),
-    Column("cancelled", BigInteger, nullable=False, server_default="0"),
-    Column("retried", BigInteger, nullable=False, server_default="0"),
-    Column("replayed", BigInteger, nullable=False, server_default="0"),
-    Column("dismissed", BigInteger, nullable=False, server_default="0"),
-    Column("finished", BigInteger, nullable=False, server_default="0"),
-    Column("finished_ok", BigInteger, nullable=False, server_default="0"),
-    Column("spend_usd", MONEY, nullable=False, server_default="0"),
-    Column("sync_usd", MONEY, nullable=False, server_default="0"),
-    Column("unattributed_usd", MONEY, nullable=False, server_default="0"),
+    *zeros(BigInteger, "tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
+           "dismissed", "finished", "finished_ok"),
+    *zeros(MONEY, "spend_usd", "sync_usd", "unattributed_usd"),
     Column("unpriced", Boolean, nullable=False, server_default="false"),
-    Column("lane_succeeded", BigInteger, nullable=False, server_default="0"),
-    Column("lane_failed", BigInteger, nullable=False, server_default="0"),
-    Column("lane_spend_usd", MONEY, nullable=False, server_default="0"),
+    *zeros(BigInteger, "lane_succeeded", "lane_failed"),
+    *zeros(MONEY, "lane_spend_usd"),
     # Ingest-to-finish seconds as a log histogram {bucket: count}, which adds
     # up across rows as percentiles do not (report.LATENCY_BUCKETS_PER_DOUBLING).
     Column("latency", JSONB, nullable=False, server_default="{}"),

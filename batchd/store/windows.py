@@ -16,6 +16,20 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd.store.jobs import moved_deltas
 
+# The distinct window keys of the queue, by a skip scan of the partial index
+# on queued tasks (one index probe per key, however deep the queue).
+QUEUED_KEYS = """
+WITH RECURSIVE keys AS (
+    (SELECT provider, endpoint, model FROM tasks WHERE state = 'queued'
+     ORDER BY provider, endpoint, model LIMIT 1)
+    UNION ALL
+    SELECT nxt.provider, nxt.endpoint, nxt.model FROM keys k, LATERAL (
+        SELECT provider, endpoint, model FROM tasks
+        WHERE state = 'queued'
+          AND (provider, endpoint, model) > (k.provider, k.endpoint, k.model)
+        ORDER BY provider, endpoint, model LIMIT 1) nxt
+)"""
+
 
 @dataclass(frozen=True, slots=True)
 class WindowStat:
@@ -36,17 +50,7 @@ async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
     The distinct keys come from a skip scan over the partial index, and each
     window is counted only up to the cap, so a deep queue stays cheap.
     """
-    rows = await conn.execute(text("""
-        WITH RECURSIVE keys AS (
-            (SELECT provider, endpoint, model FROM tasks WHERE state = 'queued'
-             ORDER BY provider, endpoint, model LIMIT 1)
-            UNION ALL
-            SELECT nxt.provider, nxt.endpoint, nxt.model FROM keys k, LATERAL (
-                SELECT provider, endpoint, model FROM tasks
-                WHERE state = 'queued'
-                  AND (provider, endpoint, model) > (k.provider, k.endpoint, k.model)
-                ORDER BY provider, endpoint, model LIMIT 1) nxt
-        )
+    rows = await conn.execute(text(QUEUED_KEYS + """
         SELECT k.provider, k.endpoint, k.model, w.n, w.oldest, w.nbytes, now() AS now
         FROM keys k, LATERAL (
             SELECT count(*) AS n, min(not_before) AS oldest,
