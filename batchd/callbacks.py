@@ -29,6 +29,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -129,15 +130,30 @@ def _iso(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
+@dataclass(frozen=True, slots=True)
+class CallbackConfig:
+    """The settings callback delivery reads."""
+    allowed_hosts: tuple[str, ...]
+    max_attempts: int
+    backoff_seconds: float
+    timeout_seconds: float
+    concurrency: int
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> CallbackConfig:
+        return cls(s.callback_hosts, s.callback_max_attempts, s.callback_backoff_seconds,
+                   s.callback_timeout_seconds, s.callback_concurrency)
+
+
 class CallbackSender:
-    def __init__(self, engine: AsyncEngine, clients: Clients, settings: Settings) -> None:
+    def __init__(self, engine: AsyncEngine, clients: Clients, config: CallbackConfig) -> None:
         self.engine = engine
         self.clients = clients
-        self.allowed_hosts = settings.callback_hosts
-        self.max_attempts = settings.callback_max_attempts
-        self.base_delay = settings.callback_backoff_seconds
-        self.timeout = settings.callback_timeout_seconds
-        self.concurrency = settings.callback_concurrency
+        self.allowed_hosts = config.allowed_hosts
+        self.max_attempts = config.max_attempts
+        self.base_delay = config.backoff_seconds
+        self.timeout = config.timeout_seconds
+        self.concurrency = config.concurrency
         # Past the POST's own timeout plus time to record it, a claim is
         # presumed lost with its replica and the row is due again.
         self.lease_seconds = self.timeout * 2 + 10

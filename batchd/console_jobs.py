@@ -69,6 +69,20 @@ def _name(request: web.Request) -> str | None:
     return None if job_name_problem(name, request.app[STATE].ingest.limits) else name
 
 
+async def _find(request: web.Request, viewer: Viewer
+                ) -> tuple[str, str, JobView] | web.StreamResponse:
+    """The job a page names, as (client, name, view), or the page refusing."""
+    try:
+        client = _owner(request.query, viewer)
+    except BadClient as exc:
+        return refusal(400, "Bad client", str(exc), viewer)
+    name = _name(request)
+    j = await request.app[JOBS].get(client, name) if name else None
+    if j is None or name is None:
+        return refusal(404, "No such job", _NO_JOB, viewer)
+    return client, name, j
+
+
 def _job_url(viewer: Viewer, client: str, job: str, tail: str = "", **params: Any) -> str:
     return v.url(f"/ui/jobs/{quote(job, safe='')}{tail}",
                  client=client if viewer.admin else None, **params)
@@ -138,15 +152,10 @@ async def jobs_list(request: web.Request, viewer: Viewer) -> web.StreamResponse:
 
 @page
 async def job_detail(request: web.Request, viewer: Viewer) -> web.StreamResponse:
-    jobs = request.app[JOBS]
-    try:
-        client = _owner(request.query, viewer)
-    except BadClient as exc:
-        return refusal(400, "Bad client", str(exc), viewer)
-    name = _name(request)
-    j = await jobs.get(client, name) if name else None
-    if j is None or name is None:
-        return refusal(404, "No such job", _NO_JOB, viewer)
+    found = await _find(request, viewer)
+    if isinstance(found, web.StreamResponse):
+        return found
+    client, name, j = found
     facts = v.pairs([
         ("client", f'<span id="job-client">{v.e(client)}</span>'), ("progress", _progress(j)),
         ("tasks", f'<span id="job-tasks">{j.tasks:,}</span>'),
@@ -181,16 +190,12 @@ async def job_cancel(request: web.Request, viewer: Viewer) -> web.StreamResponse
     console = request.app[CONSOLE]
     jobs = request.app[JOBS]
     form = await request.post()
-    try:
-        # An admin's pick is in the form's action URL; a client token's is its
-        # own, whatever the URL says.
-        client = _owner(request.query, viewer)
-    except BadClient as exc:
-        return refusal(400, "Bad client", str(exc), viewer)
-    name = _name(request)
-    j = await jobs.get(client, name) if name else None
-    if j is None or name is None:
-        return refusal(404, "No such job", _NO_JOB, viewer)
+    # An admin's pick is in the form's action URL; a client token's is its
+    # own, whatever the URL says.
+    found = await _find(request, viewer)
+    if isinstance(found, web.StreamResponse):
+        return found
+    client, name, j = found
     if form.get("confirm") != "yes":
         body = (f'<p class="warn">Cancel job <strong>{v.e(name)}</strong> of '
                 f'<strong>{v.e(client)}</strong>: its <span class="n" id="confirm-count">'
@@ -221,18 +226,15 @@ async def job_cancel(request: web.Request, viewer: Viewer) -> web.StreamResponse
 
 @page
 async def job_results(request: web.Request, viewer: Viewer) -> web.StreamResponse:
-    jobs = request.app[JOBS]
-    try:
-        client = _owner(request.query, viewer)
-    except BadClient as exc:
-        return refusal(400, "Bad client", str(exc), viewer)
-    name = _name(request)
     wanted = request.query.get("state")
     if wanted is not None and wanted not in FINISHED_STATES:
         return refusal(400, "Bad state", f"state is one of {', '.join(FINISHED_STATES)}",
                        viewer)
-    if name is None or await jobs.get(client, name) is None:
-        return refusal(404, "No such job", _NO_JOB, viewer)
+    found = await _find(request, viewer)
+    if isinstance(found, web.StreamResponse):
+        return found
+    client, name, _ = found
+    jobs = request.app[JOBS]
     filename = f"{client}-{name}-results.jsonl".replace("/", "_")
     response = secure(web.StreamResponse(headers={
         "Content-Type": "application/x-ndjson",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
@@ -14,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchd import logs, metrics, tokens
 from batchd.clients import LOCAL_CLIENT, Client, Clients
+from batchd.config import Settings
 from batchd.domain import (
     DEFAULT_LIMITS,
     InvalidTask,
@@ -21,6 +23,7 @@ from batchd.domain import (
     Routing,
     TaskIn,
     callback_url_problem,
+    file_byte_budget,
     parse_task,
     place,
 )
@@ -176,6 +179,30 @@ def _conflict(keys: list[TaskKey]) -> IngestError:
         {"custom_ids": custom_ids[:100]})
 
 
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """The settings ingest reads (the defaults are Settings' own)."""
+    limits: Limits = DEFAULT_LIMITS
+    max_line_bytes: int = 200 * 1024 * 1024  # a task's input line in a provider file
+    window_seconds: float = 900
+    batch_share: int = 100
+    callback_hosts: tuple[str, ...] = ()
+    client_profiles: dict[str, str] = dataclasses.field(default_factory=dict)
+    timeout: float = 10.0
+    max_pending: int = 20_000
+    count_tokens: bool = False  # a budget to keep: count input tokens with the tokenizer
+    group_tasks: int = 2000  # tasks one group commit takes
+    writers: int = 2
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> IngestConfig:
+        return cls(limits=s.limits, max_line_bytes=file_byte_budget(s.max_file_bytes),
+                   window_seconds=s.window_seconds, batch_share=s.batch_share,
+                   callback_hosts=s.callback_hosts, client_profiles=s.profiles_by_client,
+                   timeout=s.ingest_timeout_seconds, max_pending=s.max_pending_tasks,
+                   count_tokens=s.any_budget)
+
+
 class Ingest:
     """Stores validated tasks, many requests per transaction (group commit).
 
@@ -194,45 +221,41 @@ class Ingest:
     nothing of the request was stored.
     """
 
-    def __init__(self, engine: AsyncEngine, *, limits: Limits = DEFAULT_LIMITS,
-                 max_line_bytes: int = 200 * 1024 * 1024, group_tasks: int = 2000,
-                 writers: int = 2, window_seconds: float = 900, batch_share: int = 100,
-                 clients: Clients | None = None, callback_hosts: tuple[str, ...] = (),
-                 client_profiles: dict[str, str] | None = None,
-                 timeout: float = 10.0, max_pending: int = 20_000,
+    def __init__(self, engine: AsyncEngine, config: IngestConfig | None = None, *,
+                 clients: Clients | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_sync: Callable[[], None] | None = None,
-                 count_tokens: bool = False,
                  model_problem: Callable[[str], str | None] | None = None,
                  routing: Routing | None = None) -> None:
+        c = config or IngestConfig()
         self.engine = engine
         # Which provider each task goes to, and which are configured here.
         self.routing = routing or Routing()
         # With a budget to keep, each task's input tokens are counted with
         # the model's tokenizer (batchd.tokens) instead of the byte rule.
-        self.count_tokens = count_tokens
+        self.count_tokens = c.count_tokens
         # Why a model may not have a window of its own (None: it may); a
         # model it refuses makes the request a 400.
         self.model_problem = model_problem
-        self.timeout = timeout
-        self.max_pending = max_pending
+        self.timeout = c.timeout
+        self.max_pending = c.max_pending
         self._pending = 0  # tasks of requests waiting for their commit
         # Called after a commit that stored sync-lane tasks (wakes the lane).
         self.on_sync = on_sync
-        self.client_profiles = client_profiles or {}
+        self.client_profiles = c.client_profiles
         self.clients = clients or Clients([])
-        self.callback_hosts = callback_hosts
-        self.window_seconds = window_seconds
-        self.batch_share = batch_share
+        self.callback_hosts = c.callback_hosts
+        self.window_seconds = c.window_seconds
+        self.batch_share = c.batch_share
         self.clock = clock
-        self.limits = limits
-        self.max_line_bytes = max_line_bytes
-        self.group_tasks = group_tasks
-        self.writers = writers
+        self.limits = c.limits
+        self.max_line_bytes = c.max_line_bytes
+        self.group_tasks = c.group_tasks
+        self.writers = c.writers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         # Requests streamed in pieces, each holding a connection and an open
         # transaction while its body arrives.
-        self._streams = asyncio.Semaphore(max(2, writers * 2))
+        self._streams = asyncio.Semaphore(max(2, c.writers * 2))
         self._writer_tasks: list[asyncio.Task[None]] = []
 
     async def prepare(self, items: list[Any], client: Client = LOCAL_CLIENT) -> list[TaskIn]:

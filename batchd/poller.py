@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,24 @@ log = logs.get("batchd.poller")
 _CHECK_CONCURRENCY = 4
 
 
+@dataclass(frozen=True, slots=True)
+class PollerConfig:
+    """The settings the poller reads."""
+    lease_seconds: float
+    poll_interval_seconds: float
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> PollerConfig:
+        return cls(s.lease_seconds, s.poll_interval_seconds)
+
+
 class Poller:
     def __init__(self, engine: AsyncEngine, providers: Providers, router: Router,
-                 settings: Settings, archive: Archive, owner: str) -> None:
+                 config: PollerConfig, archive: Archive, owner: str) -> None:
         self.engine = engine
         self.providers = providers
         self.router = router
-        self.settings = settings
+        self.config = config
         self.archive = archive
         self.owner = owner
         self._slots = asyncio.Semaphore(_CHECK_CONCURRENCY)
@@ -46,14 +58,14 @@ class Poller:
     async def run(self, stop: asyncio.Event) -> None:
         # Tick faster than the poll interval: each batch carries its own
         # next_poll_at, and a quick tick picks up newly submitted ones soon.
-        interval = min(self.settings.poll_interval_seconds, 5.0)
+        interval = min(self.config.poll_interval_seconds, 5.0)
         await run_ticks(stop, self.tick, logger=log, event="poller.tick_failed",
                         interval=lambda _routed: interval)
 
     async def tick(self) -> int:
         """Check every due batch once; returns how many were routed."""
         async with self.engine.begin() as conn:
-            due = await claim_due_batches(conn, self.owner, self.settings.lease_seconds)
+            due = await claim_due_batches(conn, self.owner, self.config.lease_seconds)
         results = await asyncio.gather(*(self._check_guarded(b) for b in due))
         # A tick counts as a success only if it reached the provider (or had
         # nothing to ask): a poller whose every check fails must look stuck.
@@ -67,11 +79,11 @@ class Poller:
             try:
                 return await self.check(batch)
             except ProviderError as exc:
-                delay = exc.retry_after or self.settings.poll_interval_seconds
+                delay = exc.retry_after or self.config.poll_interval_seconds
                 log.warning("batch.check_failed", batch_id=batch["id"], operation=exc.operation,
                             status=exc.status, code=exc.code, retry_in=delay)
             except Exception:
-                delay = self.settings.poll_interval_seconds
+                delay = self.config.poll_interval_seconds
                 log.exception("batch.check_crashed", batch_id=batch["id"])
             async with self.engine.begin() as conn:
                 await release_batch(conn, batch["id"], self.owner,
@@ -87,7 +99,7 @@ class Poller:
                 await set_batch(
                     conn, batch["id"], provider_status=remote.status,
                     request_counts=remote.request_counts, lease_owner=None, lease_until=None)
-                await schedule_poll(conn, batch["id"], self.settings.poll_interval_seconds)
+                await schedule_poll(conn, batch["id"], self.config.poll_interval_seconds)
             return False
         files = await self._download(batch["id"], batch["provider"], remote)
         summary = await self.router.route(batch["id"], batch["model"], remote,

@@ -118,19 +118,41 @@ class Pending:
     item_count: int
 
 
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """The settings the scheduler reads."""
+    window_seconds: float
+    max_batch_items: int
+    max_file_bytes: int
+    completion_window: str
+    lease_seconds: float
+    scheduler_interval_seconds: float
+    daily_budget_usd: Decimal | None
+    budgets_by_client: dict[str, Decimal]
+    any_budget: bool
+    queued_requests: str | None
+    queued_tokens: str | None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> SchedulerConfig:
+        return cls(s.window_seconds, s.max_batch_items, s.max_file_bytes, s.completion_window,
+                   s.lease_seconds, s.scheduler_interval_seconds, s.daily_budget_usd,
+                   s.budgets_by_client, s.any_budget, s.queued_requests, s.queued_tokens)
+
+
 class Scheduler:
     def __init__(
-        self, engine: AsyncEngine, providers: Providers, settings: Settings, prices: PriceTable,
-        archive: Archive, owner: str, clock: Clock = utc_now,
+        self, engine: AsyncEngine, providers: Providers, config: SchedulerConfig,
+        prices: PriceTable, archive: Archive, owner: str, clock: Clock = utc_now,
         calibration: Calibration | None = None,
     ) -> None:
         self.engine = engine
         self.providers = providers
         # Queued-work caps per provider (per model at it): settings over the
         # provider's documented default.
-        self._queued_requests = parse_provider_counts(settings.queued_requests)
-        self._queued_tokens = parse_provider_counts(settings.queued_tokens)
-        self.settings = settings
+        self._queued_requests = parse_provider_counts(config.queued_requests)
+        self._queued_tokens = parse_provider_counts(config.queued_tokens)
+        self.config = config
         self.prices = prices
         self.archive = archive
         self.owner = owner
@@ -146,7 +168,7 @@ class Scheduler:
         self._slots = asyncio.Semaphore(_SEND_CONCURRENCY)
 
     async def run(self, stop: asyncio.Event) -> None:
-        interval = self.settings.scheduler_interval_seconds
+        interval = self.config.scheduler_interval_seconds
         await run_ticks(stop, self.tick, logger=log, event="scheduler.tick_failed",
                         interval=lambda _started: interval)
         await self.wait_sends()
@@ -160,7 +182,7 @@ class Scheduler:
         started = 0
         async with self.engine.begin() as conn:
             leftovers = await claim_unsent_batches(
-                conn, self.owner, self.settings.lease_seconds)
+                conn, self.owner, self.config.lease_seconds)
         for row in leftovers:
             self._spawn(self._pending(row))
             started += 1
@@ -176,7 +198,7 @@ class Scheduler:
 
     def _caps(self, provider: str) -> tuple[int, int, int | None, int | None]:
         """A provider's (lines, bytes, queued requests, queued tokens) caps."""
-        s = self.settings
+        s = self.config
         limits = self.providers[provider].limits
         return (min(s.max_batch_items, limits.max_lines),
                 min(file_byte_budget(s.max_file_bytes), file_byte_budget(limits.max_bytes)),
@@ -184,7 +206,7 @@ class Scheduler:
                 self._queued_tokens.get(provider, limits.queued_tokens))
 
     async def _flush_one(self, drain: bool) -> Pending | None:
-        s = self.settings
+        s = self.config
         now = self.clock()
         held_providers = {p for p, until in self._auth_hold_until.items() if until > now}
         if held_providers >= set(self.providers):
@@ -224,7 +246,7 @@ class Scheduler:
     async def _claim(self, provider: str, endpoint: str, model: str, reason: FlushReason,
                      max_items: int, max_bytes: int, token_room: int | None
                      ) -> Pending | None:
-        s = self.settings
+        s = self.config
         batch_id = new_batch_id()
         today = self.clock().date()
         pin, pout = self.prices.pico_rates(model, sync=False)
@@ -371,7 +393,7 @@ class Scheduler:
                                      create_started_at=NOW)
                 # The create below must happen under a claim that outlives it.
                 ours = await renew_claim(conn, p.batch_id, self.owner,
-                                              self.settings.lease_seconds)
+                                              self.config.lease_seconds)
             if not ours:
                 # The spool may be shared: the file is the new owner's now.
                 log.warning("batch.claim_lost", batch_id=p.batch_id, step="create")
@@ -422,9 +444,9 @@ class Scheduler:
         # batch and create a second one. An abandoned create is looked up by
         # our id before anyone creates again.
         try:
-            async with asyncio.timeout(self.settings.lease_seconds / 2):
+            async with asyncio.timeout(self.config.lease_seconds / 2):
                 return await self._provider(p).create_batch(
-                    input_file_id, p.endpoint, self.settings.completion_window,
+                    input_file_id, p.endpoint, self.config.completion_window,
                     {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
         except TimeoutError:
             raise ProviderError(
@@ -548,7 +570,7 @@ class Scheduler:
                       status=exc.status, code=exc.code, requeued=requeued)
             return
         # The provider's retry-after wins; else five scheduler ticks, doubling.
-        first = 5.0 * self.settings.scheduler_interval_seconds
+        first = 5.0 * self.config.scheduler_interval_seconds
         delay = exc.retry_after or exponential(p.submit_attempts, first, 300.0)
         delay *= 1 + random.random() * 0.2
         log.warning("batch.send_failed", batch_id=p.batch_id, operation=exc.operation,

@@ -18,30 +18,30 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import __version__, console, console_jobs, logs, metrics, tokens
 from batchd.archive import Archive
-from batchd.callbacks import CallbackSender
+from batchd.callbacks import CallbackConfig, CallbackSender
 from batchd.clients import Clients
 from batchd.config import Settings, compatible_providers
 from batchd.daily import DailyReport
-from batchd.domain import DEFAULT_ENDPOINT, LOCAL, Routing, file_byte_budget, route_provider
+from batchd.domain import DEFAULT_ENDPOINT, LOCAL, Routing, route_provider
 from batchd.errors import ConfigError
 from batchd.estimates import Calibration
 from batchd.health import HEALTH
-from batchd.ingest import Ingest
+from batchd.ingest import Ingest, IngestConfig
 from batchd.jobs import Jobs
 from batchd.listener import CappedSite
-from batchd.poller import Poller
+from batchd.poller import Poller, PollerConfig
 from batchd.prices import PriceTable
 from batchd.provider.base import Provider, Providers, registry
 from batchd.replay import Replayer
 from batchd.report import Reporter
 from batchd.retention import Retention
 from batchd.router import Router
-from batchd.scheduler import Clock, Scheduler, utc_now
+from batchd.scheduler import Clock, Scheduler, SchedulerConfig, utc_now
 from batchd.snapshots import Snapshots
 from batchd.spool_sweep import SpoolSweep
 from batchd.store.engine import make_engine, resolve_url
 from batchd.store.routing import Backoff, release_owner
-from batchd.sync_lane import SyncLane
+from batchd.sync_lane import SyncConfig, SyncLane
 from batchd.waiters import Waiters
 from batchd.web import ApiState, build_app
 
@@ -171,13 +171,15 @@ class Service:
         # Learned from routed batches, read by the budget's reservations.
         self.calibration = Calibration()
         self.router = Router(engine, self.prices, backoff, self.clients, self.calibration)
-        self.scheduler = Scheduler(engine, self.providers, settings, self.prices, self.archive,
-                                   self.owner, clock, self.calibration)
-        self.poller = Poller(engine, self.providers, self.router, settings, self.archive,
-                             self.owner)
-        self.sync_lane = SyncLane(engine, self.providers, settings, self.prices, self.clients,
-                                  clock, self.calibration)
-        self.callbacks = CallbackSender(engine, self.clients, settings)
+        # Each part gets the few settings it reads, as its own small config.
+        self.scheduler = Scheduler(engine, self.providers, SchedulerConfig.from_settings(settings),
+                                   self.prices, self.archive, self.owner, clock, self.calibration)
+        self.poller = Poller(engine, self.providers, self.router,
+                             PollerConfig.from_settings(settings), self.archive, self.owner)
+        self.sync_lane = SyncLane(engine, self.providers, SyncConfig.from_settings(settings),
+                                  self.prices, self.clients, clock, self.calibration)
+        self.callbacks = CallbackSender(engine, self.clients,
+                                        CallbackConfig.from_settings(settings))
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.jobs = Jobs(engine, self.clients)
         self.retention = Retention(engine, self.reporter, days=settings.retention_days,
@@ -185,16 +187,8 @@ class Service:
                                    interval=settings.retention_interval_seconds)
         self.api = ApiState(
             engine=engine,
-            ingest=Ingest(engine, limits=settings.limits,
-                          max_line_bytes=file_byte_budget(settings.max_file_bytes),
-                          window_seconds=settings.window_seconds,
-                          batch_share=settings.batch_share, clients=self.clients,
-                          callback_hosts=settings.callback_hosts,
-                          client_profiles=profiles,
-                          timeout=settings.ingest_timeout_seconds,
-                          max_pending=settings.max_pending_tasks, clock=clock,
-                          on_sync=self.sync_lane.wake,
-                          count_tokens=settings.any_budget,
+            ingest=Ingest(engine, IngestConfig.from_settings(settings), clients=self.clients,
+                          clock=clock, on_sync=self.sync_lane.wake,
                           model_problem=self._model_problem,
                           routing=Routing(frozenset(self.providers), settings.routes)),
             waiters=Waiters(engine, settings.max_waiters),

@@ -20,6 +20,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -77,8 +78,23 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class SyncConfig:
+    """The settings the synchronous lane reads."""
+    concurrency: int
+    daily_budget_usd: Decimal | None
+    budgets_by_client: dict[str, Decimal]
+    window_seconds: float
+    backoff: Backoff
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> SyncConfig:
+        return cls(s.sync_concurrency, s.daily_budget_usd, s.budgets_by_client,
+                   s.window_seconds, Backoff(s.retry_backoff_seconds, s.max_attempts))
+
+
 class SyncLane:
-    def __init__(self, engine: AsyncEngine, providers: Providers, settings: Settings,
+    def __init__(self, engine: AsyncEngine, providers: Providers, config: SyncConfig,
                  prices: PriceTable, clients: Clients,
                  clock: Callable[[], datetime] = _utc_now,
                  calibration: Calibration | None = None) -> None:
@@ -88,11 +104,11 @@ class SyncLane:
         self.providers = providers
         self.prices = prices
         self.clock = clock
-        self.concurrency = settings.sync_concurrency
-        self.budget = settings.daily_budget_usd
-        self.client_caps = settings.budgets_by_client
-        self.window_seconds = settings.window_seconds
-        self.backoff = Backoff(settings.retry_backoff_seconds, settings.max_attempts)
+        self.concurrency = config.concurrency
+        self.budget = config.daily_budget_usd
+        self.client_caps = config.budgets_by_client
+        self.window_seconds = config.window_seconds
+        self.backoff = config.backoff
         self._running: set[asyncio.Task[None]] = set()
         self._last_sweep = 0.0
         self._hold_until = 0.0

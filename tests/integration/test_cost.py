@@ -26,6 +26,7 @@ from batchd.emulator.openai_lines import SUCCESS_OUTCOMES, usage_for
 from batchd.errors import ConfigError
 from batchd.prices import PriceTable, Tokens, cost, round_usd, tokens_from_usage
 from batchd.report import FIELDS
+from batchd.scheduler import SchedulerConfig
 from batchd.store.engine import make_engine
 from batchd.store.routing import stage_lines, store_staged_successes
 from batchd.store.spend import day_spend
@@ -70,8 +71,8 @@ async def test_raising_the_budget_releases_held_work(db_url: str, tmp_path: Path
         await h.age_queue(901)
         assert await h.flush() == 0
         assert await h.queued() == 1
-        h.service.scheduler.settings = h.settings.model_copy(
-            update={"daily_budget_usd": Decimal("10")})
+        h.service.scheduler.config = SchedulerConfig.from_settings(h.settings.model_copy(
+            update={"daily_budget_usd": Decimal("10")}))
         clock.now += timedelta(seconds=61)  # the hold is looked at again each minute
         assert await h.flush() == 1
 
