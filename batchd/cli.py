@@ -23,7 +23,7 @@ import orjson
 
 from batchd import logs
 from batchd.config import Settings, env_name, load_settings
-from batchd.domain import job_name_problem
+from batchd.contract import job_name_problem
 from batchd.errors import BatchdError, ConfigError
 
 T = TypeVar("T")

@@ -20,7 +20,7 @@ from batchd import console_views as v
 from batchd import logs
 from batchd.clients import is_client_name
 from batchd.console import CONSOLE, Viewer, html, page, refusal, secure
-from batchd.domain import job_name_problem
+from batchd.contract import job_name_problem
 from batchd.errors import BatchdError
 from batchd.jobs import Jobs
 from batchd.store import console as sql

@@ -18,6 +18,12 @@ Memory is the piece in hand and the one being stored, not the body.
   many ``},`` costs a bounded number of parses, not one per candidate.
 - Any other JSON body (one task object) is small by the task limits: it is
   read whole, up to a cap, and parsed at once.
+
+Pieces are decoded straight into the contract's task type (contract.py), so
+decoding and the checks a type states are one pass. When that pass fails,
+the piece is parsed again as plain JSON, so a body is refused for the same
+reason, in the same order, as plain JSON then task by task would: bad JSON
+first, then too many tasks, then the first task that is not one.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import orjson
 
-from batchd.domain import Limits
+from batchd.contract import Contract, TaskRequest
+from batchd.domain import InvalidTask, Limits
 from batchd.ingest import IngestError
 
 # Bytes of tasks per piece: about two thousand ordinary tasks, a few
@@ -45,6 +53,18 @@ _SPACE = re.compile(rb"\s*")
 # Immediate next-candidate retries after a cut that fell inside a task,
 # before the search jumps ahead.
 _NEAR_TRIES = 4
+# How msgspec says the JSON stopped early or went wrong at a byte.
+_AT_BYTE = re.compile(r"\(byte (\d+)\)")
+Piece = list[TaskRequest | InvalidTask]
+
+
+def _stops_early(exc: Exception, size: int) -> bool:
+    """Whether msgspec's error says the JSON of ``size`` bytes was fine but
+    stopped early (a cut inside a task), rather than going wrong."""
+    if isinstance(exc, msgspec.ValidationError):
+        return False
+    at = _AT_BYTE.search(str(exc))
+    return "truncated" in str(exc) or (at is not None and int(at[1]) >= size - 1)
 
 
 def task_bytes_cap(limits: Limits) -> int:
@@ -73,16 +93,18 @@ def task_too_large(index: int, max_task_bytes: int) -> IngestError:
 class BodyPieces:
     """The task objects of one request body, a piece at a time.
 
-    ``next()`` gives the next list of decoded task objects (JSON values,
-    unvalidated), or None once the body is done. It raises IngestError
-    for a body over ``max_bytes``, more than ``max_tasks`` tasks, a task
-    over ``max_task_bytes`` of JSON, or JSON that does not parse.
+    ``next()`` gives the next list of decoded tasks, or None once the body
+    is done; a task that is not one is an InvalidTask in the list, where
+    it stands (contract.Contract.convert). It raises IngestError for a body
+    over ``max_bytes``, more than ``max_tasks`` tasks, a task over
+    ``max_task_bytes`` of JSON, or JSON that does not parse.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], content_type: str, *, max_bytes: int,
-                 max_tasks: int, max_task_bytes: int, stall_seconds: float = 10.0,
-                 piece_bytes: int = PIECE_BYTES) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], content_type: str, contract: Contract, *,
+                 max_bytes: int, max_tasks: int, max_task_bytes: int,
+                 stall_seconds: float = 10.0, piece_bytes: int = PIECE_BYTES) -> None:
         self._chunks = chunks
+        self.contract = contract
         self.stall_seconds = stall_seconds
         self.ndjson = "ndjson" in content_type or "jsonl" in content_type
         self.max_bytes = max_bytes
@@ -122,6 +144,10 @@ class BodyPieces:
             raise too_many(self.max_tasks)
         return items
 
+    def _tasks(self, items: list[Any]) -> Piece:
+        """Plain JSON values, counted, then as tasks."""
+        return self.contract.convert(self._count(items), self.tasks - len(items))
+
     def at_end(self) -> bool:
         """Whether the body is all read and nothing but its end is left, so
         the next ``next()`` would give None."""
@@ -133,7 +159,7 @@ class BodyPieces:
             return _CLOSE.match(self._buf) is not None
         return not self._buf.strip()
 
-    async def next(self) -> list[Any] | None:
+    async def next(self) -> Piece | None:
         if self._mode is None:
             self._mode = "ndjson" if self.ndjson else await self._json_mode()
         while True:
@@ -146,16 +172,16 @@ class BodyPieces:
             else:
                 items = await self._whole()
                 self._mode = "done"
-                return self._count(items)
+                return items
             if items is None:
                 self._mode = "done"
                 return None
             if items:
-                return self._count(items)
+                return items
 
     # ------------------------------------------------------------- NDJSON
 
-    async def _ndjson_piece(self) -> list[Any] | None:
+    async def _ndjson_piece(self) -> Piece | None:
         while len(self._buf) < self.piece_bytes and await self._read():
             pass
         cut = self._buf.rfind(b"\n", 0, self.piece_bytes * 2)
@@ -172,19 +198,21 @@ class BodyPieces:
                 return None
         if cut > self.max_task_bytes and b"\n" not in self._buf[:self.max_task_bytes]:
             raise task_too_large(self.tasks, self.max_task_bytes)
-        lines = bytes(self._buf[:cut]).split(b"\n")
+        piece = bytes(self._buf[:cut])
         del self._buf[:cut + 1]
-        if self.tasks + len(lines) > self.max_tasks and \
-                self.tasks + sum(1 for line in lines if line.strip()) > self.max_tasks:
+        n_lines = piece.count(b"\n") + 1
+        if self.tasks + n_lines > self.max_tasks and self.tasks + sum(
+                1 for line in piece.split(b"\n") if line.strip()) > self.max_tasks:
             raise too_many(self.max_tasks)  # before a line of them is parsed
         first_line = self._line + 1
-        self._line += len(lines)
+        self._line += n_lines
         try:
-            # The common case in one pass; any blank or bad line takes the
-            # loop below, which skips the one and names the other.
-            return [orjson.loads(line) for line in lines]
-        except orjson.JSONDecodeError:
+            # The common case in one pass (blank lines skipped); a bad line
+            # or task takes the loop below, which names the line, then the task.
+            return self._count(self.contract.decode_lines(piece))
+        except (ValueError, RecursionError):
             pass
+        lines = piece.split(b"\n")
         items: list[Any] = []
         for n, line in enumerate(lines, start=first_line):
             if not line.strip():
@@ -196,7 +224,7 @@ class BodyPieces:
             except orjson.JSONDecodeError as exc:
                 raise IngestError(400, "invalid_json",
                                      f"line {n} is not valid JSON: {exc}") from None
-        return items
+        return self._tasks(items)
 
     # --------------------------------------------------------------- JSON
 
@@ -209,7 +237,7 @@ class BodyPieces:
         del self._buf[:match.end()]
         return "array"
 
-    async def _whole(self) -> list[Any]:
+    async def _whole(self) -> Piece:
         """A body that is not ``{"tasks": [...]}``: one task, read whole."""
         cap = self.max_task_bytes
         while await self._read():
@@ -231,8 +259,8 @@ class BodyPieces:
                 other = sorted(k for k in doc if k != "tasks")[0]
                 raise IngestError(400, "invalid_request",
                                      f'{other!r} is not a known field beside "tasks"')
-            return tasks
-        return [doc]
+            return self._tasks(tasks)
+        return self._tasks([doc])
 
     async def _skip_space(self) -> bool:
         """Skip whitespace at the head of the buffer; False at the end of the body."""
@@ -244,7 +272,7 @@ class BodyPieces:
             if not await self._read():
                 return False
 
-    async def _array_piece(self) -> list[Any] | None:
+    async def _array_piece(self) -> Piece | None:
         if not await self._skip_space():
             raise IngestError(400, "invalid_json", "the body ends inside the tasks list")
         if self._buf[0] == ord("]"):
@@ -280,13 +308,16 @@ class BodyPieces:
                 last = True
             brace = found.start()
             doc = b"[" + self._buf[:brace + 1] + b"]"
+            items: list[Any] | None = None
             try:
-                items: list[Any] = orjson.loads(doc)
-            except orjson.JSONDecodeError as exc:
-                if exc.pos < len(doc) - 1 or last:
-                    raise IngestError(400, "invalid_json",
-                                      f"the body is not valid JSON in or after task "
-                                      f"{self.tasks}: {exc.msg}") from None
+                tasks = self.contract.decode_list(doc)
+            except (ValueError, RecursionError) as exc:
+                if last or not _stops_early(exc, len(doc)):
+                    items = self._plain(doc, last)
+            else:
+                del self._buf[:brace + 1]
+                return self._count(tasks)
+            if items is None:
                 # The cut fell inside a task: try further on.
                 tries += 1
                 search_from = brace + 1 if tries < _NEAR_TRIES else 2 * (brace + 1)
@@ -294,7 +325,19 @@ class BodyPieces:
                     raise task_too_large(self.tasks, self.max_task_bytes) from None
                 continue
             del self._buf[:brace + 1]
-            return items
+            return self._tasks(items)
+
+    def _plain(self, doc: bytes, last: bool) -> list[Any] | None:
+        """``doc`` as plain JSON values; None when it stops inside a task."""
+        try:
+            items: list[Any] = orjson.loads(doc)
+        except orjson.JSONDecodeError as exc:
+            if exc.pos < len(doc) - 1 or last:
+                raise IngestError(400, "invalid_json",
+                                  f"the body is not valid JSON in or after task "
+                                  f"{self.tasks}: {exc.msg}") from None
+            return None
+        return items
 
     async def _array_end(self) -> None:
         """After the tasks list: only ``}`` and whitespace may follow."""

@@ -1,5 +1,6 @@
-"""Pure decisions: task validation, when a window is due, what a line's outcome
-means, how long to back off. No I/O here, so each rule has a table-driven test."""
+"""Pure decisions: where a task goes, when a window is due, what a line's outcome
+means, how long to back off. No I/O here, so each rule has a table-driven test.
+What a task request may hold is the API's contract (batchd/contract.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -162,7 +163,7 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 DEFAULT_LIMITS = Limits()
 
 
-# Not frozen, though nothing changes one after parse_task (ingest derives
+# Not frozen, though nothing changes one after contract.admit (ingest derives
 # new ones with dataclasses.replace): a frozen dataclass sets each of these
 # fields through object.__setattr__, 1.1 us a task of a bulk request's CPU.
 @dataclass(slots=True)
@@ -287,274 +288,6 @@ class Routing:
                               f"the task routes to provider {provider}, which does not run "
                               f"{task.endpoint}; set provider or BATCHD_MODEL_ROUTES")
         return provider
-
-
-def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
-    """Validate one submitted task; raise InvalidTask naming the field.
-
-    Everything the provider would reject for sure is refused here, so one bad
-    task never fails a whole batch later. openapi.py states the same rules as
-    JSON Schema; keep the two in step (schemathesis checks they agree).
-    """
-    if not isinstance(obj, dict):
-        raise InvalidTask(index, None, "task", "must be a JSON object")
-    cid = obj.get("custom_id")
-    if not isinstance(cid, str) or not cid:
-        raise InvalidTask(index, None, "custom_id", "is required and must be a non-empty string")
-    if len(cid) > limits.custom_id_chars:
-        raise InvalidTask(index, cid[:40], "custom_id",
-                          f"must be at most {limits.custom_id_chars} characters")
-    if not limits.custom_id_regex.fullmatch(cid):
-        raise InvalidTask(index, cid[:40], "custom_id",
-                          f"may only hold characters matching {limits.custom_id_pattern}")
-    if not TASK_FIELDS.issuperset(obj):
-        unknown = set(obj) - TASK_FIELDS
-        raise InvalidTask(index, cid, sorted(unknown)[0], "is not a known task field")
-    endpoint = _endpoint(obj, index, cid)
-    provider = obj.get("provider")
-    if provider is not None:
-        if not isinstance(provider, str) or not PROVIDER_NAME.match(provider):
-            raise InvalidTask(index, cid, "provider", f"must be {PROVIDER_NAMES}")
-        if endpoint not in provider_endpoints(provider):
-            raise InvalidTask(index, cid, "provider", f"{provider} does not run {endpoint}")
-    if obj.get("method", "POST") != "POST":
-        raise InvalidTask(index, cid, "method", 'must be "POST" (the only method batches run)')
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        raise InvalidTask(index, cid, "body", "is required and must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not _NON_BLANK.search(model):
-        raise InvalidTask(index, cid, "body.model", "is required and must be a non-empty string")
-    if len(model) > MAX_MODEL or not _MODEL.fullmatch(model):
-        # model is indexed (windows group by it) and becomes a provider
-        # batch's key: a long or odd one must fail its own request, never
-        # the commit it shares with other callers' requests.
-        raise InvalidTask(index, cid, "body.model",
-                          f"must be at most {MAX_MODEL} characters of letters, digits and "
-                          "._:/@+- starting with a letter or digit")
-    if body.get("stream") is True:
-        raise InvalidTask(index, cid, "body.stream", "must not be true: batches cannot stream")
-    _check_body_shape(endpoint, body, index, cid)
-    body_json = _body_json(body, limits.body_depth, index, cid)
-    metadata = obj.get("metadata")
-    if metadata is not None:
-        _check_metadata(metadata, index, cid, limits)
-    lane = obj.get("lane")
-    if lane is not None and lane not in LANES:
-        raise InvalidTask(index, cid, "lane", 'must be "batch" or "sync"')
-    deadline = _parse_deadline(obj.get("deadline"), index, cid)
-    profile = (metadata or {}).get(PROFILE_KEY)
-    if profile is not None and profile not in PROFILES:
-        raise InvalidTask(index, cid, f"metadata.{PROFILE_KEY}",
-                          f"must be one of {', '.join(PROFILES)}")
-    callback_url = obj.get("callback_url")
-    if callback_url is not None and (not isinstance(callback_url, str) or not callback_url):
-        raise InvalidTask(index, cid, "callback_url", "must be an http(s) URL string")
-    job = obj.get("job")
-    if job is not None:
-        problem = job_name_problem(job, limits)
-        if problem:
-            raise InvalidTask(index, cid, "job", problem)
-    job_callback_url = obj.get("job_callback_url")
-    if "job_callback_url" in obj and job is None:
-        raise InvalidTask(index, cid, "job_callback_url", "needs a job on the same task")
-    if job_callback_url is not None and (
-            not isinstance(job_callback_url, str) or not job_callback_url):
-        raise InvalidTask(index, cid, "job_callback_url", "must be an http(s) URL string")
-    body_bytes = len(body_json)
-    # The most len(input_line(line_id(...), endpoint, body)) can be, without
-    # serialising the body twice: the file carries batchd's id, not the caller's.
-    line_bytes = _LINE_FIXED + _LINE_ID_BYTES + _ENDPOINT_BYTES[endpoint] + body_bytes
-    if body_bytes > limits.task_body_bytes:
-        raise InvalidTask(index, cid, "body", f"is {body_bytes} bytes as JSON, more than "
-                          f"the {limits.task_body_bytes} a task may hold", status=413)
-    est_in, est_out = estimate_tokens(endpoint, body, body_bytes)
-    return TaskIn(
-        custom_id=cid,
-        endpoint=endpoint,
-        model=model,
-        body=body,
-        metadata=metadata,
-        digest=body_digest(endpoint, body),
-        line_bytes=line_bytes,
-        est_input_tokens=est_in,
-        est_output_tokens=est_out,
-        requested_lane=lane,
-        deadline=deadline,
-        profile=profile,
-        callback_url=callback_url,
-        body_json=body_json.decode(),
-        job=job,
-        job_callback_url=job_callback_url,
-        provider=provider,
-    )
-
-
-# Fields a task object may carry. ``method`` and ``url`` let a provider input
-# line be posted as it is; ``url`` is another name for ``endpoint``.
-TASK_FIELDS = frozenset({"custom_id", "body", "endpoint", "metadata", "method", "url", "lane",
-                         "deadline", "callback_url", "job", "job_callback_url",
-                         "provider"})
-MAX_JOB_CHARS = 128
-
-
-def job_name_problem(job: Any, limits: Limits = DEFAULT_LIMITS) -> str | None:
-    """Why ``job`` cannot name a job (1-128 characters of the custom_id
-    alphabet), or None."""
-    if not isinstance(job, str) or not job:
-        return "must be a non-empty string"
-    if len(job) > MAX_JOB_CHARS:
-        return f"must be at most {MAX_JOB_CHARS} characters"
-    if not limits.custom_id_regex.fullmatch(job):
-        return f"may only hold characters matching {limits.custom_id_pattern}"
-    return None
-_NON_BLANK = re.compile(r"\S")
-MAX_MODEL = 256
-MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$"
-_MODEL = re.compile(MODEL_PATTERN[1:-1])
-# Bytes of an input line that are neither custom_id, endpoint nor body.
-# The bytes of a line besides its serialised custom_id, url and body.
-_LINE_FIXED = len(input_line("", "", {})) - len(b'""') * 2 - len(b"{}")
-_LINE_ID_BYTES = LINE_ID_MAX_CHARS + 2  # quoted
-_ENDPOINT_BYTES = {endpoint: len(orjson.dumps(endpoint)) for endpoint in ENDPOINTS}
-
-
-def _endpoint(obj: dict[str, Any], index: int, cid: str) -> str:
-    if "endpoint" not in obj and "url" not in obj:
-        return DEFAULT_ENDPOINT
-    given = [obj[k] for k in ("endpoint", "url") if k in obj]
-    for value in given:
-        if not isinstance(value, str) or value not in ENDPOINTS:
-            field = "endpoint" if "endpoint" in obj and obj["endpoint"] == value else "url"
-            raise InvalidTask(index, cid, field, f"must be one of {', '.join(ENDPOINTS)}")
-    if len(given) == 2 and given[0] != given[1]:
-        raise InvalidTask(index, cid, "url", "must equal endpoint when both are given")
-    endpoint: str = given[0] if given else DEFAULT_ENDPOINT
-    return endpoint
-
-
-# The roles the provider's chat API knows; any other is refused for sure.
-CHAT_ROLES = ("developer", "system", "user", "assistant", "tool", "function")
-
-
-def _is_int(value: Any) -> bool:
-    """JSON Schema's integer: 3 and 3.0, never true/false."""
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-
-
-def _is_tokens(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(_is_int(v) for v in value)
-
-
-def _check_body_shape(endpoint: str, body: dict[str, Any], index: int, cid: str) -> None:
-    """The minimum each endpoint's body needs (openai-batch-protocol.md section 3)."""
-    key = ENDPOINTS[endpoint]
-    if key not in body:
-        raise InvalidTask(index, cid, f"body.{key}", f"is required for {endpoint}")
-    value = body[key]
-    field = f"body.{key}"
-    if endpoint == "/v1/chat/completions":
-        if not isinstance(value, list) or not value:
-            raise InvalidTask(index, cid, field, "must be a non-empty list of message objects")
-        for n, msg in enumerate(value):
-            if not isinstance(msg, dict) or msg.get("role") not in CHAT_ROLES:
-                raise InvalidTask(index, cid, f"{field}[{n}].role",
-                                  f"must be one of {', '.join(CHAT_ROLES)}")
-    elif endpoint == "/v1/embeddings":
-        ok = (isinstance(value, str) and value != "") or _is_tokens(value) or (
-            isinstance(value, list) and bool(value) and all(
-                (isinstance(v, str) and v != "") or _is_tokens(v) for v in value))
-        if not ok:
-            raise InvalidTask(index, cid, field, "must be a non-empty string, a list of "
-                              "non-empty strings, or token arrays")
-    elif endpoint == "/v1/completions":
-        if not isinstance(value, str | list):
-            raise InvalidTask(index, cid, field, "must be a string or a list")
-    elif endpoint == MESSAGES:
-        if not isinstance(value, list) or not value:
-            raise InvalidTask(index, cid, field, "must be a non-empty list of message objects")
-        for n, msg in enumerate(value):
-            if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
-                raise InvalidTask(index, cid, f"{field}[{n}].role",
-                                  "must be user or assistant (the system prompt is body.system)")
-        if not _is_int(body.get("max_tokens")) or body["max_tokens"] < 1:
-            raise InvalidTask(index, cid, "body.max_tokens",
-                              f"is required for {MESSAGES} and must be a positive integer")
-    elif endpoint == GENERATE_CONTENT:
-        if not isinstance(value, list) or not value or not all(
-                isinstance(c, dict) for c in value):
-            raise InvalidTask(index, cid, field, "must be a non-empty list of Content objects")
-    elif not ((isinstance(value, str) and value != "") or (isinstance(value, list) and value)):
-        raise InvalidTask(index, cid, field, "must be a non-empty string or a non-empty list")
-
-
-def _body_json(body: dict[str, Any], depth: int, index: int, cid: str) -> bytes:
-    """The body as compact JSON, once _check_json's rules hold for it.
-
-    Walking the body costs more than the rest of a task's validation, so
-    the serialised form is looked at first: if it opens no more containers
-    than ``depth`` in all (brackets inside strings only add to the count),
-    none nests deeper, and if it holds no ``\\u0000`` (how orjson writes
-    NUL), no string holds a NUL. Only a body that fails that test, or that
-    orjson cannot write (it stops at 254 levels), is walked.
-    """
-    try:
-        body_json = orjson.dumps(body)
-    except orjson.JSONEncodeError:
-        _check_json(body, "body", depth, index, cid)
-        return orjson.dumps(body)
-    if body_json.count(b"{") + body_json.count(b"[") > depth or b"\\u0000" in body_json:
-        _check_json(body, "body", depth, index, cid)
-    return body_json
-
-
-def _check_json(value: Any, field: str, depth: int, index: int, cid: str) -> None:
-    """No nesting deeper than ``depth`` and no NUL character (PostgreSQL's jsonb
-    cannot store one), walked without recursion so hostile input cannot
-    exhaust the stack."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise InvalidTask(index, cid, field, "must not contain a NUL (\\u0000) character")
-        elif isinstance(item, dict | list):
-            if level > depth:
-                raise InvalidTask(index, cid, field, f"nests deeper than {depth} levels")
-            if isinstance(item, dict):
-                stack.extend((k, level) for k in item)
-                stack.extend((v, level + 1) for v in item.values())
-            else:
-                stack.extend((v, level + 1) for v in item)
-
-
-_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
-                      r"(?:\.([0-9]+))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))")
-
-
-def _parse_deadline(raw: Any, index: int, cid: str) -> datetime | None:
-    """RFC 3339 (JSON Schema's date-time), the whole grammar: lower-case t/z,
-    any number of fraction digits, and a leap second, read as :59."""
-    if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp string")
-    match = _RFC3339.fullmatch(raw)
-    try:
-        if match is None:
-            raise ValueError(raw)
-        y, mo, d, h, mi, sec, frac, z, sign, oh, om = match.groups()
-        offset = timedelta(0) if z else (1 if sign == "+" else -1) * timedelta(
-            hours=int(oh), minutes=int(om))
-        if abs(offset) >= timedelta(days=1):
-            raise ValueError(raw)
-        return datetime(int(y), int(mo), int(d), int(h), int(mi), min(int(sec), 59),
-                        int((frac or "0")[:6].ljust(6, "0")), tzinfo=timezone(offset))
-    except ValueError:
-        raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp with a time "
-                          "zone, such as 2026-11-23T18:00:00Z") from None
 
 
 # ------------------------------------------------------------- callbacks
@@ -824,23 +557,6 @@ def budget_fit(spent: Decimal, estimates: Sequence[Decimal], budget: Decimal | N
         if total > budget:
             return n
     return len(estimates)
-
-
-def _check_metadata(metadata: Any, index: int, cid: str, limits: Limits) -> None:
-    if not isinstance(metadata, dict):
-        raise InvalidTask(index, cid, "metadata", "must be an object of strings")
-    if len(metadata) > limits.metadata_pairs:
-        raise InvalidTask(index, cid, "metadata",
-                          f"must hold at most {limits.metadata_pairs} pairs")
-    for k, v in metadata.items():
-        shown = k[:20].replace("\x00", "")
-        if len(k) > limits.metadata_key_chars or "\x00" in k:
-            raise InvalidTask(index, cid, f"metadata.{shown}",
-                              f"key must be at most {limits.metadata_key_chars} characters, "
-                              "without NUL")
-        if not isinstance(v, str) or len(v) > limits.metadata_value_chars or "\x00" in v:
-            raise InvalidTask(index, cid, f"metadata.{shown}", "must be a string of at most "
-                              f"{limits.metadata_value_chars} characters, without NUL")
 
 
 def file_byte_budget(max_file_bytes: int) -> int:

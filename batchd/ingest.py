@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from batchd import logs, metrics, tokens
 from batchd.clients import LOCAL_CLIENT, Client, Clients
 from batchd.config import Settings
+from batchd.contract import Accepted, State, TaskRequest, TaskState, admit, contract_for
 from batchd.domain import (
     DEFAULT_LIMITS,
     InvalidTask,
@@ -24,7 +25,6 @@ from batchd.domain import (
     TaskIn,
     callback_url_problem,
     file_byte_budget,
-    parse_task,
     place,
 )
 from batchd.errors import BatchdError
@@ -48,25 +48,20 @@ class IngestError(BatchdError):
         self.details = details or {}
 
 
-@dataclass(frozen=True, slots=True)
-class Accepted:
-    accepted: int
-    duplicates: int
-    tasks: list[dict[str, str]]
-
-    def as_json(self) -> dict[str, Any]:
-        return {"accepted": self.accepted, "duplicates": self.duplicates, "tasks": self.tasks}
-
-
 # Tasks validated between two turns of the event loop. A 1,000-task request
 # takes milliseconds to validate; in one go, the round trips of the commits
 # in flight wait all that while and the database sits idle.
 VALIDATE_SLICE = 250
 
 
-async def validate(items: list[Any], limits: Limits, max_line_bytes: int,
+# A request's tasks as decoded (decode.BodyPieces): the contract's type, or
+# where one was not, the InvalidTask that says why.
+Decoded = TaskRequest | InvalidTask
+
+
+async def validate(items: list[Decoded], limits: Limits, max_line_bytes: int,
                    routing: Routing | None = None) -> list[TaskIn]:
-    """Parse and route every task; the first invalid one refuses the whole request."""
+    """Check and route every task; the first invalid one refuses the whole request."""
     if not items:
         raise IngestError(400, "invalid_request", "the request holds no tasks")
     if len(items) > limits.tasks_per_request:
@@ -75,10 +70,10 @@ async def validate(items: list[Any], limits: Limits, max_line_bytes: int,
     return await validate_piece(items, limits, max_line_bytes, 0, {}, routing)
 
 
-async def validate_piece(items: list[Any], limits: Limits, max_line_bytes: int, start: int,
-                         seen: dict[str, str], routing: Routing | None = None
+async def validate_piece(items: list[Decoded], limits: Limits, max_line_bytes: int,
+                         start: int, seen: dict[str, str], routing: Routing | None = None
                          ) -> list[TaskIn]:
-    """Parse a piece of a request whose first task is number ``start``.
+    """Check a piece of a request whose first task is number ``start``.
     ``seen`` maps the custom_ids of the request's earlier pieces to their
     digests: one repeated with the same body is dropped (a duplicate), with
     another body it is a 409."""
@@ -88,7 +83,9 @@ async def validate_piece(items: list[Any], limits: Limits, max_line_bytes: int, 
             await asyncio.sleep(0)
         index = start + offset
         try:
-            task = parse_task(item, index, limits)
+            if isinstance(item, InvalidTask):
+                raise item
+            task = admit(item, index, limits)
             if routing is not None:
                 task.provider = routing.route(task, index)
         except InvalidTask as exc:
@@ -249,6 +246,8 @@ class Ingest:
         self.batch_share = c.batch_share
         self.clock = clock
         self.limits = c.limits
+        # The request types of these limits, built once.
+        self.contract = contract_for(c.limits)
         self.max_line_bytes = c.max_line_bytes
         self.group_tasks = c.group_tasks
         self.writers = c.writers
@@ -258,7 +257,8 @@ class Ingest:
         self._streams = asyncio.Semaphore(max(2, c.writers * 2))
         self._writer_tasks: list[asyncio.Task[None]] = []
 
-    async def prepare(self, items: list[Any], client: Client = LOCAL_CLIENT) -> list[TaskIn]:
+    async def prepare(self, items: list[Decoded], client: Client = LOCAL_CLIENT
+                      ) -> list[TaskIn]:
         """Validate and place a request's tasks for ``client``, without I/O:
         the 400/409/413 verdicts."""
         checked = await validate(items, self.limits, self.max_line_bytes, self.routing)
@@ -282,7 +282,7 @@ class Ingest:
                                   {"index": index, "custom_id": t.custom_id,
                                    "field": "body.model"})
 
-    async def prepare_piece(self, items: list[Any], start: int, seen: dict[str, str],
+    async def prepare_piece(self, items: list[Decoded], start: int, seen: dict[str, str],
                             client: Client = LOCAL_CLIENT) -> list[TaskIn]:
         """``prepare`` for one piece of a request streamed in pieces."""
         tasks = self._placed(self._with_callbacks(
@@ -353,7 +353,7 @@ class Ingest:
         return self._accepted(IngestResult(inserted, duplicates, []), lanes, n_items(),
                               client)
 
-    async def submit(self, items: list[Any], client: Client = LOCAL_CLIENT) -> Accepted:
+    async def submit(self, items: list[Decoded], client: Client = LOCAL_CLIENT) -> Accepted:
         return await self.store(await self.prepare(items, client), len(items), client)
 
     async def store(self, tasks: list[TaskIn], n_items: int, client: Client = LOCAL_CLIENT
@@ -403,12 +403,12 @@ class Ingest:
         for lane, n in by_lane.items():
             metrics.TASKS_RECEIVED.labels(client=self.clients.label(client.name),
                                           lane=lane).inc(n)
-        states = [{"custom_id": cid, "state": "queued"} for _, cid in result.inserted]
-        states += [{"custom_id": cid, "state": st} for (_, cid), st in result.duplicates.items()]
+        states = [TaskState(cid, "queued") for _, cid in result.inserted]
+        states += [TaskState(cid, cast(State, st)) for (_, cid), st in result.duplicates.items()]
         n_dupes = len(result.duplicates) + (n_items - len(lanes))
         return Accepted(len(result.inserted), n_dupes, states)
 
-    def _with_callbacks(self, tasks: list[TaskIn], items: list[Any], client: Client,
+    def _with_callbacks(self, tasks: list[TaskIn], items: list[Decoded], client: Client,
                         start: int = 0) -> list[TaskIn]:
         """Stamp the client on each task and give it its token's default
         callback_url; refuse a URL the allow-list or missing secret rules out."""
@@ -421,8 +421,8 @@ class Ingest:
                 problem = self.callback_problem(value, name)
                 if problem:
                     index = start + next((i for i, item in enumerate(items)
-                                          if isinstance(item, dict)
-                                          and item.get("custom_id") == t.custom_id), 0)
+                                          if isinstance(item, TaskRequest)
+                                          and item.custom_id == t.custom_id), 0)
                     raise IngestError(400, "invalid_task",
                                       f"task {index} ({t.custom_id!r}): {field} {problem}",
                                       {"index": index, "custom_id": t.custom_id,

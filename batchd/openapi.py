@@ -1,9 +1,12 @@
 """The OpenAPI 3.1 document of the HTTP API (DESIGN section 5), and its docs page.
 
-Built from small pieces so a new field or path is one entry: a task field
-goes into ``task_fields``, a response into ``schemas``, a path into
-``operations``. The limits in the document are the configured ones, so the
-spec a caller reads is the one the service enforces. tests/integration/
+The components are generated from the API's types (batchd/contract.py): a
+new field or reply is a field or Struct there, a path an entry of
+``operations``. What here is written by hand is what no type states: the
+task's variant per endpoint and the body each endpoint needs (as
+contract.check_body_shape checks it). The limits in the document are the
+configured ones, so the spec a caller reads is the one the service
+enforces. tests/integration/
 test_openapi.py keeps this document and the routes and replies of web.py in
 step; schemathesis (tests/integration/test_fuzz.py) checks the rest.
 """
@@ -14,22 +17,33 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import orjson
 
 from batchd import __version__
-from batchd.domain import (
-    CALLBACK_URL_PATTERN,
+from batchd.contract import (
     CHAT_ROLES,
+    MAX_MODEL,
+    MODEL_PATTERN,
+    NO_NUL,
+    REPLIES,
+    ClientName,
+    Day,
+    EndpointName,
+    ErrorCode,
+    JobUpdate,
+    PageAfter,
+    PageSize,
+    ReportDays,
+    Terminal,
+    Wait,
+    contract_for,
+    job_type,
+)
+from batchd.domain import (
     DEFAULT_ENDPOINT,
     ENDPOINTS,
-    LANES,
-    MAX_CALLBACK_URL,
-    MAX_JOB_CHARS,
-    MAX_MODEL,
     MESSAGES,
-    MODEL_PATTERN,
-    PROFILE_KEY,
-    PROFILES,
     Limits,
     provider_endpoints,
 )
@@ -43,17 +57,6 @@ def nullable(schema: Schema) -> Schema:
 
 def ref(name: str) -> Schema:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
-NO_NUL = r"^[^\u0000]*$"
-MONEY: Schema = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$",
-                 "description": "US dollars as a decimal string"}
-UNPRICED: Schema = {"type": "boolean",
-                    "description": "priced by the unknown-model rule (the price table's most "
-                                   "expensive entry), not by an entry of its own"}
-STATES = ("queued", "submitted", "succeeded", "failed", "dismissed", "cancelled")
-FINISHED = ("succeeded", "failed", "dismissed", "cancelled")
 
 
 # ------------------------------------------------------------------ requests
@@ -99,31 +102,31 @@ def model_schema(priced: Sequence[str] | None) -> Schema:
 
 
 def body_schemas(priced: Sequence[str] | None = None) -> dict[str, Schema]:
-    """Per endpoint, what its body needs (domain._check_body_shape)."""
+    """Per endpoint, what its body needs (contract.check_body_shape)."""
     model = model_schema(priced)
     stream: Schema = {**json_value(but_true=True),
                       "description": "must not be true: batches cannot stream"}
     text_or_list: Schema = {"anyOf": [text(1), {"type": "array", "minItems": 1,
                                                 "items": JSON_VALUE}]}
+
+    def message(roles: Sequence[str]) -> Schema:
+        # Its keys, as every key of the body, hold no NUL (jsonb cannot store one).
+        return {"type": "object", "required": ["role"], "properties": {"role": {
+                "enum": list(roles)}}, "propertyNames": {"pattern": NO_NUL},
+                "additionalProperties": JSON_VALUE}
+
     required_value: dict[str, Schema] = {
-        "/v1/chat/completions": {
-            "type": "array", "minItems": 1,
-            "items": {"type": "object", "required": ["role"],
-                      "properties": {"role": {"enum": list(CHAT_ROLES)}},
-                      "additionalProperties": JSON_VALUE}},
+        "/v1/chat/completions": {"type": "array", "minItems": 1, "items": message(CHAT_ROLES)},
         "/v1/responses": text_or_list,
         "/v1/embeddings": {"anyOf": [
             text(1), token_array(),
             {"type": "array", "minItems": 1, "items": {"anyOf": [text(1), token_array()]}}]},
         "/v1/completions": {"anyOf": [text(), {"type": "array", "items": JSON_VALUE}]},
         "/v1/moderations": text_or_list,
-        MESSAGES: {
-            "type": "array", "minItems": 1,
-            "items": {"type": "object", "required": ["role"],
-                      "properties": {"role": {"enum": ["user", "assistant"]}},
-                      "additionalProperties": JSON_VALUE}},
+        MESSAGES: {"type": "array", "minItems": 1, "items": message(("user", "assistant"))},
         "/v1beta/generateContent": {"type": "array", "minItems": 1,
                                     "items": {"type": "object",
+                                              "propertyNames": {"pattern": NO_NUL},
                                               "additionalProperties": JSON_VALUE}},
     }
     out = {}
@@ -144,65 +147,25 @@ def body_schemas(priced: Sequence[str] | None = None) -> dict[str, Schema]:
     return out
 
 
-def task_fields(limits: Limits, callbacks: bool) -> dict[str, Schema]:
-    """The fields every task may carry besides endpoint/url and body; null
-    stands for absent in the optional ones.
-    ``callback_url`` is only offered when BATCHD_CALLBACK_ALLOWED_HOSTS lets
-    callbacks through; otherwise any task carrying one is refused."""
-    metadata_value: Schema = {"type": "string", "maxLength": limits.metadata_value_chars,
-                              "pattern": NO_NUL}
-    optional: dict[str, Schema] = {}
-    if callbacks:
-        optional["callback_url"] = {
-            "type": ["string", "null"], "maxLength": MAX_CALLBACK_URL,
-            "pattern": CALLBACK_URL_PATTERN,
-            "description": "where batchd POSTs the task's result once it is terminal, signed "
-                           "with HMAC-SHA256 (headers Batchd-Timestamp, Batchd-Signature; see the "
-                           "taskFinished webhook); "
-                           "the host must be in BATCHD_CALLBACK_ALLOWED_HOSTS"}
-        optional["job_callback_url"] = {
-            "type": ["string", "null"], "maxLength": MAX_CALLBACK_URL,
-            "pattern": CALLBACK_URL_PATTERN,
-            "description": "with job: where batchd POSTs the job's counts once none of its "
-                           "tasks is queued or submitted (the jobFinished webhook), signed as "
-                           "task callbacks; taken from the job's first task (PUT /v1/jobs/{job} "
-                           "changes it)"}
-    return {
-        "job": {**job_name(limits), "type": ["string", "null"],
-                "description": "the job the task belongs to (yours only: names are per "
-                               "client); GET /v1/jobs/{job} counts it"},
-        **optional,
-        "custom_id": {
-            "type": "string", "minLength": 1, "maxLength": limits.custom_id_chars,
-            "pattern": f"^{limits.custom_id_pattern}$",
-            "description": "your id for the task, unique across batchd; its result is "
-                           "stored under it once"},
-        "method": {"const": "POST", "description": "accepted so provider input lines can be "
-                                                   "posted as they are"},
-        "metadata": {
-            "type": ["object", "null"], "maxProperties": limits.metadata_pairs,
-            "propertyNames": {"maxLength": limits.metadata_key_chars, "pattern": NO_NUL},
-            "properties": {PROFILE_KEY: {"enum": list(PROFILES),
-                                         "description": "latency tolerance of the workload"}},
-            "additionalProperties": metadata_value,
-            "description": "string pairs kept with the task"},
-        "lane": {"enum": [*LANES, None], "description": '"sync" calls the provider at once, at the '
-                                                     "synchronous price"},
-        "deadline": {"type": ["string", "null"], "format": "date-time",
-                     "description": "RFC 3339 time by which a result is needed; one a batch "
-                                    "cannot meet goes to the synchronous lane"},
-    }
+def schema_of(kind: Any) -> Schema:
+    """A type of batchd.contract (a query parameter's, a job name's) as JSON Schema."""
+    schema: Schema = msgspec.json.schema(kind)
+    return schema
 
 
 def job_name(limits: Limits) -> Schema:
-    return {"type": "string", "minLength": 1, "maxLength": MAX_JOB_CHARS,
-            "pattern": f"^{limits.custom_id_pattern}$"}
+    return schema_of(job_type(limits))
 
 
-def task_schema(limits: Limits, callbacks: bool,
+def task_schema(fields: Schema, limits: Limits, callbacks: bool,
                 providers: frozenset[str] = frozenset({"openai"})) -> Schema:
     """A task: one variant per endpoint a configured provider runs, so each
-    body is checked for its endpoint."""
+    body is checked for its endpoint (contract.check_body_shape). ``fields``
+    is the task type's own schema. ``callback_url`` is only offered when
+    BATCHD_CALLBACK_ALLOWED_HOSTS lets callbacks through; otherwise any task
+    carrying one is refused."""
+    common = {k: v for k, v in fields["properties"].items()
+              if callbacks or k not in ("callback_url", "job_callback_url")}
     variants = []
     for endpoint in ENDPOINTS:
         serving = sorted(p for p in providers if endpoint in provider_endpoints(p))
@@ -213,14 +176,14 @@ def task_schema(limits: Limits, callbacks: bool,
                             "description": "the provider to run it (DESIGN section 14); "
                                            "default: by endpoint, then BATCHD_MODEL_ROUTES"}
         variant: Schema = {
-            "type": "object", "required": ["custom_id", "body"],
-            "properties": {**task_fields(limits, callbacks), "endpoint": this,
-                           "provider": provider,
+            "type": "object", "required": fields["required"],
+            "properties": {**common, "endpoint": this, "provider": provider,
                            "url": {**this, "description": "another name for endpoint"},
                            "body": ref(_body_name(endpoint))},
             "additionalProperties": False,
         }
         if callbacks:
+            # contract.admit's rule: a job_callback_url needs a job.
             variant["dependentSchemas"] = {"job_callback_url": {
                 "required": ["job"], "properties": {"job": {"type": "string"}}}}
         if endpoint != DEFAULT_ENDPOINT:
@@ -238,363 +201,36 @@ def _body_name(endpoint: str) -> str:
     return "Body" + "".join(p.title() for p in endpoint.removeprefix("/v1/").split("/"))
 
 
-# ----------------------------------------------------------------- responses
+# ------------------------------------------------------------- the components
+
+# Either names tasks or says all (the check after decoding in web.py).
+NAMES_OR_ALL: list[Schema] = [{"required": ["all"], "properties": {"all": {"const": True}}}]
+
 
 def schemas(limits: Limits, callbacks: bool,
             priced: Sequence[str] | None = None,
             providers: frozenset[str] = frozenset({"openai"})) -> dict[str, Schema]:
-    error_detail: Schema = {
-        "type": "object", "required": ["code", "message"],
-        "properties": {
-            "code": {"type": "string", "description": "stable, for programs"},
-            "message": {"type": "string", "description": "a sentence that says what to do"},
-            "index": {"type": "integer", "description": "0-based position of the bad task"},
-            "custom_id": nullable({"type": "string"}),
-            "field": {"type": "string", "description": "the bad field, e.g. body.messages"},
-            "custom_ids": {"type": "array", "items": {"type": "string"}},
-        },
-    }
-    state_row: Schema = {"type": "object", "required": ["custom_id", "state"],
-                         "properties": {"custom_id": {"type": "string"},
-                                        "state": {"enum": list(STATES)}}}
-    task_view: Schema = {
-        "type": "object",
-        "required": ["custom_id", "endpoint", "model", "state", "attempts", "created_at"],
-        "properties": {
-            "custom_id": {"type": "string"},
-            "endpoint": {"enum": list(ENDPOINTS)},
-            "model": {"type": "string"},
-            "state": {"enum": list(STATES)},
-            "attempts": {"type": "integer", "minimum": 0,
-                         "description": "submissions to the provider so far"},
-            "batch_id": nullable({"type": "string"}),
-            "last_error": nullable({"type": "object"}),
-            "replay_count": {"type": "integer", "minimum": 0},
-            "metadata": nullable({"type": "object",
-                                  "additionalProperties": {"type": "string"}}),
-            "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
-            "submitted_at": nullable(TIMESTAMP), "finished_at": nullable(TIMESTAMP),
-            "not_before": TIMESTAMP,
-            "status_code": nullable({"type": "integer"}),
-            "response": nullable({"type": "object",
-                                  "description": "the provider's response body"}),
-            "cost_usd": nullable(MONEY),
-            "unpriced": nullable(UNPRICED),
-            "client": nullable({"type": "string",
-                                "description": "the client the submitting token names"}),
-            "callback_url": nullable({"type": "string"}),
-            "location": {
-                "type": "object", "required": ["stage"],
-                "description": "where the task really is now: `queued` (waiting for a "
-                               "window, a retry backoff or the budget), `uploading` (in a "
-                               "batch being built or sent to the provider), `at_provider` "
-                               "(in a provider batch, with its status), `routing` (its batch "
-                               "finished, results being stored), `sync_call` (a synchronous "
-                               "call in flight), `routed` (finished: succeeded or in the "
-                               "manual queue)",
-                "properties": {
-                    "stage": {"enum": ["queued", "uploading", "at_provider", "routing",
-                                       "sync_call", "routed"]},
-                    "batch_id": nullable({"type": "string"}),
-                    "batch_state": nullable({"type": "string"}),
-                    "provider_batch_id": nullable({"type": "string"}),
-                    "provider_status": nullable({"type": "string"}),
-                    "eligible_at": nullable(TIMESTAMP),
-                    "outcome": nullable({"enum": ["succeeded", "failed"]}),
-                }},
-        },
-    }
-    callback: Schema = {
-        "type": "object", "required": ["id", "custom_id", "url", "state", "attempts"],
-        "properties": {
-            "id": {"type": "integer"}, "custom_id": nullable({"type": "string"}),
-            "client": nullable({"type": "string"}), "url": {"type": "string"},
-            "task_state": {"enum": [*FINISHED, "finished"],
-                           "description": "the task's terminal state; finished for a job's"},
-            "job": nullable({"type": "string"}),
-            "state": {"enum": ["pending", "delivered", "failed"]},
-            "attempts": {"type": "integer", "minimum": 0},
-            "last_status": nullable({"type": "integer"}),
-            "last_error": nullable({"type": "string"}),
-            "replay_count": {"type": "integer", "minimum": 0},
-            "created_at": TIMESTAMP, "updated_at": TIMESTAMP,
-            "delivered_at": nullable(TIMESTAMP),
-            "attempt_log": {"type": "array", "items": {"type": "object", "properties": {
-                "attempt": {"type": "integer"}, "status_code": nullable({"type": "integer"}),
-                "error": nullable({"type": "string"}),
-                "duration_seconds": nullable({"type": "number"}), "at": TIMESTAMP}}},
-        },
-    }
-    accepted: Schema = {
-        "type": "object", "required": ["accepted", "duplicates", "tasks"],
-        "properties": {
-            "accepted": {"type": "integer", "minimum": 0, "description": "new tasks stored"},
-            "duplicates": {"type": "integer", "minimum": 0,
-                           "description": "tasks already stored with the same body"},
-            "tasks": {"type": "array", "items": ref("TaskState")},
-        },
-    }
-    finished = {**accepted, "properties": {**accepted["properties"],
-                                           "tasks": {"type": "array", "items": ref("TaskView")}}}
-    result: Schema = {
-        "type": "object", "required": ["seq", "custom_id", "status_code", "created_at"],
-        "properties": {"seq": {"type": "integer"}, "client": {"type": "string"},
-                       "custom_id": {"type": "string"},
-                       "batch_id": nullable({"type": "string"}),
-                       "status_code": nullable({"type": "integer"}),
-                       "response": nullable({"type": "object"}),
-                       "cost_usd": nullable(MONEY),
-                       "unpriced": UNPRICED,
-                       "created_at": TIMESTAMP},
-    }
-    failed: Schema = {
-        "type": "object", "required": ["id", "custom_id", "endpoint", "model", "attempts"],
-        "properties": {"id": {"type": "integer"}, "client": {"type": "string"},
-                       "custom_id": {"type": "string"},
-                       "endpoint": {"type": "string"}, "model": {"type": "string"},
-                       "attempts": {"type": "integer"}, "replay_count": {"type": "integer"},
-                       "batch_id": nullable({"type": "string"}),
-                       "last_error": nullable({"type": "object"}),
-                       "created_at": TIMESTAMP, "finished_at": nullable(TIMESTAMP)},
-    }
-
-    def page(key: str, item: str) -> Schema:
-        return {"type": "object", "required": [key, "next", "has_more"],
-                "properties": {key: {"type": "array", "items": ref(item)},
-                               "next": {"type": "string",
-                                        "description": "pass as `after` for the next page"},
-                               "has_more": {"type": "boolean"}}}
-
-    lane: Schema = {"type": "object", "properties": {
-        "finished": {"type": "integer"}, "succeeded": {"type": "integer"},
-        "failed": {"type": "integer"}, "failure_ratio": {"type": "number"},
-        "spend_usd": MONEY, "cost_per_task_usd": MONEY,
-        "latency_p50_seconds": nullable({"type": "number"}),
-        "latency_p95_seconds": nullable({"type": "number"})}}
-    counts = ("tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
-              "manual_queue")
-    report: Schema = {
-        "type": "object",
-        "required": ["date", *counts, "failure_ratio", "post_replay_success_ratio",
-                     "spend_usd", "sync_equivalent_usd", "savings_usd", "alert"],
-        "properties": {
-            "date": {"type": "string", "format": "date"},
-            **{k: {"type": "integer", "minimum": 0} for k in counts},
-            "failure_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-            "post_replay_success_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-            "spend_usd": MONEY, "sync_equivalent_usd": MONEY, "savings_usd": MONEY,
-            "unattributed_usd": {**MONEY, "description": "the part of spend_usd no result "
-                                 "carries: billed lines no task kept"},
-            "unpriced_models": {"type": "array", "items": {"type": "string"},
-                                "description": "models priced by the unknown-model rule"},
-            "alert": {"type": "boolean",
-                      "description": "failure ratio above BATCHD_FAILURE_ALERT_RATIO"},
-            "lanes": {"type": "object", "additionalProperties": ref("LaneReport")},
-            "client": {"type": "string",
-                       "description": "whose numbers these are (a one-client report)"},
-            "clients": {"type": "object", "additionalProperties": ref("ClientReport"),
-                        "description": "each client's share (the every-client report)"},
-            "providers": {"type": "object", "additionalProperties": ref("ProviderReport"),
-                          "description": "the day by provider; their spend adds up to "
-                                         "spend_usd"},
-        },
-    }
-    client_report: Schema = {"type": "object", "properties": {
-        **{k: {"type": "integer", "minimum": 0} for k in counts},
-        "failure_ratio": {"type": "number", "minimum": 0, "maximum": 1},
-        "spend_usd": MONEY, "sync_equivalent_usd": MONEY, "savings_usd": MONEY}}
-    return {
-        "Error": {"type": "object", "required": ["error"],
-                  "properties": {"error": error_detail}},
-        "Task": task_schema(limits, callbacks, providers),
-        "TaskList": {
-            "type": "object", "required": ["tasks"], "additionalProperties": False,
-            "properties": {"tasks": {"type": "array", "minItems": 1,
-                                     "maxItems": limits.tasks_per_request,
-                                     "items": ref("Task")}}},
-        **{_body_name(e): s for e, s in body_schemas(priced).items()},
-        "JsonValue": json_value(),
-        "TaskState": state_row,
-        "TaskView": task_view,
-        "Accepted": accepted,
-        "Finished": finished,
-        "Result": result,
-        "ResultPage": page("results", "Result"),
-        "FailedTask": failed,
-        "FailedPage": page("failed", "FailedTask"),
-        "ReplayRequest": {
-            "type": "object", "additionalProperties": False,
-            "properties": {
-                "custom_ids": {"type": "array", "maxItems": limits.tasks_per_request,
-                               "items": {"type": "string", "maxLength": 512,
-                                         "pattern": NO_NUL}},
-                "all": {"type": "boolean"}},
-            "anyOf": [{"required": ["custom_ids"]},
-                      {"required": ["all"], "properties": {"all": {"const": True}}}]},
-        "ReplayOutcome": {
-            "type": "object", "required": ["replayed", "custom_ids", "skipped"],
-            "properties": {
-                "replayed": {"type": "integer", "minimum": 0},
-                "custom_ids": {"type": "array", "items": {"type": "string"}},
-                "skipped": {"type": "array", "items": {
-                    "type": "object", "required": ["custom_id", "reason"],
-                    "properties": {"custom_id": {"type": "string"},
-                                   "reason": {"type": "string"}}}}}},
-        "DismissOutcome": {
-            "type": "object", "required": ["dismissed", "custom_ids", "skipped"],
-            "properties": {
-                "dismissed": {"type": "integer", "minimum": 0},
-                "custom_ids": {"type": "array", "items": {"type": "string"}},
-                "skipped": {"type": "array", "items": {
-                    "type": "object", "required": ["custom_id", "reason"],
-                    "properties": {"custom_id": {"type": "string"},
-                                   "reason": {"type": "string"}}}}}},
-        "Callback": callback,
-        "CallbackPayload": callback_payload(),
-        "TaskCallbacks": {"type": "object", "required": ["custom_id", "callbacks"],
-                          "properties": {"custom_id": {"type": "string"},
-                                         "callbacks": {"type": "array",
-                                                       "items": ref("Callback")}}},
-        "FailedCallbackPage": page("failed", "Callback"),
-        "CallbackReplayRequest": {
-            "type": "object", "additionalProperties": False,
-            "properties": {
-                "ids": {"type": "array", "maxItems": limits.tasks_per_request,
-                        "items": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}},
-                "custom_ids": {"type": "array", "maxItems": limits.tasks_per_request,
-                               "items": {"type": "string", "maxLength": 512,
-                                         "pattern": NO_NUL}},
-                "all": {"type": "boolean"}},
-            "anyOf": [{"required": ["ids"]}, {"required": ["custom_ids"]},
-                      {"required": ["all"], "properties": {"all": {"const": True}}}]},
-        "CallbackReplayOutcome": {
-            "type": "object", "required": ["replayed", "ids"],
-            "properties": {"replayed": {"type": "integer", "minimum": 0},
-                           "ids": {"type": "array", "items": {"type": "integer"}}}},
-        "DailyReport": report,
-        **job_schemas(limits, callbacks),
-        "LaneReport": lane,
-        "ClientReport": client_report,
-        "ProviderReport": {
-            "type": "object",
-            "required": ["succeeded", "failed", "spend_usd", "sync_equivalent_usd",
-                         "savings_usd"],
-            "properties": {"succeeded": {"type": "integer", "minimum": 0},
-                           "failed": {"type": "integer", "minimum": 0},
-                           "spend_usd": MONEY, "sync_equivalent_usd": MONEY,
-                           "savings_usd": MONEY}},
-        "Health": {"type": "object", "required": ["status"],
-                   "properties": {"status": {"const": "ok"}}},
-        "Ready": {"type": "object", "required": ["status", "schema"],
-                  "properties": {
-                      "status": {"enum": ["ready", "degraded"],
-                                 "description": "degraded: serving, but something needs a "
-                                                "person (see provider)"},
-                      "schema": {"type": "string"},
-                      "provider": {
-                          "type": "object",
-                          "description": "providers refusing batchd's credentials (401/403), "
-                                         "each with what to fix",
-                          "additionalProperties": {
-                              "type": "object",
-                              "required": ["credentials", "status", "fix"],
-                              "properties": {
-                                  "credentials": {"const": "rejected"},
-                                  "status": {"enum": [401, 403]},
-                                  "operation": {"type": "string"},
-                                  "code": nullable({"type": "string"}),
-                                  "since": {"type": "number"},
-                                  "fix": {"type": "string"}}}}}},
-    }
+    """The components: generated from the contract's types (contract.py), the
+    task's variants by endpoint composed around them, and the bodies each
+    endpoint needs."""
+    contract = contract_for(limits)
+    _, out = msgspec.json.schema_components(
+        (*REPLIES, contract.task, contract.task_list, contract.replay,
+         contract.callback_replay, JobUpdate), ref_template="#/components/schemas/{name}")
+    out["Task"] = task_schema(out["Task"], limits, callbacks, providers)
+    out["ReplayRequest"]["anyOf"] = [{"required": ["custom_ids"]}, *NAMES_OR_ALL]
+    out["CallbackReplayRequest"]["anyOf"] = [{"required": ["ids"]}, {"required": ["custom_ids"]},
+                                             *NAMES_OR_ALL]
+    if not callbacks:
+        out["JobUpdate"]["properties"]["callback_url"] = {
+            "type": "null", "description": "callbacks are off here "
+                                           "(BATCHD_CALLBACK_ALLOWED_HOSTS is unset)"}
+    out.update({_body_name(e): s for e, s in body_schemas(priced).items()})
+    out["JsonValue"] = json_value()
+    return out
 
 
 # ------------------------------------------------------------------ webhooks
-
-def callback_payload() -> Schema:
-    """What batchd POSTs to a callback_url (callbacks.payload)."""
-    return {
-        "type": "object",
-        "required": ["delivery_id", "custom_id", "state", "attempts", "finished_at",
-                     "status_code", "response", "last_error"],
-        "properties": {
-            "delivery_id": {"type": "string", "description": "the same on every retry of one "
-                                                             "delivery: deduplicate on it"},
-            "custom_id": {"type": "string"},
-            "state": {"enum": list(FINISHED)},
-            "attempts": {"type": "integer", "minimum": 0,
-                         "description": "the task's submissions to the provider"},
-            "finished_at": TIMESTAMP,
-            "endpoint": nullable({"enum": list(ENDPOINTS)}),
-            "model": nullable({"type": "string"}),
-            "metadata": nullable({"type": "object",
-                                  "additionalProperties": {"type": "string"}}),
-            "status_code": nullable({"type": "integer"}),
-            "response": nullable({"type": "object",
-                                  "description": "the provider's response body (succeeded)"}),
-            "last_error": nullable({"type": "object", "description": "why it failed (failed)"}),
-        },
-    }
-
-
-def job_view() -> Schema:
-    count: Schema = {"type": "integer", "minimum": 0}
-    return {
-        "type": "object",
-        "required": ["job", "tasks", "queued", "submitted", "succeeded", "failed", "cancelled",
-                     "spend_usd", "sync_equivalent_usd", "savings_usd", "created_at",
-                     "finished_at"],
-        "properties": {
-            "job": {"type": "string"},
-            "tasks": count, "queued": count, "submitted": count, "succeeded": count,
-            "failed": count, "cancelled": count,
-            "spend_usd": {**MONEY, "description": "what the job's stored results cost"},
-            "sync_equivalent_usd": {**MONEY, "description": "what they would have cost "
-                                                            "synchronously"},
-            "savings_usd": MONEY,
-            "created_at": TIMESTAMP,
-            "finished_at": nullable({**TIMESTAMP, "description": "null while any task is "
-                                                                 "queued or submitted"}),
-            "cancelled_at": nullable(TIMESTAMP),
-            "callback_url": nullable({"type": "string"}),
-        },
-    }
-
-
-def job_schemas(limits: Limits, callbacks: bool) -> dict[str, Schema]:
-    url: Schema = ({"type": ["string", "null"], "maxLength": MAX_CALLBACK_URL,
-                    "pattern": CALLBACK_URL_PATTERN} if callbacks else {"type": "null"})
-    return {
-        "Job": job_view(),
-        "JobPage": {"type": "object", "required": ["jobs", "next", "has_more"],
-                    "properties": {"jobs": {"type": "array", "items": ref("Job")},
-                                   "next": nullable({"type": "string", "description":
-                                                     "pass as `after` for the next page"}),
-                                   "has_more": {"type": "boolean"}}},
-        "JobCancelled": {"allOf": [ref("Job"), {
-            "type": "object", "required": ["cancelled_now"],
-            "properties": {"cancelled_now": {"type": "integer", "minimum": 0,
-                                             "description": "queued tasks this call "
-                                                            "cancelled"}}}]},
-        "JobUpdate": {"type": "object", "required": ["callback_url"],
-                      "additionalProperties": False,
-                      "properties": {"callback_url": {
-                          **url, "description": "where the job's counts are POSTed when it "
-                                                "finishes (null: nowhere)"}}},
-        "JobResult": {
-            "type": "object", "required": ["custom_id", "state", "attempts"],
-            "description": "one line of GET /v1/jobs/{job}/results",
-            "properties": {
-                "custom_id": {"type": "string"}, "state": {"enum": list(FINISHED)},
-                "attempts": {"type": "integer", "minimum": 0},
-                "response": {"type": "object", "description": "the provider's response "
-                                                              "body (succeeded)"},
-                "error": {"type": "object", "description": "why it failed or was "
-                                                           "cancelled"}}},
-        "JobCallbackPayload": {"allOf": [ref("Job"), {
-            "type": "object", "required": ["delivery_id", "type"],
-            "properties": {"delivery_id": {"type": "string"}, "type": {"const": "job"}}}]},
-    }
-
 
 def webhooks() -> dict[str, Any]:
     def header(name: str, description: str) -> Schema:
@@ -670,7 +306,7 @@ BAD_PARAMETER = error("a query parameter is invalid", "invalid_parameter")
 FORBIDDEN = error("?client= names another client and the token is not an admin token",
                   "forbidden")
 CLIENT = {"name": "client", "in": "query", "required": False,
-          "schema": {"type": "string", "maxLength": 200, "pattern": NO_NUL},
+          "schema": schema_of(ClientName),
           "description": "admin tokens only (any other token may name only its own client): "
                          "the client whose tasks to read or act on; without it, an admin "
                          "lists every client's and names its own tasks by custom_id"}
@@ -682,14 +318,13 @@ def query(name: str, schema: Schema, description: str) -> dict[str, Any]:
 
 
 def cursor_params() -> list[dict[str, Any]]:
-    return [query("after", {"type": "integer", "minimum": 0, "maximum": 2**62},
+    return [query("after", schema_of(PageAfter),
                   "cursor: the `next` of the previous page (0 = from the start)"),
-            query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+            query("limit", schema_of(PageSize),
                   "page size (default 100)")]
 
 
-DATE: Schema = {"type": "string", "format": "date", "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
-WAIT: Schema = {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?(ms|s|m)?$"}
+DATE = schema_of(Day)
 
 
 def operations(limits: Limits) -> dict[str, dict[str, Any]]:
@@ -704,7 +339,7 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "committed to the database. The same custom_id with the same body counts as a "
                 f"duplicate; with another body it is a 409. At most "
                 f"{limits.tasks_per_request} tasks per request."),
-            "parameters": [query("wait", WAIT, "with ?wait=30s (or 500ms, 2m; capped at "
+            "parameters": [query("wait", schema_of(Wait), "with ?wait=30s (or 500ms, 2m; capped at "
                                                "BATCHD_MAX_WAIT_SECONDS) the reply is 200 with "
                                                "the finished tasks when all of them (at most "
                                                "100) finish within the wait")],
@@ -786,10 +421,10 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "summary": "The manual queue: tasks that failed for good",
             "parameters": [
                 *cursor_params(),
-                query("reason", {"type": "string", "maxLength": 200, "pattern": NO_NUL},
+                query("reason", schema_of(ErrorCode),
                       "only this last_error.code"),
                 query("day", DATE, "only tasks that failed on this UTC day"),
-                query("endpoint", {"enum": list(ENDPOINTS)}, "only this endpoint"), CLIENT],
+                query("endpoint", schema_of(EndpointName), "only this endpoint"), CLIENT],
             "responses": {"200": ok("a page of failed tasks", ref("FailedPage")),
                           "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
                           "503": UNAVAILABLE}}},
@@ -825,7 +460,7 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "operationId": "dailyReport", "tags": ["report"],
             "summary": "The daily report (one object; a list with days > 1)",
             "parameters": [query("date", DATE, "last UTC day (default today)"),
-                           query("days", {"type": "integer", "minimum": 1, "maximum": 366},
+                           query("days", schema_of(ReportDays),
                                  "how many days up to date (default 1)"), CLIENT],
             "description": "A client's token sees its own numbers; an admin token every "
                            "client's (and ?client= narrows).",
@@ -903,7 +538,7 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "summary": "Your jobs, newest first, with their counts and money",
             "parameters": [
                 query("after", job_name(limits), "the `next` of the previous page"),
-                query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                query("limit", schema_of(PageSize),
                       "page size (default 100)"), JOB_CLIENT],
             "responses": {"200": ok("a page of jobs", ref("JobPage")),
                           "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
@@ -951,9 +586,8 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "still queued or submitted are left out."),
             "parameters": [
                 *path,
-                query("state", {"enum": list(FINISHED)}, "only tasks in this state"),
-                query("after", {"type": "string", "pattern": f"^{limits.custom_id_pattern}$",
-                                "maxLength": limits.custom_id_chars},
+                query("state", schema_of(Terminal), "only tasks in this state"),
+                query("after", schema_of(contract_for(limits).custom_id),
                       "resume after this task's line")],
             "responses": {
                 "200": {"description": "the lines",

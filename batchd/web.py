@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import orjson
 from aiohttp import web
+from msgspec import UNSET
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -19,11 +21,27 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from batchd import decode, logs, metrics, openapi
 from batchd.clients import NO_TOKEN_CLIENT, Client, Clients
+from batchd.contract import (
+    Accepted,
+    CallbackReplayOutcome,
+    ClientName,
+    CredentialsProblem,
+    Day,
+    EndpointName,
+    ErrorCode,
+    Health,
+    PageAfter,
+    PageSize,
+    Ready,
+    ReportDays,
+    Wait,
+    error_field,
+)
 from batchd.domain import ENDPOINTS, TaskIn
 from batchd.health import HEALTH
 from batchd.ingest import (
     OVERLOADED_RETRY_AFTER,
-    Accepted,
+    Decoded,
     Ingest,
     IngestError,
 )
@@ -38,6 +56,7 @@ from batchd.waiters import Waiters
 
 log = logs.get("batchd.web")
 
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
                          "/docs/plain"})
@@ -87,6 +106,25 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
                   ) -> web.Response:
     return web.Response(body=orjson.dumps(data, default=_default), status=status,
                         content_type="application/json", headers=headers)
+
+
+def reply(value: msgspec.Struct, status: int = 200) -> web.Response:
+    """A reply of one of batchd.contract's types, encoded by msgspec."""
+    return web.Response(body=msgspec.json.encode(value), status=status,
+                        content_type="application/json")
+
+
+def decode_body(raw: bytes, kind: type[T], refused: Callable[[str], str]) -> T:
+    """A request body as ``kind`` (a type of batchd.contract; an empty body
+    reads as ``{}``): JSON that does not parse is ``invalid_json``; JSON
+    that is no ``kind`` is ``invalid_request``, told by ``refused`` given the
+    field at fault ("" for the body itself)."""
+    try:
+        return msgspec.json.decode(raw if raw.strip() else b"{}", type=kind)
+    except msgspec.ValidationError as exc:
+        raise IngestError(400, "invalid_request", refused(error_field(exc))) from None
+    except ValueError:
+        raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
 
 
 def error_response(status: int, code: str, message: str, **extra: Any) -> web.Response:
@@ -218,9 +256,8 @@ def _client_param(request: web.Request) -> str | None:
         # Says nothing about whether that client or its tasks exist.
         raise web.HTTPForbidden(text="only an admin token may pass another client's name; "
                                 "leave out ?client= to see your own")
-    if len(raw) > 200 or "\x00" in raw:
-        raise IngestError(400, "invalid_parameter", "client must be a client name")
-    return raw
+    named: str = query(request, "client", ClientName, "client must be a client name")
+    return named
 
 
 def _scope(request: web.Request) -> str | None:
@@ -256,18 +293,20 @@ async def post_tasks(request: web.Request) -> web.Response:
             return accepted
         if wait and len(accepted.tasks) <= _MAX_WAITED_TASKS:
             waited = True
-            ids = [t["custom_id"] for t in accepted.tasks]
+            ids = [t.custom_id for t in accepted.tasks]
             mine = _client(request).name  # the caller waits on its own tasks only
             if await state.waiters.wait(mine, ids, wait, lambda: _gone(request)):
                 async with state.engine.connect() as conn:
                     found = await get_tasks(conn, mine, ids)
-                return json_response({**accepted.as_json(),
+                # Finished: the tasks as stored now (TaskView rows).
+                return json_response({"accepted": accepted.accepted,
+                                      "duplicates": accepted.duplicates,
                                       "tasks": [found[c] for c in ids if c in found]},
                                      status=200)
     finally:
         if wait and not waited:
             state.waiters.release()
-    return json_response(accepted.as_json(), status=202)
+    return reply(accepted, status=202)
 
 
 def _gone(request: web.Request) -> bool:
@@ -285,7 +324,8 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
         raise decode.too_large(limit)
     limits = state.ingest.limits
     pieces = decode.BodyPieces(
-        request.content.iter_any(), request.content_type, max_bytes=limit,
+        request.content.iter_any(), request.content_type, state.ingest.contract,
+        max_bytes=limit,
         max_tasks=limits.tasks_per_request, max_task_bytes=decode.task_bytes_cap(limits),
         stall_seconds=state.ingest.timeout)
     first = await pieces.next()
@@ -319,7 +359,7 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
     return accepted
 
 
-async def _store_small(state: ApiState, items: list[Any], client: Client
+async def _store_small(state: ApiState, items: list[Decoded], client: Client
                        ) -> Accepted | web.Response:
     tasks = await state.ingest.prepare(items, client)
     _admit(state, client.name, len(tasks))
@@ -368,12 +408,11 @@ def _wait_param(request: web.Request) -> float:
     """``?wait=30s`` (also ``500ms``, ``2m`` or plain seconds), capped at
     BATCHD_MAX_WAIT_SECONDS: a longer wait is not an error, the reply is the
     usual 202 once the cap has passed."""
-    raw = request.query.get("wait")
+    raw = query(request, "wait", Wait, "wait must look like 30s, 500ms or 2m")
     if raw is None:
         return 0.0
     match = _WAIT.fullmatch(raw)
-    if match is None:
-        raise IngestError(400, "invalid_parameter", "wait must look like 30s, 500ms or 2m")
+    assert match is not None  # the Wait type's pattern
     return min(float(match[1]) * _UNITS[match[2] or "s"], request.app[STATE].max_wait)
 
 
@@ -393,37 +432,41 @@ async def get_task(request: web.Request) -> web.Response:
 
 
 _INTEGER = re.compile(r"-?[0-9]{1,20}")
-_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _WAIT = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m)?")
 
 
-def _date_param(request: web.Request, name: str) -> date | None:
+def query(request: web.Request, name: str, kind: Any, says: str) -> Any:
+    """Query parameter ``name`` converted into ``kind`` (a type of
+    batchd.contract), or None when absent; ``says`` why one that is not."""
     raw = request.query.get(name)
-    if raw is None:
-        return None
-    try:
-        if not _DATE.fullmatch(raw):
-            raise ValueError(raw)
-        return date.fromisoformat(raw)
-    except ValueError:
-        raise IngestError(400, "invalid_parameter", f"{name} must be YYYY-MM-DD") from None
+    return None if raw is None else query_value(raw, kind, says)
 
 
-def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+def int_query(request: web.Request, name: str, kind: Any, default: int) -> int:
+    """An integer query parameter in the range of ``kind`` (an annotated int
+    of batchd.contract): decimal digits, leading zeros allowed."""
     raw = request.query.get(name)
     if raw is None:
         return default
     if not _INTEGER.fullmatch(raw):
         raise IngestError(400, "invalid_parameter", f"{name} must be an integer")
-    value = int(raw)
-    if not lo <= value <= hi:
-        raise IngestError(400, "invalid_parameter", f"{name} must be between {lo} and {hi}")
+    bounds = kind.__metadata__[0]
+    value: int = query_value(int(raw), kind, f"{name} must be between {bounds.ge} and "
+                             f"{bounds.le}")
     return value
 
 
+def query_value(value: Any, kind: Any, says: str) -> Any:
+    """``value`` as ``kind``; a 400 that ``says`` why when it is not one."""
+    try:
+        return msgspec.convert(value, kind)
+    except msgspec.ValidationError:
+        raise IngestError(400, "invalid_parameter", says) from None
+
+
 async def get_results(request: web.Request) -> web.Response:
-    after = _int_param(request, "after", 0, 0, 2**62)
-    limit = _int_param(request, "limit", 100, 1, 1000)
+    after = int_query(request, "after", PageAfter, 0)
+    limit = int_query(request, "limit", PageSize, 100)
     client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
         rows = await page_results(conn, after, limit, client)
@@ -432,16 +475,12 @@ async def get_results(request: web.Request) -> web.Response:
 
 
 async def get_failed(request: web.Request) -> web.Response:
-    after = _int_param(request, "after", 0, 0, 2**62)
-    limit = _int_param(request, "limit", 100, 1, 1000)
-    day = _date_param(request, "day")
-    reason = request.query.get("reason")
-    if reason is not None and (len(reason) > 200 or "\x00" in reason):
-        raise IngestError(400, "invalid_parameter", "reason must be an error code")
-    endpoint = request.query.get("endpoint")
-    if endpoint is not None and endpoint not in ENDPOINTS:
-        raise IngestError(400, "invalid_parameter",
-                          f"endpoint must be one of {', '.join(ENDPOINTS)}")
+    after = int_query(request, "after", PageAfter, 0)
+    limit = int_query(request, "limit", PageSize, 100)
+    day = query(request, "day", Day, "day must be YYYY-MM-DD")
+    reason = query(request, "reason", ErrorCode, "reason must be an error code")
+    endpoint = query(request, "endpoint", EndpointName,
+                     f"endpoint must be one of {', '.join(ENDPOINTS)}")
     client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
         rows = await page_failed(conn, after, limit, reason=reason, day=day,
@@ -452,26 +491,17 @@ async def get_failed(request: web.Request) -> web.Response:
 
 async def _manual_queue_ids(request: web.Request, verb: str) -> list[str] | None:
     """The tasks a replay or dismissal names: a list, or None for all."""
-    raw = await request.read()
-    try:
-        doc = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError:
-        raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
     usage = f'name tasks with {{"custom_ids": [...]}} or {verb} all with {{"all": true}}'
-    if not isinstance(doc, dict) or set(doc) - {"custom_ids", "all"}:
-        raise IngestError(400, "invalid_request", usage)
-    ids = doc.get("custom_ids")
-    every = doc.get("all", False)
-    if "custom_ids" in doc and ids is None:
-        raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
-    if not isinstance(every, bool) or (ids is None and not every):
-        raise IngestError(400, "invalid_request", usage)
-    limit = request.app[STATE].ingest.limits.tasks_per_request
-    if ids is not None and (not isinstance(ids, list) or len(ids) > limit or not all(
-            isinstance(i, str) and len(i) <= 512 and "\x00" not in i for i in ids)):
-        raise IngestError(400, "invalid_request",
-                          f"custom_ids must be a list of at most {limit} custom_id strings")
-    return ids
+    contract = request.app[STATE].ingest.contract
+    limit = contract.limits.tasks_per_request
+    req = decode_body(await request.read(), contract.replay, lambda field: (
+        f"custom_ids must be a list of at most {limit} custom_id strings"
+        if field == "custom_ids" else usage))
+    if req.custom_ids is UNSET:
+        if not req.all:
+            raise IngestError(400, "invalid_request", usage)
+        return None
+    return req.custom_ids
 
 
 def _manual_queue_scope(request: web.Request, ids: list[str] | None) -> str | None:
@@ -493,8 +523,8 @@ async def post_dismiss(request: web.Request) -> web.Response:
 
 
 async def get_failed_callbacks(request: web.Request) -> web.Response:
-    after = _int_param(request, "after", 0, 0, 2**62)
-    limit = _int_param(request, "limit", 100, 1, 1000)
+    after = int_query(request, "after", PageAfter, 0)
+    limit = int_query(request, "limit", PageSize, 100)
     client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
         rows = await page_failed_callbacks(conn, after, limit, client=client)
@@ -515,31 +545,16 @@ async def get_task_callbacks(request: web.Request) -> web.Response:
 
 
 async def post_callbacks_replay(request: web.Request) -> web.Response:
-    raw = await request.read()
-    try:
-        doc = orjson.loads(raw) if raw.strip() else {}
-    except orjson.JSONDecodeError:
-        raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
     usage = ('name deliveries with {"ids": [...]} or {"custom_ids": [...]}, or replay all '
              'with {"all": true}')
-    if not isinstance(doc, dict) or set(doc) - {"ids", "custom_ids", "all"}:
+    refused = {"ids": "ids must be a list of delivery ids",
+               "custom_ids": "custom_ids must be a list of strings"}
+    req = decode_body(await request.read(), request.app[STATE].ingest.contract.callback_replay,
+                      lambda field: refused.get(field, usage))
+    ids = None if req.ids is UNSET else req.ids
+    cids = None if req.custom_ids is UNSET else req.custom_ids
+    if ids is None and cids is None and not req.all:
         raise IngestError(400, "invalid_request", usage)
-    ids, cids = doc.get("ids"), doc.get("custom_ids")
-    if not isinstance(doc.get("all", False), bool) or ("ids" in doc and ids is None) or (
-            "custom_ids" in doc and cids is None):
-        raise IngestError(400, "invalid_request", usage)
-    if ids is None and cids is None and doc.get("all") is not True:
-        raise IngestError(400, "invalid_request", usage)
-    # JSON Schema's integer: 7 and 7.0 alike.
-    if ids is not None and (not isinstance(ids, list) or not all(
-            isinstance(i, int | float) and not isinstance(i, bool) and float(i).is_integer()
-            and 0 < i < 2**63 for i in ids)):
-        raise IngestError(400, "invalid_request", "ids must be a list of delivery ids")
-    if ids is not None:
-        ids = [int(i) for i in ids]
-    if cids is not None and (not isinstance(cids, list) or not all(
-            isinstance(i, str) and len(i) <= 512 and "\x00" not in i for i in cids)):
-        raise IngestError(400, "invalid_request", "custom_ids must be a list of strings")
     # Delivery ids and "all" reach only deliveries the caller may see;
     # custom_ids name the caller's own tasks (an admin's ?client=, another's).
     scope, owner = _scope(request), _owner(request)
@@ -548,19 +563,19 @@ async def post_callbacks_replay(request: web.Request) -> web.Response:
                                                everything=ids is None and cids is None,
                                                client=scope, owner=owner)
     log.info("callbacks.replayed", count=len(replayed))
-    return json_response({"replayed": len(replayed), "ids": replayed})
+    return reply(CallbackReplayOutcome(len(replayed), replayed))
 
 
 async def get_daily_report(request: web.Request) -> web.Response:
     reporter = request.app[STATE].reporter
-    days = _int_param(request, "days", 1, 1, 366)
-    end = _date_param(request, "date")
+    days = int_query(request, "days", ReportDays, 1)
+    end = query(request, "date", Day, "date must be YYYY-MM-DD")
     rows = await reporter.daily(end, days, _scope(request))
     return json_response(rows[0] if days == 1 else rows)
 
 
 async def healthz(_request: web.Request) -> web.Response:
-    return json_response({"status": "ok"})
+    return reply(Health("ok"))
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -589,9 +604,9 @@ async def readyz(request: web.Request) -> web.Response:
     # here, with what to fix, so a look at /readyz finds them.
     problems = HEALTH.problems()
     if problems:
-        return json_response({"status": "degraded", "schema": version,
-                              "provider": problems})
-    return json_response({"status": "ready", "schema": version})
+        return reply(Ready("degraded", version, msgspec.convert(problems, dict[
+            str, CredentialsProblem])))
+    return reply(Ready("ready", version))
 
 
 async def metrics_handler(_request: web.Request) -> web.Response:

@@ -7,16 +7,24 @@ every route (web._owner)."""
 
 from __future__ import annotations
 
-import orjson
 from aiohttp import web
 
 from batchd import logs
-from batchd.domain import job_name_problem
+from batchd.contract import JobUpdate, PageSize, Terminal, job_name_problem
 from batchd.ingest import IngestError
 from batchd.jobs import view_json
 from batchd.store import jobs as store
 from batchd.store.jobs import FINISHED_STATES
-from batchd.web import STATE, _client, _int_param, _owner, error_response, json_response
+from batchd.web import (
+    STATE,
+    _client,
+    _owner,
+    decode_body,
+    error_response,
+    int_query,
+    json_response,
+    query,
+)
 
 log = logs.get("batchd.web")
 
@@ -36,7 +44,7 @@ def _job(request: web.Request) -> str | None:
 
 async def list_jobs(request: web.Request) -> web.Response:
     who = _who(request)
-    limit = _int_param(request, "limit", 100, 1, 1000)
+    limit = int_query(request, "limit", PageSize, 100)
     after = request.query.get("after")
     if after is not None and job_name_problem(after, request.app[STATE].ingest.limits):
         raise IngestError(400, "invalid_parameter", "after must be a job name from a "
@@ -62,17 +70,8 @@ async def put_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
     who = _who(request)
     name = _job(request)
-    raw = await request.read()
-    try:
-        doc = orjson.loads(raw) if raw.strip() else None
-    except orjson.JSONDecodeError:
-        raise IngestError(400, "invalid_json", "the body is not valid JSON") from None
     usage = 'send {"callback_url": "https://..."} (null clears it)'
-    if not isinstance(doc, dict) or set(doc) != {"callback_url"}:
-        raise IngestError(400, "invalid_request", usage)
-    url = doc["callback_url"]
-    if url is not None and (not isinstance(url, str) or not url):
-        raise IngestError(400, "invalid_request", usage)
+    url = decode_body(await request.read(), JobUpdate, lambda _field: usage).callback_url
     # The job's client signs the callback, whoever sets the URL.
     problem = state.ingest.callback_problem(url, who)
     if problem:
@@ -102,10 +101,8 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     who = _who(request)
     name = _job(request)
-    wanted = request.query.get("state")
-    if wanted is not None and wanted not in FINISHED_STATES:
-        raise IngestError(400, "invalid_parameter",
-                          f"state must be one of {', '.join(FINISHED_STATES)}")
+    wanted = query(request, "state", Terminal,
+                   f"state must be one of {', '.join(FINISHED_STATES)}")
     if name is None:
         return error_response(404, "not_found", _NO_JOB)
     async with state.engine.connect() as conn:

@@ -27,7 +27,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from batchd.domain import parse_task
+from batchd.contract import parse_task
 from tests.bench import run as r
 
 # The tables a task's rows live in (each with its indexes and TOAST).

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from batchd import metrics
-from batchd.domain import parse_task
+from batchd.contract import parse_task
 from batchd.emulator.openai_lines import tokens_for, usage_for
 from batchd.errors import ConfigError
 from batchd.prices import PriceTable, cost, tokens_from_usage

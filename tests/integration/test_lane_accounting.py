@@ -9,7 +9,7 @@ from pathlib import Path
 from structlog.testing import capture_logs
 
 from batchd import metrics
-from batchd.domain import parse_task
+from batchd.contract import parse_task
 from batchd.emulator.openai_lines import usage_for
 from batchd.estimates import Calibration
 from batchd.prices import PriceTable, cost, tokens_from_usage

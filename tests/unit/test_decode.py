@@ -7,13 +7,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 
+from batchd.contract import contract_for
 from batchd.decode import BodyPieces
+from batchd.domain import DEFAULT_LIMITS, InvalidTask
 from batchd.ingest import IngestError
 
 MiB = 1024 * 1024
+CONTRACT = contract_for(DEFAULT_LIMITS)
 
 
 async def _chunks(body: bytes, size: int, read: list[int]) -> AsyncIterator[bytes]:
@@ -25,16 +29,18 @@ async def _chunks(body: bytes, size: int, read: list[int]) -> AsyncIterator[byte
 def decode(body: bytes, content_type: str = "application/json", *, max_bytes: int = 64 * MiB,
            max_tasks: int = 10_000, piece_bytes: int = 4096, chunk: int = 1000
            ) -> tuple[list[list[Any]], int]:
-    """Every piece of ``body`` and how many bytes were read to get them."""
+    """Every piece of ``body`` (each task as plain JSON again, or the
+    InvalidTask in its place) and how many bytes were read to get them."""
     read: list[int] = []
 
     async def run() -> list[list[Any]]:
-        pieces = BodyPieces(_chunks(body, chunk, read), content_type, max_bytes=max_bytes,
-                            max_tasks=max_tasks, max_task_bytes=8 * 4096,
+        pieces = BodyPieces(_chunks(body, chunk, read), content_type, CONTRACT,
+                            max_bytes=max_bytes, max_tasks=max_tasks, max_task_bytes=8 * 4096,
                             piece_bytes=piece_bytes)
         out = []
         while (piece := await pieces.next()) is not None:
-            out.append(piece)
+            out.append([t if isinstance(t, InvalidTask) else msgspec.to_builtins(t)
+                        for t in piece])
         assert pieces.at_end()
         return out
 
@@ -68,12 +74,30 @@ def test_ndjson_comes_in_pieces_with_blank_lines_skipped() -> None:
 
 @pytest.mark.parametrize(("body", "items"), [
     (b'{"custom_id": "one", "body": {}}', [{"custom_id": "one", "body": {}}]),
-    (b' { "tasks" : [ {"a": 1} , {"b": 2} ] } \n', [{"a": 1}, {"b": 2}]),
+    (b' { "tasks" : [ {"custom_id": "a", "body": {}} , {"custom_id": "b", "body": {}} ] } \n',
+     [{"custom_id": "a", "body": {}}, {"custom_id": "b", "body": {}}]),
     (b'{"tasks": []}', []),
 ])
 def test_small_bodies(body: bytes, items: list[Any]) -> None:
     pieces, _ = decode(body)
     assert [t for p in pieces for t in p] == items
+
+
+@pytest.mark.parametrize(("body", "content_type"), [
+    (b'{"tasks": [{"custom_id": "a", "body": {}}, {"custom_id": "b", "body": 1}, {"x": 1}]}',
+     "application/json"),
+    (b'{"custom_id": "a", "body": {}}\n\n{"custom_id": "b", "body": 1}\n{"x": 1}',
+     "application/x-ndjson"),
+])
+def test_a_task_that_is_not_one_stands_in_its_place_as_the_reason(body: bytes,
+                                                                  content_type: str) -> None:
+    pieces, _ = decode(body, content_type)
+    # Checked no further: the caller refuses the request there.
+    first, bad = pieces[0]
+    assert first == {"custom_id": "a", "body": {}}
+    assert isinstance(bad, InvalidTask)
+    assert (bad.index, bad.custom_id, bad.field) == (1, "b", "body")
+    assert str(bad) == "task 1 ('b'): body is required and must be a JSON object"
 
 
 @pytest.mark.parametrize(("body", "status", "says"), [
@@ -106,7 +130,7 @@ def test_limits_bite_while_reading_and_reading_stops(content_type: str) -> None:
         read: list[int] = []
 
         async def run(kw: dict[str, int] = limits, read: list[int] = read) -> None:
-            pieces = BodyPieces(_chunks(hostile, 1000, read), content_type,
+            pieces = BodyPieces(_chunks(hostile, 1000, read), content_type, CONTRACT,
                                 max_task_bytes=8 * 4096, piece_bytes=4096,
                                 **{"max_bytes": 64 * MiB, "max_tasks": 10_000, **kw})
             while await pieces.next() is not None:

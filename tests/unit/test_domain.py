@@ -7,6 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
+from batchd.contract import parse_task
 from batchd.domain import (
     FlushReason,
     InvalidTask,
@@ -20,7 +21,6 @@ from batchd.domain import (
     input_line,
     line_id,
     line_task_id,
-    parse_task,
     tick_delay,
 )
 

@@ -9,7 +9,7 @@ import orjson
 
 from batchd.cli import default_job_name
 from batchd.client import file_chunks, scan_file_jobs
-from batchd.domain import job_name_problem
+from batchd.contract import job_name_problem
 
 NOW = datetime(2026, 12, 6, 2, 15, tzinfo=UTC)
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 
 from batchd.config import load_settings
+from batchd.contract import parse_task
 from batchd.domain import (
     RESUBMIT_MARGIN,
     SYNC_MARGIN,
@@ -16,7 +17,6 @@ from batchd.domain import (
     budget_fit,
     canary_bucket,
     parse_client_profiles,
-    parse_task,
     place,
 )
 from batchd.errors import ConfigError

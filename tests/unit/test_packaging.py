@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # of these raises, as it would where only the base dependencies are installed.
 SERVER_ONLY = ("sqlalchemy", "asyncpg", "alembic", "openai", "anthropic", "google", "uvloop",
                "pgserver", "structlog", "prometheus_client", "pydantic", "pydantic_settings",
-               "tiktoken", "tqdm")
+               "tiktoken", "tqdm", "msgspec")
 
 _BLOCK = f"""
 import sys

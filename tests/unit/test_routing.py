@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from batchd.contract import parse_task
 from batchd.domain import (
     InvalidTask,
     Routing,
     parse_model_routes,
-    parse_task,
     route_provider,
 )
 
