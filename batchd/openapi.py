@@ -305,6 +305,10 @@ UNAVAILABLE = error("the database is unreachable or too slow, or its schema is m
 BAD_PARAMETER = error("a query parameter is invalid", "invalid_parameter")
 FORBIDDEN = error("?client= names another client and the token is not an admin token",
                   "forbidden")
+# What every read or action scoped to a client may answer besides its own.
+SCOPED = {"400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN}
+TASK_PATH = {"name": "custom_id", "in": "path", "required": True, "schema": {"type": "string"}}
+NO_TASK = error("no task with that custom_id", "not_found")
 CLIENT = {"name": "client", "in": "query", "required": False,
           "schema": schema_of(ClientName),
           "description": "admin tokens only (any other token may name only its own client): "
@@ -377,27 +381,25 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "operationId": "getTask", "tags": ["tasks"],
             "summary": "One task: state, attempts, batch, timestamps, last error, response",
             "description": "Another client's custom_id is a 404, as one never sent.",
-            "parameters": [{"name": "custom_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}, CLIENT],
+            "parameters": [TASK_PATH, CLIENT],
             "responses": {"200": ok("the task", ref("TaskView")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                          "404": error("no task with that custom_id", "not_found"),
+                          **SCOPED,
+                          "404": NO_TASK,
                           "503": UNAVAILABLE}}},
         "/v1/tasks/{custom_id}/callbacks": {"get": {
             "operationId": "getTaskCallbacks", "tags": ["callbacks"],
             "summary": "Every result delivery of a task, with each attempt",
-            "parameters": [{"name": "custom_id", "in": "path", "required": True,
-                            "schema": {"type": "string"}}, CLIENT],
+            "parameters": [TASK_PATH, CLIENT],
             "responses": {"200": ok("the task's deliveries", ref("TaskCallbacks")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
-                          "404": error("no task with that custom_id", "not_found"),
+                          **SCOPED,
+                          "404": NO_TASK,
                           "503": UNAVAILABLE}}},
         "/v1/callbacks/failed": {"get": {
             "operationId": "listFailedCallbacks", "tags": ["callbacks"],
             "summary": "Deliveries that used up their attempts, oldest first",
             "parameters": [*cursor_params(), CLIENT],
             "responses": {"200": ok("a page of failed deliveries", ref("FailedCallbackPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          **SCOPED,
                           "503": UNAVAILABLE}}},
         "/v1/callbacks/replay": {"post": {
             "operationId": "replayCallbacks", "tags": ["callbacks"],
@@ -414,7 +416,7 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "summary": "Stored results in completion order, paged by cursor",
             "parameters": [*cursor_params(), CLIENT],
             "responses": {"200": ok("a page of results", ref("ResultPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          **SCOPED,
                           "503": UNAVAILABLE}}},
         "/v1/failed": {"get": {
             "operationId": "listFailed", "tags": ["manual queue"],
@@ -426,7 +428,7 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 query("day", DATE, "only tasks that failed on this UTC day"),
                 query("endpoint", schema_of(EndpointName), "only this endpoint"), CLIENT],
             "responses": {"200": ok("a page of failed tasks", ref("FailedPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          **SCOPED,
                           "503": UNAVAILABLE}}},
         "/v1/failed/replay": {"post": {
             "operationId": "replayFailed", "tags": ["manual queue"],
@@ -467,7 +469,7 @@ def operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "responses": {"200": ok("the report", {"anyOf": [
                               ref("DailyReport"),
                               {"type": "array", "items": ref("DailyReport")}]}),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          **SCOPED,
                           "503": UNAVAILABLE}}},
         **job_operations(limits),
         "/healthz": {"get": {
@@ -541,7 +543,7 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 query("limit", schema_of(PageSize),
                       "page size (default 100)"), JOB_CLIENT],
             "responses": {"200": ok("a page of jobs", ref("JobPage")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          **SCOPED,
                           "503": UNAVAILABLE}}},
         "/v1/jobs/{job}": {
             "get": {
@@ -575,7 +577,7 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
                 "join the job (409 job_cancelled). Calling it again is harmless."),
             "parameters": path,
             "responses": {"200": ok("the job after the cancel", ref("JobCancelled")),
-                          "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                          **SCOPED,
                           "404": missing, "503": UNAVAILABLE}}},
         "/v1/jobs/{job}/results": {"get": {
             "operationId": "jobResults", "tags": ["jobs"],
@@ -594,7 +596,7 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
                         "content": {"application/x-ndjson": {"schema": {
                             "type": "array", "items": ref("JobResult"),
                             "description": "one JobResult per line"}}}},
-                "400": BAD_PARAMETER, "401": UNAUTHORIZED, "403": FORBIDDEN,
+                **SCOPED,
                 "404": error("you (or the client ?client= names) have no job with that "
                              "name, or ?after names no task of it", "not_found"),
                 "503": UNAVAILABLE}}},
