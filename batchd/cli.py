@@ -356,9 +356,15 @@ async def _submit(path: Path, url: str, token: str | None, chunk: int, wait: flo
             return 0
         bar = JobBar(name)
         try:
-            # Duplicates stay in the job they were first sent with.
-            view = await client.wait_job(name, timeout=wait or None, progress=bar,
-                                         min_tasks=summary.accepted)
+            # Duplicates stay in the job they were first sent with. With --out
+            # the results are written as they finish, so at the end only the
+            # last ones are left to read.
+            if out is None:
+                view = await client.wait_job(name, timeout=wait or None, progress=bar,
+                                             min_tasks=summary.accepted)
+            else:
+                view, lines = await client.wait_job_results(
+                    name, out, timeout=wait or None, progress=bar, min_tasks=summary.accepted)
         except JobNotFinished as exc:
             bar.close()
             print(f"batchd submit: {exc}\n{job_line(exc.job)}", file=sys.stderr)
@@ -369,7 +375,6 @@ async def _submit(path: Path, url: str, token: str | None, chunk: int, wait: flo
         bar.close()
         print(job_line(view) + (" (see GET /v1/failed)" if view["failed"] else ""))
         if out is not None:
-            lines = await client.write_job_results(name, out)
             print(f"wrote {lines} result(s) to {out}")
         return 1 if view["failed"] else 0
 
@@ -486,12 +491,13 @@ def build_parser() -> argparse.ArgumentParser:
                 default=1000)
     _env_option(submit, "--wait", "BATCHD_SUBMIT_WAIT", "then wait up to SECONDS until every "
                 "task of the job finished (0: no limit), with one progress bar fed by one job "
-                "status request per second; exit 1 if any failed", type=float,
+                "status request every 0.25 s; exit 1 if any failed", type=float,
                 metavar="SECONDS")
     _env_option(submit, "--job", "BATCHD_SUBMIT_JOB", "the job the file's tasks go into "
                 "(default: the file's stem and the UTC time)", metavar="NAME")
     _env_option(submit, "--out", "BATCHD_SUBMIT_OUT", "with --wait: write the job's results "
-                "here as JSONL once it finished", type=Path, metavar="RESULTS.jsonl")
+                "here as JSONL (in task order, as they finish; the file appears complete when "
+                "the job finished)", type=Path, metavar="RESULTS.jsonl")
     _env_option(submit, "--concurrency", "BATCHD_SUBMIT_CONCURRENCY", "requests in flight",
                 type=int, default=4)
 
@@ -605,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.chunk < 1 or args.concurrency < 1:
                 raise ConfigError("--chunk and --concurrency must be at least 1")
             if args.out is not None and args.wait is None:
-                raise ConfigError("--out needs --wait: results are written once the job "
-                                  "finished (or use `batchd job results NAME --out FILE`)")
+                raise ConfigError("--out needs --wait: results are written while waiting "
+                                  "for the job (or use `batchd job results NAME --out FILE`)")
             if args.job is not None and job_name_problem(args.job):
                 raise ConfigError(f"--job {job_name_problem(args.job)}")
             url = args.url or os.environ.get("BATCHD_URL", "http://127.0.0.1:8080")

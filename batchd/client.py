@@ -33,6 +33,7 @@ Receivers of result callbacks check them with :func:`verify_callback`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -414,14 +415,24 @@ class BatchdClient:
             await asyncio.sleep(interval)
 
     async def job_result_chunks(self, job: str, *, state: str | None = None,
-                                after: str | None = None) -> AsyncGenerator[bytes, None]:
+                                after: str | None = None, stop_at_open: bool = False
+                                ) -> AsyncGenerator[bytes, None]:
         """The job's results stream as raw NDJSON bytes, whole lines only,
-        resumed after the last complete line if the connection drops."""
+        resumed after the last complete line if the connection drops. With
+        ``stop_at_open`` it ends before the first task not finished yet."""
+        async for whole, _ in self._result_stream(job, state, after, stop_at_open):
+            yield whole
+
+    async def _result_stream(self, job: str, state: str | None, after: str | None,
+                             stop_at_open: bool) -> AsyncGenerator[tuple[bytes, str], None]:
+        """job_result_chunks, each chunk with the custom_id of its last line
+        (the cursor to resume after)."""
         cursor = after
         attempt = 0
         while True:
             params = {**({"state": state} if state else {}),
-                      **({"after": cursor} if cursor else {})}
+                      **({"after": cursor} if cursor else {}),
+                      **({"stop_at_open": "true"} if stop_at_open else {})}
             tail = b""
             try:
                 async with self.session.get(self.base_url + self._job_path(job, "/results"),
@@ -441,7 +452,7 @@ class BatchdClient:
                             last = whole[whole.rfind(b"\n", 0, end - 1) + 1:]
                             cursor = orjson.loads(last)["custom_id"]
                             attempt = 0
-                            yield whole
+                            yield whole, cursor
                 return
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
                 if attempt >= self.retries:
@@ -472,6 +483,72 @@ class BatchdClient:
                 lines += chunk.count(b"\n")
         tmp.replace(out)
         return lines
+
+    async def wait_job_results(self, job: str, out: Path, *,
+                               timeout: float | None = None,  # noqa: ASYNC109
+                               interval: float = 0.25, min_tasks: int = 0,
+                               progress: Callable[[dict[str, Any]], None] | None = None
+                               ) -> tuple[dict[str, Any], int]:
+        """wait_job, writing the job's results to ``out`` while it runs: each
+        time the status shows more tasks finished, the lines finished since
+        the last one written are appended (GET .../results?stop_at_open=true
+        from that line), so once the job is finished only its last lines are
+        left to read. ``out`` ends as write_job_results writes it (same lines,
+        same order; through a temporary file renamed when complete). Returns
+        the final status and the number of lines. On JobNotFinished nothing
+        is left behind."""
+        tmp = out.with_name(out.name + ".part")
+        cursor: str | None = None
+        lines = 0
+        finished = -1  # finished tasks at the last status that showed more
+        more = asyncio.Event()
+        done = False
+
+        def status(view: dict[str, Any]) -> None:
+            nonlocal finished
+            now = view["succeeded"] + view["failed"] + view["cancelled"]
+            if now > finished:
+                finished = now
+                more.set()
+            if progress is not None:
+                progress(view)
+
+        async def copy(f: Any, stop_at_open: bool) -> None:
+            nonlocal cursor, lines
+            async for whole, last in self._result_stream(job, None, cursor, stop_at_open):
+                f.write(whole)  # the line and its cursor together: a cancel lands between
+                f.flush()  # what the file holds so far is on disk as it comes
+                lines += whole.count(b"\n")
+                cursor = last
+
+        async def follow(f: Any) -> None:
+            while not done:
+                await more.wait()
+                more.clear()
+                await copy(f, True)
+
+        try:
+            with tmp.open("wb") as f:
+                reader = asyncio.create_task(follow(f))
+                try:
+                    view = await self.wait_job(job, timeout=timeout, interval=interval,
+                                               min_tasks=min_tasks, progress=status)
+                    done = True
+                    more.set()
+                    await reader
+                except BaseException:
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+                    raise
+                # What the last read (begun before the job's last tasks were
+                # stored, maybe) stopped short of.
+                await copy(f, False)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(out)
+        return view, lines
 
     # -------------------------------------------------------------- callbacks
 
@@ -600,6 +677,12 @@ class SyncBatchdClient:
     def write_job_results(self, job: str, out: Path, *, state: str | None = None) -> int:
         lines: int = self._run(self._client.write_job_results(job, out, state=state))
         return lines
+
+    def wait_job_results(self, job: str, out: Path, **options: Any
+                         ) -> tuple[dict[str, Any], int]:
+        done: tuple[dict[str, Any], int] = self._run(
+            self._client.wait_job_results(job, out, **options))
+        return done
 
 
 # ----------------------------------------------------------- JSONL files

@@ -19,7 +19,7 @@ from batchd import logs, metrics
 from batchd.clients import Clients
 from batchd.loops import run_ticks
 from batchd.store import jobs as store
-from batchd.store.jobs import FINISHED_STATES, JobView
+from batchd.store.jobs import FINISHED_STATES, OPEN_STATES, JobView
 
 log = logs.get("batchd.jobs")
 
@@ -112,21 +112,35 @@ class Jobs:
             return await store.set_callback(conn, client, job, url)
 
     async def results(self, client: str, job: str, *, after: int = 0,
-                      states: Sequence[str] = FINISHED_STATES,
-                      page: int = RESULTS_PAGE) -> AsyncIterator[bytes]:
+                      states: Sequence[str] = FINISHED_STATES, page: int = RESULTS_PAGE,
+                      stop_at_open: bool = False) -> AsyncIterator[bytes]:
         """The job's finished tasks as NDJSON lines, in task id order (the
         order they were accepted), a page at a time: memory stays flat
         whatever the job's size. Each page is its own short read, so a slow
-        reader holds no snapshot or connection between pages."""
+        reader holds no snapshot or connection between pages.
+
+        ``stop_at_open`` ends the stream before the first task still queued
+        or submitted: what it gave is then exactly the start of what a read
+        after the job finished gives, so a reader can take a running job's
+        results as they come and resume after its last line."""
+        read = [*FINISHED_STATES, *OPEN_STATES] if stop_at_open else states
         while True:
             async with self.engine.begin() as conn:
-                rows = await store.results_page(conn, client, job, after, states, page)
-            if not rows:
+                rows = await store.results_page(conn, client, job, after, read, page)
+            full = len(rows) == page
+            if stop_at_open:
+                cut = next((i for i, r in enumerate(rows) if r[2] in OPEN_STATES), None)
+                if cut is not None:
+                    rows, full = rows[:cut], False
+                if rows:
+                    after = rows[-1][0]
+                rows = [r for r in rows if r[2] in states]
+            elif rows:
+                after = rows[-1][0]
+            if rows:
+                yield b"".join(result_line(r) for r in rows)
+            if not full:
                 return
-            yield b"".join(result_line(r) for r in rows)
-            if len(rows) < page:
-                return
-            after = rows[-1][0]
 
 
 def result_line(row: Sequence[Any]) -> bytes:

@@ -585,12 +585,20 @@ def job_operations(limits: Limits) -> dict[str, dict[str, Any]]:
             "description": (
                 "One JobResult per line, in the order the tasks were accepted (task id). "
                 "Resume an interrupted read with ?after=<the last custom_id read>. Tasks "
-                "still queued or submitted are left out."),
+                "still queued or submitted are left out, or, with ?stop_at_open=true, end "
+                "the stream: the lines are then exactly the start of what a read after the "
+                "job finished gives, so a running job's results can be read as they come, "
+                "each read resuming after the last line of the one before "
+                "(`batchd submit --wait --out` does). Once every task of the job is stored "
+                "no task can appear before the last line read; a task replayed or dismissed "
+                "after its line was read reads differently later."),
             "parameters": [
                 *path,
                 query("state", schema_of(Terminal), "only tasks in this state"),
                 query("after", schema_of(contract_for(limits).custom_id),
-                      "resume after this task's line")],
+                      "resume after this task's line"),
+                query("stop_at_open", {"type": "boolean", "default": False},
+                      "end before the first task (in this order) still queued or submitted")],
             "responses": {
                 "200": {"description": "the lines",
                         "content": {"application/x-ndjson": {"schema": {

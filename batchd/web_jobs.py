@@ -7,6 +7,8 @@ every route (web._owner)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aiohttp import web
 
 from batchd import logs
@@ -27,6 +29,9 @@ from batchd.web import (
 )
 
 log = logs.get("batchd.web")
+
+# A query parameter's true or false (OpenAPI: a boolean, sent as these words).
+Flag = Literal["true", "false"]
 
 _NO_JOB = "no job of yours (or of the client ?client= names) with that name"
 
@@ -97,12 +102,14 @@ async def cancel_job(request: web.Request) -> web.Response:
 async def job_results(request: web.Request) -> web.StreamResponse:
     """The job's finished tasks as NDJSON, in the order the tasks were
     accepted (task id). ``?after=<custom_id>`` resumes after that task's line;
-    ``?state=`` keeps one terminal state."""
+    ``?state=`` keeps one terminal state; ``?stop_at_open=true`` ends before
+    the first task not finished yet (a running job's results as they come)."""
     state = request.app[STATE]
     who = _who(request)
     name = _job(request)
     wanted = query(request, "state", Terminal,
                    f"state must be one of {', '.join(FINISHED_STATES)}")
+    stop = query(request, "stop_at_open", Flag, "stop_at_open must be true or false")
     if name is None:
         return error_response(404, "not_found", _NO_JOB)
     async with state.engine.connect() as conn:
@@ -121,7 +128,8 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     lines = 0
     async for chunk in state.jobs.results(who, name, after=after,
-                                          states=[wanted] if wanted else FINISHED_STATES):
+                                          states=[wanted] if wanted else FINISHED_STATES,
+                                          stop_at_open=stop == "true"):
         await response.write(chunk)
         lines += chunk.count(b"\n")
     await response.write_eof()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -257,6 +258,112 @@ async def _batchd(*args: str) -> tuple[int, str, str]:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+class _CuttingProxy:
+    """A loopback stand-in in front of batchd that passes every request on,
+    and cuts the connection part-way through a line of the first results
+    streams longer than the next of ``cuts`` bytes."""
+
+    def __init__(self, upstream: str, cuts: list[int]) -> None:
+        self.upstream = upstream
+        self.cuts = cuts
+        self.cut = 0
+        self.results_reads: list[str] = []
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.http: aiohttp.ClientSession | None = None
+
+    async def start(self) -> str:
+        self.http = aiohttp.ClientSession()
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+        if self.http is not None:
+            await self.http.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        assert self.http is not None
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type")}
+        async with self.http.request(request.method, self.upstream + request.path_qs,
+                                     data=await request.read(), headers=headers) as up:
+            body = await up.read()
+            kind = up.headers.get("Content-Type", "application/json")
+        if request.path.endswith("/results"):
+            self.results_reads.append(request.query_string)
+            if self.cuts and len(body) > self.cuts[0]:
+                cut = self.cuts.pop(0)
+                assert body[cut - 1:cut] != b"\n"  # part-way through a line
+                partial = web.StreamResponse(status=up.status, headers={"Content-Type": kind})
+                await partial.prepare(request)
+                await partial.write(body[:cut])
+                self.cut += 1
+                assert request.transport is not None
+                request.transport.close()
+                return partial
+        return web.Response(status=up.status, body=body, headers={"Content-Type": kind})
+
+
+async def test_wait_writes_results_while_the_job_runs_identical_to_a_later_read(
+        db_url: str, tmp_path: Path) -> None:
+    """submit --wait --out's client call: the lines finished while the job
+    runs are written then, in their final order, and the file ends byte for
+    byte what `job results` writes after the job, though every stream of the
+    wait was cut part-way through a line and resumed."""
+    async with running(db_url, tmp_path) as h:
+        first = [chat_task(f"w{i:02}", emulate={2: "http_400", 5: "http_500*1"}.get(i))
+                 for i in range(30)]
+        second = [chat_task(f"w{i:02}") for i in range(30, 50)]
+        proxy = _CuttingProxy(h.base_url, [150, 700, 2500])
+        url = await proxy.start()
+        out = tmp_path / "live.jsonl"
+        part = out.with_name(out.name + ".part")
+        waiting: asyncio.Task[tuple[dict[str, Any], int]] | None = None
+        try:
+            async with BatchdClient(url, backoff=0.01) as client:
+                await client.submit(first, job="live", chunk=7, concurrency=3)
+                await h.age_queue(901)
+                await h.flush()
+                await client.submit(second, job="live", chunk=7, concurrency=3)
+                waiting = asyncio.create_task(client.wait_job_results(
+                    "live", out, timeout=120, interval=0.05, min_tasks=50))
+                await h.make_polls_due()
+                await h.service.poller.tick()  # the first 30 finish, w05 goes back for a retry
+                # Chunks in flight together commit in any order: the task
+                # order is the ids'.
+                order = [r["custom_id"] for r in await h.rows(
+                    "SELECT custom_id FROM tasks WHERE job = 'live' ORDER BY id")]
+                before_open = order[:order.index("w05")]
+                assert before_open
+                for _ in range(200):
+                    if part.exists() and part.read_bytes().count(b"\n") == len(before_open):
+                        break
+                    await asyncio.sleep(0.05)
+                early = part.read_bytes()
+                assert [orjson.loads(x)["custom_id"] for x in early.splitlines()] == before_open
+                assert not waiting.done() and not out.exists()
+                await h.run_until_settled()
+                view, lines = await waiting
+            assert (view["succeeded"], view["failed"], lines) == (49, 1, 50)
+            assert not part.exists()
+            assert proxy.cut >= 2 and any("stop_at_open=true" in q for q in proxy.results_reads)
+            async with BatchdClient(h.base_url) as direct:
+                assert await direct.write_job_results("live", tmp_path / "later.jsonl") == 50
+            written = out.read_bytes()
+            assert written == (tmp_path / "later.jsonl").read_bytes()
+            assert written.startswith(early)
+            ids = [orjson.loads(x)["custom_id"] for x in written.splitlines()]
+            assert ids == order and len(set(ids)) == 50
+        finally:
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
+            await proxy.close()
 
 
 async def test_job_commands_show_list_cancel_and_write_results(db_url: str,

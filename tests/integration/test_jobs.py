@@ -195,6 +195,45 @@ async def test_results_stream_in_task_order_filter_by_state_and_resume(
         assert (await results(h, "missing"))[0] == 404
 
 
+async def test_results_stop_at_open_give_a_running_jobs_lines_in_their_final_order(
+        db_url: str, tmp_path: Path) -> None:
+    """?stop_at_open=true ends before the first task not finished, so what a
+    reader takes while the job runs is the start of the final stream and
+    it can resume after its last line without a gap."""
+    async with running(db_url, tmp_path) as h:
+        await h.post({"tasks": [chat_task(f"o-{i}", job="live",
+                                          emulate={1: "http_500*1", 3: "http_400"}.get(i))
+                                for i in range(6)]})
+        await h.age_queue(901)
+        await h.cycle()  # o-1 is back in the queue for a retry; the rest finished
+        assert (await h.task("o-1"))["state"] == "queued"
+        _, running_now = await results(h, "live")
+        assert [x["custom_id"] for x in running_now] == ["o-0", "o-2", "o-3", "o-4", "o-5"]
+        _, prefix = await results(h, "live", stop_at_open="true")
+        assert prefix == running_now[:1]
+        assert (await results(h, "live", stop_at_open="true", after="o-0")) == (200, [])
+        assert (await results(h, "live", stop_at_open="maybe"))[0] == 400
+
+        async def read(**options: Any) -> list[bytes]:
+            return b"".join([c async for c in h.service.jobs.results(
+                "local", "live", stop_at_open=True, **options)]).splitlines()
+        for page in (1, 2, 1000):
+            assert [orjson.loads(x) for x in await read(page=page)] == prefix, page
+        assert await read(page=1, states=["failed"]) == []
+
+        await h.run_until_settled()
+        _, final = await results(h, "live")
+        assert [x["custom_id"] for x in final] == [f"o-{i}" for i in range(6)]
+        _, rest = await results(h, "live", stop_at_open="true", after="o-0")
+        assert prefix + rest == final
+        ids = await h.rows("SELECT id FROM tasks WHERE job = 'live' ORDER BY id")
+        for page in (1, 4):
+            assert [orjson.loads(x) for x in await read(page=page, after=ids[1]["id"])] \
+                == final[2:], page
+        assert [orjson.loads(x)["custom_id"] for x in await read(page=2, states=["failed"])
+                ] == ["o-3"]
+
+
 async def test_cancel_stops_queued_tasks_for_good_and_twice_is_harmless(
         db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
