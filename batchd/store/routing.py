@@ -304,6 +304,28 @@ async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpric
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class BatchResults:
+    """A batch's stored results: how many, and their exact costs."""
+
+    stored: int
+    cost: Decimal
+    sync_cost: Decimal
+    cost_by_client: dict[str, Decimal]
+
+
+async def batch_results(conn: AsyncConnection, batch_id: str) -> BatchResults:
+    """Every result the batch's routes stored (a route settles its lines in
+    several transactions, and one resumed after a crash stores only what
+    the crashed one had not), by the results_batch index."""
+    rows = (await conn.execute(text("""
+        SELECT client, count(*), sum(cost_usd), sum(sync_cost_usd) FROM results
+        WHERE batch_id = :bid GROUP BY client"""), {"bid": batch_id})).all()
+    return BatchResults(sum(int(n) for _, n, _, _ in rows), sum((c for _, _, c, _ in rows),
+                        Decimal(0)), sum((s for _, _, _, s in rows), Decimal(0)),
+                        {client: c for client, _, c, _ in rows})
+
+
 async def store_staged_failures(conn: AsyncConnection, batch_id: str, backoff: Backoff
                                 ) -> dict[tuple[str, str], int]:
     """Retry or fail the staged failure lines, as store_failures."""

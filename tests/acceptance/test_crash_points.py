@@ -77,8 +77,9 @@ async def test_crash_after_create_adopts_the_provider_batch(
 
 async def test_crash_halfway_through_routing_stores_each_result_once(
         shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
-    # The output file is routed first: the crash lands after its successes
-    # were written and before the error file's retries, all in one transaction.
+    # The output file's successes are settled first, a chunk a transaction:
+    # the crash lands after the first chunk committed and before the error
+    # file's retries; the route resumed by the survivor stores the rest.
     tasks = _tasks(40, "route") + [chat_task(f"route-retry-{i}", emulate="http_500*1")
                                    for i in range(10)]
     report = await _crash_then_recover(shared_db, emulator, cluster, "mid_route", tasks)

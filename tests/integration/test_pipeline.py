@@ -18,6 +18,7 @@ from batchd.provider.openai import OpenAIProvider
 from batchd.service import Service
 from batchd.store.windows import stream_batch_lines
 from tests.harness import API_KEY, chat_task, running
+from tests.invariants import job_counter_problems
 
 
 async def test_full_journey_stores_every_result_once(db_url: str, tmp_path: Path) -> None:
@@ -302,6 +303,71 @@ async def test_duplicate_lines_and_reroutes_store_each_result_once(
         await h.service.poller.tick()
         assert await h.count("true", "results") == 2
         assert await h.count("outcome = 'succeeded'", "task_events") == 2
+
+
+async def test_a_batch_routed_in_chunks_resumes_after_a_failed_chunk_exactly_once(
+        db_url: str, tmp_path: Path) -> None:
+    """Success lines are settled a few per transaction. A route that fails
+    part-way keeps the chunks it committed; routed again, it stores each
+    result once, and the batch's cost (taken from its results rows) is still
+    its results' plus the unattributed."""
+    # A client with a budget, so the batch holds a reservation its route settles.
+    async with running(db_url, tmp_path, ingest_tokens="svc=tok-svc",
+                       client_budgets="svc=10") as h:
+        h.service.router.chunk_lines = 3
+        marks = {2: "http_400", 4: "http_500*1", 6: "duplicate", 9: "missing*1"}
+        status, _ = await h.post({"tasks": [chat_task(f"c{i}", job="chunked",
+                                                      emulate=marks.get(i))
+                                            for i in range(12)]},
+                                 headers={"Authorization": "Bearer tok-svc"})
+        assert status == 202
+        # A fault in the database: no transaction after the first that wrote
+        # results can write any (created_at is its transaction's start).
+        await h.execute("""
+            CREATE FUNCTION refuse_later() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF EXISTS (SELECT 1 FROM results WHERE created_at < now()) THEN
+                    RAISE EXCEPTION 'refused';
+                END IF;
+                RETURN NEW;
+            END $$""")
+        await h.execute("CREATE TRIGGER refuse_later BEFORE INSERT ON results "
+                        "FOR EACH ROW EXECUTE FUNCTION refuse_later()")
+        await h.age_queue(901)
+        await h.flush()
+        await h.make_polls_due()
+        await h.service.poller.tick()
+        # The first chunk stayed (2 results if it held c6's two lines); the
+        # batch is not routed.
+        assert await h.scalar("SELECT state FROM batches") == "submitted"
+        kept = await h.count("true", "results")
+        assert kept in (2, 3)
+        assert await h.count("state = 'succeeded'") == kept
+        assert await h.count("state = 'submitted'") == 12 - kept
+        await h.execute("DROP TRIGGER refuse_later ON results")
+        await h.execute("UPDATE batches SET lease_until = NULL")  # its retry delay, over
+        await h.make_polls_due()
+        await h.service.poller.tick()
+
+        states = {r["custom_id"]: r["state"] for r in await h.rows(
+            "SELECT custom_id, state FROM tasks")}
+        assert states == {**{f"c{i}": "succeeded" for i in range(12)}, "c2": "failed",
+                          "c4": "queued", "c9": "queued"}
+        assert await h.count("true", "results") == 9
+        assert await h.count("outcome = 'succeeded'", "task_events") == 9
+        batch = (await h.rows("""
+            SELECT b.state, b.cost_usd, b.unattributed_cost_usd, b.unattributed_lines,
+                   (SELECT sum(cost_usd) FROM results r WHERE r.batch_id = b.id) AS results,
+                   (SELECT cost_usd FROM client_spend s WHERE s.batch_id = b.id) AS client
+            FROM batches b"""))[0]
+        assert batch["state"] == "routed" and batch["results"] > 0
+        # The duplicate line is billed, and nobody's result.
+        assert batch["unattributed_lines"] == 1 and batch["unattributed_cost_usd"] > 0
+        assert batch["cost_usd"] == batch["results"] + batch["unattributed_cost_usd"]
+        assert batch["client"] == batch["results"]
+        assert await job_counter_problems(h.engine) == []
+        await h.run_until_settled()
+        assert await h.count("state = 'succeeded'") == 11
 
 
 async def test_duplicate_and_conflicting_ingest(db_url: str, tmp_path: Path) -> None:
