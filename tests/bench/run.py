@@ -1040,7 +1040,8 @@ async def bench_windows(b: Bench) -> None:
         f"(+{small['route_peak_mb']:.0f} MB at {max(1000, n // 5):,} lines)",
         ">= 50,000 lines/s, memory flat", route >= 50_000 and rpk <= small[
             "route_peak_mb"] * 1.5 + 20,
-        "results upserted, tasks settled, events written, batch settled: one transaction"))
+        "results upserted, tasks settled, events written: 5,000 success lines a "
+        "transaction; failures and the batch settled in a last one"))
 
 
 # ---------------------------------------------------------------- row 6: e2e
@@ -1148,7 +1149,9 @@ async def bench_submit_job(b: Bench) -> None:
         f"{wall:.1f} s wall, {lines:,} result lines written", "client adds < 5 s + 10%",
         extra < 5 + 0.1 * span,
         "1 run; 4 requests in flight, one GET /v1/jobs/{job} every 0.25 s, results "
-        "streamed from GET /v1/jobs/{job}/results; the span includes ingest"))
+        "written while the job runs (GET /v1/jobs/{job}/results?stop_at_open=true after "
+        "the last line written), the rest streamed once it finished; the span includes "
+        "ingest"))
 
 
 async def seed_job(conn: asyncpg.Connection, name: str, n: int, deltas: int) -> None:

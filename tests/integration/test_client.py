@@ -434,7 +434,11 @@ async def test_clients_submit_into_a_job_wait_on_it_and_iterate_its_results(
                 cancelled = sync.cancel_job("sync-job")
                 ids = [r["custom_id"] for r in sync.job_results("sync-job")]
                 n = sync.write_job_results("sync-job", tmp_path / "sync.jsonl")
+                view, waited = sync.wait_job_results("sync-job", tmp_path / "waited.jsonl",
+                                                     timeout=30)
+                assert (view["cancelled"], waited) == (3, 3)
                 return cancelled, ids, n
 
         cancelled, ids, n = await asyncio.to_thread(sync_side)
         assert cancelled["cancelled_now"] == 3 and ids == ["s0", "s1", "s2"] and n == 3
+        assert (tmp_path / "waited.jsonl").read_bytes() == (tmp_path / "sync.jsonl").read_bytes()
