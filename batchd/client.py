@@ -544,6 +544,14 @@ class BatchdClient:
                 # What the last read (begun before the job's last tasks were
                 # stored, maybe) stopped short of.
                 await copy(f, False)
+                if lines != view["tasks"]:
+                    # Not one line a task: a daemon from before stop_at_open
+                    # (it skips open tasks instead of stopping at them), or
+                    # tasks that joined since. Read it all again.
+                    f.seek(0)
+                    f.truncate()
+                    cursor, lines = None, 0
+                    await copy(f, False)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

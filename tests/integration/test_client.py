@@ -265,9 +265,10 @@ class _CuttingProxy:
     and cuts the connection part-way through a line of the first results
     streams longer than the next of ``cuts`` bytes."""
 
-    def __init__(self, upstream: str, cuts: list[int]) -> None:
+    def __init__(self, upstream: str, cuts: list[int], *, drop_stop: bool = False) -> None:
         self.upstream = upstream
         self.cuts = cuts
+        self.drop_stop = drop_stop  # a daemon from before ?stop_at_open ignores it
         self.cut = 0
         self.results_reads: list[str] = []
         self.app = web.Application()
@@ -291,8 +292,11 @@ class _CuttingProxy:
         assert self.http is not None
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() in ("authorization", "content-type")}
-        async with self.http.request(request.method, self.upstream + request.path_qs,
-                                     data=await request.read(), headers=headers) as up:
+        params = {k: v for k, v in request.query.items()
+                  if not (self.drop_stop and k == "stop_at_open")}
+        async with self.http.request(request.method, self.upstream + request.path,
+                                     params=params, data=await request.read(),
+                                     headers=headers) as up:
             body = await up.read()
             kind = up.headers.get("Content-Type", "application/json")
         if request.path.endswith("/results"):
@@ -360,6 +364,41 @@ async def test_wait_writes_results_while_the_job_runs_identical_to_a_later_read(
             assert written.startswith(early)
             ids = [orjson.loads(x)["custom_id"] for x in written.splitlines()]
             assert ids == order and len(set(ids)) == 50
+        finally:
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
+            await proxy.close()
+
+
+async def test_wait_writes_the_whole_file_again_when_the_daemon_skips_open_tasks(
+        db_url: str, tmp_path: Path) -> None:
+    """Against a daemon that ignores ?stop_at_open (it leaves out the tasks
+    not finished and goes on), the lines read while the job ran have gaps:
+    the count at the end says so and the file is read again, whole."""
+    async with running(db_url, tmp_path) as h:
+        proxy = _CuttingProxy(h.base_url, [], drop_stop=True)
+        url = await proxy.start()
+        out = tmp_path / "old.jsonl"
+        waiting: asyncio.Task[tuple[dict[str, Any], int]] | None = None
+        try:
+            async with BatchdClient(url) as client:
+                await client.submit([chat_task(f"o{i}", emulate="http_500*1" if i == 1 else None)
+                                     for i in range(6)], job="old")
+                waiting = asyncio.create_task(client.wait_job_results(
+                    "old", out, timeout=120, interval=0.05))
+                await h.age_queue(901)
+                await h.cycle()  # o1 goes back for a retry; the rest finished
+                part = out.with_name(out.name + ".part")
+                for _ in range(200):
+                    if part.exists() and part.read_bytes().count(b"\n") == 5:
+                        break
+                    await asyncio.sleep(0.05)
+                assert part.read_bytes().count(b"\n") == 5  # o1 skipped: a gap
+                await h.run_until_settled()
+                view, lines = await waiting
+            assert (view["tasks"], lines) == (6, 6)
+            assert [orjson.loads(x)["custom_id"] for x in out.read_bytes().splitlines()] == [
+                f"o{i}" for i in range(6)]
         finally:
             if waiting is not None and not waiting.done():
                 waiting.cancel()
