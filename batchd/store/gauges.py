@@ -11,10 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd.store.spend import DAY_SPEND_SQL
 
+# Each count reads a partial index, never the table: a year of finished tasks
+# made the submitted count a parallel scan of every task every 5 s (1.1 s of
+# three processes at 10,000,000 tasks, taken from ingest). A submitted task
+# always names its batch (or sync claim), so the count reads tasks_batch_held,
+# whose predicate the planner proves only with batch_id IS NOT NULL spelled out.
 _QUEUE = text(f"""
 SELECT
   (SELECT count(*) FROM tasks WHERE state = 'queued') AS queued,
-  (SELECT count(*) FROM tasks WHERE state = 'submitted') AS submitted,
+  (SELECT count(*) FROM tasks WHERE state = 'submitted' AND batch_id IS NOT NULL) AS submitted,
   (SELECT count(*) FROM tasks WHERE state = 'failed') AS failed,
   (SELECT extract(epoch FROM min(not_before)) FROM tasks WHERE state = 'queued') AS oldest,
   (SELECT count(*) FROM batches WHERE state <> 'routed') AS in_flight,

@@ -150,11 +150,14 @@ async def count_queued(conn: AsyncConnection) -> int:
     return int(row.scalar_one())
 
 
+_QUEUED_BY_CLIENT = text("""
+    SELECT client, count(*) FROM tasks WHERE state = 'queued' GROUP BY client""")
+
+
 async def queued_by_client(conn: AsyncConnection) -> dict[str, int]:
     """Queued tasks of each client that has any (BATCHD_CLIENT_MAX_QUEUED, the
     per-client queue gauge)."""
-    rows = await conn.execute(text("""
-        SELECT client, count(*) FROM tasks WHERE state = 'queued' GROUP BY client"""))
+    rows = await conn.execute(_QUEUED_BY_CLIENT)
     return {c: int(n) for c, n in rows}
 
 

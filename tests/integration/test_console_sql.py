@@ -1,5 +1,5 @@
-"""Every statement behind a console page, the daily report's and the
-retention pass's read through an index, never by scanning tasks (or results,
+"""Every statement behind a console page, the daily report's, the
+retention pass's and the gauges loop's read through an index, never by scanning tasks (or results,
 or task_events): EXPLAINed on a database of 100,000 tasks over 30 days,
 three clients, a queue, a manual queue and jobs (the jobs pages ask what the
 jobs API asks: batchd/store/jobs.py)."""
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchd import report
 from batchd.store import console as sql
-from batchd.store import jobs, manual_queue, retention, rollups
+from batchd.store import gauges, jobs, manual_queue, retention, rollups, tasks
 from batchd.store.engine import make_engine
 
 _FILL = [
@@ -137,6 +137,9 @@ async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
                ("prune batches", retention._PRUNE_BATCHES, {"cutoff": cutoff, "limit": 2000}),
                ("prune due", retention._COUNT_DUE, {"cutoff": cutoff,
                                                      "cutoff_day": cutoff.date()})]
+    # The gauges loop's counts, every 5 s on every replica.
+    checks += [("gauges queue_and_spend", gauges._QUEUE, {"day": today}),
+               ("gauges queued_by_client", tasks._QUEUED_BY_CLIENT, {})]
     checks += [
         ("get_job", jobs.GET_JOB, {"client": "billing", "job": "nightly-1"}),
         ("list_jobs", jobs.LIST_JOBS, {"client": "billing", "after": None, "lim": 51}),
