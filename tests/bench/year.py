@@ -331,6 +331,10 @@ HOT_QUERIES: dict[str, str] = {
                   "'cancelled') AND finished_at < now() - interval '30 days' "
                   "ORDER BY finished_at LIMIT 2000",
     "snapshot: queued": "EXPLAIN SELECT count(*) FROM tasks WHERE state = 'queued'",
+    "snapshot: submitted": "EXPLAIN SELECT count(*) FROM tasks WHERE state = 'submitted' "
+                           "AND batch_id IS NOT NULL",
+    "snapshot: queued by client": "EXPLAIN SELECT client, count(*) FROM tasks "
+                                  "WHERE state = 'queued' GROUP BY client",
     "manual queue page": "EXPLAIN SELECT id FROM tasks WHERE state = 'failed' AND id > 0 "
                          "ORDER BY id LIMIT 100",
 }
@@ -500,8 +504,9 @@ async def bench_history(b: r.Bench) -> None:
 
 # --------------------------------------------------------------- migrations
 
-# This issue's migrations, each run on the seeded table in turn.
-MIGRATIONS = ("0010_retention", "0011_client_task_key", "0012_lean_rows")
+# This issue's migrations, then the providers one (0013, issue 18) that came
+# after them, each run on the seeded table in turn.
+MIGRATIONS = ("0010_retention", "0011_client_task_key", "0012_lean_rows", "0013_providers")
 _BEFORE = "0009_jobs"
 
 
