@@ -91,6 +91,7 @@ class Reporter:
         while day <= last:
             lo, hi = _day_bounds(day)
             async with self.engine.begin() as conn:
+                await rollups.on_one_core(conn)
                 rows = await rollups.compute_day(conn, lo, hi, LATENCY_BUCKETS_PER_DOUBLING)
                 if await rollups.store_day(conn, day, rows):
                     stored.append(day)

@@ -113,6 +113,15 @@ def _empty() -> dict[str, Any]:
     return out
 
 
+async def on_one_core(conn: AsyncConnection) -> None:
+    """The rest of this transaction runs in its own backend only, no parallel
+    workers: a roll-up is background work, and a day of 1,666,666 tasks had
+    PostgreSQL plan its counts with two workers, every core of a two-core
+    machine for minutes while ingest waited for CPU (``batchd prune`` in the
+    benchmark's prune row)."""
+    await conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
+
+
 async def compute_day(conn: AsyncConnection, lo: datetime, hi: datetime, per_doubling: int
                       ) -> dict[tuple[str, str, str, str], dict[str, Any]]:
     """The day [lo, hi) from the live tables, by (client, provider, model, lane)."""

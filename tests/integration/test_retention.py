@@ -8,11 +8,15 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from batchd import metrics
 from batchd.check import check_in
+from batchd.report import Reporter
+from batchd.store import rollups
+from batchd.store.engine import make_engine
 from tests.harness import Harness, chat_task, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -240,3 +244,36 @@ async def test_a_report_of_far_future_days_reads_nothing_live(db_url: str, tmp_p
         assert status == 200
         assert [d["tasks_in"] for d in days] == [0, 0, 0]
         assert await h.scalar("SELECT count(*) FROM rollup_days") == 0
+
+
+async def test_a_roll_up_counts_a_day_without_parallel_workers(db_url: str) -> None:
+    """Rolling up is background work: its day queries may not take every core
+    (two parallel workers on a day of 1,666,666 tasks starved ingest)."""
+    engine = make_engine(db_url)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("""
+                INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes,
+                                   created_at)
+                VALUES ('two-days-ago', '/v1/chat/completions', 'gpt-4o-mini', '{}', 'd', 10,
+                        now() - interval '2 days')"""))
+        stored = await Reporter(engine, 0.03).roll_up()
+        assert stored, "a closed day with a task was rolled up"
+        first_count = next(i for i, s in enumerate(statements) if "count(*) AS tasks_in" in s)
+        assert any("max_parallel_workers_per_gather = 0" in s
+                   for s in statements[:first_count]), statements[:first_count]
+        async with engine.begin() as conn:
+            await rollups.on_one_core(conn)
+            assert (await conn.execute(text("SHOW max_parallel_workers_per_gather"))
+                    ).scalar_one() == "0"
+        async with engine.connect() as conn:  # only for that transaction
+            assert (await conn.execute(text("SHOW max_parallel_workers_per_gather"))
+                    ).scalar_one() != "0"
+    finally:
+        await engine.dispose()
