@@ -3,6 +3,7 @@ report of a pruned day, the manual queue's dismissal, and the ops commands."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -10,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from sqlalchemy import event, text
 
 from batchd import metrics
 from batchd.check import check_in
 from batchd.report import Reporter
+from batchd.retention import DUTY, Retention
 from batchd.store import rollups
 from batchd.store.engine import make_engine
 from tests.harness import Harness, chat_task, running
@@ -276,4 +279,39 @@ async def test_a_roll_up_counts_a_day_without_parallel_workers(db_url: str) -> N
             assert (await conn.execute(text("SHOW max_parallel_workers_per_gather"))
                     ).scalar_one() != "0"
     finally:
+        await engine.dispose()
+
+
+async def test_a_prune_step_earns_a_rest_three_times_as_long(db_url: str, tmp_path: Path) -> None:
+    """Retention deletes for at most 1/DUTY of the time: flat out, its WAL
+    outran the disk's syncs and ingest's commits waited (the prune row)."""
+    async with running(db_url, tmp_path) as h:
+        await h.post({"tasks": [chat_task("old0"), chat_task("old1")]})
+        await h.run_until_settled()
+        await _age_everything(h, OLD_DAYS)
+    engine = make_engine(db_url)
+    holder = await asyncpg.connect(db_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        r = Retention(engine, Reporter(engine, 0.03), days=30, batch_rows=2000, interval=300)
+        await r.reporter.roll_up()
+        cutoff = await r.cutoff()
+        assert cutoff is not None
+        # The step marks the tasks' batch as pruned: holding that row makes
+        # the step last at least HOLD seconds.
+        hold = 0.6
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM batches FOR UPDATE")
+
+        async def release() -> None:
+            await asyncio.sleep(hold)
+            await tx.rollback()
+
+        releasing = asyncio.create_task(release())
+        pruned = await r.step(cutoff)
+        await releasing
+        assert pruned.rows["tasks"] == 2
+        assert r.rest_seconds >= hold * (DUTY - 1), r.rest_seconds
+    finally:
+        await holder.close()
         await engine.dispose()
