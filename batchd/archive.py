@@ -43,8 +43,9 @@ class Archive:
     def batch_dir(self, day: date, batch_id: str) -> Path:
         return self.root / day.isoformat() / batch_id
 
-    async def keep(self, src: Path, day: date, batch_id: str, kind: str,
-                   info: dict[str, Any] | None = None) -> Path:
+    async def keep(
+        self, src: Path, day: date, batch_id: str, kind: str, info: dict[str, Any] | None = None
+    ) -> Path:
         """Compress ``src`` into the archive and record it in the manifest."""
         return await asyncio.to_thread(self._keep, src, day, batch_id, kind, info or {})
 
@@ -62,8 +63,9 @@ class Archive:
                 fout.write(chunk)
         _fsync(tmp)
         os.replace(tmp, dest)
-        self._record(folder, kind, {"file": dest.name, "bytes": size,
-                                    "sha256": digest.hexdigest(), **info})
+        self._record(
+            folder, kind, {"file": dest.name, "bytes": size, "sha256": digest.hexdigest(), **info}
+        )
         _fsync(folder)
         return dest
 

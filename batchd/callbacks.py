@@ -73,12 +73,14 @@ class CheckedResolver(AbstractResolver):
         self.allowed_hosts = allowed_hosts
         self._inner = ThreadedResolver()
 
-    async def resolve(self, host: str, port: int = 0,
-                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         found = await self._inner.resolve(host, port, family)
         for entry in found:
-            problem = callback_address_problem(ipaddress.ip_address(entry["host"]),
-                                               self.allowed_hosts())
+            problem = callback_address_problem(
+                ipaddress.ip_address(entry["host"]), self.allowed_hosts()
+            )
             if problem:
                 # Every address, not only the first: a name giving one public
                 # and one private address could be dialled at the second.
@@ -133,6 +135,7 @@ def _iso(value: Any) -> Any:
 @dataclass(frozen=True, slots=True)
 class CallbackConfig:
     """The settings callback delivery reads."""
+
     allowed_hosts: tuple[str, ...]
     max_attempts: int
     backoff_seconds: float
@@ -141,8 +144,13 @@ class CallbackConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> CallbackConfig:
-        return cls(s.callback_hosts, s.callback_max_attempts, s.callback_backoff_seconds,
-                   s.callback_timeout_seconds, s.callback_concurrency)
+        return cls(
+            s.callback_hosts,
+            s.callback_max_attempts,
+            s.callback_backoff_seconds,
+            s.callback_timeout_seconds,
+            s.callback_concurrency,
+        )
 
 
 class CallbackSender:
@@ -163,9 +171,15 @@ class CallbackSender:
     async def run(self, stop: asyncio.Event) -> None:
         try:
             # A backlog (a full claim with room to send more): claim again at once.
-            await run_ticks(stop, self.tick, logger=log, event="callbacks.tick_failed",
-                            interval=lambda started: 0 if started and len(self._running)
-                            < self.concurrency else _TICK_SECONDS)
+            await run_ticks(
+                stop,
+                self.tick,
+                logger=log,
+                event="callbacks.tick_failed",
+                interval=lambda started: (
+                    0 if started and len(self._running) < self.concurrency else _TICK_SECONDS
+                ),
+            )
             await self.wait_deliveries()
         finally:
             await self.close()
@@ -203,11 +217,15 @@ class CallbackSender:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             # No DNS cache: each delivery resolves (and checks) afresh.
-            connector = aiohttp.TCPConnector(resolver=CheckedResolver(lambda: self.allowed_hosts),
-                                             use_dns_cache=False)
+            connector = aiohttp.TCPConnector(
+                resolver=CheckedResolver(lambda: self.allowed_hosts), use_dns_cache=False
+            )
             self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout),
-                headers={"User-Agent": f"batchd/{__version__}"}, trust_env=False)
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers={"User-Agent": f"batchd/{__version__}"},
+                trust_env=False,
+            )
         return self._session
 
     async def _deliver(self, row: dict[str, Any]) -> None:
@@ -224,53 +242,80 @@ class CallbackSender:
             # Ops narrowed the allow-list since ingest: never POST there.
             error, retry = f"callback_url {problem}", False
         elif secret is None:
-            error = (f"no callback secret for client {row['client'] or 'anonymous'!r}; "
-                     "configure one, then replay")
+            error = (
+                f"no callback secret for client {row['client'] or 'anonymous'!r}; "
+                "configure one, then replay"
+            )
         else:
             status, error = await self._post(row, secret, attempt)
         duration = time.monotonic() - started
         delivered = status is not None and 200 <= status < 300
         retry_in = None
         if not delivered and retry and attempt < self.max_attempts:
-            retry_in = backoff_seconds(attempt, self.base_delay, random.random(),
-                                       _BACKOFF_CAP_SECONDS)
+            retry_in = backoff_seconds(
+                attempt, self.base_delay, random.random(), _BACKOFF_CAP_SECONDS
+            )
         try:
             async with self.engine.begin() as conn:
                 state = await record_callback_attempt(
-                    conn, row["id"], attempt, status=status, error=error, duration=duration,
-                    delivered=delivered, retry_in=retry_in)
+                    conn,
+                    row["id"],
+                    attempt,
+                    status=status,
+                    error=error,
+                    duration=duration,
+                    delivered=delivered,
+                    retry_in=retry_in,
+                )
         except Exception:
             # Not recorded: the lease runs out and the delivery is made again.
             log.exception("callbacks.record_failed", callback_id=row["id"])
             return
         outcome = "delivered" if delivered else ("retried" if retry_in is not None else "failed")
-        metrics.CALLBACK_DELIVERIES.labels(outcome=outcome,
-                                           client=self.clients.label(row["client"])).inc()
+        metrics.CALLBACK_DELIVERIES.labels(
+            outcome=outcome, client=self.clients.label(row["client"])
+        ).inc()
         metrics.CALLBACK_SECONDS.observe(duration)
         event = "callback.delivered" if delivered else "callback.attempt_failed"
         log_fn = log.warning if outcome == "failed" else log.info if delivered else log.debug
-        log_fn(event, callback_id=row["id"], custom_id=row["custom_id"], job=row.get("job"),
-               attempt=attempt,
-               status=status, error=error, outcome=outcome, state=state,
-               retry_in=round(retry_in, 1) if retry_in is not None else None)
+        log_fn(
+            event,
+            callback_id=row["id"],
+            custom_id=row["custom_id"],
+            job=row.get("job"),
+            attempt=attempt,
+            status=status,
+            error=error,
+            outcome=outcome,
+            state=state,
+            retry_in=round(retry_in, 1) if retry_in is not None else None,
+        )
 
-    async def _post(self, row: dict[str, Any], secret: str, attempt: int
-                    ) -> tuple[int | None, str | None]:
+    async def _post(
+        self, row: dict[str, Any], secret: str, attempt: int
+    ) -> tuple[int | None, str | None]:
         body = orjson.dumps(payload(row))
         timestamp = str(int(time.time()))
-        headers = {"Content-Type": "application/json", TIMESTAMP_HEADER: timestamp,
-                   SIGNATURE_HEADER: sign(secret, timestamp, body),
-                   DELIVERY_HEADER: str(row["id"]), ATTEMPT_HEADER: str(attempt)}
+        headers = {
+            "Content-Type": "application/json",
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: sign(secret, timestamp, body),
+            DELIVERY_HEADER: str(row["id"]),
+            ATTEMPT_HEADER: str(attempt),
+        }
         try:
             # Redirects are not followed: the allow-list vetted this URL only.
             # The answer's body is never read.
-            async with self.session.post(row["url"], data=body, headers=headers,
-                                         allow_redirects=False) as resp:
+            async with self.session.post(
+                row["url"], data=body, headers=headers, allow_redirects=False
+            ) as resp:
                 if 200 <= resp.status < 300:
                     return resp.status, None
                 if 300 <= resp.status < 400:
-                    return resp.status, (f"the receiver answered HTTP {resp.status}, a "
-                                         "redirect, which batchd does not follow")
+                    return resp.status, (
+                        f"the receiver answered HTTP {resp.status}, a "
+                        "redirect, which batchd does not follow"
+                    )
                 return resp.status, f"the receiver answered HTTP {resp.status}"
         except TimeoutError:
             return None, f"no answer within {self.timeout:g}s"

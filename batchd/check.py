@@ -29,8 +29,18 @@ from batchd.store import checks, rollups
 # What a stored day must still show when counted again: the events and the
 # money. (finished_ok and the lane columns follow the tasks' states now, which
 # later replays change by definition.)
-_STABLE = ("tasks_in", "succeeded", "failed", "retried", "replayed", "dismissed", "finished",
-           "spend_usd", "sync_usd", "unattributed_usd")
+_STABLE = (
+    "tasks_in",
+    "succeeded",
+    "failed",
+    "retried",
+    "replayed",
+    "dismissed",
+    "finished",
+    "spend_usd",
+    "sync_usd",
+    "unattributed_usd",
+)
 # How many recent stored days are counted again (each is a day's range scan).
 RECOUNT_DAYS = 7
 
@@ -44,29 +54,37 @@ class Breach:
 
     def line(self) -> str:
         shown = f": {', '.join(self.examples)}" if self.examples else ""
-        more = f" (and {self.count - len(self.examples)} more)" \
-            if self.count > len(self.examples) else ""
+        more = (
+            f" (and {self.count - len(self.examples)} more)"
+            if self.count > len(self.examples)
+            else ""
+        )
         return f"{self.code}: {self.count} breach(es) of '{self.says}'{shown}{more}"
 
     def as_json(self) -> dict[str, Any]:
-        return {"code": self.code, "says": self.says, "count": self.count,
-                "examples": self.examples}
+        return {
+            "code": self.code,
+            "says": self.says,
+            "count": self.count,
+            "examples": self.examples,
+        }
 
 
-async def check(engine: AsyncEngine, *, retention_days: int, now: datetime | None = None,
-                examples: int = 5) -> list[Breach]:
+async def check(
+    engine: AsyncEngine, *, retention_days: int, now: datetime | None = None, examples: int = 5
+) -> list[Breach]:
     """Every invariant above; an empty list when all hold."""
     async with engine.connect() as conn:
         # One snapshot for every query, so a busy database cannot show a
         # breach that is only two queries seeing different moments.
         await conn.execution_options(isolation_level="REPEATABLE READ")
         async with conn.begin():
-            return await check_in(conn, retention_days=retention_days, now=now,
-                                  examples=examples)
+            return await check_in(conn, retention_days=retention_days, now=now, examples=examples)
 
 
-async def check_in(conn: AsyncConnection, *, retention_days: int, now: datetime | None = None,
-                   examples: int = 5) -> list[Breach]:
+async def check_in(
+    conn: AsyncConnection, *, retention_days: int, now: datetime | None = None, examples: int = 5
+) -> list[Breach]:
     """``check`` on an open connection (inside its transaction)."""
     found: list[Breach] = []
     for inv in checks.INVARIANTS:
@@ -85,18 +103,26 @@ async def check_in(conn: AsyncConnection, *, retention_days: int, now: datetime 
             bad += await _recount(conn, day)
             day += timedelta(days=1)
         if bad:
-            found.append(Breach("daily_counters",
-                                "a stored day equals the same day counted again",
-                                len(bad), bad[:examples]))
+            found.append(
+                Breach(
+                    "daily_counters",
+                    "a stored day equals the same day counted again",
+                    len(bad),
+                    bad[:examples],
+                )
+            )
     return found
 
 
 async def _recount(conn: AsyncConnection, day: date) -> list[str]:
     lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
-    again = await rollups.compute_day(conn, lo, lo + timedelta(days=1),
-                                      LATENCY_BUCKETS_PER_DOUBLING)
-    stored = {(r["client"], r["provider"], r["model"], r["lane"]): r
-              for r in await rollups.stored_rows(conn, day, day, None)}
+    again = await rollups.compute_day(
+        conn, lo, lo + timedelta(days=1), LATENCY_BUCKETS_PER_DOUBLING
+    )
+    stored = {
+        (r["client"], r["provider"], r["model"], r["lane"]): r
+        for r in await rollups.stored_rows(conn, day, day, None)
+    }
     bad = []
     for key in sorted(set(again) | set(stored)):
         now_row = again.get(key, {})

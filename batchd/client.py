@@ -57,8 +57,17 @@ from batchd.signing import (
     verify,
 )
 
-__all__ = ["BatchdClient", "BatchdClientError", "JobNotFinished", "SignatureError",
-           "SubmitError", "SubmitSummary", "SyncBatchdClient", "TaskNotFound", "verify_callback"]
+__all__ = [
+    "BatchdClient",
+    "BatchdClientError",
+    "JobNotFinished",
+    "SignatureError",
+    "SubmitError",
+    "SubmitSummary",
+    "SyncBatchdClient",
+    "TaskNotFound",
+    "verify_callback",
+]
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 DEFAULT_CHUNK = 1000
@@ -67,8 +76,13 @@ _RETRY_STATUS = frozenset({429, 502, 503, 504})
 T = TypeVar("T")
 
 
-def verify_callback(secret: str, headers: Mapping[str, str], body: bytes, *,
-                    tolerance: float = DEFAULT_TOLERANCE_SECONDS) -> dict[str, Any]:
+def verify_callback(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+) -> dict[str, Any]:
     """The payload of a batchd callback, once its signature checks out.
 
     ``headers`` are the request's headers (any case-insensitive mapping, such
@@ -76,8 +90,13 @@ def verify_callback(secret: str, headers: Mapping[str, str], body: bytes, *,
     received. Raises SignatureError when the signature is missing, wrong, or
     more than ``tolerance`` seconds old.
     """
-    verify(secret, body, headers.get(TIMESTAMP_HEADER), headers.get(SIGNATURE_HEADER),
-           tolerance=tolerance)
+    verify(
+        secret,
+        body,
+        headers.get(TIMESTAMP_HEADER),
+        headers.get(SIGNATURE_HEADER),
+        tolerance=tolerance,
+    )
     doc: dict[str, Any] = orjson.loads(body)
     return doc
 
@@ -85,8 +104,9 @@ def verify_callback(secret: str, headers: Mapping[str, str], body: bytes, *,
 class BatchdClientError(BatchdError):
     """batchd refused a request; ``status``, ``code`` and ``details`` come from its reply."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
@@ -145,9 +165,16 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 class BatchdClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
-                 *, timeout: float = 60.0, retries: int = 8, backoff: float = 0.5,
-                 max_wait: float = 60.0) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8080",
+        token: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = 8,
+        backoff: float = 0.5,
+        max_wait: float = 60.0,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
@@ -223,13 +250,21 @@ class BatchdClient:
     async def submit_one(self, task: dict[str, Any]) -> dict[str, Any]:
         """Store one task; returns its ``{"custom_id", "state"}``."""
         summary = await self.submit([task], keep_states=True)
-        return {"custom_id": task.get("custom_id"),
-                "state": summary.states.get(str(task.get("custom_id")), "queued")}
+        return {
+            "custom_id": task.get("custom_id"),
+            "state": summary.states.get(str(task.get("custom_id")), "queued"),
+        }
 
-    async def submit(self, tasks: Iterable[dict[str, Any]], *, chunk: int = DEFAULT_CHUNK,
-                     progress: Callable[[int], None] | None = None,
-                     keep_states: bool = False, job: str | None = None,
-                     concurrency: int = 1) -> SubmitSummary:
+    async def submit(
+        self,
+        tasks: Iterable[dict[str, Any]],
+        *,
+        chunk: int = DEFAULT_CHUNK,
+        progress: Callable[[int], None] | None = None,
+        keep_states: bool = False,
+        job: str | None = None,
+        concurrency: int = 1,
+    ) -> SubmitSummary:
         """Store any number of tasks, ``chunk`` per request.
 
         ``job`` puts every task that names no job of its own into that job.
@@ -239,16 +274,28 @@ class BatchdClient:
         request. A refused chunk raises SubmitError saying how many tasks were
         stored (sending the same tasks again is harmless).
         """
-        def lines(part: list[dict[str, Any]]) -> list[bytes]:
-            return [orjson.dumps({**t, "job": job} if job is not None and "job" not in t
-                                 else t) for t in part]
-        return await self.submit_lines((lines(part) for part in _chunks(tasks, chunk)),
-                                       progress=progress, keep_states=keep_states,
-                                       concurrency=concurrency)
 
-    async def submit_lines(self, chunks: Iterable[list[bytes]], *,
-                           progress: Callable[[int], None] | None = None,
-                           keep_states: bool = False, concurrency: int = 1) -> SubmitSummary:
+        def lines(part: list[dict[str, Any]]) -> list[bytes]:
+            return [
+                orjson.dumps({**t, "job": job} if job is not None and "job" not in t else t)
+                for t in part
+            ]
+
+        return await self.submit_lines(
+            (lines(part) for part in _chunks(tasks, chunk)),
+            progress=progress,
+            keep_states=keep_states,
+            concurrency=concurrency,
+        )
+
+    async def submit_lines(
+        self,
+        chunks: Iterable[list[bytes]],
+        *,
+        progress: Callable[[int], None] | None = None,
+        keep_states: bool = False,
+        concurrency: int = 1,
+    ) -> SubmitSummary:
         """Store tasks already serialised as JSON, one request per chunk of
         lines, ``concurrency`` requests in flight (see ``submit``)."""
         if concurrency < 1:
@@ -262,15 +309,27 @@ class BatchdClient:
             nonlocal failure
             before = self.retried
             try:
-                reply = await self._request("POST", "/v1/tasks", data=b"\n".join(part),
-                                            headers={"Content-Type": "application/x-ndjson"})
+                reply = await self._request(
+                    "POST",
+                    "/v1/tasks",
+                    data=b"\n".join(part),
+                    headers={"Content-Type": "application/x-ndjson"},
+                )
             except BatchdClientError as exc:
                 if failure is None or start < failure.task_index_base:
                     failure = SubmitError(exc, stored=0, chunk_start=start)
                 return
             states = {t["custom_id"]: t["state"] for t in reply["tasks"]} if keep_states else {}
-            total.add(SubmitSummary(len(part), reply["accepted"], reply["duplicates"], 1,
-                                    self.retried - before, states))
+            total.add(
+                SubmitSummary(
+                    len(part),
+                    reply["accepted"],
+                    reply["duplicates"],
+                    1,
+                    self.retried - before,
+                    states,
+                )
+            )
             if progress is not None:
                 progress(total.tasks)
 
@@ -301,14 +360,16 @@ class BatchdClient:
         result: dict[str, Any] = await self._request("GET", f"/v1/tasks/{quote(custom_id, '')}")
         return result
 
-    async def results(self, after: str | int = 0, limit: int = 500
-                      ) -> AsyncGenerator[dict[str, Any], None]:
+    async def results(
+        self, after: str | int = 0, limit: int = 500
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Every stored result once, in completion order, from cursor ``after``.
         Each row's ``seq`` is the cursor to resume from."""
         cursor = str(after)
         while True:
-            page = await self._request("GET", "/v1/results",
-                                       params={"after": cursor, "limit": str(limit)})
+            page = await self._request(
+                "GET", "/v1/results", params={"after": cursor, "limit": str(limit)}
+            )
             for row in page["results"]:
                 yield row
             cursor = page["next"]
@@ -316,10 +377,16 @@ class BatchdClient:
                 return
 
     # A timeout argument (not asyncio.timeout) so the sync wrapper has one too.
-    async def wait(self, custom_ids: Iterable[str], *,
-                   timeout: float | None = None,  # noqa: ASYNC109
-                   interval: float = 1.0, max_interval: float = 15.0, concurrency: int = 16,
-                   progress: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
+    async def wait(
+        self,
+        custom_ids: Iterable[str],
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        interval: float = 1.0,
+        max_interval: float = 15.0,
+        concurrency: int = 16,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, dict[str, Any]]:
         """Each task's view once all reached ``succeeded`` or ``failed``.
 
         Polls only the tasks not yet finished, ``concurrency`` at a time, less
@@ -378,20 +445,25 @@ class BatchdClient:
         job's counts after it, with ``cancelled_now``. Harmless twice."""
         # A JSON body, empty: with no tokens configured batchd takes only
         # JSON POSTs (no cross-site form can cancel a job).
-        view: dict[str, Any] = await self._request("POST", self._job_path(job, "/cancel"),
-                                                   json={})
+        view: dict[str, Any] = await self._request("POST", self._job_path(job, "/cancel"), json={})
         return view
 
     async def set_job_callback(self, job: str, url: str | None) -> dict[str, Any]:
         """Where the job's counts are POSTed when it finishes (None: nowhere)."""
-        view: dict[str, Any] = await self._request("PUT", self._job_path(job),
-                                                   json={"callback_url": url})
+        view: dict[str, Any] = await self._request(
+            "PUT", self._job_path(job), json={"callback_url": url}
+        )
         return view
 
-    async def wait_job(self, job: str, *, timeout: float | None = None,  # noqa: ASYNC109
-                       interval: float = 0.25, min_tasks: int = 0,
-                       progress: Callable[[dict[str, Any]], None] | None = None
-                       ) -> dict[str, Any]:
+    async def wait_job(
+        self,
+        job: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        interval: float = 0.25,
+        min_tasks: int = 0,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """The job's status once no task of it is queued or submitted (and it
         holds at least ``min_tasks`` tasks): one GET per ``interval``, however
         big the job. ``progress`` gets each status. Raises JobNotFinished
@@ -410,35 +482,45 @@ class BatchdClient:
                 return view
             if deadline is not None and loop.time() + interval > deadline:
                 left = view["queued"] + view["submitted"]
-                raise JobNotFinished(f"job {job!r}: {left} task(s) not finished within "
-                                     f"{timeout:g}s", view)
+                raise JobNotFinished(
+                    f"job {job!r}: {left} task(s) not finished within {timeout:g}s", view
+                )
             await asyncio.sleep(interval)
 
-    async def job_result_chunks(self, job: str, *, state: str | None = None,
-                                after: str | None = None, stop_at_open: bool = False
-                                ) -> AsyncGenerator[bytes, None]:
+    async def job_result_chunks(
+        self,
+        job: str,
+        *,
+        state: str | None = None,
+        after: str | None = None,
+        stop_at_open: bool = False,
+    ) -> AsyncGenerator[bytes, None]:
         """The job's results stream as raw NDJSON bytes, whole lines only,
         resumed after the last complete line if the connection drops. With
         ``stop_at_open`` it ends before the first task not finished yet."""
         async for whole, _ in self._result_stream(job, state, after, stop_at_open):
             yield whole
 
-    async def _result_stream(self, job: str, state: str | None, after: str | None,
-                             stop_at_open: bool) -> AsyncGenerator[tuple[bytes, str], None]:
+    async def _result_stream(
+        self, job: str, state: str | None, after: str | None, stop_at_open: bool
+    ) -> AsyncGenerator[tuple[bytes, str], None]:
         """job_result_chunks, each chunk with the custom_id of its last line
         (the cursor to resume after)."""
         cursor = after
         attempt = 0
         while True:
-            params = {**({"state": state} if state else {}),
-                      **({"after": cursor} if cursor else {}),
-                      **({"stop_at_open": "true"} if stop_at_open else {})}
+            params = {
+                **({"state": state} if state else {}),
+                **({"after": cursor} if cursor else {}),
+                **({"stop_at_open": "true"} if stop_at_open else {}),
+            }
             tail = b""
             try:
-                async with self.session.get(self.base_url + self._job_path(job, "/results"),
-                                            params=params, timeout=aiohttp.ClientTimeout(
-                                                total=None, sock_read=self.timeout.total)
-                                            ) as resp:
+                async with self.session.get(
+                    self.base_url + self._job_path(job, "/results"),
+                    params=params,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_read=self.timeout.total),
+                ) as resp:
                     if resp.status != 200:
                         self._decode(resp.status, await resp.read())
                     # Big reads: the lines are copied whole, and the cursor is
@@ -449,7 +531,7 @@ class BatchdClient:
                         tail = data[end:]
                         if end:
                             whole = data[:end]
-                            last = whole[whole.rfind(b"\n", 0, end - 1) + 1:]
+                            last = whole[whole.rfind(b"\n", 0, end - 1) + 1 :]
                             cursor = orjson.loads(last)["custom_id"]
                             attempt = 0
                             yield whole, cursor
@@ -461,8 +543,9 @@ class BatchdClient:
             attempt += 1
             self.retried += 1
 
-    async def job_results(self, job: str, *, state: str | None = None,
-                          after: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+    async def job_results(
+        self, job: str, *, state: str | None = None, after: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Each finished task of the job once, in the order the tasks were
         accepted: ``{"custom_id", "state", "attempts", "response" | "error"}``.
         Memory stays flat whatever the job's size."""
@@ -471,8 +554,7 @@ class BatchdClient:
                 doc: dict[str, Any] = orjson.loads(line)
                 yield doc
 
-    async def write_job_results(self, job: str, out: Path, *, state: str | None = None
-                                ) -> int:
+    async def write_job_results(self, job: str, out: Path, *, state: str | None = None) -> int:
         """Write the job's results to ``out`` as NDJSON (through a temporary
         file, renamed when complete); returns the number of lines."""
         tmp = out.with_name(out.name + ".part")
@@ -484,11 +566,16 @@ class BatchdClient:
         tmp.replace(out)
         return lines
 
-    async def wait_job_results(self, job: str, out: Path, *,
-                               timeout: float | None = None,  # noqa: ASYNC109
-                               interval: float = 0.25, min_tasks: int = 0,
-                               progress: Callable[[dict[str, Any]], None] | None = None
-                               ) -> tuple[dict[str, Any], int]:
+    async def wait_job_results(
+        self,
+        job: str,
+        out: Path,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        interval: float = 0.25,
+        min_tasks: int = 0,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> tuple[dict[str, Any], int]:
         """wait_job, writing the job's results to ``out`` while it runs: each
         time the status shows more tasks finished, the lines finished since
         the last one written are appended (GET .../results?stop_at_open=true
@@ -531,8 +618,13 @@ class BatchdClient:
             with tmp.open("wb") as f:
                 reader = asyncio.create_task(follow(f))
                 try:
-                    view = await self.wait_job(job, timeout=timeout, interval=interval,
-                                               min_tasks=min_tasks, progress=status)
+                    view = await self.wait_job(
+                        job,
+                        timeout=timeout,
+                        interval=interval,
+                        min_tasks=min_tasks,
+                        progress=status,
+                    )
                     done = True
                     more.set()
                     await reader
@@ -560,8 +652,7 @@ class BatchdClient:
 
     # -------------------------------------------------------------- callbacks
 
-    async def failed_callbacks(self, client: str | None = None
-                               ) -> AsyncIterator[dict[str, Any]]:
+    async def failed_callbacks(self, client: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """Callback deliveries that used up their attempts."""
         after = "0"
         while True:
@@ -573,8 +664,9 @@ class BatchdClient:
             if not page["has_more"]:
                 return
 
-    async def replay_callbacks(self, ids: Iterable[int] | None = None,
-                               custom_ids: Iterable[str] | None = None) -> list[int]:
+    async def replay_callbacks(
+        self, ids: Iterable[int] | None = None, custom_ids: Iterable[str] | None = None
+    ) -> list[int]:
         """Deliver failed callbacks again (the named ones, or all when neither is given)."""
         doc: dict[str, Any] = {}
         if ids is not None:
@@ -591,16 +683,21 @@ class SyncBatchdClient:
     private loop the client keeps until ``close``. Not for use inside a
     running event loop (use BatchdClient there)."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8080", token: str | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8080", token: str | None = None, **options: Any
+    ) -> None:
         self._runner = asyncio.Runner()
         self._client = BatchdClient(base_url, token, **options)
 
     def __enter__(self) -> SyncBatchdClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def close(self) -> None:
@@ -614,8 +711,10 @@ class SyncBatchdClient:
         except RuntimeError:
             return self._runner.run(coro)
         coro.close()
-        raise RuntimeError("SyncBatchdClient was called inside a running event loop; "
-                           "use BatchdClient (async) there")
+        raise RuntimeError(
+            "SyncBatchdClient was called inside a running event loop; "
+            "use BatchdClient (async) there"
+        )
 
     def submit(self, tasks: Iterable[dict[str, Any]], **options: Any) -> SubmitSummary:
         summary: SubmitSummary = self._run(self._client.submit(tasks, **options))
@@ -644,8 +743,9 @@ class SyncBatchdClient:
         finally:
             self._run(pages.aclose())
 
-    def replay_callbacks(self, ids: Iterable[int] | None = None,
-                         custom_ids: Iterable[str] | None = None) -> list[int]:
+    def replay_callbacks(
+        self, ids: Iterable[int] | None = None, custom_ids: Iterable[str] | None = None
+    ) -> list[int]:
         replayed: list[int] = self._run(self._client.replay_callbacks(ids, custom_ids))
         return replayed
 
@@ -678,22 +778,24 @@ class SyncBatchdClient:
         view: dict[str, Any] = self._run(self._client.wait_job(job, **options))
         return view
 
-    def job_results(self, job: str, *, state: str | None = None, after: str | None = None
-                    ) -> Iterator[dict[str, Any]]:
+    def job_results(
+        self, job: str, *, state: str | None = None, after: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         return self._iterate(self._client.job_results(job, state=state, after=after))
 
     def write_job_results(self, job: str, out: Path, *, state: str | None = None) -> int:
         lines: int = self._run(self._client.write_job_results(job, out, state=state))
         return lines
 
-    def wait_job_results(self, job: str, out: Path, **options: Any
-                         ) -> tuple[dict[str, Any], int]:
+    def wait_job_results(self, job: str, out: Path, **options: Any) -> tuple[dict[str, Any], int]:
         done: tuple[dict[str, Any], int] = self._run(
-            self._client.wait_job_results(job, out, **options))
+            self._client.wait_job_results(job, out, **options)
+        )
         return done
 
 
 # ----------------------------------------------------------- JSONL files
+
 
 class FileError(BatchdClientError):
     """A line of the tasks file is not a JSON object; nothing was sent."""
@@ -714,13 +816,13 @@ def scan_file_jobs(path: Path) -> tuple[int, bool]:
             own_job = own_job or "job" in doc
             count += 1
     except jsonl.JsonlError as exc:
-        raise FileError(400, "invalid_json", f"{exc}; a task is one JSON object a line") \
-            from None
+        raise FileError(400, "invalid_json", f"{exc}; a task is one JSON object a line") from None
     return count, own_job
 
 
-def file_chunks(path: Path, chunk: int, job: str | None = None, *, own_job: bool = True
-                ) -> Iterator[list[bytes]]:
+def file_chunks(
+    path: Path, chunk: int, job: str | None = None, *, own_job: bool = True
+) -> Iterator[list[bytes]]:
     """The tasks of a JSONL file as lists of ``chunk`` JSON lines, read as a
     stream. With ``job``, each task that names no job of its own gets it;
     when ``own_job`` is False (scan_file_jobs found none) the field is added
@@ -765,9 +867,14 @@ def line_of_task(path: Path, index: int) -> int | None:
     return None
 
 
-async def submit_file(path: Path, url: str, *, token: str | None = None,
-                      chunk: int = DEFAULT_CHUNK,
-                      progress: Callable[[int], None] | None = None) -> SubmitSummary:
+async def submit_file(
+    path: Path,
+    url: str,
+    *,
+    token: str | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    progress: Callable[[int], None] | None = None,
+) -> SubmitSummary:
     """POST a JSONL file of tasks in chunks of ``chunk`` lines."""
     async with BatchdClient(url, token) as client:
         return await client.submit(iter_file(path), chunk=chunk, progress=progress)

@@ -99,12 +99,13 @@ def parse_file(text: str, allowed_hosts: tuple[str, ...]) -> list[tuple[Client, 
     return out
 
 
-def _client_from(name: str, spec: Any, allowed_hosts: tuple[str, ...]
-                 ) -> tuple[Client, list[str]]:
+def _client_from(name: str, spec: Any, allowed_hosts: tuple[str, ...]) -> tuple[Client, list[str]]:
     where = f"clients.{name}"
     if not _NAME.fullmatch(name) or name in RESERVED:
-        raise ValueError(f"{where}: a client name is 1-64 letters, digits, '_', '.', '-' and "
-                         f"not one of {', '.join(sorted(RESERVED))}")
+        raise ValueError(
+            f"{where}: a client name is 1-64 letters, digits, '_', '.', '-' and "
+            f"not one of {', '.join(sorted(RESERVED))}"
+        )
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must be a table")
     unknown = set(spec) - {"token", "tokens", "callback_secret", "callback_url", "admin"}
@@ -114,45 +115,56 @@ def _client_from(name: str, spec: Any, allowed_hosts: tuple[str, ...]
     if "token" in spec:
         tokens = [spec["token"], *tokens]
     if not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
-        raise ValueError(f"{where}: give token = \"...\" or tokens = [\"...\"] (non-empty "
-                         "strings)")
+        raise ValueError(f'{where}: give token = "..." or tokens = ["..."] (non-empty strings)')
     secret = spec.get("callback_secret")
-    if secret is not None and (not isinstance(secret, str)
-                               or len(secret.encode()) < MIN_SECRET_BYTES):
-        raise ValueError(f"{where}: callback_secret must be a string of at least "
-                         f"{MIN_SECRET_BYTES} bytes (`openssl rand -hex 32` makes one)")
+    if secret is not None and (
+        not isinstance(secret, str) or len(secret.encode()) < MIN_SECRET_BYTES
+    ):
+        raise ValueError(
+            f"{where}: callback_secret must be a string of at least "
+            f"{MIN_SECRET_BYTES} bytes (`openssl rand -hex 32` makes one)"
+        )
     url = spec.get("callback_url")
     if url is not None:
-        problem = callback_url_problem(url, allowed_hosts) if isinstance(url, str) else \
-            "must be an http(s) URL string"
+        problem = (
+            callback_url_problem(url, allowed_hosts)
+            if isinstance(url, str)
+            else "must be an http(s) URL string"
+        )
         if problem:
             raise ValueError(f"{where}: callback_url {problem}")
     admin = spec.get("admin", False)
     if not isinstance(admin, bool):
         raise ValueError(f"{where}: admin must be true or false")
-    return Client(name, None if secret is None else SecretStr(secret), url, admin), \
-        [t.strip() for t in tokens]
+    return Client(name, None if secret is None else SecretStr(secret), url, admin), [
+        t.strip() for t in tokens
+    ]
 
 
 class Clients:
     """Token → client lookups, the bounded metric label, callback secrets."""
 
-    def __init__(self, entries: Iterable[tuple[Client | None, str]],
-                 default_secret: SecretStr | None = None) -> None:
+    def __init__(
+        self, entries: Iterable[tuple[Client | None, str]], default_secret: SecretStr | None = None
+    ) -> None:
         self._tokens: list[tuple[bytes, Client]] = []
         self._by_name: dict[str, Client] = {}
         seen: set[str] = set()
         for client, token in entries:
             if token in seen:
-                raise ConfigError("BATCHD_INGEST_TOKENS: a token is listed twice; every token "
-                                  "must name one client")
+                raise ConfigError(
+                    "BATCHD_INGEST_TOKENS: a token is listed twice; every token "
+                    "must name one client"
+                )
             seen.add(token)
             self._tokens.append((token.encode(), client or LOCAL_CLIENT))
             if client is not None:
                 known = self._by_name.setdefault(client.name, client)
                 if known != client:
-                    raise ConfigError(f"BATCHD_INGEST_TOKENS: client {client.name!r} is "
-                                      "configured twice with different settings")
+                    raise ConfigError(
+                        f"BATCHD_INGEST_TOKENS: client {client.name!r} is "
+                        "configured twice with different settings"
+                    )
         self.default_secret = default_secret
 
     @classmethod
@@ -172,21 +184,27 @@ class Clients:
         inline = settings.ingest_tokens
         for name, token in parse_inline(inline.get_secret_value() if inline else None):
             if name in RESERVED:
-                raise ConfigError(f"BATCHD_INGEST_TOKENS: {name!r} is reserved (plain tokens "
-                                  "belong to 'local'); name the client otherwise")
+                raise ConfigError(
+                    f"BATCHD_INGEST_TOKENS: {name!r} is reserved (plain tokens "
+                    "belong to 'local'); name the client otherwise"
+                )
             # An inline name the file also configures shares its settings.
             named = None if name is None else file_clients.get(name, Client(name))
             entries.append((named, token))
         admins = settings.admin_tokens
         for name, token in parse_inline(admins.get_secret_value() if admins else None):
             if name is None or name in RESERVED:
-                raise ConfigError("BATCHD_ADMIN_TOKENS: give name=token entries (a name that "
-                                  f"is not one of {', '.join(sorted(RESERVED))})")
+                raise ConfigError(
+                    "BATCHD_ADMIN_TOKENS: give name=token entries (a name that "
+                    f"is not one of {', '.join(sorted(RESERVED))})"
+                )
             known = file_clients.get(name)
             if known is not None and not known.admin:
-                raise ConfigError(f"BATCHD_ADMIN_TOKENS: {name!r} is a client of "
-                                  "BATCHD_INGEST_TOKENS_FILE without admin = true; a name "
-                                  "is an admin everywhere or nowhere")
+                raise ConfigError(
+                    f"BATCHD_ADMIN_TOKENS: {name!r} is a client of "
+                    "BATCHD_INGEST_TOKENS_FILE without admin = true; a name "
+                    "is an admin everywhere or nowhere"
+                )
             entries.append((known or Client(name, admin=True), token))
         return cls(entries, settings.callback_secret)
 
@@ -235,4 +253,3 @@ class Clients:
         secret = client.callback_secret if client is not None else None
         secret = secret or self.default_secret
         return secret.get_secret_value() if secret is not None else None
-

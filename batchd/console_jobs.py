@@ -69,8 +69,9 @@ def _name(request: web.Request) -> str | None:
     return None if job_name_problem(name, request.app[STATE].ingest.limits) else name
 
 
-async def _find(request: web.Request, viewer: Viewer
-                ) -> tuple[str, str, JobView] | web.StreamResponse:
+async def _find(
+    request: web.Request, viewer: Viewer
+) -> tuple[str, str, JobView] | web.StreamResponse:
     """The job a page names, as (client, name, view), or the page refusing."""
     try:
         client = _owner(request.query, viewer)
@@ -84,8 +85,9 @@ async def _find(request: web.Request, viewer: Viewer
 
 
 def _job_url(viewer: Viewer, client: str, job: str, tail: str = "", **params: Any) -> str:
-    return v.url(f"/ui/jobs/{quote(job, safe='')}{tail}",
-                 client=client if viewer.admin else None, **params)
+    return v.url(
+        f"/ui/jobs/{quote(job, safe='')}{tail}", client=client if viewer.admin else None, **params
+    )
 
 
 def _progress(j: JobView) -> str:
@@ -97,14 +99,18 @@ def _progress(j: JobView) -> str:
 def _picker(request: web.Request, viewer: Viewer, client: str | None) -> str:
     if not viewer.admin:
         return ""
-    known = sorted(request.app[CONSOLE].clients.names | {viewer.name} | (
-        {client} if client else set()))
+    known = sorted(
+        request.app[CONSOLE].clients.names | {viewer.name} | ({client} if client else set())
+    )
     options = '<option value="">every client</option>' + "".join(
         f'<option value="{v.e(c)}"{" selected" if c == client else ""}>{v.e(c)}</option>'
-        for c in known)
-    return ('<form method="get" action="/ui/jobs" class="filters"><label>client '
-            f'<select name="client">{options}</select></label>'
-            '<button type="submit">Show</button></form>')
+        for c in known
+    )
+    return (
+        '<form method="get" action="/ui/jobs" class="filters"><label>client '
+        f'<select name="client">{options}</select></label>'
+        '<button type="submit">Show</button></form>'
+    )
 
 
 @page
@@ -117,36 +123,65 @@ async def jobs_list(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     except BadClient as exc:
         return refusal(400, "Bad client", str(exc), viewer)
     after = request.query.get("after") or None
-    if after is not None and (job_name_problem(after, limits)
-                              or (client is None and after_client is None)):
+    if after is not None and (
+        job_name_problem(after, limits) or (client is None and after_client is None)
+    ):
         return refusal(400, "Bad cursor", "follow the Older link from the page before", viewer)
     if client is not None:
         views = await jobs.page(client, after, PAGE + 1)
     else:
-        views = await jobs.page_all((after_client, after) if after and after_client else None,
-                                    PAGE + 1)
+        views = await jobs.page_all(
+            (after_client, after) if after and after_client else None, PAGE + 1
+        )
     more = len(views) > PAGE
     views = views[:PAGE]
     every = client is None
-    rows = [([v.e(j.client)] if every else []) + [
-        f'<a href="{_job_url(viewer, j.client, j.job)}">{v.e(j.job)}</a>', _progress(j),
-        v.e(f"{j.queued:,}"), v.e(f"{j.submitted:,}"), v.e(f"{j.succeeded:,}"),
-        v.e(f"{j.failed:,}"), v.e(f"{j.cancelled:,}"), v.money(j.spend_usd),
-        v.money(j.sync_equivalent_usd - j.spend_usd), v.e(j.created_at), v.e(j.finished_at)]
-        for j in views]
+    rows = [
+        ([v.e(j.client)] if every else [])
+        + [
+            f'<a href="{_job_url(viewer, j.client, j.job)}">{v.e(j.job)}</a>',
+            _progress(j),
+            v.e(f"{j.queued:,}"),
+            v.e(f"{j.submitted:,}"),
+            v.e(f"{j.succeeded:,}"),
+            v.e(f"{j.failed:,}"),
+            v.e(f"{j.cancelled:,}"),
+            v.money(j.spend_usd),
+            v.money(j.sync_equivalent_usd - j.spend_usd),
+            v.e(j.created_at),
+            v.e(j.finished_at),
+        ]
+        for j in views
+    ]
     heads = (["client"] if every else []) + [
-        "job", "progress", "queued", "submitted", "succeeded", "failed", "cancelled", "spend",
-        "saved", "created", "finished"]
+        "job",
+        "progress",
+        "queued",
+        "submitted",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "spend",
+        "saved",
+        "created",
+        "finished",
+    ]
     listing = v.table(heads, rows, cls="jobs", empty="no job yet")
     nav = ""
     if more:
         last = views[-1]
-        older = v.url("/ui/jobs", client=client if viewer.admin else None, after=last.job,
-                      after_client=last.client if every else None)
+        older = v.url(
+            "/ui/jobs",
+            client=client if viewer.admin else None,
+            after=last.job,
+            after_client=last.client if every else None,
+        )
         nav = f'<p><a rel="next" href="{older}">Older \u2192</a></p>'
     whose = "every client" if every else f"<strong>{v.e(client)}</strong>"
-    body = (f'{_picker(request, viewer, client)}<p>Jobs of {whose}, newest first (the '
-            f'numbers of <code>GET /v1/jobs</code>).</p>{listing}{nav}')
+    body = (
+        f"{_picker(request, viewer, client)}<p>Jobs of {whose}, newest first (the "
+        f"numbers of <code>GET /v1/jobs</code>).</p>{listing}{nav}"
+    )
     return html(v.frame("Jobs", body, viewer=viewer.name, csrf=viewer.csrf, active="/ui/jobs"))
 
 
@@ -156,33 +191,45 @@ async def job_detail(request: web.Request, viewer: Viewer) -> web.StreamResponse
     if isinstance(found, web.StreamResponse):
         return found
     client, name, j = found
-    facts = v.pairs([
-        ("client", f'<span id="job-client">{v.e(client)}</span>'), ("progress", _progress(j)),
-        ("tasks", f'<span id="job-tasks">{j.tasks:,}</span>'),
-        ("queued", f'<span id="job-queued">{j.queued:,}</span>'),
-        ("submitted", f'<span id="job-submitted">{j.submitted:,}</span>'),
-        ("succeeded", f'<span id="job-succeeded">{j.succeeded:,}</span>'),
-        ("failed", f'<span id="job-failed">{j.failed:,}</span>'),
-        ("cancelled", f'<span id="job-cancelled">{j.cancelled:,}</span>'),
-        ("spend", f'<span id="job-spend">{v.money(j.spend_usd)}</span>'),
-        ("sync price", v.money(j.sync_equivalent_usd)),
-        ("saved", v.money(j.sync_equivalent_usd - j.spend_usd)),
-        ("created", v.e(j.created_at)), ("finished", v.e(j.finished_at)),
-        ("cancelled at", v.e(j.cancelled_at)), ("callback", v.e(j.callback_url))])
+    facts = v.pairs(
+        [
+            ("client", f'<span id="job-client">{v.e(client)}</span>'),
+            ("progress", _progress(j)),
+            ("tasks", f'<span id="job-tasks">{j.tasks:,}</span>'),
+            ("queued", f'<span id="job-queued">{j.queued:,}</span>'),
+            ("submitted", f'<span id="job-submitted">{j.submitted:,}</span>'),
+            ("succeeded", f'<span id="job-succeeded">{j.succeeded:,}</span>'),
+            ("failed", f'<span id="job-failed">{j.failed:,}</span>'),
+            ("cancelled", f'<span id="job-cancelled">{j.cancelled:,}</span>'),
+            ("spend", f'<span id="job-spend">{v.money(j.spend_usd)}</span>'),
+            ("sync price", v.money(j.sync_equivalent_usd)),
+            ("saved", v.money(j.sync_equivalent_usd - j.spend_usd)),
+            ("created", v.e(j.created_at)),
+            ("finished", v.e(j.finished_at)),
+            ("cancelled at", v.e(j.cancelled_at)),
+            ("callback", v.e(j.callback_url)),
+        ]
+    )
     downloads = " · ".join(
         f'<a href="{_job_url(viewer, client, name, "/results", state=s)}">{label}</a>'
-        for s, label in [(None, "all finished tasks"), *((s, s) for s in FINISHED_STATES)])
+        for s, label in [(None, "all finished tasks"), *((s, s) for s in FINISHED_STATES)]
+    )
     cancel = "<p>Nothing is left to cancel.</p>"
     if j.open:
-        cancel = (f'<form method="post" action="{_job_url(viewer, client, name, "/cancel")}">'
-                  f'{v.csrf_field(viewer.csrf)}<button type="submit">Cancel the job\'s '
-                  f'{j.queued:,} queued tasks</button></form>'
-                  '<p class="hint">Tasks already at the provider finish and are stored.</p>')
-    body = (f'{facts}<h2>Results</h2><p>Download as NDJSON (the lines of '
-            f'<code>GET /v1/jobs/{{job}}/results</code>): {downloads}</p>'
-            f'<h2>Cancel</h2>{cancel}')
-    return html(v.frame(f"Job {name}", body, viewer=viewer.name, csrf=viewer.csrf,
-                        active="/ui/jobs"))
+        cancel = (
+            f'<form method="post" action="{_job_url(viewer, client, name, "/cancel")}">'
+            f'{v.csrf_field(viewer.csrf)}<button type="submit">Cancel the job\'s '
+            f"{j.queued:,} queued tasks</button></form>"
+            '<p class="hint">Tasks already at the provider finish and are stored.</p>'
+        )
+    body = (
+        f"{facts}<h2>Results</h2><p>Download as NDJSON (the lines of "
+        f"<code>GET /v1/jobs/{{job}}/results</code>): {downloads}</p>"
+        f"<h2>Cancel</h2>{cancel}"
+    )
+    return html(
+        v.frame(f"Job {name}", body, viewer=viewer.name, csrf=viewer.csrf, active="/ui/jobs")
+    )
 
 
 @page
@@ -197,48 +244,77 @@ async def job_cancel(request: web.Request, viewer: Viewer) -> web.StreamResponse
         return found
     client, name, j = found
     if form.get("confirm") != "yes":
-        body = (f'<p class="warn">Cancel job <strong>{v.e(name)}</strong> of '
-                f'<strong>{v.e(client)}</strong>: its <span class="n" id="confirm-count">'
-                f'{j.queued:,}</span> queued tasks become cancelled and are never sent; the '
-                f'{j.submitted:,} tasks already at the provider finish.</p>'
-                f'<form method="post" action="{_job_url(viewer, client, name, "/cancel")}">'
-                f'{v.csrf_field(viewer.csrf)}<input type="hidden" name="confirm" value="yes">'
-                '<button type="submit" class="danger">Yes, cancel the job</button> '
-                f'<a href="{_job_url(viewer, client, name)}">Back</a></form>')
-        return html(v.frame(f"Confirm cancel {name}", body, viewer=viewer.name,
-                            csrf=viewer.csrf, active="/ui/jobs"))
+        body = (
+            f'<p class="warn">Cancel job <strong>{v.e(name)}</strong> of '
+            f'<strong>{v.e(client)}</strong>: its <span class="n" id="confirm-count">'
+            f"{j.queued:,}</span> queued tasks become cancelled and are never sent; the "
+            f"{j.submitted:,} tasks already at the provider finish.</p>"
+            f'<form method="post" action="{_job_url(viewer, client, name, "/cancel")}">'
+            f'{v.csrf_field(viewer.csrf)}<input type="hidden" name="confirm" value="yes">'
+            '<button type="submit" class="danger">Yes, cancel the job</button> '
+            f'<a href="{_job_url(viewer, client, name)}">Back</a></form>'
+        )
+        return html(
+            v.frame(
+                f"Confirm cancel {name}",
+                body,
+                viewer=viewer.name,
+                csrf=viewer.csrf,
+                active="/ui/jobs",
+            )
+        )
     done = await jobs.cancel(client, name)
     if done is None:
         return refusal(404, "No such job", _NO_JOB, viewer)
     async with console.engine.begin() as conn:
         audit_id = await sql.record_action(
-            conn, actor=viewer.name, client=client, action="cancel_job", requested=j.queued,
-            affected=done.cancelled_now, detail={"job": name})
-    log.info("console.action", action="cancel_job", viewer=viewer.name, client=client,
-             job=name, affected=done.cancelled_now, audit_id=audit_id)
-    body = (f'<p class="ok" id="action-result">Cancelled <span class="n">'
-            f'{done.cancelled_now:,}</span> queued tasks of job {v.e(name)} '
-            f'(audit #{audit_id}).</p>'
-            f'<p><a href="{_job_url(viewer, client, name)}">Back to the job</a></p>')
-    return html(v.frame("Job cancelled", body, viewer=viewer.name, csrf=viewer.csrf,
-                        active="/ui/jobs"))
+            conn,
+            actor=viewer.name,
+            client=client,
+            action="cancel_job",
+            requested=j.queued,
+            affected=done.cancelled_now,
+            detail={"job": name},
+        )
+    log.info(
+        "console.action",
+        action="cancel_job",
+        viewer=viewer.name,
+        client=client,
+        job=name,
+        affected=done.cancelled_now,
+        audit_id=audit_id,
+    )
+    body = (
+        f'<p class="ok" id="action-result">Cancelled <span class="n">'
+        f"{done.cancelled_now:,}</span> queued tasks of job {v.e(name)} "
+        f"(audit #{audit_id}).</p>"
+        f'<p><a href="{_job_url(viewer, client, name)}">Back to the job</a></p>'
+    )
+    return html(
+        v.frame("Job cancelled", body, viewer=viewer.name, csrf=viewer.csrf, active="/ui/jobs")
+    )
 
 
 @page
 async def job_results(request: web.Request, viewer: Viewer) -> web.StreamResponse:
     wanted = request.query.get("state")
     if wanted is not None and wanted not in FINISHED_STATES:
-        return refusal(400, "Bad state", f"state is one of {', '.join(FINISHED_STATES)}",
-                       viewer)
+        return refusal(400, "Bad state", f"state is one of {', '.join(FINISHED_STATES)}", viewer)
     found = await _find(request, viewer)
     if isinstance(found, web.StreamResponse):
         return found
     client, name, _ = found
     jobs = request.app[JOBS]
     filename = f"{client}-{name}-results.jsonl".replace("/", "_")
-    response = secure(web.StreamResponse(headers={
-        "Content-Type": "application/x-ndjson",
-        "Content-Disposition": f'attachment; filename="{filename}"'}))
+    response = secure(
+        web.StreamResponse(
+            headers={
+                "Content-Type": "application/x-ndjson",
+                "Content-Disposition": f'attachment; filename="{filename}"',
+            }
+        )
+    )
     await response.prepare(request)
     async for chunk in jobs.results(client, name, states=[wanted] if wanted else FINISHED_STATES):
         await response.write(chunk)

@@ -55,8 +55,13 @@ CHAT_ROLES = ("developer", "system", "user", "assistant", "tool", "function")
 
 # The URL's length and form are documented here but checked with the allow-list
 # (domain.callback_url_problem), whose sentences say what is wrong with it.
-CallbackUrl = Annotated[str, Meta(min_length=1, extra_json_schema={
-    "maxLength": MAX_CALLBACK_URL, "pattern": CALLBACK_URL_PATTERN})]
+CallbackUrl = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        extra_json_schema={"maxLength": MAX_CALLBACK_URL, "pattern": CALLBACK_URL_PATTERN},
+    ),
+]
 ProviderName = Annotated[str, Meta(pattern=PROVIDER_NAME.pattern)]
 EndpointName = Literal[tuple(ENDPOINTS)]  # type: ignore[valid-type]
 Deadline = Annotated[str, Meta(extra_json_schema={"format": "date-time"})]
@@ -71,8 +76,8 @@ def whole(pattern: str) -> str:
 
 # ------------------------------------------------------------------ requests
 
-class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True,
-                  omit_defaults=True):
+
+class TaskRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """One task as submitted. The fields' limits come from the settings
     (``task_type``); this is the shape code reads. ``method`` and ``url``
     let a provider input line be posted as it is (``url`` is another name
@@ -99,59 +104,137 @@ def _described(annotation: Any, description: str) -> Any:
 
 def task_type(limits: Limits) -> type[TaskRequest]:
     """TaskRequest with the configured limits on its fields."""
-    custom_id = _described(custom_id_type(limits), "your id for the task, unique across "
-                           "batchd; its result is stored under it once")
+    custom_id = _described(
+        custom_id_type(limits),
+        "your id for the task, unique across batchd; its result is stored under it once",
+    )
     endpoint = EndpointName
     metadata = Annotated[
-        dict[Annotated[str, Meta(max_length=limits.metadata_key_chars, pattern=NO_NUL)],
-             Annotated[str, Meta(max_length=limits.metadata_value_chars, pattern=NO_NUL)]],
-        Meta(max_length=limits.metadata_pairs, description="string pairs kept with the task",
-             extra_json_schema={"properties": {PROFILE_KEY: {
-                 "enum": list(PROFILES),
-                 "description": "latency tolerance of the workload"}}})]
+        dict[
+            Annotated[str, Meta(max_length=limits.metadata_key_chars, pattern=NO_NUL)],
+            Annotated[str, Meta(max_length=limits.metadata_value_chars, pattern=NO_NUL)],
+        ],
+        Meta(
+            max_length=limits.metadata_pairs,
+            description="string pairs kept with the task",
+            extra_json_schema={
+                "properties": {
+                    PROFILE_KEY: {
+                        "enum": list(PROFILES),
+                        "description": "latency tolerance of the workload",
+                    }
+                }
+            },
+        ),
+    ]
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
         ("custom_id", custom_id),
         ("body", dict[str, Any]),
         ("endpoint", endpoint | UnsetType, UNSET),
         ("url", _described(endpoint, "another name for endpoint") | UnsetType, UNSET),
-        ("method", _described(Literal["POST"], "accepted so provider input lines can be "
-                              "posted as they are"), "POST"),
-        ("provider", _described(ProviderName, "the provider to run it (DESIGN section 14); "
-                                "default: by endpoint, then BATCHD_MODEL_ROUTES") | None, None),
+        (
+            "method",
+            _described(
+                Literal["POST"], "accepted so provider input lines can be posted as they are"
+            ),
+            "POST",
+        ),
+        (
+            "provider",
+            _described(
+                ProviderName,
+                "the provider to run it (DESIGN section 14); "
+                "default: by endpoint, then BATCHD_MODEL_ROUTES",
+            )
+            | None,
+            None,
+        ),
         ("metadata", metadata | None, None),
-        ("lane", _described(Literal["batch", "sync"], '"sync" calls the provider at once, at '
-                            "the synchronous price") | None, None),
-        ("deadline", _described(Deadline, "RFC 3339 time by which a result is needed; one a "
-                                "batch cannot meet goes to the synchronous lane") | None, None),
-        ("callback_url", _described(CallbackUrl, "where batchd POSTs the task's result once "
-                                    "it is terminal, signed with HMAC-SHA256 (headers "
-                                    "Batchd-Timestamp, Batchd-Signature; see the taskFinished "
-                                    "webhook); the host must be in "
-                                    "BATCHD_CALLBACK_ALLOWED_HOSTS") | None, None),
-        ("job", _described(job_type(limits), "the job the task belongs to (yours only: "
-                           "names are per client); GET /v1/jobs/{job} counts it") | None, None),
-        ("job_callback_url", _described(CallbackUrl, "with job: where batchd POSTs the job's "
-                                        "counts once none of its tasks is queued or "
-                                        "submitted (the jobFinished webhook), signed as task "
-                                        "callbacks; taken from the job's first task (PUT "
-                                        "/v1/jobs/{job} changes it)") | None | UnsetType,
-         UNSET),
+        (
+            "lane",
+            _described(
+                Literal["batch", "sync"],
+                '"sync" calls the provider at once, at the synchronous price',
+            )
+            | None,
+            None,
+        ),
+        (
+            "deadline",
+            _described(
+                Deadline,
+                "RFC 3339 time by which a result is needed; one a "
+                "batch cannot meet goes to the synchronous lane",
+            )
+            | None,
+            None,
+        ),
+        (
+            "callback_url",
+            _described(
+                CallbackUrl,
+                "where batchd POSTs the task's result once "
+                "it is terminal, signed with HMAC-SHA256 (headers "
+                "Batchd-Timestamp, Batchd-Signature; see the taskFinished "
+                "webhook); the host must be in "
+                "BATCHD_CALLBACK_ALLOWED_HOSTS",
+            )
+            | None,
+            None,
+        ),
+        (
+            "job",
+            _described(
+                job_type(limits),
+                "the job the task belongs to (yours only: "
+                "names are per client); GET /v1/jobs/{job} counts it",
+            )
+            | None,
+            None,
+        ),
+        (
+            "job_callback_url",
+            _described(
+                CallbackUrl,
+                "with job: where batchd POSTs the job's "
+                "counts once none of its tasks is queued or "
+                "submitted (the jobFinished webhook), signed as task "
+                "callbacks; taken from the job's first task (PUT "
+                "/v1/jobs/{job} changes it)",
+            )
+            | None
+            | UnsetType,
+            UNSET,
+        ),
     ]
-    return cast(type[TaskRequest], msgspec.defstruct(
-        "Task", fields, bases=(TaskRequest,), kw_only=True, forbid_unknown_fields=True,
-        omit_defaults=True))
+    return cast(
+        type[TaskRequest],
+        msgspec.defstruct(
+            "Task",
+            fields,
+            bases=(TaskRequest,),
+            kw_only=True,
+            forbid_unknown_fields=True,
+            omit_defaults=True,
+        ),
+    )
 
 
 def custom_id_type(limits: Limits) -> Any:
     """A custom_id: the configured length and alphabet."""
-    return Annotated[str, Meta(min_length=1, max_length=limits.custom_id_chars,
-                               pattern=whole(limits.custom_id_pattern))]
+    return Annotated[
+        str,
+        Meta(
+            min_length=1, max_length=limits.custom_id_chars, pattern=whole(limits.custom_id_pattern)
+        ),
+    ]
 
 
 def job_type(limits: Limits) -> Any:
     """A job name: 1-128 characters of the custom_id alphabet."""
-    return Annotated[str, Meta(min_length=1, max_length=MAX_JOB_CHARS,
-                               pattern=whole(limits.custom_id_pattern))]
+    return Annotated[
+        str, Meta(min_length=1, max_length=MAX_JOB_CHARS, pattern=whole(limits.custom_id_pattern))
+    ]
 
 
 class ReplayRequest(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -172,9 +255,13 @@ class CallbackReplayRequest(msgspec.Struct, forbid_unknown_fields=True, omit_def
 class JobUpdate(msgspec.Struct, forbid_unknown_fields=True):
     """PUT /v1/jobs/{job}: set (or, with null, clear) the job's callback_url."""
 
-    callback_url: Annotated[CallbackUrl, Meta(
-        description="where the job's counts are POSTed when it finishes (null: nowhere)")] \
+    callback_url: (
+        Annotated[
+            CallbackUrl,
+            Meta(description="where the job's counts are POSTed when it finishes (null: nowhere)"),
+        ]
         | None
+    )
 
 
 # ---------------------------------------------------------- query parameters
@@ -200,10 +287,16 @@ State = Literal["queued", "submitted", "succeeded", "failed", "dismissed", "canc
 Terminal = Literal["succeeded", "failed", "dismissed", "cancelled"]
 Count = Annotated[int, Meta(ge=0)]
 Ratio = Annotated[float, Meta(ge=0, le=1)]
-Money = Annotated[str, Meta(pattern=r"^-?[0-9]+(\.[0-9]+)?$",
-                            description="US dollars as a decimal string")]
-Unpriced = Annotated[bool, Meta(description="priced by the unknown-model rule (the price "
-                                "table's most expensive entry), not by an entry of its own")]
+Money = Annotated[
+    str, Meta(pattern=r"^-?[0-9]+(\.[0-9]+)?$", description="US dollars as a decimal string")
+]
+Unpriced = Annotated[
+    bool,
+    Meta(
+        description="priced by the unknown-model rule (the price "
+        "table's most expensive entry), not by an entry of its own"
+    ),
+]
 JsonObject = dict[str, Any]
 Cursor = Annotated[str, Meta(description="pass as `after` for the next page")]
 # Always with a time zone (JSON Schema's date-time).
@@ -213,11 +306,9 @@ Timestamp = Annotated[datetime, Meta(tz=True)]
 class ErrorDetail(msgspec.Struct, omit_defaults=True):
     code: Annotated[str, Meta(description="stable, for programs")]
     message: Annotated[str, Meta(description="a sentence that says what to do")]
-    index: Annotated[int, Meta(description="0-based position of the bad task")] | UnsetType \
-        = UNSET
+    index: Annotated[int, Meta(description="0-based position of the bad task")] | UnsetType = UNSET
     custom_id: str | UnsetType | None = UNSET
-    field: Annotated[str, Meta(description="the bad field, e.g. body.messages")] | UnsetType \
-        = UNSET
+    field: Annotated[str, Meta(description="the bad field, e.g. body.messages")] | UnsetType = UNSET
     custom_ids: list[str] | UnsetType = UNSET
 
 
@@ -262,20 +353,21 @@ class TaskView(msgspec.Struct, omit_defaults=True):
     finished_at: Timestamp | UnsetType | None = UNSET
     not_before: Timestamp | UnsetType = UNSET
     status_code: int | UnsetType | None = UNSET
-    response: Annotated[JsonObject, Meta(description="the provider's response body")] \
-        | UnsetType | None = UNSET
+    response: (
+        Annotated[JsonObject, Meta(description="the provider's response body")] | UnsetType | None
+    ) = UNSET
     cost_usd: Money | UnsetType | None = UNSET
     unpriced: Unpriced | UnsetType | None = UNSET
-    client: Annotated[str, Meta(description="the client the submitting token names")] \
-        | UnsetType | None = UNSET
+    client: (
+        Annotated[str, Meta(description="the client the submitting token names")] | UnsetType | None
+    ) = UNSET
     callback_url: str | UnsetType | None = UNSET
     location: Location | UnsetType = UNSET
 
 
 class Accepted(msgspec.Struct):
     accepted: Annotated[int, Meta(ge=0, description="new tasks stored")]
-    duplicates: Annotated[int, Meta(ge=0, description="tasks already stored with the same "
-                                    "body")]
+    duplicates: Annotated[int, Meta(ge=0, description="tasks already stored with the same body")]
     tasks: list[TaskState]
 
 
@@ -283,8 +375,7 @@ class Finished(msgspec.Struct):
     """Every task of the request, finished within ?wait."""
 
     accepted: Annotated[int, Meta(ge=0, description="new tasks stored")]
-    duplicates: Annotated[int, Meta(ge=0, description="tasks already stored with the same "
-                                    "body")]
+    duplicates: Annotated[int, Meta(ge=0, description="tasks already stored with the same body")]
     tasks: list[TaskView]
 
 
@@ -358,9 +449,13 @@ class Callback(msgspec.Struct, omit_defaults=True):
     attempts: Count
     custom_id: str | None
     client: str | UnsetType | None = UNSET
-    task_state: Annotated[Literal["succeeded", "failed", "dismissed", "cancelled", "finished"],
-                          Meta(description="the task's terminal state; finished for a "
-                                           "job's")] | UnsetType = UNSET
+    task_state: (
+        Annotated[
+            Literal["succeeded", "failed", "dismissed", "cancelled", "finished"],
+            Meta(description="the task's terminal state; finished for a job's"),
+        ]
+        | UnsetType
+    ) = UNSET
     job: str | UnsetType | None = UNSET
     last_status: int | UnsetType | None = UNSET
     last_error: str | UnsetType | None = UNSET
@@ -374,15 +469,17 @@ class Callback(msgspec.Struct, omit_defaults=True):
 class CallbackPayload(msgspec.Struct, omit_defaults=True):
     """What batchd POSTs to a callback_url (callbacks.payload)."""
 
-    delivery_id: Annotated[str, Meta(description="the same on every retry of one delivery: "
-                                                 "deduplicate on it")]
+    delivery_id: Annotated[
+        str, Meta(description="the same on every retry of one delivery: deduplicate on it")
+    ]
     custom_id: str
     state: Terminal
     attempts: Annotated[int, Meta(ge=0, description="the task's submissions to the provider")]
     finished_at: Timestamp
     status_code: int | None
-    response: Annotated[JsonObject, Meta(description="the provider's response body "
-                                                     "(succeeded)")] | None
+    response: (
+        Annotated[JsonObject, Meta(description="the provider's response body (succeeded)")] | None
+    )
     last_error: Annotated[JsonObject, Meta(description="why it failed (failed)")] | None
     endpoint: EndpointName | UnsetType | None = UNSET  # type: ignore[valid-type]
     model: str | UnsetType | None = UNSET
@@ -453,19 +550,39 @@ class DailyReport(msgspec.Struct, omit_defaults=True):
     sync_equivalent_usd: Money
     savings_usd: Money
     alert: Annotated[bool, Meta(description="failure ratio above BATCHD_FAILURE_ALERT_RATIO")]
-    unattributed_usd: Annotated[str, Meta(
-        pattern=r"^-?[0-9]+(\.[0-9]+)?$", description="the part of spend_usd no result "
-        "carries: billed lines no task kept")] | UnsetType = UNSET
-    unpriced_models: Annotated[list[str], Meta(
-        description="models priced by the unknown-model rule")] | UnsetType = UNSET
+    unattributed_usd: (
+        Annotated[
+            str,
+            Meta(
+                pattern=r"^-?[0-9]+(\.[0-9]+)?$",
+                description="the part of spend_usd no result carries: billed lines no task kept",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    unpriced_models: (
+        Annotated[list[str], Meta(description="models priced by the unknown-model rule")]
+        | UnsetType
+    ) = UNSET
     lanes: dict[str, LaneReport] | UnsetType = UNSET
-    client: Annotated[str, Meta(description="whose numbers these are (a one-client "
-                                            "report)")] | UnsetType = UNSET
-    clients: Annotated[dict[str, ClientReport], Meta(
-        description="each client's share (the every-client report)")] | UnsetType = UNSET
-    providers: Annotated[dict[str, ProviderReport], Meta(
-        description="the day by provider; their spend adds up to spend_usd")] \
-        | UnsetType = UNSET
+    client: (
+        Annotated[str, Meta(description="whose numbers these are (a one-client report)")]
+        | UnsetType
+    ) = UNSET
+    clients: (
+        Annotated[
+            dict[str, ClientReport],
+            Meta(description="each client's share (the every-client report)"),
+        ]
+        | UnsetType
+    ) = UNSET
+    providers: (
+        Annotated[
+            dict[str, ProviderReport],
+            Meta(description="the day by provider; their spend adds up to spend_usd"),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class Job(msgspec.Struct, omit_defaults=True):
@@ -476,15 +593,21 @@ class Job(msgspec.Struct, omit_defaults=True):
     succeeded: Count
     failed: Count
     cancelled: Count
-    spend_usd: Annotated[str, Meta(pattern=r"^-?[0-9]+(\.[0-9]+)?$",
-                                   description="what the job's stored results cost")]
-    sync_equivalent_usd: Annotated[str, Meta(pattern=r"^-?[0-9]+(\.[0-9]+)?$",
-                                             description="what they would have cost "
-                                                         "synchronously")]
+    spend_usd: Annotated[
+        str,
+        Meta(pattern=r"^-?[0-9]+(\.[0-9]+)?$", description="what the job's stored results cost"),
+    ]
+    sync_equivalent_usd: Annotated[
+        str,
+        Meta(
+            pattern=r"^-?[0-9]+(\.[0-9]+)?$", description="what they would have cost synchronously"
+        ),
+    ]
     savings_usd: Money
     created_at: Timestamp
-    finished_at: Annotated[Timestamp, Meta(description="null while any task is queued or "
-                                                      "submitted")] | None
+    finished_at: (
+        Annotated[Timestamp, Meta(description="null while any task is queued or submitted")] | None
+    )
     cancelled_at: Timestamp | UnsetType | None = UNSET
     callback_url: str | UnsetType | None = UNSET
 
@@ -496,8 +619,7 @@ class JobPage(msgspec.Struct):
 
 
 class JobCancelled(Job, kw_only=True, omit_defaults=True):
-    cancelled_now: Annotated[int, Meta(ge=0, description="queued tasks this call "
-                                                         "cancelled")]
+    cancelled_now: Annotated[int, Meta(ge=0, description="queued tasks this call cancelled")]
 
 
 class JobResult(msgspec.Struct, omit_defaults=True):
@@ -506,10 +628,13 @@ class JobResult(msgspec.Struct, omit_defaults=True):
     custom_id: str
     state: Terminal
     attempts: Count
-    response: Annotated[JsonObject, Meta(description="the provider's response body "
-                                                     "(succeeded)")] | UnsetType = UNSET
-    error: Annotated[JsonObject, Meta(description="why it failed or was "
-                                                  "cancelled")] | UnsetType = UNSET
+    response: (
+        Annotated[JsonObject, Meta(description="the provider's response body (succeeded)")]
+        | UnsetType
+    ) = UNSET
+    error: Annotated[JsonObject, Meta(description="why it failed or was cancelled")] | UnsetType = (
+        UNSET
+    )
 
 
 class JobCallbackPayload(Job, kw_only=True, omit_defaults=True):
@@ -531,23 +656,57 @@ class CredentialsProblem(msgspec.Struct, omit_defaults=True):
 
 
 class Ready(msgspec.Struct, omit_defaults=True):
-    status: Annotated[Literal["ready", "degraded"], Meta(
-        description="degraded: serving, but something needs a person (see provider)")]
+    status: Annotated[
+        Literal["ready", "degraded"],
+        Meta(description="degraded: serving, but something needs a person (see provider)"),
+    ]
     schema: str | None
-    provider: Annotated[dict[str, CredentialsProblem], Meta(
-        description="providers refusing batchd's credentials (401/403), each with what to "
-                    "fix")] | UnsetType = UNSET
+    provider: (
+        Annotated[
+            dict[str, CredentialsProblem],
+            Meta(
+                description="providers refusing batchd's credentials (401/403), each with what to "
+                "fix"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 # The replies, each a component of the OpenAPI document under its own name.
 REPLIES: tuple[type[msgspec.Struct], ...] = (
-    Error, TaskState, TaskView, Accepted, Finished, Result, ResultPage, FailedTask, FailedPage,
-    ReplayOutcome, DismissOutcome, Callback, CallbackPayload, TaskCallbacks,
-    FailedCallbackPage, CallbackReplayOutcome, DailyReport, LaneReport, ClientReport,
-    ProviderReport, Job, JobPage, JobCancelled, JobResult, JobCallbackPayload, Health, Ready)
+    Error,
+    TaskState,
+    TaskView,
+    Accepted,
+    Finished,
+    Result,
+    ResultPage,
+    FailedTask,
+    FailedPage,
+    ReplayOutcome,
+    DismissOutcome,
+    Callback,
+    CallbackPayload,
+    TaskCallbacks,
+    FailedCallbackPage,
+    CallbackReplayOutcome,
+    DailyReport,
+    LaneReport,
+    ClientReport,
+    ProviderReport,
+    Job,
+    JobPage,
+    JobCancelled,
+    JobResult,
+    JobCallbackPayload,
+    Health,
+    Ready,
+)
 
 
 # ------------------------------------------------------ the configured types
+
 
 @dataclass(frozen=True, slots=True)
 class Contract:
@@ -603,28 +762,71 @@ def contract_for(limits: Limits) -> Contract:
     task = task_type(limits)
     replay = msgspec.defstruct(
         "ReplayRequest",
-        [("custom_ids", Annotated[list[Annotated[str, Meta(max_length=512, pattern=NO_NUL)]],
-                                  Meta(max_length=limits.tasks_per_request)] | UnsetType,
-          UNSET)],
-        bases=(ReplayRequest,), forbid_unknown_fields=True, omit_defaults=True)
+        [
+            (
+                "custom_ids",
+                Annotated[
+                    list[Annotated[str, Meta(max_length=512, pattern=NO_NUL)]],
+                    Meta(max_length=limits.tasks_per_request),
+                ]
+                | UnsetType,
+                UNSET,
+            )
+        ],
+        bases=(ReplayRequest,),
+        forbid_unknown_fields=True,
+        omit_defaults=True,
+    )
     callback_replay = msgspec.defstruct(
         "CallbackReplayRequest",
-        [("ids", Annotated[list[Annotated[int, Meta(ge=1, le=2**63 - 1)]],
-                           Meta(max_length=limits.tasks_per_request)] | UnsetType, UNSET),
-         ("custom_ids", Annotated[list[Annotated[str, Meta(max_length=512, pattern=NO_NUL)]],
-                                  Meta(max_length=limits.tasks_per_request)] | UnsetType,
-          UNSET)],
-        bases=(CallbackReplayRequest,), forbid_unknown_fields=True, omit_defaults=True)
+        [
+            (
+                "ids",
+                Annotated[
+                    list[Annotated[int, Meta(ge=1, le=2**63 - 1)]],
+                    Meta(max_length=limits.tasks_per_request),
+                ]
+                | UnsetType,
+                UNSET,
+            ),
+            (
+                "custom_ids",
+                Annotated[
+                    list[Annotated[str, Meta(max_length=512, pattern=NO_NUL)]],
+                    Meta(max_length=limits.tasks_per_request),
+                ]
+                | UnsetType,
+                UNSET,
+            ),
+        ],
+        bases=(CallbackReplayRequest,),
+        forbid_unknown_fields=True,
+        omit_defaults=True,
+    )
     task_list = msgspec.defstruct(
-        "TaskList", [("tasks", Annotated[list[task],  # type: ignore[valid-type]
-                                         Meta(min_length=1,
-                                              max_length=limits.tasks_per_request)])],
-        forbid_unknown_fields=True)
-    return Contract(limits, task, custom_id_type(limits), task_list,
-                    msgspec.json.Decoder(list[task]),  # type: ignore[valid-type]
-                    msgspec.json.Decoder(task), job_type(limits),
-                    cast(type[ReplayRequest], replay),
-                    cast(type[CallbackReplayRequest], callback_replay))
+        "TaskList",
+        [
+            (
+                "tasks",
+                Annotated[
+                    list[task],  # type: ignore[valid-type]
+                    Meta(min_length=1, max_length=limits.tasks_per_request),
+                ],
+            )
+        ],
+        forbid_unknown_fields=True,
+    )
+    return Contract(
+        limits,
+        task,
+        custom_id_type(limits),
+        task_list,
+        msgspec.json.Decoder(list[task]),  # type: ignore[valid-type]
+        msgspec.json.Decoder(task),
+        job_type(limits),
+        cast(type[ReplayRequest], replay),
+        cast(type[CallbackReplayRequest], callback_replay),
+    )
 
 
 def parse_task(obj: Any, index: int, limits: Limits = DEFAULT_LIMITS) -> TaskIn:
@@ -643,8 +845,9 @@ def job_name_problem(job: Any, limits: Limits = DEFAULT_LIMITS) -> str | None:
 
 # ------------------------------------------------- errors, told as sentences
 
-_ERROR = re.compile(r"(?P<what>.*?)(?: - at (?P<key>`key` in )?`\$(?:\[\d+\])?(?P<path>[^`]*)`)?",
-                    re.S)
+_ERROR = re.compile(
+    r"(?P<what>.*?)(?: - at (?P<key>`key` in )?`\$(?:\[\d+\])?(?P<path>[^`]*)`)?", re.S
+)
 _NAMED = re.compile(r"Object (?:missing required|contains unknown) field `(?P<name>[^`]*)`")
 
 
@@ -674,9 +877,11 @@ def _kind(what: str) -> str:
 def _reason(field: str, kind: str, limits: Limits) -> str:
     """The sentence for a field whose ``kind`` of rule was broken."""
     if kind == "max" and field in ("custom_id", "job", "metadata"):
-        return {"custom_id": f"must be at most {limits.custom_id_chars} characters",
-                "job": f"must be at most {MAX_JOB_CHARS} characters",
-                "metadata": f"must hold at most {limits.metadata_pairs} pairs"}[field]
+        return {
+            "custom_id": f"must be at most {limits.custom_id_chars} characters",
+            "job": f"must be at most {MAX_JOB_CHARS} characters",
+            "metadata": f"must hold at most {limits.metadata_pairs} pairs",
+        }[field]
     if kind == "pattern" and field in ("custom_id", "job"):
         return f"may only hold characters matching {limits.custom_id_pattern}"
     return _REASONS.get(field, "is not a known task field")
@@ -699,8 +904,7 @@ _REASONS = {
 }
 
 
-def invalid(exc: msgspec.ValidationError, item: Any, index: int, limits: Limits
-            ) -> InvalidTask:
+def invalid(exc: msgspec.ValidationError, item: Any, index: int, limits: Limits) -> InvalidTask:
     """msgspec's complaint about task ``index`` (``item``: the task as decoded
     JSON) as the API tells it: ``task 3 ('a'): custom_id must be ...``, with
     the field named as the task's own keys name it."""
@@ -719,25 +923,35 @@ def invalid(exc: msgspec.ValidationError, item: Any, index: int, limits: Limits
             return InvalidTask(index, None, field, _reason(field, "type", limits))
     kind = _kind(what)
     if field == "custom_id":
-        return InvalidTask(index, cid[:40] if cid and kind != "type" else None, field,
-                           _reason(field, kind, limits))
+        return InvalidTask(
+            index, cid[:40] if cid and kind != "type" else None, field, _reason(field, kind, limits)
+        )
     if field == "metadata" and (match["key"] or path != ".metadata"):
         return _metadata_entry(item["metadata"], index, cid, limits)
     return InvalidTask(index, cid, field, _reason(field, kind, limits))
 
 
-def _metadata_entry(metadata: dict[str, Any], index: int, cid: str | None, limits: Limits
-                    ) -> InvalidTask:
+def _metadata_entry(
+    metadata: dict[str, Any], index: int, cid: str | None, limits: Limits
+) -> InvalidTask:
     """The first metadata pair past a limit (msgspec names the map, not the key)."""
     for k, v in metadata.items():
         shown = k[:20].replace("\x00", "")
         if len(k) > limits.metadata_key_chars or "\x00" in k:
-            return InvalidTask(index, cid, f"metadata.{shown}",
-                               f"key must be at most {limits.metadata_key_chars} characters, "
-                               "without NUL")
+            return InvalidTask(
+                index,
+                cid,
+                f"metadata.{shown}",
+                f"key must be at most {limits.metadata_key_chars} characters, without NUL",
+            )
         if not isinstance(v, str) or len(v) > limits.metadata_value_chars or "\x00" in v:
-            return InvalidTask(index, cid, f"metadata.{shown}", "must be a string of at most "
-                               f"{limits.metadata_value_chars} characters, without NUL")
+            return InvalidTask(
+                index,
+                cid,
+                f"metadata.{shown}",
+                "must be a string of at most "
+                f"{limits.metadata_value_chars} characters, without NUL",
+            )
     return InvalidTask(index, cid, "metadata", "must be an object of strings")
 
 
@@ -772,9 +986,13 @@ def admit(req: TaskRequest, index: int, limits: Limits) -> TaskIn:
         # model is indexed (windows group by it) and becomes a provider
         # batch's key: a long or odd one must fail its own request, never
         # the commit it shares with other callers' requests.
-        raise InvalidTask(index, cid, "body.model",
-                          f"must be at most {MAX_MODEL} characters of letters, digits and "
-                          "._:/@+- starting with a letter or digit")
+        raise InvalidTask(
+            index,
+            cid,
+            "body.model",
+            f"must be at most {MAX_MODEL} characters of letters, digits and "
+            "._:/@+- starting with a letter or digit",
+        )
     if body.get("stream") is True:
         raise InvalidTask(index, cid, "body.stream", "must not be true: batches cannot stream")
     check_body_shape(endpoint, body, index, cid)
@@ -782,8 +1000,9 @@ def admit(req: TaskRequest, index: int, limits: Limits) -> TaskIn:
     metadata = req.metadata
     profile = metadata.get(PROFILE_KEY) if metadata else None
     if profile is not None and profile not in PROFILES:
-        raise InvalidTask(index, cid, f"metadata.{PROFILE_KEY}",
-                          f"must be one of {', '.join(PROFILES)}")
+        raise InvalidTask(
+            index, cid, f"metadata.{PROFILE_KEY}", f"must be one of {', '.join(PROFILES)}"
+        )
     deadline = parse_deadline(req.deadline, index, cid)
     job = req.job
     if job is not None and job[-1] == "\n":
@@ -796,8 +1015,14 @@ def admit(req: TaskRequest, index: int, limits: Limits) -> TaskIn:
     # serialising the body twice: the file carries batchd's id, not the caller's.
     line_bytes = _LINE_FIXED + _LINE_ID_BYTES + _ENDPOINT_BYTES[endpoint] + body_bytes
     if body_bytes > limits.task_body_bytes:
-        raise InvalidTask(index, cid, "body", f"is {body_bytes} bytes as JSON, more than "
-                          f"the {limits.task_body_bytes} a task may hold", status=413)
+        raise InvalidTask(
+            index,
+            cid,
+            "body",
+            f"is {body_bytes} bytes as JSON, more than "
+            f"the {limits.task_body_bytes} a task may hold",
+            status=413,
+        )
     est_in, est_out = estimate_tokens(endpoint, body, body_bytes)
     return TaskIn(
         custom_id=cid,
@@ -853,15 +1078,26 @@ def check_body_shape(endpoint: str, body: dict[str, Any], index: int, cid: str) 
             raise InvalidTask(index, cid, field, "must be a non-empty list of message objects")
         for n, msg in enumerate(value):
             if not isinstance(msg, dict) or msg.get("role") not in CHAT_ROLES:
-                raise InvalidTask(index, cid, f"{field}[{n}].role",
-                                  f"must be one of {', '.join(CHAT_ROLES)}")
+                raise InvalidTask(
+                    index, cid, f"{field}[{n}].role", f"must be one of {', '.join(CHAT_ROLES)}"
+                )
     elif endpoint == "/v1/embeddings":
-        ok = (isinstance(value, str) and value != "") or _is_tokens(value) or (
-            isinstance(value, list) and bool(value) and all(
-                (isinstance(v, str) and v != "") or _is_tokens(v) for v in value))
+        ok = (
+            (isinstance(value, str) and value != "")
+            or _is_tokens(value)
+            or (
+                isinstance(value, list)
+                and bool(value)
+                and all((isinstance(v, str) and v != "") or _is_tokens(v) for v in value)
+            )
+        )
         if not ok:
-            raise InvalidTask(index, cid, field, "must be a non-empty string, a list of "
-                              "non-empty strings, or token arrays")
+            raise InvalidTask(
+                index,
+                cid,
+                field,
+                "must be a non-empty string, a list of non-empty strings, or token arrays",
+            )
     elif endpoint == "/v1/completions":
         if not isinstance(value, str | list):
             raise InvalidTask(index, cid, field, "must be a string or a list")
@@ -870,14 +1106,21 @@ def check_body_shape(endpoint: str, body: dict[str, Any], index: int, cid: str) 
             raise InvalidTask(index, cid, field, "must be a non-empty list of message objects")
         for n, msg in enumerate(value):
             if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
-                raise InvalidTask(index, cid, f"{field}[{n}].role",
-                                  "must be user or assistant (the system prompt is body.system)")
+                raise InvalidTask(
+                    index,
+                    cid,
+                    f"{field}[{n}].role",
+                    "must be user or assistant (the system prompt is body.system)",
+                )
         if not _is_int(body.get("max_tokens")) or body["max_tokens"] < 1:
-            raise InvalidTask(index, cid, "body.max_tokens",
-                              f"is required for {MESSAGES} and must be a positive integer")
+            raise InvalidTask(
+                index,
+                cid,
+                "body.max_tokens",
+                f"is required for {MESSAGES} and must be a positive integer",
+            )
     elif endpoint == GENERATE_CONTENT:
-        if not isinstance(value, list) or not value or not all(
-                isinstance(c, dict) for c in value):
+        if not isinstance(value, list) or not value or not all(isinstance(c, dict) for c in value):
             raise InvalidTask(index, cid, field, "must be a non-empty list of Content objects")
     elif not ((isinstance(value, str) and value != "") or (isinstance(value, list) and value)):
         raise InvalidTask(index, cid, field, "must be a non-empty string or a non-empty list")
@@ -941,8 +1184,10 @@ def _check_json(value: Any, field: str, depth: int, index: int, cid: str) -> Non
                 stack.extend((v, level + 1) for v in item)
 
 
-_RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
-                      r"(?:\.([0-9]+))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))")
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]+))?(?:([Zz])|([+-])([0-9]{2}):([0-9]{2}))"
+)
 
 
 def parse_deadline(raw: str | None, index: int, cid: str) -> datetime | None:
@@ -955,12 +1200,27 @@ def parse_deadline(raw: str | None, index: int, cid: str) -> datetime | None:
         if match is None:
             raise ValueError(raw)
         y, mo, d, h, mi, sec, frac, z, sign, oh, om = match.groups()
-        offset = timedelta(0) if z else (1 if sign == "+" else -1) * timedelta(
-            hours=int(oh), minutes=int(om))
+        offset = (
+            timedelta(0)
+            if z
+            else (1 if sign == "+" else -1) * timedelta(hours=int(oh), minutes=int(om))
+        )
         if abs(offset) >= timedelta(days=1):
             raise ValueError(raw)
-        return datetime(int(y), int(mo), int(d), int(h), int(mi), min(int(sec), 59),
-                        int((frac or "0")[:6].ljust(6, "0")), tzinfo=timezone(offset))
+        return datetime(
+            int(y),
+            int(mo),
+            int(d),
+            int(h),
+            int(mi),
+            min(int(sec), 59),
+            int((frac or "0")[:6].ljust(6, "0")),
+            tzinfo=timezone(offset),
+        )
     except ValueError:
-        raise InvalidTask(index, cid, "deadline", "must be an RFC 3339 timestamp with a time "
-                          "zone, such as 2026-11-23T18:00:00Z") from None
+        raise InvalidTask(
+            index,
+            cid,
+            "deadline",
+            "must be an RFC 3339 timestamp with a time zone, such as 2026-11-23T18:00:00Z",
+        ) from None

@@ -16,8 +16,13 @@ log = logs.get("batchd.daily")
 
 
 class DailyReport:
-    def __init__(self, reporter: Reporter, archive: Archive, archive_retention_days: int | None,
-                 clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        reporter: Reporter,
+        archive: Archive,
+        archive_retention_days: int | None,
+        clock: Callable[[], datetime],
+    ) -> None:
         self.reporter = reporter
         self.archive = archive
         self.archive_retention_days = archive_retention_days
@@ -26,8 +31,13 @@ class DailyReport:
         self._logged_through: date = clock().date()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await run_ticks(stop, self.tick, logger=log, event="report.daily_failed",
-                        interval=lambda _: self._until_after_midnight())
+        await run_ticks(
+            stop,
+            self.tick,
+            logger=log,
+            event="report.daily_failed",
+            interval=lambda _: self._until_after_midnight(),
+        )
 
     def _until_after_midnight(self) -> float:
         now = self.clock()
@@ -42,7 +52,8 @@ class DailyReport:
         log.info("report.daily", **report)
         self._logged_through = today
         if self.archive_retention_days:
-            removed = await asyncio.to_thread(self.archive.prune, self.archive_retention_days,
-                                              today)
+            removed = await asyncio.to_thread(
+                self.archive.prune, self.archive_retention_days, today
+            )
             log.info("archive.pruned", days_removed=len(removed))
         return 1

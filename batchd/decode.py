@@ -74,20 +74,26 @@ def task_bytes_cap(limits: Limits) -> int:
 
 
 def too_large(max_bytes: int) -> IngestError:
-    return IngestError(413, "payload_too_large",
-                          f"the request body is larger than {max_bytes} bytes; send fewer "
-                          "tasks per request")
+    return IngestError(
+        413,
+        "payload_too_large",
+        f"the request body is larger than {max_bytes} bytes; send fewer tasks per request",
+    )
 
 
 def too_many(max_tasks: int) -> IngestError:
-    return IngestError(413, "too_many_tasks",
-                          f"a request may hold at most {max_tasks} tasks; split it")
+    return IngestError(
+        413, "too_many_tasks", f"a request may hold at most {max_tasks} tasks; split it"
+    )
 
 
 def task_too_large(index: int, max_task_bytes: int) -> IngestError:
-    return IngestError(413, "task_too_large",
-                          f"task {index} is more than {max_task_bytes} bytes of JSON",
-                          {"index": index})
+    return IngestError(
+        413,
+        "task_too_large",
+        f"task {index} is more than {max_task_bytes} bytes of JSON",
+        {"index": index},
+    )
 
 
 class BodyPieces:
@@ -100,9 +106,18 @@ class BodyPieces:
     ``max_task_bytes`` of JSON, or JSON that does not parse.
     """
 
-    def __init__(self, chunks: AsyncIterator[bytes], content_type: str, contract: Contract, *,
-                 max_bytes: int, max_tasks: int, max_task_bytes: int,
-                 stall_seconds: float = 10.0, piece_bytes: int = PIECE_BYTES) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        content_type: str,
+        contract: Contract,
+        *,
+        max_bytes: int,
+        max_tasks: int,
+        max_task_bytes: int,
+        stall_seconds: float = 10.0,
+        piece_bytes: int = PIECE_BYTES,
+    ) -> None:
         self._chunks = chunks
         self.contract = contract
         self.stall_seconds = stall_seconds
@@ -127,8 +142,11 @@ class BodyPieces:
             # storing, a transaction) for as long as the caller likes.
             chunk = await asyncio.wait_for(anext(self._chunks, b""), self.stall_seconds)
         except TimeoutError:
-            raise IngestError(408, "request_timeout", f"the body stalled for "
-                              f"{self.stall_seconds:g}s; nothing was stored") from None
+            raise IngestError(
+                408,
+                "request_timeout",
+                f"the body stalled for {self.stall_seconds:g}s; nothing was stored",
+            ) from None
         if not chunk:
             self._eof = True
             return False
@@ -196,13 +214,15 @@ class BodyPieces:
                 cut = len(self._buf)
             if cut == 0 and not self._buf:
                 return None
-        if cut > self.max_task_bytes and b"\n" not in self._buf[:self.max_task_bytes]:
+        if cut > self.max_task_bytes and b"\n" not in self._buf[: self.max_task_bytes]:
             raise task_too_large(self.tasks, self.max_task_bytes)
         piece = bytes(self._buf[:cut])
-        del self._buf[:cut + 1]
+        del self._buf[: cut + 1]
         n_lines = piece.count(b"\n") + 1
-        if self.tasks + n_lines > self.max_tasks and self.tasks + sum(
-                1 for line in piece.split(b"\n") if line.strip()) > self.max_tasks:
+        if (
+            self.tasks + n_lines > self.max_tasks
+            and self.tasks + sum(1 for line in piece.split(b"\n") if line.strip()) > self.max_tasks
+        ):
             raise too_many(self.max_tasks)  # before a line of them is parsed
         first_line = self._line + 1
         self._line += n_lines
@@ -222,8 +242,9 @@ class BodyPieces:
             try:
                 items.append(orjson.loads(line))
             except orjson.JSONDecodeError as exc:
-                raise IngestError(400, "invalid_json",
-                                     f"line {n} is not valid JSON: {exc}") from None
+                raise IngestError(
+                    400, "invalid_json", f"line {n} is not valid JSON: {exc}"
+                ) from None
         return self._tasks(items)
 
     # --------------------------------------------------------------- JSON
@@ -234,7 +255,7 @@ class BodyPieces:
         match = _WRAPPER.match(self._buf)
         if match is None:
             return "whole"
-        del self._buf[:match.end()]
+        del self._buf[: match.end()]
         return "array"
 
     async def _whole(self) -> Piece:
@@ -248,17 +269,16 @@ class BodyPieces:
         try:
             doc = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise IngestError(400, "invalid_json",
-                                 f"the body is not valid JSON: {exc}") from None
+            raise IngestError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
         if isinstance(doc, dict) and "tasks" in doc and "custom_id" not in doc:
             tasks = doc["tasks"]
             if not isinstance(tasks, list):
-                raise IngestError(400, "invalid_request",
-                                     '"tasks" must be a list of task objects')
+                raise IngestError(400, "invalid_request", '"tasks" must be a list of task objects')
             if len(doc) > 1:
                 other = sorted(k for k in doc if k != "tasks")[0]
-                raise IngestError(400, "invalid_request",
-                                     f'{other!r} is not a known field beside "tasks"')
+                raise IngestError(
+                    400, "invalid_request", f'{other!r} is not a known field beside "tasks"'
+                )
             return self._tasks(tasks)
         return self._tasks([doc])
 
@@ -280,15 +300,19 @@ class BodyPieces:
             return None
         if self._buf[0] == ord(","):
             if self.tasks == 0:
-                raise IngestError(400, "invalid_json",
-                                     "the body is not valid JSON: a comma opens the tasks list")
+                raise IngestError(
+                    400, "invalid_json", "the body is not valid JSON: a comma opens the tasks list"
+                )
             del self._buf[:1]
             if not await self._skip_space():
                 raise IngestError(400, "invalid_json", "the body ends inside the tasks list")
         if self._buf[0] != ord("{"):
-            raise IngestError(400, "invalid_task", f"task {self.tasks}: task must be a JSON "
-                                 "object", {"index": self.tasks, "custom_id": None,
-                                            "field": "task"})
+            raise IngestError(
+                400,
+                "invalid_task",
+                f"task {self.tasks}: task must be a JSON object",
+                {"index": self.tasks, "custom_id": None, "field": "task"},
+            )
         search_from = self.piece_bytes
         tries = 0
         last = False
@@ -303,11 +327,14 @@ class BodyPieces:
                 # the brace that closes the last task.
                 found = _TAIL.search(self._buf)
                 if found is None:
-                    raise IngestError(400, "invalid_json", "the body ends inside task "
-                                      f"{self.tasks} or is not valid JSON")
+                    raise IngestError(
+                        400,
+                        "invalid_json",
+                        f"the body ends inside task {self.tasks} or is not valid JSON",
+                    )
                 last = True
             brace = found.start()
-            doc = b"[" + self._buf[:brace + 1] + b"]"
+            doc = b"[" + self._buf[: brace + 1] + b"]"
             items: list[Any] | None = None
             try:
                 tasks = self.contract.decode_list(doc)
@@ -315,7 +342,7 @@ class BodyPieces:
                 if last or not _stops_early(exc, len(doc)):
                     items = self._plain(doc, last)
             else:
-                del self._buf[:brace + 1]
+                del self._buf[: brace + 1]
                 return self._count(tasks)
             if items is None:
                 # The cut fell inside a task: try further on.
@@ -324,7 +351,7 @@ class BodyPieces:
                 if brace > self.piece_bytes + self.max_task_bytes:
                     raise task_too_large(self.tasks, self.max_task_bytes) from None
                 continue
-            del self._buf[:brace + 1]
+            del self._buf[: brace + 1]
             return self._tasks(items)
 
     def _plain(self, doc: bytes, last: bool) -> list[Any] | None:
@@ -333,9 +360,11 @@ class BodyPieces:
             items: list[Any] = orjson.loads(doc)
         except orjson.JSONDecodeError as exc:
             if exc.pos < len(doc) - 1 or last:
-                raise IngestError(400, "invalid_json",
-                                  f"the body is not valid JSON in or after task "
-                                  f"{self.tasks}: {exc.msg}") from None
+                raise IngestError(
+                    400,
+                    "invalid_json",
+                    f"the body is not valid JSON in or after task {self.tasks}: {exc.msg}",
+                ) from None
             return None
         return items
 
@@ -346,5 +375,9 @@ class BodyPieces:
             if len(self._buf) > 1024:
                 break
         if bytes(self._buf).strip() != b"}":
-            raise IngestError(400, "invalid_request", '"tasks" must be the only field of '
-                                 "the request object, and the body must end after it")
+            raise IngestError(
+                400,
+                "invalid_request",
+                '"tasks" must be the only field of '
+                "the request object, and the body must end after it",
+            )

@@ -73,8 +73,9 @@ def parse_model_routes(raw: str | None) -> tuple[tuple[str, str], ...]:
     return tuple(routes)
 
 
-def route_provider(requested: str | None, endpoint: str, model: str,
-                   routes: tuple[tuple[str, str], ...]) -> str:
+def route_provider(
+    requested: str | None, endpoint: str, model: str, routes: tuple[tuple[str, str], ...]
+) -> str:
     """The provider a task goes to: its own ``provider``; else the endpoint's
     family; else the first model glob that matches."""
     if requested:
@@ -86,6 +87,8 @@ def route_provider(requested: str | None, endpoint: str, model: str,
         if fnmatch.fnmatchcase(model, glob):
             return provider
     return "openai"
+
+
 # Provider limits: no setting may raise a limit past these.
 MAX_CUSTOM_ID = 512
 MAX_METADATA_PAIRS = 16
@@ -121,8 +124,9 @@ class InvalidTask(BatchdError, ValueError):
     """A task in the request is invalid; the message names it and the field.
     ``status`` is 413 for a task over a size limit, else 400."""
 
-    def __init__(self, index: int, custom_id: str | None, field: str, reason: str,
-                 status: int = 400) -> None:
+    def __init__(
+        self, index: int, custom_id: str | None, field: str, reason: str, status: int = 400
+    ) -> None:
         who = f"task {index}" + (f" ({custom_id!r})" if custom_id else "")
         super().__init__(f"{who}: {field} {reason}")
         self.index = index
@@ -244,8 +248,8 @@ def estimate_tokens(endpoint: str, body: dict[str, Any], body_bytes: int) -> tup
         n = config.get("candidateCount") if isinstance(config, dict) else None
         est_out = out if isinstance(out, int) and out > 0 else DEFAULT_OUTPUT_ESTIMATE
         return est_in, est_out * (n if isinstance(n, int) and n > 1 else 1)
-    out = body.get("max_completion_tokens") or body.get("max_output_tokens") or body.get(
-        "max_tokens"
+    out = (
+        body.get("max_completion_tokens") or body.get("max_output_tokens") or body.get("max_tokens")
     )
     est_out = out if isinstance(out, int) and out > 0 else DEFAULT_OUTPUT_ESTIMATE
     n = body.get("n")
@@ -279,14 +283,22 @@ class Routing:
     def route(self, task: TaskIn, index: int) -> str:
         provider = route_provider(task.provider, task.endpoint, task.model, self.routes)
         if provider not in self.configured:
-            raise InvalidTask(index, task.custom_id, "provider",
-                              f"the task routes to provider {provider}, which is not "
-                              f"configured here; set {provider_settings(provider)}, or send "
-                              "the task to a configured provider")
+            raise InvalidTask(
+                index,
+                task.custom_id,
+                "provider",
+                f"the task routes to provider {provider}, which is not "
+                f"configured here; set {provider_settings(provider)}, or send "
+                "the task to a configured provider",
+            )
         if task.endpoint not in provider_endpoints(provider):
-            raise InvalidTask(index, task.custom_id, "provider",
-                              f"the task routes to provider {provider}, which does not run "
-                              f"{task.endpoint}; set provider or BATCHD_MODEL_ROUTES")
+            raise InvalidTask(
+                index,
+                task.custom_id,
+                "provider",
+                f"the task routes to provider {provider}, which does not run "
+                f"{task.endpoint}; set provider or BATCHD_MODEL_ROUTES",
+            )
         return provider
 
 
@@ -297,8 +309,10 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PORT = r"(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
 # An http(s) URL with a DNS name or IPv4 host, an optional port and no
 # credentials; the OpenAPI document states the same pattern.
-CALLBACK_URL_PATTERN = (rf"^[Hh][Tt][Tt][Pp][Ss]?://{_LABEL}(?:\.{_LABEL})*(?::{_PORT})?"
-                        r"(?:[/?#][^\s\u0000]*)?$")
+CALLBACK_URL_PATTERN = (
+    rf"^[Hh][Tt][Tt][Pp][Ss]?://{_LABEL}(?:\.{_LABEL})*(?::{_PORT})?"
+    r"(?:[/?#][^\s\u0000]*)?$"
+)
 _CALLBACK_URL = re.compile(CALLBACK_URL_PATTERN)
 
 
@@ -343,8 +357,7 @@ def callback_url_problem(url: str, allowed_hosts: tuple[str, ...]) -> str | None
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def callback_address_problem(address: IPAddress, allowed_hosts: tuple[str, ...]
-                             ) -> str | None:
+def callback_address_problem(address: IPAddress, allowed_hosts: tuple[str, ...]) -> str | None:
     """Why a callback must not connect to ``address``, or None when it may.
 
     Only globally routable addresses are open to every allowed host name:
@@ -365,8 +378,10 @@ def callback_address_problem(address: IPAddress, allowed_hosts: tuple[str, ...]
                 continue
     if address.is_global and not address.is_multicast:
         return None
-    return (f"reaches the non-public address {address}, which no CIDR entry of "
-            "BATCHD_CALLBACK_ALLOWED_HOSTS allows")
+    return (
+        f"reaches the non-public address {address}, which no CIDR entry of "
+        "BATCHD_CALLBACK_ALLOWED_HOSTS allows"
+    )
 
 
 def _host_matches(host: str, port: int | None, pattern: str) -> bool:
@@ -375,11 +390,13 @@ def _host_matches(host: str, port: int | None, pattern: str) -> bool:
     if "/" in pattern:
         try:
             return ipaddress.ip_address(host.strip("[]")) in ipaddress.ip_network(
-                pattern, strict=False)
+                pattern, strict=False
+            )
         except ValueError:
             return False
-    want_host, _, want_port = pattern.rpartition(":") if pattern.count(":") == 1 else (
-        pattern, "", "")
+    want_host, _, want_port = (
+        pattern.rpartition(":") if pattern.count(":") == 1 else (pattern, "", "")
+    )
     if want_port and (not want_port.isdigit() or port != int(want_port)):
         return False
     if want_host.startswith("*."):
@@ -425,8 +442,7 @@ PROFILES: dict[str, Profile] = {
 T = TypeVar("T")
 
 
-def _client_pairs(raw: str | None, example: str, value: Callable[[str, str], T]
-                  ) -> dict[str, T]:
+def _client_pairs(raw: str | None, example: str, value: Callable[[str, str], T]) -> dict[str, T]:
     """``client=value`` pairs, comma-separated; ``value(pair, text)`` reads one
     value or raises ValueError naming the pair."""
     out: dict[str, T] = {}
@@ -447,26 +463,31 @@ def _client_pairs(raw: str | None, example: str, value: Callable[[str, str], T]
 def parse_client_numbers(raw: str | None) -> dict[str, Decimal]:
     """``client=N`` pairs (BATCHD_CLIENT_MAX_QUEUED, N a whole number >= 0);
     ValueError says which pair is wrong."""
+
     def number(pair: str, text: str) -> Decimal:
         if not text.isdigit():
             raise ValueError(f"{pair!r} must look like client=1000")
         return Decimal(text)
+
     return _client_pairs(raw, "client=1000", number)
 
 
 def parse_client_profiles(raw: str | None) -> dict[str, str]:
     """``client=profile`` pairs (BATCHD_CLIENT_PROFILES); ValueError says which
     pair is wrong."""
+
     def profile(pair: str, text: str) -> str:
         if text not in PROFILES:
             raise ValueError(f"{pair!r}: the profile must be one of {', '.join(PROFILES)}")
         return text
+
     return _client_pairs(raw, "client=6h", profile)
 
 
 def parse_client_budgets(raw: str | None) -> dict[str, Decimal]:
     """``client=USD`` pairs (BATCHD_CLIENT_BUDGETS); ValueError says which
     pair is wrong."""
+
     def budget(pair: str, text: str) -> Decimal:
         try:
             usd = Decimal(text)
@@ -475,6 +496,7 @@ def parse_client_budgets(raw: str | None) -> dict[str, Decimal]:
         if not usd.is_finite() or usd < 0:
             raise ValueError(f"{pair!r}: the budget must be 0 or more USD")
         return usd
+
     return _client_pairs(raw, "client=50 (USD a UTC day)", budget)
 
 
@@ -508,12 +530,17 @@ def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) 
         return Placement("sync", "requested", 0.0, None)
     profile = PROFILES.get(task.profile or "")
     window = profile.window_seconds if profile and profile.window_seconds else window_seconds
-    if task.deadline is not None and task.deadline < now + timedelta(
-            seconds=window) + PROVIDER_COMPLETION:
+    if (
+        task.deadline is not None
+        and task.deadline < now + timedelta(seconds=window) + PROVIDER_COMPLETION
+    ):
         return Placement("sync", "deadline", 0.0, None)
     # At a 100% share no bucket is past it: skip the hash.
-    if (task.requested_lane != "batch" and batch_share < 100
-            and canary_bucket(task.custom_id) >= batch_share):
+    if (
+        task.requested_lane != "batch"
+        and batch_share < 100
+        and canary_bucket(task.custom_id) >= batch_share
+    ):
         return Placement("sync", "canary", 0.0, None)
     limits: list[tuple[datetime, str]] = []
     if task.deadline is not None:
@@ -529,8 +556,9 @@ def place(task: TaskIn, now: datetime, window_seconds: float, batch_share: int) 
 _PLAIN_BATCH = Placement("batch", "batch", 0.0, None)
 
 
-def client_fit(estimates: Sequence[Decimal], clients: Sequence[str | None],
-               left: dict[str, Decimal]) -> list[int]:
+def client_fit(
+    estimates: Sequence[Decimal], clients: Sequence[str | None], left: dict[str, Decimal]
+) -> list[int]:
     """Which of ``estimates`` (in order) stay within their client's own cap
     (``left``: what each capped client has left today). A client past its cap
     waits; the others' go on."""
@@ -568,8 +596,12 @@ def file_byte_budget(max_file_bytes: int) -> int:
 
 
 def flush_reason(
-    count: int, oldest_age_seconds: float, window_seconds: float, max_items: int,
-    window_bytes: int = 0, max_bytes: int | None = None,
+    count: int,
+    oldest_age_seconds: float,
+    window_seconds: float,
+    max_items: int,
+    window_bytes: int = 0,
+    max_bytes: int | None = None,
 ) -> FlushReason | None:
     """Why a window should be flushed now, or None to keep waiting.
 

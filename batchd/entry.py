@@ -14,9 +14,12 @@ def main() -> int:
     try:
         from batchd.cli import main as cli_main
     except ModuleNotFoundError as exc:
-        print(f"batchd: the command line needs the daemon's dependencies ({exc.name} is not "
-              "installed): pip install 'batchd[server]' (add 'embedded' for a PostgreSQL "
-              "of its own)", file=sys.stderr)
+        print(
+            f"batchd: the command line needs the daemon's dependencies ({exc.name} is not "
+            "installed): pip install 'batchd[server]' (add 'embedded' for a PostgreSQL "
+            "of its own)",
+            file=sys.stderr,
+        )
         return 2
     return cli_main()
 

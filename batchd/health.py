@@ -27,10 +27,10 @@ MAX_BACKOFF_SECONDS = 300.0
 
 _FIX = {
     401: "the provider refused the API key: set a valid key (OPENAI_API_KEY, or the key the "
-         "emulator was started with: --api-key) and restart batchd",
+    "emulator was started with: --api-key) and restart batchd",
     403: "the provider refused access with this key (revoked key, wrong project or "
-         "organisation, or a model or endpoint the key may not use): fix the key's "
-         "permissions or set another key, then restart batchd",
+    "organisation, or a model or endpoint the key may not use): fix the key's "
+    "permissions or set another key, then restart batchd",
 }
 
 
@@ -48,8 +48,14 @@ class Rejection:
     fix: str
 
     def as_json(self) -> dict[str, object]:
-        return {"credentials": "rejected", "status": self.status, "operation": self.operation,
-                "code": self.code, "since": self.since, "fix": self.fix}
+        return {
+            "credentials": "rejected",
+            "status": self.status,
+            "operation": self.operation,
+            "code": self.code,
+            "since": self.since,
+            "fix": self.fix,
+        }
 
 
 class ProviderHealth:
@@ -58,8 +64,9 @@ class ProviderHealth:
     def __init__(self) -> None:
         self._rejected: dict[str, Rejection] = {}
 
-    def observe(self, provider: str, operation: str, status: int | None,
-                code: str | None = None) -> None:
+    def observe(
+        self, provider: str, operation: str, status: int | None, code: str | None = None
+    ) -> None:
         """Record one answer (``status`` None: no answer, which says nothing
         about the key and changes nothing)."""
         if status is None:
@@ -77,8 +84,14 @@ class ProviderHealth:
             return  # logged when it began
         fix = _FIX[status]
         self._rejected[provider] = Rejection(status, operation, code, time.time(), fix)
-        log.error("provider.credentials_rejected", provider=provider, status=status, code=code,
-                  operation=operation, fix=fix)
+        log.error(
+            "provider.credentials_rejected",
+            provider=provider,
+            status=status,
+            code=code,
+            operation=operation,
+            fix=fix,
+        )
 
     def _accepted(self, provider: str, operation: str) -> None:
         if self._rejected.pop(provider, None) is None:

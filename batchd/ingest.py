@@ -40,8 +40,9 @@ OVERLOADED_RETRY_AFTER = 2
 class IngestError(BatchdError):
     """A request the API refuses; ``status`` and ``code`` go into the reply."""
 
-    def __init__(self, status: int, code: str, message: str,
-                 details: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -59,20 +60,29 @@ VALIDATE_SLICE = 250
 Decoded = TaskRequest | InvalidTask
 
 
-async def validate(items: list[Decoded], limits: Limits, max_line_bytes: int,
-                   routing: Routing | None = None) -> list[TaskIn]:
+async def validate(
+    items: list[Decoded], limits: Limits, max_line_bytes: int, routing: Routing | None = None
+) -> list[TaskIn]:
     """Check and route every task; the first invalid one refuses the whole request."""
     if not items:
         raise IngestError(400, "invalid_request", "the request holds no tasks")
     if len(items) > limits.tasks_per_request:
-        raise IngestError(413, "too_many_tasks", f"a request may hold at most "
-                          f"{limits.tasks_per_request} tasks; split it")
+        raise IngestError(
+            413,
+            "too_many_tasks",
+            f"a request may hold at most {limits.tasks_per_request} tasks; split it",
+        )
     return await validate_piece(items, limits, max_line_bytes, 0, {}, routing)
 
 
-async def validate_piece(items: list[Decoded], limits: Limits, max_line_bytes: int,
-                         start: int, seen: dict[str, str], routing: Routing | None = None
-                         ) -> list[TaskIn]:
+async def validate_piece(
+    items: list[Decoded],
+    limits: Limits,
+    max_line_bytes: int,
+    start: int,
+    seen: dict[str, str],
+    routing: Routing | None = None,
+) -> list[TaskIn]:
     """Check a piece of a request whose first task is number ``start``.
     ``seen`` maps the custom_ids of the request's earlier pieces to their
     digests: one repeated with the same body is dropped (a duplicate), with
@@ -90,20 +100,29 @@ async def validate_piece(items: list[Decoded], limits: Limits, max_line_bytes: i
                 task.provider = routing.route(task, index)
         except InvalidTask as exc:
             code = "task_too_large" if exc.status == 413 else "invalid_task"
-            raise IngestError(exc.status, code, str(exc),
-                              {"index": exc.index, "custom_id": exc.custom_id,
-                               "field": exc.field}) from None
+            raise IngestError(
+                exc.status,
+                code,
+                str(exc),
+                {"index": exc.index, "custom_id": exc.custom_id, "field": exc.field},
+            ) from None
         if task.line_bytes > max_line_bytes:
-            raise IngestError(413, "task_too_large",
-                              f"task {index} ({task.custom_id!r}) is {task.line_bytes} bytes, "
-                              f"more than a provider input file may hold ({max_line_bytes})")
+            raise IngestError(
+                413,
+                "task_too_large",
+                f"task {index} ({task.custom_id!r}) is {task.line_bytes} bytes, "
+                f"more than a provider input file may hold ({max_line_bytes})",
+            )
         digest = seen.setdefault(task.custom_id, task.digest)
         if digest is task.digest:  # this very task's: the id is new to the request
             tasks.append(task)
         elif digest != task.digest:
-            raise IngestError(409, "conflict",
-                              f"custom_id {task.custom_id!r} appears twice with different bodies",
-                              {"custom_ids": [task.custom_id]})
+            raise IngestError(
+                409,
+                "conflict",
+                f"custom_id {task.custom_id!r} appears twice with different bodies",
+                {"custom_ids": [task.custom_id]},
+            )
     return tasks
 
 
@@ -161,24 +180,31 @@ def _too_slow(exc: BaseException) -> bool:
 
 def _job_cancelled(jobs: list[tuple[str, str]]) -> IngestError:
     names = ", ".join(repr(job) for _client, job in jobs[:5])
-    return IngestError(409, "job_cancelled", f"job {names} was cancelled; nothing of this "
-                       "request was stored. Send the tasks in a new job",
-                       {"jobs": [job for _client, job in jobs[:100]]})
+    return IngestError(
+        409,
+        "job_cancelled",
+        f"job {names} was cancelled; nothing of this "
+        "request was stored. Send the tasks in a new job",
+        {"jobs": [job for _client, job in jobs[:100]]},
+    )
 
 
 def _conflict(keys: list[TaskKey]) -> IngestError:
     # Only the caller's own tasks can conflict: the key holds its client.
     custom_ids = [cid for _, cid in keys]
     return IngestError(
-        409, "conflict",
+        409,
+        "conflict",
         f"{len(custom_ids)} custom_id(s) already exist with a different body: "
         f"{', '.join(custom_ids[:5])}",
-        {"custom_ids": custom_ids[:100]})
+        {"custom_ids": custom_ids[:100]},
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class IngestConfig:
     """The settings ingest reads (the defaults are Settings' own)."""
+
     limits: Limits = DEFAULT_LIMITS
     max_line_bytes: int = 200 * 1024 * 1024  # a task's input line in a provider file
     window_seconds: float = 900
@@ -193,11 +219,17 @@ class IngestConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> IngestConfig:
-        return cls(limits=s.limits, max_line_bytes=file_byte_budget(s.max_file_bytes),
-                   window_seconds=s.window_seconds, batch_share=s.batch_share,
-                   callback_hosts=s.callback_hosts, client_profiles=s.profiles_by_client,
-                   timeout=s.ingest_timeout_seconds, max_pending=s.max_pending_tasks,
-                   count_tokens=s.any_budget)
+        return cls(
+            limits=s.limits,
+            max_line_bytes=file_byte_budget(s.max_file_bytes),
+            window_seconds=s.window_seconds,
+            batch_share=s.batch_share,
+            callback_hosts=s.callback_hosts,
+            client_profiles=s.profiles_by_client,
+            timeout=s.ingest_timeout_seconds,
+            max_pending=s.max_pending_tasks,
+            count_tokens=s.any_budget,
+        )
 
 
 class Ingest:
@@ -218,12 +250,17 @@ class Ingest:
     nothing of the request was stored.
     """
 
-    def __init__(self, engine: AsyncEngine, config: IngestConfig | None = None, *,
-                 clients: Clients | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_sync: Callable[[], None] | None = None,
-                 model_problem: Callable[[str], str | None] | None = None,
-                 routing: Routing | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        config: IngestConfig | None = None,
+        *,
+        clients: Clients | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_sync: Callable[[], None] | None = None,
+        model_problem: Callable[[str], str | None] | None = None,
+        routing: Routing | None = None,
+    ) -> None:
         c = config or IngestConfig()
         self.engine = engine
         # Which provider each task goes to, and which are configured here.
@@ -257,8 +294,7 @@ class Ingest:
         self._streams = asyncio.Semaphore(max(2, c.writers * 2))
         self._writer_tasks: list[asyncio.Task[None]] = []
 
-    async def prepare(self, items: list[Decoded], client: Client = LOCAL_CLIENT
-                      ) -> list[TaskIn]:
+    async def prepare(self, items: list[Decoded], client: Client = LOCAL_CLIENT) -> list[TaskIn]:
         """Validate and place a request's tasks for ``client``, without I/O:
         the 400/409/413 verdicts."""
         checked = await validate(items, self.limits, self.max_line_bytes, self.routing)
@@ -277,25 +313,38 @@ class Ingest:
                 verdicts[t.model] = self.model_problem(t.model)
             problem = verdicts[t.model]
             if problem is not None:
-                raise IngestError(400, "invalid_task",
-                                  f"task {index} ({t.custom_id!r}): body.model {problem}",
-                                  {"index": index, "custom_id": t.custom_id,
-                                   "field": "body.model"})
+                raise IngestError(
+                    400,
+                    "invalid_task",
+                    f"task {index} ({t.custom_id!r}): body.model {problem}",
+                    {"index": index, "custom_id": t.custom_id, "field": "body.model"},
+                )
 
-    async def prepare_piece(self, items: list[Decoded], start: int, seen: dict[str, str],
-                            client: Client = LOCAL_CLIENT) -> list[TaskIn]:
+    async def prepare_piece(
+        self, items: list[Decoded], start: int, seen: dict[str, str], client: Client = LOCAL_CLIENT
+    ) -> list[TaskIn]:
         """``prepare`` for one piece of a request streamed in pieces."""
-        tasks = self._placed(self._with_callbacks(
-            await validate_piece(items, self.limits, self.max_line_bytes, start, seen,
-                                 self.routing),
-            items, client, start))
+        tasks = self._placed(
+            self._with_callbacks(
+                await validate_piece(
+                    items, self.limits, self.max_line_bytes, start, seen, self.routing
+                ),
+                items,
+                client,
+                start,
+            )
+        )
         if self.count_tokens:
             await count_input_tokens(tasks)
         return tasks
 
-    async def store_stream(self, first: list[TaskIn], rest: AsyncIterator[list[TaskIn]],
-                           n_items: Callable[[], int], client: Client = LOCAL_CLIENT
-                           ) -> Accepted:
+    async def store_stream(
+        self,
+        first: list[TaskIn],
+        rest: AsyncIterator[list[TaskIn]],
+        n_items: Callable[[], int],
+        client: Client = LOCAL_CLIENT,
+    ) -> Accepted:
         """Store a request's pieces in one transaction, inserting each while
         the next is read and validated (``n_items()``: the tasks the request
         held, repeats within it included, once all is read). All or nothing: an error in
@@ -309,8 +358,9 @@ class Ingest:
         try:
             await asyncio.wait_for(self._streams.acquire(), self.timeout)
         except TimeoutError:
-            raise overloaded("too many large requests are being stored now; nothing was "
-                             "stored, retry later") from None
+            raise overloaded(
+                "too many large requests are being stored now; nothing was stored, retry later"
+            ) from None
         inserted: list[TaskKey] = []
         duplicates: dict[TaskKey, str] = {}
         lanes: dict[str, str] = {}
@@ -322,8 +372,10 @@ class Ingest:
                     tasks: list[TaskIn] | None = first
                     while tasks is not None:
                         if self._pending + len(tasks) > self.max_pending:
-                            raise overloaded(f"{self._pending} tasks are already waiting for "
-                                             "the database; retry later")
+                            raise overloaded(
+                                f"{self._pending} tasks are already waiting for "
+                                "the database; retry later"
+                            )
                         self._pending += len(tasks)
                         counted += len(tasks)
                         insert = asyncio.ensure_future(insert_tasks(conn, tasks))
@@ -350,19 +402,20 @@ class Ingest:
         finally:
             self._pending -= counted
             self._streams.release()
-        return self._accepted(IngestResult(inserted, duplicates, []), lanes, n_items(),
-                              client)
+        return self._accepted(IngestResult(inserted, duplicates, []), lanes, n_items(), client)
 
     async def submit(self, items: list[Decoded], client: Client = LOCAL_CLIENT) -> Accepted:
         return await self.store(await self.prepare(items, client), len(items), client)
 
-    async def store(self, tasks: list[TaskIn], n_items: int, client: Client = LOCAL_CLIENT
-                    ) -> Accepted:
+    async def store(
+        self, tasks: list[TaskIn], n_items: int, client: Client = LOCAL_CLIENT
+    ) -> Accepted:
         """Commit prepared tasks; answers only once they are durable."""
         n_tasks = len(tasks)
         if self._pending + n_tasks > self.max_pending:
-            raise overloaded(f"{self._pending} tasks are already waiting for the database; "
-                             "retry later")
+            raise overloaded(
+                f"{self._pending} tasks are already waiting for the database; retry later"
+            )
         self._pending += n_tasks
         try:
             if n_tasks >= self.group_tasks:
@@ -382,34 +435,41 @@ class Ingest:
     def _database_error(self, exc: DBAPIError, n_tasks: int) -> BaseException:
         """What the caller is told when the transaction failed (nothing stored)."""
         if _refused_value(exc):
-            log.warning("ingest.value_refused", tasks=n_tasks,
-                        sqlstate=getattr(exc.orig, "sqlstate", ""))
-            return IngestError(400, "invalid_task", "the database refused a value in this "
-                               "request; nothing of it was stored")
+            log.warning(
+                "ingest.value_refused", tasks=n_tasks, sqlstate=getattr(exc.orig, "sqlstate", "")
+            )
+            return IngestError(
+                400,
+                "invalid_task",
+                "the database refused a value in this request; nothing of it was stored",
+            )
         if not _too_slow(exc):
             return exc
-        log.warning("ingest.database_slow", tasks=n_tasks,
-                    sqlstate=getattr(exc.orig, "sqlstate", ""))
-        return overloaded("the task store is too slow to take this now; nothing was "
-                          "stored, retry later")
+        log.warning(
+            "ingest.database_slow", tasks=n_tasks, sqlstate=getattr(exc.orig, "sqlstate", "")
+        )
+        return overloaded(
+            "the task store is too slow to take this now; nothing was stored, retry later"
+        )
 
-    def _accepted(self, result: IngestResult, lanes: dict[str, str], n_items: int,
-                  client: Client) -> Accepted:
+    def _accepted(
+        self, result: IngestResult, lanes: dict[str, str], n_items: int, client: Client
+    ) -> Accepted:
         """The reply for stored tasks (``lanes``: each task's lane; ``n_items``:
         the tasks the request held, repeats within it included)."""
         if self.on_sync is not None and result.inserted and "sync" in lanes.values():
             self.on_sync()
         by_lane = Counter(lanes[cid] for _, cid in result.inserted)
         for lane, n in by_lane.items():
-            metrics.TASKS_RECEIVED.labels(client=self.clients.label(client.name),
-                                          lane=lane).inc(n)
+            metrics.TASKS_RECEIVED.labels(client=self.clients.label(client.name), lane=lane).inc(n)
         states = [TaskState(cid, "queued") for _, cid in result.inserted]
         states += [TaskState(cid, cast(State, st)) for (_, cid), st in result.duplicates.items()]
         n_dupes = len(result.duplicates) + (n_items - len(lanes))
         return Accepted(len(result.inserted), n_dupes, states)
 
-    def _with_callbacks(self, tasks: list[TaskIn], items: list[Decoded], client: Client,
-                        start: int = 0) -> list[TaskIn]:
+    def _with_callbacks(
+        self, tasks: list[TaskIn], items: list[Decoded], client: Client, start: int = 0
+    ) -> list[TaskIn]:
         """Stamp the client on each task and give it its token's default
         callback_url; refuse a URL the allow-list or missing secret rules out."""
         name = client.name
@@ -420,15 +480,25 @@ class Ingest:
             for field, value in (("callback_url", url), ("job_callback_url", t.job_callback_url)):
                 problem = self.callback_problem(value, name)
                 if problem:
-                    index = start + next((i for i, item in enumerate(items)
-                                          if isinstance(item, TaskRequest)
-                                          and item.custom_id == t.custom_id), 0)
-                    raise IngestError(400, "invalid_task",
-                                      f"task {index} ({t.custom_id!r}): {field} {problem}",
-                                      {"index": index, "custom_id": t.custom_id,
-                                       "field": field})
-            out.append(t if url == t.callback_url and name == t.client
-                       else replace(t, callback_url=url, client=name))
+                    index = start + next(
+                        (
+                            i
+                            for i, item in enumerate(items)
+                            if isinstance(item, TaskRequest) and item.custom_id == t.custom_id
+                        ),
+                        0,
+                    )
+                    raise IngestError(
+                        400,
+                        "invalid_task",
+                        f"task {index} ({t.custom_id!r}): {field} {problem}",
+                        {"index": index, "custom_id": t.custom_id, "field": field},
+                    )
+            out.append(
+                t
+                if url == t.callback_url and name == t.client
+                else replace(t, callback_url=url, client=name)
+            )
         return out
 
     def callback_problem(self, url: str | None, client: str | None) -> str | None:
@@ -438,9 +508,11 @@ class Ingest:
             return None
         problem = callback_url_problem(url, self.callback_hosts)
         if problem is None and self.clients.secret_for(client) is None:
-            problem = (f"cannot be used: no callback secret for client "
-                       f"{client or LOCAL_CLIENT.name!r} (callback_secret in "
-                       "BATCHD_INGEST_TOKENS_FILE, or BATCHD_CALLBACK_SECRET)")
+            problem = (
+                f"cannot be used: no callback secret for client "
+                f"{client or LOCAL_CLIENT.name!r} (callback_secret in "
+                "BATCHD_INGEST_TOKENS_FILE, or BATCHD_CALLBACK_SECRET)"
+            )
         return problem
 
     def _placed(self, tasks: list[TaskIn]) -> list[TaskIn]:
@@ -454,9 +526,18 @@ class Ingest:
                 t = replace(t, profile=profile)
             p = place(t, now, self.window_seconds, self.batch_share)
             if (p.lane, p.backdate_seconds, p.fallback_at, p.fallback_action) != (
-                    t.lane, t.backdate_seconds, t.fallback_at, t.fallback_action):
-                t = replace(t, lane=p.lane, backdate_seconds=p.backdate_seconds,
-                            fallback_at=p.fallback_at, fallback_action=p.fallback_action)
+                t.lane,
+                t.backdate_seconds,
+                t.fallback_at,
+                t.fallback_action,
+            ):
+                t = replace(
+                    t,
+                    lane=p.lane,
+                    backdate_seconds=p.backdate_seconds,
+                    fallback_at=p.fallback_at,
+                    fallback_action=p.fallback_action,
+                )
             placed.append(t)
         return placed
 
@@ -478,8 +559,10 @@ class Ingest:
 
     async def _store_grouped(self, tasks: list[TaskIn]) -> IngestResult:
         if not self._writer_tasks:
-            self._writer_tasks = [asyncio.create_task(self._writer(), name=f"ingest-writer-{i}")
-                                  for i in range(self.writers)]
+            self._writer_tasks = [
+                asyncio.create_task(self._writer(), name=f"ingest-writer-{i}")
+                for i in range(self.writers)
+            ]
         done: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         pending = _Pending(tasks, done)
         self._queue.put_nowait(pending)
@@ -490,8 +573,9 @@ class Ingest:
                 return await done
             pending.abandoned = True
             log.warning("ingest.queue_timeout", tasks=len(tasks), waiting=self._queue.qsize())
-            raise overloaded("the task store is too slow to take this now; nothing was "
-                             "stored, retry later") from None
+            raise overloaded(
+                "the task store is too slow to take this now; nothing was stored, retry later"
+            ) from None
 
     async def _writer(self) -> None:
         while True:
@@ -555,8 +639,11 @@ class Ingest:
             # A value validation let through that the database refuses: the
             # group was rolled back, and each request is tried on its own
             # below, so only the one that holds it fails.
-            log.warning("ingest.group_refused", requests=len(live),
-                        sqlstate=getattr(exc.orig, "sqlstate", ""))
+            log.warning(
+                "ingest.group_refused",
+                requests=len(live),
+                sqlstate=getattr(exc.orig, "sqlstate", ""),
+            )
             split = True
         if not live:
             return

@@ -43,8 +43,13 @@ class Jobs:
         self.clients = clients or Clients([])
 
     async def run(self, stop: asyncio.Event) -> None:
-        await run_ticks(stop, self.tick, logger=log, event="jobs.tick_failed",
-                        interval=lambda done: 0 if done >= FOLD_STEP else _TICK_SECONDS)
+        await run_ticks(
+            stop,
+            self.tick,
+            logger=log,
+            event="jobs.tick_failed",
+            interval=lambda done: 0 if done >= FOLD_STEP else _TICK_SECONDS,
+        )
 
     async def tick(self) -> int:
         """Fold a step of deltas, cancel what came back to cancelled jobs'
@@ -111,9 +116,16 @@ class Jobs:
         async with self.engine.begin() as conn:
             return await store.set_callback(conn, client, job, url)
 
-    async def results(self, client: str, job: str, *, after: int = 0,
-                      states: Sequence[str] = FINISHED_STATES, page: int = RESULTS_PAGE,
-                      stop_at_open: bool = False) -> AsyncIterator[bytes]:
+    async def results(
+        self,
+        client: str,
+        job: str,
+        *,
+        after: int = 0,
+        states: Sequence[str] = FINISHED_STATES,
+        page: int = RESULTS_PAGE,
+        stop_at_open: bool = False,
+    ) -> AsyncIterator[bytes]:
         """The job's finished tasks as NDJSON lines, in task id order (the
         order they were accepted), a page at a time: memory stays flat
         whatever the job's size. Each page is its own short read, so a slow
@@ -149,8 +161,14 @@ def result_line(row: Sequence[Any]) -> bytes:
     custom_id: str = row[1]
     state: str = row[2]
     attempts: int = row[3]
-    head = b'{"custom_id":' + orjson.dumps(custom_id) + b',"state":"' + state.encode() \
-        + b'","attempts":' + str(attempts).encode()
+    head = (
+        b'{"custom_id":'
+        + orjson.dumps(custom_id)
+        + b',"state":"'
+        + state.encode()
+        + b'","attempts":'
+        + str(attempts).encode()
+    )
     if state == "succeeded":
         response: str | None = row[5]
         return head + b',"response":' + (response or "null").encode() + b"}\n"
@@ -163,10 +181,16 @@ def view_json(view: JobView) -> dict[str, Any]:
     spend = round(view.spend_usd, 6)
     sync = round(view.sync_equivalent_usd, 6)
     return {
-        "job": view.job, "tasks": view.tasks, "queued": view.queued,
-        "submitted": view.submitted, "succeeded": view.succeeded, "failed": view.failed,
-        "cancelled": view.cancelled, "spend_usd": str(spend),
-        "sync_equivalent_usd": str(sync), "savings_usd": str(sync - spend),
+        "job": view.job,
+        "tasks": view.tasks,
+        "queued": view.queued,
+        "submitted": view.submitted,
+        "succeeded": view.succeeded,
+        "failed": view.failed,
+        "cancelled": view.cancelled,
+        "spend_usd": str(spend),
+        "sync_equivalent_usd": str(sync),
+        "savings_usd": str(sync - spend),
         "created_at": view.created_at.isoformat(),
         "finished_at": view.finished_at.isoformat() if view.finished_at else None,
         "cancelled_at": view.cancelled_at.isoformat() if view.cancelled_at else None,

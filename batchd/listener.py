@@ -35,8 +35,9 @@ class _Refused(asyncio.Protocol):
 class CappedSite(web.TCPSite):
     """A TCPSite that refuses connections past ``max_connections``."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 max_connections: int) -> None:
+    def __init__(
+        self, runner: web.AppRunner, host: str, port: int, *, max_connections: int
+    ) -> None:
         super().__init__(runner, host, port, reuse_address=True)
         self.max_connections = max_connections
         self._warned = False
@@ -57,7 +58,9 @@ class CappedSite(web.TCPSite):
         # server (BaseSite.start registers the site with its runner).
         await web.BaseSite.start(self)
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self._host, self._port,
-                                                reuse_address=True)
-        self._bound_port = self._server.sockets[0].getsockname()[1] if \
-            self._server.sockets else self._port
+        self._server = await loop.create_server(
+            self._protocol, self._host, self._port, reuse_address=True
+        )
+        self._bound_port = (
+            self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
+        )

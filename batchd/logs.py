@@ -12,13 +12,27 @@ import structlog
 
 # Keys whose values are never written, whatever their content.
 _REDACTED_KEYS = frozenset(
-    {"body", "api_key", "authorization", "token", "tokens", "password", "secret", "messages",
-     "input", "prompt", "response", "openai_api_key", "ingest_tokens"}
+    {
+        "body",
+        "api_key",
+        "authorization",
+        "token",
+        "tokens",
+        "password",
+        "secret",
+        "messages",
+        "input",
+        "prompt",
+        "response",
+        "openai_api_key",
+        "ingest_tokens",
+    }
 )
 # Values that look like credentials anywhere in a string, and PostgreSQL's
 # DETAIL lines, which quote the failing row (a task body) in tracebacks.
 _SECRET_PATTERNS = re.compile(
-    r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+|postgres(?:ql)?://[^@\s]*@|DETAIL:[^\n]*)")
+    r"(sk-[A-Za-z0-9_\-]{8,}|Bearer\s+\S+|postgres(?:ql)?://[^@\s]*@|DETAIL:[^\n]*)"
+)
 
 
 def _scrub(value: Any) -> Any:
@@ -27,8 +41,10 @@ def _scrub(value: Any) -> Any:
     if isinstance(value, str):
         return _SECRET_PATTERNS.sub("[redacted]", value)
     if isinstance(value, dict):
-        return {k: "[redacted]" if str(k).lower() in _REDACTED_KEYS else _scrub(v)
-                for k, v in value.items()}
+        return {
+            k: "[redacted]" if str(k).lower() in _REDACTED_KEYS else _scrub(v)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_scrub(v) for v in value]
     return value

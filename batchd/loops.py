@@ -13,8 +13,13 @@ from batchd.logs import log_tick_failure
 
 
 async def run_ticks(
-    stop: asyncio.Event, tick: Callable[[], Awaitable[int]], *, logger: Any, event: str,
-    interval: Callable[[int], float], wake: asyncio.Event | None = None,
+    stop: asyncio.Event,
+    tick: Callable[[], Awaitable[int]],
+    *,
+    logger: Any,
+    event: str,
+    interval: Callable[[int], float],
+    wake: asyncio.Event | None = None,
 ) -> None:
     """Call ``tick`` until ``stop`` is set. ``interval(done)`` is the wait after
     a tick that did ``done`` units of work (0 to go again at once); ``wake``

@@ -31,8 +31,9 @@ class MoneyCounter:
     then holds its highest value until the exact total passes it again.
     """
 
-    def __init__(self, name: str, documentation: str, labelnames: list[str],
-                 registry: CollectorRegistry) -> None:
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], registry: CollectorRegistry
+    ) -> None:
         self._name = name
         self._doc = documentation
         self._labelnames = tuple(labelnames)
@@ -79,17 +80,23 @@ TASKS_RECEIVED = Counter(
     "batchd_tasks_received", "Tasks accepted by ingest", ["client", "lane"], registry=REGISTRY
 )
 TASKS_COMPLETED = Counter(
-    "batchd_tasks_completed", "Task attempt outcomes", ["outcome", "client", "lane"],
+    "batchd_tasks_completed",
+    "Task attempt outcomes",
+    ["outcome", "client", "lane"],
     registry=REGISTRY,
 )
 QUEUE_TASKS = Gauge("batchd_queue_tasks", "Tasks by state", ["state"], registry=REGISTRY)
 CLIENT_QUEUE_TASKS = Gauge(
-    "batchd_client_queued_tasks", "Queued tasks by client (BATCHD_CLIENT_MAX_QUEUED counts these)",
-    ["client"], registry=REGISTRY,
+    "batchd_client_queued_tasks",
+    "Queued tasks by client (BATCHD_CLIENT_MAX_QUEUED counts these)",
+    ["client"],
+    registry=REGISTRY,
 )
 CLIENT_SPEND = MoneyCounter(
-    "batchd_client_spend_dollars", "Spend carried by each client's stored results",
-    ["client", "lane"], registry=REGISTRY,
+    "batchd_client_spend_dollars",
+    "Spend carried by each client's stored results",
+    ["client", "lane"],
+    registry=REGISTRY,
 )
 QUEUE_OLDEST = Gauge(
     "batchd_queue_oldest_task_created_timestamp_seconds",
@@ -103,40 +110,53 @@ BATCH_TASKS = Histogram(
     "batchd_batch_tasks", "Tasks per submitted batch", buckets=_SIZE_BUCKETS, registry=REGISTRY
 )
 BATCH_INPUT_BYTES = Histogram(
-    "batchd_batch_input_bytes", "Input file size per batch", buckets=_BYTES_BUCKETS,
+    "batchd_batch_input_bytes",
+    "Input file size per batch",
+    buckets=_BYTES_BUCKETS,
     registry=REGISTRY,
 )
-BATCHES_IN_FLIGHT = Gauge(
-    "batchd_batches_in_flight", "Batches not yet routed", registry=REGISTRY
-)
+BATCHES_IN_FLIGHT = Gauge("batchd_batches_in_flight", "Batches not yet routed", registry=REGISTRY)
 BATCH_OLDEST_IN_FLIGHT = Gauge(
     "batchd_batch_oldest_in_flight_submitted_timestamp_seconds",
-    "Submission time of the oldest live batch (0 when none)", registry=REGISTRY,
+    "Submission time of the oldest live batch (0 when none)",
+    registry=REGISTRY,
 )
 BATCHES_FINISHED = Counter(
-    "batchd_batches_finished", "Batches routed, by provider and status", ["provider", "status"],
+    "batchd_batches_finished",
+    "Batches routed, by provider and status",
+    ["provider", "status"],
     registry=REGISTRY,
 )
 BATCH_TURNAROUND = Histogram(
-    "batchd_batch_turnaround_seconds", "Submission to terminal status", buckets=_TIME_BUCKETS,
+    "batchd_batch_turnaround_seconds",
+    "Submission to terminal status",
+    buckets=_TIME_BUCKETS,
     registry=REGISTRY,
 )
 TASK_LATENCY = Histogram(
-    "batchd_task_latency_seconds", "Ingest to stored result", ["lane"], buckets=_TIME_BUCKETS,
+    "batchd_task_latency_seconds",
+    "Ingest to stored result",
+    ["lane"],
+    buckets=_TIME_BUCKETS,
     registry=REGISTRY,
 )
 PROVIDER_REQUESTS = Counter(
     "batchd_provider_requests", "Provider API calls", ["operation", "code"], registry=REGISTRY
 )
-TOKENS = Counter("batchd_tokens", "Tokens used", ["provider", "model", "kind", "lane"],
-                 registry=REGISTRY)
+TOKENS = Counter(
+    "batchd_tokens", "Tokens used", ["provider", "model", "kind", "lane"], registry=REGISTRY
+)
 SPEND = MoneyCounter(
-    "batchd_spend_dollars", "Spend: batch price in the batch lane, sync price in the sync lane",
-    ["provider", "model", "lane"], registry=REGISTRY,
+    "batchd_spend_dollars",
+    "Spend: batch price in the batch lane, sync price in the sync lane",
+    ["provider", "model", "lane"],
+    registry=REGISTRY,
 )
 SAVINGS = MoneyCounter(
-    "batchd_savings_dollars", "Synchronous price minus what was paid (0 in the sync lane)",
-    ["provider", "model", "lane"], registry=REGISTRY,
+    "batchd_savings_dollars",
+    "Synchronous price minus what was paid (0 in the sync lane)",
+    ["provider", "model", "lane"],
+    registry=REGISTRY,
 )
 LANES = ("batch", "sync")
 TOKEN_KINDS = ("input", "cached_input", "output")
@@ -152,14 +172,19 @@ def start_model_series(models: list[tuple[str, str]]) -> None:
             SAVINGS.add(Decimal(0), provider=provider, model=model, lane=lane)
             for kind in TOKEN_KINDS:
                 TOKENS.labels(provider=provider, model=model, kind=kind, lane=lane)
+
+
 # Priced by the unknown-model rule (the table's most expensive entry), never
 # as zero; the report's unpriced_models names the models.
 UNPRICED_RESULTS = Counter(
-    "batchd_unpriced_results", "Results priced by the unknown-model rule", ["lane"],
+    "batchd_unpriced_results",
+    "Results priced by the unknown-model rule",
+    ["lane"],
     registry=REGISTRY,
 )
 UNPRICED_ESTIMATES = Counter(
-    "batchd_unpriced_estimates", "Budget reservations priced by the unknown-model rule",
+    "batchd_unpriced_estimates",
+    "Budget reservations priced by the unknown-model rule",
     registry=REGISTRY,
 )
 BUDGET_LIMIT = Gauge(
@@ -171,57 +196,66 @@ BUDGET_SPENT = Gauge(
 # Per-client caps (BATCHD_CLIENT_BUDGETS): ``client`` takes only the names
 # configured there, so its cardinality is bounded by the configuration.
 CLIENT_BUDGET_LIMIT = Gauge(
-    "batchd_client_budget_limit_dollars", "A client's own daily budget (BATCHD_CLIENT_BUDGETS)",
-    ["client"], registry=REGISTRY,
+    "batchd_client_budget_limit_dollars",
+    "A client's own daily budget (BATCHD_CLIENT_BUDGETS)",
+    ["client"],
+    registry=REGISTRY,
 )
 CLIENT_BUDGET_SPENT = Gauge(
     "batchd_client_budget_spent_dollars",
     "A capped client's spend and reservations today (UTC), batches and sync calls",
-    ["client"], registry=REGISTRY,
-)
-POLLER_LAST_SUCCESS = Gauge(
-    "batchd_poller_last_success_timestamp_seconds", "Last poller tick that finished",
+    ["client"],
     registry=REGISTRY,
 )
-CONFIG_WINDOW = Gauge(
-    "batchd_config_window_seconds", "BATCHD_WINDOW_SECONDS", registry=REGISTRY
+POLLER_LAST_SUCCESS = Gauge(
+    "batchd_poller_last_success_timestamp_seconds",
+    "Last poller tick that finished",
+    registry=REGISTRY,
 )
+CONFIG_WINDOW = Gauge("batchd_config_window_seconds", "BATCHD_WINDOW_SECONDS", registry=REGISTRY)
 CONFIG_MAX_TASKS = Gauge(
     "batchd_config_max_batch_tasks", "BATCHD_MAX_BATCH_ITEMS", registry=REGISTRY
 )
 CALLBACK_DELIVERIES = Counter(
-    "batchd_callback_deliveries", "Callback POST attempts: delivered, retried later, failed for "
-    "good", ["outcome", "client"], registry=REGISTRY,
+    "batchd_callback_deliveries",
+    "Callback POST attempts: delivered, retried later, failed for good",
+    ["outcome", "client"],
+    registry=REGISTRY,
 )
 CALLBACK_SECONDS = Histogram(
-    "batchd_callback_delivery_seconds", "Duration of one callback POST attempt",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=REGISTRY,
+    "batchd_callback_delivery_seconds",
+    "Duration of one callback POST attempt",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
 )
 CALLBACKS_PENDING = Gauge(
     "batchd_callbacks_pending", "Callback deliveries waiting for a (re)try", registry=REGISTRY
 )
 CALLBACKS_FAILED = Gauge(
-    "batchd_callbacks_failed", "Callback deliveries that used up their attempts (replayable)",
+    "batchd_callbacks_failed",
+    "Callback deliveries that used up their attempts (replayable)",
     registry=REGISTRY,
 )
 HTTP_CONNECTIONS_REFUSED = Counter(
-    "batchd_http_connections_refused", "API connections closed at once because "
-    "BATCHD_HTTP_MAX_CONNECTIONS were open", registry=REGISTRY,
+    "batchd_http_connections_refused",
+    "API connections closed at once because BATCHD_HTTP_MAX_CONNECTIONS were open",
+    registry=REGISTRY,
 )
 WAITERS = Gauge(
     "batchd_waiters", "POST /v1/tasks?wait requests waiting for their tasks", registry=REGISTRY
 )
-JOBS_OPEN = Gauge(
-    "batchd_jobs_open", "Jobs with a task queued or submitted", registry=REGISTRY
-)
+JOBS_OPEN = Gauge("batchd_jobs_open", "Jobs with a task queued or submitted", registry=REGISTRY)
 TASKS_CANCELLED = Counter(
-    "batchd_tasks_cancelled", "Queued tasks cancelled with their job (never sent)", ["client"],
+    "batchd_tasks_cancelled",
+    "Queued tasks cancelled with their job (never sent)",
+    ["client"],
     registry=REGISTRY,
 )
 # A year of operation (DESIGN 15): what the database holds and what retention
 # took out of it; the alerts compare growth against the retention window.
 DATABASE_BYTES = Gauge(
-    "batchd_database_size_bytes", "Size of batchd's PostgreSQL database (pg_database_size)",
+    "batchd_database_size_bytes",
+    "Size of batchd's PostgreSQL database (pg_database_size)",
     registry=REGISTRY,
 )
 ROWS_PRUNED = Counter(
@@ -229,7 +263,8 @@ ROWS_PRUNED = Counter(
 )
 RETENTION_OLDEST = Gauge(
     "batchd_retention_oldest_finished_timestamp_seconds",
-    "Finish time of the oldest task retention may delete (0 when none)", registry=REGISTRY,
+    "Finish time of the oldest task retention may delete (0 when none)",
+    registry=REGISTRY,
 )
 CONFIG_RETENTION_DAYS = Gauge(
     "batchd_config_retention_days", "BATCHD_RETENTION_DAYS", registry=REGISTRY

@@ -36,6 +36,7 @@ _CHECK_CONCURRENCY = 4
 @dataclass(frozen=True, slots=True)
 class PollerConfig:
     """The settings the poller reads."""
+
     lease_seconds: float
     poll_interval_seconds: float
 
@@ -45,8 +46,15 @@ class PollerConfig:
 
 
 class Poller:
-    def __init__(self, engine: AsyncEngine, providers: Providers, router: Router,
-                 config: PollerConfig, archive: Archive, owner: str) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        providers: Providers,
+        router: Router,
+        config: PollerConfig,
+        archive: Archive,
+        owner: str,
+    ) -> None:
         self.engine = engine
         self.providers = providers
         self.router = router
@@ -59,8 +67,13 @@ class Poller:
         # Tick faster than the poll interval: each batch carries its own
         # next_poll_at, and a quick tick picks up newly submitted ones soon.
         interval = min(self.config.poll_interval_seconds, 5.0)
-        await run_ticks(stop, self.tick, logger=log, event="poller.tick_failed",
-                        interval=lambda _routed: interval)
+        await run_ticks(
+            stop,
+            self.tick,
+            logger=log,
+            event="poller.tick_failed",
+            interval=lambda _routed: interval,
+        )
 
     async def tick(self) -> int:
         """Check every due batch once; returns how many were routed."""
@@ -80,14 +93,21 @@ class Poller:
                 return await self.check(batch)
             except ProviderError as exc:
                 delay = exc.retry_after or self.config.poll_interval_seconds
-                log.warning("batch.check_failed", batch_id=batch["id"], operation=exc.operation,
-                            status=exc.status, code=exc.code, retry_in=delay)
+                log.warning(
+                    "batch.check_failed",
+                    batch_id=batch["id"],
+                    operation=exc.operation,
+                    status=exc.status,
+                    code=exc.code,
+                    retry_in=delay,
+                )
             except Exception:
                 delay = self.config.poll_interval_seconds
                 log.exception("batch.check_crashed", batch_id=batch["id"])
             async with self.engine.begin() as conn:
-                await release_batch(conn, batch["id"], self.owner,
-                                         delay * (1 + random.random() * 0.2))
+                await release_batch(
+                    conn, batch["id"], self.owner, delay * (1 + random.random() * 0.2)
+                )
                 await set_batch(conn, batch["id"], next_poll_at=NOW)
             return None
 
@@ -97,13 +117,19 @@ class Poller:
         if not remote.terminal:
             async with self.engine.begin() as conn:
                 await set_batch(
-                    conn, batch["id"], provider_status=remote.status,
-                    request_counts=remote.request_counts, lease_owner=None, lease_until=None)
+                    conn,
+                    batch["id"],
+                    provider_status=remote.status,
+                    request_counts=remote.request_counts,
+                    lease_owner=None,
+                    lease_until=None,
+                )
                 await schedule_poll(conn, batch["id"], self.config.poll_interval_seconds)
             return False
         files = await self._download(batch["id"], batch["provider"], remote)
-        summary = await self.router.route(batch["id"], batch["model"], remote,
-                                          [p for _, p in files], provider=batch["provider"])
+        summary = await self.router.route(
+            batch["id"], batch["model"], remote, [p for _, p in files], provider=batch["provider"]
+        )
         if summary.already_routed:
             for _, path in files:
                 path.unlink(missing_ok=True)  # the router that won archived them
@@ -111,13 +137,15 @@ class Poller:
         if batch["submitted_at"] is not None:
             metrics.BATCH_TURNAROUND.observe(time.time() - batch["submitted_at"].timestamp())
         for kind, path in files:
-            await self.archive.keep(path, batch["spend_day"], batch["id"], kind,
-                                    {"provider_batch_id": remote.id})
+            await self.archive.keep(
+                path, batch["spend_day"], batch["id"], kind, {"provider_batch_id": remote.id}
+            )
             path.unlink(missing_ok=True)
         return True
 
-    async def _download(self, batch_id: str, provider_name: str, remote: RemoteBatch
-                        ) -> list[tuple[str, Path]]:
+    async def _download(
+        self, batch_id: str, provider_name: str, remote: RemoteBatch
+    ) -> list[tuple[str, Path]]:
         provider = pick(self.providers, provider_name, "download_file")
         files = []
         for kind, file_id in (("output", remote.output_file_id), ("error", remote.error_file_id)):

@@ -68,17 +68,29 @@ class Tokens:
     cache_write: int = 0
 
     def __add__(self, other: Tokens) -> Tokens:
-        return Tokens(self.input + other.input, self.cached + other.cached,
-                      self.output + other.output, self.cache_write + other.cache_write)
+        return Tokens(
+            self.input + other.input,
+            self.cached + other.cached,
+            self.output + other.output,
+            self.cache_write + other.cache_write,
+        )
 
     def __sub__(self, other: Tokens) -> Tokens:
-        return Tokens(self.input - other.input, self.cached - other.cached,
-                      self.output - other.output, self.cache_write - other.cache_write)
+        return Tokens(
+            self.input - other.input,
+            self.cached - other.cached,
+            self.output - other.output,
+            self.cache_write - other.cache_write,
+        )
 
     def at_least(self, other: Tokens) -> Tokens:
         """Kind by kind, the larger of the two (the high side of two counts)."""
-        return Tokens(max(self.input, other.input), max(self.cached, other.cached),
-                      max(self.output, other.output), max(self.cache_write, other.cache_write))
+        return Tokens(
+            max(self.input, other.input),
+            max(self.cached, other.cached),
+            max(self.output, other.output),
+            max(self.cache_write, other.cache_write),
+        )
 
 
 def usage_of(body: Any) -> Any:
@@ -98,29 +110,44 @@ def tokens_from_usage(usage: Any) -> Tokens:
     if "promptTokenCount" in usage or "candidatesTokenCount" in usage:
         # Gemini: the prompt count includes cached tokens; thinking is billed
         # as output.
-        return Tokens(int(usage.get("promptTokenCount") or 0),
-                      int(usage.get("cachedContentTokenCount") or 0),
-                      int(usage.get("candidatesTokenCount") or 0)
-                      + int(usage.get("thoughtsTokenCount") or 0))
+        return Tokens(
+            int(usage.get("promptTokenCount") or 0),
+            int(usage.get("cachedContentTokenCount") or 0),
+            int(usage.get("candidatesTokenCount") or 0) + int(usage.get("thoughtsTokenCount") or 0),
+        )
     if "cache_creation_input_tokens" in usage or "cache_read_input_tokens" in usage:
         # Anthropic: input_tokens is only what neither read nor wrote a cache.
         write = int(usage.get("cache_creation_input_tokens") or 0)
         read = int(usage.get("cache_read_input_tokens") or 0)
-        return Tokens(int(usage.get("input_tokens") or 0) + write + read, read,
-                      int(usage.get("output_tokens") or 0), write)
+        return Tokens(
+            int(usage.get("input_tokens") or 0) + write + read,
+            read,
+            int(usage.get("output_tokens") or 0),
+            write,
+        )
     if "input_tokens" in usage:  # responses API, batch-level usage, Anthropic without caching
         details = usage.get("input_tokens_details") or {}
-        return Tokens(int(usage.get("input_tokens") or 0), int(details.get("cached_tokens") or 0),
-                      int(usage.get("output_tokens") or 0))
+        return Tokens(
+            int(usage.get("input_tokens") or 0),
+            int(details.get("cached_tokens") or 0),
+            int(usage.get("output_tokens") or 0),
+        )
     details = usage.get("prompt_tokens_details") or {}
-    return Tokens(int(usage.get("prompt_tokens") or 0), int(details.get("cached_tokens") or 0),
-                  int(usage.get("completion_tokens") or 0))
+    return Tokens(
+        int(usage.get("prompt_tokens") or 0),
+        int(details.get("cached_tokens") or 0),
+        int(usage.get("completion_tokens") or 0),
+    )
 
 
 def cost(tokens: Tokens, rate: Rate) -> Decimal:
     uncached = max(0, tokens.input - tokens.cached - tokens.cache_write)
-    return (uncached * rate.input + tokens.cached * rate.cached_input
-            + tokens.cache_write * rate.cache_write + tokens.output * rate.output) / MILLION
+    return (
+        uncached * rate.input
+        + tokens.cached * rate.cached_input
+        + tokens.cache_write * rate.cache_write
+        + tokens.output * rate.output
+    ) / MILLION
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +167,27 @@ class ScaledRate:
 
     @classmethod
     def of(cls, rate: Rate) -> ScaledRate:
-        places = max(max(0, -int(v.as_tuple().exponent))
-                     for v in (rate.input, rate.cached_input, rate.output, rate.cache_write))
-        scale = 10 ** places
-        return cls(int(rate.input * scale), int(rate.cached_input * scale),
-                   int(rate.output * scale), scale, int(rate.cache_write * scale))
+        places = max(
+            max(0, -int(v.as_tuple().exponent))
+            for v in (rate.input, rate.cached_input, rate.output, rate.cache_write)
+        )
+        scale = 10**places
+        return cls(
+            int(rate.input * scale),
+            int(rate.cached_input * scale),
+            int(rate.output * scale),
+            scale,
+            int(rate.cache_write * scale),
+        )
 
     def cost(self, tokens: Tokens) -> int:
         uncached = max(0, tokens.input - tokens.cached - tokens.cache_write)
-        return (uncached * self.input + tokens.cached * self.cached_input
-                + tokens.cache_write * self.cache_write + tokens.output * self.output)
+        return (
+            uncached * self.input
+            + tokens.cached * self.cached_input
+            + tokens.cache_write * self.cache_write
+            + tokens.output * self.output
+        )
 
     def usd(self, units: int) -> Decimal:
         """``units`` of this rate (``cost``'s figure) as exact USD."""
@@ -202,7 +240,7 @@ class PriceTable:
         price = self.lookup(model)
         if not price.known:
             return None
-        rest = model[len(price.name):]
+        rest = model[len(price.name) :]
         return price.name if not rest or _SNAPSHOT.fullmatch(rest) else None
 
     def metric_label(self, model: str) -> str:
@@ -216,9 +254,14 @@ class PriceTable:
         if (model, where) in self._warned:
             return
         self._warned.add((model, where))
-        log.warning("prices.unknown_model", model=model, where=where,
-                    rule="priced as the table's most expensive model",
-                    priced_as=self._fallback_source, prices_as_of=self.as_of)
+        log.warning(
+            "prices.unknown_model",
+            model=model,
+            where=where,
+            rule="priced as the table's most expensive model",
+            priced_as=self._fallback_source,
+            prices_as_of=self.as_of,
+        )
 
     def reservation(self, model: str, est_input: int, est_output: int, *, sync: bool) -> Decimal:
         """High-side cost reserved against the daily budget before a batch or
@@ -230,7 +273,8 @@ class PriceTable:
             metrics.UNPRICED_ESTIMATES.inc()
         rate = price.sync if sync else price.batch
         return cost(Tokens(est_input, 0, est_output), rate).quantize(
-            USD_QUANTUM, rounding=ROUND_CEILING)
+            USD_QUANTUM, rounding=ROUND_CEILING
+        )
 
     def pico_rates(self, model: str, *, sync: bool) -> tuple[int, int]:
         """(input, output) price of one token in 1e-12 USD, whole numbers (a
@@ -272,5 +316,6 @@ def _rate(entry: dict[str, Any]) -> Rate:
             raise ValueError(
                 f"price {v} has more than {PRICE_PLACES} decimal places (USD per 1M tokens, "
                 "so 1e-12 USD a token, is as fine as batchd keeps money exact); write it "
-                f"rounded, e.g. {v.quantize(Decimal(1).scaleb(-PRICE_PLACES)).normalize()}")
+                f"rounded, e.g. {v.quantize(Decimal(1).scaleb(-PRICE_PLACES)).normalize()}"
+            )
     return Rate(values[0], values[1], values[2], cache_write_input=cache_write)

@@ -14,17 +14,21 @@ class JobBar:
     with succeeded, failed and cost so far beside tqdm's rate and ETA."""
 
     def __init__(self, job: str) -> None:
-        self.bar = tqdm(total=0, unit="task", desc=job, file=sys.stderr, disable=None,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=0, unit="task", desc=job, file=sys.stderr, disable=None, dynamic_ncols=True
+        )
 
     def __call__(self, view: dict[str, Any]) -> None:
         done = view["succeeded"] + view["failed"] + view["cancelled"]
         if self.bar.total != view["tasks"]:
             self.bar.total = view["tasks"]
             self.bar.refresh()
-        self.bar.set_postfix_str(f"ok={view['succeeded']} failed={view['failed']}"
-                                 + (f" cancelled={view['cancelled']}" if view["cancelled"]
-                                    else "") + f" ${view['spend_usd']}", refresh=False)
+        self.bar.set_postfix_str(
+            f"ok={view['succeeded']} failed={view['failed']}"
+            + (f" cancelled={view['cancelled']}" if view["cancelled"] else "")
+            + f" ${view['spend_usd']}",
+            refresh=False,
+        )
         self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
@@ -32,7 +36,9 @@ class JobBar:
 
 
 def job_line(view: dict[str, Any]) -> str:
-    return (f"job {view['job']}: {view['tasks']} task(s): {view['succeeded']} succeeded, "
-            f"{view['failed']} failed, {view['cancelled']} cancelled, {view['queued']} queued, "
-            f"{view['submitted']} at the provider; spend ${view['spend_usd']} (synchronously "
-            f"${view['sync_equivalent_usd']}, saved ${view['savings_usd']})")
+    return (
+        f"job {view['job']}: {view['tasks']} task(s): {view['succeeded']} succeeded, "
+        f"{view['failed']} failed, {view['cancelled']} cancelled, {view['queued']} queued, "
+        f"{view['submitted']} at the provider; spend ${view['spend_usd']} (synchronously "
+        f"${view['sync_equivalent_usd']}, saved ${view['savings_usd']})"
+    )

@@ -31,12 +31,20 @@ class ReplayOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
 
     def as_json(self, verb: str = "replayed") -> dict[str, Any]:
-        return {verb: len(self.replayed), "custom_ids": self.replayed,
-                "skipped": [{"custom_id": k, "reason": v} for k, v in self.skipped.items()]}
+        return {
+            verb: len(self.replayed),
+            "custom_ids": self.replayed,
+            "skipped": [{"custom_id": k, "reason": v} for k, v in self.skipped.items()],
+        }
 
 
-async def _settle(conn: AsyncConnection, outcome: ReplayOutcome, done: list[tuple[str, str]],
-                  keys: list[tuple[str, str]] | None, client: str | None) -> None:
+async def _settle(
+    conn: AsyncConnection,
+    outcome: ReplayOutcome,
+    done: list[tuple[str, str]],
+    keys: list[tuple[str, str]] | None,
+    client: str | None,
+) -> None:
     """Fill ``outcome``: the custom_ids acted on, and for each named task
     left alone the reason. Another client's custom_id reads as unknown."""
     outcome.replayed = [cid for _, cid in done]
@@ -44,8 +52,11 @@ async def _settle(conn: AsyncConnection, outcome: ReplayOutcome, done: list[tupl
         return
     rest = sorted(set(keys) - set(done))
     states = await manual_queue.task_states(conn, rest)
-    outcome.skipped = {cid: _WHY_NOT.get(states.get((cl, cid), ""), "unknown custom_id")
-                       for cl, cid in rest if client is None or cl == client}
+    outcome.skipped = {
+        cid: _WHY_NOT.get(states.get((cl, cid), ""), "unknown custom_id")
+        for cl, cid in rest
+        if client is None or cl == client
+    }
 
 
 def _keys(client: str | None, custom_ids: list[str] | None) -> list[tuple[str, str]] | None:
@@ -69,8 +80,9 @@ class Replayer:
         reason; another client's custom_id is as unknown as one never sent."""
         return await self.replay_keys(_keys(client, custom_ids), client)
 
-    async def replay_keys(self, keys: list[tuple[str, str]] | None, client: str | None = None
-                          ) -> ReplayOutcome:
+    async def replay_keys(
+        self, keys: list[tuple[str, str]] | None, client: str | None = None
+    ) -> ReplayOutcome:
         """As ``replay``, the tasks named by (client, custom_id) keys (all of
         ``client``'s, or everyone's, when ``keys`` is None)."""
         outcome = ReplayOutcome()
@@ -80,24 +92,23 @@ class Replayer:
         log.info("tasks.replayed", replayed=len(outcome.replayed), skipped=len(outcome.skipped))
         return outcome
 
-    async def dismiss(self, client: str | None, custom_ids: list[str] | None
-                      ) -> ReplayOutcome:
+    async def dismiss(self, client: str | None, custom_ids: list[str] | None) -> ReplayOutcome:
         """Take failed tasks out of the manual queue, for good, chosen as
         ``replay`` chooses them: they are kept until retention deletes them
         like any finished task, but never replayed. Export them first
         (``batchd failed export``): the export is then their only copy."""
         return await self.dismiss_keys(_keys(client, custom_ids), client)
 
-    async def dismiss_keys(self, keys: list[tuple[str, str]] | None, client: str | None = None
-                           ) -> ReplayOutcome:
+    async def dismiss_keys(
+        self, keys: list[tuple[str, str]] | None, client: str | None = None
+    ) -> ReplayOutcome:
         """As ``dismiss``, the tasks named by (client, custom_id) keys (all of
         ``client``'s, or everyone's, when ``keys`` is None)."""
         outcome = ReplayOutcome()
         async with self.engine.begin() as conn:
             done = await manual_queue.dismiss_failed(conn, client, keys)
             await _settle(conn, outcome, done, keys, client)
-        log.info("tasks.dismissed", dismissed=len(outcome.replayed),
-                 skipped=len(outcome.skipped))
+        log.info("tasks.dismissed", dismissed=len(outcome.replayed), skipped=len(outcome.skipped))
         return outcome
 
     async def export_failed(self, out: Path, client: str | None = None) -> int:
@@ -121,12 +132,19 @@ class Replayer:
 def export_line(r: Mapping[Any, Any]) -> dict[str, Any]:
     """One line of a failed export (``batchd failed export``, the console's
     export): whose task it is, the original request and how it failed."""
-    return {"client": r["client"], "custom_id": r["custom_id"], "method": "POST",
-            "url": r["endpoint"],
-            "body": r["body"], "metadata": r["metadata"],
-            "attempts": r["attempts"], "replay_count": r["replay_count"],
-            "batch_id": r["batch_id"], "last_error": r["last_error"],
-            "failed_at": r["finished_at"].isoformat() if r["finished_at"] else None}
+    return {
+        "client": r["client"],
+        "custom_id": r["custom_id"],
+        "method": "POST",
+        "url": r["endpoint"],
+        "body": r["body"],
+        "metadata": r["metadata"],
+        "attempts": r["attempts"],
+        "replay_count": r["replay_count"],
+        "batch_id": r["batch_id"],
+        "last_error": r["last_error"],
+        "failed_at": r["finished_at"].isoformat() if r["finished_at"] else None,
+    }
 
 
 def read_failed_export(path: Path) -> Iterable[dict[str, Any]]:
@@ -143,7 +161,12 @@ def write_input_file(rows: Iterable[dict[str, Any]], out: Path) -> int:
     n = 0
     with out.open("wb") as f:
         for row in rows:
-            f.write(input_line(row["custom_id"], row.get("url") or row.get("endpoint")
-                               or "/v1/chat/completions", row["body"]))
+            f.write(
+                input_line(
+                    row["custom_id"],
+                    row.get("url") or row.get("endpoint") or "/v1/chat/completions",
+                    row["body"],
+                )
+            )
             n += 1
     return n

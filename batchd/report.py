@@ -33,10 +33,24 @@ from batchd.store import rollups
 
 log = logs.get("batchd.report")
 
-FIELDS = ("date", "tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
-          "failure_ratio",
-          "post_replay_success_ratio", "manual_queue", "spend_usd", "sync_equivalent_usd",
-          "savings_usd", "unattributed_usd", "unpriced_models", "alert")
+FIELDS = (
+    "date",
+    "tasks_in",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "retried",
+    "replayed",
+    "failure_ratio",
+    "post_replay_success_ratio",
+    "manual_queue",
+    "spend_usd",
+    "sync_equivalent_usd",
+    "savings_usd",
+    "unattributed_usd",
+    "unpriced_models",
+    "alert",
+)
 
 # Rows of a day still being written to are not rolled up: a transaction that
 # began before midnight may commit an event stamped before it a little after.
@@ -63,8 +77,12 @@ class Reporter:
     after it is rolled up and pruned (post_replay_success_ratio is as of the
     roll-up: later replays of a closed day's tasks do not change it)."""
 
-    def __init__(self, engine: AsyncEngine, alert_ratio: float,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        alert_ratio: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
         self.engine = engine
         self.alert_ratio = alert_ratio
         self.clock = clock
@@ -97,15 +115,20 @@ class Reporter:
                     stored.append(day)
             day += timedelta(days=1)
         if stored:
-            log.info("report.rolled_up", first=stored[0].isoformat(), last=stored[-1].isoformat(),
-                     days=len(stored))
+            log.info(
+                "report.rolled_up",
+                first=stored[0].isoformat(),
+                last=stored[-1].isoformat(),
+                days=len(stored),
+            )
         return stored
 
     async def day(self, day: date, client: str | None = None) -> dict[str, Any]:
         return (await self.daily(day, 1, client))[0]
 
-    async def daily(self, end: date | None = None, days: int = 1, client: str | None = None
-                    ) -> list[dict[str, Any]]:
+    async def daily(
+        self, end: date | None = None, days: int = 1, client: str | None = None
+    ) -> list[dict[str, Any]]:
         last = end or self.clock().date()
         first = last - timedelta(days=days - 1)
         await self.roll_up(last)
@@ -124,8 +147,11 @@ class Reporter:
             while day <= min(last, self.clock().date()):
                 lo, hi = _day_bounds(day)
                 found = await rollups.compute_day(conn, lo, hi, LATENCY_BUCKETS_PER_DOUBLING)
-                live[day] = [{"client": k[0], "provider": k[1], "model": k[2], "lane": k[3], **v}
-                             for k, v in found.items() if client is None or k[0] == client]
+                live[day] = [
+                    {"client": k[0], "provider": k[1], "model": k[2], "lane": k[3], **v}
+                    for k, v in found.items()
+                    if client is None or k[0] == client
+                ]
                 day += timedelta(days=1)
         for day, rows in live.items():
             if day < first:  # not rolled up yet, before the range: the queue only
@@ -141,7 +167,8 @@ class Reporter:
                 report["clients"] = {
                     name: _client([r for r in rows if r["client"] == name], manual.get(name, 0))
                     for name in sorted({str(r["client"]) for r in rows} | set(manual))
-                    if name and (manual.get(name) or any(r["client"] == name for r in rows))}
+                    if name and (manual.get(name) or any(r["client"] == name for r in rows))
+                }
             else:
                 report["client"] = client
             out.append(report)
@@ -150,8 +177,7 @@ class Reporter:
 
     def _render(self, day: date, rows: list[dict[str, Any]], manual: int) -> dict[str, Any]:
         total = {name: sum(int(r[name]) for r in rows) for name in rollups.COUNTS}
-        money = {name: sum((Decimal(r[name]) for r in rows), Decimal(0))
-                 for name in rollups.MONEY}
+        money = {name: sum((Decimal(r[name]) for r in rows), Decimal(0)) for name in rollups.MONEY}
         succeeded, failed = total["succeeded"], total["failed"]
         unattributed = money["unattributed_usd"]
         # Exact amounts summed, each column rounded once when shown.
@@ -173,8 +199,9 @@ class Reporter:
             "retried": total["retried"],
             "replayed": total["replayed"],
             "failure_ratio": failure_ratio,
-            "post_replay_success_ratio": (_ratio(total["finished_ok"], total["finished"])
-                                          if total["finished"] else 1.0),
+            "post_replay_success_ratio": (
+                _ratio(total["finished_ok"], total["finished"]) if total["finished"] else 1.0
+            ),
             "manual_queue": manual,
             "spend_usd": str(round_usd(spend)),
             "sync_equivalent_usd": str(round_usd(sync)),
@@ -202,25 +229,56 @@ def _client(rows: list[dict[str, Any]], manual: int) -> dict[str, Any]:
     no client's."""
     succeeded = sum(int(r["succeeded"]) for r in rows)
     failed = sum(int(r["failed"]) for r in rows)
-    spend = round_usd(sum((Decimal(r["spend_usd"]) + Decimal(r["unattributed_usd"])
-                           for r in rows), Decimal(0)))
+    spend = round_usd(
+        sum((Decimal(r["spend_usd"]) + Decimal(r["unattributed_usd"]) for r in rows), Decimal(0))
+    )
     sync = round_usd(sum((Decimal(r["sync_usd"]) for r in rows), Decimal(0)))
-    return {"tasks_in": sum(int(r["tasks_in"]) for r in rows), "succeeded": succeeded,
-            "failed": failed, "retried": sum(int(r["retried"]) for r in rows),
-            "replayed": sum(int(r["replayed"]) for r in rows),
-            "failure_ratio": _ratio(failed, succeeded + failed), "manual_queue": manual,
-            "spend_usd": str(spend), "sync_equivalent_usd": str(sync),
-            "savings_usd": str(sync - spend)}
+    return {
+        "tasks_in": sum(int(r["tasks_in"]) for r in rows),
+        "succeeded": succeeded,
+        "failed": failed,
+        "retried": sum(int(r["retried"]) for r in rows),
+        "replayed": sum(int(r["replayed"]) for r in rows),
+        "failure_ratio": _ratio(failed, succeeded + failed),
+        "manual_queue": manual,
+        "spend_usd": str(spend),
+        "sync_equivalent_usd": str(sync),
+        "savings_usd": str(sync - spend),
+    }
 
 
 def render_clients(rows: list[dict[str, Any]]) -> str:
     """Each client's share of each day."""
-    heads = ["date", "client", "in", "ok", "failed", "retried", "replayed", "fail%", "manual",
-             "spend $", "saved $"]
-    body = [[r["date"], name, v["tasks_in"], v["succeeded"], v["failed"], v["retried"],
-             v["replayed"], f"{v['failure_ratio'] * 100:.2f}", v["manual_queue"],
-             v["spend_usd"], v["savings_usd"]]
-            for r in rows for name, v in sorted(r.get("clients", {}).items())]
+    heads = [
+        "date",
+        "client",
+        "in",
+        "ok",
+        "failed",
+        "retried",
+        "replayed",
+        "fail%",
+        "manual",
+        "spend $",
+        "saved $",
+    ]
+    body = [
+        [
+            r["date"],
+            name,
+            v["tasks_in"],
+            v["succeeded"],
+            v["failed"],
+            v["retried"],
+            v["replayed"],
+            f"{v['failure_ratio'] * 100:.2f}",
+            v["manual_queue"],
+            v["spend_usd"],
+            v["savings_usd"],
+        ]
+        for r in rows
+        for name, v in sorted(r.get("clients", {}).items())
+    ]
     return _grid(heads, body)
 
 
@@ -248,7 +306,9 @@ def _lane(rows: list[dict[str, Any]]) -> dict[str, Any]:
             hist[int(bucket)] += int(n)
     p50, p95 = _percentile(hist, 0.5), _percentile(hist, 0.95)
     return {
-        "finished": done, "succeeded": ok, "failed": failed,
+        "finished": done,
+        "succeeded": ok,
+        "failed": failed,
         "failure_ratio": _ratio(failed, done),
         "spend_usd": str(round_usd(spend)),
         "cost_per_task_usd": str(round_usd(spend / done)) if done else "0.000000",
@@ -266,53 +326,107 @@ def _providers(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         mine = [r for r in rows if r["provider"] == name]
         succeeded = sum(int(r["succeeded"]) for r in mine)
         failed = sum(int(r["failed"]) for r in mine)
-        spend = sum((Decimal(r["spend_usd"]) + Decimal(r["unattributed_usd"]) for r in mine),
-                    Decimal(0))
+        spend = sum(
+            (Decimal(r["spend_usd"]) + Decimal(r["unattributed_usd"]) for r in mine), Decimal(0)
+        )
         sync = sum((Decimal(r["sync_usd"]) for r in mine), Decimal(0))
         if not (succeeded or failed or spend):
             continue  # tasks only arrived: nothing finished or paid there yet
-        out[name] = {"succeeded": succeeded, "failed": failed,
-                     "spend_usd": str(round_usd(spend)),
-                     "sync_equivalent_usd": str(round_usd(sync)),
-                     "savings_usd": str(round_usd(sync - spend))}
+        out[name] = {
+            "succeeded": succeeded,
+            "failed": failed,
+            "spend_usd": str(round_usd(spend)),
+            "sync_equivalent_usd": str(round_usd(sync)),
+            "savings_usd": str(round_usd(sync - spend)),
+        }
     return out
 
 
 def render_providers(rows: list[dict[str, Any]]) -> str:
     """Each provider's share of each day."""
     heads = ["date", "provider", "ok", "failed", "spend $", "sync $", "saved $"]
-    body = [[r["date"], name, v["succeeded"], v["failed"], v["spend_usd"],
-             v["sync_equivalent_usd"], v["savings_usd"]]
-            for r in rows for name, v in sorted(r.get("providers", {}).items())]
+    body = [
+        [
+            r["date"],
+            name,
+            v["succeeded"],
+            v["failed"],
+            v["spend_usd"],
+            v["sync_equivalent_usd"],
+            v["savings_usd"],
+        ]
+        for r in rows
+        for name, v in sorted(r.get("providers", {}).items())
+    ]
     return _grid(heads, body)
 
 
 def render_lanes(rows: list[dict[str, Any]]) -> str:
     """Batch against sync, per day: the numbers a switch-over is decided on."""
     heads = ["date", "lane", "finished", "fail%", "$/task", "p50 s", "p95 s"]
-    body = [[r["date"], lane, v["finished"], f"{v['failure_ratio'] * 100:.2f}",
-             v["cost_per_task_usd"], v["latency_p50_seconds"], v["latency_p95_seconds"]]
-            for r in rows for lane, v in sorted(r.get("lanes", {}).items())]
+    body = [
+        [
+            r["date"],
+            lane,
+            v["finished"],
+            f"{v['failure_ratio'] * 100:.2f}",
+            v["cost_per_task_usd"],
+            v["latency_p50_seconds"],
+            v["latency_p95_seconds"],
+        ]
+        for r in rows
+        for lane, v in sorted(r.get("lanes", {}).items())
+    ]
     return _grid(heads, body)
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    heads = ["date", "in", "ok", "failed", "cancelled", "retried", "replayed", "fail%",
-             "post-replay%", "manual", "spend $", "sync $", "saved $", "alert"]
-    body = [[r["date"], r["tasks_in"], r["succeeded"], r["failed"], r.get("cancelled", 0),
-             r["retried"], r["replayed"],
-             f"{r['failure_ratio'] * 100:.2f}", f"{r['post_replay_success_ratio'] * 100:.2f}",
-             r["manual_queue"], r["spend_usd"], r["sync_equivalent_usd"], r["savings_usd"],
-             "ALERT" if r["alert"] else ""] for r in rows]
+    heads = [
+        "date",
+        "in",
+        "ok",
+        "failed",
+        "cancelled",
+        "retried",
+        "replayed",
+        "fail%",
+        "post-replay%",
+        "manual",
+        "spend $",
+        "sync $",
+        "saved $",
+        "alert",
+    ]
+    body = [
+        [
+            r["date"],
+            r["tasks_in"],
+            r["succeeded"],
+            r["failed"],
+            r.get("cancelled", 0),
+            r["retried"],
+            r["replayed"],
+            f"{r['failure_ratio'] * 100:.2f}",
+            f"{r['post_replay_success_ratio'] * 100:.2f}",
+            r["manual_queue"],
+            r["spend_usd"],
+            r["sync_equivalent_usd"],
+            r["savings_usd"],
+            "ALERT" if r["alert"] else "",
+        ]
+        for r in rows
+    ]
     table = _grid(heads, body)
     unpriced = sorted({m for r in rows for m in r.get("unpriced_models", [])})
     if unpriced:
-        table += ("\n\nunpriced models (priced as the table's most expensive entry): "
-                  + ", ".join(unpriced))
+        table += "\n\nunpriced models (priced as the table's most expensive entry): " + ", ".join(
+            unpriced
+        )
     wasted = [r for r in rows if Decimal(r.get("unattributed_usd", "0"))]
     if wasted:
         table += "\n\nbilled lines no task kept (in spend): " + ", ".join(
-            f"{r['date']} ${r['unattributed_usd']}" for r in wasted)
+            f"{r['date']} ${r['unattributed_usd']}" for r in wasted
+        )
     if any(len(r.get("lanes", {})) > 1 or "sync" in r.get("lanes", {}) for r in rows):
         table += "\n\n" + render_lanes(rows)
     # One client's share is the whole report; two or more say who sent what.
@@ -328,8 +442,12 @@ def _grid(heads: list[str], body: list[list[Any]]) -> str:
     widths = [max(len(line[i]) for line in cells) for i in range(len(heads))]
     out = []
     for n, line in enumerate(cells):
-        out.append("  ".join(c.rjust(w) if i else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip())
+        out.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
@@ -339,6 +457,5 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=FIELDS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
-    writer.writerows({**r, "unpriced_models": ";".join(r.get("unpriced_models", []))}
-                     for r in rows)
+    writer.writerows({**r, "unpriced_models": ";".join(r.get("unpriced_models", []))} for r in rows)
     return buf.getvalue()

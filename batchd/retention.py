@@ -46,8 +46,16 @@ class Plan:
 
 
 class Retention:
-    def __init__(self, engine: AsyncEngine, reporter: Reporter, *, days: int, batch_rows: int,
-                 interval: float, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        reporter: Reporter,
+        *,
+        days: int,
+        batch_rows: int,
+        interval: float,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.engine = engine
         self.reporter = reporter
         self.days = days
@@ -61,8 +69,13 @@ class Retention:
         # The first pass waits an interval: a restart (a deploy, a crash
         # loop) does not start a roll-up and a prune each time.
         await wait_first(stop, None, self.interval)
-        await run_ticks(stop, self.tick, logger=log, event="retention.tick_failed",
-                        interval=lambda done: self.rest_seconds if done else self.interval)
+        await run_ticks(
+            stop,
+            self.tick,
+            logger=log,
+            event="retention.tick_failed",
+            interval=lambda done: self.rest_seconds if done else self.interval,
+        )
 
     async def cutoff(self, *, rolled_through: datetime | None = None) -> datetime | None:
         """Rows finished before this go: BATCHD_RETENTION_DAYS ago, but never
@@ -73,7 +86,8 @@ class Retention:
             if last is None:
                 return None
             rolled_through = datetime(last.year, last.month, last.day, tzinfo=UTC) + timedelta(
-                days=1)
+                days=1
+            )
         return min(self.clock() - timedelta(days=self.days), rolled_through)
 
     async def tick(self) -> int:
@@ -91,8 +105,7 @@ class Retention:
         try:
             return await self._step(cutoff)
         finally:
-            self.rest_seconds = max(_STEP_PAUSE_SECONDS,
-                                    (time.monotonic() - started) * (DUTY - 1))
+            self.rest_seconds = max(_STEP_PAUSE_SECONDS, (time.monotonic() - started) * (DUTY - 1))
 
     async def _step(self, cutoff: datetime) -> store.Pruned:
         async with self.engine.begin() as conn:
@@ -100,11 +113,13 @@ class Retention:
         async with self.engine.begin() as conn:
             pruned.add("batches", await store.prune_batches(conn, cutoff, self.batch_rows))
         async with self.engine.begin() as conn:
-            pruned.add("sync_spend", await store.prune_sync_spend(conn, cutoff.date(),
-                                                                  self.batch_rows))
+            pruned.add(
+                "sync_spend", await store.prune_sync_spend(conn, cutoff.date(), self.batch_rows)
+            )
         async with self.engine.begin() as conn:
-            pruned.add("client_spend", await store.prune_client_spend(conn, cutoff.date(),
-                                                                      self.batch_rows))
+            pruned.add(
+                "client_spend", await store.prune_client_spend(conn, cutoff.date(), self.batch_rows)
+            )
         for table, n in pruned.rows.items():
             if n:
                 metrics.ROWS_PRUNED.labels(table=table).inc(n)

@@ -152,8 +152,14 @@ def iter_lines(path: Path) -> Iterator[dict[str, Any] | None]:
 
 
 class Router:
-    def __init__(self, engine: AsyncEngine, prices: PriceTable, backoff: Backoff,
-                 clients: Clients, calibration: Calibration | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        prices: PriceTable,
+        backoff: Backoff,
+        clients: Clients,
+        calibration: Calibration | None = None,
+    ) -> None:
         self.engine = engine
         self.calibration = calibration or Calibration()
         self.clients = clients
@@ -161,8 +167,14 @@ class Router:
         self.backoff = backoff
         self.chunk_lines = ROUTE_CHUNK_LINES
 
-    async def route(self, batch_id: str, model: str, remote: RemoteBatch,
-                    files: list[Path], provider: str = "openai") -> RouteSummary:
+    async def route(
+        self,
+        batch_id: str,
+        model: str,
+        remote: RemoteBatch,
+        files: list[Path],
+        provider: str = "openai",
+    ) -> RouteSummary:
         summary = RouteSummary()
         price = self.prices.lookup(model)
         summary.unpriced = not price.known
@@ -174,8 +186,9 @@ class Router:
         if remote.status != "failed":
             async with self.engine.connect() as conn:
                 own_ids = await batch_owns_line_ids(conn, batch_id)
-            if not await self._route_successes(batch_id, model, price, files, own_ids, lines,
-                                               failures, summary):
+            if not await self._route_successes(
+                batch_id, model, price, files, own_ids, lines, failures, summary
+            ):
                 return self._already_routed(batch_id, remote, summary)
         async with self.engine.begin() as conn:
             # The row lock makes a second router (a replica whose lease lapsed
@@ -204,32 +217,50 @@ class Router:
             self._settle_cost(batch_id, price, remote, summary)
             await settle_client_spend(conn, batch_id, summary.cost_by_client)
             await settle_batch(
-                conn, batch_id, provider_status=remote.status,
-                output_file_id=remote.output_file_id, error_file_id=remote.error_file_id,
-                request_counts=remote.request_counts, usage=remote.usage,
-                errors=remote.errors or None, finished_at=NOW,
-                token_limited=summary.token_limited, cost_usd=summary.spend,
-                sync_cost_usd=summary.sync_spend, unattributed_cost_usd=summary.unattributed,
+                conn,
+                batch_id,
+                provider_status=remote.status,
+                output_file_id=remote.output_file_id,
+                error_file_id=remote.error_file_id,
+                request_counts=remote.request_counts,
+                usage=remote.usage,
+                errors=remote.errors or None,
+                finished_at=NOW,
+                token_limited=summary.token_limited,
+                cost_usd=summary.spend,
+                sync_cost_usd=summary.sync_spend,
+                unattributed_cost_usd=summary.unattributed,
                 unattributed_lines=summary.orphan_lines + summary.malformed,
-                unpriced=summary.unpriced)
+                unpriced=summary.unpriced,
+            )
         crash_point("after_route")
         self._record_metrics(provider, model, remote.status, summary)
-        log.info("batch.routed", batch_id=batch_id, provider_batch_id=remote.id,
-                 status=remote.status, succeeded=summary.succeeded, retried=summary.retried,
-                 failed=summary.failed, requeued=summary.requeued, malformed=summary.malformed,
-                 orphan_lines=summary.orphan_lines, cost_usd=str(summary.spend),
-                 unattributed_usd=str(summary.unattributed), unpriced=summary.unpriced)
+        log.info(
+            "batch.routed",
+            batch_id=batch_id,
+            provider_batch_id=remote.id,
+            status=remote.status,
+            succeeded=summary.succeeded,
+            retried=summary.retried,
+            failed=summary.failed,
+            requeued=summary.requeued,
+            malformed=summary.malformed,
+            orphan_lines=summary.orphan_lines,
+            cost_usd=str(summary.spend),
+            unattributed_usd=str(summary.unattributed),
+            unpriced=summary.unpriced,
+        )
         return summary
 
     @staticmethod
-    def _already_routed(batch_id: str, remote: RemoteBatch, summary: RouteSummary
-                        ) -> RouteSummary:
+    def _already_routed(batch_id: str, remote: RemoteBatch, summary: RouteSummary) -> RouteSummary:
         summary.already_routed = True
         log.warning("batch.already_routed", batch_id=batch_id, provider_batch_id=remote.id)
         return summary
 
-    def _settle_cost(self, batch_id: str, price: ModelPrice, remote: RemoteBatch,
-                     summary: RouteSummary) -> None:
+    def _settle_cost(
+        self, batch_id: str, price: ModelPrice, remote: RemoteBatch, summary: RouteSummary
+    ) -> None:
         """The batch's exact cost from what was billed; its results are its
         share, the rest is unattributed."""
         attributed, attributed_sync = summary.attributed, summary.attributed_sync
@@ -239,21 +270,33 @@ class Router:
             reported = tokens_from_usage(remote.usage)
             # Unreadable lines are billed but carry no usage we can read, so the
             # batch may report more than its lines; anything else is a surprise.
-            if reported != lines and not (summary.malformed and reported.at_least(lines)
-                                          == reported):
-                log.warning("batch.usage_mismatch", batch_id=batch_id,
-                            reported=_tokens(reported), lines=_tokens(lines),
-                            rule="billed as the larger count of each kind")
+            if reported != lines and not (
+                summary.malformed and reported.at_least(lines) == reported
+            ):
+                log.warning(
+                    "batch.usage_mismatch",
+                    batch_id=batch_id,
+                    reported=_tokens(reported),
+                    lines=_tokens(lines),
+                    rule="billed as the larger count of each kind",
+                )
             billed = reported.at_least(lines)
         total = max(cost(billed, price.batch), attributed)
         summary.billed = billed
         summary.spend, summary.sync_spend = total, attributed_sync
         summary.unattributed = total - attributed
 
-    async def _route_successes(self, batch_id: str, model: str, price: ModelPrice,
-                               files: list[Path], own_ids: bool, lines: _LineTally,
-                               failures: list[tuple[Any, ...]], summary: RouteSummary
-                               ) -> bool:
+    async def _route_successes(
+        self,
+        batch_id: str,
+        model: str,
+        price: ModelPrice,
+        files: list[Path],
+        own_ids: bool,
+        lines: _LineTally,
+        failures: list[tuple[Any, ...]],
+        summary: RouteSummary,
+    ) -> bool:
         """Settle the files' success lines, ROUTE_CHUNK_LINES a transaction
         (staged, then settled by one statement), keeping the failure lines in
         ``failures`` for the last transaction (a few hundred bytes each, held
@@ -285,9 +328,15 @@ class Router:
         return True
 
     @staticmethod
-    def _stage_rows(files: list[Path], rate: ScaledRate, sync_rate: ScaledRate,
-                    lines: _LineTally, summary: RouteSummary, own_ids: bool,
-                    failures: list[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+    def _stage_rows(
+        files: list[Path],
+        rate: ScaledRate,
+        sync_rate: ScaledRate,
+        lines: _LineTally,
+        summary: RouteSummary,
+        own_ids: bool,
+        failures: list[tuple[Any, ...]],
+    ) -> Iterator[tuple[Any, ...]]:
         """STAGE_COLUMNS rows of the files' success lines, read as a stream;
         the failure lines' rows go to ``failures``. A line names its task by
         batchd's line id (or, in a batch built before them, by the caller's
@@ -304,44 +353,83 @@ class Router:
                 tid = line_task_id(cid) if own_ids else None
                 result = classify_line(line)
                 if result.outcome is not Outcome.SUCCESS:
-                    failures.append((number, tid, cid, False, None, None, None, None, None, None,
-                                     None, None, None, result.outcome is Outcome.FINAL,
-                                     orjson.dumps(result.error or {}).decode(),
-                                     random.random()))
+                    failures.append(
+                        (
+                            number,
+                            tid,
+                            cid,
+                            False,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            None,
+                            result.outcome is Outcome.FINAL,
+                            orjson.dumps(result.error or {}).decode(),
+                            random.random(),
+                        )
+                    )
                     continue
                 body = line["response"].get("body") or {}
                 usage = usage_of(body)
                 tokens = tokens_from_usage(usage)
                 lines.add(tokens)
-                yield (number, tid, cid, True, result.status_code or 200,
-                       orjson.dumps(body).decode(),
-                       orjson.dumps(usage).decode() if usage is not None else None,
-                       tokens.input, tokens.cached, tokens.output, tokens.cache_write,
-                       rate.usd(rate.cost(tokens)), sync_rate.usd(sync_rate.cost(tokens)),
-                       None, None, None)
+                yield (
+                    number,
+                    tid,
+                    cid,
+                    True,
+                    result.status_code or 200,
+                    orjson.dumps(body).decode(),
+                    orjson.dumps(usage).decode() if usage is not None else None,
+                    tokens.input,
+                    tokens.cached,
+                    tokens.output,
+                    tokens.cache_write,
+                    rate.usd(rate.cost(tokens)),
+                    sync_rate.usd(sync_rate.cost(tokens)),
+                    None,
+                    None,
+                    None,
+                )
 
-    async def _flush_bad(self, conn: AsyncConnection, batch_id: str, ids: list[int],
-                         finals: list[bool], errors: list[dict[str, Any]],
-                         summary: RouteSummary) -> None:
+    async def _flush_bad(
+        self,
+        conn: AsyncConnection,
+        batch_id: str,
+        ids: list[int],
+        finals: list[bool],
+        errors: list[dict[str, Any]],
+        summary: RouteSummary,
+    ) -> None:
         jitters = [random.random() for _ in ids]
-        summary.add(await store_failures(conn, batch_id, ids, finals, errors, jitters,
-                                              self.backoff))
+        summary.add(
+            await store_failures(conn, batch_id, ids, finals, errors, jitters, self.backoff)
+        )
 
-    async def _fail_remaining(self, conn: AsyncConnection, batch_id: str,
-                              error: dict[str, Any], summary: RouteSummary) -> None:
+    async def _fail_remaining(
+        self, conn: AsyncConnection, batch_id: str, error: dict[str, Any], summary: RouteSummary
+    ) -> None:
         """Tasks of the batch no line settled: retryable (they never ran)."""
         while ids := await unsettled_in_batch(conn, batch_id, CHUNK_LINES):
-            await self._flush_bad(conn, batch_id, ids, [False] * len(ids),
-                                  [error] * len(ids), summary)
+            await self._flush_bad(
+                conn, batch_id, ids, [False] * len(ids), [error] * len(ids), summary
+            )
 
-    async def _route_failed(self, conn: AsyncConnection, batch_id: str, remote: RemoteBatch,
-                            summary: RouteSummary) -> None:
+    async def _route_failed(
+        self, conn: AsyncConnection, batch_id: str, remote: RemoteBatch, summary: RouteSummary
+    ) -> None:
         verdict = classify_batch_failure(remote.errors)
         if verdict.token_limited:
             # Not the tasks' fault: back to the queue, attempt taken back.
             summary.token_limited = True
             requeued = await requeue_remaining(
-                conn, batch_id, verdict.other_error, count_attempt=False)
+                conn, batch_id, verdict.other_error, count_attempt=False
+            )
             summary.requeued = sum(requeued.values())
             for client, n in requeued.items():
                 summary.count("retried", client, n)
@@ -350,8 +438,11 @@ class Router:
             by_line = await tasks_at_lines(conn, batch_id, list(verdict.final_lines))
             ids = list(by_line.values())
             errors = [verdict.final_lines[line] for line in by_line]
-            summary.add(await store_failures(
-                conn, batch_id, ids, [True] * len(ids), errors, [0.0] * len(ids), self.backoff))
+            summary.add(
+                await store_failures(
+                    conn, batch_id, ids, [True] * len(ids), errors, [0.0] * len(ids), self.backoff
+                )
+            )
         await self._fail_remaining(conn, batch_id, verdict.other_error, summary)
 
     def _record_metrics(self, provider: str, model: str, status: str, s: RouteSummary) -> None:
@@ -360,8 +451,9 @@ class Router:
         for seconds in s.waited:
             latency.observe(seconds)
         for (outcome, client), n in s.by_client.items():
-            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
-                                           lane="batch").inc(n)
+            metrics.TASKS_COMPLETED.labels(
+                outcome=outcome, client=self.clients.label(client), lane="batch"
+            ).inc(n)
         # A priced model's table entry, else "other": bounded by the prices file.
         label = self.prices.metric_label(model)
         metrics.SPEND.add(s.spend, provider=provider, model=label, lane="batch")
@@ -370,12 +462,19 @@ class Router:
             metrics.CLIENT_SPEND.add(usd, client=self.clients.label(client), lane="batch")
         if s.unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="batch").inc(s.succeeded)
-        for kind, n in (("input", s.billed.input), ("cached_input", s.billed.cached),
-                        ("cache_write_input", s.billed.cache_write),
-                        ("output", s.billed.output)):
+        for kind, n in (
+            ("input", s.billed.input),
+            ("cached_input", s.billed.cached),
+            ("cache_write_input", s.billed.cache_write),
+            ("output", s.billed.output),
+        ):
             metrics.TOKENS.labels(provider=provider, model=label, kind=kind, lane="batch").inc(n)
 
 
 def _tokens(t: Tokens) -> dict[str, int]:
-    return {"input": t.input, "cached_input": t.cached, "output": t.output,
-            "cache_write_input": t.cache_write}
+    return {
+        "input": t.input,
+        "cached_input": t.cached,
+        "output": t.output,
+        "cache_write_input": t.cache_write,
+    }

@@ -121,6 +121,7 @@ class Pending:
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     """The settings the scheduler reads."""
+
     window_seconds: float
     max_batch_items: int
     max_file_bytes: int
@@ -135,15 +136,31 @@ class SchedulerConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> SchedulerConfig:
-        return cls(s.window_seconds, s.max_batch_items, s.max_file_bytes, s.completion_window,
-                   s.lease_seconds, s.scheduler_interval_seconds, s.daily_budget_usd,
-                   s.budgets_by_client, s.any_budget, s.queued_requests, s.queued_tokens)
+        return cls(
+            s.window_seconds,
+            s.max_batch_items,
+            s.max_file_bytes,
+            s.completion_window,
+            s.lease_seconds,
+            s.scheduler_interval_seconds,
+            s.daily_budget_usd,
+            s.budgets_by_client,
+            s.any_budget,
+            s.queued_requests,
+            s.queued_tokens,
+        )
 
 
 class Scheduler:
     def __init__(
-        self, engine: AsyncEngine, providers: Providers, config: SchedulerConfig,
-        prices: PriceTable, archive: Archive, owner: str, clock: Clock = utc_now,
+        self,
+        engine: AsyncEngine,
+        providers: Providers,
+        config: SchedulerConfig,
+        prices: PriceTable,
+        archive: Archive,
+        owner: str,
+        clock: Clock = utc_now,
         calibration: Calibration | None = None,
     ) -> None:
         self.engine = engine
@@ -169,8 +186,13 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self.config.scheduler_interval_seconds
-        await run_ticks(stop, self.tick, logger=log, event="scheduler.tick_failed",
-                        interval=lambda _started: interval)
+        await run_ticks(
+            stop,
+            self.tick,
+            logger=log,
+            event="scheduler.tick_failed",
+            interval=lambda _started: interval,
+        )
         await self.wait_sends()
 
     async def wait_sends(self) -> None:
@@ -181,8 +203,7 @@ class Scheduler:
         """One pass; returns how many batches it started sending."""
         started = 0
         async with self.engine.begin() as conn:
-            leftovers = await claim_unsent_batches(
-                conn, self.owner, self.config.lease_seconds)
+            leftovers = await claim_unsent_batches(conn, self.owner, self.config.lease_seconds)
         for row in leftovers:
             self._spawn(self._pending(row))
             started += 1
@@ -200,10 +221,12 @@ class Scheduler:
         """A provider's (lines, bytes, queued requests, queued tokens) caps."""
         s = self.config
         limits = self.providers[provider].limits
-        return (min(s.max_batch_items, limits.max_lines),
-                min(file_byte_budget(s.max_file_bytes), file_byte_budget(limits.max_bytes)),
-                self._queued_requests.get(provider, limits.queued_requests),
-                self._queued_tokens.get(provider, limits.queued_tokens))
+        return (
+            min(s.max_batch_items, limits.max_lines),
+            min(file_byte_budget(s.max_file_bytes), file_byte_budget(limits.max_bytes)),
+            self._queued_requests.get(provider, limits.queued_requests),
+            self._queued_tokens.get(provider, limits.queued_tokens),
+        )
 
     async def _flush_one(self, drain: bool) -> Pending | None:
         s = self.config
@@ -220,32 +243,51 @@ class Scheduler:
                 continue  # unconfigured since routed, or refusing our key: it waits
             max_items, max_bytes, max_requests, max_tokens = self._caps(w.provider)
             age = (w.now - w.oldest).total_seconds()
-            reason = FlushReason.DRAIN if drain else flush_reason(
-                w.count, age, s.window_seconds, max_items, w.input_bytes, max_bytes)
+            reason = (
+                FlushReason.DRAIN
+                if drain
+                else flush_reason(
+                    w.count, age, s.window_seconds, max_items, w.input_bytes, max_bytes
+                )
+            )
             if reason is None or (w.provider, w.model) in held_models:
                 continue
             held_until = self._held.get((w.provider, w.endpoint, w.model))
             if held_until is not None and held_until > self.clock():
                 continue
             busy = inflight.get((w.provider, w.model), InFlight())
-            room = max_items if max_requests is None else min(max_items,
-                                                             max_requests - busy.requests)
+            room = (
+                max_items if max_requests is None else min(max_items, max_requests - busy.requests)
+            )
             if room < 1 or (max_tokens is not None and busy.input_tokens >= max_tokens):
                 # The provider's queue for this model is full: wait for a batch
                 # to finish rather than be refused for it.
-                log.debug("window.queue_full", provider=w.provider, model=w.model,
-                         queued_requests=busy.requests, queued_tokens=busy.input_tokens)
+                log.debug(
+                    "window.queue_full",
+                    provider=w.provider,
+                    model=w.model,
+                    queued_requests=busy.requests,
+                    queued_tokens=busy.input_tokens,
+                )
                 continue
             token_room = None if max_tokens is None else max_tokens - busy.input_tokens
-            pending = await self._claim(w.provider, w.endpoint, w.model, reason, room,
-                                        max_bytes, token_room)
+            pending = await self._claim(
+                w.provider, w.endpoint, w.model, reason, room, max_bytes, token_room
+            )
             if pending is not None:
                 return pending
         return None
 
-    async def _claim(self, provider: str, endpoint: str, model: str, reason: FlushReason,
-                     max_items: int, max_bytes: int, token_room: int | None
-                     ) -> Pending | None:
+    async def _claim(
+        self,
+        provider: str,
+        endpoint: str,
+        model: str,
+        reason: FlushReason,
+        max_items: int,
+        max_bytes: int,
+        token_room: int | None,
+    ) -> Pending | None:
         s = self.config
         batch_id = new_batch_id()
         today = self.clock().date()
@@ -263,61 +305,106 @@ class Scheduler:
                 caps = s.budgets_by_client
                 if caps:
                     by_client = await client_day_spend(conn, today)
-                    client_left = {c: int((cap - by_client.get(c, Decimal(0))).scaleb(12))
-                                   for c, cap in caps.items()}
+                    client_left = {
+                        c: int((cap - by_client.get(c, Decimal(0))).scaleb(12))
+                        for c, cap in caps.items()
+                    }
                 claim = await claim_window(
-                    conn, batch_id=batch_id, provider=provider, endpoint=endpoint, model=model,
-                    limit=max_items, max_bytes=max_bytes,
-                    reserve=Reserve(factor, pin, pout, left, client_left))
+                    conn,
+                    batch_id=batch_id,
+                    provider=provider,
+                    endpoint=endpoint,
+                    model=model,
+                    limit=max_items,
+                    max_bytes=max_bytes,
+                    reserve=Reserve(factor, pin, pout, left, client_left),
+                )
                 if claim.count == 0:
                     if claim.budget_cut:
-                        raise BudgetHold("the oldest task's reservation passes what is left "
-                                         "today of the daily budget or its client's own")
+                        raise BudgetHold(
+                            "the oldest task's reservation passes what is left "
+                            "today of the daily budget or its client's own"
+                        )
                     return None
-                if token_room is not None and claim.est_input_tokens > token_room \
-                        and claim.count > 1:
+                if (
+                    token_room is not None
+                    and claim.est_input_tokens > token_room
+                    and claim.count > 1
+                ):
                     # Past the provider's queued-token cap: take nothing now
                     # (rolled back) and come back with a smaller window.
                     raise QueueFull(max(1, claim.count * token_room // claim.est_input_tokens))
                 if claim.budget_cut:
                     # The part of the window that fits goes now (the flush
                     # keeps its reason: the window was due); the rest waits.
-                    log.info("budget.partial", endpoint=endpoint, model=model,
-                             sent=claim.count, held=claim.picked - claim.count,
-                             left_usd=str(Decimal(left or 0).scaleb(-12)))
+                    log.info(
+                        "budget.partial",
+                        endpoint=endpoint,
+                        model=model,
+                        sent=claim.count,
+                        held=claim.picked - claim.count,
+                        left_usd=str(Decimal(left or 0).scaleb(-12)),
+                    )
                 elif claim.count < claim.picked:
                     reason = FlushReason.LIMIT
                 reserved = Decimal(claim.reserved_pico).scaleb(-12)
                 if caps:
-                    await reserve_client_spend(conn, today, batch_id, {
-                        c: Decimal(v).scaleb(-12) for c, v in (claim.by_client or {}).items()
-                        if c is not None})
+                    await reserve_client_spend(
+                        conn,
+                        today,
+                        batch_id,
+                        {
+                            c: Decimal(v).scaleb(-12)
+                            for c, v in (claim.by_client or {}).items()
+                            if c is not None
+                        },
+                    )
                 await insert_batch(
-                    conn, batch_id=batch_id, provider=provider, endpoint=endpoint, model=model,
+                    conn,
+                    batch_id=batch_id,
+                    provider=provider,
+                    endpoint=endpoint,
+                    model=model,
                     reason=reason,
-                    claim=claim, spend_day=today, reserved_usd=reserved, owner=self.owner,
-                    lease_seconds=s.lease_seconds)
+                    claim=claim,
+                    spend_day=today,
+                    reserved_usd=reserved,
+                    owner=self.owner,
+                    lease_seconds=s.lease_seconds,
+                )
         except QueueFull as full:
             if full.fits >= max_items:
                 return None
-            return await self._claim(provider, endpoint, model, FlushReason.LIMIT, full.fits,
-                                     max_bytes, token_room)
+            return await self._claim(
+                provider, endpoint, model, FlushReason.LIMIT, full.fits, max_bytes, token_room
+            )
         except BudgetHold as hold:
             # Look again in a minute: the day may turn or the cap be raised.
             self._held[(provider, endpoint, model)] = self.clock() + timedelta(seconds=60)
-            log.warning("budget.hold", provider=provider, endpoint=endpoint, model=model,
-                        detail=str(hold),
-                        budget_usd=str(s.daily_budget_usd))
+            log.warning(
+                "budget.hold",
+                provider=provider,
+                endpoint=endpoint,
+                model=model,
+                detail=str(hold),
+                budget_usd=str(s.daily_budget_usd),
+            )
             return None
         metrics.FLUSHES.labels(reason=reason.value).inc()
         metrics.BATCH_TASKS.observe(claim.count)
         metrics.BATCH_INPUT_BYTES.observe(claim.input_bytes)
-        log.info("batch.flushed", batch_id=batch_id, provider=provider, endpoint=endpoint,
-                 model=model,
-                 reason=reason.value, tasks=claim.count, input_bytes=claim.input_bytes,
-                 reserved_usd=str(reserved))
-        return Pending(batch_id, provider, endpoint, model, today, self.clock(), 0,
-                       claim.count)
+        log.info(
+            "batch.flushed",
+            batch_id=batch_id,
+            provider=provider,
+            endpoint=endpoint,
+            model=model,
+            reason=reason.value,
+            tasks=claim.count,
+            input_bytes=claim.input_bytes,
+            reserved_usd=str(reserved),
+        )
+        return Pending(batch_id, provider, endpoint, model, today, self.clock(), 0, claim.count)
 
     # -------------------------------------------------------------- sending
 
@@ -369,8 +456,9 @@ class Scheduler:
 
     async def _send(self, p: Pending) -> None:
         async with self.engine.begin() as conn:
-            await set_batch(conn, p.batch_id, state="uploading",
-                                 submit_attempts=p.submit_attempts + 1)
+            await set_batch(
+                conn, p.batch_id, state="uploading", submit_attempts=p.submit_attempts + 1
+            )
         crash_point("after_claim")
         try:
             if p.submit_attempts > 0:
@@ -389,11 +477,11 @@ class Scheduler:
             remote_file = await provider.upload_file(path, f"batchd-{p.batch_id}.jsonl")
             async with self.engine.begin() as conn:
                 # create_started_at: which send a batch without metadata came from.
-                await set_batch(conn, p.batch_id, input_file_id=remote_file.id,
-                                     create_started_at=NOW)
+                await set_batch(
+                    conn, p.batch_id, input_file_id=remote_file.id, create_started_at=NOW
+                )
                 # The create below must happen under a claim that outlives it.
-                ours = await renew_claim(conn, p.batch_id, self.owner,
-                                              self.config.lease_seconds)
+                ours = await renew_claim(conn, p.batch_id, self.owner, self.config.lease_seconds)
             if not ours:
                 # The spool may be shared: the file is the new owner's now.
                 log.warning("batch.claim_lost", batch_id=p.batch_id, step="create")
@@ -407,9 +495,13 @@ class Scheduler:
         self._auth_refusals.pop(p.provider, None)
         self._auth_hold_until.pop(p.provider, None)
         if await self._record_submitted(p, remote, adopted=False):
-            await self.archive.keep(path, p.spend_day, p.batch_id, "input",
-                                    {"provider_file_id": remote_file.id,
-                                     "provider_batch_id": remote.id})
+            await self.archive.keep(
+                path,
+                p.spend_day,
+                p.batch_id,
+                "input",
+                {"provider_file_id": remote_file.id, "provider_batch_id": remote.id},
+            )
             await self._archive_ids(p)
         path.unlink(missing_ok=True)
 
@@ -417,8 +509,9 @@ class Scheduler:
         """The input's line ids beside the callers' keys, for audits."""
         ids = self.archive.spool_path(p.batch_id, "ids")
         if ids.exists():
-            await self.archive.keep(ids, p.spend_day, p.batch_id, "ids",
-                                    {"columns": ["line_id", "client", "custom_id"]})
+            await self.archive.keep(
+                ids, p.spend_day, p.batch_id, "ids", {"columns": ["line_id", "client", "custom_id"]}
+            )
             ids.unlink(missing_ok=True)
 
     async def _archive_adopted(self, p: Pending, remote: RemoteBatch) -> None:
@@ -431,10 +524,18 @@ class Scheduler:
             async with self.engine.connect() as conn:
                 own_ids = await batch_owns_line_ids(conn, p.batch_id)
             path = await self._write_input(p, own_ids=own_ids)
-        await self.archive.keep(path, p.spend_day, p.batch_id, "input",
-                                {"provider_file_id": remote.input_file_id,
-                                 "provider_batch_id": remote.id, "adopted": True,
-                                 "rebuilt": rebuilt})
+        await self.archive.keep(
+            path,
+            p.spend_day,
+            p.batch_id,
+            "input",
+            {
+                "provider_file_id": remote.input_file_id,
+                "provider_batch_id": remote.id,
+                "adopted": True,
+                "rebuilt": rebuilt,
+            },
+        )
         await self._archive_ids(p)
         path.unlink(missing_ok=True)
 
@@ -446,12 +547,17 @@ class Scheduler:
         try:
             async with asyncio.timeout(self.config.lease_seconds / 2):
                 return await self._provider(p).create_batch(
-                    input_file_id, p.endpoint, self.config.completion_window,
-                    {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]})
+                    input_file_id,
+                    p.endpoint,
+                    self.config.completion_window,
+                    {"batchd_batch_id": p.batch_id, "batchd_model": p.model[:512]},
+                )
         except TimeoutError:
             raise ProviderError(
                 "create_batch: no answer within half the claim; the batch is looked up at "
-                "the provider before it is created again", operation="create_batch") from None
+                "the provider before it is created again",
+                operation="create_batch",
+            ) from None
 
     async def _write_input(self, p: Pending, *, own_ids: bool = True) -> Path:
         """The input file, each line under batchd's id for this attempt of its
@@ -470,16 +576,32 @@ class Scheduler:
         moved_ids: list[int] = []
         moved_lines: list[int] = []
         line_no = 0
-        async with self.engine.connect() as conn, aclosing(
-                stream_batch_lines(conn, p.batch_id)) as pages:
+        async with (
+            self.engine.connect() as conn,
+            aclosing(stream_batch_lines(conn, p.batch_id)) as pages,
+        ):
             with tmp.open("wb") as out, ids_tmp.open("wb") as ids_out:
                 async for rows in pages:
-                    lids = [line_id(tid, replays, attempt) if own_ids else cid
-                            for tid, _, _, _, replays, attempt, _, cid in rows]
-                    out.write(b"".join([input_line(lid, r[1], orjson.loads(r[2]))
-                                        for lid, r in zip(lids, rows, strict=True)]))
-                    ids_out.write(b"".join([orjson.dumps([lid, r[6], r[7]]) + b"\n"
-                                            for lid, r in zip(lids, rows, strict=True)]))
+                    lids = [
+                        line_id(tid, replays, attempt) if own_ids else cid
+                        for tid, _, _, _, replays, attempt, _, cid in rows
+                    ]
+                    out.write(
+                        b"".join(
+                            [
+                                input_line(lid, r[1], orjson.loads(r[2]))
+                                for lid, r in zip(lids, rows, strict=True)
+                            ]
+                        )
+                    )
+                    ids_out.write(
+                        b"".join(
+                            [
+                                orjson.dumps([lid, r[6], r[7]]) + b"\n"
+                                for lid, r in zip(lids, rows, strict=True)
+                            ]
+                        )
+                    )
                     for task_id, _, _, stored_line, _, _, _, _ in rows:
                         line_no += 1
                         if stored_line != line_no:
@@ -503,8 +625,11 @@ class Scheduler:
                 break
             if (remote.metadata or {}).get("batchd_batch_id") == p.batch_id:
                 matches.append(remote)
-            elif not provider.limits.batch_metadata and _same_size(remote, p.item_count) \
-                    and remote.created_at >= int(p.created_at.timestamp()) - 1:
+            elif (
+                not provider.limits.batch_metadata
+                and _same_size(remote, p.item_count)
+                and remote.created_at >= int(p.created_at.timestamp()) - 1
+            ):
                 unlabelled.append(remote)
         if not matches and unlabelled:
             # A provider whose batches carry no metadata (Anthropic): creates
@@ -516,8 +641,10 @@ class Scheduler:
                     if b.id in known:
                         continue
                     owner = await creation_owner(
-                        conn, p.provider,
-                        b.created_exact if b.created_exact is not None else b.created_at)
+                        conn,
+                        p.provider,
+                        b.created_exact if b.created_exact is not None else b.created_at,
+                    )
                     if owner == p.batch_id:
                         matches.append(b)
         if not matches:
@@ -536,20 +663,39 @@ class Scheduler:
         (our claim lapsed mid-send); a different one of ours is then cancelled."""
         async with self.engine.begin() as conn:
             earlier = await record_submitted(
-                conn, p.batch_id, provider_batch_id=remote.id, provider_status=remote.status,
-                input_file_id=remote.input_file_id)
+                conn,
+                p.batch_id,
+                provider_batch_id=remote.id,
+                provider_status=remote.status,
+                input_file_id=remote.input_file_id,
+            )
         if earlier is None:
-            log.info("batch.submitted", batch_id=p.batch_id, provider_batch_id=remote.id,
-                     adopted=adopted, endpoint=p.endpoint, model=p.model)
+            log.info(
+                "batch.submitted",
+                batch_id=p.batch_id,
+                provider_batch_id=remote.id,
+                adopted=adopted,
+                endpoint=p.endpoint,
+                model=p.model,
+            )
             return True
         if earlier != remote.id:
-            log.warning("batch.duplicate_cancelled", batch_id=p.batch_id,
-                        provider_batch_id=remote.id, kept=earlier)
+            log.warning(
+                "batch.duplicate_cancelled",
+                batch_id=p.batch_id,
+                provider_batch_id=remote.id,
+                kept=earlier,
+            )
             try:
                 await self._provider(p).cancel_batch(remote.id)
             except ProviderError as exc:
-                log.error("batch.duplicate_cancel_failed", batch_id=p.batch_id,
-                          provider_batch_id=remote.id, status=exc.status, code=exc.code)
+                log.error(
+                    "batch.duplicate_cancel_failed",
+                    batch_id=p.batch_id,
+                    provider_batch_id=remote.id,
+                    status=exc.status,
+                    code=exc.code,
+                )
         return False
 
     async def _send_failed(self, p: Pending, exc: ProviderError) -> None:
@@ -557,25 +703,42 @@ class Scheduler:
             await self._credentials_refused(p, exc)
             return
         unrecoverable = (
-            not exc.retryable and exc.status in _UNRECOVERABLE_CREATE
+            not exc.retryable
+            and exc.status in _UNRECOVERABLE_CREATE
             and exc.code != "insufficient_quota"
         )
         if unrecoverable:
             # The provider refused: no batch exists, so the tasks go back to
             # the queue and the attempt that never happened is taken back.
-            error = {"code": exc.code or "submit_rejected", "message": str(exc),
-                     "status": exc.status, "operation": exc.operation}
+            error = {
+                "code": exc.code or "submit_rejected",
+                "message": str(exc),
+                "status": exc.status,
+                "operation": exc.operation,
+            }
             requeued = await self._close_unsent(p.batch_id, error)
-            log.error("batch.rejected", batch_id=p.batch_id, operation=exc.operation,
-                      status=exc.status, code=exc.code, requeued=requeued)
+            log.error(
+                "batch.rejected",
+                batch_id=p.batch_id,
+                operation=exc.operation,
+                status=exc.status,
+                code=exc.code,
+                requeued=requeued,
+            )
             return
         # The provider's retry-after wins; else five scheduler ticks, doubling.
         first = 5.0 * self.config.scheduler_interval_seconds
         delay = exc.retry_after or exponential(p.submit_attempts, first, 300.0)
         delay *= 1 + random.random() * 0.2
-        log.warning("batch.send_failed", batch_id=p.batch_id, operation=exc.operation,
-                    status=exc.status, code=exc.code, retry_in=round(delay, 1),
-                    submit_attempts=p.submit_attempts + 1)
+        log.warning(
+            "batch.send_failed",
+            batch_id=p.batch_id,
+            operation=exc.operation,
+            status=exc.status,
+            code=exc.code,
+            retry_in=round(delay, 1),
+            submit_attempts=p.submit_attempts + 1,
+        )
         await self._retry_later(p, delay)
 
     async def _close_unsent(self, batch_id: str, error: dict[str, Any]) -> int:
@@ -584,9 +747,15 @@ class Scheduler:
         many tasks went back."""
         async with self.engine.begin() as conn:
             requeued = await release_unsent_tasks(conn, batch_id, error)
-            await settle_batch(conn, batch_id, provider_status="not_submitted",
-                               errors=[error], finished_at=NOW,
-                               cost_usd=Decimal(0), sync_cost_usd=Decimal(0))
+            await settle_batch(
+                conn,
+                batch_id,
+                provider_status="not_submitted",
+                errors=[error],
+                finished_at=NOW,
+                cost_usd=Decimal(0),
+                sync_cost_usd=Decimal(0),
+            )
             await settle_client_spend(conn, batch_id, {})
         return requeued
 
@@ -599,14 +768,23 @@ class Scheduler:
         refusals = self._auth_refusals[p.provider] = self._auth_refusals.get(p.provider, 0) + 1
         delay = auth_backoff(refusals)
         self._auth_hold_until[p.provider] = self.clock() + timedelta(seconds=delay)
-        error = {"code": exc.code or "provider_credentials_rejected",
-                 "message": "the provider refused batchd's credentials (HTTP "
-                            f"{exc.status}); the task waits until the key is fixed",
-                 "status": exc.status, "operation": exc.operation}
+        error = {
+            "code": exc.code or "provider_credentials_rejected",
+            "message": "the provider refused batchd's credentials (HTTP "
+            f"{exc.status}); the task waits until the key is fixed",
+            "status": exc.status,
+            "operation": exc.operation,
+        }
         requeued = await self._close_unsent(p.batch_id, error)
-        log.warning("batch.credentials_rejected", batch_id=p.batch_id, provider=p.provider,
-                    status=exc.status,
-                    operation=exc.operation, requeued=requeued, retry_in=delay)
+        log.warning(
+            "batch.credentials_rejected",
+            batch_id=p.batch_id,
+            provider=p.provider,
+            status=exc.status,
+            operation=exc.operation,
+            requeued=requeued,
+            retry_in=delay,
+        )
 
     async def _retry_later(self, p: Pending, delay: float) -> None:
         async with self.engine.begin() as conn:
@@ -614,9 +792,16 @@ class Scheduler:
 
     @staticmethod
     def _pending(row: dict[str, Any]) -> Pending:
-        return Pending(row["id"], row["provider"], row["endpoint"], row["model"],
-                       row["spend_day"], row["created_at"], row["submit_attempts"],
-                       row["item_count"])
+        return Pending(
+            row["id"],
+            row["provider"],
+            row["endpoint"],
+            row["model"],
+            row["spend_day"],
+            row["created_at"],
+            row["submit_attempts"],
+            row["item_count"],
+        )
 
 
 def _same_size(remote: RemoteBatch, items: int) -> bool:

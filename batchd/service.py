@@ -66,8 +66,9 @@ def schema_head() -> str:
 
 
 def known_revisions() -> frozenset[str]:
-    return frozenset(s.revision for s in ScriptDirectory.from_config(alembic_config())
-                     .walk_revisions())
+    return frozenset(
+        s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()
+    )
 
 
 async def migrate(url: str) -> None:
@@ -106,60 +107,89 @@ def build_provider(settings: Settings) -> dict[str, Provider]:
     out: dict[str, Provider] = {}
     openai_key, azure_key, anthropic_key, gemini_key = (
         k.get_secret_value() if k else None
-        for k in (settings.openai_api_key, settings.azure_openai_api_key,
-                  settings.anthropic_api_key, settings.gemini_api_key))
+        for k in (
+            settings.openai_api_key,
+            settings.azure_openai_api_key,
+            settings.anthropic_api_key,
+            settings.gemini_api_key,
+        )
+    )
     if openai_key or settings.openai_base_url:
-        out["openai"] = OpenAIProvider(api_key=openai_key or "emulator",
-                                       base_url=settings.openai_base_url, timeout=timeout)
+        out["openai"] = OpenAIProvider(
+            api_key=openai_key or "emulator", base_url=settings.openai_base_url, timeout=timeout
+        )
     if azure_key or settings.azure_openai_endpoint:
         if not (azure_key and settings.azure_openai_endpoint):
-            raise ConfigError("AZURE_OPENAI_API_KEY and AZURE_OPENAI_ENDPOINT: set both to use "
-                              "Azure OpenAI, or neither")
-        out["azure"] = azure_provider(azure_key, settings.azure_openai_endpoint,
-                                      settings.azure_api_version, timeout=timeout)
+            raise ConfigError(
+                "AZURE_OPENAI_API_KEY and AZURE_OPENAI_ENDPOINT: set both to use "
+                "Azure OpenAI, or neither"
+            )
+        out["azure"] = azure_provider(
+            azure_key, settings.azure_openai_endpoint, settings.azure_api_version, timeout=timeout
+        )
     if anthropic_key or settings.anthropic_base_url:
         from batchd.provider.anthropic import AnthropicProvider
 
-        out["anthropic"] = AnthropicProvider(anthropic_key or "emulator",
-                                             settings.anthropic_base_url, timeout=timeout)
+        out["anthropic"] = AnthropicProvider(
+            anthropic_key or "emulator", settings.anthropic_base_url, timeout=timeout
+        )
     if gemini_key or settings.gemini_base_url:
         from batchd.provider.gemini import GeminiProvider
 
-        out["gemini"] = GeminiProvider(gemini_key or "emulator",
-                                       settings.gemini_base_url, timeout=timeout,
-                                       inline_max_bytes=settings.gemini_inline_max_bytes)
+        out["gemini"] = GeminiProvider(
+            gemini_key or "emulator",
+            settings.gemini_base_url,
+            timeout=timeout,
+            inline_max_bytes=settings.gemini_inline_max_bytes,
+        )
     for name, (url, key) in compatible_providers().items():
-        out[f"openai_compatible:{name}"] = compatible_provider(name, key or "none", url,
-                                                               timeout=timeout)
+        out[f"openai_compatible:{name}"] = compatible_provider(
+            name, key or "none", url, timeout=timeout
+        )
     if not out:
-        raise ConfigError("OPENAI_API_KEY is unset: set it, or point BATCHD_OPENAI_BASE_URL "
-                          "at an emulator, or run `batchd demo` (or configure another "
-                          "provider: ANTHROPIC_API_KEY, GEMINI_API_KEY, AZURE_OPENAI_API_KEY)")
+        raise ConfigError(
+            "OPENAI_API_KEY is unset: set it, or point BATCHD_OPENAI_BASE_URL "
+            "at an emulator, or run `batchd demo` (or configure another "
+            "provider: ANTHROPIC_API_KEY, GEMINI_API_KEY, AZURE_OPENAI_API_KEY)"
+        )
     return out
 
 
 class Service:
     """Everything one replica runs: API, scheduler, poller (with router), snapshots."""
 
-    def __init__(self, settings: Settings, engine: AsyncEngine,
-                 provider: Provider | Providers, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        provider: Provider | Providers,
+        clock: Clock = utc_now,
+    ) -> None:
         self.clients = Clients.from_settings(settings)
         if not self.clients.required and not is_loopback(settings.http_host):
-            raise ConfigError("BATCHD_INGEST_TOKENS is unset, so the API listens on loopback "
-                              "only: set tokens or BATCHD_HTTP_HOST=127.0.0.1")
+            raise ConfigError(
+                "BATCHD_INGEST_TOKENS is unset, so the API listens on loopback "
+                "only: set tokens or BATCHD_HTTP_HOST=127.0.0.1"
+            )
         profiles = settings.profiles_by_client
         max_queued = settings.max_queued_by_client
-        for name, per_client in (("BATCHD_CLIENT_PROFILES", profiles),
-                                 ("BATCHD_CLIENT_MAX_QUEUED", max_queued)):
+        for name, per_client in (
+            ("BATCHD_CLIENT_PROFILES", profiles),
+            ("BATCHD_CLIENT_MAX_QUEUED", max_queued),
+        ):
             unknown = sorted(set(per_client) - self.clients.names - {LOCAL})
             if unknown:
-                raise ConfigError(f"{name}: {unknown[0]!r} is no client named in "
-                                  "BATCHD_INGEST_TOKENS (name=token), BATCHD_ADMIN_TOKENS or "
-                                  "BATCHD_INGEST_TOKENS_FILE (nor 'local')")
+                raise ConfigError(
+                    f"{name}: {unknown[0]!r} is no client named in "
+                    "BATCHD_INGEST_TOKENS (name=token), BATCHD_ADMIN_TOKENS or "
+                    "BATCHD_INGEST_TOKENS_FILE (nor 'local')"
+                )
         unknown = sorted(set(settings.budgets_by_client) - self.clients.names)
         if unknown:
-            raise ConfigError(f"BATCHD_CLIENT_BUDGETS: {unknown[0]!r} is no client named in "
-                              "BATCHD_INGEST_TOKENS (name=token) or BATCHD_INGEST_TOKENS_FILE")
+            raise ConfigError(
+                f"BATCHD_CLIENT_BUDGETS: {unknown[0]!r} is no client named in "
+                "BATCHD_INGEST_TOKENS (name=token) or BATCHD_INGEST_TOKENS_FILE"
+            )
         self.settings = settings
         self.engine = engine
         self.providers = registry(provider)
@@ -172,47 +202,94 @@ class Service:
         self.calibration = Calibration()
         self.router = Router(engine, self.prices, backoff, self.clients, self.calibration)
         # Each part gets the few settings it reads, as its own small config.
-        self.scheduler = Scheduler(engine, self.providers, SchedulerConfig.from_settings(settings),
-                                   self.prices, self.archive, self.owner, clock, self.calibration)
-        self.poller = Poller(engine, self.providers, self.router,
-                             PollerConfig.from_settings(settings), self.archive, self.owner)
-        self.sync_lane = SyncLane(engine, self.providers, SyncConfig.from_settings(settings),
-                                  self.prices, self.clients, clock, self.calibration)
-        self.callbacks = CallbackSender(engine, self.clients,
-                                        CallbackConfig.from_settings(settings))
+        self.scheduler = Scheduler(
+            engine,
+            self.providers,
+            SchedulerConfig.from_settings(settings),
+            self.prices,
+            self.archive,
+            self.owner,
+            clock,
+            self.calibration,
+        )
+        self.poller = Poller(
+            engine,
+            self.providers,
+            self.router,
+            PollerConfig.from_settings(settings),
+            self.archive,
+            self.owner,
+        )
+        self.sync_lane = SyncLane(
+            engine,
+            self.providers,
+            SyncConfig.from_settings(settings),
+            self.prices,
+            self.clients,
+            clock,
+            self.calibration,
+        )
+        self.callbacks = CallbackSender(
+            engine, self.clients, CallbackConfig.from_settings(settings)
+        )
         self.reporter = Reporter(engine, settings.failure_alert_ratio, clock)
         self.jobs = Jobs(engine, self.clients)
-        self.retention = Retention(engine, self.reporter, days=settings.retention_days,
-                                   batch_rows=settings.retention_batch_rows,
-                                   interval=settings.retention_interval_seconds)
+        self.retention = Retention(
+            engine,
+            self.reporter,
+            days=settings.retention_days,
+            batch_rows=settings.retention_batch_rows,
+            interval=settings.retention_interval_seconds,
+        )
         self.api = ApiState(
             engine=engine,
-            ingest=Ingest(engine, IngestConfig.from_settings(settings), clients=self.clients,
-                          clock=clock, on_sync=self.sync_lane.wake,
-                          model_problem=self._model_problem,
-                          routing=Routing(frozenset(self.providers), settings.routes)),
+            ingest=Ingest(
+                engine,
+                IngestConfig.from_settings(settings),
+                clients=self.clients,
+                clock=clock,
+                on_sync=self.sync_lane.wake,
+                model_problem=self._model_problem,
+                routing=Routing(frozenset(self.providers), settings.routes),
+            ),
             waiters=Waiters(engine, settings.max_waiters),
-            replayer=Replayer(engine), reporter=self.reporter, clients=self.clients,
+            replayer=Replayer(engine),
+            reporter=self.reporter,
+            clients=self.clients,
             jobs=self.jobs,
-            schema_head=schema_head(), known_revisions=known_revisions(),
-            max_queued=settings.max_queued_tasks, max_wait=settings.max_wait_seconds,
+            schema_head=schema_head(),
+            known_revisions=known_revisions(),
+            max_queued=settings.max_queued_tasks,
+            max_wait=settings.max_wait_seconds,
             client_max_queued=max_queued,
-            spec_models=None if settings.model_globs else sorted(self.prices.models))
+            spec_models=None if settings.model_globs else sorted(self.prices.models),
+        )
         self.app = build_app(self.api, settings.max_request_bytes)
-        console.setup(self.app, console.Console(
-            engine=engine, clients=self.clients, replayer=self.api.replayer,
-            reporter=self.reporter, local_key=os.urandom(32), jobs=True,
-            config=console.ConsoleConfig(
-                window_seconds=settings.window_seconds,
-                max_batch_items=settings.max_batch_items,
-                daily_budget_usd=settings.daily_budget_usd,
-                alert_ratio=settings.failure_alert_ratio)))
+        console.setup(
+            self.app,
+            console.Console(
+                engine=engine,
+                clients=self.clients,
+                replayer=self.api.replayer,
+                reporter=self.reporter,
+                local_key=os.urandom(32),
+                jobs=True,
+                config=console.ConsoleConfig(
+                    window_seconds=settings.window_seconds,
+                    max_batch_items=settings.max_batch_items,
+                    daily_budget_usd=settings.daily_budget_usd,
+                    alert_ratio=settings.failure_alert_ratio,
+                ),
+            ),
+        )
         console_jobs.setup(self.app, self.jobs)
-        self.snapshots = Snapshots(engine, self.clients, self.api, settings.budgets_by_client,
-                                   clock)
+        self.snapshots = Snapshots(
+            engine, self.clients, self.api, settings.budgets_by_client, clock
+        )
         self.spool = SpoolSweep(engine, self.archive)
-        self.daily = DailyReport(self.reporter, self.archive, settings.archive_retention_days,
-                                 clock)
+        self.daily = DailyReport(
+            self.reporter, self.archive, settings.archive_retention_days, clock
+        )
         # What tests and tools call directly.
         self.snapshot = self.snapshots.tick
         self.sweep_spool = self.spool.sweep
@@ -235,10 +312,17 @@ class Service:
         """(provider, model) of each priced model at the provider it goes to:
         Claude models to Anthropic, Gemini models to Gemini (their endpoints'
         families), the rest by BATCHD_MODEL_ROUTES."""
-        return [("anthropic" if model.startswith("claude") else
-                 "gemini" if model.startswith("gemini") else
-                 route_provider(None, DEFAULT_ENDPOINT, model, self.settings.routes), model)
-                for model in sorted(self.prices.models)]
+        return [
+            (
+                "anthropic"
+                if model.startswith("claude")
+                else "gemini"
+                if model.startswith("gemini")
+                else route_provider(None, DEFAULT_ENDPOINT, model, self.settings.routes),
+                model,
+            )
+            for model in sorted(self.prices.models)
+        ]
 
     def _model_problem(self, model: str) -> str | None:
         """A window (and a provider batch) per (endpoint, model) only for
@@ -246,17 +330,28 @@ class Service:
         invented model string must not become a batch, or a metric label, of
         its own."""
         if self.prices.entry(model) is not None or any(
-                fnmatch.fnmatchcase(model, glob) for glob in self.settings.model_globs):
+            fnmatch.fnmatchcase(model, glob) for glob in self.settings.model_globs
+        ):
             return None
-        return ("names a model batchd has no price for; price it in BATCHD_PRICES_FILE or "
-                "allow it with BATCHD_ALLOWED_MODELS")
+        return (
+            "names a model batchd has no price for; price it in BATCHD_PRICES_FILE or "
+            "allow it with BATCHD_ALLOWED_MODELS"
+        )
 
     async def start_api(self) -> web.AppRunner:
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                               keepalive_timeout=self.settings.http_header_timeout_seconds)
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self.settings.http_header_timeout_seconds,
+        )
         await runner.setup()
-        site = CappedSite(runner, self.settings.http_host, self.settings.http_port,
-                          max_connections=self.settings.http_max_connections)
+        site = CappedSite(
+            runner,
+            self.settings.http_host,
+            self.settings.http_port,
+            max_connections=self.settings.http_max_connections,
+        )
         await site.start()
         self.port = runner.addresses[0][1] if runner.addresses else self.settings.http_port
         self.api.port = self.port
@@ -266,25 +361,43 @@ class Service:
         await self.spool.sweep()
         runner = await self.start_api()
         if not self.clients.required:
-            log.warning("service.auth_off", host=self.settings.http_host, port=self.port,
-                        hint="no BATCHD_INGEST_TOKENS: any local process may submit paid work")
-        log.info("service.started", host=self.settings.http_host, port=self.port,
-                 owner=self.owner, window_seconds=self.settings.window_seconds,
-                 max_batch_items=self.settings.max_batch_items)
+            log.warning(
+                "service.auth_off",
+                host=self.settings.http_host,
+                port=self.port,
+                hint="no BATCHD_INGEST_TOKENS: any local process may submit paid work",
+            )
+        log.info(
+            "service.started",
+            host=self.settings.http_host,
+            port=self.port,
+            owner=self.owner,
+            window_seconds=self.settings.window_seconds,
+            max_batch_items=self.settings.max_batch_items,
+        )
         loops_stop = asyncio.Event()
-        loops = [asyncio.create_task(body(loops_stop), name=name) for name, body in (
-            ("scheduler", self.scheduler.run), ("poller", self.poller.run),
-            ("sync_lane", self.sync_lane.run), ("callbacks", self.callbacks.run),
-            ("jobs", self.jobs.run), ("snapshot", self.snapshots.run),
-            ("spool_sweep", self.spool.run),
-            ("daily", self.daily.run), ("retention", self.retention.run))]
+        loops = [
+            asyncio.create_task(body(loops_stop), name=name)
+            for name, body in (
+                ("scheduler", self.scheduler.run),
+                ("poller", self.poller.run),
+                ("sync_lane", self.sync_lane.run),
+                ("callbacks", self.callbacks.run),
+                ("jobs", self.jobs.run),
+                ("snapshot", self.snapshots.run),
+                ("spool_sweep", self.spool.run),
+                ("daily", self.daily.run),
+                ("retention", self.retention.run),
+            )
+        ]
         if started is not None:
             started.set()
         await stop.wait()
         await self._drain(runner, loops_stop, loops)
 
-    async def _drain(self, runner: web.AppRunner, loops_stop: asyncio.Event,
-                     loops: list[asyncio.Task[None]]) -> None:
+    async def _drain(
+        self, runner: web.AppRunner, loops_stop: asyncio.Event, loops: list[asyncio.Task[None]]
+    ) -> None:
         """Stop taking tasks, let the write in hand finish, exit within the grace."""
         grace = self.settings.shutdown_grace_seconds
         deadline = time.monotonic() + grace
@@ -303,9 +416,9 @@ class Service:
         await self.api.ingest.close()
         await self.api.waiters.close()
         await asyncio.wait_for(
-            asyncio.gather(*(p.close() for p in self.providers.values()),
-                           return_exceptions=True),
-            max(0.1, deadline - time.monotonic()))
+            asyncio.gather(*(p.close() for p in self.providers.values()), return_exceptions=True),
+            max(0.1, deadline - time.monotonic()),
+        )
         log.info("service.stopped", cancelled_loops=[t.get_name() for t in pending])
 
     async def _flush_all(self, deadline: float) -> None:

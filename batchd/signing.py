@@ -37,8 +37,15 @@ def sign(secret: str, timestamp: int | str, body: bytes) -> str:
     return f"{SCHEME}={digest}"
 
 
-def verify(secret: str, body: bytes, timestamp: str | None, signature: str | None, *,
-           tolerance: float = DEFAULT_TOLERANCE_SECONDS, now: float | None = None) -> None:
+def verify(
+    secret: str,
+    body: bytes,
+    timestamp: str | None,
+    signature: str | None,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+    now: float | None = None,
+) -> None:
     """Raise SignatureError unless ``signature`` signs ``body`` at ``timestamp``
     with ``secret`` and the timestamp is within ``tolerance`` seconds of now.
 

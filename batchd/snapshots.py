@@ -31,8 +31,14 @@ DUTY = 20
 
 
 class Snapshots:
-    def __init__(self, engine: AsyncEngine, clients: Clients, api: ApiState,
-                 budgets_by_client: dict[str, Decimal], clock: Callable[[], datetime]) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        clients: Clients,
+        api: ApiState,
+        budgets_by_client: dict[str, Decimal],
+        clock: Callable[[], datetime],
+    ) -> None:
         self.engine = engine
         self.clients = clients
         self.api = api
@@ -43,8 +49,13 @@ class Snapshots:
     async def run(self, stop: asyncio.Event) -> None:
         # run_ticks hands interval() what the tick returns: here the tick's
         # own milliseconds, so the pause keeps the duty cycle.
-        await run_ticks(stop, self._timed_tick, logger=log, event="snapshot.failed",
-                        interval=lambda ms: max(SNAPSHOT_SECONDS, ms / 1000 * DUTY))
+        await run_ticks(
+            stop,
+            self._timed_tick,
+            logger=log,
+            event="snapshot.failed",
+            interval=lambda ms: max(SNAPSHOT_SECONDS, ms / 1000 * DUTY),
+        )
 
     async def _timed_tick(self) -> int:
         started = time.monotonic()
@@ -66,7 +77,8 @@ class Snapshots:
                 by_client = await client_day_spend(conn, today)
             for client in self.budgets_by_client:
                 metrics.CLIENT_BUDGET_SPENT.labels(client=client).set(
-                    float(by_client.get(client, 0)))
+                    float(by_client.get(client, 0))
+                )
         self.api.queued_estimate = int(row["queued"])
         async with self.engine.connect() as conn:
             backlog = await callback_backlog(conn)

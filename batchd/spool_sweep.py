@@ -37,8 +37,9 @@ class SpoolSweep:
                 return 0
             return await self.sweep(SWEEP_MIN_AGE_SECONDS)
 
-        await run_ticks(stop, tick, logger=log, event="archive.sweep_failed",
-                        interval=lambda _: SWEEP_SECONDS)
+        await run_ticks(
+            stop, tick, logger=log, event="archive.sweep_failed", interval=lambda _: SWEEP_SECONDS
+        )
 
     async def sweep(self, min_age_seconds: float = 0.0) -> int:
         """Archive spool files whose batch is past the step that wrote them
@@ -50,16 +51,21 @@ class SpoolSweep:
                 async with self.engine.connect() as conn:
                     row = await gauges.batch_archive_state(conn, batch_id)
                 done = row is not None and (
-                    row.state == "routed"
-                    or (kind in ("input", "ids") and row.state == "submitted"))
+                    row.state == "routed" or (kind in ("input", "ids") and row.state == "submitted")
+                )
                 if done and row is not None:
-                    await self.archive.keep(path, row.spend_day, batch_id, kind,
-                                            {"provider_batch_id": row.provider_batch_id,
-                                             "recovered": True})
+                    await self.archive.keep(
+                        path,
+                        row.spend_day,
+                        batch_id,
+                        kind,
+                        {"provider_batch_id": row.provider_batch_id, "recovered": True},
+                    )
                     path.unlink(missing_ok=True)
                     archived += 1
                     log.info("archive.recovered", batch_id=batch_id, kind=kind)
             except Exception as exc:
-                log.warning("archive.recover_failed", batch_id=batch_id, kind=kind,
-                            error=type(exc).__name__)
+                log.warning(
+                    "archive.recover_failed", batch_id=batch_id, kind=kind, error=type(exc).__name__
+                )
         return archived

@@ -26,8 +26,10 @@ async def collect(engine: AsyncEngine) -> dict[str, Any]:
         "bytes_per_task": round(database / tasks) if tasks else None,
         "tables": tables,
         "indexes": indexes,
-        "oldest": {k: (v.isoformat() if isinstance(v, datetime) else
-                       (str(v) if v is not None else None)) for k, v in oldest.items()},
+        "oldest": {
+            k: (v.isoformat() if isinstance(v, datetime) else (str(v) if v is not None else None))
+            for k, v in oldest.items()
+        },
     }
 
 
@@ -41,16 +43,21 @@ def _size(n: int) -> str:
 
 
 def render(stats: dict[str, Any]) -> str:
-    lines = [f"database: {_size(stats['database_bytes'])}, {stats['tasks']} task(s)"
-             + (f", {stats['bytes_per_task']} bytes a task" if stats["bytes_per_task"] else ""),
-             "tasks by state: " + (", ".join(f"{k}={v}" for k, v in
-                                            sorted(stats["tasks_by_state"].items())) or "none"),
-             "", f"{'table':<20} {'total':>10} {'heap':>10} {'indexes':>10} {'toast':>10} "
-             f"{'rows~':>12} {'dead':>10}"]
+    lines = [
+        f"database: {_size(stats['database_bytes'])}, {stats['tasks']} task(s)"
+        + (f", {stats['bytes_per_task']} bytes a task" if stats["bytes_per_task"] else ""),
+        "tasks by state: "
+        + (", ".join(f"{k}={v}" for k, v in sorted(stats["tasks_by_state"].items())) or "none"),
+        "",
+        f"{'table':<20} {'total':>10} {'heap':>10} {'indexes':>10} {'toast':>10} "
+        f"{'rows~':>12} {'dead':>10}",
+    ]
     for t in stats["tables"]:
-        lines.append(f"{t['name']:<20} {_size(t['total']):>10} {_size(t['heap']):>10} "
-                     f"{_size(t['indexes']):>10} {_size(t['toast']):>10} "
-                     f"{t['rows_estimate']:>12} {t['dead_rows']:>10}")
+        lines.append(
+            f"{t['name']:<20} {_size(t['total']):>10} {_size(t['heap']):>10} "
+            f"{_size(t['indexes']):>10} {_size(t['toast']):>10} "
+            f"{t['rows_estimate']:>12} {t['dead_rows']:>10}"
+        )
     lines += ["", "oldest rows:"]
     lines += [f"  {k}: {v or '-'}" for k, v in stats["oldest"].items()]
     return "\n".join(lines)

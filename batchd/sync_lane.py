@@ -70,8 +70,10 @@ _STALE_AFTER_SECONDS = 900.0
 # gives back the difference between its estimate and its cost).
 _HOLD_RECHECK_SECONDS = 1.0
 _HOLD_LOG_SECONDS = 60.0
-_LOST = {"code": "sync_call_lost",
-         "message": "the replica making this synchronous call stopped before storing it"}
+_LOST = {
+    "code": "sync_call_lost",
+    "message": "the replica making this synchronous call stopped before storing it",
+}
 
 
 def _utc_now() -> datetime:
@@ -81,6 +83,7 @@ def _utc_now() -> datetime:
 @dataclass(frozen=True, slots=True)
 class SyncConfig:
     """The settings the synchronous lane reads."""
+
     concurrency: int
     daily_budget_usd: Decimal | None
     budgets_by_client: dict[str, Decimal]
@@ -89,15 +92,26 @@ class SyncConfig:
 
     @classmethod
     def from_settings(cls, s: Settings) -> SyncConfig:
-        return cls(s.sync_concurrency, s.daily_budget_usd, s.budgets_by_client,
-                   s.window_seconds, Backoff(s.retry_backoff_seconds, s.max_attempts))
+        return cls(
+            s.sync_concurrency,
+            s.daily_budget_usd,
+            s.budgets_by_client,
+            s.window_seconds,
+            Backoff(s.retry_backoff_seconds, s.max_attempts),
+        )
 
 
 class SyncLane:
-    def __init__(self, engine: AsyncEngine, providers: Providers, config: SyncConfig,
-                 prices: PriceTable, clients: Clients,
-                 clock: Callable[[], datetime] = _utc_now,
-                 calibration: Calibration | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        providers: Providers,
+        config: SyncConfig,
+        prices: PriceTable,
+        clients: Clients,
+        clock: Callable[[], datetime] = _utc_now,
+        calibration: Calibration | None = None,
+    ) -> None:
         self.calibration = calibration or Calibration()
         self.engine = engine
         self.clients = clients
@@ -123,9 +137,16 @@ class SyncLane:
         self._woken.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        await run_ticks(stop, self.tick, logger=log, event="sync_lane.tick_failed",
-                        interval=lambda started: _TICK_SECONDS if started or self._running
-                        else _IDLE_TICK_SECONDS, wake=self._woken)
+        await run_ticks(
+            stop,
+            self.tick,
+            logger=log,
+            event="sync_lane.tick_failed",
+            interval=lambda started: (
+                _TICK_SECONDS if started or self._running else _IDLE_TICK_SECONDS
+            ),
+            wake=self._woken,
+        )
         await self.wait_calls()
 
     async def wait_calls(self) -> None:
@@ -142,8 +163,11 @@ class SyncLane:
         if free <= 0 or loop.time() < self._hold_until:
             return 0
         now = self.clock()
-        ready = [p for p in self.providers
-                 if p not in self._auth_hold_until or self._auth_hold_until[p] <= now]
+        ready = [
+            p
+            for p in self.providers
+            if p not in self._auth_hold_until or self._auth_hold_until[p] <= now
+        ]
         if not ready:
             return 0
         claim_id = f"sync_{secrets.token_hex(8)}"
@@ -167,20 +191,29 @@ class SyncLane:
             stale = await stale_sync_calls(conn, _STALE_AFTER_SECONDS)
             for claim, ids in stale.items():
                 counts = await store_failures(
-                    conn, claim, ids, [False] * len(ids), [_LOST] * len(ids),
-                    [random.random() for _ in ids], self.backoff)
+                    conn,
+                    claim,
+                    ids,
+                    [False] * len(ids),
+                    [_LOST] * len(ids),
+                    [random.random() for _ in ids],
+                    self.backoff,
+                )
                 for key, n in counts.items():
                     lost[key] = lost.get(key, 0) + n
         for (outcome, client), n in lost.items():
-            metrics.TASKS_COMPLETED.labels(outcome=outcome, client=self.clients.label(client),
-                                           lane="sync").inc(n)
+            metrics.TASKS_COMPLETED.labels(
+                outcome=outcome, client=self.clients.label(client), lane="sync"
+            ).inc(n)
         if moved.to_sync or moved.resubmitted or lost:
-            log.info("sync_lane.swept", fell_back=len(moved.to_sync),
-                     resubmitted=len(moved.resubmitted), lost_calls=sum(lost.values()))
+            log.info(
+                "sync_lane.swept",
+                fell_back=len(moved.to_sync),
+                resubmitted=len(moved.resubmitted),
+                lost_calls=sum(lost.values()),
+            )
 
-
-    async def _claim(self, claim_id: str, limit: int, providers: list[str]
-                     ) -> list[dict[str, Any]]:
+    async def _claim(self, claim_id: str, limit: int, providers: list[str]) -> list[dict[str, Any]]:
         """Claim due calls at ``providers``, in order, as far as the daily
         budget allows, each with its reservation in the ledger; the rest stay
         queued."""
@@ -191,24 +224,36 @@ class SyncLane:
             candidates = await sync_candidates(conn, limit, providers)
             if not candidates:
                 return []
-            estimates = [self.prices.reservation(
-                c["model"], self.calibration.reserved_input(c["model"], c["est_input_tokens"]),
-                c["est_output_tokens"], sync=True)
-                         for c in candidates]
+            estimates = [
+                self.prices.reservation(
+                    c["model"],
+                    self.calibration.reserved_input(c["model"], c["est_input_tokens"]),
+                    c["est_output_tokens"],
+                    sync=True,
+                )
+                for c in candidates
+            ]
             spent = await day_spend(conn, today) if self.budget is not None else Decimal(0)
             within = list(range(len(candidates)))
             if self.client_caps:
                 used = await client_day_spend(conn, today)
-                within = client_fit(estimates, [c["client"] for c in candidates],
-                                    {c: cap - used.get(c, Decimal(0))
-                                     for c, cap in self.client_caps.items()})
+                within = client_fit(
+                    estimates,
+                    [c["client"] for c in candidates],
+                    {c: cap - used.get(c, Decimal(0)) for c, cap in self.client_caps.items()},
+                )
             fit = budget_fit(spent, [estimates[n] for n in within], self.budget)
             taken = [candidates[n] for n in within[:fit]]
             reserved = [estimates[n] for n in within[:fit]]
             rows = await claim_sync(conn, claim_id, [c["id"] for c in taken])
-            await reserve_sync_spend(conn, claim_id, today,
-                                          [c["id"] for c in taken],
-                                          [c["model"] for c in taken], reserved)
+            await reserve_sync_spend(
+                conn,
+                claim_id,
+                today,
+                [c["id"] for c in taken],
+                [c["model"] for c in taken],
+                reserved,
+            )
             shares: dict[str, Decimal] = {}
             for c, est in zip(taken, reserved, strict=True):
                 if c["client"] in self.client_caps:
@@ -227,8 +272,14 @@ class SyncLane:
         self._hold_until = loop.time() + _HOLD_RECHECK_SECONDS
         if loop.time() - self._hold_logged >= _HOLD_LOG_SECONDS:
             self._hold_logged = loop.time()
-            log.warning("budget.hold", lane="sync", held_tasks=held, spent_usd=str(spent),
-                        next_estimate_usd=str(next_estimate), budget_usd=str(self.budget))
+            log.warning(
+                "budget.hold",
+                lane="sync",
+                held_tasks=held,
+                spent_usd=str(spent),
+                next_estimate_usd=str(next_estimate),
+                budget_usd=str(self.budget),
+            )
 
     async def _call(self, claim_id: str, row: dict[str, Any]) -> None:
         tid: int = row["id"]
@@ -238,12 +289,17 @@ class SyncLane:
         try:
             provider = pick(self.providers, row["provider"], "sync_call")
             status, body = await provider.call_sync(row["endpoint"], row["body"], cid)
-            line: dict[str, Any] = {"custom_id": cid,
-                                    "response": {"status_code": status, "body": body}}
+            line: dict[str, Any] = {
+                "custom_id": cid,
+                "response": {"status_code": status, "body": body},
+            }
         except ProviderError as exc:
             answered, body = False, None
-            line = {"custom_id": cid, "response": None,
-                    "error": {"code": exc.code or "provider_unreachable", "message": str(exc)}}
+            line = {
+                "custom_id": cid,
+                "response": None,
+                "error": {"code": exc.code or "provider_unreachable", "message": str(exc)},
+            }
         if answered and status in AUTH_STATUSES:
             await self._credentials_refused(claim_id, row, status)
             return
@@ -264,23 +320,40 @@ class SyncLane:
                         self.prices.warn_unpriced(row["model"], "sync")
                     # Exact, as a batch's cost: rounded only where it is shown.
                     paid = cost(tokens, price.sync)
-                    stored = await store_successes(conn, claim_id, SuccessRows(
-                        [tid], [200], [_dumps(body)], [_dumps(usage) if usage else None],
-                        [paid], [paid], [not price.known]))
+                    stored = await store_successes(
+                        conn,
+                        claim_id,
+                        SuccessRows(
+                            [tid],
+                            [200],
+                            [_dumps(body)],
+                            [_dumps(usage) if usage else None],
+                            [paid],
+                            [paid],
+                            [not price.known],
+                        ),
+                    )
                     unpriced = bool(stored) and not price.known
                     settled = [("succeeded", client) for client in stored.values()]
                 else:
                     counts = await store_failures(
-                        conn, claim_id, [tid], [result.outcome is Outcome.FINAL],
-                        [result.error or {}], [random.random()], self.backoff)
+                        conn,
+                        claim_id,
+                        [tid],
+                        [result.outcome is Outcome.FINAL],
+                        [result.error or {}],
+                        [random.random()],
+                        self.backoff,
+                    )
                     settled = list(counts)
                 # An error the provider answered is not billed; a call that got
                 # no answer may have been, so it keeps its reservation.
                 if answered:
                     await settle_sync_spend(conn, claim_id, tid, paid)
                     if row["client"] in self.client_caps:
-                        await settle_client_call(conn, claim_id, row["client"],
-                                                      row["reserved"], paid)
+                        await settle_client_call(
+                            conn, claim_id, row["client"], row["reserved"], paid
+                        )
         except Exception:
             # The call happened but its outcome is not stored: the stale sweep
             # re-queues the task; log loudly, as it may be paid twice.
@@ -289,11 +362,14 @@ class SyncLane:
         if unpriced:
             metrics.UNPRICED_RESULTS.labels(lane="sync").inc()
         self._record_metrics(row, result.outcome, tokens, paid, settled)
-        log.debug("sync_lane.called", task_id=tid, status=result.status_code,
-                  outcome=settled[0][0] if settled else None)
+        log.debug(
+            "sync_lane.called",
+            task_id=tid,
+            status=result.status_code,
+            outcome=settled[0][0] if settled else None,
+        )
 
-    async def _credentials_refused(self, claim_id: str, row: dict[str, Any], status: int
-                                   ) -> None:
+    async def _credentials_refused(self, claim_id: str, row: dict[str, Any], status: int) -> None:
         """A 401/403 is our configuration, not the task's fault (batchd.health
         logs it once): the task goes back to the queue with its attempt given
         back, the call costs nothing, and the lane pauses, doubling."""
@@ -301,19 +377,28 @@ class SyncLane:
         refusals = self._auth_refusals[provider] = self._auth_refusals.get(provider, 0) + 1
         delay = auth_backoff(refusals)
         self._auth_hold_until[provider] = self.clock() + timedelta(seconds=delay)
-        error = {"code": "provider_credentials_rejected", "status": status,
-                 "message": f"the provider refused batchd's credentials (HTTP {status}); "
-                            "the task waits until the key is fixed", "operation": "sync_call"}
+        error = {
+            "code": "provider_credentials_rejected",
+            "status": status,
+            "message": f"the provider refused batchd's credentials (HTTP {status}); "
+            "the task waits until the key is fixed",
+            "operation": "sync_call",
+        }
         tid: int = row["id"]
         async with self.engine.begin() as conn:
             await give_back_sync_call(conn, claim_id, tid, error)
             await settle_sync_spend(conn, claim_id, tid, Decimal(0))
             if row["client"] in self.client_caps:
-                await settle_client_call(conn, claim_id, row["client"], row["reserved"],
-                                              Decimal(0))
+                await settle_client_call(conn, claim_id, row["client"], row["reserved"], Decimal(0))
 
-    def _record_metrics(self, row: dict[str, Any], outcome: Outcome, tokens: Tokens,
-                        paid: Decimal, settled: list[tuple[str, str]]) -> None:
+    def _record_metrics(
+        self,
+        row: dict[str, Any],
+        outcome: Outcome,
+        tokens: Tokens,
+        paid: Decimal,
+        settled: list[tuple[str, str]],
+    ) -> None:
         model = self.prices.metric_label(row["model"])  # bounded by the prices file
         provider = row["provider"]
         if outcome is Outcome.SUCCESS:
@@ -321,18 +406,22 @@ class SyncLane:
             # moved the task meanwhile): spend and tokens count every answer.
             metrics.SPEND.add(paid, provider=provider, model=model, lane="sync")
             metrics.SAVINGS.add(Decimal(0), provider=provider, model=model, lane="sync")
-            for kind, n in (("input", tokens.input), ("cached_input", tokens.cached),
-                            ("cache_write_input", tokens.cache_write),
-                            ("output", tokens.output)):
-                metrics.TOKENS.labels(provider=provider, model=model, kind=kind,
-                                      lane="sync").inc(n)
+            for kind, n in (
+                ("input", tokens.input),
+                ("cached_input", tokens.cached),
+                ("cache_write_input", tokens.cache_write),
+                ("output", tokens.output),
+            ):
+                metrics.TOKENS.labels(provider=provider, model=model, kind=kind, lane="sync").inc(n)
         for name, client in settled:  # empty: a fallback moved the task meanwhile
-            metrics.TASKS_COMPLETED.labels(outcome=name, client=self.clients.label(client),
-                                           lane="sync").inc()
+            metrics.TASKS_COMPLETED.labels(
+                outcome=name, client=self.clients.label(client), lane="sync"
+            ).inc()
             if name == "succeeded":
                 metrics.CLIENT_SPEND.add(paid, client=self.clients.label(client), lane="sync")
                 metrics.TASK_LATENCY.labels(lane="sync").observe(
-                    max(0.0, time.time() - row["created_at"].timestamp()))
+                    max(0.0, time.time() - row["created_at"].timestamp())
+                )
 
 
 def _dumps(value: Any) -> str:

@@ -38,20 +38,26 @@ _HASHES = {
 }
 _PATTERNS = {
     "cl100k_base": r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""",  # noqa: E501
-    "o200k_base": "|".join([
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""\p{N}{1,3}""",
-        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
-        r"""\s*[\r\n]+""",
-        r"""\s+(?!\S)""",
-        r"""\s+""",
-    ]),
+    "o200k_base": "|".join(
+        [
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]
+    ),
 }
 _SPECIAL = {
-    "cl100k_base": {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258,
-                    "<|fim_middle|>": 100259, "<|fim_suffix|>": 100260,
-                    "<|endofprompt|>": 100276},
+    "cl100k_base": {
+        "<|endoftext|>": 100257,
+        "<|fim_prefix|>": 100258,
+        "<|fim_middle|>": 100259,
+        "<|fim_suffix|>": 100260,
+        "<|endofprompt|>": 100276,
+    },
     "o200k_base": {"<|endoftext|>": 199999, "<|endofprompt|>": 200018},
 }
 # OpenAI's chat framing: per message, and once to prime the reply.
@@ -75,14 +81,18 @@ def _load(name: str) -> tiktoken.Encoding:
         enc = _loaded.get(name)
         if enc is not None:
             return enc
-        raw = gzip.decompress(resources.files("batchd.vocab").joinpath(
-            f"{name}.tiktoken.gz").read_bytes())
+        raw = gzip.decompress(
+            resources.files("batchd.vocab").joinpath(f"{name}.tiktoken.gz").read_bytes()
+        )
         if hashlib.sha256(raw).hexdigest() != _HASHES[name]:
             raise VocabularyError(f"batchd/vocab/{name}.tiktoken.gz is damaged: reinstall batchd")
-        ranks = {base64.b64decode(token): int(rank)
-                 for token, rank in (line.split() for line in raw.splitlines() if line)}
-        enc = tiktoken.Encoding(name, pat_str=_PATTERNS[name], mergeable_ranks=ranks,
-                                special_tokens=_SPECIAL[name])
+        ranks = {
+            base64.b64decode(token): int(rank)
+            for token, rank in (line.split() for line in raw.splitlines() if line)
+        }
+        enc = tiktoken.Encoding(
+            name, pat_str=_PATTERNS[name], mergeable_ranks=ranks, special_tokens=_SPECIAL[name]
+        )
         _loaded[name] = enc
         return enc
 
@@ -163,9 +173,11 @@ def _chat(enc: tiktoken.Encoding, body: dict[str, Any]) -> int:
 def _extras(enc: tiktoken.Encoding, body: dict[str, Any]) -> int:
     """Tool and function definitions and a structured response format: the
     provider renders them into the prompt; their JSON counts high."""
-    return sum(_text(enc, orjson.dumps(body[key]).decode())
-               for key in ("tools", "functions", "response_format", "text")
-               if body.get(key) is not None)
+    return sum(
+        _text(enc, orjson.dumps(body[key]).decode())
+        for key in ("tools", "functions", "response_format", "text")
+        if body.get(key) is not None
+    )
 
 
 def _inputs(enc: tiktoken.Encoding, value: Any) -> int:

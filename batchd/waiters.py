@@ -35,7 +35,8 @@ class _Waiter:
     pending: set[str]
     gone: Callable[[], bool]
     done: asyncio.Future[bool] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future())
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Waiters:
@@ -67,8 +68,9 @@ class Waiters:
         self._reserved -= 1
         metrics.WAITERS.set(self.count)
 
-    async def wait(self, client: str, custom_ids: list[str], seconds: float,
-                   gone: Callable[[], bool]) -> bool:
+    async def wait(
+        self, client: str, custom_ids: list[str], seconds: float, gone: Callable[[], bool]
+    ) -> bool:
         """Wait (on a place reserved) until every one of ``client``'s tasks is
         finished: True, or False on timeout or once ``gone()`` says the caller
         hung up."""
@@ -111,8 +113,9 @@ class Waiters:
                 await self._tick()
             except Exception as exc:
                 # The waiters stay; the next tick asks again.
-                log.warning("waiters.tick_failed", error=type(exc).__name__,
-                            waiters=len(self._waiting))
+                log.warning(
+                    "waiters.tick_failed", error=type(exc).__name__, waiters=len(self._waiting)
+                )
 
     async def _tick(self) -> None:
         live = []

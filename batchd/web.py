@@ -58,8 +58,9 @@ log = logs.get("batchd.web")
 
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-                         "/docs/plain"})
+_OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/plain"}
+)
 
 
 @dataclass(slots=True)
@@ -102,16 +103,22 @@ def _default(value: Any) -> Any:
     raise TypeError
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
-    return web.Response(body=orjson.dumps(data, default=_default), status=status,
-                        content_type="application/json", headers=headers)
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(data, default=_default),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 def reply(value: msgspec.Struct, status: int = 200) -> web.Response:
     """A reply of one of batchd.contract's types, encoded by msgspec."""
-    return web.Response(body=msgspec.json.encode(value), status=status,
-                        content_type="application/json")
+    return web.Response(
+        body=msgspec.json.encode(value), status=status, content_type="application/json"
+    )
 
 
 def decode_body(raw: bytes, kind: type[T], refused: Callable[[str], str]) -> T:
@@ -135,18 +142,26 @@ def error_response(status: int, code: str, message: str, **extra: Any) -> web.Re
 # undefined_table, undefined_column, undefined_function: the database was
 # never migrated, or is behind this build.
 _SCHEMA_SQLSTATES = frozenset({"42P01", "42703", "42883"})
-SCHEMA_MESSAGE = ("the database schema is missing or behind this build of batchd: run "
-                  "`batchd migrate` (with the same BATCHD_DATABASE_URL), then retry")
+SCHEMA_MESSAGE = (
+    "the database schema is missing or behind this build of batchd: run "
+    "`batchd migrate` (with the same BATCHD_DATABASE_URL), then retry"
+)
 
 
 def schema_missing(exc: BaseException) -> bool:
     """Whether a database error says the schema is missing or behind."""
-    return isinstance(exc, DBAPIError) and getattr(
-        exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in _SCHEMA_SQLSTATES
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
 
 
 @web.middleware
@@ -168,17 +183,25 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return reply
     except PoolTimeout:
         log.warning("api.database_slow", path=request.path, error="pool_timeout")
-        return error_response(503, "overloaded", "the task store is too slow to answer now; "
-                              "retry later", retry_after=OVERLOADED_RETRY_AFTER)
+        return error_response(
+            503,
+            "overloaded",
+            "the task store is too slow to answer now; retry later",
+            retry_after=OVERLOADED_RETRY_AFTER,
+        )
     except (OSError, OperationalError, InterfaceError, DBAPIError) as exc:
         if schema_missing(exc):
-            log.error("api.schema_missing", path=request.path,
-                      sqlstate=getattr(getattr(exc, "orig", None), "sqlstate", None),
-                      fix="run `batchd migrate`")
+            log.error(
+                "api.schema_missing",
+                path=request.path,
+                sqlstate=getattr(getattr(exc, "orig", None), "sqlstate", None),
+                fix="run `batchd migrate`",
+            )
             return error_response(503, "schema_missing", SCHEMA_MESSAGE, retry_after=30)
         log.warning("api.database_unavailable", path=request.path, error=type(exc).__name__)
-        return error_response(503, "unavailable",
-                              "the task store is unavailable; retry later", retry_after=5)
+        return error_response(
+            503, "unavailable", "the task store is unavailable; retry later", retry_after=5
+        )
     except Exception:
         log.exception("api.unhandled", path=request.path)
         return error_response(500, "internal", "internal error; see the server log")
@@ -196,8 +219,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     elif request.path not in _OPEN_PATHS and not is_console_path(request.path):
         client = clients.authenticate(bearer_token(request.headers))
         if client is None:
-            return error_response(401, "unauthorized",
-                                  "send Authorization: Bearer <token> with a valid ingest token")
+            return error_response(
+                401, "unauthorized", "send Authorization: Bearer <token> with a valid ingest token"
+            )
         request[CLIENT] = client
     return await handler(request)
 
@@ -219,8 +243,12 @@ def bearer_token(headers: Mapping[str, str]) -> str:
 # Content types a POST must declare in no-token mode. A browser sends a
 # cross-site form or fetch without a CORS preflight only as text/plain,
 # form-urlencoded or multipart, so insisting on JSON refuses all of them.
-_JSON_TYPES = ("application/json", "application/x-ndjson", "application/jsonl",
-               "application/x-jsonl")
+_JSON_TYPES = (
+    "application/json",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/x-jsonl",
+)
 
 
 def _local_only_problem(request: web.Request, port: int | None) -> web.Response | None:
@@ -229,16 +257,24 @@ def _local_only_problem(request: web.Request, port: int | None) -> web.Response 
     name (DNS rebinding) and a POST that is not JSON (a cross-site form)."""
     host = request.headers.get("Host", "").lower()
     if port is None or host not in {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}:
-        return error_response(421, "misdirected_request",
-                              "with no ingest tokens batchd answers only requests addressed to "
-                              f"127.0.0.1:{port}, localhost:{port} or [::1]:{port}")
+        return error_response(
+            421,
+            "misdirected_request",
+            "with no ingest tokens batchd answers only requests addressed to "
+            f"127.0.0.1:{port}, localhost:{port} or [::1]:{port}",
+        )
     # The console's forms are urlencoded; its CSRF token refuses cross-site ones.
-    if request.method == "POST" and request.content_type not in _JSON_TYPES \
-            and not is_console_path(request.path):
-        return error_response(415, "unsupported_media_type",
-                              "send Content-Type: application/json or application/x-ndjson")
+    if (
+        request.method == "POST"
+        and request.content_type not in _JSON_TYPES
+        and not is_console_path(request.path)
+    ):
+        return error_response(
+            415,
+            "unsupported_media_type",
+            "send Content-Type: application/json or application/x-ndjson",
+        )
     return None
-
 
 
 def _client(request: web.Request) -> Client:
@@ -254,8 +290,10 @@ def _client_param(request: web.Request) -> str | None:
     caller = _client(request)
     if raw != caller.name and not caller.admin:
         # Says nothing about whether that client or its tasks exist.
-        raise web.HTTPForbidden(text="only an admin token may pass another client's name; "
-                                "leave out ?client= to see your own")
+        raise web.HTTPForbidden(
+            text="only an admin token may pass another client's name; "
+            "leave out ?client= to see your own"
+        )
     named: str = query(request, "client", ClientName, "client must be a client name")
     return named
 
@@ -277,15 +315,20 @@ def _owner(request: web.Request) -> str:
 async def post_tasks(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.draining:
-        return error_response(503, "draining", "batchd is shutting down; retry on another "
-                              "replica", retry_after=5)
+        return error_response(
+            503, "draining", "batchd is shutting down; retry on another replica", retry_after=5
+        )
     wait = _wait_param(request)
     # The place is taken before anything is stored, so a refusal stores nothing.
     if wait and not state.waiters.reserve():
-        return error_response(429, "too_many_waiters",
-                              f"{state.waiters.max_waiters} requests are already waiting with "
-                              "?wait; retry later, or send without ?wait and page "
-                              "/v1/results", retry_after=TOO_MANY_WAITERS_RETRY_AFTER)
+        return error_response(
+            429,
+            "too_many_waiters",
+            f"{state.waiters.max_waiters} requests are already waiting with "
+            "?wait; retry later, or send without ?wait and page "
+            "/v1/results",
+            retry_after=TOO_MANY_WAITERS_RETRY_AFTER,
+        )
     waited = False
     try:
         accepted = await _ingest(request, state)
@@ -299,10 +342,14 @@ async def post_tasks(request: web.Request) -> web.Response:
                 async with state.engine.connect() as conn:
                     found = await get_tasks(conn, mine, ids)
                 # Finished: the tasks as stored now (TaskView rows).
-                return json_response({"accepted": accepted.accepted,
-                                      "duplicates": accepted.duplicates,
-                                      "tasks": [found[c] for c in ids if c in found]},
-                                     status=200)
+                return json_response(
+                    {
+                        "accepted": accepted.accepted,
+                        "duplicates": accepted.duplicates,
+                        "tasks": [found[c] for c in ids if c in found],
+                    },
+                    status=200,
+                )
     finally:
         if wait and not waited:
             state.waiters.release()
@@ -324,10 +371,14 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
         raise decode.too_large(limit)
     limits = state.ingest.limits
     pieces = decode.BodyPieces(
-        request.content.iter_any(), request.content_type, state.ingest.contract,
+        request.content.iter_any(),
+        request.content_type,
+        state.ingest.contract,
         max_bytes=limit,
-        max_tasks=limits.tasks_per_request, max_task_bytes=decode.task_bytes_cap(limits),
-        stall_seconds=state.ingest.timeout)
+        max_tasks=limits.tasks_per_request,
+        max_task_bytes=decode.task_bytes_cap(limits),
+        stall_seconds=state.ingest.timeout,
+    )
     first = await pieces.next()
     if not first:
         raise IngestError(400, "invalid_request", "the request holds no tasks")
@@ -346,8 +397,9 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
 
     async def rest() -> AsyncIterator[list[TaskIn]]:
         while (items := await pieces.next()) is not None:
-            yield admit(await state.ingest.prepare_piece(items, pieces.tasks - len(items),
-                                                         seen, client))
+            yield admit(
+                await state.ingest.prepare_piece(items, pieces.tasks - len(items), seen, client)
+            )
 
     try:
         head = admit(await state.ingest.prepare_piece(first, 0, seen, client))
@@ -359,8 +411,9 @@ async def _ingest(request: web.Request, state: ApiState) -> Accepted | web.Respo
     return accepted
 
 
-async def _store_small(state: ApiState, items: list[Decoded], client: Client
-                       ) -> Accepted | web.Response:
+async def _store_small(
+    state: ApiState, items: list[Decoded], client: Client
+) -> Accepted | web.Response:
     tasks = await state.ingest.prepare(items, client)
     _admit(state, client.name, len(tasks))
     try:
@@ -379,13 +432,21 @@ def _admit(state: ApiState, client: str, n: int) -> None:
     cannot all pass on the same stale count (handed back for what was not
     stored)."""
     if state.max_queued is not None and state.queued_estimate + n > state.max_queued:
-        raise IngestError(429, "queue_full", f"more than {state.max_queued} tasks are "
-                          "queued; retry later", {"retry_after": QUEUE_FULL_RETRY_AFTER})
+        raise IngestError(
+            429,
+            "queue_full",
+            f"more than {state.max_queued} tasks are queued; retry later",
+            {"retry_after": QUEUE_FULL_RETRY_AFTER},
+        )
     limit = state.client_max_queued.get(client)
     if limit is not None and state.client_queued.get(client, 0) + n > limit:
-        raise IngestError(429, "queue_full", f"client {client!r} has more than {limit} tasks "
-                          "queued (BATCHD_CLIENT_MAX_QUEUED); retry later",
-                          {"retry_after": QUEUE_FULL_RETRY_AFTER})
+        raise IngestError(
+            429,
+            "queue_full",
+            f"client {client!r} has more than {limit} tasks "
+            "queued (BATCHD_CLIENT_MAX_QUEUED); retry later",
+            {"retry_after": QUEUE_FULL_RETRY_AFTER},
+        )
     _count_queued(state, client, n)
 
 
@@ -451,8 +512,7 @@ def int_query(request: web.Request, name: str, kind: Any, default: int) -> int:
     if not _INTEGER.fullmatch(raw):
         raise IngestError(400, "invalid_parameter", f"{name} must be an integer")
     bounds = kind.__metadata__[0]
-    value: int = query_value(int(raw), kind, f"{name} must be between {bounds.ge} and "
-                             f"{bounds.le}")
+    value: int = query_value(int(raw), kind, f"{name} must be between {bounds.ge} and {bounds.le}")
     return value
 
 
@@ -479,12 +539,14 @@ async def get_failed(request: web.Request) -> web.Response:
     limit = int_query(request, "limit", PageSize, 100)
     day = query(request, "day", Day, "day must be YYYY-MM-DD")
     reason = query(request, "reason", ErrorCode, "reason must be an error code")
-    endpoint = query(request, "endpoint", EndpointName,
-                     f"endpoint must be one of {', '.join(ENDPOINTS)}")
+    endpoint = query(
+        request, "endpoint", EndpointName, f"endpoint must be one of {', '.join(ENDPOINTS)}"
+    )
     client = _scope(request)
     async with request.app[STATE].engine.connect() as conn:
-        rows = await page_failed(conn, after, limit, reason=reason, day=day,
-                                      endpoint=endpoint, client=client)
+        rows = await page_failed(
+            conn, after, limit, reason=reason, day=day, endpoint=endpoint, client=client
+        )
     nxt = rows[-1]["id"] if rows else after
     return json_response({"failed": rows, "next": str(nxt), "has_more": len(rows) == limit})
 
@@ -494,9 +556,15 @@ async def _manual_queue_ids(request: web.Request, verb: str) -> list[str] | None
     usage = f'name tasks with {{"custom_ids": [...]}} or {verb} all with {{"all": true}}'
     contract = request.app[STATE].ingest.contract
     limit = contract.limits.tasks_per_request
-    req = decode_body(await request.read(), contract.replay, lambda field: (
-        f"custom_ids must be a list of at most {limit} custom_id strings"
-        if field == "custom_ids" else usage))
+    req = decode_body(
+        await request.read(),
+        contract.replay,
+        lambda field: (
+            f"custom_ids must be a list of at most {limit} custom_id strings"
+            if field == "custom_ids"
+            else usage
+        ),
+    )
     if req.custom_ids is UNSET:
         if not req.all:
             raise IngestError(400, "invalid_request", usage)
@@ -545,12 +613,19 @@ async def get_task_callbacks(request: web.Request) -> web.Response:
 
 
 async def post_callbacks_replay(request: web.Request) -> web.Response:
-    usage = ('name deliveries with {"ids": [...]} or {"custom_ids": [...]}, or replay all '
-             'with {"all": true}')
-    refused = {"ids": "ids must be a list of delivery ids",
-               "custom_ids": "custom_ids must be a list of strings"}
-    req = decode_body(await request.read(), request.app[STATE].ingest.contract.callback_replay,
-                      lambda field: refused.get(field, usage))
+    usage = (
+        'name deliveries with {"ids": [...]} or {"custom_ids": [...]}, or replay all '
+        'with {"all": true}'
+    )
+    refused = {
+        "ids": "ids must be a list of delivery ids",
+        "custom_ids": "custom_ids must be a list of strings",
+    }
+    req = decode_body(
+        await request.read(),
+        request.app[STATE].ingest.contract.callback_replay,
+        lambda field: refused.get(field, usage),
+    )
     ids = None if req.ids is UNSET else req.ids
     cids = None if req.custom_ids is UNSET else req.custom_ids
     if ids is None and cids is None and not req.all:
@@ -559,9 +634,14 @@ async def post_callbacks_replay(request: web.Request) -> web.Response:
     # custom_ids name the caller's own tasks (an admin's ?client=, another's).
     scope, owner = _scope(request), _owner(request)
     async with request.app[STATE].engine.begin() as conn:
-        replayed = await replay_callbacks(conn, ids or [], cids or [],
-                                               everything=ids is None and cids is None,
-                                               client=scope, owner=owner)
+        replayed = await replay_callbacks(
+            conn,
+            ids or [],
+            cids or [],
+            everything=ids is None and cids is None,
+            client=scope,
+            owner=owner,
+        )
     log.info("callbacks.replayed", count=len(replayed))
     return reply(CallbackReplayOutcome(len(replayed), replayed))
 
@@ -585,18 +665,30 @@ async def readyz(request: web.Request) -> web.Response:
             version = await schema_version(conn)
     except Exception as exc:
         if schema_missing(exc):
-            return error_response(503, "schema_missing", "the database has no batchd schema "
-                                  "(never migrated): run `batchd migrate` (with the same "
-                                  "BATCHD_DATABASE_URL)", retry_after=30)
-        return error_response(503, "database_unavailable", f"database unreachable: "
-                              f"{type(exc).__name__}", retry_after=5)
+            return error_response(
+                503,
+                "schema_missing",
+                "the database has no batchd schema "
+                "(never migrated): run `batchd migrate` (with the same "
+                "BATCHD_DATABASE_URL)",
+                retry_after=30,
+            )
+        return error_response(
+            503,
+            "database_unavailable",
+            f"database unreachable: {type(exc).__name__}",
+            retry_after=5,
+        )
     # A schema newer than this build (a rolling upgrade ran its migration
     # first) is fine; one this build knows to be older is not.
     if version != state.schema_head and (version is None or version in state.known_revisions):
-        return error_response(503, "schema_outdated",
-                              f"the database schema is behind this build (at {version}, "
-                              f"this build needs {state.schema_head}): run `batchd migrate`",
-                              retry_after=30)
+        return error_response(
+            503,
+            "schema_outdated",
+            f"the database schema is behind this build (at {version}, "
+            f"this build needs {state.schema_head}): run `batchd migrate`",
+            retry_after=30,
+        )
     if state.draining:
         return error_response(503, "draining", "shutting down", retry_after=5)
     # Refused provider credentials do not make the replica unready (ingest
@@ -604,8 +696,9 @@ async def readyz(request: web.Request) -> web.Response:
     # here, with what to fix, so a look at /readyz finds them.
     problems = HEALTH.problems()
     if problems:
-        return reply(Ready("degraded", version, msgspec.convert(problems, dict[
-            str, CredentialsProblem])))
+        return reply(
+            Ready("degraded", version, msgspec.convert(problems, dict[str, CredentialsProblem]))
+        )
     return reply(Ready("ready", version))
 
 
@@ -628,12 +721,17 @@ async def docs_page(request: web.Request) -> web.Response:
 
 
 def build_app(state: ApiState, max_request_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, auth_middleware],
-                          client_max_size=max_request_bytes)
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware], client_max_size=max_request_bytes
+    )
     app[STATE] = state
     state.max_request_bytes = max_request_bytes
-    spec = openapi.build(state.ingest.limits, callbacks=bool(state.ingest.callback_hosts),
-                         priced=state.spec_models, providers=state.ingest.routing.configured)
+    spec = openapi.build(
+        state.ingest.limits,
+        callbacks=bool(state.ingest.callback_hosts),
+        priced=state.spec_models,
+        providers=state.ingest.routing.configured,
+    )
     app[SPEC] = orjson.dumps(spec)
     app[DOCS] = openapi.render_html(spec)
     app.router.add_post("/v1/tasks", post_tasks)

@@ -52,13 +52,18 @@ async def list_jobs(request: web.Request) -> web.Response:
     limit = int_query(request, "limit", PageSize, 100)
     after = request.query.get("after")
     if after is not None and job_name_problem(after, request.app[STATE].ingest.limits):
-        raise IngestError(400, "invalid_parameter", "after must be a job name from a "
-                          "previous page's next")
+        raise IngestError(
+            400, "invalid_parameter", "after must be a job name from a previous page's next"
+        )
     views = await request.app[STATE].jobs.page(who, after, limit)
     has_more = len(views) == limit
-    return json_response({"jobs": [view_json(v) for v in views],
-                          "next": views[-1].job if views and has_more else None,
-                          "has_more": has_more})
+    return json_response(
+        {
+            "jobs": [view_json(v) for v in views],
+            "next": views[-1].job if views and has_more else None,
+            "has_more": has_more,
+        }
+    )
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -94,8 +99,13 @@ async def cancel_job(request: web.Request) -> web.Response:
     done = await request.app[STATE].jobs.cancel(who, name) if name else None
     if done is None:
         return error_response(404, "not_found", _NO_JOB)
-    log.info("job.cancel_requested", client=who, job=name, by=_client(request).name,
-             cancelled=done.cancelled_now)
+    log.info(
+        "job.cancel_requested",
+        client=who,
+        job=name,
+        by=_client(request).name,
+        cancelled=done.cancelled_now,
+    )
     return json_response({**view_json(done.job), "cancelled_now": done.cancelled_now})
 
 
@@ -107,8 +117,7 @@ async def job_results(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     who = _who(request)
     name = _job(request)
-    wanted = query(request, "state", Terminal,
-                   f"state must be one of {', '.join(FINISHED_STATES)}")
+    wanted = query(request, "state", Terminal, f"state must be one of {', '.join(FINISHED_STATES)}")
     stop = query(request, "stop_at_open", Flag, "stop_at_open must be true or false")
     if name is None:
         return error_response(404, "not_found", _NO_JOB)
@@ -118,18 +127,28 @@ async def job_results(request: web.Request) -> web.StreamResponse:
         after = 0
         cursor = request.query.get("after")
         if cursor is not None:
-            found = (await store.task_id_in_job(conn, who, name, cursor)
-                     if state.ingest.limits.custom_id_regex.fullmatch(cursor) else None)
+            found = (
+                await store.task_id_in_job(conn, who, name, cursor)
+                if state.ingest.limits.custom_id_regex.fullmatch(cursor)
+                else None
+            )
             if found is None:
-                return error_response(404, "not_found", "after names no task of this job; "
-                                      "pass the custom_id of the last line you read")
+                return error_response(
+                    404,
+                    "not_found",
+                    "after names no task of this job; pass the custom_id of the last line you read",
+                )
             after = found
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
     lines = 0
-    async for chunk in state.jobs.results(who, name, after=after,
-                                          states=[wanted] if wanted else FINISHED_STATES,
-                                          stop_at_open=stop == "true"):
+    async for chunk in state.jobs.results(
+        who,
+        name,
+        after=after,
+        states=[wanted] if wanted else FINISHED_STATES,
+        stop_at_open=stop == "true",
+    ):
         await response.write(chunk)
         lines += chunk.count(b"\n")
     await response.write_eof()

@@ -41,8 +41,10 @@ def _admin_url(tmp_root: Path) -> str:
         return _LOCAL
     import pgserver
 
-    server = pgserver.get_server(str(tmp_root / "pg"),  # type: ignore[attr-defined]
-                                 cleanup_mode="stop")
+    server = pgserver.get_server(  # type: ignore[attr-defined]
+        str(tmp_root / "pg"),
+        cleanup_mode="stop",
+    )
     uri: str = server.get_uri()
     return uri
 
@@ -53,8 +55,11 @@ def _with_db(url: str, name: str) -> str:
 
 async def _admin(url: str, sql: str) -> None:
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"user": parsed.username or "postgres",
-                              "password": parsed.password, "database": parsed.database}
+    kwargs: dict[str, Any] = {
+        "user": parsed.username or "postgres",
+        "password": parsed.password,
+        "database": parsed.database,
+    }
     host = parsed.query.get("host") or parsed.host or "127.0.0.1"
     kwargs["host"] = host if isinstance(host, str) else host[0]
     if parsed.port:

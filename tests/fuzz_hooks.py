@@ -40,5 +40,6 @@ def filter_failure(_ctx: Any, failure: Any, case: Any, response: Any) -> bool:
     inside the Task variants (filter_body is not consulted there either)."""
     refused_orphan = response.status_code == 400 and any(
         isinstance(t, dict) and "job_callback_url" in t and not isinstance(t.get("job"), str)
-        for t in _tasks(case.body))
+        for t in _tasks(case.body)
+    )
     return not (refused_orphan and "job_callback_url needs a job" in response.text)

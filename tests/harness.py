@@ -54,8 +54,9 @@ class Harness:
     base_url: str
     spec: SpecCheck
 
-    async def post(self, payload: Any, *, ndjson: bool = False,
-                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def post(
+        self, payload: Any, *, ndjson: bool = False, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         if ndjson:
             data = b"\n".join(orjson.dumps(t) for t in payload)
             hdrs = {"Content-Type": "application/x-ndjson", **(headers or {})}
@@ -65,18 +66,21 @@ class Harness:
         async with self.http.post(f"{self.base_url}/v1/tasks", data=data, headers=hdrs) as r:
             return r.status, await r.json()
 
-    async def get(self, path: str, headers: dict[str, str] | None = None,
-                  **params: str) -> tuple[int, Any]:
+    async def get(
+        self, path: str, headers: dict[str, str] | None = None, **params: str
+    ) -> tuple[int, Any]:
         async with self.http.get(f"{self.base_url}{path}", params=params, headers=headers) as r:
             return r.status, await r.json(content_type=None)
 
-    async def post_json(self, path: str, doc: Any,
-                        headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def post_json(
+        self, path: str, doc: Any, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         async with self.http.post(f"{self.base_url}{path}", json=doc, headers=headers) as r:
             return r.status, await r.json(content_type=None)
 
-    async def put_json(self, path: str, doc: Any,
-                       headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def put_json(
+        self, path: str, doc: Any, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         async with self.http.put(f"{self.base_url}{path}", json=doc, headers=headers) as r:
             return r.status, await r.json(content_type=None)
 
@@ -148,14 +152,18 @@ class Harness:
         raise AssertionError("sync lane did not settle")
 
     async def age_queue(self, seconds: float) -> None:
-        await self.execute("UPDATE tasks SET not_before = not_before - make_interval(secs => :s)"
-                           " WHERE state = 'queued'", s=seconds)
+        await self.execute(
+            "UPDATE tasks SET not_before = not_before - make_interval(secs => :s)"
+            " WHERE state = 'queued'",
+            s=seconds,
+        )
 
     async def key(self, custom_id: str, client: str = "local") -> str:
         """The emulator's script and submission key of a task: batchd sends it
         under its own line ids, which the emulator counts per task."""
-        task_id = await self.scalar("SELECT id FROM tasks WHERE client = :cl AND custom_id = :cid",
-                                    cl=client, cid=custom_id)
+        task_id = await self.scalar(
+            "SELECT id FROM tasks WHERE client = :cl AND custom_id = :cid", cl=client, cid=custom_id
+        )
         assert task_id is not None, (client, custom_id)
         return f"t{task_id}"
 
@@ -165,29 +173,50 @@ class Harness:
         return dict(body)
 
 
-def chat_task(custom_id: str, model: str = "gpt-4o-mini", *, emulate: str | None = None,
-              content: str = "hello", **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": content}],
-                            "max_tokens": 16}
+def chat_task(
+    custom_id: str,
+    model: str = "gpt-4o-mini",
+    *,
+    emulate: str | None = None,
+    content: str = "hello",
+    **extra: Any,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 16,
+    }
     if emulate:
         body["metadata"] = {"emulate": emulate}
     return {"custom_id": custom_id, "body": body, **extra}
 
 
 @asynccontextmanager
-async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = None,
-                  clock: Callable[[], datetime] | None = None,
-                  providers: dict[str, Provider] | None = None,
-                  **overrides: Any) -> AsyncIterator[Harness]:
+async def running(
+    db_url: str,
+    tmp_path: Path,
+    *,
+    emulator: Emulator | None = None,
+    clock: Callable[[], datetime] | None = None,
+    providers: dict[str, Provider] | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Harness]:
     """A batchd with its API on a free loopback port and an emulator beside it;
     ``providers`` adds other configured providers (the caller runs their
     emulators and closes nothing: the service closes every provider)."""
     emu = emulator or Emulator(api_key=API_KEY)
     emu_url = await emu.start()
     settings_kw: dict[str, Any] = {
-        "database_url": db_url, "data_dir": tmp_path / "data", "http_port": 0,
-        "window_seconds": 900, "max_batch_items": 500, "poll_interval_seconds": 1,
-        "retry_backoff_seconds": 1, "openai_base_url": emu_url, "log_level": "warning"}
+        "database_url": db_url,
+        "data_dir": tmp_path / "data",
+        "http_port": 0,
+        "window_seconds": 900,
+        "max_batch_items": 500,
+        "poll_interval_seconds": 1,
+        "retry_backoff_seconds": 1,
+        "openai_base_url": emu_url,
+        "log_level": "warning",
+    }
     settings_kw.update(overrides)
     settings = load_settings(**settings_kw)
     engine = make_engine(db_url, pool_size=5, pool_timeout=settings.ingest_timeout_seconds)
@@ -200,10 +229,12 @@ async def running(db_url: str, tmp_path: Path, *, emulator: Emulator | None = No
     runner: web.AppRunner = await service.start_api()
     http = aiohttp.ClientSession()
     try:
-        yield Harness(settings, engine, emu, provider, service, http,
-                      f"http://127.0.0.1:{service.port}", spec)
+        yield Harness(
+            settings, engine, emu, provider, service, http, f"http://127.0.0.1:{service.port}", spec
+        )
         assert not spec.violations, "replies that break the OpenAPI document:\n" + "\n".join(
-            spec.violations[:20])
+            spec.violations[:20]
+        )
     finally:
         await http.close()
         await service.scheduler.wait_sends()

@@ -38,8 +38,17 @@ from batchd.check import check as batchd_check
 from batchd.domain import line_task_id
 
 # Live at the provider, in each emulator's words (OpenAI's, Anthropic's, Gemini's).
-LIVE_PROVIDER = frozenset({"validating", "in_progress", "finalizing", "cancelling",
-                           "canceling", "BATCH_STATE_PENDING", "BATCH_STATE_RUNNING"})
+LIVE_PROVIDER = frozenset(
+    {
+        "validating",
+        "in_progress",
+        "finalizing",
+        "cancelling",
+        "canceling",
+        "BATCH_STATE_PENDING",
+        "BATCH_STATE_RUNNING",
+    }
+)
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -62,9 +71,11 @@ class Report:
 
     def summary(self) -> str:
         states = " ".join(f"{k}={v}" for k, v in sorted(self.by_state.items()))
-        return (f"tasks={self.tasks} {states} provider_batches={self.provider_batches} "
-                f"lost={self.lost} duplicated={self.duplicated} "
-                f"violations={len(self.violations)}")
+        return (
+            f"tasks={self.tasks} {states} provider_batches={self.provider_batches} "
+            f"lost={self.lost} duplicated={self.duplicated} "
+            f"violations={len(self.violations)}"
+        )
 
 
 async def _rows(engine: AsyncEngine, sql: str) -> list[Any]:
@@ -93,7 +104,8 @@ def _ran_nothing(b: dict[str, Any]) -> bool:
 def _cancelled(b: dict[str, Any]) -> bool:
     status = str(b["status"])
     return bool(b.get("cancel_requested")) and (
-        status in ("cancelling", "cancelled", "canceling", "ended", "BATCH_STATE_CANCELLED"))
+        status in ("cancelling", "cancelled", "canceling", "ended", "BATCH_STATE_CANCELLED")
+    )
 
 
 Key = tuple[str, str]  # (client, custom_id): a task as its caller names it
@@ -103,17 +115,27 @@ def _key(item: str | Key) -> Key:
     return ("local", item) if isinstance(item, str) else item
 
 
-async def check(engine: AsyncEngine, record: dict[str, Any], *,
-                accepted: Iterable[str | Key] | None = None, settled: bool = True) -> Report:
+async def check(
+    engine: AsyncEngine,
+    record: dict[str, Any],
+    *,
+    accepted: Iterable[str | Key] | None = None,
+    settled: bool = True,
+) -> Report:
     """Every invariant above; ``accepted`` is what callers got a 202 for: custom_ids
     (client ``local``) or (client, custom_id) keys. ``record`` is one OpenAI
     emulator's record, or records by provider name."""
-    records: dict[str, dict[str, Any]] = (
-        {"openai": record} if "batches" in record else record)
+    records: dict[str, dict[str, Any]] = {"openai": record} if "batches" in record else record
     r = Report()
-    by_id = {row.id: row for row in await _rows(engine, """
+    by_id = {
+        row.id: row
+        for row in await _rows(
+            engine,
+            """
         SELECT id, client, custom_id, state, attempts, batch_id, replay_count, lane
-        FROM tasks""")}
+        FROM tasks""",
+        )
+    }
     tasks = {(t.client, t.custom_id): t for t in by_id.values()}
     r.tasks = len(tasks)
     r.by_state = dict(collections.Counter(t.state for t in tasks.values()))
@@ -148,12 +170,16 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         if breach.code == "success_stored_twice":
             r.duplicated += breach.count
         r.fail(breach.line())
-    batches = {row.id: row for row in await _rows(engine, """
-        SELECT id, state, provider_batch_id FROM batches""")}
-    by_remote = {row.provider_batch_id: row.id for row in batches.values()
-                 if row.provider_batch_id}
-    provider_batches = [(provider, b) for provider, rec in records.items()
-                        for b in rec["batches"]]
+    batches = {
+        row.id: row
+        for row in await _rows(
+            engine,
+            """
+        SELECT id, state, provider_batch_id FROM batches""",
+        )
+    }
+    by_remote = {row.provider_batch_id: row.id for row in batches.values() if row.provider_batch_id}
+    provider_batches = [(provider, b) for provider, rec in records.items() for b in rec["batches"]]
 
     # No task in two live provider batches (only the providers' records show it).
     live_at_provider: collections.Counter[int | str] = collections.Counter()
@@ -191,8 +217,10 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
                 continue  # a duplicate cancelled before any line ran costs nothing
             else:
                 r.duplicated += 1
-                r.fail(f"provider batch {b['id']} duplicates {recorded} for {ours} "
-                       f"(status {b['status']})")
+                r.fail(
+                    f"provider batch {b['id']} duplicates {recorded} for {ours} "
+                    f"(status {b['status']})"
+                )
                 counted.append(b)
 
     # 4. attempts == submissions the provider saw (token-limited batches give
@@ -220,18 +248,26 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
         elif t.replay_count > 0 and t.attempts > n:
             over.append((t.custom_id, t.attempts, n))
     if over:
-        r.fail(f"{len(over)} task(s) count attempts the provider never saw "
-               "(custom_id, attempts, submissions)", over)
+        r.fail(
+            f"{len(over)} task(s) count attempts the provider never saw "
+            "(custom_id, attempts, submissions)",
+            over,
+        )
     if under:
         r.duplicated += sum(n - a for _, a, n in under)
-        r.fail(f"{len(under)} task(s) were submitted more often than counted "
-               "(custom_id, attempts, submissions)", under)
+        r.fail(
+            f"{len(under)} task(s) were submitted more often than counted "
+            "(custom_id, attempts, submissions)",
+            under,
+        )
 
     # 6. Isolation: whatever is stored about a task is under its own client
     #    and custom_id, so no client can read, replay or be called back with
     #    another's; and the provider never saw a caller's custom_id in a
     #    batch built with line ids.
-    crossed = await _rows(engine, """
+    crossed = await _rows(
+        engine,
+        """
         SELECT 'result' AS what, r.task_id FROM results r JOIN tasks t ON t.id = r.task_id
         WHERE r.client <> t.client OR r.custom_id <> t.custom_id
         UNION ALL
@@ -245,13 +281,21 @@ async def check(engine: AsyncEngine, record: dict[str, Any], *,
             SELECT 'result' AS what FROM results WHERE task_id IS NULL
             UNION ALL SELECT 'event' FROM task_events WHERE task_id IS NULL
             UNION ALL SELECT 'callback' FROM callbacks WHERE task_id IS NULL AND job IS NULL
-        ) x""")
+        ) x""",
+    )
     if crossed:
-        r.fail(f"{len(crossed)} row(s) stored under another task's client or custom_id",
-               [(row.what, row.task_id) for row in crossed])
+        r.fail(
+            f"{len(crossed)} row(s) stored under another task's client or custom_id",
+            [(row.what, row.task_id) for row in crossed],
+        )
     own = {row.id for row in await _rows(engine, "SELECT id FROM batches WHERE own_line_ids")}
-    leaked = [c for _, b in provider_batches if ours_of[b["id"]] in own
-              for c in b["custom_ids"] if line_task_id(c) is None]
+    leaked = [
+        c
+        for _, b in provider_batches
+        if ours_of[b["id"]] in own
+        for c in b["custom_ids"]
+        if line_task_id(c) is None
+    ]
     if leaked:
         r.fail(f"{len(leaked)} provider line(s) carry an id that is not batchd's", leaked)
     # 6. Job counters.
@@ -270,7 +314,11 @@ _JOB_COUNTS = ("tasks", "queued", "submitted", "succeeded", "failed", "cancelled
 
 async def job_counter_problems(engine: AsyncEngine) -> list[str]:
     """Each job whose kept counters differ from its tasks counted now."""
-    kept = {(row.client, row.job): row for row in await _rows(engine, f"""
+    kept = {
+        (row.client, row.job): row
+        for row in await _rows(
+            engine,
+            f"""
         SELECT j.client, j.job,
                {", ".join(f"j.{c} + coalesce(d.{c}, 0) AS {c}" for c in _JOB_COUNTS)},
                j.spend_usd + coalesce(d.spend, 0) AS spend,
@@ -278,8 +326,14 @@ async def job_counter_problems(engine: AsyncEngine) -> list[str]:
         FROM jobs j LEFT JOIN (
             SELECT client, job, {", ".join(f"sum({c}) AS {c}" for c in _JOB_COUNTS)},
                    sum(spend_usd) AS spend, sum(sync_usd) AS sync
-            FROM job_deltas GROUP BY client, job) d USING (client, job)""")}
-    counted = {(row.client, row.job): row for row in await _rows(engine, """
+            FROM job_deltas GROUP BY client, job) d USING (client, job)""",
+        )
+    }
+    counted = {
+        (row.client, row.job): row
+        for row in await _rows(
+            engine,
+            """
         SELECT coalesce(t.client, 'local') AS client, t.job, count(*) AS tasks,
                count(*) FILTER (WHERE t.state = 'queued') AS queued,
                count(*) FILTER (WHERE t.state = 'submitted') AS submitted,
@@ -288,7 +342,9 @@ async def job_counter_problems(engine: AsyncEngine) -> list[str]:
                count(*) FILTER (WHERE t.state = 'cancelled') AS cancelled,
                coalesce(sum(r.cost_usd), 0) AS spend, coalesce(sum(r.sync_cost_usd), 0) AS sync
         FROM tasks t LEFT JOIN results r ON t.state = 'succeeded' AND r.task_id = t.id
-        WHERE t.job IS NOT NULL GROUP BY 1, 2""")}
+        WHERE t.job IS NOT NULL GROUP BY 1, 2""",
+        )
+    }
     problems = []
     for key in sorted(kept.keys() | counted.keys()):
         have, want = kept.get(key), counted.get(key)
@@ -299,8 +355,11 @@ async def job_counter_problems(engine: AsyncEngine) -> list[str]:
         if have is None:
             problems.append(f"job {key} has tasks but no row")
             continue
-        off = {c: (int(getattr(have, c)), int(getattr(want, c))) for c in (*_JOB_COUNTS, "spend",
-               "sync") if getattr(have, c) != getattr(want, c)}
+        off = {
+            c: (int(getattr(have, c)), int(getattr(want, c)))
+            for c in (*_JOB_COUNTS, "spend", "sync")
+            if getattr(have, c) != getattr(want, c)
+        }
         if off:
             problems.append(f"job {key} counters (kept, counted) differ: {off}")
     return problems

@@ -26,8 +26,9 @@ class SpecCheck:
         self.violations: list[str] = []
         self.checked = 0
 
-    def problems(self, method: str, path: str, status: int, content_type: str,
-                 body: bytes) -> list[str]:
+    def problems(
+        self, method: str, path: str, status: int, content_type: str, body: bytes
+    ) -> list[str]:
         """What is wrong with one reply to ``method path`` (a route template)."""
         op = self.spec["paths"].get(path, {}).get(method.lower())
         where = f"{method} {path} -> {status}"
@@ -44,17 +45,21 @@ class SpecCheck:
             return [f"{where}: Retry-After not documented"]
         if media != "application/json":
             return []
-        schema = {"$ref": f"{_URI}#/paths/{_pointer(path)}/{method.lower()}/responses/"
-                          f"{status}/content/application~1json/schema"}
+        schema = {
+            "$ref": f"{_URI}#/paths/{_pointer(path)}/{method.lower()}/responses/"
+            f"{status}/content/application~1json/schema"
+        }
         validator = Draft202012Validator(schema, registry=self.registry)
-        return [f"{where}: {e.json_path}: {e.message}"
-                for e in validator.iter_errors(orjson.loads(body))]
+        return [
+            f"{where}: {e.json_path}: {e.message}"
+            for e in validator.iter_errors(orjson.loads(body))
+        ]
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         @web.middleware
-        async def check(request: web.Request,
-                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                        ) -> web.StreamResponse:
+        async def check(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
             response = await handler(request)
             route = request.match_info.route
             if route.resource is None or request.method == "HEAD":
@@ -64,12 +69,19 @@ class SpecCheck:
             if isinstance(response, web.Response) and response.body is not None:
                 body = response.body if isinstance(response.body, bytes) else b""
                 self.checked += 1
-                self.violations += self.problems(request.method, route.resource.canonical,
-                                                 response.status, response.content_type, body)
+                self.violations += self.problems(
+                    request.method,
+                    route.resource.canonical,
+                    response.status,
+                    response.content_type,
+                    body,
+                )
                 if response.status in (429, 503) and "Retry-After" not in response.headers:
-                    self.violations.append(f"{request.method} {request.path}: "
-                                           f"{response.status} without Retry-After")
+                    self.violations.append(
+                        f"{request.method} {request.path}: {response.status} without Retry-After"
+                    )
             return response
+
         return check
 
 

@@ -52,22 +52,30 @@ from batchd.emulator.base import (
     serve_until_signalled,
 )
 
-OUTCOMES = frozenset({"ok", "invalid_request", "overloaded", "api_error", "canceled",
-                      "expired", "missing"})
+OUTCOMES = frozenset(
+    {"ok", "invalid_request", "overloaded", "api_error", "canceled", "expired", "missing"}
+)
 ROUTES = frozenset({"create", "retrieve", "list", "cancel", "results", "sync"})
-FAULTS = {"http_500": (500, "api_error", "Internal server error"),
-          "http_529": (529, "overloaded_error", "Overloaded"),
-          "http_429": (429, "rate_limit_error", "Number of request tokens has exceeded your "
-                       "per-minute rate limit"),
-          "http_400": (400, "invalid_request_error", "requests: invalid"),
-          "http_404": (404, "not_found_error", "Not found")}
+FAULTS = {
+    "http_500": (500, "api_error", "Internal server error"),
+    "http_529": (529, "overloaded_error", "Overloaded"),
+    "http_429": (
+        429,
+        "rate_limit_error",
+        "Number of request tokens has exceeded your per-minute rate limit",
+    ),
+    "http_400": (400, "invalid_request_error", "requests: invalid"),
+    "http_404": (404, "not_found_error", "Not found"),
+}
 FAULT_KINDS = frozenset({*FAULTS, "reset_after", "hang"})
 BATCH_SCRIPTS = frozenset({"hold", "expire", "partial"})
 CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_REQUESTS = 100_000
-_ERRORED = {"invalid_request": ("invalid_request_error", "messages: field required"),
-            "overloaded": ("overloaded_error", "Overloaded"),
-            "api_error": ("api_error", "Internal server error")}
+_ERRORED = {
+    "invalid_request": ("invalid_request_error", "messages: field required"),
+    "overloaded": ("overloaded_error", "Overloaded"),
+    "api_error": ("api_error", "Internal server error"),
+}
 
 
 class ApiError(Exception):
@@ -97,30 +105,39 @@ class Batch:
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
-
-
 def usage_for(params: dict[str, Any]) -> dict[str, int]:
     """Tokens a succeeded request reports: input = len(compact JSON of
     ``messages``) // 4 (at least 1), output = ``max_tokens``; cache tokens from
     ``metadata.cache_write_tokens`` / ``metadata.cache_read_tokens``."""
     meta = as_dict(params.get("metadata"))
     max_tokens = params.get("max_tokens")
-    return {"input_tokens": max(1, len(orjson.dumps(params.get("messages", []))) // 4),
-            "output_tokens": max_tokens if isinstance(max_tokens, int) and max_tokens > 0
-            else 16,
-            "cache_creation_input_tokens": int(meta.get("cache_write_tokens", 0) or 0),
-            "cache_read_input_tokens": int(meta.get("cache_read_tokens", 0) or 0)}
+    return {
+        "input_tokens": max(1, len(orjson.dumps(params.get("messages", []))) // 4),
+        "output_tokens": max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16,
+        "cache_creation_input_tokens": int(meta.get("cache_write_tokens", 0) or 0),
+        "cache_read_input_tokens": int(meta.get("cache_read_tokens", 0) or 0),
+    }
 
 
 def message_for(params: dict[str, Any]) -> dict[str, Any]:
-    return {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-            "model": params.get("model"), "content": [{"type": "text", "text": "ok"}],
-            "stop_reason": "end_turn", "stop_sequence": None, "usage": usage_for(params)}
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:24]}",
+        "type": "message",
+        "role": "assistant",
+        "model": params.get("model"),
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": usage_for(params),
+    }
 
 
 def _error(etype: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "error": {"type": etype, "message": message},
-            "request_id": f"req_{uuid.uuid4().hex[:24]}"}
+    return {
+        "type": "error",
+        "error": {"type": etype, "message": message},
+        "request_id": f"req_{uuid.uuid4().hex[:24]}",
+    }
 
 
 class AnthropicEmulator(ScriptedEmulator):
@@ -129,8 +146,14 @@ class AnthropicEmulator(ScriptedEmulator):
     FAULT_KINDS = FAULT_KINDS
     BATCH_SCRIPTS = BATCH_SCRIPTS
 
-    def __init__(self, api_key: str = "test-key", *, in_progress_seconds: float = 0.0,
-                 cancelling_seconds: float = 0.0, expiry_seconds: float = 86400.0) -> None:
+    def __init__(
+        self,
+        api_key: str = "test-key",
+        *,
+        in_progress_seconds: float = 0.0,
+        cancelling_seconds: float = 0.0,
+        expiry_seconds: float = 86400.0,
+    ) -> None:
         self.in_progress_seconds = in_progress_seconds
         self.cancelling_seconds = cancelling_seconds
         self.expiry_seconds = expiry_seconds
@@ -149,12 +172,17 @@ class AnthropicEmulator(ScriptedEmulator):
         out = []
         for b in self.batches.values():
             self._advance(b)
-            out.append({"id": b.id, "status": self._view(b)["processing_status"],
-                        "created_at": b.created_at,
-                        "custom_ids": [r.custom_id for r in b.requests],
-                        "billed": [r.custom_id for r in b.requests if r.result == "succeeded"],
-                        "request_counts": self._counts(b),
-                        "cancel_requested": b.cancel_at is not None})
+            out.append(
+                {
+                    "id": b.id,
+                    "status": self._view(b)["processing_status"],
+                    "created_at": b.created_at,
+                    "custom_ids": [r.custom_id for r in b.requests],
+                    "billed": [r.custom_id for r in b.requests if r.result == "succeeded"],
+                    "request_counts": self._counts(b),
+                    "cancel_requested": b.cancel_at is not None,
+                }
+            )
         return out
 
     def _bad_request(self, message: str) -> Exception:
@@ -191,8 +219,7 @@ class AnthropicEmulator(ScriptedEmulator):
                 return json_response(_error(etype, message), status)
             if kind == "hang":
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), float(params.get("seconds",
-                                                                                  3600)))
+                    await asyncio.wait_for(self._closing.wait(), float(params.get("seconds", 3600)))
                 return json_response(_error("api_error", "hung"), 504)
             resp = await handler(request)  # reset_after: the work is done, the answer lost
             if request.transport is not None:
@@ -208,8 +235,7 @@ class AnthropicEmulator(ScriptedEmulator):
         if scripted is not None:
             return scripted
         meta = params.get("metadata")
-        return self._marked_outcome(meta.get("emulate") if isinstance(meta, dict) else None,
-                                    params)
+        return self._marked_outcome(meta.get("emulate") if isinstance(meta, dict) else None, params)
 
     async def _create(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -220,18 +246,25 @@ class AnthropicEmulator(ScriptedEmulator):
         if not isinstance(reqs, list) or not reqs:
             raise ApiError(400, "invalid_request_error", "requests: at least one required")
         if len(reqs) > MAX_REQUESTS:
-            raise ApiError(400, "invalid_request_error",
-                           f"requests: at most {MAX_REQUESTS} requests per batch")
+            raise ApiError(
+                400, "invalid_request_error", f"requests: at most {MAX_REQUESTS} requests per batch"
+            )
         seen: set[str] = set()
         for i, r in enumerate(reqs):
             cid = r.get("custom_id") if isinstance(r, dict) else None
             if not isinstance(cid, str) or not CUSTOM_ID.match(cid):
-                raise ApiError(400, "invalid_request_error",
-                               f"requests.{i}.custom_id: String should match pattern "
-                               "'^[a-zA-Z0-9_-]{1,64}$'")
+                raise ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"requests.{i}.custom_id: String should match pattern "
+                    "'^[a-zA-Z0-9_-]{1,64}$'",
+                )
             if cid in seen:
-                raise ApiError(400, "invalid_request_error",
-                               f"requests.{i}.custom_id: duplicate custom_id {cid}")
+                raise ApiError(
+                    400,
+                    "invalid_request_error",
+                    f"requests.{i}.custom_id: duplicate custom_id {cid}",
+                )
             seen.add(cid)
             if not isinstance(r.get("params"), dict):
                 raise ApiError(400, "invalid_request_error", f"requests.{i}.params: required")
@@ -239,11 +272,17 @@ class AnthropicEmulator(ScriptedEmulator):
         items = []
         for r in reqs:
             self.submissions[r["custom_id"]] += 1
-            items.append(Request(r["custom_id"], r["params"],
-                                 self._resolve(r["custom_id"], r["params"])))
+            items.append(
+                Request(r["custom_id"], r["params"], self._resolve(r["custom_id"], r["params"]))
+            )
         script = self._batch_scripts.popleft() if self._batch_scripts else None
-        b = Batch(id=f"msgbatch_{uuid.uuid4().hex[:24]}", created_at=now, requests=items,
-                  script=script, ends_at=now + self.in_progress_seconds)
+        b = Batch(
+            id=f"msgbatch_{uuid.uuid4().hex[:24]}",
+            created_at=now,
+            requests=items,
+            script=script,
+            ends_at=now + self.in_progress_seconds,
+        )
         if script and script[0] == "expire":
             b.expired = True
         self.batches[b.id] = b
@@ -260,19 +299,23 @@ class AnthropicEmulator(ScriptedEmulator):
 
     async def _list(self, request: web.Request) -> web.StreamResponse:
         limit = min(1000, max(1, int(request.query.get("limit", "20"))))
-        ordered = sorted(self.batches.values(), key=lambda b: (b.created_at, b.id),
-                         reverse=True)
+        ordered = sorted(self.batches.values(), key=lambda b: (b.created_at, b.id), reverse=True)
         ids = [b.id for b in ordered]
         after, before = request.query.get("after_id"), request.query.get("before_id")
         if after in ids:
-            ordered = ordered[ids.index(after) + 1:]
+            ordered = ordered[ids.index(after) + 1 :]
         elif before in ids:
-            ordered = ordered[:ids.index(before)][-limit:]
+            ordered = ordered[: ids.index(before)][-limit:]
         page = ordered[:limit]
         data = [self._view(b) for b in page]
-        return json_response({"data": data, "has_more": len(ordered) > limit,
-                           "first_id": data[0]["id"] if data else None,
-                           "last_id": data[-1]["id"] if data else None})
+        return json_response(
+            {
+                "data": data,
+                "has_more": len(ordered) > limit,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
     async def _cancel(self, request: web.Request) -> web.StreamResponse:
         b = self._batch(request)
@@ -286,8 +329,9 @@ class AnthropicEmulator(ScriptedEmulator):
         b = self._batch(request)
         self._advance(b)
         if b.ended_at is None:
-            raise ApiError(404, "not_found_error", "results are not available until the "
-                           "batch has ended")
+            raise ApiError(
+                404, "not_found_error", "results are not available until the batch has ended"
+            )
         resp = web.StreamResponse(headers={"Content-Type": "application/binary"})
         await resp.prepare(request)
         # Any order: the adapter must join by custom_id.
@@ -361,26 +405,33 @@ class AnthropicEmulator(ScriptedEmulator):
     def _view(self, b: Batch) -> dict[str, Any]:
         self._advance(b)
         ended = b.ended_at is not None
-        status = "ended" if ended else ("canceling" if b.cancel_at is not None else
-                                        "in_progress")
-        return {"id": b.id, "type": "message_batch", "processing_status": status,
-                "request_counts": self._counts(b), "ended_at": iso(b.ended_at),
-                "created_at": iso(b.created_at),
-                "expires_at": iso(b.created_at + 86400), "archived_at": None,
-                "cancel_initiated_at": iso(b.cancel_at),
-                "results_url": f"{self.base}/v1/messages/batches/{b.id}/results"
-                if ended else None}
+        status = "ended" if ended else ("canceling" if b.cancel_at is not None else "in_progress")
+        return {
+            "id": b.id,
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": self._counts(b),
+            "ended_at": iso(b.ended_at),
+            "created_at": iso(b.created_at),
+            "expires_at": iso(b.created_at + 86400),
+            "archived_at": None,
+            "cancel_initiated_at": iso(b.cancel_at),
+            "results_url": f"{self.base}/v1/messages/batches/{b.id}/results" if ended else None,
+        }
 
 
 async def _serve(args: argparse.Namespace) -> None:
     emulator = AnthropicEmulator(args.api_key, in_progress_seconds=args.in_progress_seconds)
-    await serve_until_signalled(emulator.start(args.host, args.port), emulator.stop,
-                                "Anthropic emulator")
+    await serve_until_signalled(
+        emulator.start(args.host, args.port), emulator.stop, "Anthropic emulator"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m batchd.emulator.anthropic",
-                                description="An in-memory Anthropic Message Batches API.")
+    p = argparse.ArgumentParser(
+        prog="python -m batchd.emulator.anthropic",
+        description="An in-memory Anthropic Message Batches API.",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8098)
     p.add_argument("--api-key", default="test-key", help="the x-api-key clients must send")

@@ -26,18 +26,22 @@ def as_dict(value: Any) -> dict[str, Any]:
 
 def iso(ts: float | None) -> str | None:
     """A Unix time as the RFC 3339 text both APIs use (``Z``, not ``+00:00``)."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace(
-        "+00:00", "Z")
+    return (
+        None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    )
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(body), headers=headers,
-                        content_type="application/json")
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
+    )
 
 
-async def serve_until_signalled(start: Awaitable[str], stop: Callable[[], Awaitable[None]],
-                                name: str) -> None:
+async def serve_until_signalled(
+    start: Awaitable[str], stop: Callable[[], Awaitable[None]], name: str
+) -> None:
     """Run an emulator from the command line: start it, say where it listens,
     and stop it cleanly on SIGINT or SIGTERM."""
     url = await start
@@ -80,8 +84,7 @@ class ScriptedEmulator:
         """The provider's API routes, each named (the names fault scripts use)."""
         raise NotImplementedError
 
-    async def _middleware(self, request: web.Request, handler: Handler
-                          ) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         raise NotImplementedError
 
     def _batches(self) -> list[dict[str, Any]]:
@@ -90,12 +93,15 @@ class ScriptedEmulator:
 
     def record(self) -> dict[str, Any]:
         """What the emulator received and billed (``GET /_emulator/record``)."""
-        return {"batches": self._batches(), "sync_submissions": dict(self.sync_submissions),
-                "calls": dict(self.calls), "faults_applied": dict(self.faults_applied)}
+        return {
+            "batches": self._batches(),
+            "sync_submissions": dict(self.sync_submissions),
+            "calls": dict(self.calls),
+            "faults_applied": dict(self.faults_applied),
+        }
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware],
-                              client_max_size=1024**3)
+        app = web.Application(middlewares=[self._middleware], client_max_size=1024**3)
         self._add_routes(app.router)
         app.router.add_get("/_emulator/record", self._admin_record, name="admin_record")
         app.router.add_post("/_emulator/faults", self._admin_faults, name="admin_faults")
@@ -126,8 +132,12 @@ class ScriptedEmulator:
     async def _admin_faults(self, request: web.Request) -> web.StreamResponse:
         body = orjson.loads(await request.read())
         try:
-            self.inject(str(body.get("route")), str(body.get("fault")),
-                        int(body.get("times", 1)), **(body.get("params") or {}))
+            self.inject(
+                str(body.get("route")),
+                str(body.get("fault")),
+                int(body.get("times", 1)),
+                **(body.get("params") or {}),
+            )
         except (ValueError, TypeError) as exc:
             raise self._bad_request(str(exc)) from None
         return json_response({"queued": True})
@@ -144,8 +154,7 @@ class ScriptedEmulator:
     def script_batch(self, kind: str, **params: Any) -> None:
         """Queue a batch-level behaviour for the next created batch."""
         if kind not in self.BATCH_SCRIPTS:
-            raise ValueError(
-                f"unknown batch script {kind!r}; known: {sorted(self.BATCH_SCRIPTS)}")
+            raise ValueError(f"unknown batch script {kind!r}; known: {sorted(self.BATCH_SCRIPTS)}")
         self._batch_scripts.append((kind, params))
 
     def inject(self, route: str, fault: str, times: int = 1, **params: Any) -> None:

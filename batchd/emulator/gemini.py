@@ -45,18 +45,25 @@ from batchd.emulator.base import (
     serve_until_signalled,
 )
 
-OUTCOMES = frozenset({"ok", "invalid_argument", "resource_exhausted", "internal",
-                      "unavailable", "missing"})
+OUTCOMES = frozenset(
+    {"ok", "invalid_argument", "resource_exhausted", "internal", "unavailable", "missing"}
+)
 ROUTES = frozenset({"upload", "download", "create", "retrieve", "list", "cancel", "sync"})
-FAULTS = {"http_500": (500, "INTERNAL"), "http_503": (503, "UNAVAILABLE"),
-          "http_429": (429, "RESOURCE_EXHAUSTED"), "http_400": (400, "INVALID_ARGUMENT"),
-          "http_404": (404, "NOT_FOUND")}
+FAULTS = {
+    "http_500": (500, "INTERNAL"),
+    "http_503": (503, "UNAVAILABLE"),
+    "http_429": (429, "RESOURCE_EXHAUSTED"),
+    "http_400": (400, "INVALID_ARGUMENT"),
+    "http_404": (404, "NOT_FOUND"),
+}
 FAULT_KINDS = frozenset({*FAULTS, "reset_after", "truncate"})
 BATCH_SCRIPTS = frozenset({"hold", "expire", "fail"})
-_ERRORS = {"invalid_argument": (3, "INVALID_ARGUMENT", "Request contains an invalid argument."),
-           "resource_exhausted": (8, "RESOURCE_EXHAUSTED", "Resource has been exhausted."),
-           "internal": (13, "INTERNAL", "An internal error has occurred."),
-           "unavailable": (14, "UNAVAILABLE", "The service is currently unavailable.")}
+_ERRORS = {
+    "invalid_argument": (3, "INVALID_ARGUMENT", "Request contains an invalid argument."),
+    "resource_exhausted": (8, "RESOURCE_EXHAUSTED", "Resource has been exhausted."),
+    "internal": (13, "INTERNAL", "An internal error has occurred."),
+    "unavailable": (14, "UNAVAILABLE", "The service is currently unavailable."),
+}
 _HTTP_OF = {3: 400, 8: 429, 13: 500, 14: 503}
 
 
@@ -90,8 +97,6 @@ class Job:
     output: dict[str, Any] | None = None
 
 
-
-
 def usage_for(request: dict[str, Any]) -> dict[str, int]:
     """promptTokenCount = len(compact JSON of ``contents``) // 4 (at least 1);
     candidatesTokenCount = ``generationConfig.maxOutputTokens`` or 16."""
@@ -99,15 +104,26 @@ def usage_for(request: dict[str, Any]) -> dict[str, int]:
     gen = as_dict(request.get("generationConfig"))
     out = gen.get("maxOutputTokens")
     out = out if isinstance(out, int) and out > 0 else 16
-    return {"promptTokenCount": prompt, "candidatesTokenCount": out,
-            "totalTokenCount": prompt + out}
+    return {
+        "promptTokenCount": prompt,
+        "candidatesTokenCount": out,
+        "totalTokenCount": prompt + out,
+    }
 
 
 def response_for(request: dict[str, Any], model: str) -> dict[str, Any]:
-    return {"candidates": [{"content": {"parts": [{"text": "ok"}], "role": "model"},
-                            "finishReason": "STOP", "index": 0}],
-            "usageMetadata": usage_for(request), "modelVersion": model.removeprefix("models/"),
-            "responseId": uuid.uuid4().hex[:16]}
+    return {
+        "candidates": [
+            {
+                "content": {"parts": [{"text": "ok"}], "role": "model"},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": usage_for(request),
+        "modelVersion": model.removeprefix("models/"),
+        "responseId": uuid.uuid4().hex[:16],
+    }
 
 
 def _status(code: int, status: str, message: str) -> dict[str, Any]:
@@ -120,8 +136,13 @@ class GeminiEmulator(ScriptedEmulator):
     FAULT_KINDS = FAULT_KINDS
     BATCH_SCRIPTS = BATCH_SCRIPTS
 
-    def __init__(self, api_key: str = "test-key", *, running_seconds: float = 0.0,
-                 expiry_seconds: float = 48 * 3600.0) -> None:
+    def __init__(
+        self,
+        api_key: str = "test-key",
+        *,
+        running_seconds: float = 0.0,
+        expiry_seconds: float = 48 * 3600.0,
+    ) -> None:
         self.running_seconds = running_seconds
         self.expiry_seconds = expiry_seconds
         self.jobs: dict[str, Job] = {}
@@ -141,10 +162,17 @@ class GeminiEmulator(ScriptedEmulator):
         out = []
         for job in self.jobs.values():
             self._advance(job)
-            out.append({"id": job.name, "status": job.state, "display_name": job.display_name,
-                        "created_at": job.created_at, "custom_ids": [i.key for i in job.items],
-                        "billed": [i.key for i in job.items if i.billed],
-                        "cancel_requested": job.cancelled})
+            out.append(
+                {
+                    "id": job.name,
+                    "status": job.state,
+                    "display_name": job.display_name,
+                    "created_at": job.created_at,
+                    "custom_ids": [i.key for i in job.items],
+                    "billed": [i.key for i in job.items if i.billed],
+                    "cancel_requested": job.cancelled,
+                }
+            )
         return out
 
     def _bad_request(self, message: str) -> Exception:
@@ -183,8 +211,9 @@ class GeminiEmulator(ScriptedEmulator):
             resp = await handler(request)
             if kind == "truncate" and isinstance(resp, web.Response) and resp.body:
                 body = bytes(resp.body)  # type: ignore[arg-type]
-                return web.Response(body=body[: max(1, len(body) - 7)],
-                                    content_type=resp.content_type)
+                return web.Response(
+                    body=body[: max(1, len(body) - 7)], content_type=resp.content_type
+                )
             if request.transport is not None:  # reset_after
                 request.transport.abort()
             return resp
@@ -192,16 +221,25 @@ class GeminiEmulator(ScriptedEmulator):
             return self._error(exc.status, exc.code, exc.message)
 
     def _error(self, status: int, code: str, message: str) -> web.Response:
-        return json_response({"error": {"code": status, "message": message, "status": code}},
-                          status)
+        return json_response(
+            {"error": {"code": status, "message": message, "status": code}}, status
+        )
 
     # ---- files -----------------------------------------------------------------------
 
     def _file_view(self, name: str, display: str, size: int) -> dict[str, Any]:
         now = iso(time.time())
-        return {"name": name, "displayName": display, "mimeType": "application/jsonl",
-                "sizeBytes": str(size), "createTime": now, "updateTime": now,
-                "state": "ACTIVE", "uri": f"{self.base}/v1beta/{name}", "source": "UPLOADED"}
+        return {
+            "name": name,
+            "displayName": display,
+            "mimeType": "application/jsonl",
+            "sizeBytes": str(size),
+            "createTime": now,
+            "updateTime": now,
+            "state": "ACTIVE",
+            "uri": f"{self.base}/v1beta/{name}",
+            "source": "UPLOADED",
+        }
 
     async def _upload(self, request: web.Request) -> web.StreamResponse:
         command = request.headers.get("X-Goog-Upload-Command", "").lower()
@@ -211,8 +249,9 @@ class GeminiEmulator(ScriptedEmulator):
             upload_id = uuid.uuid4().hex
             self._uploads[upload_id] = (meta, bytearray())
             url = f"{self.base}/upload/v1beta/files?upload_id={upload_id}"
-            return json_response({}, headers={"X-Goog-Upload-URL": url,
-                                           "X-Goog-Upload-Status": "active"})
+            return json_response(
+                {}, headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"}
+            )
         if upload_id not in self._uploads:
             raise ApiError(404, "NOT_FOUND", "unknown upload session")
         meta, data = self._uploads[upload_id]
@@ -225,9 +264,10 @@ class GeminiEmulator(ScriptedEmulator):
         del self._uploads[upload_id]
         name = f"files/{uuid.uuid4().hex[:16]}"
         self.files[name] = bytes(data)
-        return json_response({"file": self._file_view(name, str(meta.get("displayName", "")),
-                                                   len(data))},
-                          headers={"X-Goog-Upload-Status": "final"})
+        return json_response(
+            {"file": self._file_view(name, str(meta.get("displayName", "")), len(data))},
+            headers={"X-Goog-Upload-Status": "final"},
+        )
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
         data = self.files.get(f"files/{request.match_info['id']}")
@@ -276,11 +316,16 @@ class GeminiEmulator(ScriptedEmulator):
             self.submissions[key] += 1
             items.append(Item(key, req, self._resolve(key, req)))
         now = time.time()
-        job = Job(name=f"batches/{uuid.uuid4().hex[:20]}", model=model,
-                  display_name=str(batch.get("displayName", "")), created_at=now, items=items,
-                  inline=inline,
-                  script=self._batch_scripts.popleft() if self._batch_scripts else None,
-                  ends_at=now + self.running_seconds)
+        job = Job(
+            name=f"batches/{uuid.uuid4().hex[:20]}",
+            model=model,
+            display_name=str(batch.get("displayName", "")),
+            created_at=now,
+            items=items,
+            inline=inline,
+            script=self._batch_scripts.popleft() if self._batch_scripts else None,
+            ends_at=now + self.running_seconds,
+        )
         self.jobs[job.name] = job
         return json_response(self._view(job))
 
@@ -297,7 +342,7 @@ class GeminiEmulator(ScriptedEmulator):
         size = min(1000, max(1, int(request.query.get("pageSize", "50"))))
         start = int(request.query.get("pageToken") or 0)
         ordered = sorted(self.jobs.values(), key=lambda j: (j.created_at, j.name), reverse=True)
-        page = ordered[start:start + size]
+        page = ordered[start : start + size]
         body: dict[str, Any] = {"operations": [self._view(j) for j in page]}
         if start + size < len(ordered):
             body["nextPageToken"] = str(start + size)
@@ -356,16 +401,26 @@ class GeminiEmulator(ScriptedEmulator):
                 continue
             if item.outcome == "ok":
                 item.billed = True
-                lines.append({"key": item.key, "response": response_for(item.request,
-                                                                        job.model)})
+                lines.append({"key": item.key, "response": response_for(item.request, job.model)})
             else:
                 lines.append({"key": item.key, "error": _status(*_ERRORS[item.outcome])})
         lines.reverse()  # any order: the adapter joins by key
         if job.inline:
-            job.output = {"inlinedResponses": {"inlinedResponses": [
-                {"metadata": {"key": line["key"]},
-                 **({"response": line["response"]} if "response" in line
-                    else {"error": line["error"]})} for line in lines]}}
+            job.output = {
+                "inlinedResponses": {
+                    "inlinedResponses": [
+                        {
+                            "metadata": {"key": line["key"]},
+                            **(
+                                {"response": line["response"]}
+                                if "response" in line
+                                else {"error": line["error"]}
+                            ),
+                        }
+                        for line in lines
+                    ]
+                }
+            }
         else:
             name = f"files/batch-{uuid.uuid4().hex[:16]}"
             self.files[name] = b"".join(orjson.dumps(line) + b"\n" for line in lines)
@@ -376,14 +431,19 @@ class GeminiEmulator(ScriptedEmulator):
         done = job.ended_at is not None
         ok = sum(1 for i in job.items if i.billed)
         meta: dict[str, Any] = {
-            "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta."
-                     "GenerateContentBatch",
-            "model": job.model, "displayName": job.display_name, "name": job.name,
-            "createTime": iso(job.created_at), "updateTime": iso(time.time()),
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch",
+            "model": job.model,
+            "displayName": job.display_name,
+            "name": job.name,
+            "createTime": iso(job.created_at),
+            "updateTime": iso(time.time()),
             "state": job.state,
-            "batchStats": {"requestCount": str(len(job.items)),
-                           "successfulRequestCount": str(ok),
-                           "pendingRequestCount": "0" if done else str(len(job.items))}}
+            "batchStats": {
+                "requestCount": str(len(job.items)),
+                "successfulRequestCount": str(ok),
+                "pendingRequestCount": "0" if done else str(len(job.items)),
+            },
+        }
         if done:
             meta["endTime"] = iso(job.ended_at)
             if job.output is not None:
@@ -393,13 +453,15 @@ class GeminiEmulator(ScriptedEmulator):
 
 async def _serve(args: argparse.Namespace) -> None:
     emulator = GeminiEmulator(args.api_key, running_seconds=args.running_seconds)
-    await serve_until_signalled(emulator.start(args.host, args.port), emulator.stop,
-                                "Gemini emulator")
+    await serve_until_signalled(
+        emulator.start(args.host, args.port), emulator.stop, "Gemini emulator"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m batchd.emulator.gemini",
-                                description="An in-memory Gemini API Batch Mode.")
+    p = argparse.ArgumentParser(
+        prog="python -m batchd.emulator.gemini", description="An in-memory Gemini API Batch Mode."
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8097)
     p.add_argument("--api-key", default="test-key", help="the x-goog-api-key clients send")

@@ -92,16 +92,50 @@ from batchd.emulator.openai_wire import (
 )
 from batchd.tokens import preload
 
-__all__ = ["OUTCOMES", "EmulatedBatch", "Emulator", "StoredFile", "UploadedFile", "main",
-           "usage_for"]
+__all__ = [
+    "OUTCOMES",
+    "EmulatedBatch",
+    "Emulator",
+    "StoredFile",
+    "UploadedFile",
+    "main",
+    "usage_for",
+]
 
-ROUTES = frozenset({"upload", "list_files", "retrieve_file", "download", "delete", "create",
-                    "retrieve", "list_batches", "cancel", "sync"})
-FAULTS = frozenset({"http_500", "http_502_html", "http_503", "http_429", "insufficient_quota",
-                    "http_404", "timeout_after_commit", "hang", "reset_before", "reset_after",
-                    "invalid_json", "truncate", "slow"})
-BATCH_SCRIPTS = frozenset({"validation_failed", "token_limit_exceeded", "expire", "cancel",
-                           "stuck_finalizing"})
+ROUTES = frozenset(
+    {
+        "upload",
+        "list_files",
+        "retrieve_file",
+        "download",
+        "delete",
+        "create",
+        "retrieve",
+        "list_batches",
+        "cancel",
+        "sync",
+    }
+)
+FAULTS = frozenset(
+    {
+        "http_500",
+        "http_502_html",
+        "http_503",
+        "http_429",
+        "insufficient_quota",
+        "http_404",
+        "timeout_after_commit",
+        "hang",
+        "reset_before",
+        "reset_after",
+        "invalid_json",
+        "truncate",
+        "slow",
+    }
+)
+BATCH_SCRIPTS = frozenset(
+    {"validation_failed", "token_limit_exceeded", "expire", "cancel", "stuck_finalizing"}
+)
 _UPLOAD_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 _MAX_REPORTED_ERRORS = 1000  # a 50k-line bad file would otherwise make every GET huge
 _HANG_DEFAULT = 3600.0
@@ -115,14 +149,23 @@ def script_key(custom_id: str) -> str:
 
 
 class Emulator:
-    def __init__(self, api_key: str | None = "test-key", *, validating_seconds: float = 0,
-                 in_progress_seconds: float = 0, finalizing_seconds: float = 0,
-                 cancelling_seconds: float = 0, completion_window_seconds: float = 86400,
-                 write_cancelled_lines: bool = True, known_models: set[str] | None = None,
-                 failure_rates: dict[str, float] | None = None, seed: int = 0,
-                 sync_latency_seconds: float | tuple[float, float] = 0.0,
-                 key_of: Callable[[str], str] | None = None,
-                 upper_case_statuses: bool = False) -> None:
+    def __init__(
+        self,
+        api_key: str | None = "test-key",
+        *,
+        validating_seconds: float = 0,
+        in_progress_seconds: float = 0,
+        finalizing_seconds: float = 0,
+        cancelling_seconds: float = 0,
+        completion_window_seconds: float = 86400,
+        write_cancelled_lines: bool = True,
+        known_models: set[str] | None = None,
+        failure_rates: dict[str, float] | None = None,
+        seed: int = 0,
+        sync_latency_seconds: float | tuple[float, float] = 0.0,
+        key_of: Callable[[str], str] | None = None,
+        upper_case_statuses: bool = False,
+    ) -> None:
         unknown = set(failure_rates or {}) - OUTCOMES
         if unknown:
             raise ValueError(f"unknown outcomes in failure_rates: {sorted(unknown)}")
@@ -187,13 +230,20 @@ class Emulator:
         """What was received, for audits: batches (with the custom_ids each one
         planned to run), synchronous submissions, calls and faults applied."""
         return {
-            "batches": [{"id": b.id, "status": b.status, "metadata": b.metadata,
-                         "created_at": b.created_at, "endpoint": b.endpoint,
-                         "custom_ids": [p.custom_id for p in b.lines],
-                         "request_counts": dict(b.request_counts),
-                         "error_codes": [e.get("code") for e in b.errors or []],
-                         "cancel_requested": b.cancel_requested.is_set()}
-                        for b in self.batches.values()],
+            "batches": [
+                {
+                    "id": b.id,
+                    "status": b.status,
+                    "metadata": b.metadata,
+                    "created_at": b.created_at,
+                    "endpoint": b.endpoint,
+                    "custom_ids": [p.custom_id for p in b.lines],
+                    "request_counts": dict(b.request_counts),
+                    "error_codes": [e.get("code") for e in b.errors or []],
+                    "cancel_requested": b.cancel_requested.is_set(),
+                }
+                for b in self.batches.values()
+            ],
             "sync_submissions": dict(self.sync_submissions),
             "calls": dict(self.calls),
             "faults_applied": dict(self.faults_applied),
@@ -233,20 +283,25 @@ class Emulator:
         for prefix, shape in (("/v1", ""), ("/openai/v1", ".groq"), ("/openai", ".azure")):
             r.add_post(f"{prefix}/files", self._upload, name="upload" + shape)
             r.add_get(f"{prefix}/files", self._list_files, name="list_files" + shape)
-            r.add_get(f"{prefix}/files/{{id}}", self._retrieve_file,
-                      name="retrieve_file" + shape)
+            r.add_get(f"{prefix}/files/{{id}}", self._retrieve_file, name="retrieve_file" + shape)
             r.add_get(f"{prefix}/files/{{id}}/content", self._download, name="download" + shape)
             r.add_delete(f"{prefix}/files/{{id}}", self._delete, name="delete" + shape)
             r.add_post(f"{prefix}/batches", self._create, name="create" + shape)
             r.add_get(f"{prefix}/batches", self._list_batches, name="list_batches" + shape)
             r.add_get(f"{prefix}/batches/{{id}}", self._retrieve, name="retrieve" + shape)
             r.add_post(f"{prefix}/batches/{{id}}/cancel", self._cancel, name="cancel" + shape)
-            for path in ("chat/completions", "embeddings", "responses", "completions",
-                         "moderations"):
+            for path in (
+                "chat/completions",
+                "embeddings",
+                "responses",
+                "completions",
+                "moderations",
+            ):
                 sync = "sync_" + path.replace("/", "_")
                 if shape == ".azure":
-                    r.add_post(f"{prefix}/deployments/{{deployment}}/{path}", self._sync,
-                               name=sync + shape)
+                    r.add_post(
+                        f"{prefix}/deployments/{{deployment}}/{path}", self._sync, name=sync + shape
+                    )
                 else:
                     r.add_post(f"{prefix}/{path}", self._sync, name=sync + shape)
         r.add_get("/_emulator/record", self._admin_record, name="admin_record")
@@ -266,22 +321,26 @@ class Emulator:
         try:
             if not self._authorized(request):
                 resp: web.StreamResponse = envelope(
-                    401, "Incorrect API key provided. You can find your API key at "
-                    "https://platform.openai.com/account/api-keys.", code="invalid_api_key")
+                    401,
+                    "Incorrect API key provided. You can find your API key at "
+                    "https://platform.openai.com/account/api-keys.",
+                    code="invalid_api_key",
+                )
             else:
                 fault = self._take_fault(route)
-                resp = await (self._apply_fault(fault, request, handler) if fault
-                              else handler(request))
+                resp = await (
+                    self._apply_fault(fault, request, handler) if fault else handler(request)
+                )
         except ApiError as exc:
-            resp = envelope(exc.status, exc.message, type_=exc.type, param=exc.param,
-                            code=exc.code)
+            resp = envelope(exc.status, exc.message, type_=exc.type, param=exc.param, code=exc.code)
         except web.HTTPException as exc:
             resp = envelope(exc.status, exc.reason)
         except ConnectionError:
             raise  # the client is gone (or a fault closed the socket): nothing to answer
         except Exception as exc:
-            resp = envelope(500, f"Emulator error: {type(exc).__name__}: {exc}",
-                            type_="server_error")
+            resp = envelope(
+                500, f"Emulator error: {type(exc).__name__}: {exc}", type_="server_error"
+            )
         if not resp.prepared:
             resp.headers["x-request-id"] = request_id
         return resp
@@ -289,8 +348,9 @@ class Emulator:
     def _authorized(self, request: web.Request) -> bool:
         azure_key = request.headers.get("api-key")  # Azure's header
         if azure_key is not None:
-            return self.api_key is None or hmac.compare_digest(azure_key.strip().encode(),
-                                                               self.api_key.encode())
+            return self.api_key is None or hmac.compare_digest(
+                azure_key.strip().encode(), self.api_key.encode()
+            )
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return False
@@ -298,7 +358,8 @@ class Emulator:
         # token will do: `batchd serve` aimed at it without OPENAI_API_KEY
         # sends a placeholder.
         return self.api_key is None or hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode())
+            token.strip().encode(), self.api_key.encode()
+        )
 
     def _take_fault(self, route: str | None) -> Fault | None:
         queue = self._faults.get(route or "")
@@ -315,8 +376,9 @@ class Emulator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), seconds)
 
-    async def _apply_fault(self, fault: Fault, request: web.Request,
-                           handler: _Handler) -> web.StreamResponse:
+    async def _apply_fault(
+        self, fault: Fault, request: web.Request, handler: _Handler
+    ) -> web.StreamResponse:
         kind, params = fault.kind, fault.params
         canned = fault_response(fault)
         if canned is not None:
@@ -356,19 +418,25 @@ class Emulator:
         body = await json_body(request)
         params = body.get("params") or {}
         try:
-            self.inject(str(body.get("route")), str(body.get("fault")),
-                        int(body.get("times", 1)), **params)
+            self.inject(
+                str(body.get("route")), str(body.get("fault")), int(body.get("times", 1)), **params
+            )
         except (ValueError, TypeError) as exc:
             raise ApiError(400, str(exc)) from None
         return json_response({"queued": True})
 
     # ---- files -----------------------------------------------------------------------
 
-    def _new_file(self, filename: str, purpose: str, data: bytes,
-                  ttl: int | None) -> StoredFile:
+    def _new_file(self, filename: str, purpose: str, data: bytes, ttl: int | None) -> StoredFile:
         now = int(time.time())
-        f = StoredFile(id=f"file-{uuid.uuid4().hex[:22]}", filename=filename, purpose=purpose,
-                       data=data, created_at=now, expires_at=now + ttl if ttl else None)
+        f = StoredFile(
+            id=f"file-{uuid.uuid4().hex[:22]}",
+            filename=filename,
+            purpose=purpose,
+            data=data,
+            created_at=now,
+            expires_at=now + ttl if ttl else None,
+        )
         self.files[f.id] = f
         return f
 
@@ -396,16 +464,27 @@ class Emulator:
             elif part.name:
                 fields[part.name] = await part.text()
         if data is None:
-            raise ApiError(400, "Missing required parameter: 'file'.",
-                           param="file", code="missing_required_parameter")
+            raise ApiError(
+                400,
+                "Missing required parameter: 'file'.",
+                param="file",
+                code="missing_required_parameter",
+            )
         purpose = fields.get("purpose")
         if purpose not in _UPLOAD_PURPOSES:
-            raise ApiError(400, f"Invalid value for 'purpose': {purpose!r}.",
-                           param="purpose", code="invalid_value")
+            raise ApiError(
+                400,
+                f"Invalid value for 'purpose': {purpose!r}.",
+                param="purpose",
+                code="invalid_value",
+            )
         ttl: int | None = FILE_TTL if purpose == "batch" else None
         if "expires_after[seconds]" in fields:
-            ttl = expiry_seconds(fields.get("expires_after[anchor]"),
-                                 fields["expires_after[seconds]"], "expires_after")
+            ttl = expiry_seconds(
+                fields.get("expires_after[anchor]"),
+                fields["expires_after[seconds]"],
+                "expires_after",
+            )
         f = self._new_file(filename, purpose, bytes(data), ttl)
         self.received_files[f.id] = UploadedFile(f.data, filename)
         return json_response(f.to_json())
@@ -423,8 +502,11 @@ class Emulator:
         q = request.query
         limit = page_limit(q.get("limit"), default=10_000, most=10_000)
         purpose = q.get("purpose")
-        ids = [f.id for f in self.files.values()
-               if not f.deleted and (purpose is None or f.purpose == purpose)]
+        ids = [
+            f.id
+            for f in self.files.values()
+            if not f.deleted and (purpose is None or f.purpose == purpose)
+        ]
         if q.get("order", "desc") != "asc":
             ids.reverse()
         page = ids_after(ids, q.get("after"), limit + 1)
@@ -433,15 +515,19 @@ class Emulator:
     async def _download(self, request: web.Request) -> web.StreamResponse:
         data = self._file(request.match_info["id"]).data
         fault = request.get(DOWNLOAD_FAULT)
-        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
-                                           "x-request-id": request[REQUEST_ID]})
+        resp = web.StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "x-request-id": request[REQUEST_ID],
+            }
+        )
         if fault is not None and fault.kind == "truncate":
             mode = fault.params.get("mode", "content_length")
             cut = int(len(data) * float(fault.params.get("fraction", 0.5)))
             if mode == "clean":
                 # A complete HTTP response whose body ends mid-line: not just
                 # before or after a newline, where it would read as a whole file.
-                while cut > 1 and b"\n" in data[cut - 1:cut + 1]:
+                while cut > 1 and b"\n" in data[cut - 1 : cut + 1]:
                     cut -= 1
                 resp.content_length = cut
                 await resp.prepare(request)
@@ -464,11 +550,11 @@ class Emulator:
             step = int(fault.params.get("chunk_bytes", 1024))
             delay = float(fault.params.get("delay", 0.05))
             for i in range(0, len(data), step):
-                await resp.write(view[i:i + step])
+                await resp.write(view[i : i + step])
                 await self._hang(delay)
         else:
             for i in range(0, len(data), CHUNK):
-                await resp.write(view[i:i + CHUNK])
+                await resp.write(view[i : i + CHUNK])
         await resp.write_eof()
         return resp
 
@@ -478,32 +564,48 @@ class Emulator:
         body = await json_body(request)
         for key in ("input_file_id", "endpoint", "completion_window"):
             if key not in body:
-                raise ApiError(400, f"Missing required parameter: '{key}'.", param=key,
-                               code="missing_required_parameter")
+                raise ApiError(
+                    400,
+                    f"Missing required parameter: '{key}'.",
+                    param=key,
+                    code="missing_required_parameter",
+                )
         endpoint = body["endpoint"]
         if endpoint not in ENDPOINTS:
-            raise ApiError(400, f"Invalid value for 'endpoint': {endpoint!r}. Supported "
-                           f"values are: {', '.join(sorted(ENDPOINTS))}.",
-                           param="endpoint", code="invalid_value")
+            raise ApiError(
+                400,
+                f"Invalid value for 'endpoint': {endpoint!r}. Supported "
+                f"values are: {', '.join(sorted(ENDPOINTS))}.",
+                param="endpoint",
+                code="invalid_value",
+            )
         if body["completion_window"] != "24h":
-            raise ApiError(400, "Invalid value for 'completion_window': only '24h' is "
-                           "supported.", param="completion_window", code="invalid_value")
+            raise ApiError(
+                400,
+                "Invalid value for 'completion_window': only '24h' is supported.",
+                param="completion_window",
+                code="invalid_value",
+            )
         metadata = check_metadata(body.get("metadata"))
         ttl = FILE_TTL
         if isinstance(body.get("output_expires_after"), dict):
             oea = body["output_expires_after"]
-            ttl = expiry_seconds(oea.get("anchor"), oea.get("seconds"),
-                                 "output_expires_after")
+            ttl = expiry_seconds(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
         file_id = body["input_file_id"]
         source = self.files.get(file_id) if isinstance(file_id, str) else None
         if source is None or source.deleted or source.purpose != "batch":
             raise ApiError(400, f"Cannot find file {file_id}.", param="file_id")
 
-        b = EmulatedBatch(id=f"batch_{uuid.uuid4().hex}", endpoint=endpoint,
-                          input_file_id=file_id, completion_window="24h", metadata=metadata,
-                          created_at=int(time.time()), output_ttl=ttl,
-                          deadline=asyncio.get_running_loop().time()
-                          + self.completion_window_seconds)
+        b = EmulatedBatch(
+            id=f"batch_{uuid.uuid4().hex}",
+            endpoint=endpoint,
+            input_file_id=file_id,
+            completion_window="24h",
+            metadata=metadata,
+            created_at=int(time.time()),
+            output_ttl=ttl,
+            deadline=asyncio.get_running_loop().time() + self.completion_window_seconds,
+        )
         b.script = self._batch_scripts.popleft() if self._batch_scripts else None
         self.batches[b.id] = b
         task = asyncio.create_task(self._lifecycle(b, source.data), name=f"emulator-{b.id}")
@@ -567,8 +669,12 @@ class Emulator:
                 continue
             missing = [k for k in ("custom_id", "method", "url", "body") if obj.get(k) is None]
             for key in missing:
-                err("missing_required_parameter", lineno, key,
-                    f"Missing required parameter: '{key}'.")
+                err(
+                    "missing_required_parameter",
+                    lineno,
+                    key,
+                    f"Missing required parameter: '{key}'.",
+                )
             if missing:
                 continue
             custom_id, body = obj["custom_id"], obj["body"]
@@ -577,25 +683,45 @@ class Emulator:
                 err("invalid_request", lineno, bad, f"'{bad}' has the wrong type.")
                 continue
             if obj["url"] != endpoint:
-                err("invalid_url", lineno, "url",
-                    "The URL provided for this request does not match the batch endpoint.")
+                err(
+                    "invalid_url",
+                    lineno,
+                    "url",
+                    "The URL provided for this request does not match the batch endpoint.",
+                )
             if body.get("stream") is True:
-                err("streaming_unsupported", lineno, "body.stream",
-                    "Streaming is not supported in the Batch API.")
+                err(
+                    "streaming_unsupported",
+                    lineno,
+                    "body.stream",
+                    "Streaming is not supported in the Batch API.",
+                )
             model = body.get("model")
             model = model if isinstance(model, str) else ""
             if self.known_models is not None and model not in self.known_models:
-                err("model_not_found", lineno, "body.model",
-                    f"The provided model '{model}' is not supported by the Batch API.")
+                err(
+                    "model_not_found",
+                    lineno,
+                    "body.model",
+                    f"The provided model '{model}' is not supported by the Batch API.",
+                )
             if b.file_model is None:
                 b.file_model = model
             elif model != b.file_model:
-                err("invalid_request", lineno, "body.model",
+                err(
+                    "invalid_request",
+                    lineno,
+                    "body.model",
                     f"All requests in a batch input file must use the same model; line {lineno} "
-                    f"uses '{model}', earlier lines use '{b.file_model}'.")
+                    f"uses '{model}', earlier lines use '{b.file_model}'.",
+                )
             if custom_id in seen:
-                err("duplicate_custom_id", lineno, "custom_id",
-                    f"The custom_id '{custom_id}' appears more than once in this file.")
+                err(
+                    "duplicate_custom_id",
+                    lineno,
+                    "custom_id",
+                    f"The custom_id '{custom_id}' appears more than once in this file.",
+                )
                 continue
             seen.add(custom_id)
             key = self.key_of(custom_id)
@@ -612,17 +738,35 @@ class Emulator:
             errors[-1]["line"] = None
         script = b.script
         if script and script[0] == "validation_failed":
-            errors += [{"code": e.get("code", "invalid_request"), "line": e.get("line"),
-                        "param": e.get("param"), "message": e.get("message", "Invalid request.")}
-                       for e in script[1].get("errors") or [
-                           {"code": "invalid_request", "line": 1, "param": "body",
-                            "message": "Emulated validation failure."}]]
+            errors += [
+                {
+                    "code": e.get("code", "invalid_request"),
+                    "line": e.get("line"),
+                    "param": e.get("param"),
+                    "message": e.get("message", "Invalid request."),
+                }
+                for e in script[1].get("errors")
+                or [
+                    {
+                        "code": "invalid_request",
+                        "line": 1,
+                        "param": "body",
+                        "message": "Emulated validation failure.",
+                    }
+                ]
+            ]
         elif script and script[0] == "token_limit_exceeded" and not errors:
-            errors.append({"code": "token_limit_exceeded", "line": None, "param": None,
-                           "message": f"Enqueued token limit reached for {b.file_model} in "
-                           "organization org-emulator. Limit: 2,000,000 enqueued tokens. "
-                           "Please try again once some in_progress batches have been "
-                           "completed."})
+            errors.append(
+                {
+                    "code": "token_limit_exceeded",
+                    "line": None,
+                    "param": None,
+                    "message": f"Enqueued token limit reached for {b.file_model} in "
+                    "organization org-emulator. Limit: 2,000,000 enqueued tokens. "
+                    "Please try again once some in_progress batches have been "
+                    "completed.",
+                }
+            )
         b.validation_errors = errors[:_MAX_REPORTED_ERRORS]
 
     def _resolve(self, custom_id: str, body: dict[str, Any]) -> str:
@@ -649,8 +793,9 @@ class Emulator:
 
     # ---- the background lifecycle ----------------------------------------------------
 
-    async def _pause(self, b: EmulatedBatch, seconds: float, *, cancellable: bool,
-                     expirable: bool) -> str | None:
+    async def _pause(
+        self, b: EmulatedBatch, seconds: float, *, cancellable: bool, expirable: bool
+    ) -> str | None:
         """Wait ``seconds``; return "cancel" or "expire" if either cut the wait short."""
         loop = asyncio.get_running_loop()
         left = b.deadline - loop.time() if expirable else math.inf
@@ -689,8 +834,9 @@ class Emulator:
         fraction = float(params.get("run_fraction", 0.5)) if kind in ("expire", "cancel") else 1.0
         loop = asyncio.get_running_loop()
         started = loop.time()
-        event = await self._pause(b, self.in_progress_seconds * fraction, cancellable=True,
-                                  expirable=True)
+        event = await self._pause(
+            b, self.in_progress_seconds * fraction, cancellable=True, expirable=True
+        )
         if event is None and kind in ("expire", "cancel"):
             if kind == "cancel":
                 self._request_cancel(b)
@@ -704,8 +850,9 @@ class Emulator:
         self._enter(b, "finalizing")
         hold = float(params.get("seconds", 0)) if kind == "stuck_finalizing" else 0.0
         # Expiry while finalizing is unconfirmed on the real API; the emulator lets it finish.
-        event = await self._pause(b, self.finalizing_seconds + hold, cancellable=True,
-                                  expirable=False)
+        event = await self._pause(
+            b, self.finalizing_seconds + hold, cancellable=True, expirable=False
+        )
         if event is not None:
             await self._settle(b, event, ran=n)
             return
@@ -720,8 +867,9 @@ class Emulator:
             return
         await self._pause(b, self.cancelling_seconds, cancellable=False, expirable=False)
         if not b.validation_errors:
-            self._finish(b, ran=ran,
-                         never_ran="batch_cancelled" if self.write_cancelled_lines else "")
+            self._finish(
+                b, ran=ran, never_ran="batch_cancelled" if self.write_cancelled_lines else ""
+            )
         self._enter(b, "cancelled")
 
     def _enter(self, b: EmulatedBatch, status: str) -> None:
@@ -754,11 +902,13 @@ class Emulator:
         rng.shuffle(out)
         rng.shuffle(err)
         if out:
-            b.output_file_id = self._new_file(f"{b.id}_output.jsonl", "batch_output",
-                                              b"\n".join(out) + b"\n", b.output_ttl).id
+            b.output_file_id = self._new_file(
+                f"{b.id}_output.jsonl", "batch_output", b"\n".join(out) + b"\n", b.output_ttl
+            ).id
         if err:
-            b.error_file_id = self._new_file(f"{b.id}_error.jsonl", "batch_output",
-                                             b"\n".join(err) + b"\n", b.output_ttl).id
+            b.error_file_id = self._new_file(
+                f"{b.id}_error.jsonl", "batch_output", b"\n".join(err) + b"\n", b.output_ttl
+            ).id
         b.request_counts = {"total": len(b.lines), "completed": len(out), "failed": len(err)}
         b.model = b.file_model or None
         b.usage = batch_usage((tokens[0], tokens[1], tokens[2]))
@@ -774,22 +924,31 @@ class Emulator:
         """
         # The OpenAI name of the endpoint whatever the URL shape (Azure:
         # /openai/deployments/{d}/chat/completions, Groq: /openai/v1/...).
-        tail = request.path.split("/deployments/", 1)[-1].split("/", 1)[-1] \
-            if "/deployments/" in request.path else request.path.split("/v1/", 1)[-1]
+        tail = (
+            request.path.split("/deployments/", 1)[-1].split("/", 1)[-1]
+            if "/deployments/" in request.path
+            else request.path.split("/v1/", 1)[-1]
+        )
         endpoint = "/v1/" + tail
         body = await json_body(request)
         if body.get("stream") is True:
-            raise ApiError(400, "The emulator does not stream; send stream=false.",
-                           param="stream", code="unsupported_value")
+            raise ApiError(
+                400,
+                "The emulator does not stream; send stream=false.",
+                param="stream",
+                code="unsupported_value",
+            )
         model = body.get("model") if isinstance(body.get("model"), str) else ""
         assert isinstance(model, str)
         if self.known_models is not None and model not in self.known_models:
             status, err = error_body("http_404", model)
-            return web.Response(status=status, body=orjson.dumps(err),
-                                content_type="application/json")
+            return web.Response(
+                status=status, body=orjson.dumps(err), content_type="application/json"
+            )
         meta = body.get("metadata")
         custom_id = request.headers.get("x-custom-id") or (
-            meta.get("custom_id") if isinstance(meta, dict) else None)
+            meta.get("custom_id") if isinstance(meta, dict) else None
+        )
         key = ""
         if isinstance(custom_id, str):
             key = self.key_of(custom_id)
@@ -802,14 +961,20 @@ class Emulator:
             await asyncio.sleep(delay)
         if outcome in HTTP_ERRORS:
             status, err = error_body(outcome, model)
-            return web.Response(status=status, body=orjson.dumps(err),
-                                content_type="application/json")
+            return web.Response(
+                status=status, body=orjson.dumps(err), content_type="application/json"
+            )
         if outcome in NEVER_RAN_MESSAGES or outcome == "missing":
             return envelope(408, "Request timed out.", type_="timeout", code="timeout")
         if outcome == "malformed":
             return web.Response(body=b'{"id": "chatcmpl-', content_type="application/json")
-        plan = LinePlan(str(custom_id or ""), outcome, model, tokens_for(endpoint, body),
-                        count_inputs(endpoint, body))
+        plan = LinePlan(
+            str(custom_id or ""),
+            outcome,
+            model,
+            tokens_for(endpoint, body),
+            count_inputs(endpoint, body),
+        )
         self.billed_sync.append((model, plan.tokens))
         return json_response(success_body(endpoint, plan))
 
@@ -824,36 +989,59 @@ def _parse_rates(pairs: list[str]) -> dict[str, float]:
 
 async def _serve(args: argparse.Namespace) -> None:
     emulator = Emulator(
-        args.api_key, validating_seconds=args.validating_seconds,
+        args.api_key,
+        validating_seconds=args.validating_seconds,
         in_progress_seconds=args.in_progress_seconds,
-        finalizing_seconds=args.finalizing_seconds, cancelling_seconds=args.cancelling_seconds,
+        finalizing_seconds=args.finalizing_seconds,
+        cancelling_seconds=args.cancelling_seconds,
         completion_window_seconds=args.completion_window_seconds,
         write_cancelled_lines=not args.omit_cancelled_lines,
         known_models=set(args.known_model) if args.known_model else None,
-        failure_rates=_parse_rates(args.failure_rate), seed=args.seed)
-    await serve_until_signalled(emulator.start(args.host, args.port), emulator.stop,
-                                "emulator")
+        failure_rates=_parse_rates(args.failure_rate),
+        seed=args.seed,
+    )
+    await serve_until_signalled(emulator.start(args.host, args.port), emulator.stop, "emulator")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m batchd.emulator.openai",
-                                description="An in-memory OpenAI Files + Batches API.")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address (loopback unless you say otherwise)")
+    p = argparse.ArgumentParser(
+        prog="python -m batchd.emulator.openai",
+        description="An in-memory OpenAI Files + Batches API.",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address (loopback unless you say otherwise)"
+    )
     p.add_argument("--port", type=int, default=8099)
-    p.add_argument("--api-key", default=None,
-                   help="the Bearer token clients must send (default: any token)")
-    p.add_argument("--failure-rate", action="append", default=[], metavar="OUTCOME=RATE",
-                   help=f"random per-line outcome rate; outcomes: {', '.join(sorted(OUTCOMES))}")
+    p.add_argument(
+        "--api-key", default=None, help="the Bearer token clients must send (default: any token)"
+    )
+    p.add_argument(
+        "--failure-rate",
+        action="append",
+        default=[],
+        metavar="OUTCOME=RATE",
+        help=f"random per-line outcome rate; outcomes: {', '.join(sorted(OUTCOMES))}",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--known-model", action="append", default=[],
-                   help="accept only these models (repeatable; default: every model)")
+    p.add_argument(
+        "--known-model",
+        action="append",
+        default=[],
+        help="accept only these models (repeatable; default: every model)",
+    )
     for phase in ("validating", "in-progress", "finalizing", "cancelling"):
         p.add_argument(f"--{phase}-seconds", type=float, default=0.0)
-    p.add_argument("--completion-window-seconds", type=float, default=86400.0,
-                   help="the emulated length of the '24h' window")
-    p.add_argument("--omit-cancelled-lines", action="store_true",
-                   help="leave never-run lines of cancelled batches out of the error file")
+    p.add_argument(
+        "--completion-window-seconds",
+        type=float,
+        default=86400.0,
+        help="the emulated length of the '24h' window",
+    )
+    p.add_argument(
+        "--omit-cancelled-lines",
+        action="store_true",
+        help="leave never-run lines of cancelled batches out of the error file",
+    )
     asyncio.run(_serve(p.parse_args(argv)))
 
 

@@ -30,24 +30,57 @@ NEVER_RAN_MESSAGES = {
 }
 # status, type, param, code, message ({model} is filled in).
 HTTP_ERRORS: dict[str, tuple[int, str, str | None, str | None, str]] = {
-    "http_400": (400, "invalid_request_error", "messages", "context_length_exceeded",
-                 "This model's maximum context length is 128000 tokens. However, your messages "
-                 "resulted in 1000024 tokens. Please reduce the length of the messages."),
-    "http_401": (401, "invalid_request_error", None, "invalid_api_key",
-                 "Incorrect API key provided."),
-    "http_404": (404, "invalid_request_error", "model", "model_not_found",
-                 "The model `{model}` does not exist or you do not have access to it."),
+    "http_400": (
+        400,
+        "invalid_request_error",
+        "messages",
+        "context_length_exceeded",
+        "This model's maximum context length is 128000 tokens. However, your messages "
+        "resulted in 1000024 tokens. Please reduce the length of the messages.",
+    ),
+    "http_401": (
+        401,
+        "invalid_request_error",
+        None,
+        "invalid_api_key",
+        "Incorrect API key provided.",
+    ),
+    "http_404": (
+        404,
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+        "The model `{model}` does not exist or you do not have access to it.",
+    ),
     "http_408": (408, "timeout", None, "timeout", "Request timed out."),
-    "http_409": (409, "invalid_request_error", None, "conflict",
-                 "The request conflicts with another in flight; try again."),
-    "http_429": (429, "requests", None, "rate_limit_exceeded",
-                 "Rate limit reached for {model} on requests per min (RPM). "
-                 "Please try again in 1s."),
-    "insufficient_quota": (429, "insufficient_quota", None, "insufficient_quota",
-                           "You exceeded your current quota, please check your plan and "
-                           "billing details."),
-    "http_500": (500, "server_error", None, None,
-                 "The server had an error while processing your request. Sorry about that!"),
+    "http_409": (
+        409,
+        "invalid_request_error",
+        None,
+        "conflict",
+        "The request conflicts with another in flight; try again.",
+    ),
+    "http_429": (
+        429,
+        "requests",
+        None,
+        "rate_limit_exceeded",
+        "Rate limit reached for {model} on requests per min (RPM). Please try again in 1s.",
+    ),
+    "insufficient_quota": (
+        429,
+        "insufficient_quota",
+        None,
+        "insufficient_quota",
+        "You exceeded your current quota, please check your plan and billing details.",
+    ),
+    "http_500": (
+        500,
+        "server_error",
+        None,
+        None,
+        "The server had an error while processing your request. Sorry about that!",
+    ),
     "http_503": (503, "server_error", None, None, "The server is overloaded or not ready yet."),
 }
 OUTCOMES = frozenset({*SUCCESS_OUTCOMES, *NEVER_RAN_MESSAGES, *HTTP_ERRORS, "missing"})
@@ -57,8 +90,18 @@ EMBEDDINGS = "/v1/embeddings"
 RESPONSES = "/v1/responses"
 COMPLETIONS = "/v1/completions"
 MODERATIONS = "/v1/moderations"
-ENDPOINTS = frozenset({RESPONSES, CHAT, EMBEDDINGS, COMPLETIONS, MODERATIONS,
-                       "/v1/images/generations", "/v1/images/edits", "/v1/videos"})
+ENDPOINTS = frozenset(
+    {
+        RESPONSES,
+        CHAT,
+        EMBEDDINGS,
+        COMPLETIONS,
+        MODERATIONS,
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/videos",
+    }
+)
 _DEFAULT_OUTPUT_TOKENS = 16
 _EMBEDDING_DIMS = 8  # real models return 256-3072 floats; 8 keeps benchmark files small
 
@@ -79,8 +122,9 @@ def _json_tokens(value: Any) -> int:
 
 
 def _int_or(value: Any, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
-        else default
+    return (
+        value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+    )
 
 
 def tokens_for(endpoint: str, body: dict[str, Any]) -> tuple[int, int, int]:
@@ -101,8 +145,10 @@ def tokens_for(endpoint: str, body: dict[str, Any]) -> tuple[int, int, int]:
     cached_ok = False
     if endpoint == CHAT:
         prompt = body.get("messages", [])
-        output = _int_or(body.get("max_tokens"),
-                         _int_or(body.get("max_completion_tokens"), _DEFAULT_OUTPUT_TOKENS))
+        output = _int_or(
+            body.get("max_tokens"),
+            _int_or(body.get("max_completion_tokens"), _DEFAULT_OUTPUT_TOKENS),
+        )
         cached_ok = True
     elif endpoint == RESPONSES:
         prompt = body.get("input", "")
@@ -135,13 +181,21 @@ def usage_shape(endpoint: str, tokens: tuple[int, int, int]) -> dict[str, Any]:
 def _usage(endpoint: str, inp: Any, cached: Any, out: Any, total: Any) -> dict[str, Any]:
     # Any-typed so LineWriter can pass placeholders instead of numbers.
     if endpoint == CHAT:
-        return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": total,
-                "prompt_tokens_details": {"cached_tokens": cached},
-                "completion_tokens_details": {"reasoning_tokens": 0}}
+        return {
+            "prompt_tokens": inp,
+            "completion_tokens": out,
+            "total_tokens": total,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
     if endpoint == RESPONSES:
-        return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached},
-                "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": total}
+        return {
+            "input_tokens": inp,
+            "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": out,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": total,
+        }
     if endpoint == COMPLETIONS:
         return {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": total}
     if endpoint == EMBEDDINGS:
@@ -152,9 +206,13 @@ def _usage(endpoint: str, inp: Any, cached: Any, out: Any, total: Any) -> dict[s
 def batch_usage(tokens: tuple[int, int, int]) -> dict[str, Any]:
     """Usage in the responses / Batch ``usage`` shape."""
     inp, cached, out = tokens
-    return {"input_tokens": inp, "input_tokens_details": {"cached_tokens": cached},
-            "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": inp + out}
+    return {
+        "input_tokens": inp,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": out,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": inp + out,
+    }
 
 
 def usage_for(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -184,45 +242,90 @@ def _hex() -> str:
 def success_body(endpoint: str, plan: LinePlan) -> dict[str, Any]:
     """A realistic 200 body for the endpoint."""
     inp, cached, out = plan.tokens
-    return _body(endpoint, plan.custom_id, plan.model, plan.n_inputs, _hex(),
-                 _usage(endpoint, inp, cached, out, inp + out))
+    return _body(
+        endpoint,
+        plan.custom_id,
+        plan.model,
+        plan.n_inputs,
+        _hex(),
+        _usage(endpoint, inp, cached, out, inp + out),
+    )
 
 
-def _body(endpoint: str, custom_id: str, model: str, n_inputs: int, uid: str,
-          usage: dict[str, Any]) -> dict[str, Any]:
+def _body(
+    endpoint: str, custom_id: str, model: str, n_inputs: int, uid: str, usage: dict[str, Any]
+) -> dict[str, Any]:
     now = int(time.time())
     text = f"Emulated reply to {custom_id}."
     if endpoint == CHAT:
-        return {"id": f"chatcmpl-{uid}", "object": "chat.completion", "created": now,
-                "model": model,
-                "choices": [{"index": 0, "logprobs": None, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": text,
-                                         "refusal": None}}],
-                "usage": usage, "system_fingerprint": "fp_emulator"}
+        return {
+            "id": f"chatcmpl-{uid}",
+            "object": "chat.completion",
+            "created": now,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                }
+            ],
+            "usage": usage,
+            "system_fingerprint": "fp_emulator",
+        }
     if endpoint == EMBEDDINGS:
         vector = [round(0.1 * (i + 1), 3) for i in range(_EMBEDDING_DIMS)]
-        return {"object": "list", "model": model, "usage": usage,
-                "data": [{"object": "embedding", "index": i, "embedding": vector}
-                         for i in range(n_inputs)]}
+        return {
+            "object": "list",
+            "model": model,
+            "usage": usage,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": vector} for i in range(n_inputs)
+            ],
+        }
     if endpoint == RESPONSES:
-        return {"id": f"resp_{uid}", "object": "response", "created_at": now,
-                "status": "completed", "model": model, "error": None,
-                "incomplete_details": None,
-                "output": [{"type": "message", "id": f"msg_{uid}", "status": "completed",
-                            "role": "assistant",
-                            "content": [{"type": "output_text", "text": text,
-                                         "annotations": []}]}],
-                "usage": usage}
+        return {
+            "id": f"resp_{uid}",
+            "object": "response",
+            "created_at": now,
+            "status": "completed",
+            "model": model,
+            "error": None,
+            "incomplete_details": None,
+            "output": [
+                {
+                    "type": "message",
+                    "id": f"msg_{uid}",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": text, "annotations": []}],
+                }
+            ],
+            "usage": usage,
+        }
     if endpoint == COMPLETIONS:
-        return {"id": f"cmpl-{uid}", "object": "text_completion", "created": now,
-                "model": model, "usage": usage,
-                "choices": [{"index": 0, "text": text, "logprobs": None,
-                             "finish_reason": "stop"}]}
+        return {
+            "id": f"cmpl-{uid}",
+            "object": "text_completion",
+            "created": now,
+            "model": model,
+            "usage": usage,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
+        }
     if endpoint == MODERATIONS:
-        return {"id": f"modr-{uid}", "model": model,
-                "results": [{"flagged": False, "categories": {"violence": False},
-                             "category_scores": {"violence": 0.0001}}
-                            for _ in range(n_inputs)]}
+        return {
+            "id": f"modr-{uid}",
+            "model": model,
+            "results": [
+                {
+                    "flagged": False,
+                    "categories": {"violence": False},
+                    "category_scores": {"violence": 0.0001},
+                }
+                for _ in range(n_inputs)
+            ],
+        }
     return {"created": now, "data": []}
 
 
@@ -248,9 +351,14 @@ class LineWriter:
         if key not in self._templates:
             usage = _usage(self._endpoint, "@@IN@@", "@@CACHED@@", "@@OUT@@", "@@TOTAL@@")
             body = _body(self._endpoint, "@@CID@@", model, n_inputs, "@@UID@@", usage)
-            raw = orjson.dumps({"id": "batch_req_@@LID@@", "custom_id": "@@CID@@",
-                                "response": {"status_code": 200, "request_id": "@@RID@@",
-                                             "body": body}, "error": None})
+            raw = orjson.dumps(
+                {
+                    "id": "batch_req_@@LID@@",
+                    "custom_id": "@@CID@@",
+                    "response": {"status_code": 200, "request_id": "@@RID@@", "body": body},
+                    "error": None,
+                }
+            )
             pieces = _SLOT.split(raw.replace(b"%", b"%%"))
             fmt, slots = [pieces[0]], []
             for slot, literal in zip(pieces[1::2], pieces[2::2], strict=True):
@@ -266,8 +374,16 @@ class LineWriter:
         fmt, pick = self._template(plan.model, plan.n_inputs)
         inp, cached, out = plan.tokens
         uid = _hex().encode()
-        values = (orjson.dumps(plan.custom_id)[1:-1], uid, uid, uid,
-                  b"%d" % inp, b"%d" % cached, b"%d" % out, b"%d" % (inp + out))
+        values = (
+            orjson.dumps(plan.custom_id)[1:-1],
+            uid,
+            uid,
+            uid,
+            b"%d" % inp,
+            b"%d" % cached,
+            b"%d" % out,
+            b"%d" % (inp + out),
+        )
         # itemgetter got a spare trailing index so it always returns a tuple.
         line: bytes = fmt % pick(values)[:-1]
         return line
@@ -276,14 +392,20 @@ class LineWriter:
 def error_body(outcome: str, model: str) -> tuple[int, dict[str, Any]]:
     """(status, ``{"error": {...}}``) for an http_* / insufficient_quota outcome."""
     status, type_, param, code, message = HTTP_ERRORS[outcome]
-    return status, {"error": {"message": message.format(model=model), "type": type_,
-                              "param": param, "code": code}}
+    return status, {
+        "error": {
+            "message": message.format(model=model),
+            "type": type_,
+            "param": param,
+            "code": code,
+        }
+    }
 
 
-def _line(custom_id: str, response: dict[str, Any] | None,
-          error: dict[str, Any] | None) -> bytes:
-    return orjson.dumps({"id": f"batch_req_{_hex()}", "custom_id": custom_id,
-                         "response": response, "error": error})
+def _line(custom_id: str, response: dict[str, Any] | None, error: dict[str, Any] | None) -> bytes:
+    return orjson.dumps(
+        {"id": f"batch_req_{_hex()}", "custom_id": custom_id, "response": response, "error": error}
+    )
 
 
 def ran_lines(writer: LineWriter, plan: LinePlan) -> tuple[list[bytes], list[bytes]]:
@@ -292,14 +414,20 @@ def ran_lines(writer: LineWriter, plan: LinePlan) -> tuple[list[bytes], list[byt
     if outcome == "missing":
         return [], []
     if outcome == "malformed":
-        return [b'{"id": "batch_req_' + _hex().encode() + b'", "custom_id": "'
-                + plan.custom_id.encode() + b'", "response": {"status_co'], []
+        return [
+            b'{"id": "batch_req_'
+            + _hex().encode()
+            + b'", "custom_id": "'
+            + plan.custom_id.encode()
+            + b'", "response": {"status_co'
+        ], []
     if outcome in NEVER_RAN_MESSAGES:
         return [], [never_ran_line(plan.custom_id, outcome)]
     if outcome in HTTP_ERRORS:
         status, body = error_body(outcome, plan.model)
-        return [], [_line(plan.custom_id, {"status_code": status, "request_id": _hex(),
-                                           "body": body}, None)]
+        return [], [
+            _line(plan.custom_id, {"status_code": status, "request_id": _hex(), "body": body}, None)
+        ]
     line = writer.success(plan)
     return ([line, line] if outcome == "duplicate" else [line]), []
 

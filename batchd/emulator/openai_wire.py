@@ -29,19 +29,38 @@ class UploadedFile(bytes):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
-            status, message, type_, param, code)
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
 
 
-def envelope(status: int, message: str, *, type_: str = "invalid_request_error",
-             param: str | None = None, code: str | None = None,
-             headers: dict[str, str] | None = None) -> web.Response:
+def envelope(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return web.Response(status=status, body=orjson.dumps(body), headers=headers,
-                        content_type="application/json")
+    return web.Response(
+        status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
+    )
 
 
 def json_response(data: Any) -> web.Response:
@@ -59,10 +78,17 @@ class StoredFile:
     deleted: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": len(self.data),
-                "created_at": self.created_at, "filename": self.filename,
-                "purpose": self.purpose, "status": "processed", "expires_at": self.expires_at,
-                "status_details": None}
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": self.expires_at,
+            "status_details": None,
+        }
 
 
 @dataclass
@@ -76,14 +102,25 @@ class EmulatedBatch:
     metadata: dict[str, str] | None
     created_at: int
     status: str = "validating"
-    stamps: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(
-        ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-         "cancelling_at", "cancelled_at")))
+    stamps: dict[str, int | None] = field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "in_progress_at",
+                "finalizing_at",
+                "completed_at",
+                "failed_at",
+                "expired_at",
+                "cancelling_at",
+                "cancelled_at",
+            )
+        )
+    )
     output_file_id: str | None = None
     error_file_id: str | None = None
     errors: list[dict[str, Any]] | None = None
     request_counts: dict[str, int] = field(
-        default_factory=lambda: {"total": 0, "completed": 0, "failed": 0})
+        default_factory=lambda: {"total": 0, "completed": 0, "failed": 0}
+    )
     model: str | None = None
     usage: dict[str, Any] | None = None
     lines: list[LinePlan] = field(default_factory=list)
@@ -96,14 +133,24 @@ class EmulatedBatch:
     deadline: float = 0.0  # loop time at which the completion window closes
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "batch", "endpoint": self.endpoint,
-                "errors": {"object": "list", "data": self.errors} if self.errors else None,
-                "input_file_id": self.input_file_id,
-                "completion_window": self.completion_window, "status": self.status,
-                "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
-                "created_at": self.created_at, "expires_at": self.created_at + 86400,
-                **self.stamps, "request_counts": dict(self.request_counts),
-                "metadata": self.metadata, "model": self.model, "usage": self.usage}
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "expires_at": self.created_at + 86400,
+            **self.stamps,
+            "request_counts": dict(self.request_counts),
+            "metadata": self.metadata,
+            "model": self.model,
+            "usage": self.usage,
+        }
 
 
 @dataclass
@@ -121,10 +168,13 @@ def fault_response(fault: Fault) -> web.Response | None:
     """The canned answer of a status fault (5xx, 429, 404, HTML 502), else None."""
     kind, params = fault.kind, fault.params
     if kind == "http_502_html":
-        return web.Response(status=502, content_type="text/html",
-                            text="<html><head><title>502 Bad Gateway</title></head>"
-                                 "<body><center><h1>502 Bad Gateway</h1></center>"
-                                 "</body></html>")
+        return web.Response(
+            status=502,
+            content_type="text/html",
+            text="<html><head><title>502 Bad Gateway</title></head>"
+            "<body><center><h1>502 Bad Gateway</h1></center>"
+            "</body></html>",
+        )
     if kind not in _STATUS_FAULTS and kind != "http_404":
         return None
     headers: dict[str, str] = {}
@@ -137,8 +187,9 @@ def fault_response(fault: Fault) -> web.Response | None:
     if kind == "http_404":
         return envelope(404, "No such object (emulated).", headers=headers)
     status, body = error_body(kind, "the model")
-    return web.Response(status=status, body=orjson.dumps(body), headers=headers,
-                        content_type="application/json")
+    return web.Response(
+        status=status, body=orjson.dumps(body), headers=headers, content_type="application/json"
+    )
 
 
 def abort_connection(request: web.Request) -> None:
@@ -151,8 +202,10 @@ async def send_truncated(request: web.Request, resp: web.StreamResponse) -> web.
     if not isinstance(resp, web.Response) or not isinstance(resp.body, bytes):
         return resp
     body = resp.body
-    out = web.StreamResponse(status=resp.status, headers={
-        "Content-Type": resp.content_type, "x-request-id": request[REQUEST_ID]})
+    out = web.StreamResponse(
+        status=resp.status,
+        headers={"Content-Type": resp.content_type, "x-request-id": request[REQUEST_ID]},
+    )
     out.content_length = len(body)
     await out.prepare(request)
     await out.write(body[: len(body) // 2])
@@ -175,21 +228,41 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
     if metadata is None:
         return None
     if not isinstance(metadata, dict):
-        raise ApiError(400, "Invalid type for 'metadata': expected an object.",
-                       param="metadata", code="invalid_type")
+        raise ApiError(
+            400,
+            "Invalid type for 'metadata': expected an object.",
+            param="metadata",
+            code="invalid_type",
+        )
     if len(metadata) > 16:
-        raise ApiError(400, "Invalid 'metadata': at most 16 key-value pairs are allowed.",
-                       param="metadata", code="invalid_value")
+        raise ApiError(
+            400,
+            "Invalid 'metadata': at most 16 key-value pairs are allowed.",
+            param="metadata",
+            code="invalid_value",
+        )
     for key, value in metadata.items():
         if len(key) > 64:
-            raise ApiError(400, "Invalid 'metadata': keys are at most 64 characters.",
-                           param=f"metadata.{key}", code="invalid_value")
+            raise ApiError(
+                400,
+                "Invalid 'metadata': keys are at most 64 characters.",
+                param=f"metadata.{key}",
+                code="invalid_value",
+            )
         if not isinstance(value, str):
-            raise ApiError(400, f"Invalid type for 'metadata.{key}': expected a string.",
-                           param=f"metadata.{key}", code="invalid_type")
+            raise ApiError(
+                400,
+                f"Invalid type for 'metadata.{key}': expected a string.",
+                param=f"metadata.{key}",
+                code="invalid_type",
+            )
         if len(value) > 512:
-            raise ApiError(400, "Invalid 'metadata': values are at most 512 characters.",
-                           param=f"metadata.{key}", code="invalid_value")
+            raise ApiError(
+                400,
+                "Invalid 'metadata': values are at most 512 characters.",
+                param=f"metadata.{key}",
+                code="invalid_value",
+            )
     return dict(metadata)
 
 
@@ -199,8 +272,12 @@ def expiry_seconds(anchor: Any, seconds: Any, param: str) -> int:
     except (TypeError, ValueError):
         value = -1
     if anchor != "created_at" or not 3600 <= value <= 2_592_000:
-        raise ApiError(400, f"Invalid '{param}': anchor must be 'created_at' and seconds "
-                       "between 3600 and 2592000.", param=param, code="invalid_value")
+        raise ApiError(
+            400,
+            f"Invalid '{param}': anchor must be 'created_at' and seconds between 3600 and 2592000.",
+            param=param,
+            code="invalid_value",
+        )
     return value
 
 
@@ -212,8 +289,12 @@ def page_limit(raw: str | None, *, default: int, most: int) -> int:
     except ValueError:
         value = 0
     if not 1 <= value <= most:
-        raise ApiError(400, f"Invalid 'limit': must be between 1 and {most}.", param="limit",
-                       code="invalid_value")
+        raise ApiError(
+            400,
+            f"Invalid 'limit': must be between 1 and {most}.",
+            param="limit",
+            code="invalid_value",
+        )
     return value
 
 
@@ -225,12 +306,16 @@ def ids_after(ids: list[str], after: str | None, count: int) -> list[str]:
         start = ids.index(after) + 1
     except ValueError:
         return []
-    return ids[start:start + count]
+    return ids[start : start + count]
 
 
 def list_page(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
     """A list envelope; ``items`` holds one extra element when there is a next page."""
     data = items[:limit]
-    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None, "has_more": len(items) > limit}
-
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(items) > limit,
+    }

@@ -44,19 +44,32 @@ from batchd.provider.sdk_errors import SdkErrors, translated
 MESSAGES = "/v1/messages"
 INLINE = "inline:"
 # 100,000 requests or 256 MB a batch; 100,000 batch requests queued at tier 1.
-LIMITS = ProviderLimits(max_lines=100_000, max_bytes=256 * 1024 * 1024,
-                        queued_requests=100_000, batch_metadata=False, expiry_hours=24,
-                        max_custom_id=64)
+LIMITS = ProviderLimits(
+    max_lines=100_000,
+    max_bytes=256 * 1024 * 1024,
+    queued_requests=100_000,
+    batch_metadata=False,
+    expiry_hours=24,
+    max_custom_id=64,
+)
 # The HTTP status each error type stands for (Anthropic's errors page), so a
 # result line is classified like any other (domain.classify_status).
-ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
-                "billing_error": 402, "permission_error": 403, "not_found_error": 404,
-                "request_too_large": 413, "rate_limit_error": 429, "timeout_error": 504,
-                "api_error": 500, "overloaded_error": 529}
-_NEVER_RAN = {"canceled": ("batch_cancelled", "The request was not run: the batch was "
-                           "cancelled."),
-              "expired": ("batch_expired", "The request was not run before the batch "
-                          "expired.")}
+ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "timeout_error": 504,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+_NEVER_RAN = {
+    "canceled": ("batch_cancelled", "The request was not run: the batch was cancelled."),
+    "expired": ("batch_expired", "The request was not run before the batch expired."),
+}
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
 
 
@@ -64,10 +77,17 @@ class AnthropicProvider:
     name = "anthropic"
     limits = LIMITS
 
-    def __init__(self, api_key: str, base_url: str | None = None, *, timeout: float = 120.0,
-                 max_retries: int = 2) -> None:
-        self._client = anthropic.AsyncAnthropic(api_key=api_key, base_url=base_url,
-                                                timeout=timeout, max_retries=max_retries)
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 2,
+    ) -> None:
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+        )
         # Creates and cancels are never resent by the SDK (no idempotency key:
         # a resent create may make a second, paid batch).
         self._no_retry = self._client.with_options(max_retries=0)
@@ -76,15 +96,21 @@ class AnthropicProvider:
         """Nothing leaves the machine: the requests go inline with the create.
         The file is checked here so a bad line fails before anything is sent."""
         size, mtime = await asyncio.to_thread(_check_input, path)
-        return RemoteFile(id=f"{INLINE}{path}", filename=filename, bytes=size,
-                          purpose="batch", created_at=mtime)
+        return RemoteFile(
+            id=f"{INLINE}{path}", filename=filename, bytes=size, purpose="batch", created_at=mtime
+        )
 
-    async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
-                           metadata: dict[str, str]) -> RemoteBatch:
+    async def create_batch(
+        self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, str]
+    ) -> RemoteBatch:
         if endpoint != MESSAGES:
-            raise ProviderError(f"create_batch: Anthropic batches run {MESSAGES} only, not "
-                                f"{endpoint}; route the task to another provider.",
-                                operation="create_batch", status=400, retryable=False)
+            raise ProviderError(
+                f"create_batch: Anthropic batches run {MESSAGES} only, not "
+                f"{endpoint}; route the task to another provider.",
+                operation="create_batch",
+                status=400,
+                retryable=False,
+            )
         path = Path(input_file_id.removeprefix(INLINE))
         requests = await asyncio.to_thread(_requests, path)
         with _translated("create_batch"):
@@ -118,14 +144,18 @@ class AnthropicProvider:
             yield _
         return
 
-    async def call_sync(self, endpoint: str, body: dict[str, Any], custom_id: str
-                        ) -> tuple[int, Any]:
+    async def call_sync(
+        self, endpoint: str, body: dict[str, Any], custom_id: str
+    ) -> tuple[int, Any]:
         # No SDK retries: a resent POST may be billed twice.
         try:
             with _translated("sync_call"):
                 data = await self._no_retry.post(
-                    MESSAGES, body=body, cast_to=object,
-                    options={"headers": {"x-custom-id": custom_id}})
+                    MESSAGES,
+                    body=body,
+                    cast_to=object,
+                    options={"headers": {"x-custom-id": custom_id}},
+                )
         except ProviderError as exc:
             cause = exc.__cause__
             if isinstance(cause, anthropic.APIStatusError):
@@ -140,7 +170,8 @@ class AnthropicProvider:
         last_ok = True
         with _translated("download_file"):
             async with self._client.messages.batches.with_streaming_response.results(
-                    file_id) as resp:
+                file_id
+            ) as resp:
                 out = await asyncio.to_thread(dest.open, "wb")
                 try:
                     lines = resp.iter_lines().__aiter__()
@@ -153,7 +184,9 @@ class AnthropicProvider:
                             raise TruncatedFileError(
                                 f"The results of {file_id} broke off after {written} bytes "
                                 f"({type(exc).__name__}); download them again.",
-                                operation="download_file", retryable=True) from exc
+                                operation="download_file",
+                                retryable=True,
+                            ) from exc
                         if not raw.strip():
                             continue
                         try:
@@ -169,8 +202,10 @@ class AnthropicProvider:
                     out.close()
             if not last_ok:
                 raise TruncatedFileError(
-                    f"The results of {file_id} end in the middle of a line; download them "
-                    "again.", operation="download_file", retryable=True)
+                    f"The results of {file_id} end in the middle of a line; download them again.",
+                    operation="download_file",
+                    retryable=True,
+                )
         return written
 
     async def close(self) -> None:
@@ -183,16 +218,30 @@ def normalize_result(line: dict[str, Any]) -> dict[str, Any]:
     result = _dict(line.get("result"))
     kind = result.get("type")
     if kind == "succeeded":
-        return {"custom_id": cid, "response": {"status_code": 200, "body": result.get("message")},
-                "error": None}
+        return {
+            "custom_id": cid,
+            "response": {"status_code": 200, "body": result.get("message")},
+            "error": None,
+        }
     if kind == "errored":
         outer = _dict(result.get("error"))
         inner = _dict(outer.get("error")) or outer
         etype = str(inner.get("type") or "api_error")
         status = ERROR_STATUS.get(etype, 500)
-        return {"custom_id": cid, "response": {"status_code": status, "body": {"error": {
-            "type": etype, "code": etype, "message": str(inner.get("message", ""))[:500]}}},
-            "error": None}
+        return {
+            "custom_id": cid,
+            "response": {
+                "status_code": status,
+                "body": {
+                    "error": {
+                        "type": etype,
+                        "code": etype,
+                        "message": str(inner.get("message", ""))[:500],
+                    }
+                },
+            },
+            "error": None,
+        }
     code, message = _NEVER_RAN.get(str(kind), ("unknown_result", f"result type {kind!r}"))
     return {"custom_id": cid, "response": None, "error": {"code": code, "message": message}}
 
@@ -208,18 +257,22 @@ def _check_input(path: Path) -> tuple[int, int]:
         for n, raw in enumerate(f, 1):
             size += len(raw)
             line = orjson.loads(raw)
-            if not isinstance(line.get("custom_id"), str) or not isinstance(
-                    line.get("body"), dict):
-                raise ProviderError(f"upload_file: line {n} of {path.name} is not a request; "
-                                    "it cannot be sent.", operation="upload_file",
-                                    status=400, retryable=False)
+            if not isinstance(line.get("custom_id"), str) or not isinstance(line.get("body"), dict):
+                raise ProviderError(
+                    f"upload_file: line {n} of {path.name} is not a request; it cannot be sent.",
+                    operation="upload_file",
+                    status=400,
+                    retryable=False,
+                )
     return size, int(path.stat().st_mtime)
 
 
 def _requests(path: Path) -> list[dict[str, Any]]:
     with path.open("rb") as f:
-        return [{"custom_id": line["custom_id"], "params": line["body"]}
-                for line in map(orjson.loads, f)]
+        return [
+            {"custom_id": line["custom_id"], "params": line["body"]}
+            for line in map(orjson.loads, f)
+        ]
 
 
 def status_of(obj: MessageBatch) -> str:
@@ -236,18 +289,24 @@ def status_of(obj: MessageBatch) -> str:
 
 def _batch(obj: MessageBatch) -> RemoteBatch:
     counts = obj.request_counts
-    total = (counts.processing + counts.succeeded + counts.errored + counts.canceled
-             + counts.expired)
+    total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
     status = status_of(obj)
     return RemoteBatch(
-        id=obj.id, status=status, endpoint=MESSAGES, input_file_id="",
+        id=obj.id,
+        status=status,
+        endpoint=MESSAGES,
+        input_file_id="",
         created_at=int(obj.created_at.timestamp()),
         created_exact=obj.created_at.timestamp(),
         output_file_id=obj.id if obj.results_url else None,
-        request_counts={"total": total, "completed": counts.succeeded,
-                        "failed": counts.errored + counts.canceled + counts.expired,
-                        **counts.model_dump()},
-        provider_status=obj.processing_status)
+        request_counts={
+            "total": total,
+            "completed": counts.succeeded,
+            "failed": counts.errored + counts.canceled + counts.expired,
+            **counts.model_dump(),
+        },
+        provider_status=obj.processing_status,
+    )
 
 
 def _translated(operation: str) -> AbstractContextManager[None]:
@@ -277,8 +336,13 @@ def _status_error(operation: str, exc: anthropic.APIStatusError) -> ProviderErro
     advice = "retry later" if retryable else "fix the request or the account; do not retry"
     return ProviderError(
         f"{operation}: Anthropic answered HTTP {status}{f' ({etype})' if etype else ''}: "
-        f"{str(exc.message)[:300]}; {advice}.", operation=operation, status=status,
-        code=etype, retryable=retryable, retry_after=retry_after_headers(exc.response.headers))
+        f"{str(exc.message)[:300]}; {advice}.",
+        operation=operation,
+        status=status,
+        code=etype,
+        retryable=retryable,
+        retry_after=retry_after_headers(exc.response.headers),
+    )
 
 
 def _error_body(exc: anthropic.APIStatusError) -> dict[str, Any]:
@@ -287,7 +351,12 @@ def _error_body(exc: anthropic.APIStatusError) -> dict[str, Any]:
 
 
 _SDK = SdkErrors(
-    name="Anthropic", status=anthropic.APIStatusError, timeout=(anthropic.APITimeoutError,),
-    connection=(anthropic.APIConnectionError,), status_code=lambda exc: str(exc.status_code),
+    name="Anthropic",
+    status=anthropic.APIStatusError,
+    timeout=(anthropic.APITimeoutError,),
+    connection=(anthropic.APIConnectionError,),
+    status_code=lambda exc: str(exc.status_code),
     status_error=lambda operation, exc: _status_error(operation, exc),
-    reason=lambda exc: exc.message, count=lambda operation, code: _count(operation, code))
+    reason=lambda exc: exc.message,
+    count=lambda operation, code: _count(operation, code),
+)

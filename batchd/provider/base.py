@@ -121,8 +121,9 @@ class Provider(Protocol):
     def list_files(self, purpose: str = "batch") -> AsyncIterator[RemoteFile]:
         """Files of a purpose, newest first."""
 
-    async def call_sync(self, endpoint: str, body: dict[str, Any], custom_id: str
-                        ) -> tuple[int, Any]:
+    async def call_sync(
+        self, endpoint: str, body: dict[str, Any], custom_id: str
+    ) -> tuple[int, Any]:
         """One synchronous API call: (HTTP status, parsed body). An HTTP error is
         returned, not raised, so it is classified like a batch line; only a
         call that got no answer raises ``ProviderError``."""
@@ -148,6 +149,10 @@ def pick(providers: Providers, name: str, operation: str) -> Provider:
     configured waits (retryable) until it is configured again."""
     found = providers.get(name)
     if found is None:
-        raise ProviderError(f"{operation}: provider {name} is not configured here; configure "
-                            "it again to finish its work", operation=operation, code="unconfigured")
+        raise ProviderError(
+            f"{operation}: provider {name} is not configured here; configure "
+            "it again to finish its work",
+            operation=operation,
+            code="unconfigured",
+        )
     return found

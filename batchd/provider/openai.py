@@ -29,28 +29,45 @@ from batchd.health import HEALTH
 from batchd.provider.base import ProviderLimits, RemoteBatch, RemoteFile
 from batchd.provider.sdk_errors import SdkErrors, translated
 
-_Endpoint = Literal["/v1/responses", "/v1/chat/completions", "/v1/embeddings",
-                    "/v1/completions", "/v1/moderations", "/v1/images/generations",
-                    "/v1/images/edits", "/v1/videos"]
+_Endpoint = Literal[
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+]
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
-_OPERATIONS = ("upload_file", "create_batch", "get_batch", "cancel_batch", "list_batches",
-               "list_files", "sync_call", "download_file")
+_OPERATIONS = (
+    "upload_file",
+    "create_batch",
+    "get_batch",
+    "cancel_batch",
+    "list_batches",
+    "list_files",
+    "sync_call",
+    "download_file",
+)
 _MB = 1024 * 1024
 
 # openai-batch-protocol.md section 6 and shared/providers.md.
 OPENAI_LIMITS = ProviderLimits(max_lines=50_000, max_bytes=200 * _MB)
 # 100,000 lines and 200 MB a file; a queued-token quota per deployment
 # (200M by default) counts every queued job together. Jobs are not expired.
-AZURE_LIMITS = ProviderLimits(max_lines=100_000, max_bytes=200 * _MB,
-                              queued_tokens=200_000_000, expiry_hours=24 * 365)
+AZURE_LIMITS = ProviderLimits(
+    max_lines=100_000, max_bytes=200 * _MB, queued_tokens=200_000_000, expiry_hours=24 * 365
+)
 # Known OpenAI-compatible services by name; any other name gets OpenAI's.
 COMPATIBLE_LIMITS = {
     # 50,000 lines / 200 MB; completion windows of 24h to 7d.
     "groq": ProviderLimits(max_lines=50_000, max_bytes=200 * _MB),
     # custom_id at most 64 characters, 50,000 requests / 100 MB, 30B tokens
     # queued per model.
-    "together": ProviderLimits(max_lines=50_000, max_bytes=100 * _MB,
-                               queued_tokens=30_000_000_000, max_custom_id=64),
+    "together": ProviderLimits(
+        max_lines=50_000, max_bytes=100 * _MB, queued_tokens=30_000_000_000, max_custom_id=64
+    ),
 }
 
 
@@ -58,14 +75,22 @@ class OpenAIProvider:
     name = "openai"
     limits = OPENAI_LIMITS
 
-    def __init__(self, api_key: str, base_url: str | None = None, *, timeout: float = 120.0,
-                 max_retries: int = 2, name: str = "openai",
-                 limits: ProviderLimits | None = None,
-                 client: openai.AsyncOpenAI | None = None) -> None:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 2,
+        name: str = "openai",
+        limits: ProviderLimits | None = None,
+        client: openai.AsyncOpenAI | None = None,
+    ) -> None:
         self.name = name
         self.limits = limits or OPENAI_LIMITS
         self._client = client or openai.AsyncOpenAI(
-            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries)
+            api_key=api_key, base_url=base_url, timeout=timeout, max_retries=max_retries
+        )
         # For cancel (a 409 means "already terminal"; the SDK would retry it
         # twice) and create (see create_batch).
         self._no_retry = self._client.with_options(max_retries=0)
@@ -88,15 +113,19 @@ class OpenAIProvider:
             handle.close()
         return _file(obj)
 
-    async def create_batch(self, input_file_id: str, endpoint: str, completion_window: str,
-                           metadata: dict[str, str]) -> RemoteBatch:
+    async def create_batch(
+        self, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, str]
+    ) -> RemoteBatch:
         # No SDK retries here: the SDK would resend POST /batches with no
         # idempotency key after a timeout or 5xx and could create a second,
         # paid batch. The scheduler decides, after looking for our metadata.
         with _translated("create_batch"):
             obj = await self._no_retry.batches.create(
-                input_file_id=input_file_id, endpoint=cast(_Endpoint, endpoint),
-                completion_window=cast(Literal["24h"], completion_window), metadata=metadata)
+                input_file_id=input_file_id,
+                endpoint=cast(_Endpoint, endpoint),
+                completion_window=cast(Literal["24h"], completion_window),
+                metadata=metadata,
+            )
         return _batch(obj, "create_batch")
 
     async def get_batch(self, batch_id: str) -> RemoteBatch:
@@ -124,16 +153,17 @@ class OpenAIProvider:
             async for obj in self._client.files.list(purpose=purpose, order="desc"):
                 yield _file(obj)
 
-    async def call_sync(self, endpoint: str, body: dict[str, Any], custom_id: str
-                        ) -> tuple[int, Any]:
+    async def call_sync(
+        self, endpoint: str, body: dict[str, Any], custom_id: str
+    ) -> tuple[int, Any]:
         # No SDK retries: a resent POST may be billed twice; the sync lane
         # retries through the queue, with backoff, by the batch rules.
         path = endpoint.removeprefix("/v1")
         try:
             with _translated("sync_call"):
                 data = await self._no_retry.post(
-                    path, body=body, cast_to=object,
-                    options={"headers": {"x-custom-id": custom_id}})
+                    path, body=body, cast_to=object, options={"headers": {"x-custom-id": custom_id}}
+                )
         except ProviderError as exc:
             cause = exc.__cause__
             if isinstance(cause, openai.APIStatusError):
@@ -163,46 +193,65 @@ class OpenAIProvider:
                             raise TruncatedFileError(
                                 f"The download of {file_id} broke off after {written} bytes "
                                 f"({type(exc).__name__}); download it again.",
-                                operation="download_file", retryable=True) from exc
+                                operation="download_file",
+                                retryable=True,
+                            ) from exc
                         out.write(chunk)
                         written += len(chunk)
                         cut = chunk.rfind(b"\n")
                         if cut < 0:
                             tail += chunk
                         else:
-                            tail[:] = chunk[cut + 1:]
+                            tail[:] = chunk[cut + 1 :]
                 finally:
                     out.close()
             if expected is not None and written != expected:
                 raise TruncatedFileError(
                     f"The download of {file_id} gave {written} of {expected} bytes; "
-                    "download it again.", operation="download_file", retryable=True)
+                    "download it again.",
+                    operation="download_file",
+                    retryable=True,
+                )
             if tail.strip() and not _parses(bytes(tail)):
                 raise TruncatedFileError(
                     f"The download of {file_id} ends in the middle of a line; download it again.",
-                    operation="download_file", retryable=True)
+                    operation="download_file",
+                    retryable=True,
+                )
         return written
 
     async def close(self) -> None:
         await self._client.close()
 
 
-def azure_provider(api_key: str, endpoint: str, api_version: str, *, timeout: float = 120.0,
-                   max_retries: int = 2) -> OpenAIProvider:
+def azure_provider(
+    api_key: str, endpoint: str, api_version: str, *, timeout: float = 120.0, max_retries: int = 2
+) -> OpenAIProvider:
     """Azure OpenAI global batch: the same protocol under ``{endpoint}/openai``
     with ``api-version`` on every call and the deployment as a line's model."""
-    client = openai.AsyncAzureOpenAI(api_key=api_key, azure_endpoint=endpoint,
-                                     api_version=api_version, timeout=timeout,
-                                     max_retries=max_retries)
+    client = openai.AsyncAzureOpenAI(
+        api_key=api_key,
+        azure_endpoint=endpoint,
+        api_version=api_version,
+        timeout=timeout,
+        max_retries=max_retries,
+    )
     return OpenAIProvider(api_key, name="azure", limits=AZURE_LIMITS, client=client)
 
 
-def compatible_provider(name: str, api_key: str, base_url: str, *, timeout: float = 120.0,
-                        max_retries: int = 2) -> OpenAIProvider:
+def compatible_provider(
+    name: str, api_key: str, base_url: str, *, timeout: float = 120.0, max_retries: int = 2
+) -> OpenAIProvider:
     """An OpenAI-compatible Files + Batches service (``openai_compatible:<name>``)."""
     limits = COMPATIBLE_LIMITS.get(name.lower(), OPENAI_LIMITS)
-    return OpenAIProvider(api_key, base_url, timeout=timeout, max_retries=max_retries,
-                          name=f"openai_compatible:{name}", limits=limits)
+    return OpenAIProvider(
+        api_key,
+        base_url,
+        timeout=timeout,
+        max_retries=max_retries,
+        name=f"openai_compatible:{name}",
+        limits=limits,
+    )
 
 
 def _parses(line: bytes) -> bool:
@@ -241,8 +290,12 @@ def _status_error(operation: str, exc: openai.APIStatusError) -> ProviderError:
     return ProviderError(
         f"{operation}: the provider answered HTTP {status}"
         f"{f' ({code})' if code else ''}: {message[:300]}; {advice}.",
-        operation=operation, status=status, code=code, retryable=retryable,
-        retry_after=retry_after_headers(headers))
+        operation=operation,
+        status=status,
+        code=code,
+        retryable=retryable,
+        retry_after=retry_after_headers(headers),
+    )
 
 
 def _error_body(exc: openai.APIStatusError) -> dict[str, Any]:
@@ -252,30 +305,49 @@ def _error_body(exc: openai.APIStatusError) -> dict[str, Any]:
 
 
 def _file(obj: FileObject) -> RemoteFile:
-    return RemoteFile(id=obj.id, filename=obj.filename, bytes=obj.bytes, purpose=obj.purpose,
-                      created_at=obj.created_at)
+    return RemoteFile(
+        id=obj.id,
+        filename=obj.filename,
+        bytes=obj.bytes,
+        purpose=obj.purpose,
+        created_at=obj.created_at,
+    )
 
 
 def _batch(obj: Batch, operation: str) -> RemoteBatch:
     # The SDK parses leniently: a missing id or status arrives as None, not an error.
     if not isinstance(obj.id, str) or not isinstance(obj.status, str):
-        raise ProviderError(f"{operation}: the provider returned a batch without an id or "
-                            "status; retry later.", operation=operation)
+        raise ProviderError(
+            f"{operation}: the provider returned a batch without an id or status; retry later.",
+            operation=operation,
+        )
     errors = [e.model_dump() for e in obj.errors.data] if obj.errors and obj.errors.data else []
     # Together answers VALIDATING, IN_PROGRESS, COMPLETED...: the same words.
     status = obj.status.lower()
     return RemoteBatch(
-        id=obj.id, status=status, endpoint=obj.endpoint,
+        id=obj.id,
+        status=status,
+        endpoint=obj.endpoint,
         provider_status=obj.status if status != obj.status else None,
-        input_file_id=obj.input_file_id, created_at=obj.created_at,
-        output_file_id=obj.output_file_id, error_file_id=obj.error_file_id, errors=errors,
+        input_file_id=obj.input_file_id,
+        created_at=obj.created_at,
+        output_file_id=obj.output_file_id,
+        error_file_id=obj.error_file_id,
+        errors=errors,
         request_counts=obj.request_counts.model_dump() if obj.request_counts else None,
         usage=obj.usage.model_dump() if obj.usage else None,
-        metadata=dict(obj.metadata) if obj.metadata else None, model=obj.model)
+        metadata=dict(obj.metadata) if obj.metadata else None,
+        model=obj.model,
+    )
 
 
 _SDK = SdkErrors(
-    name="the provider", status=openai.APIStatusError, timeout=(openai.APITimeoutError,),
-    connection=(openai.APIConnectionError,), status_code=lambda exc: str(exc.status_code),
+    name="the provider",
+    status=openai.APIStatusError,
+    timeout=(openai.APITimeoutError,),
+    connection=(openai.APIConnectionError,),
+    status_code=lambda exc: str(exc.status_code),
     status_error=lambda operation, exc: _status_error(operation, exc),
-    reason=lambda exc: exc.message, count=lambda operation, code: _count(operation, code))
+    reason=lambda exc: exc.message,
+    count=lambda operation, code: _count(operation, code),
+)

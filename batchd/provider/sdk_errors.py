@@ -43,14 +43,18 @@ def translated(operation: str, sdk: SdkErrors) -> Iterator[None]:
         raise
     except sdk.timeout as exc:
         sdk.count(operation, "error")
-        raise ProviderError(f"{operation}: {sdk.name} did not answer in time; retry later.",
-                            operation=operation) from exc
+        raise ProviderError(
+            f"{operation}: {sdk.name} did not answer in time; retry later.", operation=operation
+        ) from exc
     except sdk.connection as exc:
         sdk.count(operation, "error")
-        raise ProviderError(f"{operation}: could not reach {sdk.name} ({sdk.reason(exc)}); "
-                            "retry later.", operation=operation) from exc
+        raise ProviderError(
+            f"{operation}: could not reach {sdk.name} ({sdk.reason(exc)}); retry later.",
+            operation=operation,
+        ) from exc
     except (json.JSONDecodeError, orjson.JSONDecodeError) as exc:
         sdk.count(operation, "error")
-        raise ProviderError(f"{operation}: {sdk.name} answered with invalid JSON; "
-                            "retry later.", operation=operation) from exc
+        raise ProviderError(
+            f"{operation}: {sdk.name} answered with invalid JSON; retry later.", operation=operation
+        ) from exc
     sdk.count(operation, "200")

@@ -42,7 +42,9 @@ def _day_bounds(day: date) -> tuple[datetime, datetime]:
 
 # ------------------------------------------------------------------ overview
 
-QUEUE_WINDOWS = text(QUEUED_KEYS + f"""
+QUEUE_WINDOWS = text(
+    QUEUED_KEYS
+    + f"""
 SELECT k.provider, k.endpoint, k.model, w.n, w.oldest, w.due, now() AS now
 FROM keys k, LATERAL (
     SELECT count(*) AS n, min(not_before) AS oldest,
@@ -55,11 +57,13 @@ FROM keys k, LATERAL (
 WHERE w.n > 0
 ORDER BY w.oldest
 LIMIT 200
-""")
+"""
+)
 
 
-async def queue_windows(conn: AsyncConnection, client: str | None, cap: int
-                        ) -> list[dict[str, Any]]:
+async def queue_windows(
+    conn: AsyncConnection, client: str | None, cap: int
+) -> list[dict[str, Any]]:
     """Per (provider, endpoint, model) window of the batch lane: queued tasks (counted
     up to ``cap``), how many may join a batch now (the rest wait out a
     retry's backoff) and the oldest ``not_before``, from which the window's
@@ -93,8 +97,9 @@ LIMIT :lim
 """)
 
 
-async def live_batches(conn: AsyncConnection, client: str | None, limit: int
-                       ) -> list[dict[str, Any]]:
+async def live_batches(
+    conn: AsyncConnection, client: str | None, limit: int
+) -> list[dict[str, Any]]:
     """Batches not yet routed, oldest first; a client sees those holding a
     task of its own."""
     rows = await conn.execute(LIVE_BATCHES, {"client": client, "lim": limit})
@@ -111,8 +116,9 @@ GROUP BY client ORDER BY sum(cost_usd) DESC, client LIMIT 100
 """)
 
 
-async def spend_by_client(conn: AsyncConnection, client: str | None, day: date
-                          ) -> list[dict[str, Any]]:
+async def spend_by_client(
+    conn: AsyncConnection, client: str | None, day: date
+) -> list[dict[str, Any]]:
     """What each client's results stored on ``day`` cost."""
     lo, hi = _day_bounds(day)
     rows = await conn.execute(SPEND_BY_CLIENT, {"client": client, "lo": lo, "hi": hi})
@@ -146,34 +152,57 @@ SELECT count(*) FROM (SELECT 1 FROM tasks WHERE {_FAILED_FILTER} LIMIT :cap) s
 """)
 
 
-def _filter_params(client: str | None, model: str | None, code: str | None,
-                   day: date | None) -> dict[str, Any]:
+def _filter_params(
+    client: str | None, model: str | None, code: str | None, day: date | None
+) -> dict[str, Any]:
     lo, hi = _day_bounds(day) if day else (None, None)
     return {"client": client, "model": model, "code": code, "lo": lo, "hi": hi}
 
 
-async def manual_page(conn: AsyncConnection, *, client: str | None, model: str | None,
-                      code: str | None, day: date | None, before: int, limit: int
-                      ) -> list[dict[str, Any]]:
+async def manual_page(
+    conn: AsyncConnection,
+    *,
+    client: str | None,
+    model: str | None,
+    code: str | None,
+    day: date | None,
+    before: int,
+    limit: int,
+) -> list[dict[str, Any]]:
     """Failed tasks matching the filters, newest first, below id ``before``."""
-    rows = await conn.execute(MANUAL_PAGE, {**_filter_params(client, model, code, day),
-                                            "before": before, "lim": limit})
+    rows = await conn.execute(
+        MANUAL_PAGE, {**_filter_params(client, model, code, day), "before": before, "lim": limit}
+    )
     return [dict(r) for r in rows.mappings()]
 
 
-async def manual_count(conn: AsyncConnection, *, client: str | None, model: str | None,
-                       code: str | None, day: date | None, cap: int) -> int:
+async def manual_count(
+    conn: AsyncConnection,
+    *,
+    client: str | None,
+    model: str | None,
+    code: str | None,
+    day: date | None,
+    cap: int,
+) -> int:
     """How many failed tasks match, counted up to ``cap``."""
-    row = await conn.execute(MANUAL_COUNT, {**_filter_params(client, model, code, day),
-                                            "cap": cap})
+    row = await conn.execute(MANUAL_COUNT, {**_filter_params(client, model, code, day), "cap": cap})
     return int(row.scalar_one())
 
 
-async def manual_ids(conn: AsyncConnection, *, client: str | None, model: str | None,
-                     code: str | None, day: date | None, limit: int) -> list[int]:
+async def manual_ids(
+    conn: AsyncConnection,
+    *,
+    client: str | None,
+    model: str | None,
+    code: str | None,
+    day: date | None,
+    limit: int,
+) -> list[int]:
     """The ids of up to ``limit`` failed tasks matching the filters, newest first."""
-    rows = await conn.execute(MANUAL_IDS, {**_filter_params(client, model, code, day),
-                                           "lim": limit})
+    rows = await conn.execute(
+        MANUAL_IDS, {**_filter_params(client, model, code, day), "lim": limit}
+    )
     return [int(r[0]) for r in rows]
 
 
@@ -184,8 +213,9 @@ ORDER BY id
 """)
 
 
-async def chosen_failed(conn: AsyncConnection, client: str | None, ids: Sequence[int]
-                        ) -> list[dict[str, Any]]:
+async def chosen_failed(
+    conn: AsyncConnection, client: str | None, ids: Sequence[int]
+) -> list[dict[str, Any]]:
     """Of the chosen task ids, the ones that are failed and the viewer's."""
     rows = await conn.execute(CHOSEN_FAILED, {"client": client, "ids": list(ids)})
     return [dict(r) for r in rows.mappings()]
@@ -199,23 +229,39 @@ ORDER BY id
 """)
 
 
-async def export_rows(conn: AsyncConnection, client: str | None, ids: Sequence[int]
-                      ) -> list[dict[str, Any]]:
+async def export_rows(
+    conn: AsyncConnection, client: str | None, ids: Sequence[int]
+) -> list[dict[str, Any]]:
     """The chosen failed tasks with their request bodies, for an export file."""
     rows = await conn.execute(EXPORT_ROWS, {"client": client, "ids": list(ids)})
     return [dict(r) for r in rows.mappings()]
 
 
-async def record_action(conn: AsyncConnection, *, actor: str, client: str | None,
-                        action: str, requested: int, affected: int,
-                        detail: dict[str, Any]) -> int:
+async def record_action(
+    conn: AsyncConnection,
+    *,
+    actor: str,
+    client: str | None,
+    action: str,
+    requested: int,
+    affected: int,
+    detail: dict[str, Any],
+) -> int:
     """The audit row of one console action; its id."""
-    row = await conn.execute(text("""
+    row = await conn.execute(
+        text("""
         INSERT INTO console_actions (actor, client, action, requested, affected, detail)
         VALUES (:actor, :client, :action, :requested, :affected, CAST(:detail AS jsonb))
         RETURNING id"""),
-        {"actor": actor, "client": client, "action": action, "requested": requested,
-         "affected": affected, "detail": orjson.dumps(detail).decode()})
+        {
+            "actor": actor,
+            "client": client,
+            "action": action,
+            "requested": requested,
+            "affected": affected,
+            "detail": orjson.dumps(detail).decode(),
+        },
+    )
     return int(row.scalar_one())
 
 
@@ -225,8 +271,9 @@ WHERE {_MINE} ORDER BY id DESC LIMIT :lim
 """)
 
 
-async def recent_actions(conn: AsyncConnection, client: str | None, limit: int
-                         ) -> list[dict[str, Any]]:
+async def recent_actions(
+    conn: AsyncConnection, client: str | None, limit: int
+) -> list[dict[str, Any]]:
     rows = await conn.execute(RECENT_ACTIONS, {"client": client, "lim": limit})
     return [dict(r) for r in rows.mappings()]
 
@@ -259,20 +306,33 @@ FROM results WHERE task_id = :tid
 """)
 
 
-async def task_history(conn: AsyncConnection, client: str | None, custom_id: str,
-                       event_limit: int) -> list[dict[str, Any]]:
+async def task_history(
+    conn: AsyncConnection, client: str | None, custom_id: str, event_limit: int
+) -> list[dict[str, Any]]:
     """The viewer's tasks with this custom_id, each with its events (newest
     first, up to ``event_limit``), the batches they name and its result."""
-    found = [dict(r) for r in
-             (await conn.execute(TASKS_BY_CUSTOM_ID, {"client": client, "cid": custom_id}))
-             .mappings()]
+    found = [
+        dict(r)
+        for r in (
+            await conn.execute(TASKS_BY_CUSTOM_ID, {"client": client, "cid": custom_id})
+        ).mappings()
+    ]
     for task in found:
-        events = [dict(r) for r in (await conn.execute(
-            EVENTS, {"tid": task["id"], "lim": event_limit})).mappings()]
-        batch_ids = sorted({e["batch_id"] for e in events if e["batch_id"]}
-                           | ({task["batch_id"]} if task["batch_id"] else set()))
-        batches = [dict(r) for r in (await conn.execute(
-            BATCHES_BY_ID, {"ids": batch_ids})).mappings()] if batch_ids else []
+        events = [
+            dict(r)
+            for r in (
+                await conn.execute(EVENTS, {"tid": task["id"], "lim": event_limit})
+            ).mappings()
+        ]
+        batch_ids = sorted(
+            {e["batch_id"] for e in events if e["batch_id"]}
+            | ({task["batch_id"]} if task["batch_id"] else set())
+        )
+        batches = (
+            [dict(r) for r in (await conn.execute(BATCHES_BY_ID, {"ids": batch_ids})).mappings()]
+            if batch_ids
+            else []
+        )
         result = (await conn.execute(RESULT, {"tid": task["id"]})).mappings().first()
         task.update(events=events, batches=batches, result=dict(result) if result else None)
     return found
@@ -289,8 +349,9 @@ WHERE b.id = :bid AND (CAST(:client AS text) IS NULL OR {_HOLDS_MINE})
 """)
 
 
-async def batch_detail(conn: AsyncConnection, client: str | None, batch_id: str
-                       ) -> dict[str, Any] | None:
+async def batch_detail(
+    conn: AsyncConnection, client: str | None, batch_id: str
+) -> dict[str, Any] | None:
     """One batch, if the viewer may see it: an admin always, a client when
     one of its tasks is in it (a task keeps the batch that finished it)."""
     row = await conn.execute(BATCH_DETAIL, {"client": client, "bid": batch_id})

@@ -69,8 +69,10 @@ def make_engine(url: str, pool_size: int = 10, pool_timeout: float = 30.0) -> As
         # No JIT: every statement here is short, and on a deep queue the
         # planner's cost estimate crosses jit_above_cost and spends half a
         # second compiling a query that runs in milliseconds, every tick.
-        connect_args={"server_settings": {"application_name": "batchd", "jit": "off"},
-                      "timeout": 10},
+        connect_args={
+            "server_settings": {"application_name": "batchd", "jit": "off"},
+            "timeout": 10,
+        },
     )
 
 

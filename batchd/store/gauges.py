@@ -37,6 +37,9 @@ async def queue_and_spend(conn: AsyncConnection, day: date) -> dict[str, Any]:
 
 async def batch_archive_state(conn: AsyncConnection, batch_id: str) -> Any:
     """A batch's state, spend day and provider id, for the spool sweep (None: unknown)."""
-    return (await conn.execute(text(
-        "SELECT state, spend_day, provider_batch_id FROM batches WHERE id = :id"),
-        {"id": batch_id})).first()
+    return (
+        await conn.execute(
+            text("SELECT state, spend_day, provider_batch_id FROM batches WHERE id = :id"),
+            {"id": batch_id},
+        )
+    ).first()

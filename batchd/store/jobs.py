@@ -51,26 +51,33 @@ def moved_deltas(source: str, old: str, new: str, cost: str = "0", sync: str = "
 
 # --------------------------------------------------------------------- ingest
 
-async def open_jobs(conn: AsyncConnection, keys: Sequence[tuple[str, str]],
-                    callbacks: Sequence[str | None]) -> set[tuple[str, str]]:
+
+async def open_jobs(
+    conn: AsyncConnection, keys: Sequence[tuple[str, str]], callbacks: Sequence[str | None]
+) -> set[tuple[str, str]]:
     """Create the jobs of an ingest that are new (with their callback URL)
     and hold a key-share lock on each until the transaction ends, so a
     cancel either sees this ingest's tasks or this ingest sees the cancel.
     Returns the (client, job) keys that were cancelled: nothing may join them."""
     if not keys:
         return set()
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         INSERT INTO jobs (client, job, callback_url)
         SELECT * FROM unnest(CAST(:cl AS text[]), CAST(:job AS text[]), CAST(:cb AS text[]))
         ORDER BY 1, 2
         ON CONFLICT (client, job) DO NOTHING"""),
-        {"cl": [k[0] for k in keys], "job": [k[1] for k in keys], "cb": list(callbacks)})
-    rows = await conn.execute(text("""
+        {"cl": [k[0] for k in keys], "job": [k[1] for k in keys], "cb": list(callbacks)},
+    )
+    rows = await conn.execute(
+        text("""
         SELECT j.client, j.job, j.cancelled_at FROM jobs j
         JOIN unnest(CAST(:cl AS text[]), CAST(:job AS text[])) AS k(client, job)
           ON j.client = k.client AND j.job = k.job
         ORDER BY j.client, j.job
-        FOR KEY SHARE OF j"""), {"cl": [k[0] for k in keys], "job": [k[1] for k in keys]})
+        FOR KEY SHARE OF j"""),
+        {"cl": [k[0] for k in keys], "job": [k[1] for k in keys]},
+    )
     return {(c, j) for c, j, cancelled in rows if cancelled is not None}
 
 
@@ -124,10 +131,16 @@ class JobView:
 def _view(row: Any) -> JobView:
     m = row._mapping
     return JobView(
-        client=m["client"], job=m["job"], **{c: int(m[c]) for c in _COUNTS},
-        spend_usd=Decimal(m["spend_usd"]), sync_equivalent_usd=Decimal(m["sync_equivalent_usd"]),
-        created_at=m["created_at"], finished_at=m["finished_at"],
-        cancelled_at=m["cancelled_at"], callback_url=m["callback_url"])
+        client=m["client"],
+        job=m["job"],
+        **{c: int(m[c]) for c in _COUNTS},
+        spend_usd=Decimal(m["spend_usd"]),
+        sync_equivalent_usd=Decimal(m["sync_equivalent_usd"]),
+        created_at=m["created_at"],
+        finished_at=m["finished_at"],
+        cancelled_at=m["cancelled_at"],
+        callback_url=m["callback_url"],
+    )
 
 
 GET_JOB = text(f"""
@@ -149,8 +162,9 @@ WHERE j.client = :client
 ORDER BY j.created_at DESC, j.job DESC LIMIT :lim""")
 
 
-async def list_jobs(conn: AsyncConnection, client: str, after: str | None, limit: int
-                    ) -> list[JobView]:
+async def list_jobs(
+    conn: AsyncConnection, client: str, after: str | None, limit: int
+) -> list[JobView]:
     """A client's jobs, newest first, from after the job named ``after``."""
     rows = await conn.execute(LIST_JOBS, {"client": client, "after": after, "lim": limit})
     return [_view(r) for r in rows]
@@ -181,28 +195,39 @@ SELECT {_merged()} FROM newest j, {_PENDING}
 ORDER BY j.created_at DESC, j.client DESC, j.job DESC""")
 
 
-async def list_all_jobs(conn: AsyncConnection, after: tuple[str, str] | None, limit: int
-                        ) -> list[JobView]:
+async def list_all_jobs(
+    conn: AsyncConnection, after: tuple[str, str] | None, limit: int
+) -> list[JobView]:
     """Every client's jobs (an admin's view), newest first, from after the
     (client, job) ``after``."""
-    rows = await conn.execute(LIST_ALL_JOBS, {
-        "after_client": after[0] if after else None, "after": after[1] if after else None,
-        "lim": limit})
+    rows = await conn.execute(
+        LIST_ALL_JOBS,
+        {
+            "after_client": after[0] if after else None,
+            "after": after[1] if after else None,
+            "lim": limit,
+        },
+    )
     return [_view(r) for r in rows]
 
 
 async def job_exists(conn: AsyncConnection, client: str, job: str) -> bool:
-    row = await conn.execute(text("SELECT 1 FROM jobs WHERE client = :client AND job = :job"),
-                             {"client": client, "job": job})
+    row = await conn.execute(
+        text("SELECT 1 FROM jobs WHERE client = :client AND job = :job"),
+        {"client": client, "job": job},
+    )
     return row.first() is not None
 
 
-async def task_id_in_job(conn: AsyncConnection, client: str, job: str, custom_id: str
-                         ) -> int | None:
+async def task_id_in_job(
+    conn: AsyncConnection, client: str, job: str, custom_id: str
+) -> int | None:
     """The id of a job's task (a results cursor), or None."""
-    row = await conn.execute(text("""
+    row = await conn.execute(
+        text("""
         SELECT id FROM tasks WHERE client = :client AND custom_id = :cid AND job = :job"""),
-        {"client": client, "job": job, "cid": custom_id})
+        {"client": client, "job": job, "cid": custom_id},
+    )
     found = row.scalar_one_or_none()
     return int(found) if found is not None else None
 
@@ -229,8 +254,9 @@ def results_page_sql() -> str:
 NO_SORT = "SELECT set_config('enable_sort', 'off', true), set_config('jit', 'off', true)"
 
 
-async def results_page(conn: AsyncConnection, client: str, job: str, after: int,
-                       states: Sequence[str], limit: int) -> list[Any]:
+async def results_page(
+    conn: AsyncConnection, client: str, job: str, after: int, states: Sequence[str], limit: int
+) -> list[Any]:
     """One page of a job's finished tasks after task id ``after`` (rows of
     results_page_sql), read through the driver so the response and error
     stay JSON text for the stream to copy."""
@@ -242,22 +268,30 @@ async def results_page(conn: AsyncConnection, client: str, job: str, after: int,
 
 # --------------------------------------------------------------------- cancel
 
+
 async def lock_for_cancel(conn: AsyncConnection, client: str, job: str) -> bool:
     """Mark a job cancelled (once), waiting for ingests in flight into it to
     commit first; False when there is no such job. Nothing joins it after."""
-    row = await conn.execute(text("""
+    row = await conn.execute(
+        text("""
         SELECT 1 FROM jobs WHERE client = :client AND job = :job FOR UPDATE"""),
-        {"client": client, "job": job})
+        {"client": client, "job": job},
+    )
     if row.first() is None:
         return False
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         UPDATE jobs SET cancelled_at = coalesce(cancelled_at, now()), updated_at = now()
-        WHERE client = :client AND job = :job"""), {"client": client, "job": job})
+        WHERE client = :client AND job = :job"""),
+        {"client": client, "job": job},
+    )
     return True
 
 
-CANCELLED_ERROR = {"code": "cancelled", "message": "the task's job was cancelled before the "
-                   "task was sent"}
+CANCELLED_ERROR = {
+    "code": "cancelled",
+    "message": "the task's job was cancelled before the task was sent",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,8 +326,9 @@ SELECT (SELECT max(id) FROM picked) AS last_id,
         FROM (SELECT client, count(*) AS n FROM upd GROUP BY client) c) AS by_client""")
 
 
-async def cancel_queued(conn: AsyncConnection, client: str, job: str, after: int, limit: int
-                        ) -> CancelStep:
+async def cancel_queued(
+    conn: AsyncConnection, client: str, job: str, after: int, limit: int
+) -> CancelStep:
     """Cancel up to ``limit`` queued tasks of a job with ids above ``after``.
 
     The rows are locked without SKIP LOCKED: a task a flush is taking is
@@ -301,30 +336,43 @@ async def cancel_queued(conn: AsyncConnection, client: str, job: str, after: int
     queued once its lock is free is cancelled. The flush's claim skips
     locked rows, so a task the cancel holds never joins a batch."""
     await conn.execute(text(NO_SORT))  # the next stretch of tasks_job (results_page_sql)
-    row = (await conn.execute(CANCEL_QUEUED, {
-        "client": client, "job": job, "after": after, "lim": limit,
-        "err": orjson.dumps(CANCELLED_ERROR).decode()})).one()
+    row = (
+        await conn.execute(
+            CANCEL_QUEUED,
+            {
+                "client": client,
+                "job": job,
+                "after": after,
+                "lim": limit,
+                "err": orjson.dumps(CANCELLED_ERROR).decode(),
+            },
+        )
+    ).one()
     by_client = {(k or None): int(v) for k, v in (row.by_client or {}).items()}
     return CancelStep(row.last_id, sum(by_client.values()), by_client)
 
 
-async def cancelled_with_queued(conn: AsyncConnection, limit: int = 100
-                                ) -> list[tuple[str, str]]:
+async def cancelled_with_queued(conn: AsyncConnection, limit: int = 100) -> list[tuple[str, str]]:
     """Cancelled jobs that hold queued tasks again (a retry or requeue of a
     task that was at the provider when the job was cancelled)."""
-    rows = await conn.execute(text(f"""
+    rows = await conn.execute(
+        text(f"""
         SELECT j.client, j.job FROM jobs j, {_PENDING}
         WHERE j.cancelled_at IS NOT NULL AND j.finished_at IS NULL
           AND j.queued + d.queued > 0
-        ORDER BY j.cancelled_at LIMIT :lim"""), {"lim": limit})
+        ORDER BY j.cancelled_at LIMIT :lim"""),
+        {"lim": limit},
+    )
     return [(c, j) for c, j in rows]
 
 
 async def set_callback(conn: AsyncConnection, client: str, job: str, url: str | None) -> bool:
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         UPDATE jobs SET callback_url = :url, updated_at = now()
         WHERE client = :client AND job = :job RETURNING 1"""),
-        {"client": client, "job": job, "url": url})
+        {"client": client, "job": job, "url": url},
+    )
     return rows.first() is not None
 
 
@@ -351,12 +399,12 @@ async def fold_deltas(conn: AsyncConnection, limit: int) -> Fold:
     left with no task queued or submitted is finished as of its last delta,
     and gets its callback (if it has a URL) in the same statement. One folder
     at a time (an advisory lock; a second one returns at once)."""
-    got = await conn.execute(text(
-        "SELECT pg_try_advisory_xact_lock(hashtext('batchd.jobs.fold'))"))
+    got = await conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtext('batchd.jobs.fold'))"))
     if not got.scalar_one():
         return Fold(0, 0, [])
     counts = ", ".join(_COUNTS)
-    rows = await conn.execute(text(f"""
+    rows = await conn.execute(
+        text(f"""
         WITH gone AS (
             DELETE FROM job_deltas WHERE id IN (
                 SELECT id FROM job_deltas ORDER BY id LIMIT :lim)
@@ -391,16 +439,23 @@ async def fold_deltas(conn: AsyncConnection, limit: int) -> Fold:
         SELECT client, job, finished_at IS NOT NULL AS finished,
                (SELECT count(*) FROM gone) AS deltas
         FROM folded
-        """), {"lim": limit})
+        """),
+        {"lim": limit},
+    )
     folded = rows.all()
-    return Fold(int(folded[0].deltas) if folded else 0, len(folded),
-                [(r.client, r.job) for r in folded if r.finished])
+    return Fold(
+        int(folded[0].deltas) if folded else 0,
+        len(folded),
+        [(r.client, r.job) for r in folded if r.finished],
+    )
 
 
 async def open_job_count(conn: AsyncConnection) -> int:
     """Jobs with a task queued or submitted, as of the last fold (a gauge)."""
-    row = await conn.execute(text("""
-        SELECT count(*) FROM jobs WHERE finished_at IS NULL AND queued + submitted > 0"""))
+    row = await conn.execute(
+        text("""
+        SELECT count(*) FROM jobs WHERE finished_at IS NULL AND queued + submitted > 0""")
+    )
     return int(row.scalar_one())
 
 

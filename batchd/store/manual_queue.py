@@ -18,8 +18,11 @@ Keys = list[tuple[str, str]]
 
 
 def _key_params(client: str | None, keys: Keys | None) -> dict[str, Any]:
-    return {"client": client, "cls": None if keys is None else [k[0] for k in keys],
-            "cids": None if keys is None else [k[1] for k in keys]}
+    return {
+        "client": client,
+        "cls": None if keys is None else [k[0] for k in keys],
+        "cids": None if keys is None else [k[1] for k in keys],
+    }
 
 
 # The failed tasks a replay or dismissal acts on: ``client``'s (all clients'
@@ -75,22 +78,26 @@ async def dismiss_failed(conn: AsyncConnection, client: str | None, keys: Keys |
 
 async def task_states(conn: AsyncConnection, keys: Keys) -> dict[tuple[str, str], str]:
     """The state of each task named by a (client, custom_id) key that exists."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT t.client, t.custom_id, t.state FROM tasks t
         JOIN unnest(CAST(:cls AS text[]), CAST(:cids AS text[])) AS k(cl, cid)
           ON t.client = k.cl AND t.custom_id = k.cid"""),
-        {"cls": [k[0] for k in keys], "cids": [k[1] for k in keys]})
+        {"cls": [k[0] for k in keys], "cids": [k[1] for k in keys]},
+    )
     return {(r[0], r[1]): r[2] for r in rows}
 
 
-async def stream_failed(conn: AsyncConnection, client: str | None
-                        ) -> AsyncIterator[dict[str, Any]]:
+async def stream_failed(conn: AsyncConnection, client: str | None) -> AsyncIterator[dict[str, Any]]:
     """The manual queue in id order, read as a stream (an export)."""
-    result = await conn.stream(text("""
+    result = await conn.stream(
+        text("""
         SELECT client, custom_id, endpoint, body, metadata, attempts, replay_count,
                batch_id, last_error, finished_at FROM tasks
         WHERE state = 'failed' AND (CAST(:client AS text) IS NULL OR client = :client)
-        ORDER BY id"""), {"client": client})
+        ORDER BY id"""),
+        {"client": client},
+    )
     async for part in result.mappings().partitions(1000):
         for r in part:
             yield dict(r)

@@ -23,8 +23,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 # States retention may delete once finished long enough ago; 'failed' is not
 # one of them. 'cancelled' is the jobs workstream's terminal state (DESIGN 13).
 PRUNABLE = ("succeeded", "dismissed", "cancelled")
-PRUNED_TABLES = ("tasks", "results", "task_events", "callbacks", "callback_attempts",
-                 "batches", "sync_spend", "client_spend")
+PRUNED_TABLES = (
+    "tasks",
+    "results",
+    "task_events",
+    "callbacks",
+    "callback_attempts",
+    "batches",
+    "sync_spend",
+    "client_spend",
+)
 
 _PRUNE_TASKS = text("""
 WITH victims AS (
@@ -143,34 +151,44 @@ async def prune_batches(conn: AsyncConnection, cutoff: datetime, limit: int) -> 
 
 
 async def prune_sync_spend(conn: AsyncConnection, cutoff_day: date, limit: int) -> int:
-    return (await conn.execute(_PRUNE_SYNC_SPEND,
-                               {"cutoff_day": cutoff_day, "limit": limit})).rowcount
+    return (
+        await conn.execute(_PRUNE_SYNC_SPEND, {"cutoff_day": cutoff_day, "limit": limit})
+    ).rowcount
 
 
 async def prune_client_spend(conn: AsyncConnection, cutoff_day: date, limit: int) -> int:
-    return (await conn.execute(_PRUNE_CLIENT_SPEND,
-                               {"cutoff_day": cutoff_day, "limit": limit})).rowcount
+    return (
+        await conn.execute(_PRUNE_CLIENT_SPEND, {"cutoff_day": cutoff_day, "limit": limit})
+    ).rowcount
 
 
 async def count_due(conn: AsyncConnection, cutoff: datetime) -> dict[str, int]:
     """What a prune with this cutoff would delete (tasks with their rows,
     routed batches, settled sync ledger rows): ``batchd prune --dry-run``."""
-    row = (await conn.execute(_COUNT_DUE, {"cutoff": cutoff, "cutoff_day": cutoff.date()})
-           ).mappings().one()
+    row = (
+        (await conn.execute(_COUNT_DUE, {"cutoff": cutoff, "cutoff_day": cutoff.date()}))
+        .mappings()
+        .one()
+    )
     return {k: int(v) for k, v in row.items()}
 
 
 async def oldest_prunable(conn: AsyncConnection) -> datetime | None:
     """Finish time of the oldest task retention may delete (the prune's head)."""
-    found: datetime | None = (await conn.execute(text("""
+    found: datetime | None = (
+        await conn.execute(
+            text("""
         SELECT min(finished_at) FROM tasks
-        WHERE state IN ('succeeded', 'dismissed', 'cancelled')"""))).scalar_one()
+        WHERE state IN ('succeeded', 'dismissed', 'cancelled')""")
+        )
+    ).scalar_one()
     return found
 
 
 async def database_bytes(conn: AsyncConnection) -> int:
-    return int((await conn.execute(text("SELECT pg_database_size(current_database())"))
-                ).scalar_one())
+    return int(
+        (await conn.execute(text("SELECT pg_database_size(current_database())"))).scalar_one()
+    )
 
 
 # ------------------------------------------------------------------ stats

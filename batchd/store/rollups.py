@@ -25,8 +25,19 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 DIMS = ("client", "provider", "model", "lane")
-COUNTS = ("tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed", "dismissed",
-          "finished", "finished_ok", "lane_succeeded", "lane_failed")
+COUNTS = (
+    "tasks_in",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "retried",
+    "replayed",
+    "dismissed",
+    "finished",
+    "finished_ok",
+    "lane_succeeded",
+    "lane_failed",
+)
 MONEY = ("spend_usd", "sync_usd", "unattributed_usd", "lane_spend_usd")
 
 _T_DIMS = "t.client, t.provider, t.model, t.lane"
@@ -122,8 +133,9 @@ async def on_one_core(conn: AsyncConnection) -> None:
     await conn.execute(text("SET LOCAL max_parallel_workers_per_gather = 0"))
 
 
-async def compute_day(conn: AsyncConnection, lo: datetime, hi: datetime, per_doubling: int
-                      ) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+async def compute_day(
+    conn: AsyncConnection, lo: datetime, hi: datetime, per_doubling: int
+) -> dict[tuple[str, str, str, str], dict[str, Any]]:
     """The day [lo, hi) from the live tables, by (client, provider, model, lane)."""
     rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
 
@@ -141,8 +153,7 @@ async def compute_day(conn: AsyncConnection, lo: datetime, hi: datetime, per_dou
     bounds = {"lo": lo, "hi": hi}
     for query in (_TASKS_IN, _EVENTS, _MONEY, _UNATTRIBUTED, _SYNC_UNKEPT):
         merge((await conn.execute(query, bounds)).mappings())
-    lanes = list((await conn.execute(_LANES, {**bounds, "per_doubling": per_doubling})
-                  ).mappings())
+    lanes = list((await conn.execute(_LANES, {**bounds, "per_doubling": per_doubling})).mappings())
     merge(lanes)
     for r in lanes:
         hist = rows[_key(r)]["latency"]
@@ -171,8 +182,9 @@ SELECT :day, * FROM unnest(
 """)
 
 
-async def store_day(conn: AsyncConnection, day: date,
-                    rows: dict[tuple[str, str, str, str], dict[str, Any]]) -> bool:
+async def store_day(
+    conn: AsyncConnection, day: date, rows: dict[tuple[str, str, str, str], dict[str, Any]]
+) -> bool:
     """Store a closed day once: False (and nothing written) when another
     replica stored it first. The caller's transaction holds both writes."""
     if (await conn.execute(_INSERT_MARK, {"day": day})).first() is None:
@@ -191,46 +203,57 @@ async def store_day(conn: AsyncConnection, day: date,
 
 
 async def rolled_days(conn: AsyncConnection, first: date, last: date) -> set[date]:
-    rows = await conn.execute(text(
-        "SELECT day FROM rollup_days WHERE day BETWEEN :first AND :last"),
-        {"first": first, "last": last})
+    rows = await conn.execute(
+        text("SELECT day FROM rollup_days WHERE day BETWEEN :first AND :last"),
+        {"first": first, "last": last},
+    )
     return {r[0] for r in rows}
 
 
 async def last_rolled_day(conn: AsyncConnection) -> date | None:
-    found: date | None = (await conn.execute(text("SELECT max(day) FROM rollup_days"))
-                          ).scalar_one()
+    found: date | None = (await conn.execute(text("SELECT max(day) FROM rollup_days"))).scalar_one()
     return found
 
 
 async def first_activity(conn: AsyncConnection) -> datetime | None:
     """When anything the report counts first happened (each by its index)."""
-    found: datetime | None = (await conn.execute(text("""
+    found: datetime | None = (
+        await conn.execute(
+            text("""
         SELECT least((SELECT min(created_at) FROM tasks),
                      (SELECT min(created_at) FROM task_events),
                      (SELECT min(routed_at) FROM batches WHERE state = 'routed'),
-                     (SELECT min(settled_at) FROM sync_spend))"""))).scalar_one()
+                     (SELECT min(settled_at) FROM sync_spend))""")
+        )
+    ).scalar_one()
     return found
 
 
-async def stored_rows(conn: AsyncConnection, first: date, last: date, client: str | None
-                      ) -> list[dict[str, Any]]:
+async def stored_rows(
+    conn: AsyncConnection, first: date, last: date, client: str | None
+) -> list[dict[str, Any]]:
     """The stored rows of the days [first, last] (one client's, or all)."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT * FROM daily_rollups
         WHERE day BETWEEN :first AND :last
           AND (CAST(:client AS text) IS NULL OR client = :client)"""),
-        {"first": first, "last": last, "client": client})
+        {"first": first, "last": last, "client": client},
+    )
     return [dict(r) for r in rows.mappings()]
 
 
-async def manual_queue_before(conn: AsyncConnection, day: date, client: str | None
-                              ) -> dict[str, int]:
+async def manual_queue_before(
+    conn: AsyncConnection, day: date, client: str | None
+) -> dict[str, int]:
     """Each client's tasks in the manual queue when ``day`` began, from the
     stored days: every failure enters it once, every replay or dismissal
     leaves it once."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT client, sum(failed - replayed - dismissed) FROM daily_rollups
         WHERE day < :day AND (CAST(:client AS text) IS NULL OR client = :client)
-        GROUP BY client"""), {"day": day, "client": client})
+        GROUP BY client"""),
+        {"day": day, "client": client},
+    )
     return {r[0]: int(r[1]) for r in rows if r[1]}

@@ -26,7 +26,8 @@ from batchd.store.jobs import moved_deltas
 # only failed tasks are ever replayed from their body (README "Running it
 # for a year"); the sync lane archives no input, so its tasks keep theirs.
 _DROP_BODY = ", body = NULL"
-_SUCCESS_SQL = """
+_SUCCESS_SQL = (
+    """
 WITH input AS ({input}
 ), done AS (
     UPDATE tasks t SET state = 'succeeded', finished_at = now(), updated_at = now(),
@@ -42,7 +43,9 @@ WITH input AS ({input}
               t.callback_url, t.job, extract(epoch FROM now() - t.created_at) AS waited,
               t.est_input_tokens
 ), kept AS ({kept}
-), jd AS (""" + moved_deltas("kept", "'submitted'", "'succeeded'", "cost", "sync") + """
+), jd AS ("""
+    + moved_deltas("kept", "'submitted'", "'succeeded'", "cost", "sync")
+    + """
 ), ev AS (
     INSERT INTO task_events (task_id, batch_id, attempt, outcome)
     SELECT task_id, :bid, attempts, 'succeeded' FROM kept
@@ -70,9 +73,12 @@ WITH input AS ({input}
 -- comparisons per 2,000-line chunk.)
 {final}
 """
+)
 
-async def _settle(conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
-                  ) -> CursorResult[*TupleAny]:
+
+async def _settle(
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
+) -> CursorResult[*TupleAny]:
     """Run a settling statement (_SUCCESS_SQL, _FAIL_SQL) with the tasks read
     by primary key, one probe a line. With months of history the statistics
     say next to no task is 'submitted' (ANALYZE sees millions of finished
@@ -88,14 +94,22 @@ async def _settle(conn: AsyncConnection, statement: TextClause, params: dict[str
     return found
 
 
-_UPSERT_SUCCESSES = text(_SUCCESS_SQL.format(input="""
+_UPSERT_SUCCESSES = text(
+    _SUCCESS_SQL.format(
+        input="""
     SELECT DISTINCT ON (tid) * FROM unnest(
         CAST(:tid AS bigint[]), CAST(:status AS int[]), CAST(:resp AS text[]),
         CAST(:usage AS text[]), CAST(:cost AS numeric[]), CAST(:sync AS numeric[]),
         CAST(:unpriced AS bool[]))
-        AS t(tid, status, resp, usage, cost, sync, unpriced)""", kept="""
-    SELECT i.*, d.* FROM input i JOIN done d ON d.task_id = i.tid""", rows="kept", final="""
-SELECT tid, client FROM kept""", drop_body=""))
+        AS t(tid, status, resp, usage, cost, sync, unpriced)""",
+        kept="""
+    SELECT i.*, d.* FROM input i JOIN done d ON d.task_id = i.tid""",
+        rows="kept",
+        final="""
+SELECT tid, client FROM kept""",
+        drop_body="",
+    )
+)
 
 
 @dataclass(slots=True)
@@ -109,18 +123,29 @@ class SuccessRows:
     unpriced: list[bool]
 
 
-async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRows
-                          ) -> dict[int, str]:
+async def store_successes(
+    conn: AsyncConnection, batch_id: str, rows: SuccessRows
+) -> dict[int, str]:
     """Mark tasks succeeded and upsert their results: a line routed twice
     changes nothing the second time (the task is no longer submitted). A task
     with a callback_url gets its outbox row in the same statement.
     Returns the task ids this call settled, with their client."""
     if not rows.task_ids:
         return {}
-    stored = await _settle(conn, _UPSERT_SUCCESSES, {
-        "bid": batch_id, "tid": rows.task_ids, "status": rows.status,
-        "resp": rows.responses, "usage": rows.usages, "cost": rows.costs,
-        "sync": rows.sync_costs, "unpriced": rows.unpriced})
+    stored = await _settle(
+        conn,
+        _UPSERT_SUCCESSES,
+        {
+            "bid": batch_id,
+            "tid": rows.task_ids,
+            "status": rows.status,
+            "resp": rows.responses,
+            "usage": rows.usages,
+            "cost": rows.costs,
+            "sync": rows.sync_costs,
+            "unpriced": rows.unpriced,
+        },
+    )
     return {int(tid): client for tid, client in stored}
 
 
@@ -128,21 +153,26 @@ async def store_successes(conn: AsyncConnection, batch_id: str, rows: SuccessRow
 # attempt count lives in the row, the jitter comes from the caller so tests
 # can pin it.
 _RETRY_DELAY = sql_equal_jitter(sql_exponential("t.attempts - 1"), "i.jitter")
-_FAIL_SQL = """
+_FAIL_SQL = (
+    """
 WITH input AS ({input}
 ), upd AS (
     UPDATE tasks t SET
         state = CASE WHEN i.final OR t.attempts >= :max_attempts THEN 'failed' ELSE 'queued' END,
         batch_id = CASE WHEN i.final OR t.attempts >= :max_attempts THEN t.batch_id END,
         not_before = CASE WHEN i.final OR t.attempts >= :max_attempts THEN t.not_before
-            ELSE now() + make_interval(secs => """ + _RETRY_DELAY + """) END,
+            ELSE now() + make_interval(secs => """
+    + _RETRY_DELAY
+    + """) END,
         finished_at = CASE WHEN i.final OR t.attempts >= :max_attempts THEN now() END,
         last_error = i.err::jsonb, updated_at = now()
     FROM input i
     -- By the task's id, as in _SUCCESS_SQL (IS TRUE: not the batch index).
     WHERE t.id = i.tid AND (t.batch_id = :bid) IS TRUE AND t.state = 'submitted'
     RETURNING t.id, t.client, t.custom_id, t.attempts, t.state, t.callback_url, t.job
-), jd AS (""" + moved_deltas("upd", "'submitted'", "state") + """
+), jd AS ("""
+    + moved_deltas("upd", "'submitted'", "state")
+    + """
 ), ev AS (
     INSERT INTO task_events (task_id, batch_id, attempt, outcome, error)
     SELECT u.id, :bid, u.attempts,
@@ -157,10 +187,15 @@ WITH input AS ({input}
 )
 SELECT CASE WHEN state = 'failed' THEN 'failed' ELSE 'retried' END, client FROM upd
 """
-_FAIL_LINES = text(_FAIL_SQL.format(input="""
+)
+_FAIL_LINES = text(
+    _FAIL_SQL.format(
+        input="""
     SELECT DISTINCT ON (tid) * FROM unnest(
         CAST(:tid AS bigint[]), CAST(:final AS bool[]), CAST(:err AS text[]),
-        CAST(:jitter AS float8[])) AS t(tid, final, err, jitter)"""))
+        CAST(:jitter AS float8[])) AS t(tid, final, err, jitter)"""
+    )
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,17 +206,30 @@ class Backoff:
 
 
 async def store_failures(
-    conn: AsyncConnection, batch_id: str, task_ids: Sequence[int], finals: Sequence[bool],
-    errors: Sequence[dict[str, Any]], jitters: Sequence[float], backoff: Backoff,
+    conn: AsyncConnection,
+    batch_id: str,
+    task_ids: Sequence[int],
+    finals: Sequence[bool],
+    errors: Sequence[dict[str, Any]],
+    jitters: Sequence[float],
+    backoff: Backoff,
 ) -> dict[tuple[str, str], int]:
     """Retry or fail tasks (a failed task with a callback_url gets its outbox
     row in the same statement); returns counts by (outcome, client)."""
     if not task_ids:
         return {}
-    rows = await _settle(conn, _FAIL_LINES, {
-        "bid": batch_id, "tid": list(task_ids), "final": list(finals),
-        "err": [orjson.dumps(e).decode() for e in errors], "jitter": list(jitters),
-        **_backoff_params(backoff)})
+    rows = await _settle(
+        conn,
+        _FAIL_LINES,
+        {
+            "bid": batch_id,
+            "tid": list(task_ids),
+            "final": list(finals),
+            "err": [orjson.dumps(e).decode() for e in errors],
+            "jitter": list(jitters),
+            **_backoff_params(backoff),
+        },
+    )
     return _count_outcomes(rows)
 
 
@@ -203,8 +251,24 @@ def _count_outcomes(rows: Iterable[Any]) -> dict[tuple[str, str], int]:
 # with its exact cost, stored as it is. The table lives until the route's
 # transaction ends.
 
-STAGE_COLUMNS = ("line", "tid", "cid", "ok", "status", "resp", "usage", "tin", "tcached",
-                 "tout", "tcw", "cost", "sync", "final", "err", "jitter")
+STAGE_COLUMNS = (
+    "line",
+    "tid",
+    "cid",
+    "ok",
+    "status",
+    "resp",
+    "usage",
+    "tin",
+    "tcached",
+    "tout",
+    "tcw",
+    "cost",
+    "sync",
+    "final",
+    "err",
+    "jitter",
+)
 
 
 async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]]) -> None:
@@ -220,14 +284,17 @@ async def stage_lines(conn: AsyncConnection, records: Iterable[tuple[Any, ...]])
     # Sorting a batch's lines (dedupe, the remainder ranking; narrow rows)
     # in memory, not in temporary files.
     await conn.execute(text("SET LOCAL work_mem = '64MB'"))
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         CREATE TEMPORARY TABLE route_lines (
             line int NOT NULL, tid bigint, cid text NOT NULL, ok bool NOT NULL, status int,
             resp jsonb, usage jsonb, tin bigint, tcached bigint, tout bigint, tcw bigint,
-            cost numeric, sync numeric, final bool, err text, jitter float8) ON COMMIT DROP"""))
+            cost numeric, sync numeric, final bool, err text, jitter float8) ON COMMIT DROP""")
+    )
     raw = await conn.get_raw_connection()
     await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-        "route_lines", records=records, columns=STAGE_COLUMNS)
+        "route_lines", records=records, columns=STAGE_COLUMNS
+    )
     # The row count and task id statistics, so the settling statements plan
     # for the real size (the wide columns are left out: they cost the most).
     await conn.execute(text("ANALYZE route_lines (tid)"))
@@ -238,14 +305,16 @@ async def resolve_legacy_lines(conn: AsyncConnection, batch_id: str) -> None:
     carries the callers' custom_ids, unique among its tasks: each staged
     line finds its task by the custom_id within the batch. So a batch in
     flight across the upgrade still routes."""
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         UPDATE route_lines l SET tid = t.id FROM tasks t
         WHERE t.custom_id = l.cid AND t.id IN (
             -- The batch's tasks: those not succeeded by tasks_batch_held, the
             -- ones that did by their results (a route resumed after a crash).
             SELECT id FROM tasks WHERE batch_id = :bid AND state <> 'succeeded'
             UNION ALL SELECT task_id FROM results WHERE batch_id = :bid)"""),
-        {"bid": batch_id})
+        {"bid": batch_id},
+    )
 
 
 @dataclass(slots=True)
@@ -268,27 +337,40 @@ class StagedSuccesses:
 # Each result stores its line's exact cost (prices.py). A duplicate line
 # keeps its first copy. Everything is sorted on narrow rows; the responses
 # join in only where the results are written.
-_STAGED_SUCCESSES = text(_SUCCESS_SQL.format(input="""
+_STAGED_SUCCESSES = text(
+    _SUCCESS_SQL.format(
+        input="""
     SELECT DISTINCT ON (tid) line, tid, status, tin, tcached, tout, tcw, cost, sync
-    FROM route_lines WHERE ok AND tid IS NOT NULL ORDER BY tid, line""", kept="""
+    FROM route_lines WHERE ok AND tid IS NOT NULL ORDER BY tid, line""",
+        kept="""
     SELECT i.line, i.tid, i.status, i.tin, i.tcached, i.tout, i.tcw, d.*,
            CAST(:unpriced AS bool) AS unpriced, i.cost, i.sync
-    FROM input i JOIN done d ON d.task_id = i.tid""", rows="""(
+    FROM input i JOIN done d ON d.task_id = i.tid""",
+        rows="""(
         SELECT k.task_id, k.client, k.custom_id, k.status, l.resp, l.usage, k.cost, k.sync,
                k.replay_count, k.unpriced
-        FROM kept k JOIN route_lines l ON l.line = k.line) AS stored""", final="""
+        FROM kept k JOIN route_lines l ON l.line = k.line) AS stored""",
+        final="""
 SELECT client, count(*), sum(tin), sum(tcached), sum(tout), sum(tcw), sum(cost),
        sum(sync),
        array_agg(waited), sum(est_input_tokens)
-FROM kept GROUP BY client""", drop_body=_DROP_BODY))
+FROM kept GROUP BY client""",
+        drop_body=_DROP_BODY,
+    )
+)
 
-_STAGED_FAILURES = text(_FAIL_SQL.format(input="""
+_STAGED_FAILURES = text(
+    _FAIL_SQL.format(
+        input="""
     SELECT DISTINCT ON (tid) tid, final, err, jitter FROM route_lines
-    WHERE NOT ok AND tid IS NOT NULL ORDER BY tid, line"""))
+    WHERE NOT ok AND tid IS NOT NULL ORDER BY tid, line"""
+    )
+)
 
 
-async def store_staged_successes(conn: AsyncConnection, batch_id: str, *, unpriced: bool
-                                 ) -> StagedSuccesses:
+async def store_staged_successes(
+    conn: AsyncConnection, batch_id: str, *, unpriced: bool
+) -> StagedSuccesses:
     """Settle the staged success lines (see _SUCCESS_SQL): tasks succeeded,
     results stored with their exact costs, events and callbacks written."""
     rows = await _settle(conn, _STAGED_SUCCESSES, {"bid": batch_id, "unpriced": unpriced})
@@ -318,16 +400,25 @@ async def batch_results(conn: AsyncConnection, batch_id: str) -> BatchResults:
     """Every result the batch's routes stored (a route settles its lines in
     several transactions, and one resumed after a crash stores only what
     the crashed one had not), by the results_batch index."""
-    rows = (await conn.execute(text("""
+    rows = (
+        await conn.execute(
+            text("""
         SELECT client, count(*), sum(cost_usd), sum(sync_cost_usd) FROM results
-        WHERE batch_id = :bid GROUP BY client"""), {"bid": batch_id})).all()
-    return BatchResults(sum(int(n) for _, n, _, _ in rows), sum((c for _, _, c, _ in rows),
-                        Decimal(0)), sum((s for _, _, _, s in rows), Decimal(0)),
-                        {client: c for client, _, c, _ in rows})
+        WHERE batch_id = :bid GROUP BY client"""),
+            {"bid": batch_id},
+        )
+    ).all()
+    return BatchResults(
+        sum(int(n) for _, n, _, _ in rows),
+        sum((c for _, _, c, _ in rows), Decimal(0)),
+        sum((s for _, _, _, s in rows), Decimal(0)),
+        {client: c for client, _, c, _ in rows},
+    )
 
 
-async def store_staged_failures(conn: AsyncConnection, batch_id: str, backoff: Backoff
-                                ) -> dict[tuple[str, str], int]:
+async def store_staged_failures(
+    conn: AsyncConnection, batch_id: str, backoff: Backoff
+) -> dict[tuple[str, str], int]:
     """Retry or fail the staged failure lines, as store_failures."""
     rows = await _settle(conn, _STAGED_FAILURES, {"bid": batch_id, **_backoff_params(backoff)})
     return _count_outcomes(rows)
@@ -335,24 +426,31 @@ async def store_staged_failures(conn: AsyncConnection, batch_id: str, backoff: B
 
 async def unsettled_in_batch(conn: AsyncConnection, batch_id: str, limit: int) -> list[int]:
     """Ids of a batch's tasks that no line has settled yet (up to ``limit``)."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT id FROM tasks WHERE batch_id = :bid AND state = 'submitted'
-        ORDER BY id LIMIT :lim"""), {"bid": batch_id, "lim": limit})
+        ORDER BY id LIMIT :lim"""),
+        {"bid": batch_id, "lim": limit},
+    )
     return [int(r[0]) for r in rows]
 
 
-async def tasks_at_lines(conn: AsyncConnection, batch_id: str, lines: Sequence[int]
-                         ) -> dict[int, int]:
+async def tasks_at_lines(
+    conn: AsyncConnection, batch_id: str, lines: Sequence[int]
+) -> dict[int, int]:
     """Map 1-based input-file line numbers back to the batch's tasks by the
     line each was given when the file was built, so a task that left the
     batch since (a fallback) shifts nobody. A line whose task left maps to
     nothing. Batches built before batch_line existed count rows in id order."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT line, id FROM (
             SELECT id,
                    coalesce(batch_line, row_number() OVER (ORDER BY id)) AS line FROM tasks
             WHERE batch_id = :bid AND state = 'submitted') s
-        WHERE line = ANY(CAST(:lines AS bigint[]))"""), {"bid": batch_id, "lines": list(lines)})
+        WHERE line = ANY(CAST(:lines AS bigint[]))"""),
+        {"bid": batch_id, "lines": list(lines)},
+    )
     return {int(line): int(tid) for line, tid in rows}
 
 
@@ -364,7 +462,8 @@ async def requeue_remaining(
     With ``count_attempt=False`` the submission is taken back (the provider
     never ran it through no fault of the task: never created, token cap).
     Returns how many went back, by client."""
-    rows = await conn.execute(text(f"""
+    rows = await conn.execute(
+        text(f"""
         WITH upd AS (
             UPDATE tasks SET state = 'queued', batch_id = NULL, not_before = now(),
                    attempts = CASE WHEN :count THEN attempts ELSE greatest(attempts - 1, 0) END,
@@ -378,7 +477,8 @@ async def requeue_remaining(
             FROM upd
         )
         SELECT client, count(*) FROM upd GROUP BY client"""),
-        {"bid": batch_id, "err": orjson.dumps(error).decode(), "count": count_attempt})
+        {"bid": batch_id, "err": orjson.dumps(error).decode(), "count": count_attempt},
+    )
     return {client: int(n) for client, n in rows}
 
 
@@ -391,25 +491,32 @@ async def release_unsent_tasks(conn: AsyncConnection, batch_id: str, error: dict
 async def lock_unrouted_batch(conn: AsyncConnection, batch_id: str) -> bool:
     """Lock a batch row for routing until the transaction ends; False when it
     is already routed (waiting first for any router that holds it)."""
-    state = await conn.scalar(text("SELECT state FROM batches WHERE id = :id FOR UPDATE"),
-                              {"id": batch_id})
+    state = await conn.scalar(
+        text("SELECT state FROM batches WHERE id = :id FOR UPDATE"), {"id": batch_id}
+    )
     return state is not None and state != "routed"
 
 
 async def settle_batch(conn: AsyncConnection, batch_id: str, **values: Any) -> None:
     """Close a routed batch; the caller passes its cost columns."""
-    await set_batch(conn, batch_id, state="routed", routed_at=NOW, lease_owner=None,
-                    lease_until=None, **values)
+    await set_batch(
+        conn, batch_id, state="routed", routed_at=NOW, lease_owner=None, lease_until=None, **values
+    )
 
 
 async def schedule_poll(conn: AsyncConnection, batch_id: str, seconds: float) -> None:
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         UPDATE batches SET next_poll_at = now() + make_interval(secs => :s) WHERE id = :id"""),
-        {"id": batch_id, "s": seconds})
+        {"id": batch_id, "s": seconds},
+    )
 
 
 async def release_owner(conn: AsyncConnection, owner: str) -> int:
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         UPDATE batches SET lease_owner = NULL, lease_until = NULL, updated_at = now()
-        WHERE lease_owner = :owner RETURNING 1"""), {"owner": owner})
+        WHERE lease_owner = :owner RETURNING 1"""),
+        {"owner": owner},
+    )
     return len(rows.all())

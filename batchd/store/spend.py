@@ -25,42 +25,55 @@ async def day_spend(conn: AsyncConnection, day: date) -> Decimal:
 
 async def client_day_spend(conn: AsyncConnection, day: date) -> dict[str, Decimal]:
     """Each client's spend and open reservations on ``day`` (client caps)."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT client, sum(reserved_usd + cost_usd) FROM client_spend
-        WHERE spend_day = :day GROUP BY client"""), {"day": day})
+        WHERE spend_day = :day GROUP BY client"""),
+        {"day": day},
+    )
     return {client: Decimal(total) for client, total in rows}
 
 
-async def reserve_client_spend(conn: AsyncConnection, day: date, batch_id: str,
-                               shares: dict[str, Decimal]) -> None:
+async def reserve_client_spend(
+    conn: AsyncConnection, day: date, batch_id: str, shares: dict[str, Decimal]
+) -> None:
     """A batch's or sync claim's reservation, per client."""
     if not shares:
         return
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         INSERT INTO client_spend (spend_day, client, batch_id, reserved_usd)
         SELECT :day, c, :bid, r FROM unnest(CAST(:c AS text[]), CAST(:r AS numeric[])) AS u(c, r)
-        """), {"day": day, "bid": batch_id, "c": list(shares), "r": list(shares.values())})
+        """),
+        {"day": day, "bid": batch_id, "c": list(shares), "r": list(shares.values())},
+    )
 
 
-async def settle_client_spend(conn: AsyncConnection, batch_id: str,
-                              costs: dict[str, Decimal]) -> None:
+async def settle_client_spend(
+    conn: AsyncConnection, batch_id: str, costs: dict[str, Decimal]
+) -> None:
     """A routed batch: each client's reservation becomes its results' cost."""
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         UPDATE client_spend s SET reserved_usd = 0, cost_usd = coalesce((
             SELECT u.cost FROM unnest(CAST(:c AS text[]), CAST(:v AS numeric[]))
                  AS u(client, cost) WHERE u.client = s.client), 0)
         WHERE s.batch_id = :bid"""),
-        {"bid": batch_id, "c": list(costs), "v": list(costs.values())})
+        {"bid": batch_id, "c": list(costs), "v": list(costs.values())},
+    )
 
 
-async def settle_client_call(conn: AsyncConnection, claim_id: str, client: str,
-                             reserved: Decimal, paid: Decimal) -> None:
+async def settle_client_call(
+    conn: AsyncConnection, claim_id: str, client: str, reserved: Decimal, paid: Decimal
+) -> None:
     """One sync call of a claim answered: its reservation becomes its cost."""
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         UPDATE client_spend SET reserved_usd = greatest(reserved_usd - :res, 0),
                cost_usd = cost_usd + :paid
         WHERE batch_id = :claim AND client = :client"""),
-        {"claim": claim_id, "client": client, "res": reserved, "paid": paid})
+        {"claim": claim_id, "client": client, "res": reserved, "paid": paid},
+    )
 
 
 async def lock_budget(conn: AsyncConnection) -> None:

@@ -86,27 +86,47 @@ tasks = Table(
     Column("provider", Text, nullable=False, server_default="openai"),
     # dismissed: taken out of the manual queue by an operator, not replayed.
     # cancelled: queued when its job was cancelled, never sent (migration 0009).
-    CheckConstraint("state IN ('queued','submitted','succeeded','failed','dismissed',"
-                    "'cancelled')",
-                    name="task_state"),
+    CheckConstraint(
+        "state IN ('queued','submitted','succeeded','failed','dismissed','cancelled')",
+        name="task_state",
+    ),
     CheckConstraint("lane IN ('batch','sync')", name="task_lane"),
     # Windows: distinct (provider, endpoint, model) by skip scan, then each
     # window's batch-lane tasks oldest first, counted index-only (migration 0013).
-    Index("tasks_queued_provider", "provider", "endpoint", "model", "lane", "not_before", "id",
-          postgresql_where=text("state = 'queued'")),
+    Index(
+        "tasks_queued_provider",
+        "provider",
+        "endpoint",
+        "model",
+        "lane",
+        "not_before",
+        "id",
+        postgresql_where=text("state = 'queued'"),
+    ),
     # A batch's tasks still in it, failed in it or dismissed: a succeeded task
     # is found through its result, so its entry does not outlive it (~110
     # bytes a settled task, migration 0012).
-    Index("tasks_batch_held", "batch_id", "id",
-          postgresql_where=text("batch_id IS NOT NULL AND state <> 'succeeded'")),
+    Index(
+        "tasks_batch_held",
+        "batch_id",
+        "id",
+        postgresql_where=text("batch_id IS NOT NULL AND state <> 'succeeded'"),
+    ),
     Index("tasks_client_custom_id", "client", "custom_id", unique=True),
     Index("tasks_failed", "finished_at", postgresql_where=text("state = 'failed'")),
     # A client's manual queue, paged by id.
     Index("tasks_failed_client", "client", "id", postgresql_where=text("state = 'failed'")),
-    Index("tasks_sync_queue", "not_before", "id",
-          postgresql_where=text("state = 'queued' AND lane = 'sync'")),
-    Index("tasks_fallback", "fallback_at",
-          postgresql_where=text("fallback_at IS NOT NULL AND state IN ('queued', 'submitted')")),
+    Index(
+        "tasks_sync_queue",
+        "not_before",
+        "id",
+        postgresql_where=text("state = 'queued' AND lane = 'sync'"),
+    ),
+    Index(
+        "tasks_fallback",
+        "fallback_at",
+        postgresql_where=text("fallback_at IS NOT NULL AND state IN ('queued', 'submitted')"),
+    ),
     Index("tasks_created", "created_at"),
     # The console's manual queue, newest first; the report's day of finished
     # tasks; retention walks finished tasks oldest first.
@@ -176,8 +196,12 @@ batches = Table(
     Index("batches_live", "next_poll_at", postgresql_where=text("state <> 'routed'")),
     # Which row's create at a provider started last before a time (a batch
     # without metadata, scheduler._find_remote; migration 0013).
-    Index("batches_create_started", "provider", "create_started_at",
-          postgresql_where=text("create_started_at IS NOT NULL")),
+    Index(
+        "batches_create_started",
+        "provider",
+        "create_started_at",
+        postgresql_where=text("create_started_at IS NOT NULL"),
+    ),
     Index("batches_spend_day", "spend_day"),
     Index("batches_routed", "routed_at", postgresql_where=text("state = 'routed'")),
 )
@@ -234,8 +258,12 @@ task_events = Table(
     Index("task_events_task", "task_id"),
     # The manual queue as of any day's end: each task's last failure, and the
     # last replay or dismissal that took it out again.
-    Index("task_events_left_manual_task", "task_id", "id",
-          postgresql_where=text("outcome IN ('failed', 'replayed', 'dismissed')")),
+    Index(
+        "task_events_left_manual_task",
+        "task_id",
+        "id",
+        postgresql_where=text("outcome IN ('failed', 'replayed', 'dismissed')"),
+    ),
 )
 
 # The callback outbox: one row per terminal state reached by a task with a
@@ -316,8 +344,9 @@ callback_attempts = Table(
     "callback_attempts",
     metadata,
     Column("id", BigInteger, Identity(), primary_key=True),
-    Column("callback_id", BigInteger, ForeignKey("callbacks.id", ondelete="CASCADE"),
-           nullable=False),
+    Column(
+        "callback_id", BigInteger, ForeignKey("callbacks.id", ondelete="CASCADE"), nullable=False
+    ),
     Column("attempt", Integer, nullable=False),
     Column("status_code", Integer),  # NULL: no HTTP answer (refused, timeout, ...)
     Column("error", Text),
@@ -386,8 +415,18 @@ daily_rollups = Table(
     Column("provider", Text, primary_key=True),
     Column("model", Text, primary_key=True),
     Column("lane", Text, primary_key=True),
-    *zeros(BigInteger, "tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed",
-           "dismissed", "finished", "finished_ok"),
+    *zeros(
+        BigInteger,
+        "tasks_in",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "retried",
+        "replayed",
+        "dismissed",
+        "finished",
+        "finished_ok",
+    ),
     *zeros(MONEY, "spend_usd", "sync_usd", "unattributed_usd"),
     Column("unpriced", Boolean, nullable=False, server_default="false"),
     *zeros(BigInteger, "lane_succeeded", "lane_failed"),

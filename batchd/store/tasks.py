@@ -19,7 +19,6 @@ def json_text(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-
 # A task as its caller names it: (client, custom_id).
 TaskKey = tuple[str, str]
 
@@ -65,14 +64,17 @@ _EXISTING_DIGESTS = text("""
 async def limit_lock_wait(conn: AsyncConnection, seconds: float) -> None:
     """In this transaction, give up on a lock after ``seconds`` (an error that
     rolls it back) instead of waiting behind a slow or stuck writer."""
-    await conn.execute(text("SELECT set_config('lock_timeout', :ms, true)"),
-                       {"ms": f"{max(1, int(seconds * 1000))}ms"})
+    await conn.execute(
+        text("SELECT set_config('lock_timeout', :ms, true)"),
+        {"ms": f"{max(1, int(seconds * 1000))}ms"},
+    )
 
 
 # The driver checks each element of an array it sends (0.1-0.2 us apiece,
 # a good part of a bulk request's CPU), so _INSERT_TASKS takes a column that
 # is the same in every row as NULL: unnest pads a missing array with NULLs,
 # and the statement reads them as that one value (or as NULL, or 0).
+
 
 def _or_null(column: list[Any]) -> list[Any] | None:
     """``column``, or NULL when every value in it is NULL."""
@@ -106,33 +108,43 @@ async def insert_tasks(conn: AsyncConnection, tasks: Sequence[TaskIn]) -> Ingest
     jb, jb1 = _shared([t.job for t in tasks])
     cl, cl1 = _shared([t.client for t in tasks])
     pv, pv1 = _shared([t.provider or "openai" for t in tasks])
-    rows = await conn.execute(_INSERT_TASKS, {
-        "pv": pv, "pv1": pv1,
-        "cid": [t.custom_id for t in tasks],
-        "ep": ep, "ep1": ep1,
-        "mdl": mdl, "mdl1": mdl1,
-        "bdy": [t.body_json or orjson.dumps(t.body).decode() for t in tasks],
-        "dg": [t.digest for t in tasks],
-        "md": _or_null([json_text(t.metadata) for t in tasks]),
-        "lb": [t.line_bytes for t in tasks],
-        "ei": [t.est_input_tokens for t in tasks],
-        "eo": [t.est_output_tokens for t in tasks],
-        "ln": ln, "ln1": ln1,
-        "bd": _or_null([t.backdate_seconds or None for t in tasks]),
-        "dl": _or_null([t.deadline for t in tasks]),
-        "fb": _or_null([t.fallback_at for t in tasks]),
-        "cl": cl, "cl1": cl1,
-        "cb": _or_null([t.callback_url for t in tasks]),
-        "fa": _or_null([t.fallback_action for t in tasks]),
-        "jb": jb, "jb1": jb1,
-    })
+    rows = await conn.execute(
+        _INSERT_TASKS,
+        {
+            "pv": pv,
+            "pv1": pv1,
+            "cid": [t.custom_id for t in tasks],
+            "ep": ep,
+            "ep1": ep1,
+            "mdl": mdl,
+            "mdl1": mdl1,
+            "bdy": [t.body_json or orjson.dumps(t.body).decode() for t in tasks],
+            "dg": [t.digest for t in tasks],
+            "md": _or_null([json_text(t.metadata) for t in tasks]),
+            "lb": [t.line_bytes for t in tasks],
+            "ei": [t.est_input_tokens for t in tasks],
+            "eo": [t.est_output_tokens for t in tasks],
+            "ln": ln,
+            "ln1": ln1,
+            "bd": _or_null([t.backdate_seconds or None for t in tasks]),
+            "dl": _or_null([t.deadline for t in tasks]),
+            "fb": _or_null([t.fallback_at for t in tasks]),
+            "cl": cl,
+            "cl1": cl1,
+            "cb": _or_null([t.callback_url for t in tasks]),
+            "fa": _or_null([t.fallback_action for t in tasks]),
+            "jb": jb,
+            "jb1": jb1,
+        },
+    )
     inserted: list[TaskKey] = [(r[0], r[1]) for r in rows]
     if len(inserted) == len(tasks):
         return IngestResult(inserted, {}, [])
     fresh = set(inserted)
     others = [t for t in tasks if (t.client, t.custom_id) not in fresh]
-    found = await conn.execute(_EXISTING_DIGESTS, {"cl": [t.client for t in others],
-                                                   "ids": [t.custom_id for t in others]})
+    found = await conn.execute(
+        _EXISTING_DIGESTS, {"cl": [t.client for t in others], "ids": [t.custom_id for t in others]}
+    )
     stored = {(cl, cid): (digest, state) for cl, cid, digest, state in found}
     duplicates: dict[TaskKey, str] = {}
     conflicts: list[TaskKey] = []
@@ -163,7 +175,8 @@ async def queued_by_client(conn: AsyncConnection) -> dict[str, int]:
 
 async def get_task(conn: AsyncConnection, client: str, custom_id: str) -> dict[str, Any] | None:
     """A task by its caller's key: another client's custom_id is not found."""
-    row = await conn.execute(text("""
+    row = await conn.execute(
+        text("""
         SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
                t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
                t.submitted_at, t.finished_at, t.not_before, t.client, t.callback_url,
@@ -172,18 +185,22 @@ async def get_task(conn: AsyncConnection, client: str, custom_id: str) -> dict[s
                b.provider_status AS b_status
         FROM tasks t LEFT JOIN results r ON r.task_id = t.id AND t.state = 'succeeded'
         LEFT JOIN batches b ON b.id = t.batch_id AND t.state = 'submitted'
-        WHERE t.client = :cl AND t.custom_id = :cid"""), {"cl": client, "cid": custom_id})
+        WHERE t.client = :cl AND t.custom_id = :cid"""),
+        {"cl": client, "cid": custom_id},
+    )
     found = row.mappings().first()
     if not found:
         return None
     task = dict(found)
-    task["location"] = _location(task.pop("lane"), task.pop("b_state"), task.pop("b_pid"),
-                                 task.pop("b_status"), task)
+    task["location"] = _location(
+        task.pop("lane"), task.pop("b_state"), task.pop("b_pid"), task.pop("b_status"), task
+    )
     return task
 
 
-def _location(lane: str, b_state: str | None, b_pid: str | None, b_status: str | None,
-              task: dict[str, Any]) -> dict[str, Any]:
+def _location(
+    lane: str, b_state: str | None, b_pid: str | None, b_status: str | None, task: dict[str, Any]
+) -> dict[str, Any]:
     """Where a task really is: its own state says queued/submitted/finished,
     its batch row says whether a 'submitted' task reached the provider."""
     state = task["state"]
@@ -192,61 +209,89 @@ def _location(lane: str, b_state: str | None, b_pid: str | None, b_status: str |
     if state in ("succeeded", "failed"):
         return {"stage": "routed", "outcome": state, "batch_id": task["batch_id"]}
     if b_state is None:  # a sync-lane claim holds no batch row
-        return {"stage": "sync_call" if lane == "sync" else "uploading",
-                "batch_id": task["batch_id"]}
+        return {
+            "stage": "sync_call" if lane == "sync" else "uploading",
+            "batch_id": task["batch_id"],
+        }
     if b_state in ("building", "uploading"):
         return {"stage": "uploading", "batch_id": task["batch_id"], "batch_state": b_state}
     if b_state == "submitted":
-        return {"stage": "at_provider", "batch_id": task["batch_id"], "batch_state": b_state,
-                "provider_batch_id": b_pid, "provider_status": b_status}
-    return {"stage": "routing", "batch_id": task["batch_id"], "batch_state": b_state,
-            "provider_batch_id": b_pid, "provider_status": b_status}
+        return {
+            "stage": "at_provider",
+            "batch_id": task["batch_id"],
+            "batch_state": b_state,
+            "provider_batch_id": b_pid,
+            "provider_status": b_status,
+        }
+    return {
+        "stage": "routing",
+        "batch_id": task["batch_id"],
+        "batch_state": b_state,
+        "provider_batch_id": b_pid,
+        "provider_status": b_status,
+    }
 
 
-async def finished_custom_ids(conn: AsyncConnection, client: str,
-                              custom_ids: list[str]) -> set[str]:
+async def finished_custom_ids(
+    conn: AsyncConnection, client: str, custom_ids: list[str]
+) -> set[str]:
     """Which of ``client``'s tasks are finished: succeeded, failed, or
     cancelled with their job (one query for all ?wait callers of one client)."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT custom_id FROM tasks
         WHERE client = :client AND custom_id = ANY(:ids)
           AND state IN ('succeeded', 'failed', 'cancelled')"""),
-        {"ids": custom_ids, "client": client})
+        {"ids": custom_ids, "client": client},
+    )
     return {r[0] for r in rows}
 
 
-async def get_tasks(conn: AsyncConnection, client: str, custom_ids: Sequence[str]
-                    ) -> dict[str, dict[str, Any]]:
+async def get_tasks(
+    conn: AsyncConnection, client: str, custom_ids: Sequence[str]
+) -> dict[str, dict[str, Any]]:
     """Several of one client's tasks (as get_task), by custom_id, in one query."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT t.custom_id, t.endpoint, t.model, t.state, t.attempts, t.batch_id,
                t.last_error, t.replay_count, t.metadata, t.created_at, t.updated_at,
                t.submitted_at, t.finished_at, t.not_before, t.client, t.callback_url,
                r.status_code, r.response, round(r.cost_usd, 6) AS cost_usd, r.unpriced
         FROM tasks t LEFT JOIN results r ON r.task_id = t.id AND t.state = 'succeeded'
         WHERE t.client = :cl AND t.custom_id = ANY(CAST(:cids AS text[]))"""),
-        {"cl": client, "cids": list(custom_ids)})
+        {"cl": client, "cids": list(custom_ids)},
+    )
     return {r["custom_id"]: dict(r) for r in rows.mappings()}
 
 
-async def page_results(conn: AsyncConnection, after: int, limit: int,
-                       client: str | None = None) -> list[dict[str, Any]]:
+async def page_results(
+    conn: AsyncConnection, after: int, limit: int, client: str | None = None
+) -> list[dict[str, Any]]:
     """Results in completion order: one client's, or (None) every client's."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT seq, client, custom_id, batch_id, status_code, response,
                round(cost_usd, 6) AS cost_usd, unpriced, created_at
         FROM results WHERE seq > :after
           AND (CAST(:client AS text) IS NULL OR client = :client)
         ORDER BY seq LIMIT :limit"""),
-        {"after": after, "limit": limit, "client": client})
+        {"after": after, "limit": limit, "client": client},
+    )
     return [dict(r) for r in rows.mappings()]
 
 
 async def page_failed(
-    conn: AsyncConnection, after: int, limit: int, *, reason: str | None = None,
-    day: date | None = None, endpoint: str | None = None, client: str | None = None,
+    conn: AsyncConnection,
+    after: int,
+    limit: int,
+    *,
+    reason: str | None = None,
+    day: date | None = None,
+    endpoint: str | None = None,
+    client: str | None = None,
 ) -> list[dict[str, Any]]:
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT id, client, custom_id, endpoint, model, attempts, replay_count, batch_id,
                last_error, created_at, finished_at
         FROM tasks
@@ -256,6 +301,13 @@ async def page_failed(
           AND (CAST(:day AS date) IS NULL OR (finished_at AT TIME ZONE 'UTC')::date = :day)
           AND (CAST(:endpoint AS text) IS NULL OR endpoint = :endpoint)
         ORDER BY id LIMIT :limit"""),
-        {"after": after, "limit": limit, "reason": reason, "day": day, "endpoint": endpoint,
-         "client": client})
+        {
+            "after": after,
+            "limit": limit,
+            "reason": reason,
+            "day": day,
+            "endpoint": endpoint,
+            "client": client,
+        },
+    )
     return [dict(r) for r in rows.mappings()]

@@ -50,7 +50,10 @@ async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
     The distinct keys come from a skip scan over the partial index, and each
     window is counted only up to the cap, so a deep queue stays cheap.
     """
-    rows = await conn.execute(text(QUEUED_KEYS + """
+    rows = await conn.execute(
+        text(
+            QUEUED_KEYS
+            + """
         SELECT k.provider, k.endpoint, k.model, w.n, w.oldest, w.nbytes, now() AS now
         FROM keys k, LATERAL (
             SELECT count(*) AS n, min(not_before) AS oldest,
@@ -61,7 +64,10 @@ async def queued_windows(conn: AsyncConnection, cap: int) -> list[WindowStat]:
                   AND not_before <= now()
                 ORDER BY not_before LIMIT :cap) s
         ) w
-        WHERE w.n > 0"""), {"cap": cap})
+        WHERE w.n > 0"""
+        ),
+        {"cap": cap},
+    )
     return [WindowStat(*r) for r in rows]
 
 
@@ -94,8 +100,15 @@ class Reserve:
 
 
 async def claim_window(
-    conn: AsyncConnection, *, batch_id: str, endpoint: str, model: str, limit: int,
-    max_bytes: int, reserve: Reserve | None = None, provider: str = "openai",
+    conn: AsyncConnection,
+    *,
+    batch_id: str,
+    endpoint: str,
+    model: str,
+    limit: int,
+    max_bytes: int,
+    reserve: Reserve | None = None,
+    provider: str = "openai",
 ) -> Claim:
     """Assign up to ``limit`` eligible tasks of a window to ``batch_id``,
     oldest first, stopping before the input file would pass ``max_bytes``
@@ -106,7 +119,8 @@ async def claim_window(
     keeps it there until commit, and a TID fetch costs no primary-key
     descent (a sixth of the statement's buffer reads for 50,000 rows)."""
     reserve = reserve or Reserve(Decimal(1), 0, 0, None)
-    row = await conn.execute(text(f"""
+    row = await conn.execute(
+        text(f"""
         WITH picked AS (
             SELECT ctid, id, line_bytes, not_before, client,
                    ceil(est_input_tokens * CAST(:factor AS numeric)) * CAST(:pin AS numeric)
@@ -153,39 +167,79 @@ async def claim_window(
                (SELECT coalesce(jsonb_agg(jsonb_build_array(client, s)), '[]')
                 FROM (SELECT client, sum(res) AS s FROM upd GROUP BY client) g)
         FROM upd"""),
-        {"pv": provider, "ep": endpoint, "mdl": model, "lim": limit, "bid": batch_id,
-         "maxb": max_bytes,
-         "factor": reserve.factor, "pin": reserve.input_pico, "pout": reserve.output_pico,
-         "left": reserve.left_pico, "cap_names": list((reserve.client_left or {}).keys()),
-         "cap_left": list((reserve.client_left or {}).values())})
+        {
+            "pv": provider,
+            "ep": endpoint,
+            "mdl": model,
+            "lim": limit,
+            "bid": batch_id,
+            "maxb": max_bytes,
+            "factor": reserve.factor,
+            "pin": reserve.input_pico,
+            "pout": reserve.output_pico,
+            "left": reserve.left_pico,
+            "cap_names": list((reserve.client_left or {}).keys()),
+            "cap_left": list((reserve.client_left or {}).values()),
+        },
+    )
     picked, count, nbytes, est_in, est_out, reserved, cut, by_client = row.one()
     shares = by_client if isinstance(by_client, list) else orjson.loads(by_client)
-    return Claim(int(picked), int(count), int(nbytes), int(est_in), int(est_out),
-                 int(reserved), bool(cut), {c: int(Decimal(str(s))) for c, s in shares})
+    return Claim(
+        int(picked),
+        int(count),
+        int(nbytes),
+        int(est_in),
+        int(est_out),
+        int(reserved),
+        bool(cut),
+        {c: int(Decimal(str(s))) for c, s in shares},
+    )
 
 
 async def insert_batch(
-    conn: AsyncConnection, *, batch_id: str, provider: str, endpoint: str, model: str,
-    reason: str, claim: Claim, spend_day: date, reserved_usd: Decimal, owner: str,
+    conn: AsyncConnection,
+    *,
+    batch_id: str,
+    provider: str,
+    endpoint: str,
+    model: str,
+    reason: str,
+    claim: Claim,
+    spend_day: date,
+    reserved_usd: Decimal,
+    owner: str,
     lease_seconds: float,
 ) -> None:
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         INSERT INTO batches (id, provider, endpoint, model, state, flush_reason, item_count,
                              input_bytes, est_input_tokens, spend_day, reserved_usd,
                              lease_owner, lease_until, own_line_ids)
         VALUES (:id, :pv, :ep, :mdl, 'building', :reason, :n, :nb, :ei, :day, :res, :owner,
                 now() + make_interval(secs => :lease), true)"""),
-        {"id": batch_id, "pv": provider, "ep": endpoint, "mdl": model, "reason": reason,
-         "n": claim.count, "ei": claim.est_input_tokens,
-         "nb": claim.input_bytes, "day": spend_day, "res": reserved_usd, "owner": owner,
-         "lease": lease_seconds})
+        {
+            "id": batch_id,
+            "pv": provider,
+            "ep": endpoint,
+            "mdl": model,
+            "reason": reason,
+            "n": claim.count,
+            "ei": claim.est_input_tokens,
+            "nb": claim.input_bytes,
+            "day": spend_day,
+            "res": reserved_usd,
+            "owner": owner,
+            "lease": lease_seconds,
+        },
+    )
 
 
 async def token_held_models(conn: AsyncConnection) -> set[tuple[str, str]]:
     """(provider, model) pairs whose last batch hit the provider's
     enqueued-token cap and that still have a live batch there: their windows
     wait for one to finish."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT DISTINCT b.provider, b.model FROM batches b
         WHERE b.token_limited AND b.routed_at > now() - interval '1 day'
           AND NOT EXISTS (SELECT 1 FROM batches o WHERE o.model = b.model
@@ -193,7 +247,8 @@ async def token_held_models(conn: AsyncConnection) -> set[tuple[str, str]]:
                           AND o.finished_at > b.routed_at AND NOT o.token_limited)
           AND EXISTS (SELECT 1 FROM batches l WHERE l.model = b.model
                       AND l.provider = b.provider AND l.state = 'submitted')
-    """))
+    """)
+    )
     return {(r[0], r[1]) for r in rows}
 
 
@@ -208,10 +263,12 @@ async def in_flight(conn: AsyncConnection) -> dict[tuple[str, str], InFlight]:
     at each provider, by (provider, model): what waits in its queue. Read
     every scheduler tick, so through the live-batch index (its predicate,
     state <> 'routed', spelled out): a year of routed batches is never read."""
-    rows = await conn.execute(text("""
+    rows = await conn.execute(
+        text("""
         SELECT provider, model, sum(item_count), sum(est_input_tokens) FROM batches
         WHERE state <> 'routed' AND state IN ('building', 'uploading', 'submitted')
-        GROUP BY provider, model"""))
+        GROUP BY provider, model""")
+    )
     return {(r[0], r[1]): InFlight(int(r[2]), int(r[3])) for r in rows}
 
 
@@ -247,7 +304,8 @@ async def stream_batch_lines(
         while rows:
             if len(rows) == chunk:
                 ahead = asyncio.ensure_future(
-                    driver.fetch(_BATCH_LINES_PAGE, batch_id, rows[-1][0], chunk))
+                    driver.fetch(_BATCH_LINES_PAGE, batch_id, rows[-1][0], chunk)
+                )
                 await asyncio.sleep(0)  # the query goes out before the caller's work
             yield rows
             rows = await ahead if ahead is not None else []
@@ -258,11 +316,15 @@ async def stream_batch_lines(
             await asyncio.gather(ahead, return_exceptions=True)
 
 
-async def renumber_batch_lines(conn: AsyncConnection, task_ids: Sequence[int],
-                               lines: Sequence[int]) -> None:
+async def renumber_batch_lines(
+    conn: AsyncConnection, task_ids: Sequence[int], lines: Sequence[int]
+) -> None:
     """Line numbers of a file written after a task left its batch (the file
     closes the gap, so the tasks after it moved up)."""
-    await conn.execute(text("""
+    await conn.execute(
+        text("""
         UPDATE tasks t SET batch_line = u.line
         FROM unnest(CAST(:ids AS bigint[]), CAST(:lines AS int[])) AS u(id, line)
-        WHERE t.id = u.id"""), {"ids": list(task_ids), "lines": list(lines)})
+        WHERE t.id = u.id"""),
+        {"ids": list(task_ids), "lines": list(lines)},
+    )

@@ -43,41 +43,68 @@ from tests.acceptance.procs import (
 CRASH_POINTS = ("after_claim", "after_upload", "after_create", "mid_route", "after_route")
 # (route, fault, params, times): times=3 outlasts the SDK's own two retries.
 ROUTE_FAULTS: list[tuple[str, str, dict[str, Any], int]] = [
-    ("upload", "http_500", {}, 3), ("upload", "reset_before", {}, 1),
-    ("create", "http_503", {}, 1), ("create", "http_429", {"retry_after": 1}, 1),
-    ("create", "reset_after", {}, 1), ("create", "timeout_after_commit", {"seconds": 4}, 1),
+    ("upload", "http_500", {}, 3),
+    ("upload", "reset_before", {}, 1),
+    ("create", "http_503", {}, 1),
+    ("create", "http_429", {"retry_after": 1}, 1),
+    ("create", "reset_after", {}, 1),
+    ("create", "timeout_after_commit", {"seconds": 4}, 1),
     ("create", "hang", {"seconds": 4}, 1),
-    ("retrieve", "http_500", {}, 3), ("retrieve", "http_429", {"retry_after": 1}, 3),
-    ("retrieve", "reset_before", {}, 3), ("retrieve", "invalid_json", {}, 1),
+    ("retrieve", "http_500", {}, 3),
+    ("retrieve", "http_429", {"retry_after": 1}, 3),
+    ("retrieve", "reset_before", {}, 3),
+    ("retrieve", "invalid_json", {}, 1),
     ("retrieve", "hang", {"seconds": 4}, 3),
     ("download", "truncate", {"mode": "chunked"}, 1),
     ("download", "truncate", {"mode": "clean"}, 1),
-    ("download", "http_503", {}, 3), ("download", "reset_before", {}, 1),
-    ("list_batches", "http_500", {}, 3), ("list_batches", "reset_before", {}, 1),
+    ("download", "http_503", {}, 3),
+    ("download", "reset_before", {}, 1),
+    ("list_batches", "http_500", {}, 3),
+    ("list_batches", "reset_before", {}, 1),
     ("cancel", "http_500", {}, 1),
 ]
 BATCH_FAULTS: list[tuple[str, dict[str, Any]]] = [
-    ("expire", {"run_fraction": 0.5}), ("stuck_finalizing", {"seconds": 3}),
+    ("expire", {"run_fraction": 0.5}),
+    ("stuck_finalizing", {"seconds": 3}),
     ("token_limit_exceeded", {}),
 ]
 # The same kinds of fault at the other providers (the route names are theirs).
 # A list fault hits one call: only a send that retries lists, and a queue of
 # them would fail each retry while its backoff grows past the settle window.
 ANTHROPIC_FAULTS: list[tuple[str, str, int]] = [
-    ("create", "http_529", 1), ("create", "reset_after", 1), ("create", "http_500", 1),
-    ("retrieve", "http_500", 3), ("retrieve", "http_529", 3), ("results", "http_500", 3),
-    ("list", "http_500", 1), ("cancel", "http_500", 1),
+    ("create", "http_529", 1),
+    ("create", "reset_after", 1),
+    ("create", "http_500", 1),
+    ("retrieve", "http_500", 3),
+    ("retrieve", "http_529", 3),
+    ("results", "http_500", 3),
+    ("list", "http_500", 1),
+    ("cancel", "http_500", 1),
 ]
 GEMINI_FAULTS: list[tuple[str, str, int]] = [
-    ("upload", "http_500", 1), ("create", "http_503", 1), ("create", "reset_after", 1),
-    ("retrieve", "http_503", 3), ("download", "http_500", 3), ("download", "truncate", 1),
+    ("upload", "http_500", 1),
+    ("create", "http_503", 1),
+    ("create", "reset_after", 1),
+    ("retrieve", "http_503", 3),
+    ("download", "http_500", 3),
+    ("download", "truncate", 1),
     ("list", "http_500", 1),
 ]
 # A marker of expected_outcome as each provider's emulator spells it.
-MARKERS = {"anthropic": {"http_400": "invalid_request", "http_429": "overloaded",
-                         "http_500*2": "api_error*2", "missing*1": "missing*1"},
-           "gemini": {"http_400": "invalid_argument", "http_429": "resource_exhausted",
-                      "http_500*2": "internal*2", "missing*1": "missing*1"}}
+MARKERS = {
+    "anthropic": {
+        "http_400": "invalid_request",
+        "http_429": "overloaded",
+        "http_500*2": "api_error*2",
+        "missing*1": "missing*1",
+    },
+    "gemini": {
+        "http_400": "invalid_argument",
+        "http_429": "resource_exhausted",
+        "http_500*2": "internal*2",
+        "missing*1": "missing*1",
+    },
+}
 MAX_ATTEMPTS = 5
 CANCELLED_JOB = "chaos-a"
 
@@ -86,22 +113,31 @@ def chaos_job(i: int, n: int) -> str:
     """Task i's job: the first fifth is chaos-a (cancelled mid-run), then
     the rest alternate between chaos-b and chaos-c."""
     return CANCELLED_JOB if i < n // 5 else f"chaos-{'bc'[i % 2]}"
-SETTINGS = {"window_seconds": 1, "max_batch_items": 100, "poll_interval_seconds": 0.5,
-            "scheduler_interval_seconds": 0.2, "retry_backoff_seconds": 0.5,
-            "lease_seconds": 3, "max_attempts": MAX_ATTEMPTS, "provider_timeout_seconds": 2,
-            "shutdown_grace_seconds": 5}
+
+
+SETTINGS = {
+    "window_seconds": 1,
+    "max_batch_items": 100,
+    "poll_interval_seconds": 0.5,
+    "scheduler_interval_seconds": 0.2,
+    "retry_backoff_seconds": 0.5,
+    "lease_seconds": 3,
+    "max_attempts": MAX_ATTEMPTS,
+    "provider_timeout_seconds": 2,
+    "shutdown_grace_seconds": 5,
+}
 
 
 def expected_outcome(i: int) -> tuple[str | None, str]:
     """(body marker, final state) of task i: the issue 3 mix."""
     if i % 50 == 0:
-        return "http_400", "failed"       # permanent: the manual queue at once
+        return "http_400", "failed"  # permanent: the manual queue at once
     if i % 20 == 2:
-        return "http_429", "failed"       # always rate limited: exhausted after MAX_ATTEMPTS
+        return "http_429", "failed"  # always rate limited: exhausted after MAX_ATTEMPTS
     if i % 20 == 1:
         return "http_500*2", "succeeded"  # two retries, then fine
     if i % 20 == 3:
-        return "missing*1", "succeeded"   # absent from both files once
+        return "missing*1", "succeeded"  # absent from both files once
     return None, "succeeded"
 
 
@@ -132,23 +168,40 @@ class Figures:
     unexpected_exits: list[tuple[str, int]] = field(default_factory=list)
 
     def line(self) -> str:
-        return ("CHAOS " + " ".join(f"{k}={v}" for k, v in asdict(self).items()
-                                    if k != "violations") + f" violations={len(self.violations)}")
+        return (
+            "CHAOS "
+            + " ".join(f"{k}={v}" for k, v in asdict(self).items() if k != "violations")
+            + f" violations={len(self.violations)}"
+        )
 
 
 class Chaos:
-    def __init__(self, pg: PrivatePostgres, db_url: str, emulator: Emulator, emulator_url: str,
-                 workdir: Path, *, tasks: int = 5000, replicas: int = 3, kills: int = 10,
-                 pg_restarts: int = 1, seed: int = 4, kill_every: tuple[float, float] = (1.5, 3),
-                 settle_within: float = 240, clients: int = 1,
-                 anthropic: AnthropicEmulator | None = None,
-                 gemini: GeminiEmulator | None = None) -> None:
+    def __init__(
+        self,
+        pg: PrivatePostgres,
+        db_url: str,
+        emulator: Emulator,
+        emulator_url: str,
+        workdir: Path,
+        *,
+        tasks: int = 5000,
+        replicas: int = 3,
+        kills: int = 10,
+        pg_restarts: int = 1,
+        seed: int = 4,
+        kill_every: tuple[float, float] = (1.5, 3),
+        settle_within: float = 240,
+        clients: int = 1,
+        anthropic: AnthropicEmulator | None = None,
+        gemini: GeminiEmulator | None = None,
+    ) -> None:
         """With ``anthropic`` and/or ``gemini`` (started emulators), the load is
         spread over those providers too, and so are the faults."""
         self.pg, self.db_url, self.emu = pg, db_url, emulator
         self.anthropic, self.gemini = anthropic, gemini
-        self.providers = ["openai"] + [n for n, e in (("anthropic", anthropic),
-                                                      ("gemini", gemini)) if e is not None]
+        self.providers = ["openai"] + [
+            n for n, e in (("anthropic", anthropic), ("gemini", gemini)) if e is not None
+        ]
         self.n_tasks, self.n_kills, self.n_pg = tasks, kills, pg_restarts
         self.kill_every, self.settle_within = kill_every, settle_within
         self.rng = random.Random(seed)
@@ -157,11 +210,19 @@ class Chaos:
         # them, each with its own body and outcome.
         self.clients = [f"c{k}" for k in range(clients)] if clients > 1 else []
         self.tokens = {c: f"tok-{c}-{seed}" for c in self.clients}
-        extra = ({"ingest_tokens": ",".join(f"{c}={t}" for c, t in self.tokens.items())}
-                 if self.clients else {})
-        env = replica_env(db_url, emulator_url,
-                          anthropic_url=anthropic.base if anthropic else None,
-                          gemini_url=gemini.base if gemini else None, **SETTINGS, **extra)
+        extra = (
+            {"ingest_tokens": ",".join(f"{c}={t}" for c, t in self.tokens.items())}
+            if self.clients
+            else {}
+        )
+        env = replica_env(
+            db_url,
+            emulator_url,
+            anthropic_url=anthropic.base if anthropic else None,
+            gemini_url=gemini.base if gemini else None,
+            **SETTINGS,
+            **extra,
+        )
         self.replicas = [Replica(f"chaos{i}", env, workdir) for i in range(replicas)]
         self.fig = Figures(tasks=tasks, replicas=replicas, clients=max(1, clients))
         self._locks = {r.name: asyncio.Lock() for r in self.replicas}
@@ -184,8 +245,11 @@ class Chaos:
         """Like an orchestrator: a replica that died by itself comes back clean."""
         while not self._stopping:
             for r in self.replicas:
-                if r.proc is not None and r.proc.returncode is not None \
-                        and not self._locks[r.name].locked():
+                if (
+                    r.proc is not None
+                    and r.proc.returncode is not None
+                    and not self._locks[r.name].locked()
+                ):
                     if r.proc.returncode == EXIT_CODE:
                         self.fig.crash_point_exits += 1
                         self.fig.kills += 1
@@ -224,8 +288,8 @@ class Chaos:
             await asyncio.to_thread(self.pg.start)
             self.fig.pg_restarts += 1
             self.fig.ingest_refused_during_pg_outage += sum(
-                n - answers_before.get(code, 0) for code, n in loader.answers.items()
-                if code != 202)
+                n - answers_before.get(code, 0) for code, n in loader.answers.items() if code != 202
+            )
 
     async def _havoc(self, loader_done: asyncio.Event) -> None:
         while self.fig.kills < self.n_kills or not loader_done.is_set():
@@ -258,8 +322,14 @@ class Chaos:
             make = {"anthropic": claude_task, "gemini": gemini_task}.get(provider, chat_task)
             if provider != "openai":
                 marker = MARKERS[provider].get(marker or "", marker)
-            tasks.append(make(cid, emulate=marker, content=f"task {i} of {client}",
-                              job=chaos_job(i, self.n_tasks)))
+            tasks.append(
+                make(
+                    cid,
+                    emulate=marker,
+                    content=f"task {i} of {client}",
+                    job=chaos_job(i, self.n_tasks),
+                )
+            )
             owners.append(client if self.clients else None)
         loader = Loader(self.replicas, seed=self.rng.randint(0, 1 << 30), tokens=self.tokens)
         supervisor = asyncio.create_task(self._supervise())
@@ -267,8 +337,7 @@ class Chaos:
 
         async def load() -> None:
             try:
-                await loader.post_all(tasks, chunk=50, concurrency=2, pause=0.4,
-                                      clients=owners)
+                await loader.post_all(tasks, chunk=50, concurrency=2, pause=0.4, clients=owners)
             finally:
                 loader_done.set()
 
@@ -315,7 +384,8 @@ class Chaos:
             await engine.dispose()
         self.fig.ingest_503 = loader.answers.get(503, 0)
         self.fig.provider_faults_applied = sum(self.emu.faults_applied.values()) + sum(
-            sum(e.faults_applied.values()) for e in (self.anthropic, self.gemini) if e)
+            sum(e.faults_applied.values()) for e in (self.anthropic, self.gemini) if e
+        )
         self.fig.batch_faults_applied = self._batch_scripts - len(self.emu._batch_scripts)
         self.fig.seconds = round(time.monotonic() - started, 1)
         return self.fig
@@ -340,8 +410,9 @@ class Chaos:
         while True:
             for r in [r for r in self.replicas if r.alive]:
                 try:
-                    async with loader.http.post(f"{r.url}/v1/jobs/{CANCELLED_JOB}/cancel",
-                                                json={}, headers=headers) as resp:
+                    async with loader.http.post(
+                        f"{r.url}/v1/jobs/{CANCELLED_JOB}/cancel", json={}, headers=headers
+                    ) as resp:
                         if resp.status == 200:
                             return
                 except (TimeoutError, OSError, aiohttp.ClientError):
@@ -355,8 +426,11 @@ class Chaos:
     @staticmethod
     async def _by_provider(engine: Any) -> dict[str, dict[str, int]]:
         async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT provider, state, count(*) FROM tasks GROUP BY 1, 2"))).all()
+            rows = (
+                await conn.execute(
+                    text("SELECT provider, state, count(*) FROM tasks GROUP BY 1, 2")
+                )
+            ).all()
         out: dict[str, dict[str, int]] = {}
         for provider, state, n in rows:
             out.setdefault(provider, {})[state] = int(n)
@@ -369,8 +443,9 @@ class Chaos:
                 return
             await asyncio.sleep(0.5)
         tails = "\n".join(f"--- {r.name}\n{r.tail(10)}" for r in self.replicas)
-        raise AssertionError(f"not settled in {self.settle_within}s: "
-                             f"{await open_count(engine)} open\n{tails}")
+        raise AssertionError(
+            f"not settled in {self.settle_within}s: {await open_count(engine)} open\n{tails}"
+        )
 
     def _key(self, i: int) -> tuple[str, str]:
         """(client, custom_id) of task i."""
@@ -387,8 +462,9 @@ class Chaos:
 
     async def _check_outcomes(self, engine: Any, report: invariants.Report) -> None:
         async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT client, custom_id, state, attempts FROM tasks"))).all()
+            rows = (
+                await conn.execute(text("SELECT client, custom_id, state, attempts FROM tasks"))
+            ).all()
         wrong = []
         for client, cid, state, attempts in rows:
             i = self._index(client, cid)
@@ -404,7 +480,11 @@ class Chaos:
         self.fig.duplicated = report.duplicated
         self.fig.by_state = report.by_state
         self.fig.provider_batches = report.provider_batches
-        self.fig.violations = report.violations + (
-            [f"{len(wrong)} task(s) in the wrong terminal state: {wrong[:5]}"] if wrong else []
-        ) + [f"replica {name} exited {code} by itself"
-             for name, code in self.fig.unexpected_exits]
+        self.fig.violations = (
+            report.violations
+            + ([f"{len(wrong)} task(s) in the wrong terminal state: {wrong[:5]}"] if wrong else [])
+            + [
+                f"replica {name} exited {code} by itself"
+                for name, code in self.fig.unexpected_exits
+            ]
+        )

@@ -26,18 +26,26 @@ from tests.conftest import _admin
 
 # Fast clocks for everything: windows, polls, retries and leases in fractions
 # of a second, so a crash and its recovery fit in a few seconds.
-FAST = {"window_seconds": 0.3, "max_batch_items": 50, "poll_interval_seconds": 0.2,
-        "scheduler_interval_seconds": 0.2, "retry_backoff_seconds": 0.2,
-        "lease_seconds": 2, "shutdown_grace_seconds": 10}
+FAST = {
+    "window_seconds": 0.3,
+    "max_batch_items": 50,
+    "poll_interval_seconds": 0.2,
+    "scheduler_interval_seconds": 0.2,
+    "retry_backoff_seconds": 0.2,
+    "lease_seconds": 2,
+    "shutdown_grace_seconds": 10,
+}
 
 
 @pytest.fixture(scope="session")
 def private_pg() -> Iterator[PrivatePostgres]:
     bindir = find_pg_bindir()
     if bindir is None:
-        pytest.skip("no initdb/pg_ctl found (looked in BATCHD_TEST_PG_BINDIR, "
-                    "/usr/lib/postgresql/*/bin, pg_config --bindir and pgserver): "
-                    "cannot start a private PostgreSQL to restart")
+        pytest.skip(
+            "no initdb/pg_ctl found (looked in BATCHD_TEST_PG_BINDIR, "
+            "/usr/lib/postgresql/*/bin, pg_config --bindir and pgserver): "
+            "cannot start a private PostgreSQL to restart"
+        )
     pg = PrivatePostgres(bindir)
     pg.init()
     try:
@@ -88,8 +96,9 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     every one still running is killed at teardown."""
     made: list[Replica] = []
 
-    async def start(db_url: str, emulator_url: str, n: int = 1, *,
-                    crash_at: str | None = None, **settings: Any) -> list[Replica]:
+    async def start(
+        db_url: str, emulator_url: str, n: int = 1, *, crash_at: str | None = None, **settings: Any
+    ) -> list[Replica]:
         env = replica_env(db_url, emulator_url, **{**FAST, **settings})
         new = [Replica(f"r{len(made) + i}", env, tmp_path) for i in range(n)]
         made.extend(new)

@@ -45,6 +45,7 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------ PostgreSQL
 
+
 def find_pg_bindir() -> Path | None:
     """initdb + pg_ctl: BATCHD_TEST_PG_BINDIR, the distribution's, pg_config's,
     or the binaries pgserver ships."""
@@ -55,13 +56,17 @@ def find_pg_bindir() -> Path | None:
     pg_config = shutil.which("pg_config")
     if pg_config:
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
-            candidates.append(subprocess.run([pg_config, "--bindir"], capture_output=True,
-                                             text=True, check=True).stdout.strip())
+            candidates.append(
+                subprocess.run(
+                    [pg_config, "--bindir"], capture_output=True, text=True, check=True
+                ).stdout.strip()
+            )
     for c in candidates:
         if (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
             return Path(c)
     with contextlib.suppress(ImportError):
         from pgserver._commands import POSTGRES_BIN_PATH
+
         if (Path(POSTGRES_BIN_PATH) / "pg_ctl").exists():
             return Path(POSTGRES_BIN_PATH)
     return None
@@ -98,29 +103,59 @@ class PrivatePostgres:
         kw: dict[str, Any] = {}
         if self.user is not None:
             kw = {"user": self.user.pw_uid, "group": self.user.pw_gid}
-        done = subprocess.run([str(self.bindir / args[0]), *args[1:]], capture_output=True,
-                              text=True, check=False, cwd=self.root, timeout=120, **kw)
+        done = subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=self.root,
+            timeout=120,
+            **kw,
+        )
         if check and done.returncode:
             # What the server tools said, not only that they failed.
-            raise RuntimeError(f"{args[0]} exited {done.returncode}: "
-                               f"{(done.stderr or done.stdout).strip()[-2000:]}")
+            raise RuntimeError(
+                f"{args[0]} exited {done.returncode}: "
+                f"{(done.stderr or done.stdout).strip()[-2000:]}"
+            )
         return done
 
     def init(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                  "-E", "UTF8", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
         self.start()
 
     def start(self) -> None:
-        opts = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                "-c fsync=off -c full_page_writes=off "
-                "-c max_connections=200")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-o", opts,
-                  "-w", "-t", "60", "start")
+        opts = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-o",
+            opts,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
 
     def stop(self, mode: str = "immediate") -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop",
-                  check=False)
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop", check=False)
 
     def destroy(self) -> None:
         self.stop("immediate")
@@ -128,6 +163,7 @@ class PrivatePostgres:
 
 
 # ---------------------------------------------------------------- batchd serve
+
 
 class Replica:
     """One ``batchd serve`` process; its JSON logs go to ``log``."""
@@ -156,8 +192,15 @@ class Replica:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "batchd", "serve", env=env, cwd=_ROOT,
-                stdout=out, stderr=subprocess.STDOUT)
+                sys.executable,
+                "-m",
+                "batchd",
+                "serve",
+                env=env,
+                cwd=_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         self.starts += 1
         self.port = None
         deadline = time.monotonic() + 90
@@ -167,8 +210,9 @@ class Replica:
                 self.port = int(event["port"])
                 return
             if self.proc.returncode is not None:
-                raise RuntimeError(f"{self.name} exited {self.proc.returncode} at start:\n"
-                                   f"{self.tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited {self.proc.returncode} at start:\n{self.tail()}"
+                )
             await asyncio.sleep(0.05)
         raise RuntimeError(f"{self.name} did not start:\n{self.tail()}")
 
@@ -214,54 +258,101 @@ class Replica:
         return await self.wait(within)
 
 
-def replica_env(db_url: str, emulator_url: str, *, anthropic_url: str | None = None,
-                gemini_url: str | None = None, **settings: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BATCHD_", "OPENAI_", "ANTHROPIC_", "GEMINI_", "AZURE_OPENAI_"))}
+def replica_env(
+    db_url: str,
+    emulator_url: str,
+    *,
+    anthropic_url: str | None = None,
+    gemini_url: str | None = None,
+    **settings: Any,
+) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("BATCHD_", "OPENAI_", "ANTHROPIC_", "GEMINI_", "AZURE_OPENAI_"))
+    }
     if anthropic_url:
         env.update({"BATCHD_ANTHROPIC_BASE_URL": anthropic_url, "ANTHROPIC_API_KEY": API_KEY})
     if gemini_url:
         env.update({"BATCHD_GEMINI_BASE_URL": gemini_url, "GEMINI_API_KEY": API_KEY})
-    env.update({"BATCHD_DATABASE_URL": db_url, "BATCHD_OPENAI_BASE_URL": emulator_url,
-                "OPENAI_API_KEY": API_KEY, "BATCHD_HTTP_PORT": "0",
-                "BATCHD_LOG_FORMAT": "json", "BATCHD_LOG_LEVEL": "info",
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "BATCHD_DATABASE_URL": db_url,
+            "BATCHD_OPENAI_BASE_URL": emulator_url,
+            "OPENAI_API_KEY": API_KEY,
+            "BATCHD_HTTP_PORT": "0",
+            "BATCHD_LOG_FORMAT": "json",
+            "BATCHD_LOG_LEVEL": "info",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update({f"BATCHD_{k.upper()}": str(v) for k, v in settings.items()})
     return env
 
 
 # ------------------------------------------------------------------ load client
 
-def chat_task(custom_id: str, *, emulate: str | None = None,
-              model: str = "gpt-4o-mini", job: str | None = None,
-              content: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": 8, "messages": [
-        {"role": "user", "content": content or f"task {custom_id}"}]}
+
+def chat_task(
+    custom_id: str,
+    *,
+    emulate: str | None = None,
+    model: str = "gpt-4o-mini",
+    job: str | None = None,
+    content: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": content or f"task {custom_id}"}],
+    }
     if emulate:
         body["metadata"] = {"emulate": emulate}
     return {"custom_id": custom_id, "body": body, **({"job": job} if job else {})}
 
 
-def claude_task(custom_id: str, *, emulate: str | None = None, job: str | None = None,
-                content: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "claude-haiku-4-5", "max_tokens": 8, "messages": [
-        {"role": "user", "content": content or f"task {custom_id}"}]}
+def claude_task(
+    custom_id: str,
+    *,
+    emulate: str | None = None,
+    job: str | None = None,
+    content: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": content or f"task {custom_id}"}],
+    }
     if emulate:
         body["metadata"] = {"emulate": emulate}
-    return {"custom_id": custom_id, "endpoint": "/v1/messages", "body": body,
-            **({"job": job} if job else {})}
+    return {
+        "custom_id": custom_id,
+        "endpoint": "/v1/messages",
+        "body": body,
+        **({"job": job} if job else {}),
+    }
 
 
-def gemini_task(custom_id: str, *, emulate: str | None = None, job: str | None = None,
-                content: str | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "gemini-2.5-flash",
-                            "contents": [{"role": "user",
-                                          "parts": [{"text": content or custom_id}]}],
-                            "generationConfig": {"maxOutputTokens": 8}}
+def gemini_task(
+    custom_id: str,
+    *,
+    emulate: str | None = None,
+    job: str | None = None,
+    content: str | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "gemini-2.5-flash",
+        "contents": [{"role": "user", "parts": [{"text": content or custom_id}]}],
+        "generationConfig": {"maxOutputTokens": 8},
+    }
     if emulate:
         body["emulate"] = emulate
-    return {"custom_id": custom_id, "endpoint": "/v1beta/generateContent", "body": body,
-            **({"job": job} if job else {})}
+    return {
+        "custom_id": custom_id,
+        "endpoint": "/v1beta/generateContent",
+        "body": body,
+        **({"job": job} if job else {}),
+    }
 
 
 class Loader:
@@ -269,8 +360,9 @@ class Loader:
     answers 202: a 503, a refused connection or a dropped request is retried
     with the same tasks (a duplicate is stored once)."""
 
-    def __init__(self, replicas: Sequence[Replica], seed: int = 0,
-                 tokens: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, replicas: Sequence[Replica], seed: int = 0, tokens: dict[str, str] | None = None
+    ) -> None:
         self.replicas = list(replicas)  # tests append the replicas they start later
         self.rng = random.Random(seed)
         self.tokens = tokens or {}  # client name -> its bearer token
@@ -283,8 +375,9 @@ class Loader:
     def _note(self, key: int | str) -> None:
         self.answers[key] = self.answers.get(key, 0) + 1
 
-    async def post(self, tasks: list[dict[str, Any]], *, give_up_after: float = 180,
-                   client: str | None = None) -> None:
+    async def post(
+        self, tasks: list[dict[str, Any]], *, give_up_after: float = 180, client: str | None = None
+    ) -> None:
         """Post as ``client`` (its token), or with no token (client ``local``)."""
         body = orjson.dumps({"tasks": tasks})
         headers = {"Content-Type": "application/json"}
@@ -298,8 +391,9 @@ class Loader:
                 continue
             target = self.rng.choice(live)
             try:
-                async with self.http.post(f"{target.url}/v1/tasks", data=body,
-                                          headers=headers) as resp:
+                async with self.http.post(
+                    f"{target.url}/v1/tasks", data=body, headers=headers
+                ) as resp:
                     self._note(resp.status)
                     if resp.status == 202:
                         doc = await resp.json()
@@ -320,19 +414,25 @@ class Loader:
             self._progress.clear()
             await self._progress.wait()
 
-    async def post_all(self, tasks: list[dict[str, Any]], chunk: int = 100,
-                       concurrency: int = 4, pause: float = 0.0,
-                       clients: Sequence[str | None] | None = None) -> None:
+    async def post_all(
+        self,
+        tasks: list[dict[str, Any]],
+        chunk: int = 100,
+        concurrency: int = 4,
+        pause: float = 0.0,
+        clients: Sequence[str | None] | None = None,
+    ) -> None:
         """Post every task, ``clients[i]`` (default: no token) sending task i;
         each chunk is one client's, the clients' chunks taking turns."""
         owners = list(clients) if clients is not None else [None] * len(tasks)
         by_client: dict[str | None, list[dict[str, Any]]] = {}
         for task, owner in zip(tasks, owners, strict=True):
             by_client.setdefault(owner, []).append(task)
-        per_client = [[(owner, mine[i:i + chunk]) for i in range(0, len(mine), chunk)]
-                      for owner, mine in by_client.items()]
-        chunks = [c for turn in itertools.zip_longest(*per_client) for c in turn
-                  if c is not None]
+        per_client = [
+            [(owner, mine[i : i + chunk]) for i in range(0, len(mine), chunk)]
+            for owner, mine in by_client.items()
+        ]
+        chunks = [c for turn in itertools.zip_longest(*per_client) for c in turn if c is not None]
         slots = asyncio.Semaphore(concurrency)
 
         async def one(owner: str | None, c: list[dict[str, Any]]) -> None:
@@ -348,6 +448,7 @@ class Loader:
 
 # ---------------------------------------------------------------- waiting
 
+
 async def until(predicate: Callable[[], bool], within: float = 60, what: str = "") -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -362,16 +463,21 @@ async def open_count(engine: AsyncEngine) -> int | None:
     database does not answer (it may be down on purpose)."""
     try:
         async with engine.connect() as conn:
-            row = (await conn.execute(text("""
+            row = (
+                await conn.execute(
+                    text("""
                 SELECT (SELECT count(*) FROM tasks WHERE state IN ('queued', 'submitted'))
-                     + (SELECT count(*) FROM batches WHERE state <> 'routed')"""))).scalar()
+                     + (SELECT count(*) FROM batches WHERE state <> 'routed')""")
+                )
+            ).scalar()
             return int(row or 0)
     except Exception:
         return None
 
 
-async def wait_settled(engine: AsyncEngine, within: float, *,
-                       replicas: Iterable[Replica] = ()) -> None:
+async def wait_settled(
+    engine: AsyncEngine, within: float, *, replicas: Iterable[Replica] = ()
+) -> None:
     deadline = time.monotonic() + within
     left: int | None = None
     while time.monotonic() < deadline:
@@ -390,7 +496,7 @@ async def provider_requests(replica: Replica) -> dict[tuple[str, str], float]:
     found: dict[tuple[str, str], float] = {}
     for line in body.splitlines():
         if line.startswith("batchd_provider_requests_total{"):
-            labels, value = line[len("batchd_provider_requests_total{"):].split("} ")
+            labels, value = line[len("batchd_provider_requests_total{") :].split("} ")
             pairs = dict(p.split("=", 1) for p in labels.split(","))
             found[(pairs["operation"].strip('"'), pairs["code"].strip('"'))] = float(value)
     return found

@@ -31,8 +31,8 @@ pytestmark = pytest.mark.chaos
 
 
 async def test_chaos_loses_nothing_and_pays_nothing_twice(
-        private_pg: PrivatePostgres, private_db: str, emulator: tuple[Emulator, str],
-        tmp_path: Path) -> None:
+    private_pg: PrivatePostgres, private_db: str, emulator: tuple[Emulator, str], tmp_path: Path
+) -> None:
     emu, url = emulator
     emu.in_progress_seconds = 0.5  # batches stay live while replicas die around them
     claude = AnthropicEmulator(API_KEY, in_progress_seconds=0.5)
@@ -40,8 +40,21 @@ async def test_chaos_loses_nothing_and_pays_nothing_twice(
     await claude.start()
     await gem.start()
     try:
-        chaos = Chaos(private_pg, private_db, emu, url, tmp_path, tasks=5000, replicas=3,
-                      kills=10, pg_restarts=1, seed=4, clients=3, anthropic=claude, gemini=gem)
+        chaos = Chaos(
+            private_pg,
+            private_db,
+            emu,
+            url,
+            tmp_path,
+            tasks=5000,
+            replicas=3,
+            kills=10,
+            pg_restarts=1,
+            seed=4,
+            clients=3,
+            anthropic=claude,
+            gemini=gem,
+        )
         fig = await chaos.run()
     finally:
         await claude.stop()

@@ -22,8 +22,13 @@ from tests.acceptance.procs import Loader, chat_task, wait_settled
 pytestmark = pytest.mark.chaos
 
 
-async def _crash_then_recover(shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster,
-                              point: str, tasks: list[dict[str, Any]]) -> invariants.Report:
+async def _crash_then_recover(
+    shared_db: str,
+    emulator: tuple[Emulator, str],
+    cluster: Cluster,
+    point: str,
+    tasks: list[dict[str, Any]],
+) -> invariants.Report:
     emu, url = emulator
     [victim] = await cluster(shared_db, url, crash_at=point)
     loader = Loader([victim])
@@ -49,26 +54,32 @@ def _tasks(n: int, prefix: str) -> list[dict[str, Any]]:
 
 
 async def test_crash_between_batch_commit_and_upload_resends_once(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
-    report = await _crash_then_recover(shared_db, emulator, cluster, "after_claim",
-                                       _tasks(30, "claim"))
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
+    report = await _crash_then_recover(
+        shared_db, emulator, cluster, "after_claim", _tasks(30, "claim")
+    )
     assert report.by_state == {"succeeded": 30}
     assert report.provider_batches == 1
 
 
 async def test_crash_after_upload_creates_one_batch(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
-    report = await _crash_then_recover(shared_db, emulator, cluster, "after_upload",
-                                       _tasks(30, "upload"))
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
+    report = await _crash_then_recover(
+        shared_db, emulator, cluster, "after_upload", _tasks(30, "upload")
+    )
     assert report.by_state == {"succeeded": 30}
     assert report.provider_batches == 1
 
 
 async def test_crash_after_create_adopts_the_provider_batch(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, _ = emulator
-    report = await _crash_then_recover(shared_db, emulator, cluster, "after_create",
-                                       _tasks(30, "create"))
+    report = await _crash_then_recover(
+        shared_db, emulator, cluster, "after_create", _tasks(30, "create")
+    )
     assert report.by_state == {"succeeded": 30}
     # The batch created before the crash was found by our id and adopted.
     assert report.provider_batches == 1
@@ -76,26 +87,31 @@ async def test_crash_after_create_adopts_the_provider_batch(
 
 
 async def test_crash_halfway_through_routing_stores_each_result_once(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     # The output file's successes are settled first, a chunk a transaction:
     # the crash lands after the first chunk committed and before the error
     # file's retries; the route resumed by the survivor stores the rest.
-    tasks = _tasks(40, "route") + [chat_task(f"route-retry-{i}", emulate="http_500*1")
-                                   for i in range(10)]
+    tasks = _tasks(40, "route") + [
+        chat_task(f"route-retry-{i}", emulate="http_500*1") for i in range(10)
+    ]
     report = await _crash_then_recover(shared_db, emulator, cluster, "mid_route", tasks)
     assert report.by_state == {"succeeded": 50}
 
 
 async def test_crash_after_routing_commits_keeps_the_routing(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
-    report = await _crash_then_recover(shared_db, emulator, cluster, "after_route",
-                                       _tasks(20, "routed"))
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
+    report = await _crash_then_recover(
+        shared_db, emulator, cluster, "after_route", _tasks(20, "routed")
+    )
     assert report.by_state == {"succeeded": 20}
     assert report.provider_batches == 1
 
 
 async def test_kill_while_ingesting_keeps_every_accepted_task(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     [replica] = await cluster(shared_db, url)
     loader = Loader([replica])

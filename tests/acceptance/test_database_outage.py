@@ -24,8 +24,8 @@ pytestmark = pytest.mark.chaos
 
 
 async def test_database_down_means_503_then_everything_resumes(
-        private_pg: PrivatePostgres, private_db: str, emulator: tuple[Emulator, str],
-        cluster: Cluster) -> None:
+    private_pg: PrivatePostgres, private_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     replicas = await cluster(private_db, url, 2)
     loader = Loader(replicas)
@@ -42,10 +42,16 @@ async def test_database_down_means_503_then_everything_resumes(
             for n in range(12):
                 r = replicas[n % 2]
                 body = orjson.dumps({"tasks": [chat_task(f"during-{n}")]})
-                async with http.post(f"{r.url}/v1/tasks", data=body,
-                                     headers={"Content-Type": "application/json"}) as resp:
-                    answers.append((resp.status, resp.headers.get("Retry-After"),
-                                    (await resp.json())["error"]["code"]))
+                async with http.post(
+                    f"{r.url}/v1/tasks", data=body, headers={"Content-Type": "application/json"}
+                ) as resp:
+                    answers.append(
+                        (
+                            resp.status,
+                            resp.headers.get("Retry-After"),
+                            (await resp.json())["error"]["code"],
+                        )
+                    )
                 async with http.get(f"{r.url}/healthz") as resp:
                     assert resp.status == 200
                 async with http.get(f"{r.url}/readyz") as resp:
@@ -77,16 +83,15 @@ async def test_database_down_means_503_then_everything_resumes(
 
 
 async def test_restart_while_ingesting_never_acknowledges_an_unstored_task(
-        private_pg: PrivatePostgres, private_db: str, emulator: tuple[Emulator, str],
-        cluster: Cluster) -> None:
+    private_pg: PrivatePostgres, private_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     replicas = await cluster(private_db, url, 2)
     loader = Loader(replicas, seed=7)
     engine = engine_for(private_db)
     tasks = [chat_task(f"restart-{i}") for i in range(3000)]
     try:
-        posting = asyncio.create_task(
-            loader.post_all(tasks, chunk=10, concurrency=4, pause=0.01))
+        posting = asyncio.create_task(loader.post_all(tasks, chunk=10, concurrency=4, pause=0.01))
         await loader.wait_accepted(600)
         private_pg.stop("immediate")
         await asyncio.sleep(2)

@@ -31,8 +31,16 @@ MIX = {  # marker → (state, attempts, last error code)
 async def standalone_emulator() -> AsyncIterator[str]:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "batchd.emulator.openai", "--port", str(port),
-        "--api-key", API_KEY, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "batchd.emulator.openai",
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
     assert b"listening" in line, line
@@ -44,9 +52,11 @@ async def standalone_emulator() -> AsyncIterator[str]:
 
 
 async def test_400_mixed_tasks_reach_the_right_state_in_batches_within_the_cap(
-        shared_db: str, standalone_emulator: str, cluster: Cluster) -> None:
-    [replica] = await cluster(shared_db, standalone_emulator, window_seconds=2,
-                              max_batch_items=40, max_attempts=3)
+    shared_db: str, standalone_emulator: str, cluster: Cluster
+) -> None:
+    [replica] = await cluster(
+        shared_db, standalone_emulator, window_seconds=2, max_batch_items=40, max_attempts=3
+    )
     markers = list(MIX)
     tasks = [chat_task(f"mix-{i}", emulate=markers[i % 4]) for i in range(400)]
     loader = Loader([replica])
@@ -55,16 +65,22 @@ async def test_400_mixed_tasks_reach_the_right_state_in_batches_within_the_cap(
         # Trickled in, so both timeout and cap flushes happen.
         await loader.post_all(tasks, chunk=20, concurrency=1, pause=0.1)
         await wait_settled(engine, 120, replicas=[replica])
-        async with aiohttp.ClientSession() as http, http.get(
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
                 f"{standalone_emulator.removesuffix('/v1')}/_emulator/record",
-                headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            ) as resp,
+        ):
             record = await resp.json()
         report = await invariants.check(engine, record, accepted=loader.accepted)
         async with engine.connect() as conn:
-            rows = (await conn.execute(text(
-                "SELECT custom_id, state, attempts, last_error->>'code' FROM tasks"))).all()
-            sizes = (await conn.execute(text(
-                "SELECT item_count, flush_reason FROM batches"))).all()
+            rows = (
+                await conn.execute(
+                    text("SELECT custom_id, state, attempts, last_error->>'code' FROM tasks")
+                )
+            ).all()
+            sizes = (await conn.execute(text("SELECT item_count, flush_reason FROM batches"))).all()
     finally:
         await loader.close()
         await engine.dispose()

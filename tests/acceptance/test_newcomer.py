@@ -43,12 +43,18 @@ def _ports_held() -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def _shell(command: str, env: dict[str, str], cwd: Path, log: Path
-                 ) -> AsyncIterator[asyncio.subprocess.Process]:
+async def _shell(
+    command: str, env: dict[str, str], cwd: Path, log: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_shell(
-            command, env=env, cwd=cwd, stdout=out, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True)
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
@@ -83,20 +89,33 @@ async def test_the_readme_emulator_commands_run_a_task(shared_db: str, tmp_path:
     # embedded one; the tests use their own server) and a short window, so
     # the batch goes out within the test.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATCHD_", "OPENAI_"))}
-    env.update({"PATH": f"{_VENV_BIN}:{env.get('PATH', '')}", "VIRTUAL_ENV": str(_VENV_BIN.parent),
-                "BATCHD_DATABASE_URL": shared_db, "BATCHD_WINDOW_SECONDS": "1",
-                "BATCHD_POLL_INTERVAL_SECONDS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "PATH": f"{_VENV_BIN}:{env.get('PATH', '')}",
+            "VIRTUAL_ENV": str(_VENV_BIN.parent),
+            "BATCHD_DATABASE_URL": shared_db,
+            "BATCHD_WINDOW_SECONDS": "1",
+            "BATCHD_POLL_INTERVAL_SECONDS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     with _ports_held():
-        async with _shell(emulator_cmd, env, tmp_path, tmp_path / "emulator.log"), \
-                _shell(serve_cmd, env, tmp_path, tmp_path / "serve.log") as serve, \
-                aiohttp.ClientSession() as http:
+        async with (
+            _shell(emulator_cmd, env, tmp_path, tmp_path / "emulator.log"),
+            _shell(serve_cmd, env, tmp_path, tmp_path / "serve.log") as serve,
+            aiohttp.ClientSession() as http,
+        ):
             api = "http://127.0.0.1:8080"
             try:
                 await _until(http, f"{api}/readyz", lambda s, b: s == 200, 60)
                 async with http.post(f"{api}/v1/tasks", json=chat_task("newcomer-1")) as r:
                     assert r.status == 202, await r.text()
-                task = await _until(http, f"{api}/v1/tasks/newcomer-1",
-                                    lambda s, b: b.get("state") in ("succeeded", "failed"), 60)
+                task = await _until(
+                    http,
+                    f"{api}/v1/tasks/newcomer-1",
+                    lambda s, b: b.get("state") in ("succeeded", "failed"),
+                    60,
+                )
             finally:
                 log = (tmp_path / "serve.log").read_text(errors="replace")
             assert task["state"] == "succeeded", (task, log[-3000:])
@@ -107,7 +126,8 @@ async def test_the_readme_emulator_commands_run_a_task(shared_db: str, tmp_path:
 
 
 async def test_a_wrong_key_is_logged_once_counted_and_shown_within_one_poll(
-        shared_db: str, emulator: Any, cluster: Cluster) -> None:
+    shared_db: str, emulator: Any, cluster: Cluster
+) -> None:
     emu, url = emulator
     emu.api_key = "sk-the-right-one"  # the replica sends the tests' own key
     (replica,) = await cluster(shared_db, url, 1, **{**FAST, "window_seconds": 0.2})
@@ -115,14 +135,18 @@ async def test_a_wrong_key_is_logged_once_counted_and_shown_within_one_poll(
         async with http.post(f"{replica.url}/v1/tasks", json=chat_task("wrong-1")) as r:
             assert r.status == 202
         # One scheduler tick (0.2 s) after the window: refused, logged, counted.
-        ready = await _until(http, f"{replica.url}/readyz",
-                             lambda s, b: b.get("status") == "degraded", 10)
+        ready = await _until(
+            http, f"{replica.url}/readyz", lambda s, b: b.get("status") == "degraded", 10
+        )
         assert ready["provider"]["openai"]["status"] == 401
         assert "OPENAI_API_KEY" in ready["provider"]["openai"]["fix"]
         async with http.get(f"{replica.url}/metrics") as r:
             exposed = await r.text()
-        refused = re.search(r'batchd_provider_requests_total\{code="401",operation="upload_file"\}'
-                            r" ([0-9.e+]+)", exposed)
+        refused = re.search(
+            r'batchd_provider_requests_total\{code="401",operation="upload_file"\}'
+            r" ([0-9.e+]+)",
+            exposed,
+        )
         assert refused and float(refused.group(1)) >= 1, exposed[:2000]
         # It keeps being refused (the backoff retries), but is logged once.
         await asyncio.sleep(6)

@@ -36,7 +36,8 @@ SDK_TRIES = 3
 
 
 async def test_faults_on_every_call_are_retried_counted_and_logged(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     emu.inject("upload", "http_503", times=SDK_TRIES)
     emu.inject("list_batches", "reset_before", times=SDK_TRIES)
@@ -63,15 +64,26 @@ async def test_faults_on_every_call_are_retried_counted_and_logged(
     # The create that timed out after landing was found and adopted, not repeated.
     assert report.provider_batches == 1
     assert any(e["adopted"] for e in replica.events("batch.submitted"))
-    for key in [("upload_file", "503"), ("list_batches", "error"), ("create_batch", "429"),
-                ("create_batch", "error"), ("get_batch", "500"), ("get_batch", "429"),
-                ("get_batch", "error"), ("download_file", "error"), ("get_batch", "200")]:
+    for key in [
+        ("upload_file", "503"),
+        ("list_batches", "error"),
+        ("create_batch", "429"),
+        ("create_batch", "error"),
+        ("get_batch", "500"),
+        ("get_batch", "429"),
+        ("get_batch", "error"),
+        ("download_file", "error"),
+        ("get_batch", "200"),
+    ]:
         assert counted.get(key, 0) >= 1, (key, counted)
     assert counted[("download_file", "error")] >= 2
     sends = replica.events("batch.send_failed")
     assert {(e["operation"], e["status"]) for e in sends} >= {
-        ("upload_file", 503), ("list_batches", None), ("create_batch", 429),
-        ("create_batch", None)}
+        ("upload_file", 503),
+        ("list_batches", None),
+        ("create_batch", 429),
+        ("create_batch", None),
+    }
     # retry-after is respected, with at most 20% jitter on top.
     [limited] = [e for e in sends if e["status"] == 429]
     assert 1.0 <= limited["retry_in"] <= 1.2
@@ -82,13 +94,15 @@ async def test_faults_on_every_call_are_retried_counted_and_logged(
 
 
 async def test_truncated_malformed_stuck_and_expired_batches_settle_once(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     emu.script_batch("stuck_finalizing", seconds=3)
     emu.script_batch("expire", run_fraction=0.5)
     emu.inject("download", "truncate", mode="clean", fraction=0.6)
-    tasks = [chat_task(f"out-{i}", emulate="malformed*1" if i % 7 == 0 else None)
-             for i in range(100)]
+    tasks = [
+        chat_task(f"out-{i}", emulate="malformed*1" if i % 7 == 0 else None) for i in range(100)
+    ]
     [replica] = await cluster(shared_db, url, max_batch_items=50)
     loader = Loader([replica])
     engine = engine_for(shared_db)
@@ -98,9 +112,15 @@ async def test_truncated_malformed_stuck_and_expired_batches_settle_once(
 
         async def finalizing() -> bool:
             async with engine.connect() as conn:
-                return bool((await conn.execute(text(
-                    "SELECT count(*) FROM batches WHERE provider_status = 'finalizing'"
-                ))).scalar())
+                return bool(
+                    (
+                        await conn.execute(
+                            text(
+                                "SELECT count(*) FROM batches WHERE provider_status = 'finalizing'"
+                            )
+                        )
+                    ).scalar()
+                )
 
         for _ in range(600):
             if await finalizing():
@@ -110,10 +130,12 @@ async def test_truncated_malformed_stuck_and_expired_batches_settle_once(
         await wait_settled(engine, 120, replicas=[replica])
         report = await invariants.check(engine, emu.record(), accepted=loader.accepted)
         async with engine.connect() as conn:
-            statuses = sorted(r[0] for r in await conn.execute(text(
-                "SELECT provider_status FROM batches")))
-            attempts = dict((await conn.execute(text(
-                "SELECT custom_id, attempts FROM tasks"))).all())
+            statuses = sorted(
+                r[0] for r in await conn.execute(text("SELECT provider_status FROM batches"))
+            )
+            attempts = dict(
+                (await conn.execute(text("SELECT custom_id, attempts FROM tasks"))).all()
+            )
     finally:
         await loader.close()
         await engine.dispose()
@@ -124,13 +146,12 @@ async def test_truncated_malformed_stuck_and_expired_batches_settle_once(
     # Malformed lines and the expired half were submitted again, once.
     assert all(attempts[f"out-{i}"] >= 2 for i in range(0, 100, 7))
     assert max(attempts.values()) <= 3
-    assert [e for e in replica.events("batch.check_failed")
-            if e["operation"] == "download_file"]
+    assert [e for e in replica.events("batch.check_failed") if e["operation"] == "download_file"]
 
 
 async def test_a_duplicate_provider_batch_is_cancelled_before_it_runs(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster,
-        tmp_path: Path) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster, tmp_path: Path
+) -> None:
     emu, url = emulator
     emu.validating_seconds = 12  # long enough to cancel the duplicate before it runs
     [victim] = await cluster(shared_db, url, crash_at="after_create")
@@ -142,8 +163,9 @@ async def test_a_duplicate_provider_batch_is_cancelled_before_it_runs(
         assert await victim.wait(60) != 0
         # The create landed twice (as a retried create can): same file, same id.
         [first] = emu.batches.values()
-        await provider.create_batch(first.input_file_id, first.endpoint, "24h",
-                                    dict(first.metadata or {}))
+        await provider.create_batch(
+            first.input_file_id, first.endpoint, "24h", dict(first.metadata or {})
+        )
         emu.inject("cancel", "http_500")
         [survivor] = await cluster(shared_db, url)
         loader.replicas.append(survivor)

@@ -50,13 +50,17 @@ async def _seed_old(h: Harness) -> None:
 
 
 async def test_prune_killed_under_ingest_loses_nothing_and_leaves_nothing_half_done(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await _seed_old(h)
         await Reporter(h.engine, 0.03).roll_up()
-        old_day = await h.get("/v1/report/daily",
-                              date=str(h.service.clock().date().fromordinal(
-                                  h.service.clock().date().toordinal() - 40)))
+        old_day = await h.get(
+            "/v1/report/daily",
+            date=str(
+                h.service.clock().date().fromordinal(h.service.clock().date().toordinal() - 40)
+            ),
+        )
         accepted: list[str] = []
         stop = asyncio.Event()
 
@@ -68,13 +72,26 @@ async def test_prune_killed_under_ingest_loses_nothing_and_leaves_nothing_half_d
                 assert status == 202
                 accepted.extend(t["custom_id"] for t in batch)
                 n += 50
+
         feeder = asyncio.create_task(ingest())
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
-        env.update({"BATCHD_DATABASE_URL": db_url, "BATCHD_RETENTION_BATCH_ROWS": "100",
-                    "BATCHD_LOG_LEVEL": "warning"})
+        env.update(
+            {
+                "BATCHD_DATABASE_URL": db_url,
+                "BATCHD_RETENTION_BATCH_ROWS": "100",
+                "BATCHD_LOG_LEVEL": "warning",
+            }
+        )
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "batchd", "prune", cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "batchd",
+            "prune",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
         # Kill it once it is well into the pass, mid-step as likely as not.
         for _ in range(600):
             left = await h.count("custom_id LIKE 'old-%'")
@@ -88,8 +105,10 @@ async def test_prune_killed_under_ingest_loses_nothing_and_leaves_nothing_half_d
         assert 0 < left < OLD, left
 
         # Nothing accepted is lost; every old task is wholly there or wholly gone.
-        stored = {r["custom_id"] for r in await h.rows(
-            "SELECT custom_id FROM tasks WHERE custom_id LIKE 'new-%'")}
+        stored = {
+            r["custom_id"]
+            for r in await h.rows("SELECT custom_id FROM tasks WHERE custom_id LIKE 'new-%'")
+        }
         assert stored == set(accepted)
         half = await h.rows("""
             SELECT x.custom_id FROM (SELECT custom_id FROM results UNION ALL

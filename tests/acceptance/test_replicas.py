@@ -21,12 +21,14 @@ LEASE = 2.0
 
 
 async def test_three_replicas_share_the_work_and_nothing_is_done_twice(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     replicas = await cluster(shared_db, url, 3, lease_seconds=LEASE)
     loader = Loader(replicas, seed=3)
-    tasks = [chat_task(f"share-{i}", emulate="http_500*1" if i % 10 == 0 else None)
-             for i in range(1500)]
+    tasks = [
+        chat_task(f"share-{i}", emulate="http_500*1" if i % 10 == 0 else None) for i in range(1500)
+    ]
     engine = engine_for(shared_db)
     try:
         await loader.post_all(tasks, chunk=50, concurrency=6)
@@ -37,29 +39,37 @@ async def test_three_replicas_share_the_work_and_nothing_is_done_twice(
         await engine.dispose()
     assert report.ok, report.violations
     assert report.by_state == {"succeeded": 1500}
-    flushed = collections.Counter(e["batch_id"] for r in replicas
-                                  for e in r.events("batch.flushed"))
-    routed = collections.Counter(e["batch_id"] for r in replicas
-                                 for e in r.events("batch.routed"))
+    flushed = collections.Counter(
+        e["batch_id"] for r in replicas for e in r.events("batch.flushed")
+    )
+    routed = collections.Counter(e["batch_id"] for r in replicas for e in r.events("batch.routed"))
     # Every batch was flushed by exactly one replica and routed by exactly one.
     assert set(flushed.values()) == {1} and set(routed.values()) == {1}
     assert flushed.keys() == routed.keys() and len(flushed) == report.provider_batches
-    workers = {r.name for r in replicas for e in r.events() if e.get("event") in
-               ("batch.flushed", "batch.routed")}
-    print(f"\nreplicas: batches={len(flushed)} "
-          f"flushed_by={[len(r.events('batch.flushed')) for r in replicas]} "
-          f"routed_by={[len(r.events('batch.routed')) for r in replicas]}")
+    workers = {
+        r.name
+        for r in replicas
+        for e in r.events()
+        if e.get("event") in ("batch.flushed", "batch.routed")
+    }
+    print(
+        f"\nreplicas: batches={len(flushed)} "
+        f"flushed_by={[len(r.events('batch.flushed')) for r in replicas]} "
+        f"routed_by={[len(r.events('batch.routed')) for r in replicas]}"
+    )
     assert len(workers) >= 2, "one replica did all the scheduling and routing"
 
 
 async def test_a_replica_killed_mid_claim_releases_its_batch_when_the_lease_lapses(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     # The victim dies right after committing its claim (batch row + tasks),
     # before anything reaches the provider; the others see a leased batch.
     others = await cluster(shared_db, url, 2, lease_seconds=LEASE, window_seconds=3600)
-    [victim] = await cluster(shared_db, url, crash_at="after_claim", lease_seconds=LEASE,
-                             window_seconds=0.2)
+    [victim] = await cluster(
+        shared_db, url, crash_at="after_claim", lease_seconds=LEASE, window_seconds=0.2
+    )
     loader = Loader([victim])
     engine = engine_for(shared_db)
     try:
@@ -68,9 +78,14 @@ async def test_a_replica_killed_mid_claim_releases_its_batch_when_the_lease_laps
         [flushed] = victim.events("batch.flushed")
         await wait_settled(engine, 60, replicas=others)
         async with engine.connect() as conn:
-            row = (await conn.execute(text("""
+            row = (
+                await conn.execute(
+                    text("""
                 SELECT extract(epoch FROM submitted_at - created_at) AS waited, submit_attempts
-                FROM batches WHERE id = :id"""), {"id": flushed["batch_id"]})).one()
+                FROM batches WHERE id = :id"""),
+                    {"id": flushed["batch_id"]},
+                )
+            ).one()
         report = await invariants.check(engine, emu.record(), accepted=loader.accepted)
     finally:
         await loader.close()
@@ -81,13 +96,18 @@ async def test_a_replica_killed_mid_claim_releases_its_batch_when_the_lease_laps
     # survivor sent it (once) soon after it lapsed.
     assert row.submit_attempts == 2
     assert LEASE <= float(row.waited) < LEASE + 30
-    adopters = [r.name for r in others
-                for e in r.events("batch.submitted") if e["batch_id"] == flushed["batch_id"]]
+    adopters = [
+        r.name
+        for r in others
+        for e in r.events("batch.submitted")
+        if e["batch_id"] == flushed["batch_id"]
+    ]
     assert len(adopters) == 1
 
 
 async def test_a_replica_killed_while_routing_leaves_the_batch_to_another(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     [victim] = await cluster(shared_db, url, crash_at="mid_route", lease_seconds=LEASE)
     loader = Loader([victim])

@@ -17,7 +17,8 @@ GRACE = 4.0
 
 
 async def test_sigterm_drains_releases_claims_and_exits_zero_within_the_grace(
-        shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster) -> None:
+    shared_db: str, emulator: tuple[Emulator, str], cluster: Cluster
+) -> None:
     emu, url = emulator
     # A create that hangs keeps a send in flight when the signal comes; a long
     # lease means only the drain's release can free its batch soon.
@@ -28,16 +29,22 @@ async def test_sigterm_drains_releases_claims_and_exits_zero_within_the_grace(
     try:
         await loader.post([chat_task(f"drain-{i}") for i in range(20)])
         await until(lambda: emu.calls["create"] > 0, what="a create in flight")
-        posting = asyncio.create_task(loader.post_all(
-            [chat_task(f"late-{i}") for i in range(400)], chunk=5, concurrency=4, pause=0.01))
+        posting = asyncio.create_task(
+            loader.post_all(
+                [chat_task(f"late-{i}") for i in range(400)], chunk=5, concurrency=4, pause=0.01
+            )
+        )
         await loader.wait_accepted(100)
         started = time.monotonic()
         code = await replica.terminate(within=GRACE + 30)
         elapsed = time.monotonic() - started
         statuses_during_drain = dict(loader.answers)
         async with engine.connect() as conn:
-            held = (await conn.execute(text(
-                "SELECT count(*) FROM batches WHERE lease_owner IS NOT NULL"))).scalar()
+            held = (
+                await conn.execute(
+                    text("SELECT count(*) FROM batches WHERE lease_owner IS NOT NULL")
+                )
+            ).scalar()
         # A fresh replica picks the released batch up at once and finishes.
         [successor] = await cluster(shared_db, url, lease_seconds=60)
         loader.replicas.append(successor)

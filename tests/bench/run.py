@@ -58,6 +58,7 @@ PARSE_BEFORE_US = 8.46
 
 # ------------------------------------------------------------------ workload
 
+
 def _filler(n: int) -> str:
     words = "the quick brown fox jumps over a lazy dog while batchd queues it up ".split()
     out: list[str] = []
@@ -73,8 +74,11 @@ def _fill(n: int) -> str:
 
 def make_body(i: int) -> dict[str, Any]:
     """A chat request of exactly BODY_BYTES bytes of JSON."""
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": 16,
-                            "messages": [{"role": "user", "content": ""}]}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": ""}],
+    }
     base = len(orjson.dumps(body)) + len(f"{i:09d} ")
     body["messages"][0]["content"] = f"{i:09d} " + _fill(BODY_BYTES - base)
     return body
@@ -97,6 +101,7 @@ def ndjson(prefix: str, start: int, n: int) -> bytes:
 
 # ------------------------------------------------------------ tiny HTTP client
 
+
 class _Conn(asyncio.Protocol):
     """Keep-alive HTTP/1.1 over a raw transport: the load generator must cost
     far less CPU than the server it measures (an aiohttp client would not)."""
@@ -117,12 +122,12 @@ class _Conn(asyncio.Protocol):
         head = bytes(self.buf[:end]).lower()
         at = head.find(b"content-length:")
         stop = head.find(b"\r\n", at)
-        n = int(head[at + 15: stop if stop > 0 else None])
+        n = int(head[at + 15 : stop if stop > 0 else None])
         total = end + 4 + n
         if len(self.buf) < total:
             return
         status = int(head[9:12])
-        body = bytes(self.buf[end + 4: total])
+        body = bytes(self.buf[end + 4 : total])
         del self.buf[:total]
         waiter, self.waiter = self.waiter, None
         if not waiter.done():
@@ -146,12 +151,20 @@ async def connect(port: int) -> _Conn:
 
 def post(port: int, body: bytes, content_type: str = "application/json") -> bytes:
     # Host names the port: a daemon without tokens answers nothing else.
-    return (b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:" + str(port).encode()
-            + b"\r\nContent-Type: " + content_type.encode() + b"\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:"
+        + str(port).encode()
+        + b"\r\nContent-Type: "
+        + content_type.encode()
+        + b"\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
 
 
 # --------------------------------------------------------------- environment
+
 
 def with_db(url: str, name: str) -> str:
     from sqlalchemy import make_url
@@ -172,12 +185,16 @@ def migrate(url: str) -> None:
 
     from batchd.service import alembic_config
     from batchd.store.engine import async_url
+
     command.upgrade(alembic_config(async_url(url)), "head")
 
 
 async def reset(url: str) -> None:
-    await admin(url, "TRUNCATE tasks, batches, results, task_events, jobs, job_deltas, "
-                     "callbacks RESTART IDENTITY CASCADE; CHECKPOINT")
+    await admin(
+        url,
+        "TRUNCATE tasks, batches, results, task_events, jobs, job_deltas, "
+        "callbacks RESTART IDENTITY CASCADE; CHECKPOINT",
+    )
 
 
 def peak_rss_mb(pid: int | str = "self") -> float:
@@ -216,8 +233,9 @@ class Proc:
     """A subprocess whose stderr/stdout lines are kept (the last few) and scanned."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.p = subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        self.p = subprocess.Popen(
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+        )
         self.lines: list[str] = []
         self._found: asyncio.Future[str] | None = None
         self._pattern: re.Pattern[str] | None = None
@@ -239,8 +257,9 @@ class Proc:
         try:
             return await asyncio.wait_for(self._found, limit)
         except TimeoutError:
-            raise RuntimeError("subprocess did not start:\n" + "\n".join(self.lines[-30:])) \
-                from None
+            raise RuntimeError(
+                "subprocess did not start:\n" + "\n".join(self.lines[-30:])
+            ) from None
 
     async def _read(self) -> None:
         assert self.p.stdout is not None
@@ -248,8 +267,9 @@ class Proc:
             line = await asyncio.to_thread(self.p.stdout.readline)
             if not line:
                 if self._found is not None and not self._found.done():
-                    self._found.set_exception(RuntimeError(
-                        "subprocess exited:\n" + "\n".join(self.lines[-30:])))
+                    self._found.set_exception(
+                        RuntimeError("subprocess exited:\n" + "\n".join(self.lines[-30:]))
+                    )
                 return
             self.lines.append(line.rstrip())
             del self.lines[:-200]
@@ -270,19 +290,29 @@ class Proc:
 
 
 async def start_emulator() -> tuple[Proc, str]:
-    proc = Proc([sys.executable, "-m", "batchd.emulator.openai", "--port", "0",
-                 "--api-key", API_KEY], dict(os.environ))
+    proc = Proc(
+        [sys.executable, "-m", "batchd.emulator.openai", "--port", "0", "--api-key", API_KEY],
+        dict(os.environ),
+    )
     url = await proc.wait_for(r"listening on (\S+)")
     return proc, url
 
 
-async def start_daemon(db_url: str, provider_url: str, data_dir: Path,
-                       **settings: Any) -> tuple[Proc, int]:
+async def start_daemon(
+    db_url: str, provider_url: str, data_dir: Path, **settings: Any
+) -> tuple[Proc, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
-    env.update({"BATCHD_DATABASE_URL": db_url, "BATCHD_OPENAI_BASE_URL": provider_url,
-                "OPENAI_API_KEY": API_KEY, "BATCHD_HTTP_PORT": "0",
-                "BATCHD_DATA_DIR": str(data_dir), "BATCHD_LOG_FORMAT": "json",
-                "BATCHD_LOG_LEVEL": "info"})
+    env.update(
+        {
+            "BATCHD_DATABASE_URL": db_url,
+            "BATCHD_OPENAI_BASE_URL": provider_url,
+            "OPENAI_API_KEY": API_KEY,
+            "BATCHD_HTTP_PORT": "0",
+            "BATCHD_DATA_DIR": str(data_dir),
+            "BATCHD_LOG_FORMAT": "json",
+            "BATCHD_LOG_LEVEL": "info",
+        }
+    )
     env.update({f"BATCHD_{k.upper()}": str(v) for k, v in settings.items()})
     proc = Proc([sys.executable, "-m", "batchd", "serve"], env)
     line = await proc.wait_for(r'(.*"service\.started".*)')
@@ -290,6 +320,7 @@ async def start_daemon(db_url: str, provider_url: str, data_dir: Path,
 
 
 # ------------------------------------------------------------------- results
+
 
 @dataclass
 class Row:
@@ -346,21 +377,38 @@ def spread(xs: list[float]) -> str:
 
 # ------------------------------------------------------------ row 1: bulk
 
-_RAW_INSERT_COLS = ("custom_id, endpoint, model, body, body_digest, line_bytes, "
-                    "est_input_tokens, est_output_tokens, lane")
+_RAW_INSERT_COLS = (
+    "custom_id, endpoint, model, body, body_digest, line_bytes, "
+    "est_input_tokens, est_output_tokens, lane"
+)
 
 
 def raw_rows(tasks: list[TaskIn]) -> list[tuple[Any, ...]]:
-    return [(t.custom_id, t.endpoint, t.model, orjson.dumps(t.body).decode(), t.digest,
-             t.line_bytes, t.est_input_tokens, t.est_output_tokens, "batch") for t in tasks]
+    return [
+        (
+            t.custom_id,
+            t.endpoint,
+            t.model,
+            orjson.dumps(t.body).decode(),
+            t.digest,
+            t.line_bytes,
+            t.est_input_tokens,
+            t.est_output_tokens,
+            "batch",
+        )
+        for t in tasks
+    ]
 
 
 def multi_row_insert(n: int) -> str:
     values = ",".join(
-        "(" + ",".join(f"${r * 9 + c + 1}" + ("::jsonb" if c == 3 else "") for c in range(9))
-        + ")" for r in range(n))
-    return (f"INSERT INTO tasks ({_RAW_INSERT_COLS}) VALUES {values} "
-            "ON CONFLICT (client, custom_id) DO NOTHING")
+        "(" + ",".join(f"${r * 9 + c + 1}" + ("::jsonb" if c == 3 else "") for c in range(9)) + ")"
+        for r in range(n)
+    )
+    return (
+        f"INSERT INTO tasks ({_RAW_INSERT_COLS}) VALUES {values} "
+        "ON CONFLICT (client, custom_id) DO NOTHING"
+    )
 
 
 async def raw_bulk(url: str, requests: list[list[tuple[Any, ...]]], concurrency: int) -> float:
@@ -370,6 +418,7 @@ async def raw_bulk(url: str, requests: list[list[tuple[Any, ...]]], concurrency:
     sql = multi_row_insert(len(requests[0]))
     queue = list(reversed(requests))
     try:
+
         async def worker() -> None:
             async with pool.acquire() as conn:
                 stmt = await conn.prepare(sql)
@@ -380,6 +429,7 @@ async def raw_bulk(url: str, requests: list[list[tuple[Any, ...]]], concurrency:
                         await conn.execute(multi_row_insert(len(rows)), *flat)
                     else:
                         await stmt.fetch(*flat)
+
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.perf_counter() - t0
@@ -396,6 +446,7 @@ async def http_bulk(port: int, bodies: list[bytes], concurrency: int) -> float:
             status, reply = await c.request(post(port, queue.pop(), "application/x-ndjson"))
             if status != 202:
                 raise RuntimeError(f"bulk POST answered {status}: {reply[:200]!r}")
+
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in conns))
     took = time.perf_counter() - t0
@@ -407,6 +458,7 @@ async def http_bulk(port: int, bodies: list[bytes], concurrency: int) -> float:
 
 # ----------------------------------------------------- row 2/3: single POSTs
 
+
 async def http_single(port: int, bodies: list[bytes], clients: int) -> float:
     queue = list(reversed(bodies))
     conns = [await connect(port) for _ in range(clients)]
@@ -416,6 +468,7 @@ async def http_single(port: int, bodies: list[bytes], clients: int) -> float:
             status, reply = await c.request(post(port, queue.pop()))
             if status != 202:
                 raise RuntimeError(f"POST answered {status}: {reply[:200]!r}")
+
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in conns))
     took = time.perf_counter() - t0
@@ -425,8 +478,9 @@ async def http_single(port: int, bodies: list[bytes], clients: int) -> float:
     return took
 
 
-async def open_loop(port: int, bodies: list[bytes], rate: float, max_conns: int = 128
-                    ) -> list[float]:
+async def open_loop(
+    port: int, bodies: list[bytes], rate: float, max_conns: int = 128
+) -> list[float]:
     """Send at a fixed rate whatever the answers do; latency counts from the
     planned send time, so a stall is not hidden (no coordinated omission)."""
     idle = [await connect(port) for _ in range(32)]
@@ -487,6 +541,7 @@ async def pgqueuer_enqueue(url: str, n: int, clients: int, pool_size: int) -> fl
         async def worker() -> None:
             while todo:
                 await queries.enqueue("batchd_bench", todo.pop())
+
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         return time.perf_counter() - t0
@@ -497,8 +552,11 @@ async def pgqueuer_enqueue(url: str, n: int, clients: int, pool_size: int) -> fl
 async def procrastinate_defer(url: str, n: int, clients: int, pool_size: int) -> float:
     import procrastinate
 
-    app = procrastinate.App(connector=procrastinate.PsycopgConnector(
-        conninfo=url, min_size=pool_size, max_size=pool_size))
+    app = procrastinate.App(
+        connector=procrastinate.PsycopgConnector(
+            conninfo=url, min_size=pool_size, max_size=pool_size
+        )
+    )
 
     @app.task(name="batchd_bench")  # type: ignore[untyped-decorator]
     async def job(body: str) -> None:  # never run: only enqueue is measured
@@ -513,6 +571,7 @@ async def procrastinate_defer(url: str, n: int, clients: int, pool_size: int) ->
         async def worker() -> None:
             while todo:
                 await job.defer_async(body=todo.pop())
+
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         return time.perf_counter() - t0
@@ -526,8 +585,9 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
     b.log(f"ingest rows: {runs} runs, bulk {n_bulk} tasks, single {n_single} tasks")
     # A cap above the bulk size and a long window: the scheduler stays idle,
     # so the rows measure ingest alone.
-    daemon, port = await start_daemon(b.db_url, b.provider_url, b.tmp / "ingest",
-                                      window_seconds=86400, max_batch_items=50_000)
+    daemon, port = await start_daemon(
+        b.db_url, b.provider_url, b.tmp / "ingest", window_seconds=86400, max_batch_items=50_000
+    )
     bulk_b, bulk_raw, single_b, single_pgq, single_proc, p99s = [], [], [], [], [], []
     one_b: list[float] = []
     one_raw: list[float] = []
@@ -551,11 +611,13 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
             await reset(b.db_url)
             tasks = [parse_task(orjson.loads(task_json(prefix, i)), i) for i in range(n_bulk)]
             rows = raw_rows(tasks)
-            chunks = [rows[s:s + 1000] for s in range(0, n_bulk, 1000)]
+            chunks = [rows[s : s + 1000] for s in range(0, n_bulk, 1000)]
             took = await raw_bulk(b.db_url, chunks, a.bulk_concurrency)
             bulk_raw.append(n_bulk / took)
-            b.log(f"  run {run}: bulk batchd {bulk_b[-1]:,.0f}/s ({cpu_us:.1f} us of daemon "
-                  f"CPU a task, machine {busy:.0%} busy), raw {bulk_raw[-1]:,.0f}/s")
+            b.log(
+                f"  run {run}: bulk batchd {bulk_b[-1]:,.0f}/s ({cpu_us:.1f} us of daemon "
+                f"CPU a task, machine {busy:.0%} busy), raw {bulk_raw[-1]:,.0f}/s"
+            )
 
             # one client, one large request at a time: the daemon stores a
             # request's pieces while it reads the next; raw gets one connection
@@ -567,10 +629,12 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
             await reset(b.db_url)
             tasks = [parse_task(orjson.loads(task_json(prefix, i)), i) for i in range(n_bulk)]
             rows = raw_rows(tasks)
-            chunks = [rows[s:s + 1000] for s in range(0, n_bulk, 1000)]
+            chunks = [rows[s : s + 1000] for s in range(0, n_bulk, 1000)]
             one_raw.append(n_bulk / await raw_bulk(b.db_url, chunks, 1))
-            b.log(f"  run {run}: one client batchd {one_b[-1]:,.0f}/s, raw one connection "
-                  f"{one_raw[-1]:,.0f}/s")
+            b.log(
+                f"  run {run}: one client batchd {one_b[-1]:,.0f}/s, raw one connection "
+                f"{one_raw[-1]:,.0f}/s"
+            )
             if not singles:
                 continue
 
@@ -579,59 +643,93 @@ async def bench_ingest(b: Bench, singles: bool = True) -> None:
             bodies = [task_json(f"one{run}", i) for i in range(n_single)]
             took = await http_single(port, bodies, a.clients)
             single_b.append(n_single / took)
-            await admin(pgq_url, "DO $$ BEGIN TRUNCATE pgqueuer; EXCEPTION WHEN OTHERS "
-                                 "THEN NULL; END $$")
-            single_pgq.append(n_single / await pgqueuer_enqueue(
-                pgq_url, n_single, a.clients, a.peer_pool))
-            await admin(proc_url, "DO $$ BEGIN TRUNCATE procrastinate_jobs CASCADE; "
-                                  "EXCEPTION WHEN OTHERS THEN NULL; END $$")
-            single_proc.append(n_single / await procrastinate_defer(
-                proc_url, n_single, a.clients, a.peer_pool))
-            b.log(f"  run {run}: single batchd {single_b[-1]:,.0f}/s, pgqueuer "
-                  f"{single_pgq[-1]:,.0f}/s, procrastinate {single_proc[-1]:,.0f}/s")
+            await admin(
+                pgq_url, "DO $$ BEGIN TRUNCATE pgqueuer; EXCEPTION WHEN OTHERS THEN NULL; END $$"
+            )
+            single_pgq.append(
+                n_single / await pgqueuer_enqueue(pgq_url, n_single, a.clients, a.peer_pool)
+            )
+            await admin(
+                proc_url,
+                "DO $$ BEGIN TRUNCATE procrastinate_jobs CASCADE; "
+                "EXCEPTION WHEN OTHERS THEN NULL; END $$",
+            )
+            single_proc.append(
+                n_single / await procrastinate_defer(proc_url, n_single, a.clients, a.peer_pool)
+            )
+            b.log(
+                f"  run {run}: single batchd {single_b[-1]:,.0f}/s, pgqueuer "
+                f"{single_pgq[-1]:,.0f}/s, procrastinate {single_proc[-1]:,.0f}/s"
+            )
 
             # p99 at a fixed 1,000 requests/s
             await reset(b.db_url)
             n = int(a.p99_seconds * a.p99_rate)
-            lat = await open_loop(port, [task_json(f"lat{run}", i) for i in range(n)],
-                                  a.p99_rate)
+            lat = await open_loop(port, [task_json(f"lat{run}", i) for i in range(n)], a.p99_rate)
             lat.sort()
             p99 = lat[int(len(lat) * 0.99) - 1] * 1000
             p99s.append(p99)
-            b.log(f"  run {run}: p50 {lat[len(lat) // 2] * 1000:.1f} ms, p99 {p99:.1f} ms, "
-                  f"max {lat[-1] * 1000:.1f} ms")
+            b.log(
+                f"  run {run}: p50 {lat[len(lat) // 2] * 1000:.1f} ms, p99 {p99:.1f} ms, "
+                f"max {lat[-1] * 1000:.1f} ms"
+            )
     finally:
         await daemon.stop()
     rb, rr = median(bulk_b), median(bulk_raw)
-    b.rows.append(Row(
-        "bulk ingest (NDJSON, 1,000 tasks/request, 500 B bodies)",
-        f"raw multi-row INSERT ON CONFLICT DO NOTHING: {fmt_rate(rr)}",
-        f"{rb / rr:.0%} of raw", f"{fmt_rate(rb)} {spread(bulk_b)}", ">= 50% of raw",
-        rb / rr >= 0.5, f"{a.bulk_concurrency} concurrent requests"))
+    b.rows.append(
+        Row(
+            "bulk ingest (NDJSON, 1,000 tasks/request, 500 B bodies)",
+            f"raw multi-row INSERT ON CONFLICT DO NOTHING: {fmt_rate(rr)}",
+            f"{rb / rr:.0%} of raw",
+            f"{fmt_rate(rb)} {spread(bulk_b)}",
+            ">= 50% of raw",
+            rb / rr >= 0.5,
+            f"{a.bulk_concurrency} concurrent requests",
+        )
+    )
     ob, orr = median(one_b), median(one_raw)
-    b.rows.append(Row(
-        f"bulk ingest, one client (NDJSON, {a.one_client_request:,} tasks/request, one at a "
-        "time)", f"raw multi-row INSERT, one connection, 1,000 rows a statement: "
-        f"{fmt_rate(orr)}", f"{ob / orr:.0%} of raw", f"{fmt_rate(ob)} {spread(one_b)}",
-        ">= 50% of raw", ob / orr >= 0.5, "a request's pieces stored while the next is read"))
+    b.rows.append(
+        Row(
+            f"bulk ingest, one client (NDJSON, {a.one_client_request:,} tasks/request, one at a "
+            "time)",
+            f"raw multi-row INSERT, one connection, 1,000 rows a statement: {fmt_rate(orr)}",
+            f"{ob / orr:.0%} of raw",
+            f"{fmt_rate(ob)} {spread(one_b)}",
+            ">= 50% of raw",
+            ob / orr >= 0.5,
+            "a request's pieces stored while the next is read",
+        )
+    )
     if not singles:
         return
     sb, sq, sp = median(single_b), median(single_pgq), median(single_proc)
-    b.rows.append(Row(
-        f"single-task POSTs, {a.clients} concurrent clients",
-        f"pgqueuer enqueue {fmt_rate(sq)}; procrastinate defer {fmt_rate(sp)}",
-        f"{sb / sq:.2f}x pgqueuer, {sb / sp:.2f}x procrastinate",
-        f"{fmt_rate(sb)} {spread(single_b)}", "ahead of both; >= 3,000 tasks/s",
-        sb > sq and sb > sp and sb >= 3000,
-        f"peers: pool of {a.peer_pool} connections, one job per call"))
+    b.rows.append(
+        Row(
+            f"single-task POSTs, {a.clients} concurrent clients",
+            f"pgqueuer enqueue {fmt_rate(sq)}; procrastinate defer {fmt_rate(sp)}",
+            f"{sb / sq:.2f}x pgqueuer, {sb / sp:.2f}x procrastinate",
+            f"{fmt_rate(sb)} {spread(single_b)}",
+            "ahead of both; >= 3,000 tasks/s",
+            sb > sq and sb > sp and sb >= 3000,
+            f"peers: pool of {a.peer_pool} connections, one job per call",
+        )
+    )
     p = median(p99s)
-    b.rows.append(Row(
-        f"p99 latency of a single POST at {a.p99_rate:,.0f} requests/s", "-", "-",
-        f"{p:.1f} ms (runs: {', '.join(f'{x:.1f}' for x in p99s)})", "<= 20 ms", p <= 20,
-        f"open loop, {a.p99_seconds:.0f} s a run, latency from the planned send time"))
+    b.rows.append(
+        Row(
+            f"p99 latency of a single POST at {a.p99_rate:,.0f} requests/s",
+            "-",
+            "-",
+            f"{p:.1f} ms (runs: {', '.join(f'{x:.1f}' for x in p99s)})",
+            "<= 20 ms",
+            p <= 20,
+            f"open loop, {a.p99_seconds:.0f} s a run, latency from the planned send time",
+        )
+    )
 
 
 # ------------------------------------------------- ingest CPU per task
+
 
 async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
     yield body
@@ -640,15 +738,20 @@ async def _one_chunk(body: bytes) -> AsyncIterator[bytes]:
 async def decode_validate(body: bytes, limits: Limits, routing: Routing) -> list[TaskIn]:
     """What ingest does with an NDJSON body before the database: cut it into
     pieces, decode them and validate each task (decode.py, ingest.py)."""
-    pieces = BodyPieces(_one_chunk(body), "application/x-ndjson", contract_for(limits),
-                        max_bytes=len(body) + 1,
-                        max_tasks=limits.tasks_per_request,
-                        max_task_bytes=task_bytes_cap(limits))
+    pieces = BodyPieces(
+        _one_chunk(body),
+        "application/x-ndjson",
+        contract_for(limits),
+        max_bytes=len(body) + 1,
+        max_tasks=limits.tasks_per_request,
+        max_task_bytes=task_bytes_cap(limits),
+    )
     seen: dict[str, str] = {}
     out: list[TaskIn] = []
     while (items := await pieces.next()) is not None:
-        out += await validate_piece(items, limits, 200 * 1024 * 1024,
-                                    pieces.tasks - len(items), seen, routing)
+        out += await validate_piece(
+            items, limits, 200 * 1024 * 1024, pieces.tasks - len(items), seen, routing
+        )
     return out
 
 
@@ -672,19 +775,27 @@ async def bench_parse(b: Bench) -> None:
         for line in lines:
             orjson.loads(line)
         bare.append((time.process_time() - t0) / n * 1e6)
-        b.log(f"  run {run}: decode + validate {ours[-1]:.2f} us a task, "
-              f"orjson.loads alone {bare[-1]:.2f} us")
+        b.log(
+            f"  run {run}: decode + validate {ours[-1]:.2f} us a task, "
+            f"orjson.loads alone {bare[-1]:.2f} us"
+        )
     us, ref = median(ours), median(bare)
-    b.rows.append(Row(
-        f"ingest CPU per task: decode + validate ({n:,} tasks in NDJSON bodies of 1,000, "
-        "500 B chat bodies)", f"orjson.loads of the same lines alone: {ref:.2f} us a task",
-        f"{us / ref:.1f}x the bare parse",
-        f"{us:.2f} us a task (runs: {', '.join(f'{x:.2f}' for x in ours)})",
-        f"<= {PARSE_BEFORE_US} us (the row before the typed contract)",
-        us <= PARSE_BEFORE_US, "process CPU time in the benchmark's own process"))
+    b.rows.append(
+        Row(
+            f"ingest CPU per task: decode + validate ({n:,} tasks in NDJSON bodies of 1,000, "
+            "500 B chat bodies)",
+            f"orjson.loads of the same lines alone: {ref:.2f} us a task",
+            f"{us / ref:.1f}x the bare parse",
+            f"{us:.2f} us a task (runs: {', '.join(f'{x:.2f}' for x in ours)})",
+            f"<= {PARSE_BEFORE_US} us (the row before the typed contract)",
+            us <= PARSE_BEFORE_US,
+            "process CPU time in the benchmark's own process",
+        )
+    )
 
 
 # ------------------------------------------------------ hostile request body
+
 
 def reset_peak_rss_of(pid: int) -> None:
     """Make a process's VmHWM start again from its current RSS (clear_refs 5)."""
@@ -696,14 +807,15 @@ async def send_streaming(port: int, content_type: bytes, body: bytes) -> int:
     """POST ``body`` while reading the reply: the daemon may refuse (and stop
     reading) long before the body ends. Returns the status."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n"
-                 % (port, content_type, len(body)))
+    writer.write(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (port, content_type, len(body))
+    )
 
     async def pump() -> None:
         with contextlib.suppress(ConnectionError, OSError):
             for start in range(0, len(body), 1 << 20):
-                writer.write(body[start:start + (1 << 20)])
+                writer.write(body[start : start + (1 << 20)])
                 await writer.drain()
 
     pumping = asyncio.create_task(pump())
@@ -716,8 +828,7 @@ async def send_streaming(port: int, content_type: bytes, body: bytes) -> int:
 async def healthz_during(port: int, work: Awaitable[Any]) -> tuple[Any, list[float]]:
     """Run ``work`` while /healthz is asked every 5 ms on its own connection."""
     conn = await connect(port)
-    probe = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:" + str(port).encode()
-             + b"\r\n\r\n")
+    probe = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:" + str(port).encode() + b"\r\n\r\n"
     lat: list[float] = []
     done = asyncio.Event()
 
@@ -750,8 +861,9 @@ async def bench_hostile(b: Bench) -> None:
     assert b.emulator is not None
     size = b.args.hostile_mib << 20
     hostile = b"{}\n" * (size // 3)
-    daemon, port = await start_daemon(b.db_url, b.provider_url, b.tmp / "hostile",
-                                      window_seconds=86400, max_batch_items=50_000)
+    daemon, port = await start_daemon(
+        b.db_url, b.provider_url, b.tmp / "hostile", window_seconds=86400, max_batch_items=50_000
+    )
     normal_growth, normal_p99, hostile_growth, hostile_p99, statuses = [], [], [], [], []
     try:
         await http_bulk(port, [ndjson("warmh", s, 1000) for s in range(0, 3000, 1000)], 1)
@@ -772,31 +884,38 @@ async def bench_hostile(b: Bench) -> None:
             base = rss_mb(daemon.pid)
             reset_peak_rss_of(daemon.pid)
             status, lat = await healthz_during(
-                port, send_streaming(port, b"application/x-ndjson", hostile))
+                port, send_streaming(port, b"application/x-ndjson", hostile)
+            )
             hostile_growth.append(peak_rss_mb(daemon.pid) - base)
             hostile_p99.append(p99_ms(lat))
             statuses.append(status)
-            b.log(f"  run {run}: normal 1,000-task request +{normal_growth[-1]:.1f} MB RSS, "
-                  f"healthz p99 {normal_p99[-1]:.1f} ms; {b.args.hostile_mib} MiB hostile "
-                  f"body answered {status}, +{hostile_growth[-1]:.1f} MB RSS, healthz p99 "
-                  f"{hostile_p99[-1]:.1f} ms")
+            b.log(
+                f"  run {run}: normal 1,000-task request +{normal_growth[-1]:.1f} MB RSS, "
+                f"healthz p99 {normal_p99[-1]:.1f} ms; {b.args.hostile_mib} MiB hostile "
+                f"body answered {status}, +{hostile_growth[-1]:.1f} MB RSS, healthz p99 "
+                f"{hostile_p99[-1]:.1f} ms"
+            )
     finally:
         await daemon.stop()
     growth, p99 = median(hostile_growth), median(hostile_p99)
     mib = b.args.hostile_mib
-    b.rows.append(Row(
-        f"hostile body: {mib} MiB of NDJSON `{{}}` lines, refused",
-        f"a normal 1,000-task request: +{median(normal_growth):.1f} MB RSS, /healthz p99 "
-        f"{median(normal_p99):.1f} ms",
-        f"RSS growth {growth / (size / 1e6):.2f}x the body",
-        f"+{growth:.1f} MB peak RSS, /healthz p99 {p99:.1f} ms (answers: "
-        f"{', '.join(map(str, statuses))})",
-        "<= 4x the body; p99 < 50 ms", growth <= 4 * size / 1e6 and p99 < 50
-        and all(s in (400, 413) for s in statuses),
-        "peak RSS: the daemon's VmHWM, reset before each request"))
+    b.rows.append(
+        Row(
+            f"hostile body: {mib} MiB of NDJSON `{{}}` lines, refused",
+            f"a normal 1,000-task request: +{median(normal_growth):.1f} MB RSS, /healthz p99 "
+            f"{median(normal_p99):.1f} ms",
+            f"RSS growth {growth / (size / 1e6):.2f}x the body",
+            f"+{growth:.1f} MB peak RSS, /healthz p99 {p99:.1f} ms (answers: "
+            f"{', '.join(map(str, statuses))})",
+            "<= 4x the body; p99 < 50 ms",
+            growth <= 4 * size / 1e6 and p99 < 50 and all(s in (400, 413) for s in statuses),
+            "peak RSS: the daemon's VmHWM, reset before each request",
+        )
+    )
 
 
 # ------------------------------------------------------ rows 4/5: flush, route
+
 
 async def seed_queued(url: str, prefix: str, n: int) -> None:
     """n queued tasks, written straight into the table (setup, not measured)."""
@@ -804,8 +923,10 @@ async def seed_queued(url: str, prefix: str, n: int) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.copy_records_to_table(
-            "tasks", records=raw_rows(tasks), columns=[c.strip() for c in
-                                                       _RAW_INSERT_COLS.split(",")])
+            "tasks",
+            records=raw_rows(tasks),
+            columns=[c.strip() for c in _RAW_INSERT_COLS.split(",")],
+        )
         await conn.execute("UPDATE tasks SET not_before = now() - interval '1 hour'")
     finally:
         await conn.close()
@@ -831,14 +952,18 @@ async def parts(b: Bench, data_dir: Path) -> AsyncIterator[Parts]:
     from batchd.service import Service
     from batchd.store.engine import async_url, make_engine
 
-    settings = load_settings(database_url=b.db_url, data_dir=data_dir, max_batch_items=50_000,
-                             window_seconds=60, openai_base_url=b.provider_url)
+    settings = load_settings(
+        database_url=b.db_url,
+        data_dir=data_dir,
+        max_batch_items=50_000,
+        window_seconds=60,
+        openai_base_url=b.provider_url,
+    )
     engine = make_engine(async_url(b.db_url))
     provider = OpenAIProvider(API_KEY, b.provider_url)
     service = Service(settings, engine, provider)
     try:
-        yield Parts(service.scheduler, service.poller, service.router, provider, engine,
-                    settings)
+        yield Parts(service.scheduler, service.poller, service.router, provider, engine, settings)
     finally:
         await provider.close()
         await engine.dispose()
@@ -857,8 +982,10 @@ def write_reference(path: Path, lines: Iterator[bytes]) -> float:
 
 def chunks_of_lines(prefix: str, n: int, size: int = 2000) -> Iterator[bytes]:
     for s in range(0, n, size):
-        yield b"".join(input_line(f"{prefix}-{i:09d}", ENDPOINT, make_body(i))
-                       for i in range(s, min(n, s + size)))
+        yield b"".join(
+            input_line(f"{prefix}-{i:09d}", ENDPOINT, make_body(i))
+            for i in range(s, min(n, s + size))
+        )
 
 
 # Keyed as batchd keys them: the line's id names the task (tasks.id).
@@ -902,16 +1029,16 @@ async def raw_unnest_upsert(url: str, path: Path) -> tuple[float, float]:
         t0 = time.perf_counter()
         async with conn.transaction():
             for s in range(0, len(cols[0]), 5000):
-                await conn.execute(_RAW_RESULTS_UPSERT, *(c[s:s + 5000] for c in cols))
+                await conn.execute(_RAW_RESULTS_UPSERT, *(c[s : s + 5000] for c in cols))
         results_only = time.perf_counter() - t0
         await conn.execute("TRUNCATE results")
         tx = conn.transaction()
         await tx.start()
         t0 = time.perf_counter()
         for s in range(0, len(cols[0]), 5000):
-            await conn.execute(_RAW_RESULTS_UPSERT, *(c[s:s + 5000] for c in cols))
-            await conn.execute(_RAW_TASKS_SETTLE, cols[0][s:s + 5000])
-            await conn.execute(_RAW_EVENTS, cols[0][s:s + 5000], cols[1][s:s + 5000])
+            await conn.execute(_RAW_RESULTS_UPSERT, *(c[s : s + 5000] for c in cols))
+            await conn.execute(_RAW_TASKS_SETTLE, cols[0][s : s + 5000])
+            await conn.execute(_RAW_EVENTS, cols[0][s : s + 5000], cols[1][s : s + 5000])
         writes = time.perf_counter() - t0
         await tx.rollback()
         return results_only, writes
@@ -935,11 +1062,14 @@ async def claim_floor(url: str, n: int) -> tuple[float, float]:
         tx = conn.transaction()
         await tx.start()
         t0 = time.perf_counter()
-        await conn.execute("UPDATE tasks SET state = 'submitted', batch_id = 'floor', "
-                           "attempts = attempts + 1, submitted_at = now(), updated_at = now()")
+        await conn.execute(
+            "UPDATE tasks SET state = 'submitted', batch_id = 'floor', "
+            "attempts = attempts + 1, submitted_at = now(), updated_at = now()"
+        )
         updated = time.perf_counter() - t0
-        rows = await conn.fetch("SELECT custom_id, endpoint, body::text FROM tasks "
-                                "WHERE batch_id = 'floor' ORDER BY id")
+        rows = await conn.fetch(
+            "SELECT custom_id, endpoint, body::text FROM tasks WHERE batch_id = 'floor' ORDER BY id"
+        )
         read_back = time.perf_counter() - t0
         assert len(rows) == n, len(rows)
         await tx.rollback()
@@ -965,10 +1095,13 @@ async def one_window(b: Bench, n: int, tag: str) -> dict[str, float]:
         out["flush_peak_mb"] = max(0.0, peak_rss_mb() - base)
         assert started == 1, f"expected one batch, started {started}"
         async with p.engine.connect() as conn:
-            row = (await conn.exec_driver_sql(
-                "SELECT id, provider_batch_id, state, "
-                "extract(epoch FROM submitted_at - created_at) AS took FROM batches "
-                "WHERE state <> 'routed'")).one()  # history rows are routed
+            row = (
+                await conn.exec_driver_sql(
+                    "SELECT id, provider_batch_id, state, "
+                    "extract(epoch FROM submitted_at - created_at) AS took FROM batches "
+                    "WHERE state <> 'routed'"
+                )
+            ).one()  # history rows are routed
         assert row.state == "submitted", row
         # Build and upload: from the claim's transaction to the provider batch
         # recorded (the database's clock); archiving the input comes after.
@@ -990,7 +1123,8 @@ async def one_window(b: Bench, n: int, tag: str) -> dict[str, float]:
         out["ref_route_s"], out["floor_route_s"] = await raw_unnest_upsert(b.db_url, path)
         out["floor_claim_s"], out["floor_read_s"] = await claim_floor(b.db_url, n)
         out["ref_write_s"] = await asyncio.to_thread(
-            write_reference, b.tmp / f"ref-{tag}.jsonl", chunks_of_lines(tag, n))
+            write_reference, b.tmp / f"ref-{tag}.jsonl", chunks_of_lines(tag, n)
+        )
         path.unlink()
         (b.tmp / f"ref-{tag}.jsonl").unlink()
     return out
@@ -1004,47 +1138,56 @@ async def bench_windows(b: Bench) -> None:
     for run in range(a.runs):
         r = await one_window(b, n, f"w{run}")
         runs.append(r)
-        b.log(f"  run {run}: flush {n / r['flush_s']:,.0f} lines/s (+{r['flush_peak_mb']:.0f} "
-              f"MB), route {n / r['route_s']:,.0f} lines/s (+{r['route_peak_mb']:.0f} MB)")
+        b.log(
+            f"  run {run}: flush {n / r['flush_s']:,.0f} lines/s (+{r['flush_peak_mb']:.0f} "
+            f"MB), route {n / r['route_s']:,.0f} lines/s (+{r['route_peak_mb']:.0f} MB)"
+        )
     flush = median([n / r["flush_s"] for r in runs])
     total = median([n / r["flush_total_s"] for r in runs])
     ref_w = median([n / r["ref_write_s"] for r in runs])
     floor = median([n / r["floor_claim_s"] for r in runs])
     floor_read = median([n / r["floor_read_s"] for r in runs])
     fpk = median([r["flush_peak_mb"] for r in runs])
-    b.rows.append(Row(
-        f"flush: build and upload a {n:,}-line window",
-        f"writing the same bytes to a file: {fmt_rate(ref_w, 'lines/s')}; PostgreSQL "
-        f"alone, one bare UPDATE of the same rows seeded as the flush's (no selection, no "
-        f"row locks; rolled back, no commit): {fmt_rate(floor, 'rows/s')}; the same, then "
-        f"their bodies read back in file order: {fmt_rate(floor_read, 'rows/s')}",
-        f"{flush / ref_w:.1%} of file write, {flush / floor:.0%} of the bare update, "
-        f"{flush / floor_read:.0%} of update + read",
-        f"{fmt_rate(flush, 'lines/s')} {spread([n / r['flush_s'] for r in runs])}; "
-        f"{fmt_rate(total, 'lines/s')} with the input archived; peak +{fpk:.0f} MB "
-        f"(+{small['flush_peak_mb']:.0f} MB at {max(1000, n // 5):,} lines)",
-        ">= 100,000 lines/s, memory flat", flush >= 100_000 and fpk <= small[
-            "flush_peak_mb"] * 1.5 + 20,
-        "claim + stream from the database + upload + create; archive (gzip) after"))
+    b.rows.append(
+        Row(
+            f"flush: build and upload a {n:,}-line window",
+            f"writing the same bytes to a file: {fmt_rate(ref_w, 'lines/s')}; PostgreSQL "
+            f"alone, one bare UPDATE of the same rows seeded as the flush's (no selection, no "
+            f"row locks; rolled back, no commit): {fmt_rate(floor, 'rows/s')}; the same, then "
+            f"their bodies read back in file order: {fmt_rate(floor_read, 'rows/s')}",
+            f"{flush / ref_w:.1%} of file write, {flush / floor:.0%} of the bare update, "
+            f"{flush / floor_read:.0%} of update + read",
+            f"{fmt_rate(flush, 'lines/s')} {spread([n / r['flush_s'] for r in runs])}; "
+            f"{fmt_rate(total, 'lines/s')} with the input archived; peak +{fpk:.0f} MB "
+            f"(+{small['flush_peak_mb']:.0f} MB at {max(1000, n // 5):,} lines)",
+            ">= 100,000 lines/s, memory flat",
+            flush >= 100_000 and fpk <= small["flush_peak_mb"] * 1.5 + 20,
+            "claim + stream from the database + upload + create; archive (gzip) after",
+        )
+    )
     route = median([n / r["route_s"] for r in runs])
     ref_r = median([n / r["ref_route_s"] for r in runs])
     floor_r = median([n / r["floor_route_s"] for r in runs])
     rpk = median([r["route_peak_mb"] for r in runs])
-    b.rows.append(Row(
-        f"route a {n:,}-line output file",
-        f"raw unnest upsert of the same rows: {fmt_rate(ref_r, 'lines/s')}; PostgreSQL alone "
-        f"also settling each task and writing its event: {fmt_rate(floor_r, 'lines/s')}",
-        f"{route / ref_r:.0%} of raw, {route / floor_r:.0%} of the writes",
-        f"{fmt_rate(route, 'lines/s')} "
-        f"{spread([n / r['route_s'] for r in runs])}; peak +{rpk:.0f} MB "
-        f"(+{small['route_peak_mb']:.0f} MB at {max(1000, n // 5):,} lines)",
-        ">= 50,000 lines/s, memory flat", route >= 50_000 and rpk <= small[
-            "route_peak_mb"] * 1.5 + 20,
-        "results upserted, tasks settled, events written: 5,000 success lines a "
-        "transaction; failures and the batch settled in a last one"))
+    b.rows.append(
+        Row(
+            f"route a {n:,}-line output file",
+            f"raw unnest upsert of the same rows: {fmt_rate(ref_r, 'lines/s')}; PostgreSQL alone "
+            f"also settling each task and writing its event: {fmt_rate(floor_r, 'lines/s')}",
+            f"{route / ref_r:.0%} of raw, {route / floor_r:.0%} of the writes",
+            f"{fmt_rate(route, 'lines/s')} "
+            f"{spread([n / r['route_s'] for r in runs])}; peak +{rpk:.0f} MB "
+            f"(+{small['route_peak_mb']:.0f} MB at {max(1000, n // 5):,} lines)",
+            ">= 50,000 lines/s, memory flat",
+            route >= 50_000 and rpk <= small["route_peak_mb"] * 1.5 + 20,
+            "results upserted, tasks settled, events written: 5,000 success lines a "
+            "transaction; failures and the batch settled in a last one",
+        )
+    )
 
 
 # ---------------------------------------------------------------- row 6: e2e
+
 
 async def bench_e2e(b: Bench) -> None:
     a = b.args
@@ -1053,8 +1196,14 @@ async def bench_e2e(b: Bench) -> None:
     await reset(b.db_url)
     emulator, url = await start_emulator()
     daemon, port = await start_daemon(
-        b.db_url, url, b.tmp / "e2e", window_seconds=2, max_batch_items=50_000,
-        poll_interval_seconds=0.5, scheduler_interval_seconds=0.25)
+        b.db_url,
+        url,
+        b.tmp / "e2e",
+        window_seconds=2,
+        max_batch_items=50_000,
+        poll_interval_seconds=0.5,
+        scheduler_interval_seconds=0.25,
+    )
     conn = await asyncpg.connect(b.db_url)
     peak = 0.0
     try:
@@ -1067,6 +1216,7 @@ async def bench_e2e(b: Bench) -> None:
                 status, reply = await c.request(post(port, body, "application/x-ndjson"))
                 if status != 202:
                     raise RuntimeError(f"bulk POST answered {status}: {reply[:200]!r}")
+
         send = asyncio.gather(*(sender(c) for c in conns))
         ingested_at = None
         done = 0
@@ -1090,15 +1240,22 @@ async def bench_e2e(b: Bench) -> None:
         await daemon.stop()
         await emulator.stop()
     b.log(f"  {n:,} results after {took:.1f} s, {batches} batches, peak RSS {peak:.0f} MB")
-    b.rows.append(Row(
-        f"end to end: {n:,} tasks ingest -> batches -> emulator -> results", "-", "-",
-        f"{took:.0f} s ({n / took:,.0f} tasks/s; all accepted at {ingested_at:.0f} s), "
-        f"daemon peak RSS {peak:.0f} MB", "<= 3 min, peak RSS <= 300 MB",
-        took <= 180 and peak <= 300,
-        f"1 run; {batches} batches of <= 50,000, emulator at zero latency"))
+    b.rows.append(
+        Row(
+            f"end to end: {n:,} tasks ingest -> batches -> emulator -> results",
+            "-",
+            "-",
+            f"{took:.0f} s ({n / took:,.0f} tasks/s; all accepted at {ingested_at:.0f} s), "
+            f"daemon peak RSS {peak:.0f} MB",
+            "<= 3 min, peak RSS <= 300 MB",
+            took <= 180 and peak <= 300,
+            f"1 run; {batches} batches of <= 50,000, emulator at zero latency",
+        )
+    )
 
 
 # ------------------------------------------------------- rows 7/8: jobs
+
 
 async def bench_submit_job(b: Bench) -> None:
     """`batchd submit FILE --wait --out` as a user runs it, against the
@@ -1113,15 +1270,34 @@ async def bench_submit_job(b: Bench) -> None:
     out = b.tmp / "job-results.jsonl"
     emulator, url = await start_emulator()
     daemon, port = await start_daemon(
-        b.db_url, url, b.tmp / "jobs", window_seconds=2, max_batch_items=50_000,
-        poll_interval_seconds=0.5, scheduler_interval_seconds=0.25)
+        b.db_url,
+        url,
+        b.tmp / "jobs",
+        window_seconds=2,
+        max_batch_items=50_000,
+        poll_interval_seconds=0.5,
+        scheduler_interval_seconds=0.25,
+    )
     try:
         t0 = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "batchd", "submit", str(path), "--url",
-            f"http://127.0.0.1:{port}", "--job", "bench", "--wait", str(b.args.e2e_timeout),
-            "--out", str(out), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL, cwd=ROOT)
+            sys.executable,
+            "-m",
+            "batchd",
+            "submit",
+            str(path),
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--job",
+            "bench",
+            "--wait",
+            str(b.args.e2e_timeout),
+            "--out",
+            str(out),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            cwd=ROOT,
+        )
         said, _ = await proc.communicate()
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
@@ -1143,15 +1319,20 @@ async def bench_submit_job(b: Bench) -> None:
     span = float(span)
     extra = wall - span
     b.log(f"  submit --wait --out took {wall:.1f} s; pipeline span {span:.1f} s")
-    b.rows.append(Row(
-        f"jobs: `batchd submit FILE --wait --out` for {n:,} tasks", f"pipeline span "
-        f"(first task created -> last finished) {span:.1f} s", f"+{extra:.1f} s",
-        f"{wall:.1f} s wall, {lines:,} result lines written", "client adds < 5 s + 10%",
-        extra < 5 + 0.1 * span,
-        "1 run; 4 requests in flight, one GET /v1/jobs/{job} every 0.25 s, results "
-        "written while the job runs (GET /v1/jobs/{job}/results?stop_at_open=true after "
-        "the last line written), the rest streamed once it finished; the span includes "
-        "ingest"))
+    b.rows.append(
+        Row(
+            f"jobs: `batchd submit FILE --wait --out` for {n:,} tasks",
+            f"pipeline span (first task created -> last finished) {span:.1f} s",
+            f"+{extra:.1f} s",
+            f"{wall:.1f} s wall, {lines:,} result lines written",
+            "client adds < 5 s + 10%",
+            extra < 5 + 0.1 * span,
+            "1 run; 4 requests in flight, one GET /v1/jobs/{job} every 0.25 s, results "
+            "written while the job runs (GET /v1/jobs/{job}/results?stop_at_open=true after "
+            "the last line written), the rest streamed once it finished; the span includes "
+            "ingest",
+        )
+    )
 
 
 async def seed_job(conn: asyncpg.Connection, name: str, n: int, deltas: int) -> None:
@@ -1197,8 +1378,7 @@ async def bench_job_status(b: Bench) -> None:
         p99: dict[str, list[float]] = {"big": [], "small": []}
         for _ in range(a.runs):
             for name in ("small", "big"):
-                raw = (f"GET /v1/jobs/{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
-                       ).encode()
+                raw = (f"GET /v1/jobs/{name} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").encode()
                 took = []
                 for _ in range(a.status_requests):
                     t0 = time.perf_counter()
@@ -1215,15 +1395,22 @@ async def bench_job_status(b: Bench) -> None:
     if view["tasks"] != big:
         raise RuntimeError(f"the big job counts {view['tasks']} tasks, not {big}")
     pb, ps = median(p99["big"]), median(p99["small"])
-    b.rows.append(Row(
-        f"jobs: GET /v1/jobs/{{job}} p99 for a {big:,}-task job", f"a {small}-task job: "
-        f"p99 {ps:.2f} ms", f"{pb / ps:.2f}x", f"p99 {pb:.2f} ms (runs: "
-        f"{', '.join(f'{x:.2f}' for x in p99['big'])})", "flat: <= 1.5x the 10-task job's",
-        pb <= ps * 1.5, f"{a.status_requests} sequential requests a job a run, over one "
-        "keep-alive connection; tasks, results and counters seeded by SQL"))
+    b.rows.append(
+        Row(
+            f"jobs: GET /v1/jobs/{{job}} p99 for a {big:,}-task job",
+            f"a {small}-task job: p99 {ps:.2f} ms",
+            f"{pb / ps:.2f}x",
+            f"p99 {pb:.2f} ms (runs: {', '.join(f'{x:.2f}' for x in p99['big'])})",
+            "flat: <= 1.5x the 10-task job's",
+            pb <= ps * 1.5,
+            f"{a.status_requests} sequential requests a job a run, over one "
+            "keep-alive connection; tasks, results and counters seeded by SQL",
+        )
+    )
 
 
 # --------------------------------------------------------------- row 7: idle
+
 
 async def bench_idle(b: Bench) -> None:
     secs = b.args.idle_seconds
@@ -1237,9 +1424,11 @@ async def bench_idle(b: Bench) -> None:
 
         async def stat() -> tuple[int, float, float]:
             await asyncio.sleep(1.1)  # backends flush their counters at most once a second
-            row = await conn.fetchrow("SELECT xact_commit + xact_rollback FROM "
-                                      "pg_stat_database WHERE datname = $1", name)
+            row = await conn.fetchrow(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1", name
+            )
             return int(row[0]), cpu_seconds(daemon.pid), time.perf_counter()
+
         marks = [await stat()]
         for _ in range(2):  # two halves: the rate must not grow with time
             await asyncio.sleep(secs / 2)
@@ -1249,21 +1438,28 @@ async def bench_idle(b: Bench) -> None:
         await daemon.stop()
     wall = marks[2][2] - marks[0][2]
     cpu = (marks[2][1] - marks[0][1]) / wall
-    halves = [(marks[k + 1][0] - marks[k][0]) / (marks[k + 1][2] - marks[k][2]) * 60
-              for k in range(2)]
+    halves = [
+        (marks[k + 1][0] - marks[k][0]) / (marks[k + 1][2] - marks[k][2]) * 60 for k in range(2)
+    ]
     qpm = (marks[2][0] - marks[0][0]) / wall * 60
     ticks = loop_ticks_per_minute()
     bound = ticks * IDLE_STATEMENTS_PER_TICK
-    b.rows.append(Row(
-        f"idle: no tasks for {secs / 60:.0f} min" if secs >= 60 else
-        f"idle: no tasks for {secs:.0f} s", "-", "-",
-        f"{cpu:.2%} of a core; {qpm:,.0f} transactions/min (halves {halves[0]:,.0f} and "
-        f"{halves[1]:,.0f}) = {qpm / ticks:.1f} per loop tick ({ticks:,.0f} ticks/min)",
-        "< 1% of a core; queries/min bounded by loop intervals",
-        cpu < 0.01 and qpm <= bound and max(halves) <= 1.2 * min(halves),
-        f"bound: {IDLE_STATEMENTS_PER_TICK} a tick (a checkout's ping and its statements) "
-        f"= {bound:,.0f}/min; CPU from /proc/<pid>/stat, transactions from "
-        "pg_stat_database (pg_stat_statements is not preloaded on this server)"))
+    b.rows.append(
+        Row(
+            f"idle: no tasks for {secs / 60:.0f} min"
+            if secs >= 60
+            else f"idle: no tasks for {secs:.0f} s",
+            "-",
+            "-",
+            f"{cpu:.2%} of a core; {qpm:,.0f} transactions/min (halves {halves[0]:,.0f} and "
+            f"{halves[1]:,.0f}) = {qpm / ticks:.1f} per loop tick ({ticks:,.0f} ticks/min)",
+            "< 1% of a core; queries/min bounded by loop intervals",
+            cpu < 0.01 and qpm <= bound and max(halves) <= 1.2 * min(halves),
+            f"bound: {IDLE_STATEMENTS_PER_TICK} a tick (a checkout's ping and its statements) "
+            f"= {bound:,.0f}/min; CPU from /proc/<pid>/stat, transactions from "
+            "pg_stat_database (pg_stat_statements is not preloaded on this server)",
+        )
+    )
 
 
 # An idle loop tick checks out one connection (pre-ping) and runs at most a
@@ -1290,6 +1486,7 @@ def loop_ticks_per_minute() -> float:
 
 # -------------------------------------------------------------------- output
 
+
 def table(b: Bench, started: float) -> str:
     cpu = platform.processor() or platform.machine()
     model = ""
@@ -1308,36 +1505,63 @@ def table(b: Bench, started: float) -> str:
         "| what | reference (same run) | vs reference | batchd | target | met |",
         "|---|---|---|---|---|---|",
     ]
-    body = [f"| {r.what} | {r.reference} | {r.ratio} | {r.absolute}"
-            f"{f' ({r.note})' if r.note else ''} | {r.target} | "
-            f"{'yes' if r.met else 'NO' if r.met is not None else '-'} |" for r in b.rows]
+    body = [
+        f"| {r.what} | {r.reference} | {r.ratio} | {r.absolute}"
+        f"{f' ({r.note})' if r.note else ''} | {r.target} | "
+        f"{'yes' if r.met else 'NO' if r.met is not None else '-'} |"
+        for r in b.rows
+    ]
     return "\n".join(head + body) + "\n"
 
 
 # "bulk" is the ingest group's first row alone: a quick loop for ingest work.
 # storage, prune, history and migrations are a year of operation's rows
 # (tests/bench/year.py).
-ROWS = ("parse", "ingest", "bulk", "hostile", "windows", "e2e", "jobs", "status", "idle", "storage",
-        "prune", "history", "migrations")
+ROWS = (
+    "parse",
+    "ingest",
+    "bulk",
+    "hostile",
+    "windows",
+    "e2e",
+    "jobs",
+    "status",
+    "idle",
+    "storage",
+    "prune",
+    "history",
+    "migrations",
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes and a 30 s idle row, for a smoke run")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small sizes and a 30 s idle row, for a smoke run"
+    )
     p.add_argument("--only", default=",".join(ROWS), help=f"comma-separated of {ROWS}")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--bulk-tasks", type=int, default=40_000)
     p.add_argument("--bulk-concurrency", type=int, default=4)
-    p.add_argument("--one-client-request", type=int, default=10_000,
-                   help="tasks per request of the one-client bulk row")
-    p.add_argument("--hostile-mib", type=int, default=60,
-                   help="size of the hostile body of the hostile row")
+    p.add_argument(
+        "--one-client-request",
+        type=int,
+        default=10_000,
+        help="tasks per request of the one-client bulk row",
+    )
+    p.add_argument(
+        "--hostile-mib", type=int, default=60, help="size of the hostile body of the hostile row"
+    )
     p.add_argument("--single-tasks", type=int, default=20_000)
     p.add_argument("--clients", type=int, default=64)
-    p.add_argument("--peer-pool", type=int, default=10,
-                   help="connection pool of each peer (batchd's own pool is 10 + 10 overflow)")
+    p.add_argument(
+        "--peer-pool",
+        type=int,
+        default=10,
+        help="connection pool of each peer (batchd's own pool is 10 + 10 overflow)",
+    )
     p.add_argument("--p99-rate", type=float, default=1000)
     p.add_argument("--p99-seconds", type=float, default=10)
     p.add_argument("--window-lines", type=int, default=50_000)
@@ -1347,10 +1571,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--job-tasks", type=int, default=200_000)
     p.add_argument("--status-tasks", type=int, default=1_000_000)
     p.add_argument("--status-requests", type=int, default=2000)
-    p.add_argument("--parse-tasks", type=int, default=100_000,
-                   help="tasks of the parse row (ingest CPU per task)")
+    p.add_argument(
+        "--parse-tasks",
+        type=int,
+        default=100_000,
+        help="tasks of the parse row (ingest CPU per task)",
+    )
     p.add_argument("--out", type=Path, help="also write the table to this file")
     from tests.bench import year
+
     year.add_arguments(p)
     a = p.parse_args(argv)
     if a.quick:
@@ -1367,6 +1596,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     from batchd import logs
+
     logs.configure("warning")  # the in-process scheduler and router stay quiet
     admin_url = os.environ.get("BATCHD_BENCH_DATABASE_URL", DEFAULT_ADMIN)
     b = Bench(a, admin_url)
@@ -1395,6 +1625,7 @@ async def main(argv: list[str] | None = None) -> int:
         if "idle" in only:
             await bench_idle(b)
         from tests.bench import year
+
         if "storage" in only:
             await year.bench_storage(b)
         if "prune" in only:
@@ -1417,6 +1648,7 @@ async def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         import uvloop
+
         sys.exit(uvloop.run(main()))
     except ImportError:
         sys.exit(asyncio.run(main()))

@@ -25,8 +25,11 @@ KEY = "test-key"
 
 
 def line(cid: str, **meta: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 7,
-                            "messages": [{"role": "user", "content": f"hi {cid}"}]}
+    body: dict[str, Any] = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 7,
+        "messages": [{"role": "user", "content": f"hi {cid}"}],
+    }
     if meta:
         body["metadata"] = meta
     return {"custom_id": cid, "method": "POST", "url": MESSAGES, "body": body}
@@ -42,8 +45,9 @@ class Rig:
         path = self.tmp / f"in-{time.monotonic_ns()}.jsonl"
         path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
         remote = await self.provider.upload_file(path, "in.jsonl")
-        return await self.provider.create_batch(remote.id, MESSAGES, "24h",
-                                                {"batchd_batch_id": "bd_1"})
+        return await self.provider.create_batch(
+            remote.id, MESSAGES, "24h", {"batchd_batch_id": "bd_1"}
+        )
 
     async def until_terminal(self, batch: RemoteBatch) -> RemoteBatch:
         deadline = time.monotonic() + 5
@@ -70,8 +74,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
 
 
 async def test_success_lines_carry_the_message_and_cache_usage(rig: Rig) -> None:
-    batch = await rig.submit([line("a", cache_write_tokens=100, cache_read_tokens=40),
-                              line("b")])
+    batch = await rig.submit([line("a", cache_write_tokens=100, cache_read_tokens=40), line("b")])
     assert batch.status == "in_progress" or batch.terminal
     done = await rig.until_terminal(batch)
     assert done.status == "completed" and done.provider_status == "ended"
@@ -87,13 +90,13 @@ async def test_success_lines_carry_the_message_and_cache_usage(rig: Rig) -> None
     assert tokens == Tokens(base + 140, 40, 7, 100)
 
 
-async def test_overloaded_and_api_errors_are_retryable_invalid_request_is_final(
-        rig: Rig) -> None:
+async def test_overloaded_and_api_errors_are_retryable_invalid_request_is_final(rig: Rig) -> None:
     rig.emulator.script_line("o", "overloaded")
     rig.emulator.script_line("e", "api_error")
     rig.emulator.script_line("i", "invalid_request")
-    out = await rig.results(await rig.until_terminal(await rig.submit(
-        [line("o"), line("e"), line("i")])))
+    out = await rig.results(
+        await rig.until_terminal(await rig.submit([line("o"), line("e"), line("i")]))
+    )
     assert classify_line(out["o"]).outcome is Outcome.RETRYABLE
     assert out["o"]["response"]["status_code"] == 529
     assert classify_line(out["e"]).outcome is Outcome.RETRYABLE
@@ -161,8 +164,7 @@ async def test_server_faults_are_retryable_with_the_error_type(rig: Rig) -> None
     assert not gone.value.retryable
 
 
-async def test_crash_between_create_and_record_leaves_a_batch_the_list_finds(
-        rig: Rig) -> None:
+async def test_crash_between_create_and_record_leaves_a_batch_the_list_finds(rig: Rig) -> None:
     before = int(time.time()) - 1
     rig.emulator.inject("create", "reset_after")
     with pytest.raises(ProviderError) as err:

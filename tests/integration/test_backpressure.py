@@ -30,8 +30,9 @@ async def tasks_locked(engine: AsyncEngine) -> AsyncIterator[None]:
 
 
 async def _post(h: Harness, ids: list[str]) -> tuple[int, dict[str, Any], str | None]:
-    async with h.http.post(f"{h.base_url}/v1/tasks",
-                           json={"tasks": [chat_task(i) for i in ids]}) as r:
+    async with h.http.post(
+        f"{h.base_url}/v1/tasks", json={"tasks": [chat_task(i) for i in ids]}
+    ) as r:
         return r.status, await r.json(), r.headers.get("Retry-After")
 
 
@@ -50,7 +51,8 @@ async def _stored(h: Harness, ids: list[str]) -> set[str]:
 
 
 async def test_past_max_queued_tasks_ingest_answers_429_and_stores_nothing(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, max_queued_tasks=10) as h:
         status, _, _ = await _post(h, [f"q{i}" for i in range(10)])
         assert status == 202
@@ -60,7 +62,8 @@ async def test_past_max_queued_tasks_ingest_answers_429_and_stores_nothing(
 
 
 async def test_concurrent_requests_cannot_overshoot_max_queued_tasks(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, max_queued_tasks=5) as h:
         replies = await asyncio.gather(*(_post(h, [f"c{i}"]) for i in range(20)))
         assert sorted(status for status, _, _ in replies) == [202] * 5 + [429] * 15
@@ -68,20 +71,21 @@ async def test_concurrent_requests_cannot_overshoot_max_queued_tasks(
 
 
 async def test_a_locked_table_gets_503_with_retry_after_and_nothing_is_stored(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, ingest_timeout_seconds=0.3) as h:
         ids = [f"slow{i}" for i in range(12)]
         async with tasks_locked(h.engine):
             replies = await asyncio.gather(*(_post(h, [cid]) for cid in ids))
-        assert {(s, b["error"]["code"], ra) for s, b, ra in replies} == {
-            (503, "overloaded", "2")}
+        assert {(s, b["error"]["code"], ra) for s, b, ra in replies} == {(503, "overloaded", "2")}
         assert await _stored(h, ids) == set()
         status, _, _ = await _post(h, ["after-the-lock"])
         assert status == 202 and await h.count("true") == 1
 
 
 async def test_requests_queued_behind_slow_commits_get_503_and_are_never_stored(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """Every INSERT takes a second (a real trigger, not a lock: lock_timeout
     cannot end it), so requests behind the two busy writers give up."""
     async with running(db_url, tmp_path, ingest_timeout_seconds=0.3) as h:
@@ -89,14 +93,20 @@ async def test_requests_queued_behind_slow_commits_get_503_and_are_never_stored(
             CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS
               $$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$;
             """)
-        await h.execute("CREATE TRIGGER slow AFTER INSERT ON tasks "
-                        "FOR EACH STATEMENT EXECUTE FUNCTION slow_insert()")
+        await h.execute(
+            "CREATE TRIGGER slow AFTER INSERT ON tasks "
+            "FOR EACH STATEMENT EXECUTE FUNCTION slow_insert()"
+        )
         ingest = h.service.api.ingest
         first = []
         for i in range(2):  # one for each writer, so both are busy
             first.append(asyncio.create_task(_post(h, [f"w{i}"])))
-            await _until(lambda n=i + 1: (not ingest._queue.qsize()  # type: ignore[misc]
-                                          and ingest._pending >= n))
+            await _until(
+                lambda n=i + 1: (
+                    not ingest._queue.qsize()  # type: ignore[misc]
+                    and ingest._pending >= n
+                )
+            )
         queued = await asyncio.gather(*(_post(h, [f"late{i}"]) for i in range(10)))
         assert {(s, b["error"]["code"], ra) for s, b, ra in queued} == {(503, "overloaded", "2")}
         assert [(await t)[0] for t in first] == [202, 202]
@@ -106,8 +116,9 @@ async def test_requests_queued_behind_slow_commits_get_503_and_are_never_stored(
         assert await h.count("true") == 3
 
 
-async def test_past_max_pending_tasks_ingest_answers_503_at_once(db_url: str,
-                                                                 tmp_path: Path) -> None:
+async def test_past_max_pending_tasks_ingest_answers_503_at_once(
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, ingest_timeout_seconds=30, max_pending_tasks=3) as h:
         async with tasks_locked(h.engine):
             first = asyncio.create_task(_post(h, ["p1", "p2", "p3"]))
@@ -120,14 +131,17 @@ async def test_past_max_pending_tasks_ingest_answers_503_at_once(db_url: str,
 
 
 async def test_a_flood_gets_only_202_429_503_and_exactly_the_202s_are_stored(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """40 clients x 15 requests of 1-4 tasks on loopback, a queue cap below
     the total, and the table locked for a moment in the middle."""
     rng = random.Random(7)
-    requests = [[f"f{c}-{r}-{k}" for k in range(rng.randint(1, 4))]
-                for c in range(40) for r in range(15)]
-    async with running(db_url, tmp_path, max_queued_tasks=300, max_pending_tasks=60,
-                       ingest_timeout_seconds=0.3) as h:
+    requests = [
+        [f"f{c}-{r}-{k}" for k in range(rng.randint(1, 4))] for c in range(40) for r in range(15)
+    ]
+    async with running(
+        db_url, tmp_path, max_queued_tasks=300, max_pending_tasks=60, ingest_timeout_seconds=0.3
+    ) as h:
         replies: list[tuple[list[str], int, dict[str, Any], str | None]] = []
         answered = asyncio.Event()
 
@@ -143,8 +157,9 @@ async def test_a_flood_gets_only_202_429_503_and_exactly_the_202s_are_stored(
             async with tasks_locked(h.engine):
                 await asyncio.sleep(0.5)
 
-        await asyncio.gather(slow_database(),
-                             *(client(requests[c * 15:(c + 1) * 15]) for c in range(40)))
+        await asyncio.gather(
+            slow_database(), *(client(requests[c * 15 : (c + 1) * 15]) for c in range(40))
+        )
 
         statuses = {status for _, status, _, _ in replies}
         assert statuses <= {202, 429, 503}, statuses

@@ -21,8 +21,10 @@ from batchd.tokens import count_input_tokens
 from tests.harness import FakeClock, Harness, chat_task, running
 
 CHAT = "/v1/chat/completions"
-_WORDS = ("the printer is on fire again and the ticket says so clearly while billing "
-          "asks whether invoices from last quarter match the ledger entries we exported").split()
+_WORDS = (
+    "the printer is on fire again and the ticket says so clearly while billing "
+    "asks whether invoices from last quarter match the ledger entries we exported"
+).split()
 
 
 def _prompt(rng: random.Random, chars: int) -> str:
@@ -32,8 +34,9 @@ def _prompt(rng: random.Random, chars: int) -> str:
     return " ".join(words)[:chars]
 
 
-def _tasks(prefix: str, n: int, model: str = "gpt-4o-mini", chars: int = 4000,
-           seed: int = 1) -> list[dict[str, Any]]:
+def _tasks(
+    prefix: str, n: int, model: str = "gpt-4o-mini", chars: int = 4000, seed: int = 1
+) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     tasks = []
     for i in range(n):
@@ -45,13 +48,22 @@ def _tasks(prefix: str, n: int, model: str = "gpt-4o-mini", chars: int = 4000,
 
 def _true_cost(tasks: list[dict[str, Any]], table: PriceTable | None = None) -> Decimal:
     table = table or PriceTable.load()
-    return sum((cost(tokens_from_usage(usage_for(CHAT, t["body"])),
-                     table.lookup(t["body"]["model"]).batch) for t in tasks), Decimal(0))
+    return sum(
+        (
+            cost(
+                tokens_from_usage(usage_for(CHAT, t["body"])),
+                table.lookup(t["body"]["model"]).batch,
+            )
+            for t in tasks
+        ),
+        Decimal(0),
+    )
 
 
 async def _spent(h: Harness) -> Decimal:
-    return Decimal(await h.scalar(
-        "SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM batches"))
+    return Decimal(
+        await h.scalar("SELECT coalesce(sum(coalesce(cost_usd, reserved_usd)), 0) FROM batches")
+    )
 
 
 async def _run_until_held(h: Harness, cap: Decimal) -> None:
@@ -70,29 +82,37 @@ async def _run_until_held(h: Harness, cap: Decimal) -> None:
 
 
 async def test_a_budget_is_used_to_at_least_90_percent_and_never_passed(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     windows = [_tasks(f"w{k}-", 20, seed=k) for k in range(3)]
     one_batch = _true_cost(windows[0])
     cap = (one_batch * Decimal("1.75")).quantize(Decimal("0.000001"))
     # What the old byte rule (two bytes a token) reserved for the same window:
     # more than the whole cap, so no batch would ever have gone.
     old = PriceTable.load().reservation(
-        "gpt-4o-mini", sum(parse_task(t, 0).est_input_tokens for t in windows[0]),
-        sum(parse_task(t, 0).est_output_tokens for t in windows[0]), sync=False)
+        "gpt-4o-mini",
+        sum(parse_task(t, 0).est_input_tokens for t in windows[0]),
+        sum(parse_task(t, 0).est_output_tokens for t in windows[0]),
+        sync=False,
+    )
     assert old > cap
     clock = FakeClock()
-    async with running(db_url, tmp_path, clock=clock, daily_budget_usd=str(cap),
-                       max_batch_items=20) as h:
+    async with running(
+        db_url, tmp_path, clock=clock, daily_budget_usd=str(cap), max_batch_items=20
+    ) as h:
         for tasks in windows:
             assert (await h.post({"tasks": tasks}))[0] == 202
         await h.age_queue(3600)
         with capture_logs() as logs:
             await _run_until_held(h, cap)
-        batches = await h.rows("SELECT item_count, reserved_usd, cost_usd FROM batches "
-                               "ORDER BY created_at")
+        batches = await h.rows(
+            "SELECT item_count, reserved_usd, cost_usd FROM batches ORDER BY created_at"
+        )
         spent = sum((b["cost_usd"] for b in batches), Decimal(0))
-        print(f"budget: cap {cap} USD, spent {spent} USD ({spent / cap:.1%}) in batches of "
-              f"{[b['item_count'] for b in batches]} tasks before holding")
+        print(
+            f"budget: cap {cap} USD, spent {spent} USD ({spent / cap:.1%}) in batches of "
+            f"{[b['item_count'] for b in batches]} tasks before holding"
+        )
         assert spent <= cap
         assert spent >= cap * Decimal("0.9"), (spent, cap, batches)
         # Sent oldest first: a whole window, then the part of the next that fit.
@@ -111,12 +131,21 @@ async def test_a_budget_is_used_to_at_least_90_percent_and_never_passed(
 
 
 async def test_a_model_without_a_tokenizer_is_estimated_from_usage_seen(
-        db_url: str, tmp_path: Path) -> None:
-    prices = {"as_of": "2026-12-01", "models": {
-        "gpt-4o-mini": {"sync": {"input": 0.15, "cached_input": 0.075, "output": 0.6},
-                        "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3}},
-        "house-model": {"sync": {"input": 1.1, "cached_input": 0.55, "output": 4.4},
-                        "batch": {"input": 0.55, "cached_input": 0.275, "output": 2.2}}}}
+    db_url: str, tmp_path: Path
+) -> None:
+    prices = {
+        "as_of": "2026-12-01",
+        "models": {
+            "gpt-4o-mini": {
+                "sync": {"input": 0.15, "cached_input": 0.075, "output": 0.6},
+                "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3},
+            },
+            "house-model": {
+                "sync": {"input": 1.1, "cached_input": 0.55, "output": 4.4},
+                "batch": {"input": 0.55, "cached_input": 0.275, "output": 2.2},
+            },
+        },
+    }
     path = tmp_path / "prices.json"
     path.write_text(json.dumps(prices))
     model = "house-model"
@@ -125,29 +154,38 @@ async def test_a_model_without_a_tokenizer_is_estimated_from_usage_seen(
     lengths = [rng.randint(200, 6000) for _ in range(60)]
 
     def batch(prefix: str, sizes: list[int]) -> list[dict[str, Any]]:
-        return [chat_task(f"{prefix}{i:03d}", model, content=_prompt(rng, n))
-                for i, n in enumerate(sizes)]
+        return [
+            chat_task(f"{prefix}{i:03d}", model, content=_prompt(rng, n))
+            for i, n in enumerate(sizes)
+        ]
 
     def error(tasks: list[dict[str, Any]], reserved: dict[str, int]) -> float:
         billed = sum(tokens_for(CHAT, t["body"])[0] for t in tasks)
         return (sum(reserved[t["custom_id"]] for t in tasks) - billed) / billed
 
-    async with running(db_url, tmp_path, prices_file=path, daily_budget_usd="100",
-                       max_batch_items=20) as h:
+    async with running(
+        db_url, tmp_path, prices_file=path, daily_budget_usd="100", max_batch_items=20
+    ) as h:
         calibration = h.service.calibration
         fresh = batch("fresh", lengths[40:])
-        before = {t["custom_id"]: calibration.reserved_input(model, parse_task(t, 0)
-                                                             .est_input_tokens) for t in fresh}
+        before = {
+            t["custom_id"]: calibration.reserved_input(model, parse_task(t, 0).est_input_tokens)
+            for t in fresh
+        }
         for k in range(2):
-            await h.post({"tasks": batch(f"seen{k}-", lengths[20 * k:20 * (k + 1)])})
+            await h.post({"tasks": batch(f"seen{k}-", lengths[20 * k : 20 * (k + 1)])})
             await h.age_queue(3600)
             await h.cycle()
         factor = calibration.factor(model)
-        after = {t["custom_id"]: calibration.reserved_input(model, parse_task(t, 0)
-                                                            .est_input_tokens) for t in fresh}
+        after = {
+            t["custom_id"]: calibration.reserved_input(model, parse_task(t, 0).est_input_tokens)
+            for t in fresh
+        }
         before_error, after_error = error(fresh, before), error(fresh, after)
-        print(f"calibration: factor {factor:.4f}; reserved input against billed for 20 "
-              f"unseen tasks: byte rule {before_error:+.1%}, calibrated {after_error:+.1%}")
+        print(
+            f"calibration: factor {factor:.4f}; reserved input against billed for 20 "
+            f"unseen tasks: byte rule {before_error:+.1%}, calibrated {after_error:+.1%}"
+        )
         # The byte rule alone reserves about twice what is billed; calibrated,
         # the reservation stays above the bill by about the margin.
         assert before_error > 0.8
@@ -155,7 +193,8 @@ async def test_a_model_without_a_tokenizer_is_estimated_from_usage_seen(
 
 
 async def test_a_client_past_its_own_cap_waits_while_others_go_on(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     billing = _tasks("bill-", 6, seed=3)
     search = _tasks("srch-", 6, seed=4)
     one = _true_cost(billing[:1])
@@ -163,9 +202,14 @@ async def test_a_client_past_its_own_cap_waits_while_others_go_on(
     # own; the global budget leaves room for everything.
     cap = (one * Decimal("2.5")).quantize(Decimal("0.000001"))
     clock = FakeClock()
-    async with running(db_url, tmp_path, clock=clock, daily_budget_usd="10",
-                       client_budgets=f"billing={cap}",
-                       ingest_tokens="billing=tok-b,search=tok-s") as h:
+    async with running(
+        db_url,
+        tmp_path,
+        clock=clock,
+        daily_budget_usd="10",
+        client_budgets=f"billing={cap}",
+        ingest_tokens="billing=tok-b,search=tok-s",
+    ) as h:
         for tasks, token in ((billing, "tok-b"), (search, "tok-s")):
             status, _ = await h.post({"tasks": tasks}, headers={"Authorization": f"Bearer {token}"})
             assert status == 202
@@ -175,25 +219,34 @@ async def test_a_client_past_its_own_cap_waits_while_others_go_on(
         await h.service.sync_lane.tick()
         await h.service.sync_lane.wait_calls()
         await h.cycle()
-        states = {r["custom_id"]: r["state"] for r in await h.rows(
-            "SELECT custom_id, state FROM tasks")}
+        states = {
+            r["custom_id"]: r["state"] for r in await h.rows("SELECT custom_id, state FROM tasks")
+        }
         assert all(states[t["custom_id"]] == "succeeded" for t in search)  # others go on
         done = [t for t in billing if states[t["custom_id"]] == "succeeded"]
         assert 1 <= len(done) <= 2 and states[billing[-1]["custom_id"]] == "queued"
-        spent = Decimal(await h.scalar(
-            "SELECT sum(reserved_usd + cost_usd) FROM client_spend WHERE client = 'billing'"))
+        spent = Decimal(
+            await h.scalar(
+                "SELECT sum(reserved_usd + cost_usd) FROM client_spend WHERE client = 'billing'"
+            )
+        )
         assert spent <= cap
         # The ledger's cost is the billing results' exact cost.
-        paid = Decimal(await h.scalar(
-            "SELECT sum(r.cost_usd) FROM results r JOIN tasks t ON t.custom_id = r.custom_id "
-            "WHERE t.client = 'billing'"))
+        paid = Decimal(
+            await h.scalar(
+                "SELECT sum(r.cost_usd) FROM results r JOIN tasks t ON t.custom_id = r.custom_id "
+                "WHERE t.client = 'billing'"
+            )
+        )
         assert spent == paid
         await h.service.snapshot()
 
         assert metrics.REGISTRY.get_sample_value(
-            "batchd_client_budget_limit_dollars", {"client": "billing"}) == float(cap)
+            "batchd_client_budget_limit_dollars", {"client": "billing"}
+        ) == float(cap)
         assert metrics.REGISTRY.get_sample_value(
-            "batchd_client_budget_spent_dollars", {"client": "billing"}) == float(spent)
+            "batchd_client_budget_spent_dollars", {"client": "billing"}
+        ) == float(spent)
         # The next UTC day billing's held tasks go.
         clock.now += timedelta(days=1)
         for _ in range(5):
@@ -205,8 +258,10 @@ async def test_a_client_past_its_own_cap_waits_while_others_go_on(
 
 
 async def test_a_client_budget_for_no_configured_client_stops_the_start(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match="BATCHD_CLIENT_BUDGETS: 'ghost' is no client"):
-        async with running(db_url, tmp_path, client_budgets="ghost=1",
-                           ingest_tokens="billing=tok-b"):
+        async with running(
+            db_url, tmp_path, client_budgets="ghost=1", ingest_tokens="billing=tok-b"
+        ):
             pass

@@ -35,10 +35,14 @@ def tokens_file(tmp_path: Path, default_url: str | None = None) -> Path:
     return path
 
 
-def callback_settings(tmp_path: Path, default_url: str | None = None,
-                      **extra: Any) -> dict[str, Any]:
-    return {"ingest_tokens_file": tokens_file(tmp_path, default_url),
-            "callback_allowed_hosts": "127.0.0.1/32", **extra}
+def callback_settings(
+    tmp_path: Path, default_url: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "ingest_tokens_file": tokens_file(tmp_path, default_url),
+        "callback_allowed_hosts": "127.0.0.1/32",
+        **extra,
+    }
 
 
 async def deliveries_of(h: Harness, custom_id: str) -> list[dict[str, Any]]:
@@ -49,17 +53,24 @@ async def deliveries_of(h: Harness, custom_id: str) -> list[dict[str, Any]]:
 
 
 async def test_results_are_posted_signed_to_the_task_or_token_callback_url(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     receiver = Receiver(SECRET)
     url = await receiver.start()
     try:
-        async with running(db_url, tmp_path, **callback_settings(
-                tmp_path, default_url=f"{url}/default")) as h:
-            status, body = await h.post({"tasks": [
-                chat_task("own-url", callback_url=f"{url}/own"),
-                chat_task("token-default"),
-                chat_task("broken", emulate="http_400", callback_url=f"{url}/own")]},
-                headers=AUTH)
+        async with running(
+            db_url, tmp_path, **callback_settings(tmp_path, default_url=f"{url}/default")
+        ) as h:
+            status, body = await h.post(
+                {
+                    "tasks": [
+                        chat_task("own-url", callback_url=f"{url}/own"),
+                        chat_task("token-default"),
+                        chat_task("broken", emulate="http_400", callback_url=f"{url}/own"),
+                    ]
+                },
+                headers=AUTH,
+            )
             assert status == 202, body
             await h.run_until_settled()
             await h.service.callbacks.drain()
@@ -68,7 +79,8 @@ async def test_results_are_posted_signed_to_the_task_or_token_callback_url(
         validate(spec)  # with callbacks on, the document carries the taskFinished webhook
         payload_schema = Draft202012Validator(
             {"$ref": "urn:batchd:openapi#/components/schemas/CallbackPayload"},
-            registry=SpecCheck(spec).registry)
+            registry=SpecCheck(spec).registry,
+        )
         for r in receiver.got:
             assert list(payload_schema.iter_errors(r.payload)) == []
         assert spec["webhooks"]["taskFinished"]["post"]["requestBody"]
@@ -94,12 +106,14 @@ async def test_results_are_posted_signed_to_the_task_or_token_callback_url(
 
 
 async def test_a_failing_receiver_gets_the_same_delivery_again_after_a_backoff(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     receiver = Receiver(SECRET, statuses=[500, 500, 200])
     url = await receiver.start()
     try:
-        async with running(db_url, tmp_path, **callback_settings(
-                tmp_path, callback_backoff_seconds=30)) as h:
+        async with running(
+            db_url, tmp_path, **callback_settings(tmp_path, callback_backoff_seconds=30)
+        ) as h:
             await h.post(chat_task("flaky-receiver", callback_url=f"{url}/hook"), headers=AUTH)
             await h.run_until_settled()
             for expected_attempts in (1, 2):
@@ -108,15 +122,20 @@ async def test_a_failing_receiver_gets_the_same_delivery_again_after_a_backoff(
                 assert row["state"] == "pending" and row["attempts"] == expected_attempts
                 assert row["last_status"] == 500
                 # Backoff: not due again yet; then time passes.
-                assert await h.count("next_attempt_at > now() + interval '10 seconds'",
-                                     "callbacks") == 1
+                assert (
+                    await h.count("next_attempt_at > now() + interval '10 seconds'", "callbacks")
+                    == 1
+                )
                 assert await h.service.callbacks.tick() == 0
                 await h.execute("UPDATE callbacks SET next_attempt_at = now()")
             await h.service.callbacks.drain()
             (row,) = await deliveries_of(h, "flaky-receiver")
         assert row["state"] == "delivered" and row["delivered_at"] is not None
         assert [(a["attempt"], a["status_code"]) for a in row["attempt_log"]] == [
-            (1, 500), (2, 500), (3, 200)]
+            (1, 500),
+            (2, 500),
+            (3, 200),
+        ]
         # What the receiver said is never kept: only its status, in our words.
         assert row["attempt_log"][0]["error"] == "the receiver answered HTTP 500"
         assert "receiver broken" not in orjson.dumps(row).decode()
@@ -129,8 +148,14 @@ async def test_a_failing_receiver_gets_the_same_delivery_again_after_a_backoff(
 
 async def _cli(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "batchd", "callbacks", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "batchd",
+        "callbacks",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return proc.returncode, out.decode() + err.decode()
@@ -148,8 +173,11 @@ async def test_exhausted_delivery_is_listed_and_replayable(db_url: str, tmp_path
     receiver = Receiver(SECRET, statuses=[503, 503])
     url = await receiver.start()
     try:
-        async with running(db_url, tmp_path, **callback_settings(
-                tmp_path, callback_max_attempts=2, callback_backoff_seconds=0)) as h:
+        async with running(
+            db_url,
+            tmp_path,
+            **callback_settings(tmp_path, callback_max_attempts=2, callback_backoff_seconds=0),
+        ) as h:
             async with h.http.get(f"{h.base_url}/metrics") as r:
                 before = await r.text()
             await h.post(chat_task("down-receiver", callback_url=f"{url}/hook"), headers=AUTH)
@@ -167,33 +195,41 @@ async def test_exhausted_delivery_is_listed_and_replayable(db_url: str, tmp_path
             for outcome, n in (("retried", 1), ("failed", 1)):
                 name = "batchd_callback_deliveries_total"
                 got = _sample(middle, name, outcome=outcome, client="billing") - _sample(
-                    before, name, outcome=outcome, client="billing")
+                    before, name, outcome=outcome, client="billing"
+                )
                 assert got == n, outcome
 
             code, out = await _cli("failed", "--url", h.base_url, "--token", "tok-billing")
-            assert code == 0 and [orjson.loads(x)["id"] for x in out.splitlines()] == [
-                failed["id"]]
-            code, out = await _cli("replay", "--custom-id", "down-receiver",
-                                   "--url", h.base_url, "--token", "tok-billing")
+            assert code == 0 and [orjson.loads(x)["id"] for x in out.splitlines()] == [failed["id"]]
+            code, out = await _cli(
+                "replay",
+                "--custom-id",
+                "down-receiver",
+                "--url",
+                h.base_url,
+                "--token",
+                "tok-billing",
+            )
             assert code == 0 and out.startswith(f"1 delivery(ies) due again: {failed['id']}")
             await h.service.callbacks.drain()
             (row,) = await deliveries_of(h, "down-receiver")
             assert row["state"] == "delivered" and row["replay_count"] == 1
             assert [a["status_code"] for a in row["attempt_log"]] == [503, 503, 200]
             assert (await h.get("/v1/callbacks/failed", headers=AUTH))[1]["failed"] == []
-            async with h.http.post(f"{h.base_url}/v1/callbacks/replay", headers=AUTH,
-                                   json={"ids": [int(failed["id"])]}) as r:
+            async with h.http.post(
+                f"{h.base_url}/v1/callbacks/replay", headers=AUTH, json={"ids": [int(failed["id"])]}
+            ) as r:
                 assert r.status == 200  # delivered now: nothing to replay
                 assert (await r.json())["replayed"] == 0
-            async with h.http.post(f"{h.base_url}/v1/callbacks/replay", headers=AUTH,
-                                   json={}) as r:
+            async with h.http.post(f"{h.base_url}/v1/callbacks/replay", headers=AUTH, json={}) as r:
                 assert r.status == 400
     finally:
         await receiver.stop()
 
 
 async def test_callback_url_outside_the_allow_list_is_refused_at_ingest(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, **callback_settings(tmp_path)) as h:
         cases = {
             "http://example.com/hook": "BATCHD_CALLBACK_ALLOWED_HOSTS",
@@ -202,8 +238,8 @@ async def test_callback_url_outside_the_allow_list_is_refused_at_ingest(
         }
         for url, says in cases.items():
             status, body = await h.post(
-                {"tasks": [chat_task("fine"), chat_task("refused", callback_url=url)]},
-                headers=AUTH)
+                {"tasks": [chat_task("fine"), chat_task("refused", callback_url=url)]}, headers=AUTH
+            )
             assert status == 400, url
             err = body["error"]
             assert err["field"] == "callback_url" and err["custom_id"] == "refused"
@@ -222,8 +258,7 @@ async def test_sync_lane_results_are_called_back(db_url: str, tmp_path: Path) ->
     url = await receiver.start()
     try:
         async with running(db_url, tmp_path, **callback_settings(tmp_path)) as h:
-            await h.post(chat_task("urgent", lane="sync", callback_url=f"{url}/hook"),
-                         headers=AUTH)
+            await h.post(chat_task("urgent", lane="sync", callback_url=f"{url}/hook"), headers=AUTH)
             await h.service.sync_lane.tick()
             await h.service.sync_lane.wait_calls()
             await h.service.callbacks.drain()
@@ -235,10 +270,17 @@ async def test_sync_lane_results_are_called_back(db_url: str, tmp_path: Path) ->
 
 # ------------------------------------------------- crash between state and delivery
 
+
 async def _serve(env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "batchd", "serve", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=log.open("ab"))
+        sys.executable,
+        "-m",
+        "batchd",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
 
 
 async def _wait_for(predicate: Any, within: float = 60) -> None:
@@ -251,7 +293,8 @@ async def _wait_for(predicate: Any, within: float = 60) -> None:
 
 
 async def test_delivery_survives_a_crash_right_after_the_terminal_state(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """The process dies (os._exit, like kill -9) just after routing commits;
     the restarted service delivers what the outbox kept."""
     from sqlalchemy import text
@@ -268,22 +311,32 @@ async def test_delivery_survives_a_crash_right_after_the_terminal_state(
         async with engine.connect() as conn:
             return (await conn.execute(text(sql))).scalar()
 
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")},
-           "BATCHD_DATABASE_URL": db_url, "BATCHD_DATA_DIR": str(tmp_path / "data"),
-           "BATCHD_HTTP_PORT": "0", "BATCHD_OPENAI_BASE_URL": emu_url,
-           "OPENAI_API_KEY": API_KEY, "BATCHD_WINDOW_SECONDS": "0.5",
-           "BATCHD_POLL_INTERVAL_SECONDS": "0.2", "BATCHD_SCHEDULER_INTERVAL_SECONDS": "0.2",
-           "BATCHD_INGEST_TOKENS_FILE": str(tokens_file(tmp_path)),
-           "BATCHD_CALLBACK_ALLOWED_HOSTS": "127.0.0.1/32", "BATCHD_LOG_LEVEL": "warning"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")},
+        "BATCHD_DATABASE_URL": db_url,
+        "BATCHD_DATA_DIR": str(tmp_path / "data"),
+        "BATCHD_HTTP_PORT": "0",
+        "BATCHD_OPENAI_BASE_URL": emu_url,
+        "OPENAI_API_KEY": API_KEY,
+        "BATCHD_WINDOW_SECONDS": "0.5",
+        "BATCHD_POLL_INTERVAL_SECONDS": "0.2",
+        "BATCHD_SCHEDULER_INTERVAL_SECONDS": "0.2",
+        "BATCHD_INGEST_TOKENS_FILE": str(tokens_file(tmp_path)),
+        "BATCHD_CALLBACK_ALLOWED_HOSTS": "127.0.0.1/32",
+        "BATCHD_LOG_LEVEL": "warning",
+    }
     log = tmp_path / "serve.log"
     try:
         async with engine.begin() as conn:
-            await conn.execute(text("""
+            await conn.execute(
+                text("""
                 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes,
                                    client, callback_url)
                 VALUES ('crashy', '/v1/chat/completions', 'gpt-4o-mini',
                         '{"model": "gpt-4o-mini", "messages": []}', 'd', 100,
-                        'billing', :url)"""), {"url": f"{url}/hook"})
+                        'billing', :url)"""),
+                {"url": f"{url}/hook"},
+            )
         first = await _serve({**env, "BATCHD_CRASH_AT": "after_route"}, log)
         assert await asyncio.wait_for(first.wait(), 60) == EXIT_CODE, log.read_text()
         assert await scalar("SELECT state FROM tasks") == "succeeded"
@@ -306,12 +359,14 @@ async def test_delivery_survives_a_crash_right_after_the_terminal_state(
 
 
 async def test_redirects_are_not_followed_and_a_host_dropped_from_the_list_gets_nothing(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     receiver = Receiver(SECRET, statuses=[302])
     url = await receiver.start()
     try:
-        async with running(db_url, tmp_path, **callback_settings(
-                tmp_path, callback_max_attempts=1)) as h:
+        async with running(
+            db_url, tmp_path, **callback_settings(tmp_path, callback_max_attempts=1)
+        ) as h:
             await h.post(chat_task("redirected", callback_url=f"{url}/a"), headers=AUTH)
             await h.run_until_settled()
             await h.service.callbacks.drain()
@@ -334,7 +389,8 @@ async def test_redirects_are_not_followed_and_a_host_dropped_from_the_list_gets_
 
 
 async def test_a_callback_cannot_reach_private_addresses_through_a_star_allow_list(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """Issue 17: with ``*`` a callback reached localhost, in-cluster services
     and the cloud metadata address, and the target's error body was stored
     and shown back. Now ``*`` means any public address."""
@@ -342,19 +398,28 @@ async def test_a_callback_cannot_reach_private_addresses_through_a_star_allow_li
     url = await receiver.start()  # http://127.0.0.1:PORT
     port = url.rsplit(":", 1)[1]
     try:
-        async with running(db_url, tmp_path, ingest_tokens_file=tokens_file(tmp_path),
-                           callback_allowed_hosts="*", callback_max_attempts=1) as h:
-            for target in (f"{url}/hook", "http://169.254.169.254/latest/meta-data/",
-                           "http://10.0.0.1/", "http://0.0.0.0:8080/"):
-                status, body = await h.post(chat_task("ssrf", callback_url=target),
-                                            headers=AUTH)
+        async with running(
+            db_url,
+            tmp_path,
+            ingest_tokens_file=tokens_file(tmp_path),
+            callback_allowed_hosts="*",
+            callback_max_attempts=1,
+        ) as h:
+            for target in (
+                f"{url}/hook",
+                "http://169.254.169.254/latest/meta-data/",
+                "http://10.0.0.1/",
+                "http://0.0.0.0:8080/",
+            ):
+                status, body = await h.post(chat_task("ssrf", callback_url=target), headers=AUTH)
                 assert status == 400, target
                 assert "non-public address" in body["error"]["message"]
             assert await h.count("true") == 0
             # A name passes the name check, but what it resolves to is checked
             # on every delivery: localhost is loopback, so nothing is sent.
-            status, body = await h.post(chat_task(
-                "by-name", callback_url=f"http://localhost:{port}/hook"), headers=AUTH)
+            status, body = await h.post(
+                chat_task("by-name", callback_url=f"http://localhost:{port}/hook"), headers=AUTH
+            )
             assert status == 202, body
             await h.run_until_settled()
             await h.service.callbacks.drain()
@@ -367,16 +432,22 @@ async def test_a_callback_cannot_reach_private_addresses_through_a_star_allow_li
 
 
 async def test_a_cidr_entry_opens_a_private_range_and_the_host_name_is_kept(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     receiver = Receiver(SECRET, statuses=[500, 200])
     url = await receiver.start()
     port = url.rsplit(":", 1)[1]
     try:
-        async with running(db_url, tmp_path, ingest_tokens_file=tokens_file(tmp_path),
-                           callback_allowed_hosts="localhost,127.0.0.0/8",
-                           callback_backoff_seconds=0) as h:
-            status, body = await h.post(chat_task(
-                "named", callback_url=f"http://localhost:{port}/hook"), headers=AUTH)
+        async with running(
+            db_url,
+            tmp_path,
+            ingest_tokens_file=tokens_file(tmp_path),
+            callback_allowed_hosts="localhost,127.0.0.0/8",
+            callback_backoff_seconds=0,
+        ) as h:
+            status, body = await h.post(
+                chat_task("named", callback_url=f"http://localhost:{port}/hook"), headers=AUTH
+            )
             assert status == 202, body
             await h.run_until_settled()
             await h.service.callbacks.drain()
@@ -392,12 +463,14 @@ async def test_a_cidr_entry_opens_a_private_range_and_the_host_name_is_kept(
 
 
 async def test_a_closed_port_reads_as_batchd_words_not_the_socket_error(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     receiver = Receiver(SECRET)
     url = await receiver.start()
     await receiver.stop()  # nothing listens there now
-    async with running(db_url, tmp_path, **callback_settings(
-            tmp_path, callback_max_attempts=1)) as h:
+    async with running(
+        db_url, tmp_path, **callback_settings(tmp_path, callback_max_attempts=1)
+    ) as h:
         await h.post(chat_task("closed", callback_url=f"{url}/hook"), headers=AUTH)
         await h.run_until_settled()
         await h.service.callbacks.drain()
@@ -407,10 +480,19 @@ async def test_a_closed_port_reads_as_batchd_words_not_the_socket_error(
 
 
 def test_a_short_shared_callback_secret_stops_the_start() -> None:
-    env = {**os.environ, "BATCHD_CALLBACK_SECRET": "too-short-a-secret",
-           "BATCHD_OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
-    done = subprocess.run([sys.executable, "-m", "batchd", "serve"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    env = {
+        **os.environ,
+        "BATCHD_CALLBACK_SECRET": "too-short-a-secret",
+        "BATCHD_OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "batchd", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2
     assert done.stderr.startswith("batchd: BATCHD_CALLBACK_SECRET: ")
     assert "32 bytes" in done.stderr and done.stderr.count("\n") == 1

@@ -22,38 +22,46 @@ from tests.harness import Harness, chat_task, running
 ALPHA = {"Authorization": "Bearer tok-alpha"}
 BETA = {"Authorization": "Bearer tok-beta"}
 ADMIN = {"Authorization": "Bearer tok-ops"}
-TOKENS: dict[str, Any] = {"ingest_tokens": "alpha=tok-alpha,beta=tok-beta",
-                          "admin_tokens": "ops=tok-ops"}
+TOKENS: dict[str, Any] = {
+    "ingest_tokens": "alpha=tok-alpha,beta=tok-beta",
+    "admin_tokens": "ops=tok-ops",
+}
 
 
 async def _scrape(h: Harness) -> tuple[int, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     async with h.http.get(f"{h.base_url}/metrics") as r:
         text = await r.text()
-    return len(text.encode()), {(s.name, tuple(sorted(s.labels.items()))): s.value
-                                for f in text_string_to_metric_families(text)
-                                for s in f.samples}
+    return len(text.encode()), {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 async def test_a_client_past_its_queue_limit_gets_429_and_others_go_on(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, client_max_queued="alpha=3", **TOKENS) as h:
-        status, _ = await h.post({"tasks": [chat_task(f"a{i}") for i in range(3)]},
-                                 headers=ALPHA)
+        status, _ = await h.post({"tasks": [chat_task(f"a{i}") for i in range(3)]}, headers=ALPHA)
         assert status == 202
         status, body = await h.post(chat_task("a3"), headers=ALPHA)
         assert (status, body["error"]["code"]) == (429, "queue_full")
         assert "alpha" in body["error"]["message"]
         # Beta has no limit of its own, and alpha's full queue does not stop it.
-        status, body = await h.post({"tasks": [chat_task(f"b{i}") for i in range(10)]},
-                                    headers=BETA)
+        status, body = await h.post(
+            {"tasks": [chat_task(f"b{i}") for i in range(10)]}, headers=BETA
+        )
         assert (status, body["accepted"]) == (202, 10)
         assert await h.count("client = 'alpha'") == 3
         # The snapshot recounts from the database; once alpha's tasks leave the
         # queue it may send again.
         await h.service.snapshot()
         _, scraped = await _scrape(h)
-        queued = {dict(k[1])["client"]: v for k, v in scraped.items()
-                  if k[0] == "batchd_client_queued_tasks"}
+        queued = {
+            dict(k[1])["client"]: v
+            for k, v in scraped.items()
+            if k[0] == "batchd_client_queued_tasks"
+        }
         assert (queued["alpha"], queued["beta"]) == (3, 10)
         await h.run_until_settled()
         await h.service.snapshot()
@@ -62,14 +70,20 @@ async def test_a_client_past_its_queue_limit_gets_429_and_others_go_on(
 
 
 async def test_a_queue_limit_for_an_unknown_client_stops_the_start(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     engine = make_engine(db_url, pool_size=1)
     provider = OpenAIProvider(api_key="k", base_url="http://127.0.0.1:9/v1")
     try:
         for raw, says in (("gamma=5", "'gamma' is no client"), ("alpha=x", "client=1000")):
             with pytest.raises(ConfigError) as caught:
-                Service(load_settings(database_url=db_url, data_dir=tmp_path,
-                                      client_max_queued=raw, **TOKENS), engine, provider)
+                Service(
+                    load_settings(
+                        database_url=db_url, data_dir=tmp_path, client_max_queued=raw, **TOKENS
+                    ),
+                    engine,
+                    provider,
+                )
             assert str(caught.value).startswith("BATCHD_CLIENT_MAX_QUEUED:")
             assert says in str(caught.value)
     finally:
@@ -78,17 +92,22 @@ async def test_a_queue_limit_for_an_unknown_client_stops_the_start(
 
 
 async def test_each_client_sees_its_own_numbers_and_an_admin_sees_every_share(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, **TOKENS) as h:
         _, before = await _scrape(h)
-        await h.post({"tasks": [chat_task("x1"), chat_task("x2", emulate="http_400")]},
-                     headers=ALPHA)
-        await h.post({"tasks": [chat_task("x1"), chat_task("x2"), chat_task("x3")]},
-                     headers=BETA)
+        await h.post(
+            {"tasks": [chat_task("x1"), chat_task("x2", emulate="http_400")]}, headers=ALPHA
+        )
+        await h.post({"tasks": [chat_task("x1"), chat_task("x2"), chat_task("x3")]}, headers=BETA)
         await h.run_until_settled()
         _, mine = await h.get("/v1/report/daily", headers=ALPHA)
         assert (mine["client"], mine["tasks_in"], mine["succeeded"], mine["failed"]) == (
-            "alpha", 2, 1, 1)
+            "alpha",
+            2,
+            1,
+            1,
+        )
         assert "clients" not in mine
         status, _ = await h.get("/v1/report/daily", headers=ALPHA, client="beta")
         assert status == 403
@@ -110,14 +129,17 @@ async def test_each_client_sees_its_own_numbers_and_an_admin_sees_every_share(
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0) - before.get(key, 0)
 
-    assert delta("batchd_client_spend_dollars_total", client="beta", lane="batch") == \
-        pytest.approx(float(shares["beta"]["spend_usd"]), abs=1e-6)
-    assert delta("batchd_tasks_completed_total", client="alpha", outcome="failed",
-                 lane="batch") == 1
+    assert delta("batchd_client_spend_dollars_total", client="beta", lane="batch") == pytest.approx(
+        float(shares["beta"]["spend_usd"]), abs=1e-6
+    )
+    assert (
+        delta("batchd_tasks_completed_total", client="alpha", outcome="failed", lane="batch") == 1
+    )
 
 
 async def test_invented_models_make_no_batches_and_no_metric_labels(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """The hole: 20 tasks naming 20 invented models made 20 provider batches
     and grew /metrics by a label set each."""
     async with running(db_url, tmp_path, allowed_models="acme-*") as h:
@@ -133,9 +155,15 @@ async def test_invented_models_make_no_batches_and_no_metric_labels(
                 refused += 1
         assert refused == 60 and await h.count("true") == 0
         # Priced models (a dated snapshot too) and the allowed glob pass.
-        status, _ = await h.post({"tasks": [
-            chat_task("priced", "gpt-4o-mini"), chat_task("dated", "gpt-4o-mini-2024-07-18"),
-            chat_task("allowed", "acme-large")]})
+        status, _ = await h.post(
+            {
+                "tasks": [
+                    chat_task("priced", "gpt-4o-mini"),
+                    chat_task("dated", "gpt-4o-mini-2024-07-18"),
+                    chat_task("allowed", "acme-large"),
+                ]
+            }
+        )
         assert status == 202
         await h.run_until_settled()
         assert await h.count("true", "batches") == 3

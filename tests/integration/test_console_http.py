@@ -9,7 +9,8 @@ from tests.harness import running
 
 
 async def test_with_no_tokens_the_console_opens_on_loopback_names_only(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         async with h.http.get(f"{h.base_url}/ui") as r:
             assert r.status == 200
@@ -22,14 +23,19 @@ async def test_with_no_tokens_the_console_opens_on_loopback_names_only(
 
 
 async def test_a_bearer_token_opens_the_console_and_a_bad_one_is_sent_to_log_in(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, ingest_tokens="billing=tok-billing-0123") as h:
-        async with h.http.get(f"{h.base_url}/ui/failed",
-                              headers={"Authorization": "Bearer tok-billing-0123"}) as r:
+        async with h.http.get(
+            f"{h.base_url}/ui/failed", headers={"Authorization": "Bearer tok-billing-0123"}
+        ) as r:
             assert r.status == 200
             assert "billing" in await r.text()
-        async with h.http.get(f"{h.base_url}/ui/failed", allow_redirects=False,
-                              headers={"Authorization": "Bearer wrong"}) as r:
+        async with h.http.get(
+            f"{h.base_url}/ui/failed",
+            allow_redirects=False,
+            headers={"Authorization": "Bearer wrong"},
+        ) as r:
             assert r.status == 303
             assert r.headers["Location"].startswith("/ui/login")
         # The API's own auth is unchanged: a console cookie opens no API route.

@@ -71,8 +71,11 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def _seq_scanned(plan: dict[str, Any]) -> list[str]:
     """The tables of ``_WATCHED`` a plan reads by a sequential scan."""
-    return [n["Relation Name"] for n in _nodes(plan)
-            if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in _WATCHED]
+    return [
+        n["Relation Name"]
+        for n in _nodes(plan)
+        if n["Node Type"] == "Seq Scan" and n.get("Relation Name") in _WATCHED
+    ]
 
 
 async def _scans(conn: AsyncConnection, stmt: TextClause, params: dict[str, Any]) -> list[str]:
@@ -96,24 +99,54 @@ async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
             ("queue_windows", sql.QUEUE_WINDOWS, {"client": client, "cap": 100_000}),
             ("sync_queue", sql.SYNC_QUEUE, {"client": client, "cap": 100_000}),
             ("live_batches", sql.LIVE_BATCHES, {"client": client, "lim": 100}),
-            ("spend_by_client", sql.SPEND_BY_CLIENT, {"client": client, "lo": start,
-                                                      "hi": start + timedelta(days=1)}),
-            ("manual_page", sql.MANUAL_PAGE, {**manual, "client": client, "before": 2**62,
-                                              "lim": 51}),
-            ("manual_page by day", sql.MANUAL_PAGE, {
-                **manual, "client": client, "lo": day_lo, "hi": day_hi, "before": 2**62,
-                "lim": 51}),
-            ("manual_page by code", sql.MANUAL_PAGE, {
-                **manual, "client": client, "code": "invalid_request_error",
-                "model": "gpt-4o", "before": 2**62, "lim": 51}),
+            (
+                "spend_by_client",
+                sql.SPEND_BY_CLIENT,
+                {"client": client, "lo": start, "hi": start + timedelta(days=1)},
+            ),
+            (
+                "manual_page",
+                sql.MANUAL_PAGE,
+                {**manual, "client": client, "before": 2**62, "lim": 51},
+            ),
+            (
+                "manual_page by day",
+                sql.MANUAL_PAGE,
+                {
+                    **manual,
+                    "client": client,
+                    "lo": day_lo,
+                    "hi": day_hi,
+                    "before": 2**62,
+                    "lim": 51,
+                },
+            ),
+            (
+                "manual_page by code",
+                sql.MANUAL_PAGE,
+                {
+                    **manual,
+                    "client": client,
+                    "code": "invalid_request_error",
+                    "model": "gpt-4o",
+                    "before": 2**62,
+                    "lim": 51,
+                },
+            ),
             ("manual_count", sql.MANUAL_COUNT, {**manual, "client": client, "cap": 10_000}),
             ("manual_ids", sql.MANUAL_IDS, {**manual, "client": client, "lim": 1000}),
             ("chosen_failed", sql.CHOSEN_FAILED, {"client": client, "ids": [25, 50, 75]}),
             ("export_rows", sql.EXPORT_ROWS, {"client": client, "ids": [25, 50, 75]}),
-            ("dismiss", manual_queue._DISMISS, {"client": client, "cls": ["billing", "local"],
-                                                "cids": ["t25", "t50"]}),
-            ("replay", manual_queue._REPLAY, {"client": client, "cls": ["billing"],
-                                              "cids": ["t25"]}),
+            (
+                "dismiss",
+                manual_queue._DISMISS,
+                {"client": client, "cls": ["billing", "local"], "cids": ["t25", "t50"]},
+            ),
+            (
+                "replay",
+                manual_queue._REPLAY,
+                {"client": client, "cls": ["billing"], "cids": ["t25"]},
+            ),
             ("recent_actions", sql.RECENT_ACTIONS, {"client": client, "lim": 10}),
             ("task", sql.TASKS_BY_CUSTOM_ID, {"client": client, "cid": "t4242"}),
             ("batch_detail", sql.BATCH_DETAIL, {"client": client, "bid": "live-1"}),
@@ -126,46 +159,80 @@ async def test_no_console_statement_scans_the_tasks_table(db_url: str) -> None:
     for day in (today, today - timedelta(days=12)):
         lo = datetime(day.year, day.month, day.day, tzinfo=UTC)
         bounds = {"lo": lo, "hi": lo + timedelta(days=1)}
-        checks += [(f"report {name} {day}", stmt, bounds) for name, stmt in (
-            ("tasks in", rollups._TASKS_IN), ("events", rollups._EVENTS),
-            ("money", rollups._MONEY), ("unattributed", rollups._UNATTRIBUTED),
-            ("sync unkept", rollups._SYNC_UNKEPT))]
-        checks += [(f"report lanes {day}", rollups._LANES,
-                    {**bounds, "per_doubling": report.LATENCY_BUCKETS_PER_DOUBLING})]
+        checks += [
+            (f"report {name} {day}", stmt, bounds)
+            for name, stmt in (
+                ("tasks in", rollups._TASKS_IN),
+                ("events", rollups._EVENTS),
+                ("money", rollups._MONEY),
+                ("unattributed", rollups._UNATTRIBUTED),
+                ("sync unkept", rollups._SYNC_UNKEPT),
+            )
+        ]
+        checks += [
+            (
+                f"report lanes {day}",
+                rollups._LANES,
+                {**bounds, "per_doubling": report.LATENCY_BUCKETS_PER_DOUBLING},
+            )
+        ]
     cutoff = start - timedelta(days=20)
-    checks += [("prune tasks", retention._PRUNE_TASKS, {"cutoff": cutoff, "limit": 2000}),
-               ("prune batches", retention._PRUNE_BATCHES, {"cutoff": cutoff, "limit": 2000}),
-               ("prune due", retention._COUNT_DUE, {"cutoff": cutoff,
-                                                     "cutoff_day": cutoff.date()})]
+    checks += [
+        ("prune tasks", retention._PRUNE_TASKS, {"cutoff": cutoff, "limit": 2000}),
+        ("prune batches", retention._PRUNE_BATCHES, {"cutoff": cutoff, "limit": 2000}),
+        ("prune due", retention._COUNT_DUE, {"cutoff": cutoff, "cutoff_day": cutoff.date()}),
+    ]
     # The gauges loop's counts, every 5 s on every replica.
-    checks += [("gauges queue_and_spend", gauges._QUEUE, {"day": today}),
-               ("gauges queued_by_client", tasks._QUEUED_BY_CLIENT, {})]
+    checks += [
+        ("gauges queue_and_spend", gauges._QUEUE, {"day": today}),
+        ("gauges queued_by_client", tasks._QUEUED_BY_CLIENT, {}),
+    ]
     checks += [
         ("get_job", jobs.GET_JOB, {"client": "billing", "job": "nightly-1"}),
         ("list_jobs", jobs.LIST_JOBS, {"client": "billing", "after": None, "lim": 51}),
-        ("list_jobs after", jobs.LIST_JOBS, {"client": "billing", "after": "old-job-200",
-                                             "lim": 51}),
-        ("list_all_jobs", jobs.LIST_ALL_JOBS, {"after_client": None, "after": None,
-                                               "lim": 51}),
-        ("list_all_jobs after", jobs.LIST_ALL_JOBS, {"after_client": "search",
-                                                     "after": "old-job-200", "lim": 51}),
+        (
+            "list_jobs after",
+            jobs.LIST_JOBS,
+            {"client": "billing", "after": "old-job-200", "lim": 51},
+        ),
+        ("list_all_jobs", jobs.LIST_ALL_JOBS, {"after_client": None, "after": None, "lim": 51}),
+        (
+            "list_all_jobs after",
+            jobs.LIST_ALL_JOBS,
+            {"after_client": "search", "after": "old-job-200", "lim": 51},
+        ),
     ]
     # Run as batchd runs them, with sorting off (store/jobs.py NO_SORT).
-    unsorted = [("cancel_queued", jobs.CANCEL_QUEUED, {
-        "client": "billing", "job": "nightly-1", "after": 0, "lim": 5000,
-        "err": orjson.dumps(jobs.CANCELLED_ERROR).decode()})]
+    unsorted = [
+        (
+            "cancel_queued",
+            jobs.CANCEL_QUEUED,
+            {
+                "client": "billing",
+                "job": "nightly-1",
+                "after": 0,
+                "lim": 5000,
+                "err": orjson.dumps(jobs.CANCELLED_ERROR).decode(),
+            },
+        )
+    ]
     try:
         async with engine.connect() as conn:
             found = {name: await _scans(conn, stmt, params) for name, stmt, params in checks}
             await conn.rollback()
             await conn.execute(text(jobs.NO_SORT))
-            found |= {name: await _scans(conn, stmt, params)
-                      for name, stmt, params in unsorted}
+            found |= {name: await _scans(conn, stmt, params) for name, stmt, params in unsorted}
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
             for state in (["succeeded"], list(jobs.FINISHED_STATES)):
-                doc = await raw.fetchval("EXPLAIN (FORMAT JSON) " + jobs.results_page_sql(),
-                                         "billing", "nightly-1", 0, state, 1000)
+                doc = await raw.fetchval(
+                    "EXPLAIN (FORMAT JSON) " + jobs.results_page_sql(),
+                    "billing",
+                    "nightly-1",
+                    0,
+                    state,
+                    1000,
+                )
                 plan = (orjson.loads(doc) if isinstance(doc, str) else doc)[0]["Plan"]
                 found[f"job results {state}"] = _seq_scanned(plan)
             await conn.rollback()

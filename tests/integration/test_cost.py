@@ -39,8 +39,9 @@ async def test_budget_holds_a_window_until_the_next_day(db_url: str, tmp_path: P
     clock = FakeClock()
     # One task's high-side estimate (4096 output tokens at gpt-4o batch price) is
     # about $0.02; a $0.03 cap admits one batch of one task, not two.
-    async with running(db_url, tmp_path, clock=clock, daily_budget_usd="0.03",
-                       max_batch_items=1) as h:
+    async with running(
+        db_url, tmp_path, clock=clock, daily_budget_usd="0.03", max_batch_items=1
+    ) as h:
         tasks = [chat_task(f"b{i}", "gpt-4o") for i in range(3)]
         for t in tasks:
             t["body"]["max_tokens"] = 4096
@@ -58,8 +59,9 @@ async def test_budget_holds_a_window_until_the_next_day(db_url: str, tmp_path: P
         clock.now += timedelta(days=1)
         await h.cycle()
         assert await h.count("true", "batches") == 2
-        days = await h.rows("SELECT spend_day, count(*) AS n FROM batches GROUP BY spend_day "
-                            "ORDER BY spend_day")
+        days = await h.rows(
+            "SELECT spend_day, count(*) AS n FROM batches GROUP BY spend_day ORDER BY spend_day"
+        )
         assert [d["n"] for d in days] == [1, 1]
         assert days[1]["spend_day"] == clock.now.date()
 
@@ -71,8 +73,9 @@ async def test_raising_the_budget_releases_held_work(db_url: str, tmp_path: Path
         await h.age_queue(901)
         assert await h.flush() == 0
         assert await h.queued() == 1
-        h.service.scheduler.config = SchedulerConfig.from_settings(h.settings.model_copy(
-            update={"daily_budget_usd": Decimal("10")}))
+        h.service.scheduler.config = SchedulerConfig.from_settings(
+            h.settings.model_copy(update={"daily_budget_usd": Decimal("10")})
+        )
         clock.now += timedelta(seconds=61)  # the hold is looked at again each minute
         assert await h.flush() == 1
 
@@ -84,8 +87,9 @@ def _exact(task: dict[str, Any], kind: str = "batch") -> Decimal:
     return cost(tokens, price.batch if kind == "batch" else price.sync)
 
 
-def _batch(results: Sequence[dict[str, Any]], extra: Sequence[dict[str, Any]] = ()
-           ) -> dict[str, Decimal]:
+def _batch(
+    results: Sequence[dict[str, Any]], extra: Sequence[dict[str, Any]] = ()
+) -> dict[str, Decimal]:
     """A batch's known money, exact: its results, plus billed lines no result carries."""
     attributed = sum((_exact(t) for t in results), Decimal(0))
     total = sum((_exact(t) for t in [*results, *extra]), Decimal(0))
@@ -103,17 +107,24 @@ def _day_money(*batches: dict[str, Decimal]) -> dict[str, str]:
     """The report's money for a day: the exact sums, each rounded once."""
     spend = sum((b["spend"] for b in batches), Decimal(0))
     sync = sum((b["sync"] for b in batches), Decimal(0))
-    return {"spend_usd": str(round_usd(spend)), "sync_equivalent_usd": str(round_usd(sync)),
-            "savings_usd": str(round_usd(sync - spend)),
-            "unattributed_usd": str(round_usd(
-                sum((b["unattributed"] for b in batches), Decimal(0))))}
+    return {
+        "spend_usd": str(round_usd(spend)),
+        "sync_equivalent_usd": str(round_usd(sync)),
+        "savings_usd": str(round_usd(sync - spend)),
+        "unattributed_usd": str(round_usd(sum((b["unattributed"] for b in batches), Decimal(0)))),
+    }
 
 
 async def _shift_a_day_back(h: Any) -> None:
     """Move everything recorded so far to yesterday (UTC), as if it had run then."""
-    for table, column in (("tasks", "created_at"), ("tasks", "finished_at"),
-                          ("task_events", "created_at"), ("results", "created_at"),
-                          ("batches", "routed_at"), ("sync_spend", "settled_at")):
+    for table, column in (
+        ("tasks", "created_at"),
+        ("tasks", "finished_at"),
+        ("task_events", "created_at"),
+        ("results", "created_at"),
+        ("batches", "routed_at"),
+        ("sync_spend", "settled_at"),
+    ):
         await h.execute(f"UPDATE {table} SET {column} = {column} - interval '1 day'")
 
 
@@ -130,17 +141,26 @@ def _billed_by_emulator(h: Any) -> Decimal:
             if plan.outcome in SUCCESS_OUTCOMES:
                 copies = 2 if plan.outcome == "duplicate" else 1
                 total += copies * cost(Tokens(*plan.tokens), table.lookup(plan.model).batch)
-    return total + sum((cost(Tokens(*tokens), table.lookup(model).sync)
-                        for model, tokens in h.emulator.billed_sync), Decimal(0))
+    return total + sum(
+        (
+            cost(Tokens(*tokens), table.lookup(model).sync)
+            for model, tokens in h.emulator.billed_sync
+        ),
+        Decimal(0),
+    )
 
 
 def _money_counters() -> dict[tuple[str, str], Decimal]:
-    return {(m, lane): metrics.SPEND.exact(provider="openai", model=m, lane=lane)
-            for m in ("gpt-4o-mini", "gpt-4.1-nano") for lane in ("batch", "sync")}
+    return {
+        (m, lane): metrics.SPEND.exact(provider="openai", model=m, lane=lane)
+        for m in ("gpt-4o-mini", "gpt-4.1-nano")
+        for lane in ("batch", "sync")
+    }
 
 
 async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     # Costs are fractions of a micro-dollar per line, so any rounding before
     # the day's total shows: the report, the API and the metrics must equal
     # the exact sum of what the emulator billed, rounded once.
@@ -149,8 +169,7 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         t["body"]["max_tokens"] = 7 + i
         if i % 4 == 0:
             t["body"]["metadata"] = {"cached_tokens": str(i + 2)}
-    nano = [chat_task(f"nano{i}", "gpt-4.1-nano", content="x" * (10 * i + 1))
-            for i in range(5)]
+    nano = [chat_task(f"nano{i}", "gpt-4.1-nano", content="x" * (10 * i + 1)) for i in range(5)]
     dup = chat_task("dup", "gpt-4.1-nano", emulate="duplicate")  # its line comes twice
     flaky = chat_task("flaky", emulate="http_500*1")  # retried once
     garbled = chat_task("garbled", emulate="malformed*1")  # billed, unreadable, retried
@@ -173,8 +192,9 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         assert len(mismatches) == 1
         assert mismatches[0]["lines"]["input"] > mismatches[0]["reported"]["input"]
         await _shift_a_day_back(h)
-        async with h.http.post(f"{h.base_url}/v1/failed/replay",
-                               json={"custom_ids": ["phoenix"]}) as r:
+        async with h.http.post(
+            f"{h.base_url}/v1/failed/replay", json={"custom_ids": ["phoenix"]}
+        ) as r:
             assert (await r.json())["replayed"] == 1
         await h.post(rush2)
         await h.drain_sync()
@@ -186,11 +206,15 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         first_nano = _batch([*nano, dup], extra=[dup])  # so is the duplicate
         retry = _batch([flaky, garbled])
         replay = _batch([phoenix])
-        costs = sorted([(Decimal(b["cost_usd"]), Decimal(b["unattributed_cost_usd"]))
-                        for b in await h.rows("SELECT cost_usd, unattributed_cost_usd "
-                                              "FROM batches")])
-        assert costs == sorted((b["spend"], b["unattributed"])
-                               for b in (first_mini, first_nano, retry, replay))
+        costs = sorted(
+            [
+                (Decimal(b["cost_usd"]), Decimal(b["unattributed_cost_usd"]))
+                for b in await h.rows("SELECT cost_usd, unattributed_cost_usd FROM batches")
+            ]
+        )
+        assert costs == sorted(
+            (b["spend"], b["unattributed"]) for b in (first_mini, first_nano, retry, replay)
+        )
 
         today = datetime.now(UTC).date()
         yesterday = today - timedelta(days=1)
@@ -198,19 +222,36 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         assert status == 200
         past, now = days
         assert past == {
-            **past, "date": yesterday.isoformat(), "tasks_in": 31, "succeeded": 29,
-            "failed": 2, "cancelled": 0, "retried": 2, "replayed": 0,
+            **past,
+            "date": yesterday.isoformat(),
+            "tasks_in": 31,
+            "succeeded": 29,
+            "failed": 2,
+            "cancelled": 0,
+            "retried": 2,
+            "replayed": 0,
             "failure_ratio": round(2 / 31, 6),
             "manual_queue": 2,  # bad and phoenix, as the day ended
             # All 31 finished that day; 30 have succeeded since (phoenix by replay).
             "post_replay_success_ratio": round(30 / 31, 6),
             **_day_money(first_mini, first_nano, retry, _sync_call(rush1)),
-            "unpriced_models": [], "alert": True}
+            "unpriced_models": [],
+            "alert": True,
+        }
         assert now == {
-            **now, "date": today.isoformat(), "tasks_in": 1, "succeeded": 2, "failed": 0,
-            "retried": 0, "replayed": 1, "failure_ratio": 0.0, "manual_queue": 1,
-            "post_replay_success_ratio": 1.0, **_day_money(replay, _sync_call(rush2)),
-            "alert": False}
+            **now,
+            "date": today.isoformat(),
+            "tasks_in": 1,
+            "succeeded": 2,
+            "failed": 0,
+            "retried": 0,
+            "replayed": 1,
+            "failure_ratio": 0.0,
+            "manual_queue": 1,
+            "post_replay_success_ratio": 1.0,
+            **_day_money(replay, _sync_call(rush2)),
+            "alert": False,
+        }
         assert Decimal(past["unattributed_usd"]) > 0
         # Against what the emulator itself billed (its batches' usage, which
         # counts the duplicate and the unreadable lines, and its sync answers),
@@ -220,8 +261,7 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
 
         # Per result: its exact cost, shown rounded; the exact costs add up
         # with the unattributed part to their batch's cost exactly.
-        exact = {t["custom_id"]: _exact(t)
-                 for t in [*mini, *nano, dup, flaky, garbled, phoenix]}
+        exact = {t["custom_id"]: _exact(t) for t in [*mini, *nano, dup, flaky, garbled, phoenix]}
         exact |= {t["custom_id"]: _exact(t, "sync") for t in (rush1, rush2)}
         results: list[dict[str, Any]] = []
         after = "0"
@@ -242,9 +282,12 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         for b in ledger:
             assert b["results"] + b["unattributed_cost_usd"] == b["cost_usd"]
         paid = Decimal(await h.scalar("SELECT sum(cost_usd) FROM results")) + Decimal(
-            await h.scalar("SELECT sum(unattributed_cost_usd) FROM batches"))
-        every_line = sum((_exact(t) for t in [*mini, *nano, dup, dup, flaky, garbled, garbled,
-                                              phoenix]), Decimal(0))
+            await h.scalar("SELECT sum(unattributed_cost_usd) FROM batches")
+        )
+        every_line = sum(
+            (_exact(t) for t in [*mini, *nano, dup, dup, flaky, garbled, garbled, phoenix]),
+            Decimal(0),
+        )
         assert paid == every_line + _exact(rush1, "sync") + _exact(rush2, "sync")
         assert paid == billed_day1 + billed_day2
 
@@ -253,40 +296,57 @@ async def test_report_matches_a_scripted_two_day_run_to_the_micro_dollar(
         counters_after = _money_counters()
         grown = {k: counters_after[k] - counters_before[k] for k in counters_after}
         assert grown[("gpt-4o-mini", "batch")] == sum(
-            (_exact(t) for t in [*mini, flaky, garbled, garbled, phoenix]), Decimal(0))
+            (_exact(t) for t in [*mini, flaky, garbled, garbled, phoenix]), Decimal(0)
+        )
         assert grown[("gpt-4.1-nano", "batch")] == sum(
-            (_exact(t) for t in [*nano, dup, dup]), Decimal(0))
+            (_exact(t) for t in [*nano, dup, dup]), Decimal(0)
+        )
         assert grown[("gpt-4o-mini", "sync")] == _exact(rush1, "sync") + _exact(rush2, "sync")
         for (model, lane), total in counters_after.items():
             shown = metrics.REGISTRY.get_sample_value(
-                "batchd_spend_dollars_total", {"provider": "openai", "model": model, "lane": lane})
+                "batchd_spend_dollars_total", {"provider": "openai", "model": model, "lane": lane}
+            )
             assert shown is not None and round_usd(Decimal(repr(shown))) == round_usd(total)
 
     # The command line says the same as the API, in each format.
     as_json = json.loads(_cli(db_url, "report", "--days", "2", "--format", "json").stdout)
     assert as_json == days
-    csv_rows = list(csv.DictReader(io.StringIO(
-        _cli(db_url, "report", "--days", "2", "--format", "csv").stdout)))
+    csv_rows = list(
+        csv.DictReader(io.StringIO(_cli(db_url, "report", "--days", "2", "--format", "csv").stdout))
+    )
     for row, day in zip(csv_rows, days, strict=True):
-        assert row == {k: (";".join(v) if isinstance(v, list) else str(v))
-                       for k, v in day.items() if k in row}
+        assert row == {
+            k: (";".join(v) if isinstance(v, list) else str(v)) for k, v in day.items() if k in row
+        }
         assert set(row) == set(FIELDS)
     table = _cli(db_url, "report", "--days", "2").stdout.splitlines()
     for line, day in zip(table[2:4], days, strict=True):
         cells = line.split()
-        assert cells == [day["date"], *(str(day[k]) for k in (
-            "tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed")),
-            f"{day['failure_ratio'] * 100:.2f}", f"{day['post_replay_success_ratio'] * 100:.2f}",
-            str(day["manual_queue"]), day["spend_usd"], day["sync_equivalent_usd"],
-            day["savings_usd"], *(["ALERT"] if day["alert"] else [])]
+        assert cells == [
+            day["date"],
+            *(
+                str(day[k])
+                for k in ("tasks_in", "succeeded", "failed", "cancelled", "retried", "replayed")
+            ),
+            f"{day['failure_ratio'] * 100:.2f}",
+            f"{day['post_replay_success_ratio'] * 100:.2f}",
+            str(day["manual_queue"]),
+            day["spend_usd"],
+            day["sync_equivalent_usd"],
+            day["savings_usd"],
+            *(["ALERT"] if day["alert"] else []),
+        ]
 
 
-@pytest.mark.parametrize("exact", [
-    ["0.0000004", "0.0000007", "0.0000001"],
-    ["0.0000005", "0.0000005", "0.0000005"],
-    ["0.123456789012", "0.000000499999", "0.000000000001"],
-    [],
-])
+@pytest.mark.parametrize(
+    "exact",
+    [
+        ["0.0000004", "0.0000007", "0.0000001"],
+        ["0.0000005", "0.0000005", "0.0000005"],
+        ["0.123456789012", "0.000000499999", "0.000000000001"],
+        [],
+    ],
+)
 async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list[str]) -> None:
     """Through the router's own staging and settling statements: each result
     keeps its line's exact cost (whole 1e-12 USD), so results add up to the
@@ -295,27 +355,75 @@ async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list
     ids: dict[str, int] = {}
     try:
         async with engine.begin() as conn:
-            for cid, batch in [*((f"r{n}", "bd_t") for n in range(len(exact))),
-                               ("other", "bd_other")]:
-                ids[cid] = (await conn.execute(text(
-                    "INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, "
-                    "line_bytes, state, batch_id) VALUES (:cid, '/v1/chat/completions', "
-                    "'gpt-4o-mini', '{}', 'd', 2, 'submitted', :bid) RETURNING id"),
-                    {"cid": cid, "bid": batch})).scalar_one()
-        rows = [(n + 1, ids[f"r{n}"], line_id(ids[f"r{n}"], 0, 1), True, 200, "{}", None,
-                 0, 0, 0, 0, Decimal(usd), Decimal(usd) * 2, None, None, None)
-                for n, usd in enumerate(exact)]
+            for cid, batch in [
+                *((f"r{n}", "bd_t") for n in range(len(exact))),
+                ("other", "bd_other"),
+            ]:
+                ids[cid] = (
+                    await conn.execute(
+                        text(
+                            "INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, "
+                            "line_bytes, state, batch_id) VALUES (:cid, '/v1/chat/completions', "
+                            "'gpt-4o-mini', '{}', 'd', 2, 'submitted', :bid) RETURNING id"
+                        ),
+                        {"cid": cid, "bid": batch},
+                    )
+                ).scalar_one()
+        rows = [
+            (
+                n + 1,
+                ids[f"r{n}"],
+                line_id(ids[f"r{n}"], 0, 1),
+                True,
+                200,
+                "{}",
+                None,
+                0,
+                0,
+                0,
+                0,
+                Decimal(usd),
+                Decimal(usd) * 2,
+                None,
+                None,
+                None,
+            )
+            for n, usd in enumerate(exact)
+        ]
         # Its task is not in this batch: stores nothing.
-        rows.append((len(rows) + 1, ids["other"], line_id(ids["other"], 0, 1), True, 200, "{}",
-                     None, 0, 0, 0, 0, Decimal("0.4"), Decimal("0.8"), None, None, None))
+        rows.append(
+            (
+                len(rows) + 1,
+                ids["other"],
+                line_id(ids["other"], 0, 1),
+                True,
+                200,
+                "{}",
+                None,
+                0,
+                0,
+                0,
+                0,
+                Decimal("0.4"),
+                Decimal("0.8"),
+                None,
+                None,
+                None,
+            )
+        )
         total = sum((Decimal(x) for x in exact), Decimal(0))
         for attempt in range(2):  # routed again, it changes nothing
             async with engine.begin() as conn:
                 await stage_lines(conn, rows)
                 stored = await store_staged_successes(conn, "bd_t", unpriced=False)
-                got = (await conn.execute(text(
-                    "SELECT cost_usd, sync_cost_usd FROM results WHERE batch_id = 'bd_t' "
-                    "ORDER BY custom_id"))).all()
+                got = (
+                    await conn.execute(
+                        text(
+                            "SELECT cost_usd, sync_cost_usd FROM results WHERE batch_id = 'bd_t' "
+                            "ORDER BY custom_id"
+                        )
+                    )
+                ).all()
             assert [r[0] for r in got] == [Decimal(x) for x in exact]
             assert [r[1] for r in got] == [Decimal(x) * 2 for x in exact]
             if attempt == 0:
@@ -324,8 +432,10 @@ async def test_result_costs_are_stored_exact_and_add_up(db_url: str, exact: list
             else:
                 assert stored.stored == 0
         async with engine.connect() as conn:
-            assert await conn.scalar(text("SELECT count(*) FROM results WHERE "
-                                          "custom_id = 'other'")) == 0
+            assert (
+                await conn.scalar(text("SELECT count(*) FROM results WHERE custom_id = 'other'"))
+                == 0
+            )
     finally:
         await engine.dispose()
 
@@ -334,20 +444,48 @@ def test_a_price_finer_than_the_ledger_keeps_is_refused(tmp_path: Path) -> None:
     """A price per 1M tokens with more than 6 decimal places (a file written
     from floats, say) would make costs the ledger cannot hold exactly."""
     path = tmp_path / "prices.json"
-    path.write_text(json.dumps({"as_of": "2026-12-01", "models": {"m": {
-        "sync": {"input": 0.15000000000000002, "cached_input": 0.075, "output": 0.6},
-        "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3}}}}))
-    with pytest.raises(ConfigError, match=r"BATCHD_PRICES_FILE.*0\.15000000000000002 has "
-                                          r"more than 6 decimal places.*e\.g\. 0\.15"):
+    path.write_text(
+        json.dumps(
+            {
+                "as_of": "2026-12-01",
+                "models": {
+                    "m": {
+                        "sync": {
+                            "input": 0.15000000000000002,
+                            "cached_input": 0.075,
+                            "output": 0.6,
+                        },
+                        "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3},
+                    }
+                },
+            }
+        )
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"BATCHD_PRICES_FILE.*0\.15000000000000002 has "
+        r"more than 6 decimal places.*e\.g\. 0\.15",
+    ):
         PriceTable.load(path)
-    path.write_text(json.dumps({"as_of": "2026-12-01", "models": {"m": {
-        "sync": {"input": 0.000001, "cached_input": 0.075, "output": 0.6},
-        "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3}}}}))
+    path.write_text(
+        json.dumps(
+            {
+                "as_of": "2026-12-01",
+                "models": {
+                    "m": {
+                        "sync": {"input": 0.000001, "cached_input": 0.075, "output": 0.6},
+                        "batch": {"input": 0.075, "cached_input": 0.0375, "output": 0.3},
+                    }
+                },
+            }
+        )
+    )
     assert PriceTable.load(path).lookup("m").sync.input == Decimal("0.000001")
 
 
 async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     tight = chat_task("tight", content="urgent " * 30, metadata={"latency_profile": "1h"})
     relaxed = chat_task("relaxed", content="later " * 20)
     async with running(db_url, tmp_path, daily_budget_usd="5") as h:
@@ -363,8 +501,11 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
                 break
         with capture_logs() as logs:
             await h.cycle()  # the batch comes back with both lines; tight's has no taker
-        batch = (await h.rows("SELECT cost_usd, unattributed_cost_usd, unattributed_lines, "
-                              "spend_day FROM batches"))[0]
+        batch = (
+            await h.rows(
+                "SELECT cost_usd, unattributed_cost_usd, unattributed_lines, spend_day FROM batches"
+            )
+        )[0]
         expected = _batch([relaxed], extra=[tight])
         # The batch cost more than its one result would have synchronously: a
         # savings counter cannot go down, and the route still finishes.
@@ -372,7 +513,9 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
         assert [e for e in logs if e["event"] == "batch.routed"]
         assert not [e for e in logs if e.get("log_level") in ("error", "critical")]
         assert (batch["cost_usd"], batch["unattributed_cost_usd"]) == (
-            expected["spend"], expected["unattributed"])
+            expected["spend"],
+            expected["unattributed"],
+        )
         assert batch["unattributed_lines"] == 1 and expected["unattributed"] > 0
         sync_paid = _exact(tight, "sync")
         assert (await h.task("tight"))["cost_usd"] == str(round_usd(sync_paid))
@@ -384,7 +527,8 @@ async def test_a_line_billed_after_its_task_left_for_the_sync_lane_is_spend(
 
 
 async def test_a_sync_call_answered_after_its_task_moved_on_is_spend(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     slow = chat_task("slow", lane="sync")
     async with running(db_url, tmp_path) as h:
         # The first call takes seconds; meanwhile its task is presumed lost with
@@ -407,25 +551,37 @@ async def test_a_sync_call_answered_after_its_task_moved_on_is_spend(
         paid = _exact(slow, "sync")
         _, report = await h.get("/v1/report/daily")
         assert (report["spend_usd"], report["unattributed_usd"]) == (
-            str(round_usd(2 * paid)), str(round_usd(paid)))
+            str(round_usd(2 * paid)),
+            str(round_usd(paid)),
+        )
         assert report["sync_equivalent_usd"] == str(round_usd(paid))
         assert report["savings_usd"] == str(round_usd(-paid))
 
 
 async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     def sample(name: str, **labels: str) -> float:
         return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
-    before = (sample("batchd_unpriced_results_total", lane="batch"),
-              sample("batchd_unpriced_results_total", lane="sync"),
-              sample("batchd_unpriced_estimates_total"))
+    before = (
+        sample("batchd_unpriced_results_total", lane="batch"),
+        sample("batchd_unpriced_results_total", lane="sync"),
+        sample("batchd_unpriced_estimates_total"),
+    )
     # An operator lets models the prices file does not know yet have windows.
-    async with running(db_url, tmp_path, daily_budget_usd="5",
-                       allowed_models="brand-new-*,other-new-*") as h:
-        await h.post({"tasks": [chat_task("mystery", "brand-new-model"),
-                                chat_task("rushed", "other-new-model", lane="sync"),
-                                chat_task("known")]})
+    async with running(
+        db_url, tmp_path, daily_budget_usd="5", allowed_models="brand-new-*,other-new-*"
+    ) as h:
+        await h.post(
+            {
+                "tasks": [
+                    chat_task("mystery", "brand-new-model"),
+                    chat_task("rushed", "other-new-model", lane="sync"),
+                    chat_task("known"),
+                ]
+            }
+        )
         for _ in range(50):
             await h.service.sync_lane.tick()
             await h.service.sync_lane.wait_calls()
@@ -436,18 +592,24 @@ async def test_an_unknown_model_is_priced_high_and_flagged_everywhere(
         fallback = table.lookup("brand-new-model")
         mystery = await h.task("mystery")
         assert mystery["unpriced"] is True and (await h.task("known"))["unpriced"] is False
-        tokens = tokens_from_usage(usage_for("/v1/chat/completions",
-                                             chat_task("m", "brand-new-model")["body"]))
+        tokens = tokens_from_usage(
+            usage_for("/v1/chat/completions", chat_task("m", "brand-new-model")["body"])
+        )
         assert Decimal(mystery["cost_usd"]) == round_usd(cost(tokens, fallback.batch))
         assert cost(tokens, fallback.batch) > 0
         assert (await h.task("rushed"))["unpriced"] is True
         _, page = await h.get("/v1/results")
         assert {r["custom_id"]: r["unpriced"] for r in page["results"]} == {
-            "mystery": True, "rushed": True, "known": False}
+            "mystery": True,
+            "rushed": True,
+            "known": False,
+        }
         _, report = await h.get("/v1/report/daily")
         assert report["unpriced_models"] == ["brand-new-model", "other-new-model"]
-        assert await h.scalar("SELECT bool_and(unpriced) FROM batches "
-                              "WHERE model = 'brand-new-model'") is True
+        assert (
+            await h.scalar("SELECT bool_and(unpriced) FROM batches WHERE model = 'brand-new-model'")
+            is True
+        )
     assert sample("batchd_unpriced_results_total", lane="batch") == before[0] + 1
     assert sample("batchd_unpriced_results_total", lane="sync") == before[1] + 1
     assert sample("batchd_unpriced_estimates_total") >= before[2] + 1
@@ -463,17 +625,24 @@ def _archived(h: Any, b: dict[str, Any], kind: str) -> bytes:
 
 
 async def test_archive_holds_exactly_what_the_provider_received_and_served(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
-        await h.post({"tasks": [chat_task(f"a{i}", emulate="http_500*1" if i == 0 else None)
-                                for i in range(5)]})
+        await h.post(
+            {
+                "tasks": [
+                    chat_task(f"a{i}", emulate="http_500*1" if i == 0 else None) for i in range(5)
+                ]
+            }
+        )
         await h.run_until_settled()
-        batches = await h.rows("SELECT id, input_file_id, output_file_id, error_file_id, "
-                               "spend_day FROM batches ORDER BY created_at")
+        batches = await h.rows(
+            "SELECT id, input_file_id, output_file_id, error_file_id, "
+            "spend_day FROM batches ORDER BY created_at"
+        )
         assert len(batches) == 2 and batches[0]["error_file_id"] is not None
         for b in batches:
-            assert _archived(h, b, "input") == bytes(
-                h.emulator.received_files[b["input_file_id"]])
+            assert _archived(h, b, "input") == bytes(h.emulator.received_files[b["input_file_id"]])
             for kind in ("output", "error"):
                 folder = h.service.archive.batch_dir(b["spend_day"], b["id"])
                 if b[f"{kind}_file_id"] is None:
@@ -488,7 +657,8 @@ async def test_archive_holds_exactly_what_the_provider_received_and_served(
 
 @pytest.mark.parametrize("spool_lost", [False, True])
 async def test_an_adopted_batch_keeps_its_input_in_the_archive(
-        db_url: str, tmp_path: Path, spool_lost: bool) -> None:
+    db_url: str, tmp_path: Path, spool_lost: bool
+) -> None:
     async with running(db_url, tmp_path) as h:
         # The create call reaches the provider, the answer never comes back.
         h.emulator.inject("create", "reset_after")
@@ -512,7 +682,8 @@ async def test_an_adopted_batch_keeps_its_input_in_the_archive(
 
 
 async def test_the_spool_sweep_archives_what_a_failed_write_left_behind(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await h.post(chat_task("s1"))
         await h.run_until_settled()
@@ -532,12 +703,20 @@ async def test_the_spool_sweep_archives_what_a_failed_write_left_behind(
 
 def _cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "BATCHD_DATABASE_URL": db_url}
-    return subprocess.run([sys.executable, "-m", "batchd", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "batchd", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 async def test_failed_task_goes_back_to_success_with_the_cli_alone(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await h.post(chat_task("phoenix", emulate="http_404*1"))
         await h.run_until_settled()
@@ -555,7 +734,10 @@ async def test_failed_task_goes_back_to_success_with_the_cli_alone(
         assert done.returncode == 0, done.stderr
         line = json.loads(new_input.read_text())
         assert (line["custom_id"], line["method"], line["url"]) == (
-            "phoenix", "POST", "/v1/chat/completions")
+            "phoenix",
+            "POST",
+            "/v1/chat/completions",
+        )
 
         done = _cli(db_url, "replay", "--failed", str(export), "--submit")
         assert done.returncode == 0 and "re-queued 1" in done.stdout, done.stderr
@@ -578,15 +760,23 @@ async def test_failed_task_goes_back_to_success_with_the_cli_alone(
 
 async def test_replay_api_filters_and_explains(db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
-        await h.post({"tasks": [chat_task("x1", emulate="http_404"),
-                                chat_task("x2", emulate="http_404"), chat_task("fine")]})
+        await h.post(
+            {
+                "tasks": [
+                    chat_task("x1", emulate="http_404"),
+                    chat_task("x2", emulate="http_404"),
+                    chat_task("fine"),
+                ]
+            }
+        )
         await h.run_until_settled()
         status, page = await h.get("/v1/failed", reason="model_not_found")
         assert status == 200 and {r["custom_id"] for r in page["failed"]} == {"x1", "x2"}
         status, page = await h.get("/v1/failed", reason="other")
         assert page["failed"] == []
-        async with h.http.post(f"{h.base_url}/v1/failed/replay",
-                               json={"custom_ids": ["x1", "fine", "nobody"]}) as r:
+        async with h.http.post(
+            f"{h.base_url}/v1/failed/replay", json={"custom_ids": ["x1", "fine", "nobody"]}
+        ) as r:
             body = await r.json()
         assert body["replayed"] == 1 and body["custom_ids"] == ["x1"]
         reasons = {s["custom_id"]: s["reason"] for s in body["skipped"]}

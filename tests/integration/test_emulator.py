@@ -23,10 +23,30 @@ from batchd.provider.openai import OpenAIProvider
 
 API_KEY = "test-key"
 CHAT = "/v1/chat/completions"
-BATCH_KEYS = {"id", "object", "endpoint", "errors", "input_file_id", "completion_window",
-              "status", "output_file_id", "error_file_id", "created_at", "in_progress_at",
-              "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
-              "cancelling_at", "cancelled_at", "request_counts", "metadata", "model", "usage"}
+BATCH_KEYS = {
+    "id",
+    "object",
+    "endpoint",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "metadata",
+    "model",
+    "usage",
+}
 
 
 @dataclass
@@ -37,10 +57,18 @@ class Rig:
     sdk: openai.AsyncOpenAI
     tmp: Path
 
-    async def submit(self, lines: list[dict[str, Any]] | bytes, *, endpoint: str = CHAT,
-                     metadata: dict[str, str] | None = None) -> RemoteBatch:
-        data = lines if isinstance(lines, bytes) else b"".join(
-            orjson.dumps(line) + b"\n" for line in lines)
+    async def submit(
+        self,
+        lines: list[dict[str, Any]] | bytes,
+        *,
+        endpoint: str = CHAT,
+        metadata: dict[str, str] | None = None,
+    ) -> RemoteBatch:
+        data = (
+            lines
+            if isinstance(lines, bytes)
+            else b"".join(orjson.dumps(line) + b"\n" for line in lines)
+        )
         path = self.tmp / f"in-{time.monotonic_ns()}.jsonl"
         path.write_bytes(data)
         remote = await self.provider.upload_file(path, path.name)
@@ -64,20 +92,28 @@ class Rig:
         await self.provider.download_file(file_id, dest)
         return [orjson.loads(x) for x in dest.read_bytes().splitlines() if x.strip()]
 
-    async def raw(self, method: str, path: str, *, key: str = API_KEY,
-                  **kw: Any) -> tuple[int, CIMultiDict[str], Any]:
-        async with aiohttp.ClientSession() as s, s.request(
-                method, self.url + path, headers={"Authorization": f"Bearer {key}"},
-                **kw) as r:
+    async def raw(
+        self, method: str, path: str, *, key: str = API_KEY, **kw: Any
+    ) -> tuple[int, CIMultiDict[str], Any]:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(
+                method, self.url + path, headers={"Authorization": f"Bearer {key}"}, **kw
+            ) as r,
+        ):
             body = await r.read()
             return r.status, CIMultiDict(r.headers), orjson.loads(body) if body else None
 
 
-def chat(custom_id: str, model: str = "gpt-4o-mini", *, emulate: str | None = None,
-         **body: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {"model": model, "max_tokens": 10,
-                               "messages": [{"role": "user", "content": f"hi {custom_id}"}],
-                               **body}
+def chat(
+    custom_id: str, model: str = "gpt-4o-mini", *, emulate: str | None = None, **body: Any
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": f"hi {custom_id}"}],
+        **body,
+    }
     if emulate:
         payload.setdefault("metadata", {})["emulate"] = emulate
     return {"custom_id": custom_id, "method": "POST", "url": CHAT, "body": payload}
@@ -90,8 +126,13 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Rig]
     async def make(**emulator_kw: Any) -> Rig:
         emulator = Emulator(API_KEY, **emulator_kw)
         url = await emulator.start()
-        rig = Rig(emulator, url, OpenAIProvider(API_KEY, url, max_retries=0),
-                  openai.AsyncOpenAI(api_key=API_KEY, base_url=url, max_retries=0), tmp_path)
+        rig = Rig(
+            emulator,
+            url,
+            OpenAIProvider(API_KEY, url, max_retries=0),
+            openai.AsyncOpenAI(api_key=API_KEY, base_url=url, max_retries=0),
+            tmp_path,
+        )
         rigs.append(rig)
         return rig
 
@@ -113,7 +154,8 @@ async def rig(make_rig: Callable[..., Awaitable[Rig]]) -> Rig:
 async def test_create_answers_validating_with_every_key_and_zero_counts(rig: Rig) -> None:
     remote = await rig.provider.upload_file(_write(rig, [chat("a")]), "in.jsonl")
     raw = await rig.sdk.batches.with_raw_response.create(
-        input_file_id=remote.id, endpoint="/v1/chat/completions", completion_window="24h")
+        input_file_id=remote.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
     batch = orjson.loads(raw.content)
     assert set(batch) == BATCH_KEYS
     assert batch["status"] == "validating" and batch["id"].startswith("batch_")
@@ -123,7 +165,8 @@ async def test_create_answers_validating_with_every_key_and_zero_counts(rig: Rig
 
 
 async def test_create_answers_before_the_file_is_validated(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(known_models={"gpt-4o-mini"})
     created = await rig.submit([chat("v", model="gpt-9")])
     assert created.status == "validating" and not created.errors
@@ -171,7 +214,10 @@ async def test_http_errors_go_to_the_error_file_with_status_and_body(rig: Rig) -
     assert batch.request_counts == {"total": 4, "completed": 1, "failed": 3}
     errors = {x["custom_id"]: x for x in await rig.lines(batch.error_file_id)}
     assert {k: v["response"]["status_code"] for k, v in errors.items()} == {
-        "bad": 400, "busy": 429, "broke": 500}
+        "bad": 400,
+        "busy": 429,
+        "broke": 500,
+    }
     assert errors["bad"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
     assert errors["busy"]["response"]["body"]["error"]["code"] == "rate_limit_exceeded"
     assert all(x["error"] is None for x in errors.values())
@@ -187,14 +233,19 @@ async def test_all_failed_batch_completes_without_output_file(rig: Rig) -> None:
 
 
 async def test_batch_usage_is_the_sum_of_200_lines_usage(rig: Rig) -> None:
-    lines = [chat("u1", max_tokens=40, metadata={"cached_tokens": 3}),
-             chat("u2", max_tokens=None, max_completion_tokens=7),
-             chat("u3", emulate="http_500")]
+    lines = [
+        chat("u1", max_tokens=40, metadata={"cached_tokens": 3}),
+        chat("u2", max_tokens=None, max_completion_tokens=7),
+        chat("u3", emulate="http_500"),
+    ]
     batch = await rig.run(lines)
-    per_line = {x["custom_id"]: x["response"]["body"]["usage"]
-                for x in await rig.lines(batch.output_file_id)}
-    assert per_line == {c: usage_for(CHAT, line["body"])
-                        for c, line in (("u1", lines[0]), ("u2", lines[1]))}
+    per_line = {
+        x["custom_id"]: x["response"]["body"]["usage"]
+        for x in await rig.lines(batch.output_file_id)
+    }
+    assert per_line == {
+        c: usage_for(CHAT, line["body"]) for c, line in (("u1", lines[0]), ("u2", lines[1]))
+    }
     u1 = per_line["u1"]
     # OpenAI's count for one user message "hi u1": 3 of framing, "user" (1),
     # "hi u1" (3), and 3 that prime the reply.
@@ -204,20 +255,30 @@ async def test_batch_usage_is_the_sum_of_200_lines_usage(rig: Rig) -> None:
     assert batch.usage == {
         "input_tokens": sum(u["prompt_tokens"] for u in per_line.values()),
         "input_tokens_details": {"cached_tokens": 3},
-        "output_tokens": 47, "output_tokens_details": {"reasoning_tokens": 0},
-        "total_tokens": sum(u["total_tokens"] for u in per_line.values())}
+        "output_tokens": 47,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": sum(u["total_tokens"] for u in per_line.values()),
+    }
 
 
 async def test_embeddings_and_responses_bodies_have_their_own_shapes(rig: Rig) -> None:
-    emb: dict[str, Any] = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
-           "body": {"model": "text-embedding-3-small", "input": ["a", "b"]}}
+    emb: dict[str, Any] = {
+        "custom_id": "e",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": "text-embedding-3-small", "input": ["a", "b"]},
+    }
     batch = await rig.run([emb], endpoint="/v1/embeddings")
     (line,) = await rig.lines(batch.output_file_id)
     body = line["response"]["body"]
     assert body["object"] == "list" and len(body["data"]) == 2
     assert body["usage"] == usage_for("/v1/embeddings", emb["body"])
-    resp = {"custom_id": "r", "method": "POST", "url": "/v1/responses",
-            "body": {"model": "gpt-4.1", "input": "hello", "max_output_tokens": 5}}
+    resp = {
+        "custom_id": "r",
+        "method": "POST",
+        "url": "/v1/responses",
+        "body": {"model": "gpt-4.1", "input": "hello", "max_output_tokens": 5},
+    }
     batch = await rig.run([resp], endpoint="/v1/responses")
     (line,) = await rig.lines(batch.output_file_id)
     assert line["response"]["body"]["object"] == "response"
@@ -234,39 +295,58 @@ async def test_bad_lines_fail_the_batch_with_one_error_each(rig: Rig) -> None:
     no_method = {k: v for k, v in chat("m").items() if k != "method"}
     streaming = chat("s", stream=True)
     other_model = chat("o", model="gpt-4.1")
-    data = b"\n".join([orjson.dumps(good), b"{not json", orjson.dumps(bad_url),
-                       orjson.dumps(no_method), orjson.dumps(streaming),
-                       orjson.dumps(other_model), orjson.dumps(chat("ok"))]) + b"\n"
+    data = (
+        b"\n".join(
+            [
+                orjson.dumps(good),
+                b"{not json",
+                orjson.dumps(bad_url),
+                orjson.dumps(no_method),
+                orjson.dumps(streaming),
+                orjson.dumps(other_model),
+                orjson.dumps(chat("ok")),
+            ]
+        )
+        + b"\n"
+    )
     batch = await rig.run(data)
     assert batch.status == "failed"
     assert batch.output_file_id is None and batch.error_file_id is None
     got = {(e["code"], e["line"], e["param"]) for e in batch.errors}
-    assert got == {("invalid_json_line", 2, None), ("invalid_url", 3, "url"),
-                   ("missing_required_parameter", 4, "method"),
-                   ("streaming_unsupported", 5, "body.stream"),
-                   ("invalid_request", 6, "body.model"),
-                   ("duplicate_custom_id", 7, "custom_id")}
+    assert got == {
+        ("invalid_json_line", 2, None),
+        ("invalid_url", 3, "url"),
+        ("missing_required_parameter", 4, "method"),
+        ("streaming_unsupported", 5, "body.stream"),
+        ("invalid_request", 6, "body.model"),
+        ("duplicate_custom_id", 7, "custom_id"),
+    }
     wire = await rig.sdk.batches.retrieve(batch.id)
     assert wire.failed_at is not None and wire.in_progress_at is None
     assert batch.request_counts == {"total": 0, "completed": 0, "failed": 0}
 
 
 async def test_unknown_model_fails_validation_when_known_models_are_set(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(known_models={"gpt-4o-mini"})
     assert (await rig.run([chat("k")])).status == "completed"
     batch = await rig.run([chat("x", model="gpt-9")])
     assert [(e["code"], e["line"], e["param"]) for e in batch.errors] == [
-        ("model_not_found", 1, "body.model")]
+        ("model_not_found", 1, "body.model")
+    ]
 
 
 async def test_scripted_validation_failure_reports_the_given_errors(rig: Rig) -> None:
-    rig.emulator.script_batch("validation_failed", errors=[
-        {"code": "invalid_request", "line": 2, "param": "body.messages", "message": "bad"}])
+    rig.emulator.script_batch(
+        "validation_failed",
+        errors=[{"code": "invalid_request", "line": 2, "param": "body.messages", "message": "bad"}],
+    )
     batch = await rig.run([chat("a"), chat("b")])
     assert batch.status == "failed"
-    assert batch.errors == [{"code": "invalid_request", "line": 2, "param": "body.messages",
-                             "message": "bad"}]
+    assert batch.errors == [
+        {"code": "invalid_request", "line": 2, "param": "body.messages", "message": "bad"}
+    ]
     assert (await rig.run([chat("a"), chat("b")])).status == "completed"  # consumed once
 
 
@@ -291,14 +371,21 @@ async def test_create_rejects_bad_parameters_with_400(rig: Rig) -> None:
         ({"input_file_id": "file-missing"}, "file_id", None),
     ]
     for override, param, code in cases:
-        body = {"input_file_id": remote.id, "endpoint": CHAT, "completion_window": "24h",
-                **override}
+        body = {
+            "input_file_id": remote.id,
+            "endpoint": CHAT,
+            "completion_window": "24h",
+            **override,
+        }
         status, headers, answer = await rig.raw("POST", "/batches", json=body)
         assert status == 400, override
         assert headers["Content-Type"].startswith("application/json")
         assert (answer["error"]["param"], answer["error"]["code"]) == (param, code)
-    status, _, answer = await rig.raw("POST", "/batches", json={
-        "input_file_id": "file-missing", "endpoint": CHAT, "completion_window": "24h"})
+    status, _, answer = await rig.raw(
+        "POST",
+        "/batches",
+        json={"input_file_id": "file-missing", "endpoint": CHAT, "completion_window": "24h"},
+    )
     assert answer["error"]["message"].startswith("Cannot find file")
     assert rig.emulator.batches == {}
 
@@ -330,7 +417,8 @@ async def test_scripted_expiry_keeps_partial_output_and_expires_the_rest(rig: Ri
 
 
 async def test_window_passing_in_progress_expires_with_partial_output(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(in_progress_seconds=1.0, completion_window_seconds=0.4)
     batch = await rig.run([chat(f"w{i}") for i in range(20)])
     assert batch.status == "expired"
@@ -340,7 +428,8 @@ async def test_window_passing_in_progress_expires_with_partial_output(
 
 
 async def test_cancel_settles_to_cancelled_after_a_delay_with_cancelled_lines(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(in_progress_seconds=30, cancelling_seconds=0.2)
     submitted = await rig.submit([chat(f"x{i}") for i in range(4)])
     cancelling = await rig.provider.cancel_batch(submitted.id)
@@ -355,7 +444,8 @@ async def test_cancel_settles_to_cancelled_after_a_delay_with_cancelled_lines(
 
 
 async def test_cancelled_batch_can_omit_never_run_lines(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(in_progress_seconds=30, write_cancelled_lines=False)
     submitted = await rig.submit([chat("n1"), chat("n2")])
     await rig.provider.cancel_batch(submitted.id)
@@ -365,7 +455,8 @@ async def test_cancelled_batch_can_omit_never_run_lines(
 
 
 async def test_cancel_is_idempotent_while_live_and_409_once_completed(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(validating_seconds=30, cancelling_seconds=30)
     submitted = await rig.submit([chat("c")])
     first = await rig.sdk.batches.cancel(submitted.id)
@@ -443,13 +534,16 @@ async def test_missing_duplicate_and_malformed_outcomes_shape_the_output(rig: Ri
 
 
 async def test_failure_rates_give_the_same_outcomes_for_the_same_seed(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     results = []
     for _ in range(2):
         rig = await make_rig(failure_rates={"http_500": 0.3, "http_429": 0.2}, seed=11)
         batch = await rig.run([chat(f"r{i}") for i in range(100)])
-        failed = {x["custom_id"]: x["response"]["status_code"]
-                  for x in await rig.lines(batch.error_file_id)}
+        failed = {
+            x["custom_id"]: x["response"]["status_code"]
+            for x in await rig.lines(batch.error_file_id)
+        }
         results.append(failed)
     assert results[0] == results[1]
     assert 25 < len(results[0]) < 75 and set(results[0].values()) == {500, 429}
@@ -470,8 +564,10 @@ async def test_batches_list_newest_first_and_the_sdk_loop_ends(rig: Rig) -> None
 
 
 async def test_files_list_filters_by_purpose_and_pages(rig: Rig) -> None:
-    uploaded = [(await rig.provider.upload_file(_write(rig, [chat(f"f{i}")]), f"{i}.jsonl")).id
-                for i in range(3)]
+    uploaded = [
+        (await rig.provider.upload_file(_write(rig, [chat(f"f{i}")]), f"{i}.jsonl")).id
+        for i in range(3)
+    ]
     await rig.run([chat("z")])  # adds one more batch file and a batch_output file
     batch_files = [f.id async for f in rig.sdk.files.list(purpose="batch", limit=2)]
     assert batch_files[1:] == uploaded[::-1] and len(batch_files) == 4
@@ -510,7 +606,8 @@ async def test_uploads_are_recorded_byte_for_byte_with_their_filename(rig: Rig) 
     stored = rig.emulator.received_files[batch.input_file_id]
     assert stored == path.read_bytes() and stored.filename.startswith("in-")
     assert [b.id for b in rig.emulator.created_batches_by_metadata("client_key", "k-1")] == [
-        batch.id]
+        batch.id
+    ]
 
 
 async def test_calls_count_every_request_per_route(rig: Rig) -> None:
@@ -520,15 +617,19 @@ async def test_calls_count_every_request_per_route(rig: Rig) -> None:
 
 
 async def test_sync_endpoints_answer_from_the_same_outcome_engine(rig: Rig) -> None:
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hey"}],
-            "max_tokens": 12}
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hey"}],
+        "max_tokens": 12,
+    }
     answer = await rig.sdk.chat.completions.create(**body)  # type: ignore[call-overload]
     assert answer.object == "chat.completion" and answer.usage is not None
     assert answer.usage.model_dump(exclude_none=True) == usage_for(CHAT, body)
     rig.emulator.script_line("sync-1", "http_429")
     with pytest.raises(openai.RateLimitError):
         await rig.sdk.chat.completions.create(  # type: ignore[call-overload]
-            **body, extra_headers={"x-custom-id": "sync-1"})
+            **body, extra_headers={"x-custom-id": "sync-1"}
+        )
     assert rig.emulator.submissions["sync-1"] == 1
     emb = await rig.sdk.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
     assert len(emb.data) == 2 and rig.emulator.calls["sync"] == 3

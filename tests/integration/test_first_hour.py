@@ -21,12 +21,14 @@ from tests.harness import FakeClock, chat_task, running
 
 def _refused(operation: str, code: str = "401") -> float:
     value = metrics.REGISTRY.get_sample_value(
-        "batchd_provider_requests_total", {"operation": operation, "code": code})
+        "batchd_provider_requests_total", {"operation": operation, "code": code}
+    )
     return float(value or 0)
 
 
 async def test_a_refused_key_spends_no_attempt_and_shows_on_readyz(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     clock = FakeClock()
     emu = Emulator(api_key="the-right-key")  # the harness's adapter sends test-key
     HEALTH.reset()
@@ -45,8 +47,10 @@ async def test_a_refused_key_spends_no_attempt_and_shows_on_readyz(
             task = await h.task(cid)
             assert (task["state"], task["attempts"]) == ("queued", 0), task
             assert task["location"]["stage"] == "queued"
-            assert task["last_error"]["code"] in ("invalid_api_key",
-                                                  "provider_credentials_rejected")
+            assert task["last_error"]["code"] in (
+                "invalid_api_key",
+                "provider_credentials_rejected",
+            )
         status, ready = await h.get("/readyz")
         assert status == 200 and ready["status"] == "degraded", ready
         refusal = ready["provider"]["openai"]
@@ -69,8 +73,11 @@ async def test_a_refused_key_spends_no_attempt_and_shows_on_readyz(
         for cid in ("k-1", "k-2"):
             task = await h.task(cid)
             assert (task["state"], task["attempts"]) == ("succeeded", 1), task
-            assert task["location"] == {"stage": "routed", "outcome": "succeeded",
-                                        "batch_id": task["batch_id"]}
+            assert task["location"] == {
+                "stage": "routed",
+                "outcome": "succeeded",
+                "batch_id": task["batch_id"],
+            }
         status, ready = await h.get("/readyz")
         assert (status, ready["status"]) == (200, "ready")
     HEALTH.reset()
@@ -86,7 +93,10 @@ async def test_a_task_says_where_it_really_is(db_url: str, tmp_path: Path) -> No
         assert pending is not None
         loc = (await h.task("w-1"))["location"]
         assert (loc["stage"], loc["batch_state"], loc["batch_id"]) == (
-            "uploading", "building", pending.batch_id)
+            "uploading",
+            "building",
+            pending.batch_id,
+        )
         await h.service.scheduler.send(pending)
         loc = (await h.task("w-1"))["location"]
         assert loc["stage"] == "at_provider" and loc["provider_status"] == "validating"
@@ -96,7 +106,8 @@ async def test_a_task_says_where_it_really_is(db_url: str, tmp_path: Path) -> No
 
 
 async def test_an_unmigrated_database_says_to_run_migrate(
-        pg_admin_url: str, tmp_path: Path) -> None:
+    pg_admin_url: str, tmp_path: Path
+) -> None:
     name = f"batchd_empty_{tmp_path.name[-12:]}".replace("-", "_")
     await _admin(pg_admin_url, f'CREATE DATABASE "{name}"')
     url = async_url(_with_db(pg_admin_url, name))
@@ -133,21 +144,31 @@ async def _downgrade(url: str, to: str) -> None:
 
 
 async def test_every_priced_model_has_money_and_token_series_from_the_start(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         async with h.http.get(f"{h.base_url}/metrics") as r:
             exposed = await r.text()
-        series = {(sample.name, tuple(sorted(sample.labels.items())))
-                  for family in text_string_to_metric_families(exposed)
-                  for sample in family.samples}
+        series = {
+            (sample.name, tuple(sorted(sample.labels.items())))
+            for family in text_string_to_metric_families(exposed)
+            for sample in family.samples
+        }
         for model in PriceTable.load().models:
             # Each at the provider its model goes to (DESIGN section 14).
-            provider = ("anthropic" if model.startswith("claude") else
-                        "gemini" if model.startswith("gemini") else "openai")
+            provider = (
+                "anthropic"
+                if model.startswith("claude")
+                else "gemini"
+                if model.startswith("gemini")
+                else "openai"
+            )
             for lane in ("batch", "sync"):
                 labels = {"provider": provider, "model": model, "lane": lane}
                 for name in ("batchd_spend_dollars_total", "batchd_savings_dollars_total"):
                     assert (name, tuple(sorted(labels.items()))) in series, (name, model)
                 for kind in ("input", "cached_input", "output"):
-                    assert ("batchd_tokens_total", tuple(sorted(
-                        {**labels, "kind": kind}.items()))) in series, (kind, model)
+                    assert (
+                        "batchd_tokens_total",
+                        tuple(sorted({**labels, "kind": kind}.items())),
+                    ) in series, (kind, model)

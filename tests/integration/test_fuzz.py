@@ -36,21 +36,55 @@ async def test_schemathesis_finds_nothing(db_url: str, tmp_path: Path) -> None:
     seed = os.environ.get("FUZZ_SEED", "7")
     # ?wait would hold a request open; a second is enough to cover it.
     # Callbacks on, so the document offers callback_url and it is fuzzed too.
-    async with running(db_url, tmp_path, ingest_tokens=CALLER, max_wait_seconds=1,
-                       callback_allowed_hosts="*", callback_secret=SIGNING) as h:
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks",
-               "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
+    async with running(
+        db_url,
+        tmp_path,
+        ingest_tokens=CALLER,
+        max_wait_seconds=1,
+        callback_allowed_hosts="*",
+        callback_secret=SIGNING,
+    ) as h:
+        env = {
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.fuzz_hooks",
+            "PYTHONPATH": str(ROOT),
+            "NO_COLOR": "1",
+        }
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "schemathesis.cli",
-            "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
-            "run", f"{h.base_url}/openapi.json",
-            "--checks", "all", "--max-examples", examples, "--seed", seed,
-            "--workers", "1", "--phases", "examples,coverage,fuzzing",
-            "--header", f"Authorization: Bearer {CALLER}", "--request-timeout", "30",
-            "--suppress-health-check", "all", "--max-failures", "20",
-            "--report", "junit", "--report-dir", str(tmp_path / "report"),
-            cwd=tmp_path, env=env, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--config-file",
+            str(ROOT / "tests" / "schemathesis.toml"),
+            "run",
+            f"{h.base_url}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            examples,
+            "--seed",
+            seed,
+            "--workers",
+            "1",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--header",
+            f"Authorization: Bearer {CALLER}",
+            "--request-timeout",
+            "30",
+            "--suppress-health-check",
+            "all",
+            "--max-failures",
+            "20",
+            "--report",
+            "junit",
+            "--report-dir",
+            str(tmp_path / "report"),
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         out, _ = await proc.communicate()
         text = out.decode(errors="replace")
         _keep(text)

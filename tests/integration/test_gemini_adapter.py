@@ -26,9 +26,12 @@ MODEL = "gemini-2.5-flash"
 
 
 def line(cid: str, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": MODEL,
-                            "contents": [{"role": "user", "parts": [{"text": f"hi {cid}"}]}],
-                            "generationConfig": {"maxOutputTokens": 9}, **extra}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "contents": [{"role": "user", "parts": [{"text": f"hi {cid}"}]}],
+        "generationConfig": {"maxOutputTokens": 9},
+        **extra,
+    }
     return {"custom_id": cid, "method": "POST", "url": GENERATE, "body": body}
 
 
@@ -43,7 +46,8 @@ class Rig:
         path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
         remote = await self.provider.upload_file(path, "in.jsonl")
         return await self.provider.create_batch(
-            remote.id, GENERATE, "24h", {"batchd_batch_id": batch_id, "batchd_model": MODEL})
+            remote.id, GENERATE, "24h", {"batchd_batch_id": batch_id, "batchd_model": MODEL}
+        )
 
     async def until_terminal(self, batch: RemoteBatch) -> RemoteBatch:
         deadline = time.monotonic() + 5
@@ -96,8 +100,9 @@ async def test_status_objects_map_to_retryable_and_final(rig: Rig) -> None:
     rig.emulator.script_line("r", "resource_exhausted")
     rig.emulator.script_line("u", "unavailable")
     rig.emulator.script_line("i", "invalid_argument")
-    out = await rig.results(await rig.until_terminal(await rig.submit(
-        [line("r"), line("u"), line("i")])))
+    out = await rig.results(
+        await rig.until_terminal(await rig.submit([line("r"), line("u"), line("i")]))
+    )
     assert classify_line(out["r"]).outcome is Outcome.RETRYABLE
     assert out["r"]["response"]["status_code"] == 429
     assert classify_line(out["u"]).outcome is Outcome.RETRYABLE
@@ -153,8 +158,10 @@ async def test_crash_between_create_and_record_is_found_by_display_name(rig: Rig
     assert err.value.retryable
     await rig.submit([line("b")], batch_id="bd_other")
     found = [b async for b in rig.provider.list_batches(page_size=1)]
-    assert [b.metadata for b in found] == [{"batchd_batch_id": "bd_other"},
-                                           {"batchd_batch_id": "bd_lost"}]
+    assert [b.metadata for b in found] == [
+        {"batchd_batch_id": "bd_other"},
+        {"batchd_batch_id": "bd_lost"},
+    ]
 
 
 async def test_sync_call_passes_the_rest_body_both_ways(rig: Rig) -> None:
@@ -166,11 +173,16 @@ async def test_sync_call_passes_the_rest_body_both_ways(rig: Rig) -> None:
 
 
 def test_states_with_either_prefix_and_status_codes() -> None:
-    for raw, ours in [("BATCH_STATE_PENDING", "validating"), ("JOB_STATE_RUNNING", "in_progress"),
-                      ("JOB_STATE_SUCCEEDED", "completed"), ("BATCH_STATE_EXPIRED", "expired"),
-                      ("JOB_STATE_CANCELLED", "cancelled"), ("BATCH_STATE_FAILED", "failed"),
-                      ("JOB_STATE_PARTIALLY_SUCCEEDED", "completed"),
-                      ("JOB_STATE_CANCELLING", "cancelling")]:
+    for raw, ours in [
+        ("BATCH_STATE_PENDING", "validating"),
+        ("JOB_STATE_RUNNING", "in_progress"),
+        ("JOB_STATE_SUCCEEDED", "completed"),
+        ("BATCH_STATE_EXPIRED", "expired"),
+        ("JOB_STATE_CANCELLED", "cancelled"),
+        ("BATCH_STATE_FAILED", "failed"),
+        ("JOB_STATE_PARTIALLY_SUCCEEDED", "completed"),
+        ("JOB_STATE_CANCELLING", "cancelling"),
+    ]:
         assert state_of(raw) == ours, raw
     assert http_status({"code": 3, "status": "INVALID_ARGUMENT"}) == 400
     assert http_status({"code": 429}) == 429

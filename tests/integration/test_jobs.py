@@ -43,10 +43,12 @@ async def sent_custom_ids(h: Harness) -> list[str]:
     return [names[i] for i in ids if i is not None]
 
 
-async def results(h: Harness, name: str, headers: dict[str, str] | None = None,
-                  **params: str) -> tuple[int, list[dict[str, Any]]]:
-    async with h.http.get(f"{h.base_url}/v1/jobs/{name}/results", params=params,
-                          headers=headers) as r:
+async def results(
+    h: Harness, name: str, headers: dict[str, str] | None = None, **params: str
+) -> tuple[int, list[dict[str, Any]]]:
+    async with h.http.get(
+        f"{h.base_url}/v1/jobs/{name}/results", params=params, headers=headers
+    ) as r:
         raw = await r.read()
         if r.status != 200:
             return r.status, [orjson.loads(raw)]
@@ -55,23 +57,38 @@ async def results(h: Harness, name: str, headers: dict[str, str] | None = None,
 
 
 async def test_counters_follow_tasks_through_retries_failures_and_replays(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, max_attempts=2) as h:
         tasks = [chat_task(f"ok-{i}", job="eval-1") for i in range(6)]
-        tasks += [chat_task("flaky", emulate="http_500*1", job="eval-1"),
-                  chat_task("broken", emulate="http_400", job="eval-1"),
-                  chat_task("no-job")]
+        tasks += [
+            chat_task("flaky", emulate="http_500*1", job="eval-1"),
+            chat_task("broken", emulate="http_400", job="eval-1"),
+            chat_task("no-job"),
+        ]
         status, body = await h.post({"tasks": tasks})
         assert (status, body["accepted"]) == (202, 9)
         view = await job(h, "eval-1")
-        assert counts(view) == {"tasks": 8, "queued": 8, "submitted": 0, "succeeded": 0,
-                                "failed": 0, "cancelled": 0}
+        assert counts(view) == {
+            "tasks": 8,
+            "queued": 8,
+            "submitted": 0,
+            "succeeded": 0,
+            "failed": 0,
+            "cancelled": 0,
+        }
         assert view["finished_at"] is None and view["spend_usd"] == "0.000000"
 
         await h.run_until_settled()
         view = await job(h, "eval-1")
-        assert counts(view) == {"tasks": 8, "queued": 0, "submitted": 0, "succeeded": 7,
-                                "failed": 1, "cancelled": 0}
+        assert counts(view) == {
+            "tasks": 8,
+            "queued": 0,
+            "submitted": 0,
+            "succeeded": 7,
+            "failed": 1,
+            "cancelled": 0,
+        }
         assert view["finished_at"] is not None
         spend = await h.scalar("""SELECT round(sum(r.cost_usd), 6) FROM results r
                                   JOIN tasks t USING (custom_id) WHERE t.job = 'eval-1'""")
@@ -118,10 +135,13 @@ async def test_jobs_list_newest_first_and_page_by_name(db_url: str, tmp_path: Pa
 
 
 async def test_results_read_in_pages_are_every_line_once_in_order(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
-        tasks = [chat_task(f"p{i}", job="paged", emulate="http_400" if i % 4 == 1 else None)
-                 for i in range(23)]
+        tasks = [
+            chat_task(f"p{i}", job="paged", emulate="http_400" if i % 4 == 1 else None)
+            for i in range(23)
+        ]
         assert (await h.post({"tasks": tasks}))[0] == 202
         await h.run_until_settled()
         assert (await h.post({"tasks": [chat_task("late", job="paged")]}))[0] == 202
@@ -129,15 +149,16 @@ async def test_results_read_in_pages_are_every_line_once_in_order(
         assert [x["custom_id"] for x in whole] == [f"p{i}" for i in range(23)]
 
         async def read(**options: Any) -> list[bytes]:
-            return b"".join([c async for c in h.service.jobs.results(
-                "local", "paged", **options)]).splitlines()
+            return b"".join(
+                [c async for c in h.service.jobs.results("local", "paged", **options)]
+            ).splitlines()
+
         one_page = await read(page=1000)
         assert [orjson.loads(x) for x in one_page] == whole
         for page in (1, 2, 5, 23, 24):
             assert await read(page=page) == one_page, page
         failed = await read(page=2, states=["failed"])
-        assert [orjson.loads(x)["custom_id"] for x in failed] == [
-            f"p{i}" for i in range(1, 23, 4)]
+        assert [orjson.loads(x)["custom_id"] for x in failed] == [f"p{i}" for i in range(1, 23, 4)]
         ids = await h.rows("SELECT id FROM tasks WHERE job = 'paged' ORDER BY id")
         assert await read(page=3, after=ids[9]["id"]) == one_page[10:]
 
@@ -149,10 +170,12 @@ async def test_every_clients_jobs_page_newest_first_through_ties(db_url: str) ->
     engine = make_engine(db_url)
     try:
         async with engine.begin() as conn:
-            await conn.execute(text("""
+            await conn.execute(
+                text("""
                 INSERT INTO jobs (client, job, created_at)
                 SELECT c, 'run-' || g, timestamptz '2026-12-01' + (g / 2) * interval '1 hour'
-                FROM unnest(ARRAY['alpha', 'beta', 'local']) c, generate_series(1, 7) g"""))
+                FROM unnest(ARRAY['alpha', 'beta', 'local']) c, generate_series(1, 7) g""")
+            )
         jobs = Jobs(engine)
         seen: list[tuple[str, str]] = []
         after: tuple[str, str] | None = None
@@ -164,17 +187,26 @@ async def test_every_clients_jobs_page_newest_first_through_ties(db_url: str) ->
             after = (page[-1].client, page[-1].job)
     finally:
         await engine.dispose()
-    expected = sorted(((c, f"run-{g}") for c in ("alpha", "beta", "local") for g in range(1, 8)),
-                      key=lambda k: (int(k[1][4:]) // 2, k[0], k[1]), reverse=True)
+    expected = sorted(
+        ((c, f"run-{g}") for c in ("alpha", "beta", "local") for g in range(1, 8)),
+        key=lambda k: (int(k[1][4:]) // 2, k[0], k[1]),
+        reverse=True,
+    )
     assert seen == expected
 
 
 async def test_results_stream_in_task_order_filter_by_state_and_resume(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
-        await h.post({"tasks": [chat_task(f"r-{i}", job="stream",
-                                          emulate="http_400" if i % 3 == 0 else None)
-                                for i in range(9)]})
+        await h.post(
+            {
+                "tasks": [
+                    chat_task(f"r-{i}", job="stream", emulate="http_400" if i % 3 == 0 else None)
+                    for i in range(9)
+                ]
+            }
+        )
         status, lines = await results(h, "stream")
         assert (status, lines) == (200, [])  # nothing finished yet
         await h.run_until_settled()
@@ -196,14 +228,20 @@ async def test_results_stream_in_task_order_filter_by_state_and_resume(
 
 
 async def test_results_stop_at_open_give_a_running_jobs_lines_in_their_final_order(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """?stop_at_open=true ends before the first task not finished, so what a
     reader takes while the job runs is the start of the final stream and
     it can resume after its last line without a gap."""
     async with running(db_url, tmp_path) as h:
-        await h.post({"tasks": [chat_task(f"o-{i}", job="live",
-                                          emulate={1: "http_500*1", 3: "http_400"}.get(i))
-                                for i in range(6)]})
+        await h.post(
+            {
+                "tasks": [
+                    chat_task(f"o-{i}", job="live", emulate={1: "http_500*1", 3: "http_400"}.get(i))
+                    for i in range(6)
+                ]
+            }
+        )
         await h.age_queue(901)
         await h.cycle()  # o-1 is back in the queue for a retry; the rest finished
         assert (await h.task("o-1"))["state"] == "queued"
@@ -215,8 +253,15 @@ async def test_results_stop_at_open_give_a_running_jobs_lines_in_their_final_ord
         assert (await results(h, "live", stop_at_open="maybe"))[0] == 400
 
         async def read(**options: Any) -> list[bytes]:
-            return b"".join([c async for c in h.service.jobs.results(
-                "local", "live", stop_at_open=True, **options)]).splitlines()
+            return b"".join(
+                [
+                    c
+                    async for c in h.service.jobs.results(
+                        "local", "live", stop_at_open=True, **options
+                    )
+                ]
+            ).splitlines()
+
         for page in (1, 2, 1000):
             assert [orjson.loads(x) for x in await read(page=page)] == prefix, page
         assert await read(page=1, states=["failed"]) == []
@@ -228,14 +273,17 @@ async def test_results_stop_at_open_give_a_running_jobs_lines_in_their_final_ord
         assert prefix + rest == final
         ids = await h.rows("SELECT id FROM tasks WHERE job = 'live' ORDER BY id")
         for page in (1, 4):
-            assert [orjson.loads(x) for x in await read(page=page, after=ids[1]["id"])] \
-                == final[2:], page
-        assert [orjson.loads(x)["custom_id"] for x in await read(page=2, states=["failed"])
-                ] == ["o-3"]
+            assert [orjson.loads(x) for x in await read(page=page, after=ids[1]["id"])] == final[
+                2:
+            ], page
+        assert [orjson.loads(x)["custom_id"] for x in await read(page=2, states=["failed"])] == [
+            "o-3"
+        ]
 
 
 async def test_cancel_stops_queued_tasks_for_good_and_twice_is_harmless(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await h.post({"tasks": [chat_task(f"sent-{i}", job="backfill") for i in range(3)]})
         await h.age_queue(901)
@@ -252,8 +300,14 @@ async def test_cancel_stops_queued_tasks_for_good_and_twice_is_harmless(
         # Tasks at the provider finish; the cancelled ones are never sent.
         await h.run_until_settled()
         view = await job(h, "backfill")
-        assert counts(view) == {"tasks": 7, "queued": 0, "submitted": 0, "succeeded": 3,
-                                "failed": 0, "cancelled": 4}
+        assert counts(view) == {
+            "tasks": 7,
+            "queued": 0,
+            "submitted": 0,
+            "succeeded": 3,
+            "failed": 0,
+            "cancelled": 4,
+        }
         assert sorted(await sent_custom_ids(h)) == ["sent-0", "sent-1", "sent-2"]
         task = await h.task("wait-0")
         assert task["state"] == "cancelled" and task["attempts"] == 0
@@ -275,7 +329,8 @@ async def test_cancel_stops_queued_tasks_for_good_and_twice_is_harmless(
 
 
 async def test_a_retry_of_a_cancelled_jobs_task_is_cancelled_not_sent_again(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await h.post(chat_task("retry-me", emulate="http_500*1", job="stop"))
         await h.age_queue(901)
@@ -290,7 +345,8 @@ async def test_a_retry_of_a_cancelled_jobs_task_is_cancelled_not_sent_again(
 
 @pytest.mark.parametrize("rounds", [12])
 async def test_cancel_racing_a_flush_never_leaves_a_cancelled_task_in_a_batch(
-        db_url: str, tmp_path: Path, rounds: int) -> None:
+    db_url: str, tmp_path: Path, rounds: int
+) -> None:
     async with running(db_url, tmp_path, max_batch_items=50) as h:
         for r in range(rounds):
             name = f"race-{r}"
@@ -306,21 +362,36 @@ async def test_cancel_racing_a_flush_never_leaves_a_cancelled_task_in_a_batch(
         rows = await h.rows("SELECT custom_id, state, batch_id, attempts FROM tasks")
         cancelled = {r["custom_id"] for r in rows if r["state"] == "cancelled"}
         assert cancelled and not cancelled & sent
-        assert all(r["batch_id"] is None and r["attempts"] == 0 for r in rows
-                   if r["state"] == "cancelled")
+        assert all(
+            r["batch_id"] is None and r["attempts"] == 0 for r in rows if r["state"] == "cancelled"
+        )
         assert {r["custom_id"] for r in rows if r["state"] == "succeeded"} == sent
         assert await job_counter_problems(h.engine) == []
 
 
 async def test_counters_stay_exact_under_concurrent_ingest_routing_and_cancels(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, max_batch_items=40, max_attempts=2) as h:
+
         async def sender(k: int) -> None:
             for n in range(6):
-                await h.post({"tasks": [
-                    chat_task(f"c{k}-{n}-{i}", job=f"shared-{k % 2}",
-                              emulate="http_500*1" if i % 5 == 0 else
-                              "http_400" if i % 7 == 0 else None) for i in range(30)]})
+                await h.post(
+                    {
+                        "tasks": [
+                            chat_task(
+                                f"c{k}-{n}-{i}",
+                                job=f"shared-{k % 2}",
+                                emulate="http_500*1"
+                                if i % 5 == 0
+                                else "http_400"
+                                if i % 7 == 0
+                                else None,
+                            )
+                            for i in range(30)
+                        ]
+                    }
+                )
 
         async def pipeline() -> None:
             for _ in range(8):
@@ -343,8 +414,9 @@ async def test_jobs_are_per_client(db_url: str, tmp_path: Path) -> None:
     b = {"Authorization": "Bearer tok-b"}
     async with running(db_url, tmp_path, ingest_tokens="alpha=tok-a,beta=tok-b") as h:
         await h.post(chat_task("a-1", job="nightly"), headers=a)
-        await h.post({"tasks": [chat_task("b-1", job="nightly"),
-                                chat_task("b-2", job="nightly")]}, headers=b)
+        await h.post(
+            {"tasks": [chat_task("b-1", job="nightly"), chat_task("b-2", job="nightly")]}, headers=b
+        )
         assert (await job(h, "nightly", a))["tasks"] == 1
         assert (await job(h, "nightly", b))["tasks"] == 2
         _, page = await h.get("/v1/jobs", headers=a)
@@ -365,9 +437,15 @@ async def test_a_finished_job_calls_back_once_signed(db_url: str, tmp_path: Path
     url = await receiver.start()
     try:
         async with running(db_url, tmp_path, **callback_settings(tmp_path)) as h:
-            status, body = await h.post({"tasks": [
-                chat_task("cb-1", job="with-hook", job_callback_url=f"{url}/jobs"),
-                chat_task("cb-2", job="with-hook")]}, headers=AUTH)
+            status, body = await h.post(
+                {
+                    "tasks": [
+                        chat_task("cb-1", job="with-hook", job_callback_url=f"{url}/jobs"),
+                        chat_task("cb-2", job="with-hook"),
+                    ]
+                },
+                headers=AUTH,
+            )
             assert status == 202, body
             bad = await h.post(chat_task("cb-3", job_callback_url=f"{url}/jobs"), headers=AUTH)
             assert bad[0] == 400 and bad[1]["error"]["field"] == "job_callback_url"
@@ -385,15 +463,17 @@ async def test_a_finished_job_calls_back_once_signed(db_url: str, tmp_path: Path
             await h.service.callbacks.drain()
             assert len(receiver.deliveries("/jobs")) == 1
             # PUT moves the callback; a hostile URL is refused.
-            status, body = await h.put_json("/v1/jobs/with-hook",
-                                            {"callback_url": f"{url}/other"}, headers=AUTH)
+            status, body = await h.put_json(
+                "/v1/jobs/with-hook", {"callback_url": f"{url}/other"}, headers=AUTH
+            )
             assert (status, body["callback_url"]) == (200, f"{url}/other")
-            status, body = await h.put_json("/v1/jobs/with-hook",
-                                            {"callback_url": "http://evil.example/x"},
-                                            headers=AUTH)
+            status, body = await h.put_json(
+                "/v1/jobs/with-hook", {"callback_url": "http://evil.example/x"}, headers=AUTH
+            )
             assert status == 400
-            assert (await h.put_json("/v1/jobs/nope", {"callback_url": None},
-                                     headers=AUTH))[0] == 404
+            assert (await h.put_json("/v1/jobs/nope", {"callback_url": None}, headers=AUTH))[
+                0
+            ] == 404
     finally:
         await receiver.stop()
 
@@ -437,15 +517,17 @@ async def seed_job(h: Harness, name: str, n: int, response_bytes: int = 50) -> N
 
 
 async def test_results_of_a_100000_task_job_stream_in_flat_memory(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await seed_job(h, "wide", 100_000, response_bytes=400)
         received = 0
         lines = 0
         tracemalloc.start()
         try:
-            async with h.http.get(f"{h.base_url}/v1/jobs/wide/results",
-                                  timeout=aiohttp.ClientTimeout(total=300)) as r:
+            async with h.http.get(
+                f"{h.base_url}/v1/jobs/wide/results", timeout=aiohttp.ClientTimeout(total=300)
+            ) as r:
                 assert r.status == 200
                 async for chunk in r.content.iter_chunked(1 << 16):
                     received += len(chunk)
@@ -461,7 +543,8 @@ async def test_results_of_a_100000_task_job_stream_in_flat_memory(
 
 
 async def test_a_sync_call_given_back_moves_its_job_back_to_queued(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await h.post(chat_task("refused", lane="sync", emulate="http_401", job="rush"))
         await h.service.sync_lane.tick()

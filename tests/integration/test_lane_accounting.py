@@ -26,8 +26,12 @@ def _estimate(task: dict[str, object], sync: bool) -> Decimal:
     t = parse_task(task, 0)
     counted = count_input_tokens(t.endpoint, t.model, t.body)
     assert counted is not None
-    return TABLE.reservation("gpt-4o-mini", Calibration().reserved_input(t.model, counted),
-                             t.est_output_tokens, sync=sync)
+    return TABLE.reservation(
+        "gpt-4o-mini",
+        Calibration().reserved_input(t.model, counted),
+        t.est_output_tokens,
+        sync=sync,
+    )
 
 
 def _actual(task: dict[str, object], sync: bool) -> Decimal:
@@ -63,14 +67,15 @@ async def test_sync_calls_count_against_the_daily_budget(db_url: str, tmp_path: 
             assert await _sync_round(h) == 1
         holds = [e for e in logs if e["event"] == "budget.hold"]
         assert len(holds) == 1 and holds[0]["lane"] == "sync" and holds[0]["held_tasks"] == 1
-        states = {r["custom_id"]: r["state"] for r in await h.rows(
-            "SELECT custom_id, state FROM tasks")}
+        states = {
+            r["custom_id"]: r["state"] for r in await h.rows("SELECT custom_id, state FROM tasks")
+        }
         assert states == {"s1": "succeeded", "s2": "queued"}  # held back, not dropped
 
-        ledger = await h.rows("SELECT custom_id, reserved_usd, cost_usd, spend_day "
-                              "FROM sync_spend")
+        ledger = await h.rows("SELECT custom_id, reserved_usd, cost_usd, spend_day FROM sync_spend")
         assert [(r["custom_id"], r["reserved_usd"], r["cost_usd"]) for r in ledger] == [
-            ("s1", est_sync, paid)]
+            ("s1", est_sync, paid)
+        ]
         assert ledger[0]["spend_day"] == clock.now.date()
         assert await h.scalar("SELECT cost_usd FROM results WHERE custom_id = 's1'") == paid
         await h.service.snapshot()
@@ -93,7 +98,8 @@ async def test_sync_calls_count_against_the_daily_budget(db_url: str, tmp_path: 
 
 
 async def test_a_sync_call_without_an_answer_keeps_its_reservation(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, daily_budget_usd="1") as h:
         h.emulator.inject("sync", "reset_before")
         h.emulator.inject("sync", "http_500")
@@ -108,26 +114,36 @@ async def test_a_sync_call_without_an_answer_keeps_its_reservation(
         # No answer: may have been billed, stays reserved. An error answer
         # costs nothing. The success costs its usage.
         assert [(r["reserved_usd"], r["cost_usd"]) for r in ledger] == [
-            (est, None), (est, Decimal(0)), (est, _actual(task, True))]
+            (est, None),
+            (est, Decimal(0)),
+            (est, _actual(task, True)),
+        ]
 
 
 async def test_both_lanes_feed_the_lane_labelled_metrics(db_url: str, tmp_path: Path) -> None:
-    tasks = [chat_task("b1"), chat_task("b2"), chat_task("s1", lane="sync"),
-             chat_task("s-bad", lane="sync", emulate="http_400")]
+    tasks = [
+        chat_task("b1"),
+        chat_task("b2"),
+        chat_task("s1", lane="sync"),
+        chat_task("s-bad", lane="sync", emulate="http_400"),
+    ]
     labels_b = {"client": "local", "lane": "batch"}
     labels_s = {"client": "local", "lane": "sync"}
     oa = {"provider": "openai", "model": "gpt-4o-mini"}
-    names = [("batchd_tasks_received_total", labels_b), ("batchd_tasks_received_total", labels_s),
-             ("batchd_tasks_completed_total", {**labels_b, "outcome": "succeeded"}),
-             ("batchd_tasks_completed_total", {**labels_s, "outcome": "succeeded"}),
-             ("batchd_tasks_completed_total", {**labels_s, "outcome": "failed"}),
-             ("batchd_spend_dollars_total", {**oa, "lane": "batch"}),
-             ("batchd_spend_dollars_total", {**oa, "lane": "sync"}),
-             ("batchd_savings_dollars_total", {**oa, "lane": "batch"}),
-             ("batchd_savings_dollars_total", {**oa, "lane": "sync"}),
-             ("batchd_tokens_total", {**oa, "kind": "output", "lane": "sync"}),
-             ("batchd_task_latency_seconds_count", {"lane": "batch"}),
-             ("batchd_task_latency_seconds_count", {"lane": "sync"})]
+    names = [
+        ("batchd_tasks_received_total", labels_b),
+        ("batchd_tasks_received_total", labels_s),
+        ("batchd_tasks_completed_total", {**labels_b, "outcome": "succeeded"}),
+        ("batchd_tasks_completed_total", {**labels_s, "outcome": "succeeded"}),
+        ("batchd_tasks_completed_total", {**labels_s, "outcome": "failed"}),
+        ("batchd_spend_dollars_total", {**oa, "lane": "batch"}),
+        ("batchd_spend_dollars_total", {**oa, "lane": "sync"}),
+        ("batchd_savings_dollars_total", {**oa, "lane": "batch"}),
+        ("batchd_savings_dollars_total", {**oa, "lane": "sync"}),
+        ("batchd_tokens_total", {**oa, "kind": "output", "lane": "sync"}),
+        ("batchd_task_latency_seconds_count", {"lane": "batch"}),
+        ("batchd_task_latency_seconds_count", {"lane": "sync"}),
+    ]
     async with running(db_url, tmp_path) as h:
         before = [_sample(n, **lab) for n, lab in names]
         await h.post({"tasks": tasks})

@@ -87,14 +87,15 @@ async def send_raw(port: int, content_type: bytes, body: bytes) -> tuple[int, by
     """POST ``body`` from a task that keeps writing while the reply is read:
     the server may answer (and stop reading) long before the body ends."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\n"
-                 b"Content-Length: %d\r\nConnection: close\r\n\r\n"
-                 % (port, content_type, len(body)))
+    writer.write(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: %s\r\n"
+        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (port, content_type, len(body))
+    )
 
     async def pump() -> None:
         try:
             for start in range(0, len(body), MiB):
-                writer.write(body[start:start + MiB])
+                writer.write(body[start : start + MiB])
                 await writer.drain()
         except (ConnectionError, OSError):
             pass  # the server stopped reading: expected once it has refused
@@ -108,7 +109,8 @@ async def send_raw(port: int, content_type: bytes, body: bytes) -> tuple[int, by
 
 
 async def test_a_60_mib_hostile_body_is_refused_within_a_memory_bound(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """Issue 17: a 63 MiB NDJSON body of ``{}`` took the daemon from 129 MB
     to 2.94 GB and a 32 MiB body stalled /healthz for 2.9 s."""
     hostile_ndjson = b"{}\n" * (60 * MiB // 3)
@@ -118,9 +120,10 @@ async def test_a_60_mib_hostile_body_is_refused_within_a_memory_bound(
         port = h.service.port
         assert port is not None
         for content_type, body, code in (
-                (b"application/x-ndjson", hostile_ndjson, "too_many_tasks"),
-                (b"application/json", hostile_json, "too_many_tasks"),
-                (b"application/x-ndjson", valid_ndjson, "too_many_tasks")):
+            (b"application/x-ndjson", hostile_ndjson, "too_many_tasks"),
+            (b"application/json", hostile_json, "too_many_tasks"),
+            (b"application/x-ndjson", valid_ndjson, "too_many_tasks"),
+        ):
             rss = PeakRss()
             healthz: list[float] = []
 
@@ -145,14 +148,16 @@ async def test_a_60_mib_hostile_body_is_refused_within_a_memory_bound(
 
 
 async def test_a_declared_oversize_body_is_refused_before_reading(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, max_request_bytes=1 * MiB) as h:
         port = h.service.port
         assert port is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % (port, 2 * MiB))  # and not one byte of the body
+        writer.write(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (port, 2 * MiB)
+        )  # and not one byte of the body
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         writer.close()
         assert head.split(b" ", 2)[1] == b"413"
@@ -163,15 +168,19 @@ async def test_a_declared_oversize_body_is_refused_before_reading(
 
 
 async def test_a_body_that_stalls_between_pieces_is_dropped_and_stores_nothing(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, ingest_timeout_seconds=1) as h:
         port = h.service.port
         assert port is not None
         body = ndjson(many("stall", 6000))
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                     b"Content-Type: application/x-ndjson\r\nContent-Length: %d\r\n\r\n"
-                     % (port, len(body)) + body[:len(body) // 2])  # then nothing
+        writer.write(
+            b"POST /v1/tasks HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Content-Type: application/x-ndjson\r\nContent-Length: %d\r\n\r\n"
+            % (port, len(body))
+            + body[: len(body) // 2]
+        )  # then nothing
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
         reply = await asyncio.wait_for(reader.read(65536), 5)
         writer.close()

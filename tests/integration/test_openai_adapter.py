@@ -23,9 +23,16 @@ CHAT = "/v1/chat/completions"
 
 
 def chat(custom_id: str) -> dict[str, Any]:
-    return {"custom_id": custom_id, "method": "POST", "url": CHAT,
-            "body": {"model": "gpt-4o-mini", "max_tokens": 5,
-                     "messages": [{"role": "user", "content": f"hello {custom_id}"}]}}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": CHAT,
+        "body": {
+            "model": "gpt-4o-mini",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": f"hello {custom_id}"}],
+        },
+    }
 
 
 @dataclass
@@ -111,12 +118,15 @@ async def test_remote_batch_carries_counts_usage_metadata_and_model(rig: Rig) ->
 
 
 async def test_failed_batch_errors_become_plain_dicts(rig: Rig) -> None:
-    rig.emulator.script_batch("validation_failed", errors=[
-        {"code": "invalid_request", "line": 1, "param": "body.messages", "message": "no"}])
+    rig.emulator.script_batch(
+        "validation_failed",
+        errors=[{"code": "invalid_request", "line": 1, "param": "body.messages", "message": "no"}],
+    )
     batch = await rig.completed()
     assert batch.status == "failed"
-    assert batch.errors == [{"code": "invalid_request", "line": 1, "param": "body.messages",
-                             "message": "no"}]
+    assert batch.errors == [
+        {"code": "invalid_request", "line": 1, "param": "body.messages", "message": "no"}
+    ]
 
 
 async def test_upload_returns_the_remote_file(rig: Rig) -> None:
@@ -142,10 +152,13 @@ async def test_list_files_yields_batch_files_newest_first(rig: Rig) -> None:
 # ---- status faults ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fault", "status"), [
-    ("http_500", 500), ("http_502_html", 502), ("http_503", 503), ("http_429", 429)])
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [("http_500", 500), ("http_502_html", 502), ("http_503", 503), ("http_429", 429)],
+)
 async def test_server_and_rate_limit_faults_on_create_are_retryable(
-        rig: Rig, fault: str, status: int) -> None:
+    rig: Rig, fault: str, status: int
+) -> None:
     rig.emulator.inject("create", fault)
     error = await _create_error(rig)
     assert (error.operation, error.status, error.retryable) == ("create_batch", status, True)
@@ -199,11 +212,13 @@ async def test_wrong_key_is_not_retryable(rig: Rig) -> None:
     finally:
         await wrong.close()
     assert (info.value.status, info.value.code, info.value.retryable) == (
-        401, "invalid_api_key", False)
+        401,
+        "invalid_api_key",
+        False,
+    )
 
 
-async def test_sdk_retries_absorb_transient_faults_and_resend_the_whole_file(
-        rig: Rig) -> None:
+async def test_sdk_retries_absorb_transient_faults_and_resend_the_whole_file(rig: Rig) -> None:
     patient = rig.provider_with(max_retries=2)
     rig.emulator.inject("upload", "http_503", times=2, retry_after_ms=10)
     path = rig.input_file(50)
@@ -224,19 +239,24 @@ async def test_retry_after_beyond_two_minutes_stops_sdk_retries_at_once(rig: Rig
 
 
 async def test_create_that_commits_then_hangs_times_out_and_leaves_a_batch(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(provider_kw={"timeout": 2.0})
     rig.emulator.inject("create", "timeout_after_commit", seconds=30)
     error = await _create_error(rig, client_key="k-42")
     assert error.retryable and error.status is None
     (orphan,) = rig.emulator.created_batches_by_metadata("client_key", "k-42")
-    adopted = [b.id async for b in rig.provider.list_batches()
-               if (b.metadata or {}).get("client_key") == "k-42"]
+    adopted = [
+        b.id
+        async for b in rig.provider.list_batches()
+        if (b.metadata or {}).get("client_key") == "k-42"
+    ]
     assert adopted == [orphan.id]
 
 
 async def test_hang_without_work_times_out_retryably(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     # Long enough that the upload before it never times out on a loaded machine.
     rig = await make_rig(provider_kw={"timeout": 2.0})
     rig.emulator.inject("create", "hang", seconds=30)
@@ -278,7 +298,8 @@ async def test_5xx_during_listing_is_retryable(rig: Rig) -> None:
 
 
 async def test_cancel_of_a_completed_batch_returns_it_without_sdk_retries(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(provider_kw={"max_retries": 2})
     batch = await rig.completed()
     again = await rig.provider.cancel_batch(batch.id)
@@ -286,7 +307,8 @@ async def test_cancel_of_a_completed_batch_returns_it_without_sdk_retries(
 
 
 async def test_cancel_of_a_live_batch_returns_cancelling(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     rig = await make_rig(in_progress_seconds=30, cancelling_seconds=30)
     batch = await rig.submit()
     assert (await rig.provider.cancel_batch(batch.id)).status == "cancelling"
@@ -326,7 +348,8 @@ async def test_slow_download_still_completes(rig: Rig) -> None:
 
 
 async def test_download_stalling_past_the_timeout_is_truncation(
-        make_rig: Callable[..., Awaitable[Rig]]) -> None:
+    make_rig: Callable[..., Awaitable[Rig]],
+) -> None:
     # Long enough that the upload before it never times out on a loaded machine.
     rig = await make_rig(provider_kw={"timeout": 2.0})
     batch = await rig.completed(5)

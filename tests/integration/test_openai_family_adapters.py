@@ -26,9 +26,16 @@ Make = Callable[..., Awaitable[tuple[Emulator, OpenAIProvider]]]
 
 
 def chat(cid: str, model: str = "my-gpt4o-deployment") -> dict[str, Any]:
-    return {"custom_id": cid, "method": "POST", "url": CHAT,
-            "body": {"model": model, "max_tokens": 5,
-                     "messages": [{"role": "user", "content": f"hi {cid}"}]}}
+    return {
+        "custom_id": cid,
+        "method": "POST",
+        "url": CHAT,
+        "body": {
+            "model": model,
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": f"hi {cid}"}],
+        },
+    }
 
 
 @pytest.fixture
@@ -54,8 +61,9 @@ async def make(tmp_path: Path) -> AsyncIterator[Make]:
         await emulator.stop()
 
 
-async def submit(provider: OpenAIProvider, tmp: Path, lines: list[dict[str, Any]],
-                 batch_id: str = "bd_1") -> RemoteBatch:
+async def submit(
+    provider: OpenAIProvider, tmp: Path, lines: list[dict[str, Any]], batch_id: str = "bd_1"
+) -> RemoteBatch:
     path = tmp / f"in-{time.monotonic_ns()}.jsonl"
     path.write_bytes(b"".join(orjson.dumps(x) + b"\n" for x in lines))
     remote = await provider.upload_file(path, f"batchd-{batch_id}.jsonl")
@@ -70,15 +78,17 @@ async def settle(provider: OpenAIProvider, batch: RemoteBatch) -> RemoteBatch:
     return batch
 
 
-async def lines_of(provider: OpenAIProvider, tmp: Path, batch: RemoteBatch
-                   ) -> dict[str, dict[str, Any]]:
+async def lines_of(
+    provider: OpenAIProvider, tmp: Path, batch: RemoteBatch
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for file_id in (batch.output_file_id, batch.error_file_id):
         if file_id:
             dest = tmp / f"{file_id}.jsonl"
             await provider.download_file(file_id, dest)
-            out.update({x["custom_id"]: x for x in map(orjson.loads,
-                                                       dest.read_bytes().splitlines())})
+            out.update(
+                {x["custom_id"]: x for x in map(orjson.loads, dest.read_bytes().splitlines())}
+            )
     return out
 
 
@@ -87,8 +97,9 @@ async def test_journey_under_each_url_shape(make: Make, kind: str, tmp_path: Pat
     emulator, provider = await make(kind, upper_case_statuses=kind == "together")
     emulator.script_line("r", "http_500")
     emulator.script_line("f", "http_400")
-    done = await settle(provider, await submit(provider, tmp_path,
-                                               [chat("ok"), chat("r"), chat("f")]))
+    done = await settle(
+        provider, await submit(provider, tmp_path, [chat("ok"), chat("r"), chat("f")])
+    )
     assert done.status == "completed"
     if kind == "together":
         assert done.provider_status == "COMPLETED"
@@ -110,8 +121,7 @@ async def test_journey_under_each_url_shape(make: Make, kind: str, tmp_path: Pat
     assert cancelled.status in ("cancelling", "cancelled")
 
 
-async def test_azure_names_its_limits_and_sends_the_deployment(make: Make,
-                                                               tmp_path: Path) -> None:
+async def test_azure_names_its_limits_and_sends_the_deployment(make: Make, tmp_path: Path) -> None:
     emulator, provider = await make("azure")
     assert provider.name == "azure" and provider.limits.max_lines == 100_000
     status, body = await provider.call_sync(CHAT, chat("s")["body"], "s")

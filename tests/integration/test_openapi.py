@@ -31,20 +31,26 @@ async def test_the_served_document_is_valid_openapi_3_1(db_url: str, tmp_path: P
 
 
 async def test_every_route_is_documented_and_every_documented_operation_is_served(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
-        served = {(r.method.lower(), r.resource.canonical)
-                  for r in h.service.app.router.routes()
-                  if r.method != "HEAD" and r.resource is not None
-                  and not is_console_path(r.resource.canonical)}
+        served = {
+            (r.method.lower(), r.resource.canonical)
+            for r in h.service.app.router.routes()
+            if r.method != "HEAD"
+            and r.resource is not None
+            and not is_console_path(r.resource.canonical)
+        }
         _, spec = await h.get("/openapi.json")
-        documented = {(m, path) for path, item in spec["paths"].items() for m in item
-                      if m in METHODS}
+        documented = {
+            (m, path) for path, item in spec["paths"].items() for m in item if m in METHODS
+        }
         assert served == documented
 
 
 async def test_every_operation_documents_its_errors_in_the_error_shape(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         _, spec = await h.get("/openapi.json")
     error_ref = {"$ref": "#/components/schemas/Error"}
@@ -52,8 +58,11 @@ async def test_every_operation_documents_its_errors_in_the_error_shape(
         for method, op in item.items():
             for status, reply in op["responses"].items():
                 if int(status) >= 400:
-                    assert reply["content"]["application/json"]["schema"] == error_ref, \
-                        (method, path, status)
+                    assert reply["content"]["application/json"]["schema"] == error_ref, (
+                        method,
+                        path,
+                        status,
+                    )
                     assert "(code `" in reply["description"], (method, path, status)
             if op.get("security") != []:
                 assert "401" in op["responses"], (method, path)
@@ -61,10 +70,16 @@ async def test_every_operation_documents_its_errors_in_the_error_shape(
                 assert "503" in op["responses"], (method, path)
 
 
-async def test_plain_docs_page_shows_every_path_and_fetches_nothing(db_url: str,
-                                                                    tmp_path: Path) -> None:
-    async with running(db_url, tmp_path, ingest_tokens="secret", callback_allowed_hosts="*",
-                       callback_secret=SIGNING) as h:
+async def test_plain_docs_page_shows_every_path_and_fetches_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    async with running(
+        db_url,
+        tmp_path,
+        ingest_tokens="secret",
+        callback_allowed_hosts="*",
+        callback_secret=SIGNING,
+    ) as h:
         async with h.http.get(f"{h.base_url}/docs/plain") as r:
             assert r.status == 200 and r.content_type == "text/html"
             page = await r.text()
@@ -79,8 +94,9 @@ async def test_plain_docs_page_shows_every_path_and_fetches_nothing(db_url: str,
 
 
 async def test_configured_limits_are_the_documented_ones(db_url: str, tmp_path: Path) -> None:
-    async with running(db_url, tmp_path, max_tasks_per_request=7, max_custom_id_chars=40,
-                       max_metadata_pairs=3) as h:
+    async with running(
+        db_url, tmp_path, max_tasks_per_request=7, max_custom_id_chars=40, max_metadata_pairs=3
+    ) as h:
         _, spec = await h.get("/openapi.json")
     schemas = spec["components"]["schemas"]
     assert schemas["TaskList"]["properties"]["tasks"]["maxItems"] == 7
@@ -91,9 +107,11 @@ async def test_configured_limits_are_the_documented_ones(db_url: str, tmp_path: 
 
 
 async def test_each_documented_error_is_answered_in_its_documented_shape(
-        db_url: str, tmp_path: Path) -> None:
-    async with running(db_url, tmp_path, ingest_tokens="secret", max_queued_tasks=2,
-                       max_tasks_per_request=3) as h:
+    db_url: str, tmp_path: Path
+) -> None:
+    async with running(
+        db_url, tmp_path, ingest_tokens="secret", max_queued_tasks=2, max_tasks_per_request=3
+    ) as h:
         auth = {"Authorization": "Bearer secret"}
         await h.post(chat_task("a"), headers=auth)
         cases = [
@@ -101,10 +119,16 @@ async def test_each_documented_error_is_answered_in_its_documented_shape(
             (await h.post({"custom_id": "b"}, headers=auth), 400, "invalid_task"),
             (await h.post({"tasks": []}, headers=auth), 400, "invalid_request"),
             (await h.post(chat_task("a", content="other"), headers=auth), 409, "conflict"),
-            (await h.post({"tasks": [chat_task(f"t{i}") for i in range(4)]}, headers=auth),
-             413, "too_many_tasks"),
-            (await h.post({"tasks": [chat_task("c"), chat_task("d")]}, headers=auth),
-             429, "queue_full"),
+            (
+                await h.post({"tasks": [chat_task(f"t{i}") for i in range(4)]}, headers=auth),
+                413,
+                "too_many_tasks",
+            ),
+            (
+                await h.post({"tasks": [chat_task("c"), chat_task("d")]}, headers=auth),
+                429,
+                "queue_full",
+            ),
         ]
         async with h.http.post(f"{h.base_url}/v1/tasks", data=b"{", headers=auth) as r:
             cases.append(((r.status, await r.json()), 400, "invalid_json"))
@@ -132,8 +156,10 @@ def test_the_document_with_callbacks_on_is_valid_too() -> None:
     spec = build(Limits(), callbacks=True)
     validate(spec)
     assert "callback_url" in spec["components"]["schemas"]["Task"]["oneOf"][0]["properties"]
-    assert "callback_url" not in build(Limits())["components"]["schemas"]["Task"]["oneOf"][0][
-        "properties"]
+    assert (
+        "callback_url"
+        not in build(Limits())["components"]["schemas"]["Task"]["oneOf"][0]["properties"]
+    )
 
 
 def test_the_checker_catches_an_undocumented_status_and_a_wrong_body() -> None:
@@ -141,6 +167,7 @@ def test_the_checker_catches_an_undocumented_status_and_a_wrong_body() -> None:
     assert check.problems("GET", "/healthz", 200, "application/json", b'{"status":"ok"}') == []
     assert check.problems("GET", "/healthz", 418, "application/json", b"{}")
     assert check.problems("GET", "/healthz", 200, "application/json", b'{"status":1}')
-    assert check.problems("POST", "/v1/tasks", 400, "application/json",
-                          orjson.dumps({"error": {"code": "x"}}))
+    assert check.problems(
+        "POST", "/v1/tasks", 400, "application/json", orjson.dumps({"error": {"code": "x"}})
+    )
     assert check.problems("GET", "/nowhere", 200, "application/json", b"{}")

@@ -27,17 +27,22 @@ from tests.harness import API_KEY, Harness, chat_task, running
 
 
 def claude_task(cid: str, emulate: str | None = None, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 12,
-                            "messages": [{"role": "user", "content": f"hello {cid}"}]}
+    body: dict[str, Any] = {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 12,
+        "messages": [{"role": "user", "content": f"hello {cid}"}],
+    }
     if emulate:
         body["metadata"] = {"emulate": emulate}
     return {"custom_id": cid, "endpoint": "/v1/messages", "body": body, **extra}
 
 
 def gemini_task(cid: str, emulate: str | None = None, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "gemini-2.5-flash",
-                            "contents": [{"role": "user", "parts": [{"text": f"hi {cid}"}]}],
-                            "generationConfig": {"maxOutputTokens": 8}}
+    body: dict[str, Any] = {
+        "model": "gemini-2.5-flash",
+        "contents": [{"role": "user", "parts": [{"text": f"hi {cid}"}]}],
+        "generationConfig": {"maxOutputTokens": 8},
+    }
     if emulate:
         body["emulate"] = emulate
     return {"custom_id": cid, "endpoint": "/v1beta/generateContent", "body": body, **extra}
@@ -58,14 +63,16 @@ class Mixed:
 
 
 @pytest.fixture
-async def mixed(db_url: str, tmp_path: Path, request: pytest.FixtureRequest
-                ) -> AsyncIterator[Mixed]:
+async def mixed(
+    db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Mixed]:
     overrides: dict[str, Any] = getattr(request, "param", {})
     claude, gem = AnthropicEmulator(API_KEY), GeminiEmulator(API_KEY)
     claude_url, gem_url = await claude.start(), await gem.start()
     providers: dict[str, Provider] = {
         "anthropic": AnthropicProvider(API_KEY, claude_url, max_retries=0),
-        "gemini": GeminiProvider(API_KEY, gem_url, timeout=10)}
+        "gemini": GeminiProvider(API_KEY, gem_url, timeout=10),
+    }
     try:
         async with running(db_url, tmp_path, providers=providers, **overrides) as h:
             yield Mixed(h, claude, gem)
@@ -76,45 +83,63 @@ async def mixed(db_url: str, tmp_path: Path, request: pytest.FixtureRequest
 
 async def test_mixed_load_settles_with_states_and_costs_per_provider(mixed: Mixed) -> None:
     h = mixed.h
-    tasks = [chat_task("o-ok"), chat_task("o-final", emulate="http_400"),
-             claude_task("a-ok"), claude_task("a-retry", emulate="overloaded*1"),
-             claude_task("a-final", emulate="invalid_request"),
-             gemini_task("g-ok"), gemini_task("g-retry", emulate="unavailable*1"),
-             gemini_task("g-final", emulate="invalid_argument")]
+    tasks = [
+        chat_task("o-ok"),
+        chat_task("o-final", emulate="http_400"),
+        claude_task("a-ok"),
+        claude_task("a-retry", emulate="overloaded*1"),
+        claude_task("a-final", emulate="invalid_request"),
+        gemini_task("g-ok"),
+        gemini_task("g-retry", emulate="unavailable*1"),
+        gemini_task("g-final", emulate="invalid_argument"),
+    ]
     status, body = await h.post({"tasks": tasks})
     assert status == 202, body
-    stored = {r["custom_id"]: r["provider"] for r in await h.rows(
-        "SELECT custom_id, provider FROM tasks")}
+    stored = {
+        r["custom_id"]: r["provider"] for r in await h.rows("SELECT custom_id, provider FROM tasks")
+    }
     family = {"o": "openai", "a": "anthropic", "g": "gemini"}
     assert stored == {t["custom_id"]: family[t["custom_id"][0]] for t in tasks}
     await h.run_until_settled()
-    states = {r["custom_id"]: (r["state"], r["attempts"]) for r in await h.rows(
-        "SELECT custom_id, state, attempts FROM tasks")}
-    assert states == {"o-ok": ("succeeded", 1), "o-final": ("failed", 1),
-                      "a-ok": ("succeeded", 1), "a-retry": ("succeeded", 2),
-                      "a-final": ("failed", 1), "g-ok": ("succeeded", 1),
-                      "g-retry": ("succeeded", 2), "g-final": ("failed", 1)}
+    states = {
+        r["custom_id"]: (r["state"], r["attempts"])
+        for r in await h.rows("SELECT custom_id, state, attempts FROM tasks")
+    }
+    assert states == {
+        "o-ok": ("succeeded", 1),
+        "o-final": ("failed", 1),
+        "a-ok": ("succeeded", 1),
+        "a-retry": ("succeeded", 2),
+        "a-final": ("failed", 1),
+        "g-ok": ("succeeded", 1),
+        "g-retry": ("succeeded", 2),
+        "g-final": ("failed", 1),
+    }
     # One provider per batch; each batch's provider is its tasks'.
     batches = await h.rows("SELECT provider, model, item_count FROM batches ORDER BY created_at")
     assert {(b["provider"], b["model"]) for b in batches} == {
-        ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4-5"),
-        ("gemini", "gemini-2.5-flash")}
+        ("openai", "gpt-4o-mini"),
+        ("anthropic", "claude-sonnet-4-5"),
+        ("gemini", "gemini-2.5-flash"),
+    }
     # Costs exact, from each provider's own usage shape (the response body's).
     prices = PriceTable.load()
     results = await h.rows(
         "SELECT r.custom_id, r.response, r.cost_usd, t.model FROM results r "
-        "JOIN tasks t ON t.id = r.task_id")
+        "JOIN tasks t ON t.id = r.task_id"
+    )
     assert len(results) == 5
     for r in results:
-        response = r["response"] if isinstance(r["response"], dict) else orjson.loads(
-            r["response"])
+        response = r["response"] if isinstance(r["response"], dict) else orjson.loads(r["response"])
         tokens = tokens_from_usage(usage_of(response))
         assert tokens.input > 0 and tokens.output > 0, r
         assert Decimal(r["cost_usd"]) == cost(tokens, prices.lookup(r["model"]).batch), r
     # Each provider saw batchd's line ids only, never a caller's custom_id, and
     # billed each succeeded task once.
-    ids = {r["id"]: (r["custom_id"], r["provider"]) for r in await h.rows(
-        "SELECT id, custom_id, provider FROM tasks")}
+    ids = {
+        r["id"]: (r["custom_id"], r["provider"])
+        for r in await h.rows("SELECT id, custom_id, provider FROM tasks")
+    }
     for name, emu in (("anthropic", mixed.anthropic), ("gemini", mixed.gemini)):
         record = emu.record()["batches"]
         sent = [line_task_id(c) for b in record for c in b["custom_ids"]]
@@ -127,19 +152,28 @@ async def test_mixed_load_settles_with_states_and_costs_per_provider(mixed: Mixe
     day = report[0] if isinstance(report, list) else report
     by = day["providers"]
     assert {k: (v["succeeded"], v["failed"]) for k, v in by.items()} == {
-        "openai": (1, 1), "anthropic": (2, 1), "gemini": (2, 1)}
-    spend = {r["provider"]: Decimal(r["spend"]) for r in await h.rows(
-        "SELECT t.provider, sum(r.cost_usd) AS spend FROM results r "
-        "JOIN tasks t ON t.id = r.task_id GROUP BY t.provider")}
+        "openai": (1, 1),
+        "anthropic": (2, 1),
+        "gemini": (2, 1),
+    }
+    spend = {
+        r["provider"]: Decimal(r["spend"])
+        for r in await h.rows(
+            "SELECT t.provider, sum(r.cost_usd) AS spend FROM results r "
+            "JOIN tasks t ON t.id = r.task_id GROUP BY t.provider"
+        )
+    }
     # To the micro-dollar per provider: each provider's exact sum rounded once.
     assert {k: Decimal(v["spend_usd"]) for k, v in by.items()} == {
-        k: round_usd(v) for k, v in spend.items()}
+        k: round_usd(v) for k, v in spend.items()
+    }
     assert all(v > 0 for v in spend.values())
     assert round_usd(sum(spend.values(), Decimal(0))) == Decimal(day["spend_usd"])
 
 
 async def test_a_task_routed_to_an_unconfigured_provider_is_a_400_naming_it(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         status, body = await h.post({"tasks": [chat_task("fine"), claude_task("c1")]})
         assert status == 400, body
@@ -151,10 +185,12 @@ async def test_a_task_routed_to_an_unconfigured_provider_is_a_400_naming_it(
         assert await h.count("true") == 0
 
 
-@pytest.mark.parametrize("mixed", [{"model_routes": "claude-*=anthropic,gemini-*=gemini"}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "mixed", [{"model_routes": "claude-*=anthropic,gemini-*=gemini"}], indirect=True
+)
 async def test_model_routes_send_openai_endpoints_only_to_providers_that_run_them(
-        mixed: Mixed) -> None:
+    mixed: Mixed,
+) -> None:
     # A chat task for a model routed to Anthropic: Anthropic does not run it.
     status, body = await mixed.h.post(chat_task("c", model="claude-sonnet-4-5"))
     assert status == 400 and "does not run /v1/chat/completions" in body["error"]["message"]
@@ -179,8 +215,9 @@ async def test_a_window_waits_for_room_in_the_providers_queue(mixed: Mixed) -> N
 
 async def test_the_sync_lane_calls_the_same_providers_api(mixed: Mixed) -> None:
     h = mixed.h
-    status, _ = await h.post({"tasks": [claude_task("s1", lane="sync"),
-                                        gemini_task("s2", lane="sync")]})
+    status, _ = await h.post(
+        {"tasks": [claude_task("s1", lane="sync"), gemini_task("s2", lane="sync")]}
+    )
     assert status == 202
     await h.drain_sync()
     assert await h.count("state = 'succeeded'") == 2
@@ -192,8 +229,7 @@ async def test_the_sync_lane_calls_the_same_providers_api(mixed: Mixed) -> None:
     assert body["type"] == "message"
 
 
-async def test_a_crash_between_create_and_record_adopts_the_anthropic_batch(
-        mixed: Mixed) -> None:
+async def test_a_crash_between_create_and_record_adopts_the_anthropic_batch(mixed: Mixed) -> None:
     """Anthropic batches carry no metadata: the one created before the crash is
     found by time and size and adopted, never created twice."""
     h = mixed.h
@@ -201,15 +237,17 @@ async def test_a_crash_between_create_and_record_adopts_the_anthropic_batch(
     assert (await h.post({"tasks": [claude_task("k1"), claude_task("k2")]}))[0] == 202
     await h.flush(drain=True)
     assert len(mixed.anthropic.batches) == 1
-    await h.execute("UPDATE batches SET lease_until = now() - interval '1 second', "
-                    "next_poll_at = now()")
+    await h.execute(
+        "UPDATE batches SET lease_until = now() - interval '1 second', next_poll_at = now()"
+    )
     await h.run_until_settled()
     assert len(mixed.anthropic.batches) == 1
     assert await h.count("state = 'succeeded'") == 2
 
 
 async def test_a_lost_anthropic_batch_goes_to_the_row_that_created_it_not_another_retry(
-        mixed: Mixed) -> None:
+    mixed: Mixed,
+) -> None:
     """Two windows: the first create is lost after the provider made the batch,
     the second is refused with a 529. Whichever row retries first, each adopts
     or creates only its own: two batches at the provider, nothing twice."""
@@ -217,8 +255,12 @@ async def test_a_lost_anthropic_batch_goes_to_the_row_that_created_it_not_anothe
     mixed.anthropic.inject("create", "reset_after")
     mixed.anthropic.inject("create", "http_529")
     tasks = [claude_task("x1"), claude_task("x2")] + [
-        {**claude_task(f"y{i}"), "body": {**claude_task(f"y{i}")["body"],
-                                          "model": "claude-haiku-4-5"}} for i in (1, 2)]
+        {
+            **claude_task(f"y{i}"),
+            "body": {**claude_task(f"y{i}")["body"], "model": "claude-haiku-4-5"},
+        }
+        for i in (1, 2)
+    ]
     assert (await h.post({"tasks": tasks}))[0] == 202
     for _ in range(3):
         await h.flush(drain=True)
@@ -227,13 +269,16 @@ async def test_a_lost_anthropic_batch_goes_to_the_row_that_created_it_not_anothe
     assert await h.count("state = 'succeeded'") == 4
     record = mixed.anthropic.record()["batches"]
     assert sorted([sorted(await callers_ids(h, b["custom_ids"])) for b in record]) == [
-        ["x1", "x2"], ["y1", "y2"]]
+        ["x1", "x2"],
+        ["y1", "y2"],
+    ]
     billed = await callers_ids(h, [cid for b in record for cid in b["billed"]])
     assert sorted(billed) == ["x1", "x2", "y1", "y2"]
 
 
 async def test_a_window_past_the_queued_token_cap_goes_out_smaller_then_waits(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     tasks = [chat_task(f"t{i}") for i in range(6)]
     body = tasks[0]["body"]
     per_task, _ = estimate_tokens("/v1/chat/completions", body, len(orjson.dumps(body)))
@@ -242,8 +287,10 @@ async def test_a_window_past_the_queued_token_cap_goes_out_smaller_then_waits(
         assert (await h.post({"tasks": tasks}))[0] == 202
         assert await h.scalar("SELECT max(est_input_tokens) FROM tasks") == per_task
         await h.flush(drain=True)
-        sizes = [r["item_count"] for r in await h.rows(
-            "SELECT item_count FROM batches ORDER BY created_at")]
+        sizes = [
+            r["item_count"]
+            for r in await h.rows("SELECT item_count FROM batches ORDER BY created_at")
+        ]
         # 2 fit under the cap; then one more (a window always moves by one) and
         # with the cap passed, the rest wait for a batch to finish.
         assert sizes == [2, 1]

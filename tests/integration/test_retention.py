@@ -27,19 +27,27 @@ OLD_DAYS = 40
 
 
 def _cli(db_url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "batchd", *args], cwd=ROOT,
-                          env={**os.environ, "BATCHD_DATABASE_URL": db_url, **env},
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "batchd", *args],
+        cwd=ROOT,
+        env={**os.environ, "BATCHD_DATABASE_URL": db_url, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 async def _age_everything(h: Harness, days: int) -> None:
     """Move every timestamp of the history so far ``days`` back, as if it had run then."""
     for table, columns in (
-            ("tasks", ("created_at", "updated_at", "finished_at", "submitted_at", "not_before")),
-            ("task_events", ("created_at",)), ("results", ("created_at", "updated_at")),
-            ("batches", ("created_at", "submitted_at", "routed_at", "finished_at")),
-            ("callbacks", ("created_at", "finished_at")),
-            ("sync_spend", ("created_at", "settled_at"))):
+        ("tasks", ("created_at", "updated_at", "finished_at", "submitted_at", "not_before")),
+        ("task_events", ("created_at",)),
+        ("results", ("created_at", "updated_at")),
+        ("batches", ("created_at", "submitted_at", "routed_at", "finished_at")),
+        ("callbacks", ("created_at", "finished_at")),
+        ("sync_spend", ("created_at", "settled_at")),
+    ):
         sets = ", ".join(f"{c} = {c} - make_interval(days => {days})" for c in columns)
         await h.execute(f"UPDATE {table} SET {sets}")
     await h.execute(f"UPDATE batches SET spend_day = spend_day - {days}")
@@ -50,20 +58,28 @@ async def _old_history(h: Harness) -> None:
     """Forty days ago: five successes, one failure left in the manual queue, one
     failure dismissed, one success with a callback still to deliver, one success
     whose batch is (made) still live."""
-    await h.post({"tasks": [*(chat_task(f"ok{i}") for i in range(5)),
-                            chat_task("bad", emulate="http_400"),
-                            chat_task("gone", emulate="http_400")]})
+    await h.post(
+        {
+            "tasks": [
+                *(chat_task(f"ok{i}") for i in range(5)),
+                chat_task("bad", emulate="http_400"),
+                chat_task("gone", emulate="http_400"),
+            ]
+        }
+    )
     await h.run_until_settled()
     status, body = await h.get("/v1/failed")
     assert status == 200 and len(body["failed"]) == 2
-    async with h.http.post(f"{h.base_url}/v1/failed/dismiss",
-                           json={"custom_ids": ["gone", "ok0", "nope"]}) as r:
+    async with h.http.post(
+        f"{h.base_url}/v1/failed/dismiss", json={"custom_ids": ["gone", "ok0", "nope"]}
+    ) as r:
         assert r.status == 200
         answer = await r.json()
     assert answer["dismissed"] == 1 and answer["custom_ids"] == ["gone"]
     assert {s["custom_id"]: s["reason"] for s in answer["skipped"]} == {
         "ok0": "already succeeded; its result is stored, replaying would pay twice",
-        "nope": "unknown custom_id"}
+        "nope": "unknown custom_id",
+    }
     await h.post({"tasks": [chat_task("live-batch", model="gpt-4.1-nano")]})
     await h.run_until_settled()
     await h.post({"tasks": [chat_task("calling", model="gpt-4.1")]})
@@ -82,22 +98,31 @@ async def _make_live_again(h: Harness) -> None:
 
 
 async def test_prune_deletes_old_finished_history_and_nothing_else(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await _old_history(h)
-        await h.post({"tasks": [chat_task("fresh-ok"), chat_task("fresh-queued",
-                                                                  model="gpt-4.1-mini")]})
+        await h.post(
+            {"tasks": [chat_task("fresh-ok"), chat_task("fresh-queued", model="gpt-4.1-mini")]}
+        )
         await h.flush(drain=True)
         await h.make_polls_due()
         await h.service.poller.tick()
         await _make_live_again(h)
-        old_day = (h.service.clock() .date()).fromordinal(
-            h.service.clock().date().toordinal() - OLD_DAYS).isoformat()
+        old_day = (
+            (h.service.clock().date())
+            .fromordinal(h.service.clock().date().toordinal() - OLD_DAYS)
+            .isoformat()
+        )
         _, before = await h.get("/v1/report/daily", date=old_day)
         assert before["tasks_in"] == 9 and before["succeeded"] == 7
 
-        doomed = [r["id"] for r in await h.rows(
-            "SELECT id FROM tasks WHERE custom_id LIKE 'ok%' OR custom_id = 'gone'")]
+        doomed = [
+            r["id"]
+            for r in await h.rows(
+                "SELECT id FROM tasks WHERE custom_id LIKE 'ok%' OR custom_id = 'gone'"
+            )
+        ]
         assert len(doomed) == 6
         plan = await h.service.retention.plan()
         # The dry run counts the 5 successes and the dismissed one (not bad,
@@ -109,30 +134,42 @@ async def test_prune_deletes_old_finished_history_and_nothing_else(
         assert pruned.rows["tasks"] == 6
         assert pruned.rows["results"] == 5
         assert metrics.ROWS_PRUNED.labels(table="tasks")._value.get() == pruned_before + 6
-        left = {r["custom_id"]: r["state"] for r in await h.rows(
-            "SELECT custom_id, state FROM tasks")}
-        assert left == {"bad": "failed", "live-batch": "succeeded", "calling": "succeeded",
-                        "fresh-ok": "succeeded", "fresh-queued": "submitted"} or \
-            set(left) == {"bad", "live-batch", "calling", "fresh-ok", "fresh-queued"}
+        left = {
+            r["custom_id"]: r["state"] for r in await h.rows("SELECT custom_id, state FROM tasks")
+        }
+        assert left == {
+            "bad": "failed",
+            "live-batch": "succeeded",
+            "calling": "succeeded",
+            "fresh-ok": "succeeded",
+            "fresh-queued": "submitted",
+        } or set(left) == {"bad", "live-batch", "calling", "fresh-ok", "fresh-queued"}
         # Nothing of the pruned tasks is left anywhere; the kept ones keep everything.
         for table in ("results", "task_events", "callbacks"):
             gone = await h.count(f"task_id = ANY(ARRAY{doomed}::bigint[])", table)
             assert gone == 0, table
-        assert await h.count(
-            "task_id = (SELECT id FROM tasks WHERE custom_id = 'live-batch')", "results") == 1
-        assert await h.count(
-            "task_id = (SELECT id FROM tasks WHERE custom_id = 'bad')", "task_events") >= 1
+        assert (
+            await h.count(
+                "task_id = (SELECT id FROM tasks WHERE custom_id = 'live-batch')", "results"
+            )
+            == 1
+        )
+        assert (
+            await h.count("task_id = (SELECT id FROM tasks WHERE custom_id = 'bad')", "task_events")
+            >= 1
+        )
         # The failed task's batch stays (it is referenced); so does the live one.
-        assert await h.count("id = (SELECT batch_id FROM tasks WHERE custom_id = 'bad')",
-                             "batches") == 1
+        assert (
+            await h.count("id = (SELECT batch_id FROM tasks WHERE custom_id = 'bad')", "batches")
+            == 1
+        )
         assert await h.count("state = 'submitted'", "batches") >= 1
         # The old day's report is what it was, from its rollup.
         _, after = await h.get("/v1/report/daily", date=old_day)
         assert after == before
         # A second pass finds nothing more; the manual queue still replays.
         assert (await h.service.retention.prune()).total == 0
-        async with h.http.post(f"{h.base_url}/v1/failed/replay",
-                               json={"custom_ids": ["bad"]}) as r:
+        async with h.http.post(f"{h.base_url}/v1/failed/replay", json={"custom_ids": ["bad"]}) as r:
             assert (await r.json())["replayed"] == 1
 
     done = _cli(db_url, "check", "--json")
@@ -141,7 +178,8 @@ async def test_prune_deletes_old_finished_history_and_nothing_else(
 
 
 async def test_the_report_of_a_pruned_day_and_the_manual_queue_add_up_over_days(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path) as h:
         await _old_history(h)
         await _make_live_again(h)
@@ -162,41 +200,69 @@ async def test_dismiss_is_validated_and_needs_a_token(db_url: str, tmp_path: Pat
         async with h.http.post(f"{h.base_url}/v1/failed/dismiss", json={"all": True}) as r:
             assert r.status == 401
         auth = {"Authorization": "Bearer s3cret-token-0123456789"}
-        for bad in ({}, {"all": False}, {"custom_ids": "x"}, {"custom_ids": None},
-                    {"custom_ids": ["a"], "extra": 1}, [1]):
-            async with h.http.post(f"{h.base_url}/v1/failed/dismiss", json=bad,
-                                   headers=auth) as r:
+        for bad in (
+            {},
+            {"all": False},
+            {"custom_ids": "x"},
+            {"custom_ids": None},
+            {"custom_ids": ["a"], "extra": 1},
+            [1],
+        ):
+            async with h.http.post(f"{h.base_url}/v1/failed/dismiss", json=bad, headers=auth) as r:
                 assert r.status == 400, bad
                 assert (await r.json())["error"]["code"] == "invalid_request"
-        async with h.http.post(f"{h.base_url}/v1/failed/dismiss", data=b"{",
-                               headers=auth) as r:
+        async with h.http.post(f"{h.base_url}/v1/failed/dismiss", data=b"{", headers=auth) as r:
             assert r.status == 400
 
 
 BREACHES: list[tuple[str, str]] = [
-    ("task_in_two_live_batches",
-     "UPDATE tasks SET state = 'submitted', batch_id = 'bd_gone' WHERE custom_id = 'stray'"),
-    ("ledger_not_results",
-     "UPDATE batches SET cost_usd = cost_usd + 1 WHERE id = "
-     "(SELECT batch_id FROM tasks WHERE custom_id = 'ok1')"),
-    ("result_without_success", "INSERT INTO results (task_id, client, custom_id, batch_id, "
-                               "status_code, response) SELECT id, client, custom_id, 'bd_x', "
-                               "200, '{}' FROM tasks WHERE custom_id = 'stray'"),
+    (
+        "task_in_two_live_batches",
+        "UPDATE tasks SET state = 'submitted', batch_id = 'bd_gone' WHERE custom_id = 'stray'",
+    ),
+    (
+        "ledger_not_results",
+        "UPDATE batches SET cost_usd = cost_usd + 1 WHERE id = "
+        "(SELECT batch_id FROM tasks WHERE custom_id = 'ok1')",
+    ),
+    (
+        "result_without_success",
+        "INSERT INTO results (task_id, client, custom_id, batch_id, "
+        "status_code, response) SELECT id, client, custom_id, 'bd_x', "
+        "200, '{}' FROM tasks WHERE custom_id = 'stray'",
+    ),
     ("success_without_result", "UPDATE tasks SET state = 'succeeded' WHERE custom_id = 'stray'"),
-    ("success_stored_twice", "INSERT INTO task_events (task_id, client, custom_id, attempt, "
-                             "outcome) SELECT id, client, custom_id, 1, 'succeeded' FROM tasks "
-                             "WHERE custom_id = 'ok4'"),
-    ("orphan_event", "INSERT INTO task_events (task_id, client, custom_id, attempt, outcome) "
-                     "VALUES (-1, 'local', 'never-stored', 1, 'retried')"),
-    ("orphan_callback", "INSERT INTO callbacks (task_id, client, custom_id, url, task_state, "
-                        "task_attempts) VALUES (-1, 'local', 'never-stored', 'http://x/', "
-                        "'succeeded', 1)"),
-    ("rollup_gap", "INSERT INTO rollup_days (day) VALUES (current_date - 100), "
-                   "(current_date - 98)"),
-    ("rollup_without_day", "INSERT INTO daily_rollups (day, client, provider, model, lane) "
-                           "VALUES (current_date - 300, 'local', 'openai', 'm', 'batch')"),
-    ("daily_counters", "UPDATE daily_rollups SET succeeded = succeeded + 1 WHERE day = "
-                       "(SELECT max(day) FROM daily_rollups)"),
+    (
+        "success_stored_twice",
+        "INSERT INTO task_events (task_id, client, custom_id, attempt, "
+        "outcome) SELECT id, client, custom_id, 1, 'succeeded' FROM tasks "
+        "WHERE custom_id = 'ok4'",
+    ),
+    (
+        "orphan_event",
+        "INSERT INTO task_events (task_id, client, custom_id, attempt, outcome) "
+        "VALUES (-1, 'local', 'never-stored', 1, 'retried')",
+    ),
+    (
+        "orphan_callback",
+        "INSERT INTO callbacks (task_id, client, custom_id, url, task_state, "
+        "task_attempts) VALUES (-1, 'local', 'never-stored', 'http://x/', "
+        "'succeeded', 1)",
+    ),
+    (
+        "rollup_gap",
+        "INSERT INTO rollup_days (day) VALUES (current_date - 100), (current_date - 98)",
+    ),
+    (
+        "rollup_without_day",
+        "INSERT INTO daily_rollups (day, client, provider, model, lane) "
+        "VALUES (current_date - 300, 'local', 'openai', 'm', 'batch')",
+    ),
+    (
+        "daily_counters",
+        "UPDATE daily_rollups SET succeeded = succeeded + 1 WHERE day = "
+        "(SELECT max(day) FROM daily_rollups)",
+    ),
 ]
 
 
@@ -222,12 +288,15 @@ async def test_check_names_each_kind_of_breach(db_url: str, tmp_path: Path) -> N
         await h.execute(BREACHES[3][1])
     broken = _cli(db_url, "check")
     assert broken.returncode == 1
-    assert broken.stdout.startswith("success_without_result: 1 breach(es)") and "stray" in \
-        broken.stdout
+    assert (
+        broken.stdout.startswith("success_without_result: 1 breach(es)")
+        and "stray" in broken.stdout
+    )
     as_json = json.loads(_cli(db_url, "check", "--json").stdout)
     assert as_json["ok"] is False
     assert [(b["code"], b["examples"]) for b in as_json["breaches"]] == [
-        ("success_without_result", ["local/stray"])]
+        ("success_without_result", ["local/stray"])
+    ]
 
 
 def test_stats_shows_sizes_states_and_bytes_a_task(db_url: str) -> None:
@@ -261,23 +330,28 @@ async def test_a_roll_up_counts_a_day_without_parallel_workers(db_url: str) -> N
     event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:
         async with engine.begin() as conn:
-            await conn.execute(text("""
+            await conn.execute(
+                text("""
                 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes,
                                    created_at)
                 VALUES ('two-days-ago', '/v1/chat/completions', 'gpt-4o-mini', '{}', 'd', 10,
-                        now() - interval '2 days')"""))
+                        now() - interval '2 days')""")
+            )
         stored = await Reporter(engine, 0.03).roll_up()
         assert stored, "a closed day with a task was rolled up"
         first_count = next(i for i, s in enumerate(statements) if "count(*) AS tasks_in" in s)
-        assert any("max_parallel_workers_per_gather = 0" in s
-                   for s in statements[:first_count]), statements[:first_count]
+        assert any("max_parallel_workers_per_gather = 0" in s for s in statements[:first_count]), (
+            statements[:first_count]
+        )
         async with engine.begin() as conn:
             await rollups.on_one_core(conn)
-            assert (await conn.execute(text("SHOW max_parallel_workers_per_gather"))
-                    ).scalar_one() == "0"
+            assert (
+                await conn.execute(text("SHOW max_parallel_workers_per_gather"))
+            ).scalar_one() == "0"
         async with engine.connect() as conn:  # only for that transaction
-            assert (await conn.execute(text("SHOW max_parallel_workers_per_gather"))
-                    ).scalar_one() != "0"
+            assert (
+                await conn.execute(text("SHOW max_parallel_workers_per_gather"))
+            ).scalar_one() != "0"
     finally:
         await engine.dispose()
 

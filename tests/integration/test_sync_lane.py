@@ -19,8 +19,11 @@ async def test_sync_task_with_wait_returns_its_result(db_url: str, tmp_path: Pat
         stop = asyncio.Event()
         lane = asyncio.create_task(h.service.sync_lane.run(stop))
         try:
-            async with h.http.post(f"{h.base_url}/v1/tasks", params={"wait": "10s"},
-                                   json=chat_task("urgent", lane="sync")) as r:
+            async with h.http.post(
+                f"{h.base_url}/v1/tasks",
+                params={"wait": "10s"},
+                json=chat_task("urgent", lane="sync"),
+            ) as r:
                 status, body = r.status, await r.json()
         finally:
             stop.set()
@@ -35,12 +38,14 @@ async def test_sync_task_with_wait_returns_its_result(db_url: str, tmp_path: Pat
 
 async def test_wait_that_runs_out_answers_202(db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
-        async with h.http.post(f"{h.base_url}/v1/tasks", params={"wait": "200ms"},
-                               json=chat_task("later")) as r:
+        async with h.http.post(
+            f"{h.base_url}/v1/tasks", params={"wait": "200ms"}, json=chat_task("later")
+        ) as r:
             assert r.status == 202
             assert (await r.json())["tasks"] == [{"custom_id": "later", "state": "queued"}]
-        async with h.http.post(f"{h.base_url}/v1/tasks", params={"wait": "forever"},
-                               json=chat_task("x")) as r:
+        async with h.http.post(
+            f"{h.base_url}/v1/tasks", params={"wait": "forever"}, json=chat_task("x")
+        ) as r:
             assert r.status == 400
 
 
@@ -48,10 +53,12 @@ async def test_deadline_a_batch_cannot_meet_goes_sync(db_url: str, tmp_path: Pat
     soon = (datetime.now(UTC) + timedelta(hours=3)).isoformat()
     later = (datetime.now(UTC) + timedelta(days=3)).isoformat()
     async with running(db_url, tmp_path) as h:
-        await h.post({"tasks": [chat_task("soon", deadline=soon),
-                                chat_task("later", deadline=later)]})
-        lanes = {r["custom_id"]: r["lane"] for r in await h.rows(
-            "SELECT custom_id, lane FROM tasks")}
+        await h.post(
+            {"tasks": [chat_task("soon", deadline=soon), chat_task("later", deadline=later)]}
+        )
+        lanes = {
+            r["custom_id"]: r["lane"] for r in await h.rows("SELECT custom_id, lane FROM tasks")
+        }
         assert lanes == {"soon": "sync", "later": "batch"}
         await h.drain_sync()
         assert (await h.task("soon"))["state"] == "succeeded"
@@ -60,19 +67,31 @@ async def test_deadline_a_batch_cannot_meet_goes_sync(db_url: str, tmp_path: Pat
 
 async def test_sync_failures_follow_the_batch_rules(db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path) as h:
-        await h.post({"tasks": [chat_task("flaky", lane="sync", emulate="http_503*1"),
-                                chat_task("broken", lane="sync", emulate="http_400"),
-                                chat_task("doomed", lane="sync", emulate="http_500")]})
+        await h.post(
+            {
+                "tasks": [
+                    chat_task("flaky", lane="sync", emulate="http_503*1"),
+                    chat_task("broken", lane="sync", emulate="http_400"),
+                    chat_task("doomed", lane="sync", emulate="http_500"),
+                ]
+            }
+        )
         await h.drain_sync()
-        states = {r["custom_id"]: (r["state"], r["attempts"]) for r in await h.rows(
-            "SELECT custom_id, state, attempts FROM tasks")}
-        assert states == {"flaky": ("succeeded", 2), "broken": ("failed", 1),
-                          "doomed": ("failed", 3)}
+        states = {
+            r["custom_id"]: (r["state"], r["attempts"])
+            for r in await h.rows("SELECT custom_id, state, attempts FROM tasks")
+        }
+        assert states == {
+            "flaky": ("succeeded", 2),
+            "broken": ("failed", 1),
+            "doomed": ("failed", 3),
+        }
         assert h.emulator.submissions[await h.key("doomed")] == 3
 
 
 async def test_profile_falls_back_to_sync_when_the_batch_is_late(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     emulator = Emulator(api_key=API_KEY, in_progress_seconds=3600)
     async with running(db_url, tmp_path, emulator=emulator) as h:
         task = chat_task("tight", metadata={"latency_profile": "1h"})
@@ -92,30 +111,36 @@ async def test_profile_falls_back_to_sync_when_the_batch_is_late(
         tight = await h.task("tight")
         # The unanswered batch attempt was given back; the sync call counted.
         assert (tight["state"], tight["attempts"]) == ("succeeded", 1)
-        events = [r["outcome"] for r in await h.rows(
-            "SELECT outcome FROM task_events "
-            "WHERE task_id = (SELECT id FROM tasks WHERE custom_id = 'tight') "
-            "ORDER BY id")]
+        events = [
+            r["outcome"]
+            for r in await h.rows(
+                "SELECT outcome FROM task_events "
+                "WHERE task_id = (SELECT id FROM tasks WHERE custom_id = 'tight') "
+                "ORDER BY id"
+            )
+        ]
         assert events == ["fallback", "succeeded"]
-        assert await h.scalar("SELECT state FROM tasks WHERE custom_id = 'relaxed'") == \
-            "submitted"
+        assert await h.scalar("SELECT state FROM tasks WHERE custom_id = 'relaxed'") == "submitted"
         assert await h.count("true", "results") == 1
 
 
 async def test_canary_share_splits_ten_thousand_tasks(db_url: str, tmp_path: Path) -> None:
     async with running(db_url, tmp_path, batch_share=70) as h:
         for start in range(0, 10_000, 2000):
-            status, _ = await h.post({"tasks": [chat_task(f"c{i}")
-                                                for i in range(start, start + 2000)]})
+            status, _ = await h.post(
+                {"tasks": [chat_task(f"c{i}") for i in range(start, start + 2000)]}
+            )
             assert status == 202
         in_batch = await h.count("lane = 'batch'")
         assert abs(in_batch - 7000) <= 200  # 4 standard deviations of binomial(10000, 0.7)
 
 
 async def test_report_compares_the_lanes(db_url: str, tmp_path: Path) -> None:
-    tasks = [chat_task(f"b{i}") for i in range(6)] + [
-        chat_task(f"s{i}", lane="sync") for i in range(4)] + [
-        chat_task("s-bad", lane="sync", emulate="http_400")]
+    tasks = (
+        [chat_task(f"b{i}") for i in range(6)]
+        + [chat_task(f"s{i}", lane="sync") for i in range(4)]
+        + [chat_task("s-bad", lane="sync", emulate="http_400")]
+    )
     async with running(db_url, tmp_path) as h:
         await h.post({"tasks": tasks})
         await h.drain_sync()
@@ -132,5 +157,6 @@ async def test_report_compares_the_lanes(db_url: str, tmp_path: Path) -> None:
         # Exact amounts, each total rounded once where it is shown.
         assert Decimal(lanes["sync"]["spend_usd"]) == round_usd(4 * cost(one, price.sync))
         assert lanes["batch"]["latency_p95_seconds"] >= lanes["batch"]["latency_p50_seconds"]
-        assert Decimal(report["savings_usd"]) == round_usd(6 * cost(one, price.sync)
-                                                           - 6 * cost(one, price.batch))
+        assert Decimal(report["savings_usd"]) == round_usd(
+            6 * cost(one, price.sync) - 6 * cost(one, price.batch)
+        )

@@ -18,17 +18,24 @@ BETA = {"Authorization": "Bearer tok-b"}
 
 
 async def test_300_waiters_share_the_pool_and_vanish_when_their_callers_leave(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     """Issue 17: 300 concurrent ?wait=30s requests raised another client's
     POST median from 5 ms to over 1 s (each waiter polled on its own
     connection), and it stayed high after they left."""
-    async with running(db_url, tmp_path, ingest_tokens="alpha=tok-a,beta=tok-b",
-                       max_waiters=1000) as h:
+    async with running(
+        db_url, tmp_path, ingest_tokens="alpha=tok-a,beta=tok-b", max_waiters=1000
+    ) as h:
         engine = h.service.engine
         waiting_http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        waits = [asyncio.create_task(waiting_http.post(
-            f"{h.base_url}/v1/tasks?wait=30s", json=chat_task(f"waiter-{i}"), headers=ALPHA))
-            for i in range(300)]
+        waits = [
+            asyncio.create_task(
+                waiting_http.post(
+                    f"{h.base_url}/v1/tasks?wait=30s", json=chat_task(f"waiter-{i}"), headers=ALPHA
+                )
+            )
+            for i in range(300)
+        ]
         deadline = time.monotonic() + 60
         while h.service.api.waiters.count < 300:
             assert time.monotonic() < deadline, h.service.api.waiters.count
@@ -65,17 +72,22 @@ async def test_300_waiters_share_the_pool_and_vanish_when_their_callers_leave(
 
 
 async def test_past_the_cap_a_wait_is_a_429_and_nothing_is_stored(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, max_waiters=2) as h:
-        slow = [asyncio.create_task(h.http.post(f"{h.base_url}/v1/tasks?wait=3s",
-                                                json=chat_task(f"slow-{i}")))
-                for i in range(2)]
+        slow = [
+            asyncio.create_task(
+                h.http.post(f"{h.base_url}/v1/tasks?wait=3s", json=chat_task(f"slow-{i}"))
+            )
+            for i in range(2)
+        ]
         for _ in range(500):
             if h.service.api.waiters.count == 2:
                 break
             await asyncio.sleep(0.02)
-        async with h.http.post(f"{h.base_url}/v1/tasks?wait=3s",
-                               json=chat_task("one-too-many")) as r:
+        async with h.http.post(
+            f"{h.base_url}/v1/tasks?wait=3s", json=chat_task("one-too-many")
+        ) as r:
             assert r.status == 429 and r.headers["Retry-After"] == "5"
             assert (await r.json())["error"]["code"] == "too_many_waiters"
         assert await h.count("custom_id = 'one-too-many'") == 0
@@ -88,18 +100,24 @@ async def test_past_the_cap_a_wait_is_a_429_and_nothing_is_stored(
 
 
 async def test_a_waiter_answers_200_once_its_clients_tasks_finish(
-        db_url: str, tmp_path: Path) -> None:
+    db_url: str, tmp_path: Path
+) -> None:
     async with running(db_url, tmp_path, ingest_tokens="alpha=tok-a,beta=tok-b") as h:
-        waiting = asyncio.create_task(h.http.post(
-            f"{h.base_url}/v1/tasks?wait=3s", json=chat_task("mine-only"), headers=ALPHA))
+        waiting = asyncio.create_task(
+            h.http.post(
+                f"{h.base_url}/v1/tasks?wait=3s", json=chat_task("mine-only"), headers=ALPHA
+            )
+        )
         for _ in range(500):
             if h.service.api.waiters.count == 1:
                 break
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)
         assert h.service.api.waiters.count == 1  # not finished yet: still waiting
-        await h.execute("UPDATE tasks SET state = 'failed', finished_at = now() "
-                        "WHERE custom_id = 'mine-only' AND client = 'alpha'")
+        await h.execute(
+            "UPDATE tasks SET state = 'failed', finished_at = now() "
+            "WHERE custom_id = 'mine-only' AND client = 'alpha'"
+        )
         reply = await waiting
         assert reply.status == 200
         body = await reply.json()

@@ -70,10 +70,12 @@ async def _insert_while(url: str, done: threading.Event) -> list[float]:
         i = 0
         while not done.is_set():
             t0 = time.perf_counter()
-            await conn.execute("""
+            await conn.execute(
+                """
                 INSERT INTO tasks (custom_id, endpoint, model, body, body_digest, line_bytes)
                 VALUES ($1, '/v1/chat/completions', 'gpt-4o-mini', '{}', 'd', 10)""",
-                f"new-{i}")
+                f"new-{i}",
+            )
             waits.append(time.perf_counter() - t0)
             i += 1
             await asyncio.sleep(0.005)
@@ -117,9 +119,11 @@ def test_the_retention_migration_never_blocks_ingest_beyond_a_bound(seeded_db: s
     async def rows() -> tuple[int, int, int]:
         conn = await asyncpg.connect(_plain(seeded_db))
         try:
-            return (await conn.fetchval("SELECT count(*) FROM tasks WHERE custom_id LIKE 'old-%'"),
-                    await conn.fetchval("SELECT count(*) FROM results"),
-                    await conn.fetchval("SELECT count(*) FROM tasks WHERE body IS NULL"))
+            return (
+                await conn.fetchval("SELECT count(*) FROM tasks WHERE custom_id LIKE 'old-%'"),
+                await conn.fetchval("SELECT count(*) FROM results"),
+                await conn.fetchval("SELECT count(*) FROM tasks WHERE body IS NULL"),
+            )
         finally:
             await conn.close()
 
@@ -138,8 +142,12 @@ def test_the_lean_rows_migration_never_blocks_ingest_beyond_a_bound(seeded_db: s
     async def indexes() -> set[str]:
         conn = await asyncpg.connect(_plain(seeded_db))
         try:
-            return {r[0] for r in await conn.fetch(
-                "SELECT indexname FROM pg_indexes WHERE tablename IN ('tasks', 'task_events')")}
+            return {
+                r[0]
+                for r in await conn.fetch(
+                    "SELECT indexname FROM pg_indexes WHERE tablename IN ('tasks', 'task_events')"
+                )
+            }
         finally:
             await conn.close()
 
@@ -157,9 +165,15 @@ def test_the_providers_migration_never_blocks_ingest_beyond_a_bound(seeded_db: s
         conn = await asyncpg.connect(_plain(seeded_db))
         try:
             # Every task stored before, and during, the upgrade is OpenAI's.
-            return (await conn.fetchval("SELECT count(*) FROM tasks WHERE provider <> 'openai'"),
-                    {r[0] for r in await conn.fetch(
-                        "SELECT indexname FROM pg_indexes WHERE tablename = 'tasks'")})
+            return (
+                await conn.fetchval("SELECT count(*) FROM tasks WHERE provider <> 'openai'"),
+                {
+                    r[0]
+                    for r in await conn.fetch(
+                        "SELECT indexname FROM pg_indexes WHERE tablename = 'tasks'"
+                    )
+                },
+            )
         finally:
             await conn.close()
 

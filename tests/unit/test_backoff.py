@@ -21,8 +21,13 @@ from batchd.backoff import (
 from batchd.domain import backoff_seconds, tick_delay
 from batchd.store.engine import make_engine
 
-GRID = [(step, base, cap, jitter) for step in (-1, 0, 1, 2, 5, 30) for base in (0.5, 30.0)
-        for cap in (60.0, 86_400.0) for jitter in (0.0, 0.37, 0.999)]
+GRID = [
+    (step, base, cap, jitter)
+    for step in (-1, 0, 1, 2, 5, 30)
+    for base in (0.5, 30.0)
+    for cap in (60.0, 86_400.0)
+    for jitter in (0.0, 0.37, 0.999)
+]
 
 
 async def test_the_sql_backoff_is_the_python_one(db_url: str) -> None:
@@ -31,10 +36,15 @@ async def test_the_sql_backoff_is_the_python_one(db_url: str) -> None:
     try:
         async with engine.connect() as conn:
             for step, base, cap, jitter in GRID:
-                got = (await conn.execute(text(f"SELECT CAST({expr} AS float8)"), {
-                    "step": step, "base": base, "cap": cap, "jitter": jitter})).scalar_one()
-                assert got == pytest.approx(equal_jitter(exponential(step, base, cap), jitter),
-                                            rel=1e-12), (step, base, cap, jitter)
+                got = (
+                    await conn.execute(
+                        text(f"SELECT CAST({expr} AS float8)"),
+                        {"step": step, "base": base, "cap": cap, "jitter": jitter},
+                    )
+                ).scalar_one()
+                assert got == pytest.approx(
+                    equal_jitter(exponential(step, base, cap), jitter), rel=1e-12
+                ), (step, base, cap, jitter)
     finally:
         await engine.dispose()
 
@@ -50,10 +60,14 @@ def test_waits_double_from_the_base_up_to_the_cap_and_jitter_spreads_the_second_
 def test_retry_after_reads_seconds_and_http_dates_and_never_goes_negative() -> None:
     now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
     assert retry_after("7") == 7.0 and retry_after("1.5") == 1.5 and retry_after("-3") == 0.0
-    assert retry_after(format_datetime(now + timedelta(seconds=90), usegmt=True),
-                       now.timestamp()) == 90.0
-    assert retry_after(format_datetime(now - timedelta(seconds=90), usegmt=True),
-                       now.timestamp()) == 0.0
+    assert (
+        retry_after(format_datetime(now + timedelta(seconds=90), usegmt=True), now.timestamp())
+        == 90.0
+    )
+    assert (
+        retry_after(format_datetime(now - timedelta(seconds=90), usegmt=True), now.timestamp())
+        == 0.0
+    )
     for unreadable in (None, "", "soon", "Mon, 99 Foo 2026"):
         assert retry_after(unreadable) is None
     assert retry_after_headers({"retry-after-ms": "250", "retry-after": "9"}) == 0.25

@@ -33,30 +33,34 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "sk-test" not in repr(s) and "a, b" not in repr(s)
 
 
-@pytest.mark.parametrize(("var", "value"), [
-    ("BATCHD_WINDOW_SECONDS", "0"),
-    ("BATCHD_WINDOW_SECONDS", "soon"),
-    ("BATCHD_MAX_BATCH_ITEMS", "50001"),
-    ("BATCHD_MAX_ATTEMPTS", "0"),
-    ("BATCHD_COMPLETION_WINDOW", "48h"),
-    ("BATCHD_DAILY_BUDGET_USD", "-1"),
-    ("BATCHD_LOG_FORMAT", "xml"),
-    ("BATCHD_HTTP_PORT", "70000"),
-    ("BATCHD_MAX_METADATA_PAIRS", "17"),
-    ("BATCHD_MAX_METADATA_KEY_CHARS", "65"),
-    ("BATCHD_MAX_METADATA_VALUE_CHARS", "513"),
-    ("BATCHD_MAX_CUSTOM_ID_CHARS", "513"),
-    ("BATCHD_CUSTOM_ID_PATTERN", "[a-"),
-    ("BATCHD_MAX_TASKS_PER_REQUEST", "0"),
-    ("BATCHD_MAX_BODY_DEPTH", "1"),
-    ("BATCHD_INGEST_TIMEOUT_SECONDS", "0"),
-    ("BATCHD_CALLBACK_SECRET", "x" * 31),
-    ("BATCHD_HTTP_MAX_CONNECTIONS", "0"),
-    ("BATCHD_HTTP_HEADER_TIMEOUT_SECONDS", "0"),
-    ("BATCHD_MAX_WAITERS", "-1"),
-])
-def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str,
-                                      value: str) -> None:
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("BATCHD_WINDOW_SECONDS", "0"),
+        ("BATCHD_WINDOW_SECONDS", "soon"),
+        ("BATCHD_MAX_BATCH_ITEMS", "50001"),
+        ("BATCHD_MAX_ATTEMPTS", "0"),
+        ("BATCHD_COMPLETION_WINDOW", "48h"),
+        ("BATCHD_DAILY_BUDGET_USD", "-1"),
+        ("BATCHD_LOG_FORMAT", "xml"),
+        ("BATCHD_HTTP_PORT", "70000"),
+        ("BATCHD_MAX_METADATA_PAIRS", "17"),
+        ("BATCHD_MAX_METADATA_KEY_CHARS", "65"),
+        ("BATCHD_MAX_METADATA_VALUE_CHARS", "513"),
+        ("BATCHD_MAX_CUSTOM_ID_CHARS", "513"),
+        ("BATCHD_CUSTOM_ID_PATTERN", "[a-"),
+        ("BATCHD_MAX_TASKS_PER_REQUEST", "0"),
+        ("BATCHD_MAX_BODY_DEPTH", "1"),
+        ("BATCHD_INGEST_TIMEOUT_SECONDS", "0"),
+        ("BATCHD_CALLBACK_SECRET", "x" * 31),
+        ("BATCHD_HTTP_MAX_CONNECTIONS", "0"),
+        ("BATCHD_HTTP_HEADER_TIMEOUT_SECONDS", "0"),
+        ("BATCHD_MAX_WAITERS", "-1"),
+    ],
+)
+def test_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
     monkeypatch.setenv(var, value)
     with pytest.raises(ConfigError) as caught:
         load_settings()
@@ -81,8 +85,10 @@ def _option_help_lines(command: list[str]) -> list[str]:
     return [a.help or "" for a in target._actions if a.option_strings and a.dest != "help"]
 
 
-@pytest.mark.parametrize("command", [["serve"], ["migrate"], ["submit"], ["report"],
-                                     ["replay"], ["failed", "export"], ["demo"]])
+@pytest.mark.parametrize(
+    "command",
+    [["serve"], ["migrate"], ["submit"], ["report"], ["replay"], ["failed", "export"], ["demo"]],
+)
 def test_every_option_names_its_environment_variable(command: list[str]) -> None:
     helps = _option_help_lines(command)
     assert helps, "a command with no options would make this check empty"
@@ -90,8 +96,7 @@ def test_every_option_names_its_environment_variable(command: list[str]) -> None
     assert not missing
 
 
-def test_command_option_default_comes_from_the_environment(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_command_option_default_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCHD_REPORT_DAYS", "7")
     monkeypatch.setenv("BATCHD_REPORT_FORMAT", "csv")
     args = build_parser().parse_args(["report"])
@@ -111,12 +116,20 @@ def test_ingest_limits_are_read_and_shown_in_help(monkeypatch: pytest.MonkeyPatc
     choices: Any = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
     serve = choices["serve"]
     text = serve.format_help()
-    for var in ("BATCHD_MAX_REQUEST_BYTES", "BATCHD_MAX_TASKS_PER_REQUEST",
-                "BATCHD_MAX_CUSTOM_ID_CHARS", "BATCHD_CUSTOM_ID_PATTERN",
-                "BATCHD_MAX_TASK_BODY_BYTES", "BATCHD_MAX_BODY_DEPTH",
-                "BATCHD_MAX_METADATA_PAIRS", "BATCHD_MAX_METADATA_KEY_CHARS",
-                "BATCHD_MAX_METADATA_VALUE_CHARS", "BATCHD_INGEST_TIMEOUT_SECONDS",
-                "BATCHD_MAX_PENDING_TASKS", "BATCHD_MAX_WAIT_SECONDS"):
+    for var in (
+        "BATCHD_MAX_REQUEST_BYTES",
+        "BATCHD_MAX_TASKS_PER_REQUEST",
+        "BATCHD_MAX_CUSTOM_ID_CHARS",
+        "BATCHD_CUSTOM_ID_PATTERN",
+        "BATCHD_MAX_TASK_BODY_BYTES",
+        "BATCHD_MAX_BODY_DEPTH",
+        "BATCHD_MAX_METADATA_PAIRS",
+        "BATCHD_MAX_METADATA_KEY_CHARS",
+        "BATCHD_MAX_METADATA_VALUE_CHARS",
+        "BATCHD_INGEST_TIMEOUT_SECONDS",
+        "BATCHD_MAX_PENDING_TASKS",
+        "BATCHD_MAX_WAIT_SECONDS",
+    ):
         assert var in text, var
 
 
@@ -130,10 +143,12 @@ def test_serve_takes_no_secret_on_the_command_line(capsys: pytest.CaptureFixture
     capsys.readouterr()
 
 
-@pytest.mark.parametrize("url", ["postgresql://batchd:hunter2@db/batchd",
-                                 "postgresql://db/batchd?password=hunter2"])
+@pytest.mark.parametrize(
+    "url", ["postgresql://batchd:hunter2@db/batchd", "postgresql://db/batchd?password=hunter2"]
+)
 def test_database_url_with_a_password_is_refused_on_the_command_line(
-        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["serve", "--database-url", url]) == 2
     err = capsys.readouterr().err
     assert "BATCHD_DATABASE_URL" in err and "hunter2" not in err and err.count("\n") == 1

@@ -23,40 +23,60 @@ CONTRACT = contract_for(DEFAULT_LIMITS)
 async def _chunks(body: bytes, size: int, read: list[int]) -> AsyncIterator[bytes]:
     for start in range(0, len(body), size):
         read.append(start + size)
-        yield body[start:start + size]
+        yield body[start : start + size]
 
 
-def decode(body: bytes, content_type: str = "application/json", *, max_bytes: int = 64 * MiB,
-           max_tasks: int = 10_000, piece_bytes: int = 4096, chunk: int = 1000
-           ) -> tuple[list[list[Any]], int]:
+def decode(
+    body: bytes,
+    content_type: str = "application/json",
+    *,
+    max_bytes: int = 64 * MiB,
+    max_tasks: int = 10_000,
+    piece_bytes: int = 4096,
+    chunk: int = 1000,
+) -> tuple[list[list[Any]], int]:
     """Every piece of ``body`` (each task as plain JSON again, or the
     InvalidTask in its place) and how many bytes were read to get them."""
     read: list[int] = []
 
     async def run() -> list[list[Any]]:
-        pieces = BodyPieces(_chunks(body, chunk, read), content_type, CONTRACT,
-                            max_bytes=max_bytes, max_tasks=max_tasks, max_task_bytes=8 * 4096,
-                            piece_bytes=piece_bytes)
+        pieces = BodyPieces(
+            _chunks(body, chunk, read),
+            content_type,
+            CONTRACT,
+            max_bytes=max_bytes,
+            max_tasks=max_tasks,
+            max_task_bytes=8 * 4096,
+            piece_bytes=piece_bytes,
+        )
         out = []
         while (piece := await pieces.next()) is not None:
-            out.append([t if isinstance(t, InvalidTask) else msgspec.to_builtins(t)
-                        for t in piece])
+            out.append([t if isinstance(t, InvalidTask) else msgspec.to_builtins(t) for t in piece])
         assert pieces.at_end()
         return out
 
     return asyncio.run(run()), (read[-1] if read else 0)
 
 
-def refusal(body: bytes, content_type: str = "application/json", **kw: Any
-            ) -> tuple[int, str, str]:
+def refusal(body: bytes, content_type: str = "application/json", **kw: Any) -> tuple[int, str, str]:
     with pytest.raises(IngestError) as caught:
         decode(body, content_type, **kw)
     return caught.value.status, caught.value.code, str(caught.value)
 
 
-TASKS = [{"custom_id": f"t-{i}", "body": {"model": "m", "messages": [
-    {"role": "system", "content": "a},{b"}, {"role": "user", "content": f"x{i}]}}"}]}}
-    for i in range(500)]
+TASKS = [
+    {
+        "custom_id": f"t-{i}",
+        "body": {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "a},{b"},
+                {"role": "user", "content": f"x{i}]}}"},
+            ],
+        },
+    }
+    for i in range(500)
+]
 
 
 @pytest.mark.parametrize("pretty", [False, True])
@@ -72,25 +92,39 @@ def test_ndjson_comes_in_pieces_with_blank_lines_skipped() -> None:
     assert len(pieces) > 5 and [t for p in pieces for t in p] == TASKS
 
 
-@pytest.mark.parametrize(("body", "items"), [
-    (b'{"custom_id": "one", "body": {}}', [{"custom_id": "one", "body": {}}]),
-    (b' { "tasks" : [ {"custom_id": "a", "body": {}} , {"custom_id": "b", "body": {}} ] } \n',
-     [{"custom_id": "a", "body": {}}, {"custom_id": "b", "body": {}}]),
-    (b'{"tasks": []}', []),
-])
+@pytest.mark.parametrize(
+    ("body", "items"),
+    [
+        (b'{"custom_id": "one", "body": {}}', [{"custom_id": "one", "body": {}}]),
+        (
+            b' { "tasks" : [ {"custom_id": "a", "body": {}} , '
+            b'{"custom_id": "b", "body": {}} ] } \n',
+            [{"custom_id": "a", "body": {}}, {"custom_id": "b", "body": {}}],
+        ),
+        (b'{"tasks": []}', []),
+    ],
+)
 def test_small_bodies(body: bytes, items: list[Any]) -> None:
     pieces, _ = decode(body)
     assert [t for p in pieces for t in p] == items
 
 
-@pytest.mark.parametrize(("body", "content_type"), [
-    (b'{"tasks": [{"custom_id": "a", "body": {}}, {"custom_id": "b", "body": 1}, {"x": 1}]}',
-     "application/json"),
-    (b'{"custom_id": "a", "body": {}}\n\n{"custom_id": "b", "body": 1}\n{"x": 1}',
-     "application/x-ndjson"),
-])
-def test_a_task_that_is_not_one_stands_in_its_place_as_the_reason(body: bytes,
-                                                                  content_type: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (
+            b'{"tasks": [{"custom_id": "a", "body": {}}, {"custom_id": "b", "body": 1}, {"x": 1}]}',
+            "application/json",
+        ),
+        (
+            b'{"custom_id": "a", "body": {}}\n\n{"custom_id": "b", "body": 1}\n{"x": 1}',
+            "application/x-ndjson",
+        ),
+    ],
+)
+def test_a_task_that_is_not_one_stands_in_its_place_as_the_reason(
+    body: bytes, content_type: str
+) -> None:
     pieces, _ = decode(body, content_type)
     # Checked no further: the caller refuses the request there.
     first, bad = pieces[0]
@@ -100,15 +134,18 @@ def test_a_task_that_is_not_one_stands_in_its_place_as_the_reason(body: bytes,
     assert str(bad) == "task 1 ('b'): body is required and must be a JSON object"
 
 
-@pytest.mark.parametrize(("body", "status", "says"), [
-    (b'{"tasks": [{"a": 1}, {"b": x}]}', 400, "not valid JSON in or after task 0"),
-    (b'{"tasks": [{"a": 1}], "x": 1}', 400, "not valid JSON"),
-    (b'{"tasks": [{"a": 1}]', 400, "not valid JSON"),
-    (b'{"tasks": [1, 2]}', 400, "must be a JSON object"),
-    (b'{"tasks": "x"}', 400, '"tasks" must be a list'),
-    (b'{"tasks": [], "other": 1}', 400, '"tasks" must be the only field'),
-    (b"{nope", 400, "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "says"),
+    [
+        (b'{"tasks": [{"a": 1}, {"b": x}]}', 400, "not valid JSON in or after task 0"),
+        (b'{"tasks": [{"a": 1}], "x": 1}', 400, "not valid JSON"),
+        (b'{"tasks": [{"a": 1}]', 400, "not valid JSON"),
+        (b'{"tasks": [1, 2]}', 400, "must be a JSON object"),
+        (b'{"tasks": "x"}', 400, '"tasks" must be a list'),
+        (b'{"tasks": [], "other": 1}', 400, '"tasks" must be the only field'),
+        (b"{nope", 400, "not valid JSON"),
+    ],
+)
 def test_bad_json_is_a_400_that_says_where(body: bytes, status: int, says: str) -> None:
     got_status, _, message = refusal(body)
     assert got_status == status and says in message, message
@@ -117,22 +154,35 @@ def test_bad_json_is_a_400_that_says_where(body: bytes, status: int, says: str) 
 def test_a_bad_ndjson_line_is_named_by_its_number() -> None:
     body = b'{"a": 1}\n\n{"b": \n{"c": 3}\n'
     assert refusal(body, "application/x-ndjson") == (
-        400, "invalid_json", refusal(body, "application/x-ndjson")[2])
+        400,
+        "invalid_json",
+        refusal(body, "application/x-ndjson")[2],
+    )
     assert refusal(body, "application/x-ndjson")[2].startswith("line 3 is not valid JSON")
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson"])
 def test_limits_bite_while_reading_and_reading_stops(content_type: str) -> None:
-    hostile = (b'{"tasks": [' + b"{}," * 400_000 + b"{}]}" if content_type == "application/json"
-               else b"{}\n" * 400_000)
-    for limits, code in (({"max_tasks": 1000}, "too_many_tasks"),
-                         ({"max_bytes": 100_000, "max_tasks": 10**6}, "payload_too_large")):
+    hostile = (
+        b'{"tasks": [' + b"{}," * 400_000 + b"{}]}"
+        if content_type == "application/json"
+        else b"{}\n" * 400_000
+    )
+    for limits, code in (
+        ({"max_tasks": 1000}, "too_many_tasks"),
+        ({"max_bytes": 100_000, "max_tasks": 10**6}, "payload_too_large"),
+    ):
         read: list[int] = []
 
         async def run(kw: dict[str, int] = limits, read: list[int] = read) -> None:
-            pieces = BodyPieces(_chunks(hostile, 1000, read), content_type, CONTRACT,
-                                max_task_bytes=8 * 4096, piece_bytes=4096,
-                                **{"max_bytes": 64 * MiB, "max_tasks": 10_000, **kw})
+            pieces = BodyPieces(
+                _chunks(hostile, 1000, read),
+                content_type,
+                CONTRACT,
+                max_task_bytes=8 * 4096,
+                piece_bytes=4096,
+                **{"max_bytes": 64 * MiB, "max_tasks": 10_000, **kw},
+            )
             while await pieces.next() is not None:
                 pass
 

@@ -13,8 +13,11 @@ from batchd.errors import BatchdError
 
 # The emulators stand in for providers: their errors are the providers' HTTP
 # replies, raised and caught inside the emulator, never seen by batchd's code.
-EMULATED = {"batchd.emulator.anthropic.ApiError", "batchd.emulator.gemini.ApiError",
-            "batchd.emulator.openai_wire.ApiError"}
+EMULATED = {
+    "batchd.emulator.anthropic.ApiError",
+    "batchd.emulator.gemini.ApiError",
+    "batchd.emulator.openai_wire.ApiError",
+}
 
 
 def test_every_exception_batchd_defines_is_a_batchd_error() -> None:
@@ -27,6 +30,9 @@ def test_every_exception_batchd_defines_is_a_batchd_error() -> None:
             if issubclass(obj, BaseException) and obj.__module__ == info.name:
                 found[f"{info.name}.{name}"] = obj
     assert len(found) > 15  # the walk found the package's exceptions
-    strays = sorted(name for name, cls in found.items()
-                    if not issubclass(cls, BatchdError) and name not in EMULATED)
+    strays = sorted(
+        name
+        for name, cls in found.items()
+        if not issubclass(cls, BatchdError) and name not in EMULATED
+    )
     assert strays == []

@@ -22,8 +22,16 @@ async def test_a_failing_tick_is_retried_and_stop_ends_the_loop() -> None:
             stop.set()
         return 0
 
-    await asyncio.wait_for(run_ticks(stop, tick, logger=structlog.get_logger("t"),
-                                     event="t.tick_failed", interval=lambda _n: 0.01), 30)
+    await asyncio.wait_for(
+        run_ticks(
+            stop,
+            tick,
+            logger=structlog.get_logger("t"),
+            event="t.tick_failed",
+            interval=lambda _n: 0.01,
+        ),
+        30,
+    )
     assert len(calls) == 4
 
 
@@ -38,9 +46,16 @@ async def test_a_backlog_ticks_again_without_waiting() -> None:
         return done
 
     # An hour's pause after an idle tick: only the backlog rule lets this finish.
-    await asyncio.wait_for(run_ticks(stop, tick, logger=structlog.get_logger("t"),
-                                     event="t.tick_failed",
-                                     interval=lambda done: 0 if done else 3600), 30)
+    await asyncio.wait_for(
+        run_ticks(
+            stop,
+            tick,
+            logger=structlog.get_logger("t"),
+            event="t.tick_failed",
+            interval=lambda done: 0 if done else 3600,
+        ),
+        30,
+    )
     assert backlog == []
 
 
@@ -55,9 +70,16 @@ async def test_wake_cuts_the_wait_short() -> None:
             stop.set()
         return 0
 
-    loop = asyncio.create_task(run_ticks(stop, tick, logger=structlog.get_logger("t"),
-                                         event="t.tick_failed", interval=lambda _n: 3600,
-                                         wake=wake))
+    loop = asyncio.create_task(
+        run_ticks(
+            stop,
+            tick,
+            logger=structlog.get_logger("t"),
+            event="t.tick_failed",
+            interval=lambda _n: 3600,
+            wake=wake,
+        )
+    )
     await asyncio.sleep(0.05)
     wake.set()
     await asyncio.wait_for(loop, 30)

@@ -13,9 +13,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Everything the daemon needs that the client must not: each import of one
 # of these raises, as it would where only the base dependencies are installed.
-SERVER_ONLY = ("sqlalchemy", "asyncpg", "alembic", "openai", "anthropic", "google", "uvloop",
-               "pgserver", "structlog", "prometheus_client", "pydantic", "pydantic_settings",
-               "tiktoken", "tqdm", "msgspec")
+SERVER_ONLY = (
+    "sqlalchemy",
+    "asyncpg",
+    "alembic",
+    "openai",
+    "anthropic",
+    "google",
+    "uvloop",
+    "pgserver",
+    "structlog",
+    "prometheus_client",
+    "pydantic",
+    "pydantic_settings",
+    "tiktoken",
+    "tqdm",
+    "msgspec",
+)
 
 _BLOCK = f"""
 import sys
@@ -29,23 +43,30 @@ sys.meta_path.insert(0, Block())
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _BLOCK + code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCK + code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_the_base_dependencies_are_the_clients() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     base = {d.split("==")[0].lower() for d in project["dependencies"]}
     assert base == {"aiohttp", "orjson"}
-    server = {d.split("==")[0].split("[")[0].lower()
-              for d in project["optional-dependencies"]["server"]}
+    server = {
+        d.split("==")[0].split("[")[0].lower() for d in project["optional-dependencies"]["server"]
+    }
     assert {"sqlalchemy", "openai", "alembic", "asyncpg"} <= server
-    assert [d.split("==")[0] for d in project["optional-dependencies"]["embedded"]] == [
-        "pgserver"]
+    assert [d.split("==")[0] for d in project["optional-dependencies"]["embedded"]] == ["pgserver"]
 
 
 def test_the_client_and_signature_check_work_without_the_daemons_dependencies() -> None:
-    done = _run("""
+    done = _run(
+        """
 import asyncio, time
 from batchd.client import BatchdClient, SyncBatchdClient, verify_callback
 from batchd.signing import sign
@@ -59,7 +80,8 @@ async def build():
 asyncio.run(build())
 SyncBatchdClient("http://127.0.0.1:9", "token").close()
 print("ok", sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED))
-""".replace("BLOCKED", repr(SERVER_ONLY)))
+""".replace("BLOCKED", repr(SERVER_ONLY))
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok []"
 

@@ -11,20 +11,48 @@ import pytest
 from batchd.prices import PriceTable, ScaledRate, Tokens, cost, tokens_from_usage, usage_of
 
 
-@pytest.mark.parametrize(("body", "tokens"), [
-    ({"usage": {"prompt_tokens": 10, "completion_tokens": 5,
-                "prompt_tokens_details": {"cached_tokens": 4}}}, Tokens(10, 4, 5)),
-    ({"usage": {"input_tokens": 10, "output_tokens": 5}}, Tokens(10, 0, 5)),
-    # Anthropic: input_tokens excludes what was read from or written to a cache.
-    ({"usage": {"input_tokens": 10, "output_tokens": 5, "cache_creation_input_tokens": 100,
-                "cache_read_input_tokens": 40}}, Tokens(150, 40, 5, 100)),
-    # Gemini: the prompt count includes cached tokens; thinking bills as output.
-    ({"usageMetadata": {"promptTokenCount": 50, "cachedContentTokenCount": 20,
-                        "candidatesTokenCount": 7, "thoughtsTokenCount": 3}},
-     Tokens(50, 20, 10)),
-    ({"no": "usage"}, Tokens()),
-    ("not a dict", Tokens()),
-])
+@pytest.mark.parametrize(
+    ("body", "tokens"),
+    [
+        (
+            {
+                "usage": {
+                    "prompt_tokens": 10,
+                    "completion_tokens": 5,
+                    "prompt_tokens_details": {"cached_tokens": 4},
+                }
+            },
+            Tokens(10, 4, 5),
+        ),
+        ({"usage": {"input_tokens": 10, "output_tokens": 5}}, Tokens(10, 0, 5)),
+        # Anthropic: input_tokens excludes what was read from or written to a cache.
+        (
+            {
+                "usage": {
+                    "input_tokens": 10,
+                    "output_tokens": 5,
+                    "cache_creation_input_tokens": 100,
+                    "cache_read_input_tokens": 40,
+                }
+            },
+            Tokens(150, 40, 5, 100),
+        ),
+        # Gemini: the prompt count includes cached tokens; thinking bills as output.
+        (
+            {
+                "usageMetadata": {
+                    "promptTokenCount": 50,
+                    "cachedContentTokenCount": 20,
+                    "candidatesTokenCount": 7,
+                    "thoughtsTokenCount": 3,
+                }
+            },
+            Tokens(50, 20, 10),
+        ),
+        ({"no": "usage"}, Tokens()),
+        ("not a dict", Tokens()),
+    ],
+)
 def test_usage_of_every_provider(body: Any, tokens: Tokens) -> None:
     assert tokens_from_usage(usage_of(body)) == tokens
 
@@ -45,8 +73,16 @@ def test_a_model_without_a_cache_write_rate_pays_input_for_writes() -> None:
     assert cost(Tokens(100, 0, 0, 100), price.batch) == cost(Tokens(100), price.batch)
 
 
-@pytest.mark.parametrize("model", ["claude-opus-4-5", "claude-haiku-4-5-20251001",
-                                   "gemini-2.5-pro", "gemini-2.5-flash-lite", "gpt-4o-mini"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "claude-opus-4-5",
+        "claude-haiku-4-5-20251001",
+        "gemini-2.5-pro",
+        "gemini-2.5-flash-lite",
+        "gpt-4o-mini",
+    ],
+)
 def test_current_models_of_each_provider_are_priced_at_half_in_batch(model: str) -> None:
     price = PriceTable.load().lookup(model)
     assert price.known
