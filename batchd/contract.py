@@ -760,18 +760,20 @@ class Contract:
 @functools.cache
 def contract_for(limits: Limits) -> Contract:
     task = task_type(limits)
+    # Replay and callback replay name tasks the same way.
+    custom_ids = (
+        "custom_ids",
+        Annotated[
+            list[Annotated[str, Meta(max_length=512, pattern=NO_NUL)]],
+            Meta(max_length=limits.tasks_per_request),
+        ]
+        | UnsetType,
+        UNSET,
+    )
     replay = msgspec.defstruct(
         "ReplayRequest",
         [
-            (
-                "custom_ids",
-                Annotated[
-                    list[Annotated[str, Meta(max_length=512, pattern=NO_NUL)]],
-                    Meta(max_length=limits.tasks_per_request),
-                ]
-                | UnsetType,
-                UNSET,
-            )
+            custom_ids,
         ],
         bases=(ReplayRequest,),
         forbid_unknown_fields=True,
@@ -789,15 +791,7 @@ def contract_for(limits: Limits) -> Contract:
                 | UnsetType,
                 UNSET,
             ),
-            (
-                "custom_ids",
-                Annotated[
-                    list[Annotated[str, Meta(max_length=512, pattern=NO_NUL)]],
-                    Meta(max_length=limits.tasks_per_request),
-                ]
-                | UnsetType,
-                UNSET,
-            ),
+            custom_ids,
         ],
         bases=(CallbackReplayRequest,),
         forbid_unknown_fields=True,

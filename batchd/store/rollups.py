@@ -24,20 +24,10 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from batchd.store.tables import ROLLUP_COUNTS
+
 DIMS = ("client", "provider", "model", "lane")
-COUNTS = (
-    "tasks_in",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "retried",
-    "replayed",
-    "dismissed",
-    "finished",
-    "finished_ok",
-    "lane_succeeded",
-    "lane_failed",
-)
+COUNTS = (*ROLLUP_COUNTS, "lane_succeeded", "lane_failed")
 MONEY = ("spend_usd", "sync_usd", "unattributed_usd", "lane_spend_usd")
 
 _T_DIMS = "t.client, t.provider, t.model, t.lane"

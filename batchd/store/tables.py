@@ -31,6 +31,20 @@ NOW = text("now()")
 MONEY = Numeric(24, 12)
 
 
+# The counts of a daily_rollups row (store/rollups.py adds the sync lane's).
+ROLLUP_COUNTS = (
+    "tasks_in",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "retried",
+    "replayed",
+    "dismissed",
+    "finished",
+    "finished_ok",
+)
+
+
 def zeros(kind: type[TypeEngine[Any]] | TypeEngine[Any], *names: str) -> list[Column[Any]]:
     """Counter or money columns that start at zero (jobs, their deltas, rollups)."""
     return [Column(name, kind, nullable=False, server_default="0") for name in names]
@@ -415,18 +429,7 @@ daily_rollups = Table(
     Column("provider", Text, primary_key=True),
     Column("model", Text, primary_key=True),
     Column("lane", Text, primary_key=True),
-    *zeros(
-        BigInteger,
-        "tasks_in",
-        "succeeded",
-        "failed",
-        "cancelled",
-        "retried",
-        "replayed",
-        "dismissed",
-        "finished",
-        "finished_ok",
-    ),
+    *zeros(BigInteger, *ROLLUP_COUNTS),
     *zeros(MONEY, "spend_usd", "sync_usd", "unattributed_usd"),
     Column("unpriced", Boolean, nullable=False, server_default="false"),
     *zeros(BigInteger, "lane_succeeded", "lane_failed"),
