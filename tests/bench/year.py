@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from batchd.config import Settings
 from batchd.contract import parse_task
 from tests.bench import run as r
 
@@ -316,6 +317,8 @@ async def bench_prune(b: r.Bench) -> None:
         quiet = await p99_ms(port, "quiet", a.p99_rate, a.p99_seconds)
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHD_")}
         env.update({"BATCHD_DATABASE_URL": url, "BATCHD_LOG_LEVEL": "warning"})
+        step_tasks = a.prune_batch_rows or Settings.model_fields["retention_batch_rows"].default
+        env["BATCHD_RETENTION_BATCH_ROWS"] = str(step_tasks)
         t0 = time.perf_counter()
         # Its output goes to a file: a pipe nobody reads until the end fills
         # up (a log line a step) and stops the prune mid-way.
@@ -361,8 +364,8 @@ async def bench_prune(b: r.Bench) -> None:
             f"({pruned / prune_s:,.0f} rows/s, its roll-up of the day included)",
             "<= 20 ms (the single-POST p99 target)",
             d <= 20,
-            f"steps of {2000} tasks with their rows, SKIP LOCKED, one short transaction each, "
-            "a rest three times as long after each",
+            f"steps of {step_tasks} tasks with their rows, SKIP LOCKED, one short transaction "
+            "each, a rest three times as long after each",
         )
     )
 
@@ -740,6 +743,11 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--storage-tasks", type=int, default=200_000)
     p.add_argument("--storage-rounds", type=int, default=4)
     p.add_argument("--prune-rows", type=int, default=5_000_000)
+    p.add_argument(
+        "--prune-batch-rows",
+        type=int,
+        help="BATCHD_RETENTION_BATCH_ROWS of the prune row's `batchd prune` (default: batchd's)",
+    )
     p.add_argument(
         "--history",
         type=int,
