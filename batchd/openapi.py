@@ -312,6 +312,17 @@ def webhooks() -> dict[str, Any]:
             "schema": {"type": "string"},
         }
 
+    # Task and job callbacks are signed and delivered alike.
+    headers = [
+        header("Batchd-Timestamp", "unix seconds when this attempt was signed"),
+        header("Batchd-Signature", "v1=<hex HMAC-SHA256 of timestamp.body>"),
+        header("Batchd-Delivery", "the delivery id, as in the body"),
+        header("Batchd-Attempt", "1 for the first attempt, then 2, 3, ..."),
+    ]
+    responses = {
+        "2XX": {"description": "delivered; batchd stops sending it"},
+        "default": {"description": "not delivered; batchd tries again later"},
+    }
     return {
         "taskFinished": {
             "post": {
@@ -325,20 +336,12 @@ def webhooks() -> dict[str, Any]:
                     "is retried with exponential backoff and jitter (at least once: deduplicate on "
                     "delivery_id). batchd.client.verify_callback checks a request."
                 ),
-                "parameters": [
-                    header("Batchd-Timestamp", "unix seconds when this attempt was signed"),
-                    header("Batchd-Signature", "v1=<hex HMAC-SHA256 of timestamp.body>"),
-                    header("Batchd-Delivery", "the delivery id, as in the body"),
-                    header("Batchd-Attempt", "1 for the first attempt, then 2, 3, ..."),
-                ],
+                "parameters": headers,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": ref("CallbackPayload")}},
                 },
-                "responses": {
-                    "2XX": {"description": "delivered; batchd stops sending it"},
-                    "default": {"description": "not delivered; batchd tries again later"},
-                },
+                "responses": responses,
             }
         },
         "jobFinished": {
@@ -351,20 +354,12 @@ def webhooks() -> dict[str, Any]:
                     "Signed, retried and deduplicated as taskFinished. Sent again if the job "
                     "finishes again (tasks added to it, or failed ones replayed)."
                 ),
-                "parameters": [
-                    header("Batchd-Timestamp", "unix seconds when this attempt was signed"),
-                    header("Batchd-Signature", "v1=<hex HMAC-SHA256 of timestamp.body>"),
-                    header("Batchd-Delivery", "the delivery id, as in the body"),
-                    header("Batchd-Attempt", "1 for the first attempt, then 2, 3, ..."),
-                ],
+                "parameters": headers,
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": ref("JobCallbackPayload")}},
                 },
-                "responses": {
-                    "2XX": {"description": "delivered; batchd stops sending it"},
-                    "default": {"description": "not delivered; batchd tries again later"},
-                },
+                "responses": responses,
             }
         },
     }

@@ -488,7 +488,7 @@ _SDK = SdkErrors(
     timeout=(TimeoutError, aiohttp.ServerTimeoutError),
     connection=(aiohttp.ClientError, OSError),
     status_code=lambda exc: str(exc.code),
-    status_error=lambda operation, exc: _status_error(operation, exc),
+    status_error=_status_error,
     reason=lambda exc: type(exc).__name__,
-    count=lambda operation, code: _count(operation, code),
+    count=_count,
 )

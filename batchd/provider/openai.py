@@ -347,7 +347,7 @@ _SDK = SdkErrors(
     timeout=(openai.APITimeoutError,),
     connection=(openai.APIConnectionError,),
     status_code=lambda exc: str(exc.status_code),
-    status_error=lambda operation, exc: _status_error(operation, exc),
+    status_error=_status_error,
     reason=lambda exc: exc.message,
-    count=lambda operation, code: _count(operation, code),
+    count=_count,
 )
